@@ -1,0 +1,187 @@
+"""Adam (Kingma & Ba, 2014, arXiv 1412.6980) and AdamW (Loshchilov & Hutter, 2017, arXiv 1711.05101).
+
+Same signatures, defaults, per-group options, errors and ``state_dict`` as ``torch.optim.Adam`` and
+``torch.optim.AdamW``; the math is in ``torch_path.adam_update`` and ``kernels/adam.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastopt import dispatch
+from fastopt.flat import Bucket, runs
+from fastopt.optimizer import FlatOptimizer
+from fastopt.validation import check_adam, check_flags
+
+
+class Adam(FlatOptimizer):
+    r"""Adam (Kingma & Ba, 2014), a drop-in for ``torch.optim.Adam``.
+
+    For each param :math:`\theta` with grad :math:`g` (negated if ``maximize``), at step :math:`t`:
+
+    .. math::
+        g &\leftarrow g + \lambda\theta \quad\text{(or, with decoupled\_weight\_decay: }
+             \theta \leftarrow \theta(1-\gamma\lambda)\text{)} \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ with amsgrad, else } v_t \\
+        \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+              \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Args are those of ``torch.optim.Adam``. ``foreach``, ``fused`` and ``capturable`` are accepted
+    and change nothing: every step here is one fused pass per flat buffer, and on CUDA it does no
+    host sync (so it can be captured in a CUDA graph). ``differentiable=True`` raises
+    ``NotImplementedError``. Keyword-only ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``
+    (see ``fastopt.dispatch``).
+
+    What differs from torch.optim: nothing in the numbers (within float rounding). Params move
+    into flat buffers at construction (``p.data`` becomes a view; the ``Parameter`` objects stay
+    the same), and a param listed twice in one group is updated once.
+    """
+
+    uses_step = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        betas = check_adam(lr, betas, eps, weight_decay)
+        check_flags(foreach, fused, differentiable)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+
+    def state_names(self, group: dict) -> list:
+        names = ["exp_avg", "exp_avg_sq"]
+        if group["amsgrad"]:
+            names.append("max_exp_avg_sq")
+        return names
+
+    def run_key(self, bucket: Bucket, i: int):
+        return bucket.step_ids[i]
+
+    def update(self, group, bucket, participants, keys, chunks, grad_scale, found_inf) -> None:
+        steps = bucket.steps
+        step_runs = runs(participants, keys)
+        if len(step_runs) == 1 and step_runs[0][:2] == [0, len(bucket.params)]:
+            counted = [steps]
+        else:
+            counted = [steps[lo:hi] for lo, hi, _ in step_runs]
+        for count in counted:
+            count.add_(1)
+        found_inf = _on(found_inf, bucket.device)
+        state = bucket.state
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        dispatch.update_fn("adam", bucket.backend)(
+            [bucket.flat[c.start : c.end] for c in chunks],
+            [c.grad for c in chunks],
+            [state["exp_avg"][c.start : c.end] for c in chunks],
+            [state["exp_avg_sq"][c.start : c.end] for c in chunks],
+            [state["max_exp_avg_sq"][c.start : c.end] for c in chunks] if amsgrad else [],
+            [steps[c.lo] for c in chunks],
+            lr=_on(group["lr"], bucket.device),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            decoupled=group["decoupled_weight_decay"],
+            grad_scale=_on(grad_scale, bucket.device),
+            found_inf=found_inf,
+        )
+        if found_inf is not None:
+            for count in counted:
+                count.sub_(found_inf)
+        new_ids: dict = {}
+        for lo, hi, key in step_runs:
+            new_id = new_ids.setdefault(key, next(self._ids))
+            bucket.step_ids[lo:hi] = [new_id] * (hi - lo)
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2017), a drop-in for ``torch.optim.AdamW``.
+
+    Adam with decoupled weight decay: :math:`\theta \leftarrow \theta(1-\gamma\lambda)` before the
+    Adam update, instead of adding :math:`\lambda\theta` to the grad (see :class:`Adam`).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            backend=backend,
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+def _on(value, device: torch.device):
+    """A tensor hyperparameter moved to ``device`` (other values pass through)."""
+    if isinstance(value, Tensor) and value.device != device:
+        return value.to(device)
+    return value

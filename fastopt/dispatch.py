@@ -1,0 +1,83 @@
+"""The one place that picks an implementation: Triton kernels or the pure-torch path.
+
+``backend`` is ``"auto"``, ``"triton"`` or ``"torch"``; the environment variable
+``FASTOPT_BACKEND`` overrides what the constructor was given.
+
+- ``auto``: Triton kernels for CUDA tensors when Triton imports, the torch path otherwise.
+- ``triton``: the kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's
+  interpreter, which is how CI runs the kernels without a GPU).
+- ``torch``: the pure-torch path on any device.
+
+Both implementations of an update share one signature (see ``torch_path.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (expected one of 'auto', 'triton', 'torch')")
+
+
+def requested_backend(backend: str) -> str:
+    """The constructor's choice, unless ``FASTOPT_BACKEND`` says otherwise."""
+    env = os.environ.get("FASTOPT_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(
+                f"Invalid FASTOPT_BACKEND: {env!r} (expected one of 'auto', 'triton', 'torch')"
+            )
+        return env
+    check_backend(backend)
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The implementation that will update tensors on ``device``: ``"triton"`` or ``"torch"``."""
+    backend = requested_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs Triton, which could not be imported "
+                "(pip install 'fastopt[gpu]'), or use backend='torch'"
+            )
+        if device.type != "cuda" and not interpreter_on():
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors; params on {device} need "
+                "TRITON_INTERPRET=1 (Triton's CPU interpreter) or backend='torch'"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def update_fn(name: str, backend: str):
+    """The ``<name>_update`` function of ``backend`` (``name`` is ``"adam"`` or ``"sgd"``)."""
+    if backend == "triton":
+        from fastopt import kernels
+
+        return getattr(kernels, f"{name}_update")
+    from fastopt import torch_path
+
+    return getattr(torch_path, f"{name}_update")

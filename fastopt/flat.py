@@ -1,0 +1,144 @@
+"""Flat buffers: the params of a group that share (device, dtype) as views into one buffer.
+
+A :class:`Bucket` owns one contiguous 1-D buffer per quantity — the params, their grads and each
+state tensor (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...) — and hands out per-param
+views of it. Each param keeps its identity (the same ``Parameter`` the model holds), shape, values
+and ``requires_grad``; only its storage moves (``p.data = view``). Complex params are stored as
+their real view (2 reals per element), as torch.optim's Adam computes on them.
+
+Offsets are Python ints (int64): buffers over 2**31 elements are fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def real_dtype(t: Tensor) -> torch.dtype:
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def flat_real(t: Tensor) -> Tensor:
+    """A 1-D real contiguous tensor holding ``t``'s values (a view when ``t`` is contiguous)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)
+
+
+def bucket_key(p: Tensor) -> tuple:
+    return (p.device, real_dtype(p))
+
+
+@dataclass(eq=False)
+class Bucket:
+    """The params of one group that share (device, dtype), laid out back to back.
+
+    ``starts[i]:ends[i]`` is param i's slice of every flat buffer of this bucket.
+    """
+
+    params: list
+    device: torch.device
+    dtype: torch.dtype
+    starts: list
+    ends: list
+    flat: Tensor
+    backend: str
+    state: dict = field(default_factory=dict)  # name -> flat buffer
+    steps: Tensor | None = None  # float32 [len(params)]: param i's step count is steps[i]
+    step_ids: list = field(default_factory=list)  # host-side: equal ids => equal step counts
+    has_state: list = field(default_factory=list)
+    grad: Tensor | None = None  # flat grad buffer, made when grads are first adopted
+    grads_adopted: bool = False  # plain grads are adopted on the bucket's first step only
+    data_ptrs: list = field(default_factory=list)
+    grad_ptrs: list = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def view(self, buffer: Tensor, i: int) -> Tensor:
+        """Param i's slice of ``buffer`` with the param's shape (and complex dtype)."""
+        p = self.params[i]
+        piece = buffer[self.starts[i] : self.ends[i]]
+        if p.is_complex():
+            return torch.view_as_complex(piece.view(*p.shape, 2))
+        return piece.view(p.shape)
+
+    def is_intact(self) -> bool:
+        """True while every param still lives in this bucket's buffer (nothing re-pointed it)."""
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.data_ptrs))
+
+    def ensure_grad_buffer(self) -> Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            base, size = self.grad.data_ptr(), self.grad.element_size()
+            self.grad_ptrs = [base + s * size for s in self.starts]
+        return self.grad
+
+    def ensure_state_buffer(self, name: str) -> Tensor:
+        if name not in self.state:
+            self.state[name] = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        return self.state[name]
+
+    def ensure_steps(self) -> Tensor:
+        if self.steps is None:
+            self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+        return self.steps
+
+    def adopt_grad(self, i: int, grad: Tensor) -> bool:
+        """Copy a plain (non-view) grad into the flat grad buffer and make ``p.grad`` that view.
+
+        Views of someone else's buffer (DDP's ``gradient_as_bucket_view``) are left alone.
+        Returns whether the grad now lives in the flat buffer.
+        """
+        if grad._base is not None or grad.layout != torch.strided:
+            return False
+        view = self.view(self.ensure_grad_buffer(), i)
+        view.copy_(grad)
+        self.params[i].grad = view
+        return True
+
+
+def build_bucket(params: list, backend: str) -> Bucket:
+    """Move ``params`` (same device and real dtype) into one new contiguous buffer."""
+    first = params[0]
+    device, dtype = first.device, real_dtype(first)
+    starts, ends, offset = [], [], 0
+    for p in params:
+        starts.append(offset)
+        offset += p.numel() * (2 if p.is_complex() else 1)
+        ends.append(offset)
+    flat = torch.empty(offset, dtype=dtype, device=device)
+    bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
+                    flat=flat, backend=backend)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            view = bucket.view(flat, i)
+            view.copy_(p.data)
+            p.data = view
+    bucket.data_ptrs = [p.data_ptr() for p in params]
+    bucket.step_ids = [None] * len(params)
+    bucket.has_state = [False] * len(params)
+    return bucket
+
+
+def group_params(params: list) -> list:
+    """Split params into lists sharing (device, real dtype), in order of first appearance."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(bucket_key(p), []).append(p)
+    return list(groups.values())
+
+
+def runs(indices: list, keys: list) -> list:
+    """Maximal runs of consecutive param indices sharing a key, as ``[first, last + 1, key]``."""
+    out: list = []
+    for i, key in zip(indices, keys):
+        if out and out[-1][1] == i and out[-1][2] == key:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1, key])
+    return out

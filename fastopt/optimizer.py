@@ -1,0 +1,346 @@
+"""The shared base: a ``torch.optim.Optimizer`` whose params and state live in flat buffers.
+
+What a subclass supplies: its ``defaults`` (validated before ``__init__``), the names of its
+per-param state (``state_names``), which params may share one fused call (``run_key``), and
+``update``, which calls the backend's update function on the chunks this class hands it.
+
+What this class does:
+
+- lays each group's params out in buckets (one per device and dtype, see ``flat.py``); params
+  that do not require grad stay out until they get a grad;
+- ``step``: checks every grad first (a failed step changes nothing), creates state lazily for
+  params that have a grad (as torch does), then updates whole runs of params in one call;
+- ``state_dict`` is torch.optim's per-param format (per-param views, never the flat layout);
+  ``load_state_dict`` copies into the flat buffers;
+- ``zero_grad(set_to_none=False)`` zeroes a bucket's flat grad buffer in one call.
+
+Grads: a grad that is a view of the bucket's flat grad buffer is used in place. Other grads
+(fresh tensors from autograd after ``zero_grad(set_to_none=True)``, tensors assigned by hand,
+DDP's bucket views) are read where they are, one tensor each, in the same fused call. Plain grads
+are adopted into the flat grad buffer (``p.grad`` becomes a view of it) on a bucket's first step
+and by ``zero_grad(set_to_none=False)``, so loops that keep their grads run flat from then on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fastopt import dispatch
+from fastopt.flat import Bucket, build_bucket, flat_real, group_params, runs
+from fastopt.validation import check_grad, check_param
+
+
+class Chunk(NamedTuple):
+    """Params ``lo:hi`` of a bucket, elements ``start:end`` of its flat buffers, and their grad."""
+
+    lo: int
+    hi: int
+    start: int
+    end: int
+    grad: Tensor
+
+
+class FlatOptimizer(Optimizer):
+    """Base class of fastopt's optimizers (see the module docstring)."""
+
+    # Subclasses set these.
+    sparse_grads_ok = False  # SGD densifies sparse grads; Adam refuses them as torch does
+    uses_step = False  # Adam keeps a per-param step count; SGD does not
+
+    def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
+        dispatch.check_backend(backend)
+        self.backend = backend
+        self._buckets: list | None = []  # per group: list[Bucket]
+        self._outsiders: list = []  # per group: params kept out of the layout (no grad yet)
+        self._group_sizes: list = []  # per group: len(group["params"]) when it was laid out
+        self._ids = itertools.count()
+        super().__init__(params, defaults)
+        self._step_supports_amp_scaling = True
+
+    # ------------------------------------------------------------------ subclass interface
+    def state_names(self, group: dict) -> list:
+        raise NotImplementedError
+
+    def run_key(self, bucket: Bucket, i: int):
+        """Params with equal keys (and adjacent) are updated by one call."""
+        return bucket.has_state[i]
+
+    def update(self, group: dict, bucket: Bucket, participants: list, keys: list,
+               chunks: list, grad_scale, found_inf) -> None:
+        """Update ``chunks`` (runs of params sharing a run key, in order) in place.
+
+        ``keys[j]`` is ``run_key`` of ``participants[j]`` before this step's state was made."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ layout
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                check_param(p)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if self._buckets is not None:
+            self._buckets.append(None)
+            self._outsiders.append(None)
+            self._group_sizes.append(None)
+            self._build_group(len(self.param_groups) - 1)
+
+    def _build_group(self, index: int) -> None:
+        """(Re)lay out group ``index``: copy its params and their state into new flat buffers."""
+        group = self.param_groups[index]
+        members, outsiders, seen = [], [], set()
+        for p in group["params"]:
+            if id(p) in seen:
+                continue  # duplicates are warned about by torch's add_param_group
+            seen.add(id(p))
+            if p.requires_grad or p.grad is not None or self.state.get(p):
+                members.append(p)
+            else:
+                outsiders.append(p)
+        backend_of = {}
+        buckets = []
+        for params in group_params(members):
+            device = params[0].device
+            if device not in backend_of:
+                backend_of[device] = dispatch.resolve(self.backend, device)
+            bucket = build_bucket(params, backend_of[device])
+            self._adopt_state(group, bucket)
+            buckets.append(bucket)
+        self._buckets[index] = buckets
+        self._outsiders[index] = outsiders
+        self._group_sizes[index] = len(group["params"])
+
+    def _adopt_state(self, group: dict, bucket: Bucket) -> None:
+        """Copy whatever state the bucket's params have (loaded, or from an older layout) in."""
+        stated = [i for i, p in enumerate(bucket.params) if self._live_state(p)]
+        if not stated:
+            return
+        names = list(self.state_names(group))
+        for i in stated:
+            for key, value in self.state[bucket.params[i]].items():
+                if key != "step" and isinstance(value, Tensor) and key not in names:
+                    names.append(key)
+        for name in names:
+            bucket.ensure_state_buffer(name)
+        with torch.no_grad():
+            if self.uses_step:
+                steps = bucket.ensure_steps()
+                values = [float(self.state[bucket.params[i]].get("step", 0.0)) for i in stated]
+                steps[stated] = torch.tensor(values, dtype=torch.float32).to(bucket.device)
+                ids = {}
+                for i, v in zip(stated, values):
+                    bucket.step_ids[i] = ids.setdefault(v, next(self._ids))
+            for i in stated:
+                state = self.state[bucket.params[i]]
+                for name in names:
+                    value = state.get(name)
+                    view = bucket.view(bucket.state[name], i)
+                    if isinstance(value, Tensor):
+                        view.copy_(value.to(device=view.device, dtype=view.dtype))
+                state.clear()
+                state.update(self._state_views(bucket, i, names))
+                bucket.has_state[i] = True
+
+    def _live_state(self, p) -> bool:
+        """Does ``p`` have state worth keeping? (SGD's ``momentum_buffer=None`` is none.)"""
+        state = self.state.get(p)
+        return bool(state) and any(isinstance(v, Tensor) for k, v in state.items() if k != "step")
+
+    def _state_views(self, bucket: Bucket, i: int, names: list) -> dict:
+        views = {}
+        if self.uses_step:
+            views["step"] = bucket.steps[i]
+        for name in names:
+            views[name] = bucket.view(bucket.state[name], i)
+        return views
+
+    def _ensure_layout(self) -> None:
+        """Rebuild any group whose params left their buffers or which gained a new grad."""
+        if self._buckets is None or len(self._buckets) != len(self.param_groups):
+            self._buckets = [None] * len(self.param_groups)
+            self._outsiders = [None] * len(self.param_groups)
+            self._group_sizes = [None] * len(self.param_groups)
+            for index in range(len(self.param_groups)):
+                self._build_group(index)
+            return
+        for index, buckets in enumerate(self._buckets):
+            stale = any(p.grad is not None for p in self._outsiders[index])
+            stale = stale or not all(b.is_intact() for b in buckets)
+            stale = stale or self._group_sizes[index] != len(self.param_groups[index]["params"])
+            if stale:
+                self._build_group(index)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._ensure_layout()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # Check every grad of every group before anything is written.
+        plans = []
+        for index, group in enumerate(self.param_groups):
+            for bucket in self._buckets[index]:
+                plan = self._plan(index, bucket)
+                if plan is not None:
+                    plans.append((group, bucket) + plan)
+        for group, bucket, participants, grads in plans:
+            self._step_bucket(group, bucket, participants, grads, grad_scale, found_inf)
+        return loss
+
+    def _plan(self, index: int, bucket: Bucket):
+        grads = [p.grad for p in bucket.params]
+        participants = [i for i, g in enumerate(grads) if g is not None]
+        if not participants:
+            return None
+        grads = [grads[i] for i in participants]
+        ptrs = bucket.grad_ptrs
+        name = type(self).__name__
+        for i, g in zip(participants, grads):
+            p = bucket.params[i]
+            if ptrs and g.data_ptr() == ptrs[i] and g.shape == p.shape:
+                continue
+            check_grad(p, g, f"{name}: param group {index}", self.sparse_grads_ok, name)
+        return participants, grads
+
+    def _step_bucket(self, group, bucket, participants, grads, grad_scale, found_inf) -> None:
+        keys = [self.run_key(bucket, i) for i in participants]
+        fresh = [i for i in participants if not bucket.has_state[i]]
+        names = self.state_names(group)
+        if fresh and names:
+            self._create_state(bucket, fresh, names)
+        if not bucket.grads_adopted:
+            bucket.grads_adopted = True
+            for j, (i, g) in enumerate(zip(participants, grads)):
+                if not self._grad_in_place(bucket, i, g) and bucket.adopt_grad(i, g):
+                    grads[j] = bucket.params[i].grad
+        chunks = []
+        for lo, hi, _ in runs(participants, self._chunk_keys(bucket, participants, grads, keys)):
+            start, end = bucket.starts[lo], bucket.ends[hi - 1]
+            if hi - lo == 1 and not self._grad_in_place(bucket, lo, bucket.params[lo].grad):
+                grad = bucket.params[lo].grad
+                grad = flat_real(grad.to_dense() if grad.is_sparse else grad)
+            else:
+                grad = bucket.grad[start:end]
+            chunks.append(Chunk(lo, hi, start, end, grad))
+        self.update(group, bucket, participants, keys, chunks, grad_scale, found_inf)
+
+    def _chunk_keys(self, bucket, participants, grads, keys) -> list:
+        """Runs split where the grad is not a view of the flat grad buffer."""
+        return [
+            (key, True) if self._grad_in_place(bucket, i, g) else (key, False, i)
+            for i, g, key in zip(participants, grads, keys)
+        ]
+
+    @staticmethod
+    def _grad_in_place(bucket: Bucket, i: int, grad: Tensor) -> bool:
+        return bool(bucket.grad_ptrs) and grad.data_ptr() == bucket.grad_ptrs[i] \
+            and grad.shape == bucket.params[i].shape and not grad.is_sparse
+
+    def _create_state(self, bucket: Bucket, fresh: list, names: list) -> None:
+        for name in names:
+            bucket.ensure_state_buffer(name)
+        if self.uses_step:
+            bucket.ensure_steps()
+        for i in fresh:
+            self.state[bucket.params[i]] = self._state_views(bucket, i, names)
+            bucket.has_state[i] = True
+
+    # ------------------------------------------------------------------ grads
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
+        if set_to_none or self._buckets is None:
+            return super().zero_grad(set_to_none)
+        self._ensure_layout()
+        for index, buckets in enumerate(self._buckets):
+            for bucket in buckets:
+                self._zero_bucket_grads(bucket)
+            for p in self._outsiders[index]:
+                _zero_in_place(p)
+
+    @torch.no_grad()
+    def _zero_bucket_grads(self, bucket: Bucket) -> None:
+        grads = [(i, p.grad) for i, p in enumerate(bucket.params) if p.grad is not None]
+        if not grads:
+            return
+        if all(self._grad_in_place(bucket, i, g) for i, g in grads):
+            bucket.grad.zero_()
+            return
+        for i, g in grads:
+            if self._grad_in_place(bucket, i, g):
+                g.zero_()
+            elif g.dtype == bucket.params[i].dtype and g.shape == bucket.params[i].shape \
+                    and g.device == bucket.device and bucket.adopt_grad(i, torch.zeros_like(g)):
+                continue
+            else:
+                _zero_in_place(bucket.params[i])
+
+    # ------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load torch.optim's per-param format (from any torch variant or fastopt) into the flat
+        buffers. A dict that does not fit raises ``ValueError`` and changes nothing."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        self._buckets = None
+        self._ensure_layout()
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict raises its own ValueError
+        saved_state = state_dict["state"]
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                return
+            for p, key in zip(group["params"], saved["params"]):
+                for name, value in saved_state.get(key, {}).items():
+                    if name == "step" or not isinstance(value, Tensor):
+                        continue
+                    if value.shape != p.shape:
+                        raise ValueError(
+                            f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a "
+                            f"parameter of shape {tuple(p.shape)}"
+                        )
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_ids", itertools.count())
+        self._step_supports_amp_scaling = True
+        if "_buckets" not in state:
+            self._buckets = None  # unpickled or deep-copied: lay out again at the next step
+            self._outsiders = []
+            self._group_sizes = []
+
+
+def _zero_in_place(p: Tensor) -> None:
+    """torch.optim's ``zero_grad(set_to_none=False)`` for one param."""
+    if p.grad is None:
+        return
+    if p.grad.grad_fn is not None:
+        p.grad.detach_()
+    else:
+        p.grad.requires_grad_(False)
+    p.grad.zero_()

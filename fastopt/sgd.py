@@ -1,0 +1,104 @@
+"""SGD with momentum, dampening, Nesterov momentum and weight decay, as ``torch.optim.SGD``.
+
+The math is in ``torch_path.sgd_update`` and ``kernels/sgd.py``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fastopt import dispatch
+from fastopt.adam import _on
+from fastopt.optimizer import FlatOptimizer
+from fastopt.validation import check_flags, check_sgd
+
+
+class SGD(FlatOptimizer):
+    r"""Stochastic gradient descent (with momentum as in Sutskever et al., 2013), a drop-in for
+    ``torch.optim.SGD``.
+
+    For each param :math:`\theta` with grad :math:`g` (negated if ``maximize``):
+
+    .. math::
+        g &\leftarrow g + \lambda\theta \\
+        b &\leftarrow g \text{ on a param's first step, else } \mu b + (1-\tau) g \\
+        g &\leftarrow g + \mu b \text{ (nesterov) or } b \quad\text{(when } \mu \ne 0\text{)} \\
+        \theta &\leftarrow \theta - \gamma g
+
+    Args are those of ``torch.optim.SGD``; ``foreach`` and ``fused`` are accepted and change
+    nothing (every step is one fused pass per flat buffer); ``differentiable=True`` raises
+    ``NotImplementedError``. Sparse grads are densified (torch's for-loop applies them sparsely;
+    the result is the same). Keyword-only ``backend``: see ``fastopt.dispatch``.
+    """
+
+    sparse_grads_ok = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        check_sgd(lr, momentum, dampening, weight_decay, nesterov)
+        check_flags(foreach, fused, differentiable)
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def state_names(self, group: dict) -> list:
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    def update(self, group, bucket, participants, keys, chunks, grad_scale, found_inf) -> None:
+        momentum = group["momentum"]
+        had_buffer = dict(zip(participants, keys))
+        update = dispatch.update_fn("sgd", bucket.backend)
+        for first in (True, False):
+            if momentum == 0:
+                if first:
+                    continue
+                todo = chunks
+            else:
+                todo = [c for c in chunks if had_buffer[c.lo] != first]
+            if not todo:
+                continue
+            update(
+                [bucket.flat[c.start : c.end] for c in todo],
+                [c.grad for c in todo],
+                [bucket.state["momentum_buffer"][c.start : c.end] for c in todo] if momentum else [],
+                lr=_on(group["lr"], bucket.device),
+                momentum=float(momentum),
+                dampening=float(group["dampening"]),
+                weight_decay=float(group["weight_decay"]),
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                is_first_step=first,
+                grad_scale=_on(grad_scale, bucket.device),
+                found_inf=_on(found_inf, bucket.device),
+            )

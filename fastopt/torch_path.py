@@ -1,0 +1,114 @@
+"""The pure-torch updates: one fused pass over each flat buffer.
+
+Each function takes lists of 1-D tensors (normally one per flat buffer: the whole bucket at once)
+and updates them in place with torch's own fused multi-tensor ops (``torch._fused_adam_``,
+``torch._fused_adamw_``, ``torch._fused_sgd_``), which read every element once and write it
+once, on CPU and CUDA alike. Because fastopt hands them one flat buffer instead of one tensor per
+param, a model with many small params costs one call, not one per tensor.
+
+The Triton launchers in ``fastopt.kernels`` have exactly these signatures. ``steps`` holds one
+0-d float32 tensor per entry of ``params``, already incremented for this step; ``grad_scale`` and
+``found_inf`` are GradScaler's device tensors (grads are divided by ``grad_scale``; when
+``found_inf`` is nonzero nothing is written).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def adam_update(
+    params: list,
+    grads: list,
+    exp_avgs: list,
+    exp_avg_sqs: list,
+    max_exp_avg_sqs: list,
+    steps: list,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    r"""Adam (Kingma & Ba, 2014) or, with ``decoupled``, AdamW (Loshchilov & Hutter, 2017).
+
+    With :math:`g` the grad (negated if ``maximize``), :math:`t` the step:
+
+    .. math::
+        g &\leftarrow g + \lambda\theta \quad\text{(Adam)} \qquad
+        \theta \leftarrow \theta(1 - \gamma\lambda) \quad\text{(AdamW)} \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat v &\leftarrow \max(\hat v, v) \text{ if amsgrad else } v \\
+        \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+                 \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+    """
+    if not params:
+        return
+    op = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    op(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def sgd_update(
+    params: list,
+    grads: list,
+    momentum_buffers: list,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    r"""SGD with momentum (Sutskever et al., 2013, as torch.optim.SGD).
+
+    .. math::
+        g &\leftarrow \pm g + \lambda\theta \\
+        b &\leftarrow g \text{ on the first step, else } \mu b + (1-\tau) g \\
+        g &\leftarrow g + \mu b \text{ if nesterov else } b \quad(\text{when } \mu \ne 0) \\
+        \theta &\leftarrow \theta - \gamma g
+
+    ``momentum_buffers`` is empty when ``momentum == 0``.
+    """
+    if not params:
+        return
+    torch._fused_sgd_(
+        params,
+        grads,
+        momentum_buffers,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        is_first_step=is_first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )

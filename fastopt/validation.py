@@ -1,0 +1,91 @@
+"""Hyperparameter checks, in torch.optim's words.
+
+Every check raises the exception type and message that ``torch.optim`` raises for the same input,
+so code that catches or matches them keeps working. The optimizers call these before
+``Optimizer.__init__`` and nothing is allocated until they pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_lr(lr) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_adam(lr, betas, eps, weight_decay) -> tuple:
+    """Validate Adam's hyperparameters; return betas as torch stores them (0-d tensors or floats)."""
+    check_lr(lr)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    both_floats = isinstance(betas[0], float) and isinstance(betas[1], float)
+    both_tensors = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
+    if not (both_floats or both_tensors):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+
+
+def check_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    check_lr(lr)
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def check_flags(foreach, fused, differentiable) -> None:
+    """torch.optim's conflicting-flag errors; ``differentiable`` is not supported here."""
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if differentiable:
+        raise NotImplementedError(
+            "fastopt does not support differentiable=True (autograd through the optimizer "
+            "step); use torch.optim with differentiable=True for that."
+        )
+
+
+def check_grad(param: Tensor, grad: Tensor, where: str, sparse_ok: bool, name: str) -> None:
+    """A grad must match its param in shape, dtype and device; sparse only where allowed."""
+    if grad.is_sparse and not sparse_ok:
+        raise RuntimeError(
+            f"{name} does not support sparse gradients, please consider SparseAdam instead"
+        )
+    if grad.shape != param.shape:
+        raise RuntimeError(
+            f"{where}: gradient has shape {tuple(grad.shape)} but the parameter has shape "
+            f"{tuple(param.shape)}"
+        )
+    if grad.dtype != param.dtype:
+        raise RuntimeError(
+            f"{where}: gradient has dtype {grad.dtype} but the parameter has dtype {param.dtype}"
+        )
+    if grad.device != param.device:
+        raise RuntimeError(
+            f"{where}: gradient is on {grad.device} but the parameter is on {param.device}"
+        )
+
+
+def check_param(param: Tensor) -> None:
+    """Params a flat buffer can hold: strided floating or complex tensors."""
+    if param.layout != torch.strided:
+        raise ValueError(f"fastopt supports only strided (dense) parameters, got {param.layout}")
+    if not (param.is_floating_point() or param.is_complex()):
+        raise ValueError(f"fastopt can only optimize floating-point or complex tensors, got {param.dtype}")

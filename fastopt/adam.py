@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from fastopt import dispatch
-from fastopt.flat import Bucket, runs
-from fastopt.optimizer import FlatOptimizer
+from fastopt.flat import Bucket
+from fastopt.optimizer import FlatOptimizer, _same
 from fastopt.validation import check_adam, check_flags
 
 
@@ -95,9 +95,11 @@ class Adam(FlatOptimizer):
     def run_key(self, bucket: Bucket, i: int):
         return bucket.step_ids[i]
 
-    def update(self, group, bucket, participants, keys, chunks, grad_scale, found_inf) -> None:
+    def uniform_key(self, bucket: Bucket):
+        return _same(bucket.step_ids)
+
+    def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
         steps = bucket.steps
-        step_runs = runs(participants, keys)
         if len(step_runs) == 1 and step_runs[0][:2] == [0, len(bucket.params)]:
             counted = [steps]
         else:

@@ -69,7 +69,7 @@ class Bucket:
 
     def is_intact(self) -> bool:
         """True while every param still lives in this bucket's buffer (nothing re-pointed it)."""
-        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.data_ptrs))
+        return [p.data_ptr() for p in self.params] == self.data_ptrs
 
     def ensure_grad_buffer(self) -> Tensor:
         if self.grad is None:

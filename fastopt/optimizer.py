@@ -36,13 +36,18 @@ from fastopt.validation import check_grad, check_param
 
 
 class Chunk(NamedTuple):
-    """Params ``lo:hi`` of a bucket, elements ``start:end`` of its flat buffers, and their grad."""
+    """Params ``lo:hi`` of a bucket, elements ``start:end`` of its flat buffers, their grad and
+    the run key they share (``run_key`` before this step's state was made)."""
 
     lo: int
     hi: int
     start: int
     end: int
     grad: Tensor
+    key: object
+
+
+_MIXED = object()  # uniform_key's answer when a bucket's params do not share one run key
 
 
 class FlatOptimizer(Optimizer):
@@ -67,14 +72,17 @@ class FlatOptimizer(Optimizer):
         raise NotImplementedError
 
     def run_key(self, bucket: Bucket, i: int):
-        """Params with equal keys (and adjacent) are updated by one call."""
+        """Adjacent params with equal keys can be updated by one call (default: has state)."""
         return bucket.has_state[i]
 
-    def update(self, group: dict, bucket: Bucket, participants: list, keys: list,
-               chunks: list, grad_scale, found_inf) -> None:
-        """Update ``chunks`` (runs of params sharing a run key, in order) in place.
+    def uniform_key(self, bucket: Bucket):
+        """The run key all params of ``bucket`` share, or ``_MIXED``."""
+        return _same(bucket.has_state)
 
-        ``keys[j]`` is ``run_key`` of ``participants[j]`` before this step's state was made."""
+    def update(self, group: dict, bucket: Bucket, step_runs: list, chunks: list,
+               grad_scale, found_inf) -> None:
+        """Update ``chunks`` in place. ``step_runs`` are the runs ``[lo, hi, key]`` of params
+        that have a grad and share a run key; each chunk lies within one of them."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ layout
@@ -200,54 +208,70 @@ class FlatOptimizer(Optimizer):
             for bucket in self._buckets[index]:
                 plan = self._plan(index, bucket)
                 if plan is not None:
-                    plans.append((group, bucket) + plan)
-        for group, bucket, participants, grads in plans:
-            self._step_bucket(group, bucket, participants, grads, grad_scale, found_inf)
+                    plans.append((group, bucket, plan))
+        for group, bucket, plan in plans:
+            self._step_bucket(group, bucket, *plan, grad_scale, found_inf)
         return loss
 
     def _plan(self, index: int, bucket: Bucket):
+        """(participants, grads, in_place) of a bucket, every grad checked; None if no grads."""
         grads = [p.grad for p in bucket.params]
         participants = [i for i, g in enumerate(grads) if g is not None]
-        if not participants:
-            return None
-        grads = [grads[i] for i in participants]
+        if len(participants) != len(grads):
+            if not participants:
+                return None
+            grads = [grads[i] for i in participants]
         ptrs = bucket.grad_ptrs
+        if ptrs:
+            grad_ptrs = [g.data_ptr() for g in grads]
+            if len(grads) == len(ptrs) and grad_ptrs == ptrs:
+                return participants, grads, True  # the common case: every grad is our view
+            in_place = [q == ptrs[i] for i, q in zip(participants, grad_ptrs)]
+        else:
+            in_place = [False] * len(grads)
         name = type(self).__name__
-        for i, g in zip(participants, grads):
+        for j, (i, g) in enumerate(zip(participants, grads)):
             p = bucket.params[i]
-            if ptrs and g.data_ptr() == ptrs[i] and g.shape == p.shape:
+            if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
                 continue
+            in_place[j] = False
             check_grad(p, g, f"{name}: param group {index}", self.sparse_grads_ok, name)
-        return participants, grads
+        return participants, grads, in_place
 
-    def _step_bucket(self, group, bucket, participants, grads, grad_scale, found_inf) -> None:
+    def _step_bucket(self, group, bucket, participants, grads, in_place, grad_scale,
+                     found_inf) -> None:
+        key = self.uniform_key(bucket)
+        if in_place is True and key is not _MIXED:
+            step_runs = [[0, len(bucket.params), key]]
+            if not bucket.has_state[0]:
+                self._create_state(bucket, participants, self.state_names(group))
+            chunk = Chunk(0, len(bucket.params), 0, bucket.numel, bucket.grad, key)
+            self.update(group, bucket, step_runs, [chunk], grad_scale, found_inf)
+            return
+        if in_place is True:
+            in_place = [True] * len(grads)
         keys = [self.run_key(bucket, i) for i in participants]
+        step_runs = runs(participants, keys)
         fresh = [i for i in participants if not bucket.has_state[i]]
-        names = self.state_names(group)
-        if fresh and names:
-            self._create_state(bucket, fresh, names)
+        if fresh:
+            self._create_state(bucket, fresh, self.state_names(group))
         if not bucket.grads_adopted:
             bucket.grads_adopted = True
-            for j, (i, g) in enumerate(zip(participants, grads)):
-                if not self._grad_in_place(bucket, i, g) and bucket.adopt_grad(i, g):
-                    grads[j] = bucket.params[i].grad
+            for j, i in enumerate(participants):
+                if not in_place[j] and bucket.adopt_grad(i, grads[j]):
+                    in_place[j] = True
         chunks = []
-        for lo, hi, _ in runs(participants, self._chunk_keys(bucket, participants, grads, keys)):
+        split_keys = [(k, True) if ok else (k, False, i)
+                      for i, k, ok in zip(participants, keys, in_place)]
+        for lo, hi, (key, ok, *_) in runs(participants, split_keys):
             start, end = bucket.starts[lo], bucket.ends[hi - 1]
-            if hi - lo == 1 and not self._grad_in_place(bucket, lo, bucket.params[lo].grad):
+            if ok:
+                grad = bucket.grad[start:end]
+            else:
                 grad = bucket.params[lo].grad
                 grad = flat_real(grad.to_dense() if grad.is_sparse else grad)
-            else:
-                grad = bucket.grad[start:end]
-            chunks.append(Chunk(lo, hi, start, end, grad))
-        self.update(group, bucket, participants, keys, chunks, grad_scale, found_inf)
-
-    def _chunk_keys(self, bucket, participants, grads, keys) -> list:
-        """Runs split where the grad is not a view of the flat grad buffer."""
-        return [
-            (key, True) if self._grad_in_place(bucket, i, g) else (key, False, i)
-            for i, g, key in zip(participants, grads, keys)
-        ]
+            chunks.append(Chunk(lo, hi, start, end, grad, key))
+        self.update(group, bucket, step_runs, chunks, grad_scale, found_inf)
 
     @staticmethod
     def _grad_in_place(bucket: Bucket, i: int, grad: Tensor) -> bool:
@@ -333,6 +357,13 @@ class FlatOptimizer(Optimizer):
             self._buckets = None  # unpickled or deep-copied: lay out again at the next step
             self._outsiders = []
             self._group_sizes = []
+
+
+def _same(values: list):
+    """The value every entry of ``values`` holds, or ``_MIXED``."""
+    if values and values.count(values[0]) == len(values):
+        return values[0]
+    return _MIXED
 
 
 def _zero_in_place(p: Tensor) -> None:

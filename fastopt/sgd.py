@@ -75,9 +75,8 @@ class SGD(FlatOptimizer):
     def state_names(self, group: dict) -> list:
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
-    def update(self, group, bucket, participants, keys, chunks, grad_scale, found_inf) -> None:
+    def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
         momentum = group["momentum"]
-        had_buffer = dict(zip(participants, keys))
         update = dispatch.update_fn("sgd", bucket.backend)
         for first in (True, False):
             if momentum == 0:
@@ -85,7 +84,7 @@ class SGD(FlatOptimizer):
                     continue
                 todo = chunks
             else:
-                todo = [c for c in chunks if had_buffer[c.lo] != first]
+                todo = [c for c in chunks if c.key != first]  # key: had a buffer
             if not todo:
                 continue
             update(

@@ -98,6 +98,14 @@ def sgd_update(
     """
     if not params:
         return
+    if params[0].dtype in (torch.float16, torch.bfloat16) and params[0].device.type == "cpu":
+        # torch's CPU _fused_sgd_ skips elements of fp16/bf16 tensors (seen in torch 2.13: after
+        # one step of lr=0.01 on 100 ones, most elements are unchanged); use torch.optim.SGD's
+        # own op sequence, which rounds exactly as the reference does.
+        _sgd_ops(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                 is_first_step=is_first_step, grad_scale=grad_scale, found_inf=found_inf)
+        return
     torch._fused_sgd_(
         params,
         grads,
@@ -112,3 +120,25 @@ def sgd_update(
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
+
+
+def _sgd_ops(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
+             maximize, is_first_step, grad_scale, found_inf) -> None:
+    """SGD as torch.optim.SGD's for-loop computes it, one flat buffer at a time."""
+    if found_inf is not None and bool(found_inf):  # CPU only: reading it costs no device sync
+        return
+    for j, (param, grad) in enumerate(zip(params, grads)):
+        if grad_scale is not None:
+            grad = grad / grad_scale
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[j]
+            if is_first_step:
+                buf.copy_(grad)
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)

@@ -240,6 +240,9 @@ class FlatOptimizer(Optimizer):
 
     def _step_bucket(self, group, bucket, participants, grads, in_place, grad_scale,
                      found_inf) -> None:
+        for name in self.state_names(group):
+            if name not in bucket.state and any(bucket.has_state):
+                self._add_state_buffer(bucket, name)  # an option switched on mid-run (amsgrad)
         key = self.uniform_key(bucket)
         if in_place is True and key is not _MIXED:
             step_runs = [[0, len(bucket.params), key]]
@@ -277,6 +280,13 @@ class FlatOptimizer(Optimizer):
     def _grad_in_place(bucket: Bucket, i: int, grad: Tensor) -> bool:
         return bool(bucket.grad_ptrs) and grad.data_ptr() == bucket.grad_ptrs[i] \
             and grad.shape == bucket.params[i].shape and not grad.is_sparse
+
+    def _add_state_buffer(self, bucket: Bucket, name: str) -> None:
+        """A new zero state tensor for every param of ``bucket`` that has state."""
+        buffer = bucket.ensure_state_buffer(name)
+        for i, p in enumerate(bucket.params):
+            if bucket.has_state[i]:
+                self.state[p][name] = bucket.view(buffer, i)
 
     def _create_state(self, bucket: Bucket, fresh: list, names: list) -> None:
         for name in names:

@@ -1,0 +1,87 @@
+"""Shared test machinery: run fastopt and torch.optim (foreach=False) side by side on the same
+inputs and compare params and every state tensor after every step."""
+
+from __future__ import annotations
+
+import torch
+
+import fastopt
+
+# Per-dtype tolerances (rtol, atol). fp32/fp64 are the project's standard; the half types use
+# torch's own optimizer-test tolerances (torch/testing/_internal/common_optimizers.py, 5e-3).
+TOLERANCES = {
+    torch.float32: dict(rtol=2e-6, atol=2e-7),
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.complex64: dict(rtol=2e-6, atol=2e-7),
+    torch.bfloat16: dict(rtol=5e-3, atol=5e-3),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+}
+
+PAIRS = {
+    "SGD": (fastopt.SGD, torch.optim.SGD),
+    "Adam": (fastopt.Adam, torch.optim.Adam),
+    "AdamW": (fastopt.AdamW, torch.optim.AdamW),
+}
+
+
+def make_params(shapes, dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes]
+
+
+def clone_params(tensors):
+    return [torch.nn.Parameter(t.detach().clone()) for t in tensors]
+
+
+def assert_state_close(ours, ref, ours_params, ref_params, tol):
+    """Every state tensor of every param, in torch's per-param layout."""
+    for p, q in zip(ours_params, ref_params):
+        s, r = ours.state.get(p, {}), ref.state.get(q, {})
+        assert set(s) == set(r), (set(s), set(r))
+        for key, expected in r.items():
+            if expected is None:
+                assert s[key] is None
+                continue
+            actual = s[key]
+            assert actual.shape == expected.shape, key
+            torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol,
+                                       check_dtype=key != "step", msg=lambda m: f"{key}: {m}")
+
+
+def compare_runs(name, kwargs, shapes, *, steps=10, dtype=torch.float32, skip=None, seed=0,
+                 groups=None, backend="torch", device="cpu", grad_dtype=None, tol=None,
+                 check_state=True):
+    """Step fastopt and torch.optim (foreach=False) ``steps`` times on identical grads.
+
+    ``skip(step, i)`` -> True leaves param i without a grad in that step. ``groups`` optionally
+    splits the params: a list of (indices, extra group options).
+    Returns the two optimizers and their params.
+    """
+    ours_cls, ref_cls = PAIRS[name]
+    init = make_params(shapes, dtype, seed, device)
+    ours_params, ref_params = clone_params(init), clone_params(init)
+
+    def param_groups(params):
+        if groups is None:
+            return params
+        return [dict(params=[params[i] for i in idx], **extra) for idx, extra in groups]
+
+    ours = ours_cls(param_groups(ours_params), backend=backend, **kwargs)
+    ref = ref_cls(param_groups(ref_params), foreach=False, **kwargs)
+    tol = tol or TOLERANCES[dtype]
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
+            if skip is not None and skip(step, i):
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen, dtype=grad_dtype or dtype).to(device)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), **tol,
+                                       msg=lambda m: f"step {step}: {m}")
+        if check_state:
+            assert_state_close(ours, ref, ours_params, ref_params, tol)
+    return ours, ref, ours_params, ref_params

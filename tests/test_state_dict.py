@@ -1,0 +1,250 @@
+"""state_dict: torch.optim's per-param format, moved both ways, resumed bit-identically."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import fastopt
+from helpers import PAIRS, assert_state_close, clone_params, make_params
+
+SHAPES = [(0,), (129,), (), (4, 5), (1,)]
+OPTIONS = {
+    "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1),
+    "AdamW": dict(lr=1e-2),
+    "SGD": dict(lr=0.1, momentum=0.9, nesterov=True),
+}
+
+
+def feed(params_lists, gen, skip_index=None):
+    """The same random grad for the i-th param of every list."""
+    for i, group in enumerate(zip(*params_lists)):
+        if i == skip_index:
+            for p in group:
+                p.grad = None
+            continue
+        g = torch.randn(group[0].shape, generator=gen)
+        for p in group:
+            p.grad = g.clone()
+
+
+def run(opt, params, steps, gen, skip_index=None):
+    for _ in range(steps):
+        feed([params], gen, skip_index)
+        opt.step()
+
+
+def roundtrip(sd):
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_format_is_torch_per_param(name):
+    ours_cls, ref_cls = PAIRS[name]
+    init = make_params(SHAPES)
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours, ref = ours_cls(ours_params, **OPTIONS[name]), ref_cls(ref_params, **OPTIONS[name])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        feed([ours_params, ref_params], gen, skip_index=4)
+        ours.step()
+        ref.step()
+    sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert set(sd["state"]) == set(ref_sd["state"]) == {0, 1, 2, 3}
+    assert sd["param_groups"][0].keys() == ref_sd["param_groups"][0].keys()
+    for key, state in ref_sd["state"].items():
+        assert set(sd["state"][key]) == set(state)
+        for name_, value in state.items():
+            mine = sd["state"][key][name_]
+            assert mine.shape == value.shape and mine.dtype == value.dtype, name_
+            if name_ == "step":
+                assert mine.dim() == 0 and mine.dtype == torch.float32
+                assert mine.item() == value.item() == 3.0
+    # Step tensors are separate per param (torch increments each in place).
+    if name != "SGD":
+        steps = [sd["state"][k]["step"] for k in sd["state"]]
+        steps[0] += 1
+        assert steps[1].item() == 3.0
+
+
+@pytest.mark.parametrize("variant", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_torch_to_fastopt_mid_run(name, variant):
+    """State saved by torch's for-loop, foreach and fused variants continues identically."""
+    ours_cls, ref_cls = PAIRS[name]
+    init = make_params(SHAPES)
+    ref_params, twin_params = clone_params(init), clone_params(init)
+    ref = ref_cls(ref_params, **OPTIONS[name], **variant)
+    twin = ref_cls(twin_params, **OPTIONS[name], foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        feed([ref_params, twin_params], gen)
+        ref.step()
+        twin.step()
+    ours_params = clone_params(ref_params)
+    ours = ours_cls(ours_params, **OPTIONS[name])
+    ours.load_state_dict(roundtrip(ref.state_dict()))
+    for _ in range(5):
+        feed([ours_params, twin_params], gen, skip_index=1)
+        ours.step()
+        twin.step()
+        for p, q in zip(ours_params, twin_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+        assert_state_close(ours, twin, ours_params, twin_params, dict(rtol=2e-6, atol=2e-7))
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_fastopt_to_torch_mid_run(name):
+    ours_cls, ref_cls = PAIRS[name]
+    init = make_params(SHAPES)
+    ours_params, twin_params = clone_params(init), clone_params(init)
+    ours = ours_cls(ours_params, **OPTIONS[name])
+    twin = ref_cls(twin_params, **OPTIONS[name], foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        feed([ours_params, twin_params], gen, skip_index=2)
+        ours.step()
+        twin.step()
+    ref_params = clone_params(ours_params)
+    ref = ref_cls(ref_params, **OPTIONS[name], foreach=False)
+    ref.load_state_dict(roundtrip(ours.state_dict()))
+    for _ in range(5):
+        feed([ref_params, twin_params], gen)
+        ref.step()
+        twin.step()
+    for p, q in zip(ref_params, twin_params):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_resume_is_bit_identical(name):
+    ours_cls, _ = PAIRS[name]
+    init = make_params(SHAPES)
+    straight_params, first_params = clone_params(init), clone_params(init)
+    straight = ours_cls(straight_params, **OPTIONS[name])
+    first = ours_cls(first_params, **OPTIONS[name])
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    run(straight, straight_params, 5, gen_a, skip_index=0)
+    run(first, first_params, 5, gen_b, skip_index=0)
+    saved = roundtrip({"params": [p.detach() for p in first_params], "opt": first.state_dict()})
+    resumed_params = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = ours_cls(resumed_params, **OPTIONS[name])
+    resumed.load_state_dict(saved["opt"])
+    run(straight, straight_params, 6, gen_a)
+    run(resumed, resumed_params, 6, gen_b)
+    for p, q in zip(straight_params, resumed_params):
+        assert torch.equal(p, q)
+    for p, q in zip(straight_params, resumed_params):
+        a, b = straight.state.get(p, {}), resumed.state.get(q, {})
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_old_checkpoints_missing_keys_and_python_float_steps():
+    params = clone_params(make_params([(6,), (2, 3)]))
+    ref = torch.optim.Adam(clone_params(params), lr=1e-2)
+    for p in ref.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    ref.step()
+    sd = copy.deepcopy(ref.state_dict())
+    for state in sd["state"].values():
+        state["step"] = float(state["step"])  # very old checkpoints stored a Python number
+    for group in sd["param_groups"]:
+        for key in ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+                    "decoupled_weight_decay"):
+            group.pop(key)  # options that did not exist yet
+    ours = fastopt.Adam(params, lr=1e-2)
+    ours.load_state_dict(sd)
+    assert ours.param_groups[0]["amsgrad"] is False
+    assert ours.state[params[0]]["step"].item() == 1.0
+    assert torch.is_tensor(ours.state[params[0]]["step"])
+    # amsgrad switched on for a checkpoint without max_exp_avg_sq: starts from zeros.
+    ours.param_groups[0]["amsgrad"] = True
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    assert ours.state[params[0]]["max_exp_avg_sq"].shape == params[0].shape
+
+
+def test_sgd_momentum_buffer_none_loads_as_no_buffer():
+    init = make_params([(5,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9, foreach=False)
+    sd = ref.state_dict()
+    sd["state"] = {0: {"momentum_buffer": None}}
+    ours = fastopt.SGD(ours_params, lr=0.1, momentum=0.9)
+    ours.load_state_dict(sd)
+    ref.load_state_dict(sd)
+    g = torch.randn(5)
+    ours_params[0].grad, ref_params[0].grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+    torch.testing.assert_close(ours_params[0], ref_params[0], rtol=2e-6, atol=2e-7)
+    torch.testing.assert_close(ours.state[ours_params[0]]["momentum_buffer"], g)
+
+
+def test_mismatched_dict_raises_and_changes_nothing():
+    params = clone_params(make_params([(4,), (3,)]))
+    ours = fastopt.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    before = copy.deepcopy(ours.state_dict())
+    other = fastopt.AdamW(clone_params(make_params([(4,)])), lr=1e-2)
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
+        ours.load_state_dict(other.state_dict())
+    two_groups = fastopt.AdamW([{"params": clone_params(make_params([(4,)]))},
+                                {"params": clone_params(make_params([(3,)]))}])
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        ours.load_state_dict(two_groups.state_dict())
+    wrong_shapes = fastopt.AdamW(clone_params(make_params([(5,), (3,)])), lr=1e-2)
+    for p in wrong_shapes.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    wrong_shapes.step()
+    with pytest.raises(ValueError, match="shape"):
+        ours.load_state_dict(wrong_shapes.state_dict())
+    after = ours.state_dict()
+    for key, state in before["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][key][name], value)
+    assert after["param_groups"] == before["param_groups"]
+
+
+def test_loading_copies_into_flat_buffers():
+    params = clone_params(make_params([(4,), (3,)]))
+    ours = fastopt.Adam(params, lr=1e-2)
+    ref = torch.optim.Adam(clone_params(params), lr=1e-2)
+    for p in ref.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    ref.step()
+    sd = ref.state_dict()
+    ours.load_state_dict(sd)
+    exp_avg = ours.state[params[0]]["exp_avg"]
+    assert exp_avg.data_ptr() != sd["state"][0]["exp_avg"].data_ptr()  # copied, not aliased
+    flat = ours._buckets[0][0].state["exp_avg"]
+    assert exp_avg.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_deepcopy_and_pickle_continue_identically(name):
+    ours_cls, _ = PAIRS[name]
+    params = clone_params(make_params(SHAPES))
+    opt = ours_cls(params, **OPTIONS[name])
+    gen = torch.Generator().manual_seed(5)
+    run(opt, params, 3, gen)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        clone_params_ = clone.param_groups[0]["params"]
+        assert all(c is not p for c, p in zip(clone_params_, params))
+        gen_a, gen_b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        original = copy.deepcopy(opt)
+        run(original, original.param_groups[0]["params"], 3, gen_a)
+        run(clone, clone_params_, 3, gen_b)
+        for p, q in zip(original.param_groups[0]["params"], clone_params_):
+            assert torch.equal(p, q)
+    assert isinstance(repr(opt), str) and ours_cls.__name__ in repr(opt)

@@ -40,6 +40,7 @@ class Adam(FlatOptimizer):
     """
 
     uses_step = True
+    error_name = "Adam"
 
     def __init__(
         self,

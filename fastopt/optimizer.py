@@ -56,6 +56,7 @@ class FlatOptimizer(Optimizer):
     # Subclasses set these.
     sparse_grads_ok = False  # SGD densifies sparse grads; Adam refuses them as torch does
     uses_step = False  # Adam keeps a per-param step count; SGD does not
+    error_name = ""  # the name torch.optim's errors use ("Adam" for Adam and AdamW)
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
         dispatch.check_backend(backend)
@@ -223,13 +224,16 @@ class FlatOptimizer(Optimizer):
             grads = [grads[i] for i in participants]
         ptrs = bucket.grad_ptrs
         if ptrs:
-            grad_ptrs = [g.data_ptr() for g in grads]
+            try:
+                grad_ptrs = [g.data_ptr() for g in grads]
+            except RuntimeError:  # a sparse grad has no data pointer
+                grad_ptrs = [g.data_ptr() if g.layout == torch.strided else -1 for g in grads]
             if len(grads) == len(ptrs) and grad_ptrs == ptrs:
                 return participants, grads, True  # the common case: every grad is our view
             in_place = [q == ptrs[i] for i, q in zip(participants, grad_ptrs)]
         else:
             in_place = [False] * len(grads)
-        name = type(self).__name__
+        name = self.error_name or type(self).__name__
         for j, (i, g) in enumerate(zip(participants, grads)):
             p = bucket.params[i]
             if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
@@ -278,8 +282,8 @@ class FlatOptimizer(Optimizer):
 
     @staticmethod
     def _grad_in_place(bucket: Bucket, i: int, grad: Tensor) -> bool:
-        return bool(bucket.grad_ptrs) and grad.data_ptr() == bucket.grad_ptrs[i] \
-            and grad.shape == bucket.params[i].shape and not grad.is_sparse
+        return bool(bucket.grad_ptrs) and grad.layout == torch.strided \
+            and grad.data_ptr() == bucket.grad_ptrs[i] and grad.shape == bucket.params[i].shape
 
     def _add_state_buffer(self, bucket: Bucket, name: str) -> None:
         """A new zero state tensor for every param of ``bucket`` that has state."""

@@ -88,8 +88,9 @@ class Bucket:
             self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
         return self.steps
 
-    def adopt_grad(self, i: int, grad: Tensor) -> bool:
-        """Copy a plain (non-view) grad into the flat grad buffer and make ``p.grad`` that view.
+    def adopt_grad(self, i: int, grad: Tensor, zero: bool = False) -> bool:
+        """Copy a plain (non-view) grad into the flat grad buffer (zeros if ``zero``) and make
+        ``p.grad`` that view.
 
         Views of someone else's buffer (DDP's ``gradient_as_bucket_view``) are left alone.
         Returns whether the grad now lives in the flat buffer.
@@ -97,7 +98,10 @@ class Bucket:
         if grad._base is not None or grad.layout != torch.strided:
             return False
         view = self.view(self.ensure_grad_buffer(), i)
-        view.copy_(grad)
+        if zero:
+            view.zero_()
+        else:
+            view.copy_(grad)
         self.params[i].grad = view
         return True
 

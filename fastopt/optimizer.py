@@ -325,7 +325,7 @@ class FlatOptimizer(Optimizer):
             if self._grad_in_place(bucket, i, g):
                 g.zero_()
             elif g.dtype == bucket.params[i].dtype and g.shape == bucket.params[i].shape \
-                    and g.device == bucket.device and bucket.adopt_grad(i, torch.zeros_like(g)):
+                    and g.device == bucket.device and bucket.adopt_grad(i, g, zero=True):
                 continue
             else:
                 _zero_in_place(bucket.params[i])

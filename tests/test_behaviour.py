@@ -1,0 +1,260 @@
+"""Behaviour torch users rely on: flat layout, closures, zero_grad, hooks, GradScaler, groups."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastopt
+from helpers import PAIRS, clone_params, compare_runs, make_params
+
+
+def storage_ptr(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_params_become_views_of_one_buffer_keeping_identity_and_values():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
+    model[2].bias.requires_grad_(True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    objects = list(model.parameters())
+    opt = fastopt.AdamW(model.parameters())
+    assert list(model.parameters()) == objects and opt.param_groups[0]["params"] == objects
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], objects))
+    assert len({storage_ptr(p) for p in model.parameters()}) == 1
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and p.requires_grad
+        assert isinstance(p, torch.nn.Parameter) and p.is_contiguous()
+
+
+def test_buckets_per_dtype_in_one_group():
+    params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3).double()),
+              torch.nn.Parameter(torch.randn(2))]
+    opt = fastopt.Adam(params, lr=0.1)
+    assert [len(b.params) for b in opt._buckets[0]] == [2, 1]
+    assert storage_ptr(params[0]) == storage_ptr(params[2]) != storage_ptr(params[1])
+
+
+def test_mixed_dtype_group_matches_torch():
+    init = [torch.randn(4), torch.randn(3).double(), torch.randn(2)]
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours = fastopt.AdamW(ours_params, lr=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
+    for _ in range(4):
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_params, ref_params):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_closure_runs_with_grad_enabled_and_returns_loss(name):
+    ours_cls, _ = PAIRS[name]
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = ours_cls([w], lr=0.1)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        seen.append(torch.is_grad_enabled())
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert seen == [True] and loss.item() == 5.0
+    assert not torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+
+
+def test_zero_grad_set_to_none_and_in_place():
+    model = torch.nn.Linear(4, 3)
+    opt = fastopt.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    bucket = opt._buckets[0][0]
+    assert all(storage_ptr(g) == storage_ptr(bucket.grad) for g in grads)
+    model(torch.randn(2, 4)).sum().backward()  # accumulates into the flat grad buffer
+    assert bucket.grad.abs().sum() > 0
+    opt.zero_grad(set_to_none=False)
+    assert not bucket.grad.any()
+
+
+def test_foreign_grad_views_are_used_in_place_and_not_replaced():
+    """DDP's gradient_as_bucket_view: p.grad is a view of DDP's own bucket; keep it."""
+    init = make_params([(3, 4), (5,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ddp_bucket = torch.zeros(17)
+    views = [ddp_bucket[:12].view(3, 4), ddp_bucket[12:]]
+    ours = fastopt.AdamW(ours_params, lr=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
+    for _ in range(4):
+        ddp_bucket.copy_(torch.randn(17))
+        for p, q, v in zip(ours_params, ref_params, views):
+            p.grad, q.grad = v, v.clone()
+        ours.step()
+        ref.step()
+        assert ours_params[0].grad is views[0]
+        ours.zero_grad(set_to_none=False)
+        assert ours_params[0].grad is views[0] and not ddp_bucket.any()
+    for p, q in zip(ours_params, ref_params):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+def test_params_moved_out_of_the_buffer_are_laid_out_again():
+    init = make_params([(4,), (6,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours = fastopt.Adam(ours_params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
+    for step in range(6):
+        if step == 3:
+            new = torch.randn(6)
+            ours_params[1].data = new.clone()  # e.g. a checkpoint loaded with assign=True
+            ref_params[1].data = new.clone()
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    assert storage_ptr(ours_params[0]) == storage_ptr(ours_params[1])
+
+
+def test_frozen_params_stay_out_until_they_get_a_grad():
+    init = make_params([(4,), (5,), (6,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    for params in (ours_params, ref_params):
+        params[1].requires_grad_(False)
+    ours = fastopt.AdamW(ours_params, lr=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
+    assert ours._buckets[0][0].numel == 10  # no state will be kept for the frozen one
+    for step in range(6):
+        if step == 3:
+            for params in (ours_params, ref_params):
+                params[1].requires_grad_(True)
+        for p, q in zip(ours_params, ref_params):
+            if p.requires_grad:
+                g = torch.randn_like(p)
+                p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    assert ours._buckets[0][0].numel == 15
+
+
+def test_hooks_fire():
+    params = clone_params(make_params([(3,)]))
+    opt = fastopt.AdamW(params)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd_post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    params[0].grad = torch.ones(3)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["pre", "post", "sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_add_param_group_after_steps():
+    init = make_params([(4,), (5,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours = fastopt.Adam([ours_params[0]], lr=0.1)
+    ref = torch.optim.Adam([ref_params[0]], lr=0.1, foreach=False)
+    for step in range(6):
+        if step == 2:
+            ours.add_param_group({"params": [ours_params[1]], "lr": 0.01, "amsgrad": True})
+            ref.add_param_group({"params": [ref_params[1]], "lr": 0.01, "amsgrad": True})
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    assert ours.state[ours_params[1]]["step"].item() == 4.0
+
+
+def test_shared_params_rejected_and_duplicates_warned_as_torch_does():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        fastopt.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = fastopt.SGD([p, p], lr=0.1)
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 0.1)  # updated once
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_grad_scaler_inf_step_changes_nothing_then_matches_torch(name):
+    ours_cls, ref_cls = PAIRS[name]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, weight_decay=0.1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    twin = torch.nn.Linear(6, 3)
+    twin.load_state_dict(model.state_dict())
+    ours = ours_cls(model.parameters(), **kwargs)
+    ref = ref_cls(twin.parameters(), foreach=False, **kwargs)
+    assert ours._step_supports_amp_scaling
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    for step in range(5):
+        x = torch.randn(4, 6)
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        state = {id(p): {k: v.clone() for k, v in ours.state[p].items()}
+                 for p in model.parameters() if p in ours.state}
+        for net, opt, scaler in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(net(x).pow(2).sum()).backward()
+            if step == 2:
+                next(net.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        if step == 2:
+            for p, v in zip(model.parameters(), snapshot):
+                assert torch.equal(p, v)
+            for p in model.parameters():
+                for key, value in state.get(id(p), {}).items():
+                    assert torch.equal(ours.state[p][key], value), key
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0
+
+
+def test_foreach_fused_capturable_are_accepted_and_recorded():
+    params = clone_params(make_params([(3,)]))
+    opt = fastopt.Adam(params, foreach=False, fused=None, capturable=True)
+    group = opt.param_groups[0]
+    assert group["foreach"] is False and group["capturable"] is True
+    opt = fastopt.AdamW(clone_params(make_params([(3,)])), fused=True)
+    assert opt.param_groups[0]["fused"] is True
+
+
+def test_tensor_betas_like_torch():
+    compare_runs("Adam", dict(lr=1e-2, betas=(torch.tensor(0.8), torch.tensor(0.99))),
+                 [(129,)], steps=5)
+
+
+def test_no_warnings_in_a_plain_training_step():
+    model = torch.nn.Linear(3, 2)
+    opt = fastopt.AdamW(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()

@@ -50,7 +50,7 @@ def assert_state_close(ours, ref, ours_params, ref_params, tol):
 
 def compare_runs(name, kwargs, shapes, *, steps=10, dtype=torch.float32, skip=None, seed=0,
                  groups=None, backend="torch", device="cpu", grad_dtype=None, tol=None,
-                 check_state=True):
+                 check_state=True, in_place=False):
     """Step fastopt and torch.optim (foreach=False) ``steps`` times on identical grads.
 
     ``skip(step, i)`` -> True leaves param i without a grad in that step. ``groups`` optionally
@@ -76,9 +76,15 @@ def compare_runs(name, kwargs, shapes, *, steps=10, dtype=torch.float32, skip=No
                 p.grad = q.grad = None
                 continue
             g = torch.randn(p.shape, generator=gen, dtype=grad_dtype or dtype).to(device)
-            p.grad, q.grad = g.clone(), g.clone()
+            if in_place and p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.clone()
+            q.grad = g.clone()
         ours.step()
         ref.step()
+        if in_place:
+            ours.zero_grad(set_to_none=False)
         for p, q in zip(ours_params, ref_params):
             torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), **tol,
                                        msg=lambda m: f"step {step}: {m}")

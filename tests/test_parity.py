@@ -40,11 +40,18 @@ def test_every_option_every_size(name, kwargs, desc, dtype):
     compare_runs(name, kwargs, SHAPES, dtype=dtype, steps=10)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh-grads", "flat-grads"])
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
-def test_params_without_grads_in_some_steps(name, kwargs, desc):
+def test_params_without_grads_in_some_steps(name, kwargs, desc, in_place):
     # Each param misses its grad in a different pattern of steps: its state must neither be
     # created nor advanced in those steps, exactly as torch skips it.
-    compare_runs(name, kwargs, SHAPES, steps=12, skip=lambda step, i: (step * 7 + i) % 3 == 0)
+    compare_runs(name, kwargs, SHAPES, steps=12, skip=lambda step, i: (step * 7 + i) % 3 == 0,
+                 in_place=in_place)
+
+
+@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+def test_flat_grads_with_every_size(name, kwargs, desc):
+    compare_runs(name, kwargs, SHAPES, steps=8, in_place=True)
 
 
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
@@ -171,3 +178,11 @@ def test_training_a_model_with_backward():
             opt.step()
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+def test_late_starters_share_a_flat_buffer_with_older_params(name, kwargs, desc):
+    # Even params get their first grad at step 3: from then on every grad lives in the flat
+    # buffer, but the step counts (and SGD's first-step buffers) differ between neighbours.
+    compare_runs(name, kwargs, SHAPES, steps=9, skip=lambda step, i: step < 3 and i % 2 == 0,
+                 in_place=True)

@@ -32,8 +32,10 @@ def configurations(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=configurations(), shapes=shapes, steps=st.integers(1, 8),
        dtype=st.sampled_from([torch.float32, torch.float64]),
-       skip_mask=st.integers(0, 2**40), seed=st.integers(0, 2**16))
-def test_random_configurations_match_torch(config, shapes, steps, dtype, skip_mask, seed):
+       skip_mask=st.integers(0, 2**40), seed=st.integers(0, 2**16), in_place=st.booleans())
+def test_random_configurations_match_torch(config, shapes, steps, dtype, skip_mask, seed,
+                                           in_place):
     name, kwargs = config
     skip = lambda step, i: (skip_mask >> ((step * 5 + i) % 40)) & 1 == 1  # noqa: E731
-    compare_runs(name, kwargs, shapes, steps=steps, dtype=dtype, skip=skip, seed=seed)
+    compare_runs(name, kwargs, shapes, steps=steps, dtype=dtype, skip=skip, seed=seed,
+                 in_place=in_place)

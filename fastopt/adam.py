@@ -108,16 +108,15 @@ class Adam(FlatOptimizer):
         for count in counted:
             count.add_(1)
         found_inf = _on(found_inf, bucket.device)
-        state = bucket.state
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
         dispatch.update_fn("adam", bucket.backend)(
-            [bucket.flat[c.start : c.end] for c in chunks],
+            bucket.pieces("param", chunks),
             [c.grad for c in chunks],
-            [state["exp_avg"][c.start : c.end] for c in chunks],
-            [state["exp_avg_sq"][c.start : c.end] for c in chunks],
-            [state["max_exp_avg_sq"][c.start : c.end] for c in chunks] if amsgrad else [],
-            [steps[c.lo] for c in chunks],
+            bucket.pieces("exp_avg", chunks),
+            bucket.pieces("exp_avg_sq", chunks),
+            bucket.pieces("max_exp_avg_sq", chunks) if amsgrad else [],
+            [bucket.step_views[c.lo] for c in chunks],
             lr=_on(group["lr"], bucket.device),
             beta1=float(beta1),
             beta2=float(beta2),

@@ -21,11 +21,18 @@ def real_dtype(t: Tensor) -> torch.dtype:
     return t.real.dtype if t.is_complex() else t.dtype
 
 
-def flat_real(t: Tensor) -> Tensor:
-    """A 1-D real contiguous tensor holding ``t``'s values (a view when ``t`` is contiguous)."""
+def real_shape(t: Tensor) -> tuple:
+    """The shape of ``t``'s real view (complex tensors gain a trailing 2)."""
+    return (*t.shape, 2) if t.is_complex() else tuple(t.shape)
+
+
+def as_real(t: Tensor) -> Tensor:
+    """``t`` as a dense, contiguous, real tensor of ``real_shape(t)`` (a view when it can be)."""
+    if t.layout != torch.strided:
+        t = t.to_dense()
     if t.is_complex():
         t = torch.view_as_real(t)
-    return t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def bucket_key(p: Tensor) -> tuple:
@@ -54,6 +61,8 @@ class Bucket:
     grads_adopted: bool = False  # plain grads are adopted on the bucket's first step only
     data_ptrs: list = field(default_factory=list)
     grad_ptrs: list = field(default_factory=list)
+    step_views: list = field(default_factory=list)  # steps[i], made once
+    real_views: dict = field(default_factory=dict)  # name -> per-param real views, made once
 
     @property
     def numel(self) -> int:
@@ -66,6 +75,22 @@ class Bucket:
         if p.is_complex():
             return torch.view_as_complex(piece.view(*p.shape, 2))
         return piece.view(p.shape)
+
+    def pieces(self, name: str, chunks: list) -> list:
+        """The part of buffer ``name`` ("param", "grad" or a state name) each chunk covers.
+
+        A chunk of one param gets a cached view of that param's shape (real-valued), so a step
+        over many separately-held grads does not slice every buffer anew.
+        """
+        buffer = {"param": self.flat, "grad": self.grad}.get(name)
+        if buffer is None:
+            buffer = self.state[name]
+        views = self.real_views.get(name)
+        if views is None:
+            views = self.real_views[name] = [
+                buffer[s:e].view(real_shape(p)) for p, s, e in zip(self.params, self.starts, self.ends)
+            ]
+        return [views[c.lo] if c.hi - c.lo == 1 else buffer[c.start : c.end] for c in chunks]
 
     def is_intact(self) -> bool:
         """True while every param still lives in this bucket's buffer (nothing re-pointed it)."""
@@ -86,6 +111,7 @@ class Bucket:
     def ensure_steps(self) -> Tensor:
         if self.steps is None:
             self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+            self.step_views = list(self.steps.unbind())
         return self.steps
 
     def adopt_grad(self, i: int, grad: Tensor, zero: bool = False) -> bool:

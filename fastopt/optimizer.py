@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastopt import dispatch
-from fastopt.flat import Bucket, build_bucket, flat_real, group_params, runs
+from fastopt.flat import Bucket, as_real, build_bucket, group_params, runs
 from fastopt.validation import check_grad, check_param
 
 
@@ -166,7 +166,7 @@ class FlatOptimizer(Optimizer):
     def _state_views(self, bucket: Bucket, i: int, names: list) -> dict:
         views = {}
         if self.uses_step:
-            views["step"] = bucket.steps[i]
+            views["step"] = bucket.step_views[i]
         for name in names:
             views[name] = bucket.view(bucket.state[name], i)
         return views
@@ -257,8 +257,12 @@ class FlatOptimizer(Optimizer):
             return
         if in_place is True:
             in_place = [True] * len(grads)
-        keys = [self.run_key(bucket, i) for i in participants]
-        step_runs = runs(participants, keys)
+        if key is not _MIXED and len(participants) == len(bucket.params):
+            keys = [key] * len(participants)
+            step_runs = [[0, len(bucket.params), key]]
+        else:
+            keys = [self.run_key(bucket, i) for i in participants]
+            step_runs = runs(participants, keys)
         fresh = [i for i in participants if not bucket.has_state[i]]
         if fresh:
             self._create_state(bucket, fresh, self.state_names(group))
@@ -267,17 +271,23 @@ class FlatOptimizer(Optimizer):
             for j, i in enumerate(participants):
                 if not in_place[j] and bucket.adopt_grad(i, grads[j]):
                     in_place[j] = True
-        chunks = []
-        split_keys = [(k, True) if ok else (k, False, i)
-                      for i, k, ok in zip(participants, keys, in_place)]
-        for lo, hi, (key, ok, *_) in runs(participants, split_keys):
-            start, end = bucket.starts[lo], bucket.ends[hi - 1]
-            if ok:
-                grad = bucket.grad[start:end]
-            else:
-                grad = bucket.params[lo].grad
-                grad = flat_real(grad.to_dense() if grad.is_sparse else grad)
-            chunks.append(Chunk(lo, hi, start, end, grad, key))
+        starts, ends = bucket.starts, bucket.ends
+        if not any(in_place):  # every grad held apart (fresh from autograd): one chunk each
+            chunks = [Chunk(i, i + 1, starts[i], ends[i], as_real(g), k)
+                      for i, g, k in zip(participants, grads, keys)]
+        else:
+            chunks = []
+            split_keys = [(k, True) if ok else (k, False, i)
+                          for i, k, ok in zip(participants, keys, in_place)]
+            for lo, hi, (k, ok, *_) in runs(participants, split_keys):
+                chunk = Chunk(lo, hi, starts[lo], ends[hi - 1], None, k)
+                if not ok:
+                    grad = as_real(bucket.params[lo].grad)
+                elif hi - lo == 1:
+                    grad = bucket.pieces("grad", [chunk])[0]
+                else:
+                    grad = bucket.grad[chunk.start : chunk.end]
+                chunks.append(chunk._replace(grad=grad))
         self.update(group, bucket, step_runs, chunks, grad_scale, found_inf)
 
     @staticmethod

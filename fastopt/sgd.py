@@ -88,9 +88,9 @@ class SGD(FlatOptimizer):
             if not todo:
                 continue
             update(
-                [bucket.flat[c.start : c.end] for c in todo],
+                bucket.pieces("param", todo),
                 [c.grad for c in todo],
-                [bucket.state["momentum_buffer"][c.start : c.end] for c in todo] if momentum else [],
+                bucket.pieces("momentum_buffer", todo) if momentum else [],
                 lr=_on(group["lr"], bucket.device),
                 momentum=float(momentum),
                 dampening=float(group["dampening"]),

@@ -1,0 +1,153 @@
+"""Step and whole-iteration throughput of fastopt against torch.optim, as ratios from one run.
+
+    python -m fastopt.bench [--cases 1x16M 1000x16K gpt2-small] [--optimizers AdamW SGD]
+                            [--repeats 7] [--device cpu|cuda] [--json out.json]
+
+Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,
+foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike; the table shows
+medians. ``step`` times ``optimizer.step()`` with grads already in place; ``iteration`` times
+``zero_grad()`` + a backward that touches every parameter + ``step()``, so that no cost can hide
+outside ``step()``. Bytes per element are those a fused step must move (fp32 AdamW: read param,
+grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq = 28), reported as GB/s and as a
+fraction of this device's measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import fastopt
+from fastopt.shapes import CASES, numel
+
+VARIANTS = {
+    "fastopt": lambda cls, params, kw: getattr(fastopt, cls)(params, **kw),
+    "torch-loop": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=False, **kw),
+    "torch-foreach": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=True, **kw),
+    "torch-fused": lambda cls, params, kw: getattr(torch.optim, cls)(params, fused=True, **kw),
+}
+OPTIONS = {
+    "AdamW": dict(lr=1e-3, weight_decay=1e-2),
+    "Adam": dict(lr=1e-3),
+    "SGD": dict(lr=1e-3, momentum=0.9),
+}
+# Bytes a fused step reads + writes per element, for 4-byte params, grads and state.
+BYTES_PER_ELEMENT = {"AdamW": 28, "Adam": 28, "SGD": 20}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, numel_: int = 64 * 1024 * 1024, repeats: int = 7) -> float:
+    """GB/s of a large ``copy_`` (bytes read + written), the ceiling a streaming step can reach."""
+    src = torch.randn(numel_, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+
+
+class Setup:
+    """One optimizer over its own params, with grads and the loss weights for a backward."""
+
+    def __init__(self, variant, optimizer, shapes, device, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+        self.weights = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        self.opt = VARIANTS[variant](optimizer, self.params, dict(OPTIONS[optimizer]))
+        for p, w in zip(self.params, self.weights):
+            p.grad = w.clone()
+        self.opt.step()  # lazy state exists before timing
+
+    def step(self):
+        self.opt.step()
+
+    def iteration(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+        loss = sum((p * w).sum() for p, w in zip(self.params, self.weights))
+        loss.backward()
+        self.opt.step()
+
+
+def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
+    """Median seconds per call for each variant, timed in interleaved rounds."""
+    shapes = CASES[case]()
+    setups = {v: Setup(v, optimizer, shapes, device) for v in variants}
+    calls = {v: (s.step if mode == "step" else s.iteration) for v, s in setups.items()}
+    if mode == "iteration" and "fastopt" in setups:
+        setups["fastopt-keepgrads"] = setups["fastopt"]
+        calls["fastopt-keepgrads"] = lambda: setups["fastopt"].iteration(set_to_none=False)
+    times = {v: [] for v in calls}
+    for call in calls.values():
+        call()  # warm-up
+    for _ in range(repeats):
+        for v, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times[v].append(time.perf_counter() - start)
+    del setups
+    return {v: statistics.median(t) for v, t in times.items()}, numel(shapes), len(shapes)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--optimizers", nargs="+", default=["AdamW", "SGD"], choices=list(OPTIONS))
+    parser.add_argument("--modes", nargs="+", default=["step", "iteration"],
+                        choices=["step", "iteration"])
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"copy bandwidth {bandwidth:.1f} GB/s")
+    rows = []
+    header = (f"{'optimizer':<7} {'mode':<9} {'case':<10} {'variant':<17} {'ms':>9} "
+              f"{'GB/s':>7} {'of copy':>7} {'vs fused':>8} {'vs foreach':>10} {'vs loop':>8}")
+    print(header)
+    for optimizer in args.optimizers:
+        for mode in args.modes:
+            for case in args.cases:
+                seconds, n, tensors = measure(case, optimizer, mode, device, args.repeats)
+                moved = BYTES_PER_ELEMENT[optimizer] * n
+                for variant, t in seconds.items():
+                    row = dict(optimizer=optimizer, mode=mode, case=case, variant=variant,
+                               numel=n, tensors=tensors, ms=t * 1e3,
+                               gbps=moved / t / 1e9 if mode == "step" else None,
+                               vs_fused=seconds["torch-fused"] / t,
+                               vs_foreach=seconds["torch-foreach"] / t,
+                               vs_loop=seconds["torch-loop"] / t)
+                    row["of_copy"] = row["gbps"] / bandwidth if row["gbps"] else None
+                    rows.append(row)
+                    gbps = f"{row['gbps']:7.1f}" if row["gbps"] else f"{'-':>7}"
+                    frac = f"{row['of_copy']:7.0%}" if row["of_copy"] else f"{'-':>7}"
+                    print(f"{optimizer:<7} {mode:<9} {case:<10} {variant:<17} {t * 1e3:9.2f} "
+                          f"{gbps} {frac} {row['vs_fused']:7.2f}x {row['vs_foreach']:9.2f}x "
+                          f"{row['vs_loop']:7.2f}x", flush=True)
+    result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                  copy_gbps=bandwidth, repeats=args.repeats, rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

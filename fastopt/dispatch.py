@@ -5,7 +5,8 @@
 
 - ``auto``: Triton kernels for CUDA tensors when Triton imports, the torch path otherwise.
 - ``triton``: the kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's
-  interpreter, which is how CI runs the kernels without a GPU).
+  interpreter, which is how CI runs the kernels without a GPU). The kernels compute in fp32, so
+  fp64 params take the torch path (torch's fused ops support fp64 on CPU and CUDA).
 - ``torch``: the pure-torch path on any device.
 
 Both implementations of an update share one signature (see ``torch_path.py``).
@@ -52,10 +53,13 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The implementation that will update tensors on ``device``: ``"triton"`` or ``"torch"``."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The implementation that will update ``dtype`` tensors on ``device``.
+
+    fp64 buckets always take the torch path: the kernels compute in fp32.
+    """
     backend = requested_backend(backend)
-    if backend == "torch":
+    if backend == "torch" or dtype == torch.float64:
         return "torch"
     if backend == "triton":
         if not triton_available():

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastopt import dispatch
-from fastopt.flat import Bucket, as_real, build_bucket, group_params, runs
+from fastopt.flat import Bucket, as_real, build_bucket, group_params, real_dtype, runs
 from fastopt.validation import check_grad, check_param
 
 
@@ -114,13 +114,10 @@ class FlatOptimizer(Optimizer):
                 members.append(p)
             else:
                 outsiders.append(p)
-        backend_of = {}
         buckets = []
         for params in group_params(members):
-            device = params[0].device
-            if device not in backend_of:
-                backend_of[device] = dispatch.resolve(self.backend, device)
-            bucket = build_bucket(params, backend_of[device])
+            backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]))
+            bucket = build_bucket(params, backend)
             self._adopt_state(group, bucket)
             buckets.append(bucket)
         self._buckets[index] = buckets
@@ -271,6 +268,8 @@ class FlatOptimizer(Optimizer):
             for j, i in enumerate(participants):
                 if not in_place[j] and bucket.adopt_grad(i, grads[j]):
                     in_place[j] = True
+        if bucket.backend == "triton" and not all(in_place):
+            self._gather_grads(bucket, participants, grads, in_place)
         starts, ends = bucket.starts, bucket.ends
         if not any(in_place):  # every grad held apart (fresh from autograd): one chunk each
             chunks = [Chunk(i, i + 1, starts[i], ends[i], as_real(g), k)
@@ -289,6 +288,18 @@ class FlatOptimizer(Optimizer):
                     grad = bucket.grad[chunk.start : chunk.end]
                 chunks.append(chunk._replace(grad=grad))
         self.update(group, bucket, step_runs, chunks, grad_scale, found_inf)
+
+    @staticmethod
+    def _gather_grads(bucket: Bucket, participants, grads, in_place: list) -> None:
+        """Copy the grads held apart into the flat grad buffer (one multi-tensor copy), so the
+        kernels see whole runs. On GPUs one launch per tensor would cost more than the copy."""
+        bucket.ensure_grad_buffer()
+        todo = [j for j, ok in enumerate(in_place) if not ok]
+        views = bucket.pieces("grad", [Chunk(participants[j], participants[j] + 1, 0, 0, None, None)
+                                       for j in todo])
+        torch._foreach_copy_(views, [as_real(grads[j]) for j in todo])
+        for j in todo:
+            in_place[j] = True
 
     @staticmethod
     def _grad_in_place(bucket: Bucket, i: int, grad: Tensor) -> bool:

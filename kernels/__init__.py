@@ -1,1 +1,10 @@
-"""Triton kernels for fastopt (installed as ``fastopt.kernels``)."""
+"""Triton kernels for fastopt, installed as ``fastopt.kernels``.
+
+Each module holds a private ``@triton.jit`` kernel and a plain launcher with the same signature
+as its pure-torch twin in ``fastopt.torch_path``. Kernels know pointers, sizes and scalars only.
+"""
+
+from .adam import adam_update
+from .sgd import sgd_update
+
+__all__ = ["adam_update", "sgd_update"]

@@ -17,6 +17,20 @@ TOLERANCES = {
     torch.float16: dict(rtol=5e-3, atol=5e-3),
 }
 
+def interpreter_ready() -> bool:
+    """Can the Triton kernels run on CPU tensors here (TRITON_INTERPRET=1, triton importable)?"""
+    import os
+
+    from fastopt.dispatch import triton_available
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+
+
+# The implementations the CPU parity tests run through: the torch path always, the Triton
+# kernels when the interpreter is on (CI without a GPU). bf16 is not supported by the
+# interpreter: half-precision kernels are tested on a GPU (tests/test_gpu.py).
+BACKENDS = ["torch", "triton"] if interpreter_ready() else ["torch"]
+
 PAIRS = {
     "SGD": (fastopt.SGD, torch.optim.SGD),
     "Adam": (fastopt.Adam, torch.optim.Adam),

@@ -6,7 +6,7 @@ Params and every state tensor are compared after every step (see helpers.compare
 import pytest
 import torch
 
-from helpers import compare_runs
+from helpers import BACKENDS, compare_runs
 
 # (optimizer, options, what the row checks)
 CONFIGS = [
@@ -34,30 +34,34 @@ IDS = [f"{name}-{desc}" for name, _, desc in CONFIGS]
 SHAPES = [(0,), (1,), (), (129,), (4097,), (65537,), (3, 4, 5, 7)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
-def test_every_option_every_size(name, kwargs, desc, dtype):
-    compare_runs(name, kwargs, SHAPES, dtype=dtype, steps=10)
+def test_every_option_every_size(name, kwargs, desc, dtype, backend):
+    compare_runs(name, kwargs, SHAPES, dtype=dtype, steps=10, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("in_place", [False, True], ids=["fresh-grads", "flat-grads"])
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
-def test_params_without_grads_in_some_steps(name, kwargs, desc, in_place):
+def test_params_without_grads_in_some_steps(name, kwargs, desc, in_place, backend):
     # Each param misses its grad in a different pattern of steps: its state must neither be
     # created nor advanced in those steps, exactly as torch skips it.
     compare_runs(name, kwargs, SHAPES, steps=12, skip=lambda step, i: (step * 7 + i) % 3 == 0,
-                 in_place=in_place)
+                 in_place=in_place, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
-def test_flat_grads_with_every_size(name, kwargs, desc):
-    compare_runs(name, kwargs, SHAPES, steps=8, in_place=True)
+def test_flat_grads_with_every_size(name, kwargs, desc, backend):
+    compare_runs(name, kwargs, SHAPES, steps=8, in_place=True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
-def test_param_that_never_gets_a_grad(name, kwargs, desc):
+def test_param_that_never_gets_a_grad(name, kwargs, desc, backend):
     ours, ref, ours_params, _ = compare_runs(name, kwargs, [(5,), (6,), (7,)], steps=4,
-                                             skip=lambda step, i: i == 1)
+                                             skip=lambda step, i: i == 1, backend=backend)
     assert ours_params[1] not in ours.state or not ours.state[ours_params[1]]
 
 
@@ -99,8 +103,10 @@ def test_half_precision_adam_equals_torch_fused_exactly(dtype):
     ("AdamW", dict(lr=1e-2, maximize=True)),
     ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
 ])
-def test_complex_params(name, kwargs):
-    compare_runs(name, kwargs, [(3, 4), (5,), ()], dtype=torch.complex64, steps=8)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_params(name, kwargs, backend):
+    compare_runs(name, kwargs, [(3, 4), (5,), ()], dtype=torch.complex64, steps=8,
+                 backend=backend)
 
 
 @pytest.mark.parametrize("name,opts", [
@@ -108,11 +114,12 @@ def test_complex_params(name, kwargs):
     ("AdamW", [dict(lr=3e-2, weight_decay=0.0), dict(lr=1e-3, maximize=True, eps=1e-3)]),
     ("SGD", [dict(lr=0.1, momentum=0.0), dict(lr=0.01, momentum=0.9, nesterov=True)]),
 ])
-def test_two_groups_with_different_hyperparameters(name, opts):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_groups_with_different_hyperparameters(name, opts, backend):
     groups = [([0, 2, 4], opts[0]), ([1, 3], opts[1])]
     base = dict(lr=1e-3) if name != "SGD" else dict(lr=0.05, momentum=0.5)
     compare_runs(name, base, [(7,), (129,), (1,), (33, 3), ()], groups=groups, steps=8,
-                 skip=lambda step, i: step == 3 and i == 2)
+                 skip=lambda step, i: step == 3 and i == 2, backend=backend)
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -120,13 +127,16 @@ def test_two_groups_with_different_hyperparameters(name, opts):
     ("AdamW", dict(weight_decay=0.1)),
     ("SGD", dict(momentum=0.9)),
 ])
-def test_lr_given_as_a_tensor(name, kwargs):
-    compare_runs(name, dict(lr=torch.tensor(0.01), **kwargs), [(129,), (4,)], steps=6)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_given_as_a_tensor(name, kwargs, backend):
+    compare_runs(name, dict(lr=torch.tensor(0.01), **kwargs), [(129,), (4,)], steps=6,
+                 backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "CosineAnnealingLR"])
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
-def test_lr_schedulers(name, scheduler):
+def test_lr_schedulers(name, scheduler, backend):
     import fastopt
     from helpers import PAIRS, clone_params, make_params
 
@@ -134,7 +144,8 @@ def test_lr_schedulers(name, scheduler):
     kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
     init = make_params([(129,), (3, 5)])
     ours_params, ref_params = clone_params(init), clone_params(init)
-    ours, ref = ours_cls(ours_params, **kwargs), ref_cls(ref_params, foreach=False, **kwargs)
+    ours = ours_cls(ours_params, backend=backend, **kwargs)
+    ref = ref_cls(ref_params, foreach=False, **kwargs)
 
     def make_scheduler(opt):
         cls = getattr(torch.optim.lr_scheduler, scheduler)
@@ -159,7 +170,8 @@ def test_lr_schedulers(name, scheduler):
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
-def test_training_a_model_with_backward():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_a_model_with_backward(backend):
     """Grads from autograd (accumulated over two backwards), zero_grad both ways."""
     import fastopt
 
@@ -167,7 +179,7 @@ def test_training_a_model_with_backward():
     model = torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(), torch.nn.Linear(31, 3))
     twin = torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(), torch.nn.Linear(31, 3))
     twin.load_state_dict(model.state_dict())
-    ours = fastopt.AdamW(model.parameters(), lr=1e-2)
+    ours = fastopt.AdamW(model.parameters(), lr=1e-2, backend=backend)
     ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
     for step in range(12):
         x = torch.randn(16, 13)
@@ -180,9 +192,10 @@ def test_training_a_model_with_backward():
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
-def test_late_starters_share_a_flat_buffer_with_older_params(name, kwargs, desc):
+def test_late_starters_share_a_flat_buffer_with_older_params(name, kwargs, desc, backend):
     # Even params get their first grad at step 3: from then on every grad lives in the flat
     # buffer, but the step counts (and SGD's first-step buffers) differ between neighbours.
     compare_runs(name, kwargs, SHAPES, steps=9, skip=lambda step, i: step < 3 and i % 2 == 0,
-                 in_place=True)
+                 in_place=True, backend=backend)

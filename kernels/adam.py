@@ -1,0 +1,183 @@
+"""Adam / AdamW in one fused pass over a flat buffer (Kingma & Ba 2014; Loshchilov & Hutter 2017).
+
+Per element, in fp32 (the param's dtype is only its storage):
+
+    g  = grad / grad_scale            (when a GradScaler scale is given)
+    g  = -g                           (MAXIMIZE)
+    p  = p * (1 - lr * wd)            (DECOUPLED, AdamW)    or    g = g + wd * p   (Adam)
+    m  = m + (1 - beta1) * (g - m)    (torch.optim's lerp)
+    v  = beta2 * v + (1 - beta2) * g * g
+    vm = max(vm, v)                   (AMSGRAD; vm is what the denominator uses)
+    p  = p - lr / (1 - beta1^t) * m / (sqrt(vm) / sqrt(1 - beta2^t) + eps)
+
+The bias corrections are computed in fp64 (beta^t by repeated squaring) from betas held in a
+small fp64 device tensor, as torch.optim computes them in Python floats.
+
+``t`` (the step, already incremented), a tensor ``lr``, ``grad_scale`` and ``found_inf`` are read
+from device memory inside the kernel: the launch never waits on the device, so a step can be
+captured in a CUDA graph. When ``found_inf`` is nonzero every store is masked off: nothing changes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+
+
+@functools.lru_cache(maxsize=64)
+def _betas(device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
+    """[beta1, beta2] in fp64 on ``device``, made once per value (no copy in a steady loop)."""
+    return torch.tensor([beta1, beta2], dtype=torch.float64, device=device)
+
+
+@triton.jit
+def _adam_kernel(
+    param_ptr,  # params, updated in place (fp32, fp16 or bf16)
+    grad_ptr,  # grads (same dtype as params)
+    exp_avg_ptr,  # first moment m, updated in place
+    exp_avg_sq_ptr,  # second moment v, updated in place
+    max_exp_avg_sq_ptr,  # running max of v (AMSGRAD only), updated in place
+    step_ptr,  # fp32 step count t of these params, already incremented
+    betas_ptr,  # fp64 [beta1, beta2], for the bias corrections
+    lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
+    grad_scale_ptr,  # fp32 GradScaler scale (HAS_GRAD_SCALE only)
+    found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
+    lr,  # learning rate (when not LR_ON_DEVICE)
+    decay_factor,  # 1 - lr * weight_decay, from the host (AdamW, when not LR_ON_DEVICE)
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    n_elements,  # elements in this flat buffer
+    AMSGRAD: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    if HAS_FOUND_INF:
+        mask = mask & (tl.load(found_inf_ptr) == 0.0)
+    step = tl.load(step_ptr).to(tl.float32)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
+
+    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+
+    if HAS_GRAD_SCALE:
+        grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
+    if MAXIMIZE:
+        grad = -grad
+    # Each line rounds as torch.optim's op for it does (add_ with alpha and lerp are fmas).
+    if HAS_WEIGHT_DECAY:
+        if DECOUPLED:
+            if LR_ON_DEVICE:
+                decay_factor = 1.0 - lr * weight_decay
+            param = param * decay_factor
+        else:
+            grad = tl.fma(param, weight_decay, grad)
+
+    weight = 1.0 - beta1  # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form
+    if weight < 0.5:
+        exp_avg = tl.fma(grad - exp_avg, weight, exp_avg)
+    else:
+        exp_avg = tl.fma(grad - exp_avg, weight - 1.0, grad)
+    exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    # Bias corrections in fp64, as torch.optim computes them on the host: beta^t by repeated
+    # squaring (multiplies only), so 1 - beta2^t keeps its digits when beta2^t is close to 1.
+    base1 = tl.load(betas_ptr)
+    base2 = tl.load(betas_ptr + 1)
+    power1 = base1 * 0.0 + 1.0
+    power2 = base2 * 0.0 + 1.0
+    exponent = step.to(tl.int32)
+    while exponent > 0:
+        odd = (exponent % 2) == 1
+        power1 = tl.where(odd, power1 * base1, power1)
+        power2 = tl.where(odd, power2 * base2, power2)
+        base1 = base1 * base1
+        base2 = base2 * base2
+        exponent = exponent // 2
+    step_size = (lr / (1.0 - power1)).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(1.0 - power2).to(tl.float32)
+    if AMSGRAD:
+        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+        tl.store(max_exp_avg_sq_ptr + offsets,
+                 max_exp_avg_sq.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+        denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+    else:
+        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    param = param + (-step_size * exp_avg) / denom  # addcdiv_(exp_avg, denom, -step_size)
+
+    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+
+
+def adam_update(
+    params: list,
+    grads: list,
+    exp_avgs: list,
+    exp_avg_sqs: list,
+    max_exp_avg_sqs: list,
+    steps: list,
+    *,
+    lr,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    grad_scale=None,
+    found_inf=None,
+) -> None:
+    """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.adam_update``."""
+    lr_on_device = isinstance(lr, torch.Tensor)
+    block = launch.block_size()
+    for i, param in enumerate(params):
+        n = param.numel()
+        if n == 0:
+            continue
+        _adam_kernel[launch.grid(n, block)](
+            param,
+            grads[i],
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i],
+            steps[i],
+            _betas(param.device, float(beta1), float(beta2)),
+            lr if lr_on_device else steps[i],
+            grad_scale if grad_scale is not None else steps[i],
+            found_inf if found_inf is not None else steps[i],
+            0.0 if lr_on_device else float(lr),
+            1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
+            float(beta1),
+            float(beta2),
+            float(weight_decay),
+            float(eps),
+            n,
+            AMSGRAD=amsgrad,
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            DECOUPLED=decoupled,
+            MAXIMIZE=maximize,
+            LR_ON_DEVICE=lr_on_device,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK_SIZE=block,
+            num_warps=launch.NUM_WARPS,
+        )

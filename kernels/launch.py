@@ -1,0 +1,26 @@
+"""Launch sizes for the elementwise optimizer kernels, in one place.
+
+Each program updates ``BLOCK_SIZE`` consecutive elements. With 4 warps (128 threads) and 1024
+elements a thread holds 8 consecutive values: 32 bytes of fp32 or 16 of bf16, so every load and
+store can be a 16-byte vector access. The grid covers ``n`` with a masked tail; offsets are int64
+inside the kernels, so buffers over 2**31 elements are addressed correctly. These numbers are the
+starting point the GPU microbenchmark (benchmarks/gpu_bench.py) checks on real hardware.
+"""
+
+from __future__ import annotations
+
+import os
+
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+# Triton's CPU interpreter runs programs one after another, each with a fixed cost: there a
+# bigger block only means fewer programs (the masked tail is exercised the same way).
+INTERPRETER_BLOCK_SIZE = 8192
+
+
+def block_size() -> int:
+    return INTERPRETER_BLOCK_SIZE if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_SIZE
+
+
+def grid(n: int, block: int) -> tuple:
+    return ((n + block - 1) // block,)

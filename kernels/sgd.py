@@ -1,0 +1,128 @@
+"""SGD with momentum, dampening, Nesterov and weight decay in one fused pass (as torch.optim.SGD).
+
+Per element, in fp32:
+
+    g   = grad / grad_scale           (when a GradScaler scale is given)
+    g   = -g                          (MAXIMIZE)
+    g   = g + wd * p                  (HAS_WEIGHT_DECAY)
+    buf = g                           (HAS_MOMENTUM, FIRST_STEP: torch initialises it to the grad)
+    buf = momentum * buf + (1 - dampening) * g      (HAS_MOMENTUM, later steps)
+    g   = g + momentum * buf (NESTEROV)   or   g = buf
+    p   = p - lr * g
+
+A tensor ``lr``, ``grad_scale`` and ``found_inf`` are read on the device; when ``found_inf`` is
+nonzero nothing is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+
+
+@triton.jit
+def _sgd_kernel(
+    param_ptr,  # params, updated in place
+    grad_ptr,  # grads
+    momentum_buffer_ptr,  # momentum buffer, updated in place (HAS_MOMENTUM only)
+    lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
+    grad_scale_ptr,  # fp32 GradScaler scale (HAS_GRAD_SCALE only)
+    found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
+    lr,  # learning rate (when not LR_ON_DEVICE)
+    momentum,
+    dampening,
+    weight_decay,
+    n_elements,  # elements in this flat buffer
+    HAS_MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    if HAS_FOUND_INF:
+        mask = mask & (tl.load(found_inf_ptr) == 0.0)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
+
+    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
+    if MAXIMIZE:
+        grad = -grad
+    # Multiply-adds are fused (one rounding) where torch.optim's own ops fuse them
+    # (add_(x, alpha=a) is an fma on CPU and GPU), so the results round as the reference's do.
+    if HAS_WEIGHT_DECAY:
+        grad = tl.fma(param, weight_decay, grad)
+    if HAS_MOMENTUM:
+        if FIRST_STEP:
+            buf = grad
+        else:
+            buf = tl.load(momentum_buffer_ptr + offsets, mask=mask).to(tl.float32)
+            buf = tl.fma(grad, 1.0 - dampening, buf * momentum)
+        tl.store(momentum_buffer_ptr + offsets, buf.to(momentum_buffer_ptr.dtype.element_ty),
+                 mask=mask)
+        if NESTEROV:
+            grad = tl.fma(buf, momentum, grad)
+        else:
+            grad = buf
+    param = tl.fma(grad, -lr, param)
+    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def sgd_update(
+    params: list,
+    grads: list,
+    momentum_buffers: list,
+    *,
+    lr,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale=None,
+    found_inf=None,
+) -> None:
+    """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.sgd_update``."""
+    lr_on_device = isinstance(lr, torch.Tensor)
+    block = launch.block_size()
+    has_momentum = momentum != 0
+    for i, param in enumerate(params):
+        n = param.numel()
+        if n == 0:
+            continue
+        _sgd_kernel[launch.grid(n, block)](
+            param,
+            grads[i],
+            momentum_buffers[i] if has_momentum else param,
+            lr if lr_on_device else param,
+            grad_scale if grad_scale is not None else param,
+            found_inf if found_inf is not None else param,
+            0.0 if lr_on_device else float(lr),
+            float(momentum),
+            float(dampening),
+            float(weight_decay),
+            n,
+            HAS_MOMENTUM=has_momentum,
+            FIRST_STEP=is_first_step,
+            NESTEROV=nesterov,
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            MAXIMIZE=maximize,
+            LR_ON_DEVICE=lr_on_device,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK_SIZE=block,
+            num_warps=launch.NUM_WARPS,
+        )

@@ -65,9 +65,9 @@ def _adam_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    if HAS_FOUND_INF:  # an inf/nan grad this step: every lane masked off, nothing written
+        n_elements = tl.where(tl.load(found_inf_ptr) == 0.0, n_elements, 0)
     mask = offsets < n_elements
-    if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf_ptr) == 0.0)
     step = tl.load(step_ptr).to(tl.float32)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)

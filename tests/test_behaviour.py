@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastopt
-from helpers import PAIRS, clone_params, compare_runs, make_params
+from helpers import BACKENDS, PAIRS, clone_params, compare_runs, make_params
 
 
 def storage_ptr(t):
@@ -201,15 +201,16 @@ def test_shared_params_rejected_and_duplicates_warned_as_torch_does():
     torch.testing.assert_close(p.detach(), before - 0.1)  # updated once
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_grad_scaler_inf_step_changes_nothing_then_matches_torch(name):
+def test_grad_scaler_inf_step_changes_nothing_then_matches_torch(name, backend):
     ours_cls, ref_cls = PAIRS[name]
     kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, weight_decay=0.1)
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
     twin = torch.nn.Linear(6, 3)
     twin.load_state_dict(model.state_dict())
-    ours = ours_cls(model.parameters(), **kwargs)
+    ours = ours_cls(model.parameters(), backend=backend, **kwargs)
     ref = ref_cls(twin.parameters(), foreach=False, **kwargs)
     assert ours._step_supports_amp_scaling
     scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]

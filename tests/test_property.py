@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import compare_runs
+from helpers import BACKENDS, compare_runs
 
 shapes = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
                   min_size=1, max_size=5)
@@ -32,10 +32,11 @@ def configurations(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=configurations(), shapes=shapes, steps=st.integers(1, 8),
        dtype=st.sampled_from([torch.float32, torch.float64]),
-       skip_mask=st.integers(0, 2**40), seed=st.integers(0, 2**16), in_place=st.booleans())
+       skip_mask=st.integers(0, 2**40), seed=st.integers(0, 2**16), in_place=st.booleans(),
+       backend=st.sampled_from(BACKENDS))
 def test_random_configurations_match_torch(config, shapes, steps, dtype, skip_mask, seed,
-                                           in_place):
+                                           in_place, backend):
     name, kwargs = config
     skip = lambda step, i: (skip_mask >> ((step * 5 + i) % 40)) & 1 == 1  # noqa: E731
     compare_runs(name, kwargs, shapes, steps=steps, dtype=dtype, skip=skip, seed=seed,
-                 in_place=in_place)
+                 in_place=in_place, backend=backend)

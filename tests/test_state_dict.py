@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastopt
-from helpers import PAIRS, assert_state_close, clone_params, make_params
+from helpers import BACKENDS, PAIRS, assert_state_close, clone_params, make_params
 
 SHAPES = [(0,), (129,), (), (4, 5), (1,)]
 OPTIONS = {
@@ -72,9 +72,10 @@ def test_format_is_torch_per_param(name):
         assert steps[1].item() == 3.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_torch_to_fastopt_mid_run(name, variant):
+def test_torch_to_fastopt_mid_run(name, variant, backend):
     """State saved by torch's for-loop, foreach and fused variants continues identically."""
     ours_cls, ref_cls = PAIRS[name]
     init = make_params(SHAPES)
@@ -87,7 +88,7 @@ def test_torch_to_fastopt_mid_run(name, variant):
         ref.step()
         twin.step()
     ours_params = clone_params(ref_params)
-    ours = ours_cls(ours_params, **OPTIONS[name])
+    ours = ours_cls(ours_params, backend=backend, **OPTIONS[name])
     ours.load_state_dict(roundtrip(ref.state_dict()))
     for _ in range(5):
         feed([ours_params, twin_params], gen, skip_index=1)
@@ -121,19 +122,20 @@ def test_fastopt_to_torch_mid_run(name):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_resume_is_bit_identical(name):
+def test_resume_is_bit_identical(name, backend):
     ours_cls, _ = PAIRS[name]
     init = make_params(SHAPES)
     straight_params, first_params = clone_params(init), clone_params(init)
-    straight = ours_cls(straight_params, **OPTIONS[name])
-    first = ours_cls(first_params, **OPTIONS[name])
+    straight = ours_cls(straight_params, backend=backend, **OPTIONS[name])
+    first = ours_cls(first_params, backend=backend, **OPTIONS[name])
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     run(straight, straight_params, 5, gen_a, skip_index=0)
     run(first, first_params, 5, gen_b, skip_index=0)
     saved = roundtrip({"params": [p.detach() for p in first_params], "opt": first.state_dict()})
     resumed_params = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
-    resumed = ours_cls(resumed_params, **OPTIONS[name])
+    resumed = ours_cls(resumed_params, backend=backend, **OPTIONS[name])
     resumed.load_state_dict(saved["opt"])
     run(straight, straight_params, 6, gen_a)
     run(resumed, resumed_params, 6, gen_b)

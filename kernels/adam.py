@@ -78,7 +78,7 @@ def _adam_kernel(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
     if HAS_GRAD_SCALE:
-        grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
+        grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
     if MAXIMIZE:
         grad = -grad
     # Each line rounds as torch.optim's op for it does (add_ with alpha and lerp are fmas).
@@ -117,10 +117,11 @@ def _adam_kernel(
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + offsets,
                  max_exp_avg_sq.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-        denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bias_correction2_sqrt) + eps
     else:
-        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    param = param + (-step_size * exp_avg) / denom  # addcdiv_(exp_avg, denom, -step_size)
+        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    # addcdiv_(exp_avg, denom, value=-step_size); IEEE sqrt and division (tl.sqrt is approximate)
+    param = param + tl.div_rn(-step_size * exp_avg, denom)
 
     tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
     tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)

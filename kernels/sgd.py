@@ -57,7 +57,7 @@ def _sgd_kernel(
     param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
-        grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
+        grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
     if MAXIMIZE:
         grad = -grad
     # Multiply-adds are fused (one rounding) where torch.optim's own ops fuse them

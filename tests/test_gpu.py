@@ -1,0 +1,166 @@
+"""The Triton kernels on a real GPU (skipped without CUDA): parity with torch.optim on CUDA for
+fp32, bf16 and fp16, odd and huge sizes, many tensors, CUDA-graph capture, GradScaler."""
+
+import os
+
+import pytest
+import torch
+
+import fastopt
+from helpers import PAIRS, clone_params, compare_runs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="GPU kernels, not the interpreter"),
+]
+
+CONFIGS = [
+    ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+    ("AdamW", dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-6)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3)),
+]
+IDS = [f"{n}-{'-'.join(k)}" for n, k in CONFIGS]
+SIZES = [(1,), (129,), (2**20 + 3,), (0,), (), (7, 13, 5)]
+# bf16/fp16: torch's own optimizer-test tolerances; beta2/eps chosen so that the reference
+# (which computes in the half type) does not underflow (see tests/test_parity.py).
+HALF_TOL = dict(rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_fp32_parity_on_cuda(name, kwargs):
+    compare_runs(name, kwargs, SIZES, device="cuda", backend="triton", steps=10,
+                 skip=lambda step, i: (step + i) % 4 == 0)
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_fp32_parity_with_flat_grads_on_cuda(name, kwargs):
+    compare_runs(name, kwargs, SIZES, device="cuda", backend="triton", steps=10, in_place=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,kwargs", [
+    ("AdamW", dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-3)),
+    ("Adam", dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-3, amsgrad=True, weight_decay=0.1)),
+    ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
+])
+def test_half_precision_parity_on_cuda(name, kwargs, dtype):
+    compare_runs(name, kwargs, [(1,), (129,), (2**20 + 3,)], device="cuda", backend="triton",
+                 dtype=dtype, steps=10, tol=HALF_TOL)
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS[:2] + CONFIGS[3:4])
+def test_a_thousand_tensors(name, kwargs):
+    compare_runs(name, kwargs, [(1000 + i,) for i in range(1000)], device="cuda",
+                 backend="triton", steps=3)
+
+
+def test_one_bf16_tensor_over_2_to_the_31_elements():
+    """int64 offsets: elements past 2**31 are updated like the first ones."""
+    n = 2**31 + 7
+    free, _ = torch.cuda.mem_get_info()
+    if free < 6 * 2 * n:  # params, grads, two moments, and the copy made when flattening
+        pytest.skip(f"needs ~{6 * 2 * n / 2**30:.0f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16,
+                                           generator=gen))
+    grad = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    windows = [slice(0, 4096), slice(2**31 - 2048, 2**31 + 2048), slice(n - 4096, n)]
+    refs = [torch.nn.Parameter(param.detach()[w].clone()) for w in windows]
+    for ref, w in zip(refs, windows):
+        ref.grad = grad[w].clone()
+    param.grad = grad
+    ours = fastopt.AdamW([param], lr=1e-2, backend="triton")
+    torch_ref = torch.optim.AdamW(refs, lr=1e-2, fused=True)
+    for _ in range(2):
+        ours.step()
+        torch_ref.step()
+    for ref, w in zip(refs, windows):
+        torch.testing.assert_close(param.detach()[w], ref.detach(), **HALF_TOL)
+        assert not torch.equal(param.detach()[w], ref.detach() * 0)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_cuda_graph_capture_and_replay_equal_eager(name):
+    kwargs = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2, weight_decay=0.1)
+    cls = getattr(fastopt, name)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", generator=gen) for s in [(4097,), (33, 7), ()]]
+    graphed, eager = clone_params(init), clone_params(init)
+    graphed_opt, eager_opt = cls(graphed, **kwargs), cls(eager, **kwargs)
+    grad_values = [[torch.randn(p.shape, device="cuda", generator=gen) for p in graphed]
+                   for _ in range(8)]
+    for p, g in zip(graphed, grad_values[0]):
+        p.grad = g.clone()
+    graphed_opt.step()  # first step: state and the flat grad buffer exist from here on
+    graphed_opt.zero_grad(set_to_none=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for p, g in zip(graphed, grad_values[1]):
+            p.grad.copy_(g)
+        graphed_opt.step()  # warm-up: compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for p, g in zip(eager, grad_values[0]):
+        p.grad = g.clone()
+    eager_opt.step()
+    for p, g in zip(eager, grad_values[1]):
+        p.grad = g.clone()
+    eager_opt.step()
+    for grads in grad_values[2:]:
+        for p, g in zip(graphed, grads):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(eager, grads):
+            p.grad = g.clone()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_grad_scaler_with_an_injected_inf_on_cuda(name):
+    ours_cls, ref_cls = PAIRS[name]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, weight_decay=0.1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32).cuda()
+    twin = torch.nn.Linear(64, 32).cuda()
+    twin.load_state_dict(model.state_dict())
+    ours = ours_cls(model.parameters(), backend="triton", **kwargs)
+    ref = ref_cls(twin.parameters(), foreach=False, **kwargs)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
+    for step in range(5):
+        x = torch.randn(16, 64, device="cuda")
+        before = [p.detach().clone() for p in model.parameters()]
+        state = {id(p): {k: v.clone() for k, v in ours.state[p].items()}
+                 for p in model.parameters() if p in ours.state}
+        for net, opt, scaler in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(net(x).pow(2).sum()).backward()
+            if step == 2:
+                next(net.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        if step == 2:
+            for p, v in zip(model.parameters(), before):
+                assert torch.equal(p, v)
+            for p in model.parameters():
+                for key, value in state.get(id(p), {}).items():
+                    assert torch.equal(ours.state[p][key], value), key
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+def test_auto_backend_picks_triton_on_cuda_and_torch_for_fp64():
+    a = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    b = torch.nn.Parameter(torch.randn(3, device="cuda", dtype=torch.float64))
+    c = torch.nn.Parameter(torch.randn(3))
+    opt = fastopt.AdamW([a, b, c])
+    assert [bk.backend for bk in opt._buckets[0]] == ["triton", "torch", "torch"]

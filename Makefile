@@ -19,8 +19,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# make bench: pytest-benchmark tables (CPU), JSON in benchmarks/results/; then the ratio table.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/cpu-bench.json
+	$(PY) -m pytest benchmarks/test_bench_cpu.py -q --benchmark-only \
+		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu-bench.json
+	$(PY) -m fastopt.bench --json benchmarks/results/cpu-ratios.json
+
+# gpu-check: the GPU tests and microbenchmark (needs CUDA); see benchmarks/gpu_check.sh.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,45 @@
+"""pytest-benchmark throughput of ``step()`` and of the whole training iteration, fastopt against
+torch.optim's for-loop, foreach and fused variants (``make bench``; not part of ``make test``).
+
+Each benchmark group holds one (optimizer, mode, case) so pytest-benchmark's comparison table
+puts the four implementations side by side; ``extra_info`` carries params/s and, for ``step``,
+the GB/s of the bytes a fused step must move. The torch baselines are built directly
+(fastopt.bench.Setup), never imported from the tests.
+"""
+
+import pytest
+import torch
+
+from fastopt.bench import BYTES_PER_ELEMENT, VARIANTS, Setup
+from fastopt.shapes import CASES, numel
+
+OPTIMIZERS = ["AdamW", "Adam", "SGD"]
+
+
+def _run(benchmark, optimizer, mode, case, variant):
+    shapes = CASES[case]()
+    setup = Setup(variant, optimizer, shapes, torch.device("cpu"))
+    benchmark.group = f"{optimizer} {mode} {case}"
+    call = setup.step if mode == "step" else setup.iteration
+    benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.median
+    n = numel(shapes)
+    benchmark.extra_info["params_per_s"] = n / seconds
+    benchmark.extra_info["tensors"] = len(shapes)
+    if mode == "step":
+        benchmark.extra_info["gb_per_s"] = BYTES_PER_ELEMENT[optimizer] * n / seconds / 1e9
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_step(benchmark, optimizer, case, variant):
+    _run(benchmark, optimizer, "step", case, variant)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_iteration(benchmark, optimizer, case, variant):
+    """zero_grad() + a backward that touches every param + step()."""
+    _run(benchmark, optimizer, "iteration", case, variant)

@@ -115,6 +115,14 @@ def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
     return {v: statistics.median(t) for v, t in times.items()}, numel(shapes), len(shapes)
 
 
+def _ratio(seconds: dict, variant: str, t: float):
+    return seconds[variant] / t if variant in seconds else None
+
+
+def _fmt(ratio) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "-"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +131,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", nargs="+", default=["step", "iteration"],
                         choices=["step", "iteration"])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which implementations to time (torch-fused is always included)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -139,22 +149,24 @@ def main(argv=None) -> dict:
     for optimizer in args.optimizers:
         for mode in args.modes:
             for case in args.cases:
-                seconds, n, tensors = measure(case, optimizer, mode, device, args.repeats)
+                variants = tuple(dict.fromkeys(args.variants + ["torch-fused"]))
+                seconds, n, tensors = measure(case, optimizer, mode, device, args.repeats,
+                                              variants)
                 moved = BYTES_PER_ELEMENT[optimizer] * n
                 for variant, t in seconds.items():
                     row = dict(optimizer=optimizer, mode=mode, case=case, variant=variant,
                                numel=n, tensors=tensors, ms=t * 1e3,
                                gbps=moved / t / 1e9 if mode == "step" else None,
                                vs_fused=seconds["torch-fused"] / t,
-                               vs_foreach=seconds["torch-foreach"] / t,
-                               vs_loop=seconds["torch-loop"] / t)
+                               vs_foreach=_ratio(seconds, "torch-foreach", t),
+                               vs_loop=_ratio(seconds, "torch-loop", t))
                     row["of_peak"] = row["gbps"] / ceiling if row["gbps"] else None
                     rows.append(row)
                     gbps = f"{row['gbps']:7.1f}" if row["gbps"] else f"{'-':>7}"
                     frac = f"{row['of_peak']:7.0%}" if row["of_peak"] else f"{'-':>7}"
                     print(f"{optimizer:<7} {mode:<9} {case:<10} {variant:<17} {t * 1e3:9.2f} "
-                          f"{gbps} {frac} {row['vs_fused']:7.2f}x {row['vs_foreach']:9.2f}x "
-                          f"{row['vs_loop']:7.2f}x", flush=True)
+                          f"{gbps} {frac} {row['vs_fused']:7.2f}x {_fmt(row['vs_foreach']):>10} "
+                          f"{_fmt(row['vs_loop']):>8}", flush=True)
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                   copy_gbps=measured["copy"], inplace_gbps=measured["inplace"],
                   repeats=args.repeats, rows=rows)

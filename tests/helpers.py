@@ -105,3 +105,52 @@ def compare_runs(name, kwargs, shapes, *, steps=10, dtype=torch.float32, skip=No
         if check_state:
             assert_state_close(ours, ref, ours_params, ref_params, tol)
     return ours, ref, ours_params, ref_params
+
+
+def step_both(ours, ref, ours_params, ref_params, check=True):
+    """One step of each optimizer on the same fresh random grads; compare params (fp32)."""
+    for p, q in zip(ours_params, ref_params):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+    if check:
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+def check_grad_scaler_with_injected_inf(name, backend, device):
+    """A GradScaler loop where step 2 has an inf grad: that step changes neither params nor
+    state, the scale halves, and every other step matches torch.optim + GradScaler."""
+    ours_cls, ref_cls = PAIRS[name]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, weight_decay=0.1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32).to(device)
+    twin = torch.nn.Linear(64, 32).to(device)
+    twin.load_state_dict(model.state_dict())
+    ours = ours_cls(model.parameters(), backend=backend, **kwargs)
+    ref = ref_cls(twin.parameters(), foreach=False, **kwargs)
+    assert ours._step_supports_amp_scaling
+    scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
+    for step in range(5):
+        x = torch.randn(16, 64, device=device)
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        state = {id(p): {k: v.clone() for k, v in ours.state[p].items()}
+                 for p in model.parameters() if p in ours.state}
+        for net, opt, scaler in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(net(x).pow(2).sum()).backward()
+            if step == 2:
+                next(net.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        if step == 2:
+            assert state, "the inf step must come after state exists"
+            for p, v in zip(model.parameters(), snapshot):
+                assert torch.equal(p, v)
+            for p in model.parameters():
+                for key, value in state.get(id(p), {}).items():
+                    assert torch.equal(ours.state[p][key], value), key
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0

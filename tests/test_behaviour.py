@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fastopt
-from helpers import BACKENDS, PAIRS, clone_params, compare_runs, make_params
+from helpers import (BACKENDS, PAIRS, check_grad_scaler_with_injected_inf, clone_params,
+                     compare_runs, make_params, step_both)
 
 
 def storage_ptr(t):
@@ -41,13 +42,7 @@ def test_mixed_dtype_group_matches_torch():
     ours = fastopt.AdamW(ours_params, lr=0.1)
     ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
     for _ in range(4):
-        for p, q in zip(ours_params, ref_params):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-    for p, q in zip(ours_params, ref_params):
-        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+        step_both(ours, ref, ours_params, ref_params)
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
@@ -121,13 +116,7 @@ def test_params_moved_out_of_the_buffer_are_laid_out_again():
             new = torch.randn(6)
             ours_params[1].data = new.clone()  # e.g. a checkpoint loaded with assign=True
             ref_params[1].data = new.clone()
-        for p, q in zip(ours_params, ref_params):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-        for p, q in zip(ours_params, ref_params):
-            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+        step_both(ours, ref, ours_params, ref_params)
     assert storage_ptr(ours_params[0]) == storage_ptr(ours_params[1])
 
 
@@ -179,13 +168,7 @@ def test_add_param_group_after_steps():
         if step == 2:
             ours.add_param_group({"params": [ours_params[1]], "lr": 0.01, "amsgrad": True})
             ref.add_param_group({"params": [ref_params[1]], "lr": 0.01, "amsgrad": True})
-        for p, q in zip(ours_params, ref_params):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-        for p, q in zip(ours_params, ref_params):
-            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+        step_both(ours, ref, ours_params, ref_params)
     assert ours.state[ours_params[1]]["step"].item() == 4.0
 
 
@@ -204,37 +187,7 @@ def test_shared_params_rejected_and_duplicates_warned_as_torch_does():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_grad_scaler_inf_step_changes_nothing_then_matches_torch(name, backend):
-    ours_cls, ref_cls = PAIRS[name]
-    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, weight_decay=0.1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(6, 3)
-    twin = torch.nn.Linear(6, 3)
-    twin.load_state_dict(model.state_dict())
-    ours = ours_cls(model.parameters(), backend=backend, **kwargs)
-    ref = ref_cls(twin.parameters(), foreach=False, **kwargs)
-    assert ours._step_supports_amp_scaling
-    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
-    for step in range(5):
-        x = torch.randn(4, 6)
-        snapshot = [p.detach().clone() for p in model.parameters()]
-        state = {id(p): {k: v.clone() for k, v in ours.state[p].items()}
-                 for p in model.parameters() if p in ours.state}
-        for net, opt, scaler in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
-            opt.zero_grad()
-            scaler.scale(net(x).pow(2).sum()).backward()
-            if step == 2:
-                next(net.parameters()).grad[0, 0] = float("inf")
-            scaler.step(opt)
-            scaler.update()
-        if step == 2:
-            for p, v in zip(model.parameters(), snapshot):
-                assert torch.equal(p, v)
-            for p in model.parameters():
-                for key, value in state.get(id(p), {}).items():
-                    assert torch.equal(ours.state[p][key], value), key
-        for p, q in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
-    assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0
+    check_grad_scaler_with_injected_inf(name, backend, "cpu")
 
 
 def test_foreach_fused_capturable_are_accepted_and_recorded():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastopt
-from helpers import PAIRS, clone_params, compare_runs
+from helpers import PAIRS, check_grad_scaler_with_injected_inf, clone_params, compare_runs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -127,35 +127,7 @@ def test_cuda_graph_capture_and_replay_equal_eager(name):
 
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_grad_scaler_with_an_injected_inf_on_cuda(name):
-    ours_cls, ref_cls = PAIRS[name]
-    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, weight_decay=0.1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 32).cuda()
-    twin = torch.nn.Linear(64, 32).cuda()
-    twin.load_state_dict(model.state_dict())
-    ours = ours_cls(model.parameters(), backend="triton", **kwargs)
-    ref = ref_cls(twin.parameters(), foreach=False, **kwargs)
-    scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
-    for step in range(5):
-        x = torch.randn(16, 64, device="cuda")
-        before = [p.detach().clone() for p in model.parameters()]
-        state = {id(p): {k: v.clone() for k, v in ours.state[p].items()}
-                 for p in model.parameters() if p in ours.state}
-        for net, opt, scaler in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
-            opt.zero_grad()
-            scaler.scale(net(x).pow(2).sum()).backward()
-            if step == 2:
-                next(net.parameters()).grad[0, 0] = float("inf")
-            scaler.step(opt)
-            scaler.update()
-        if step == 2:
-            for p, v in zip(model.parameters(), before):
-                assert torch.equal(p, v)
-            for p in model.parameters():
-                for key, value in state.get(id(p), {}).items():
-                    assert torch.equal(ours.state[p][key], value), key
-        for p, q in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    check_grad_scaler_with_injected_inf(name, "triton", "cuda")
 
 
 def test_auto_backend_picks_triton_on_cuda_and_torch_for_fp64():

@@ -96,9 +96,9 @@ def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
     shapes = CASES[case]()
     setups = {v: Setup(v, optimizer, shapes, device) for v in variants}
     calls = {v: (s.step if mode == "step" else s.iteration) for v, s in setups.items()}
-    if mode == "iteration" and "fastopt" in setups:
-        setups["fastopt-keepgrads"] = setups["fastopt"]
-        calls["fastopt-keepgrads"] = lambda: setups["fastopt"].iteration(set_to_none=False)
+    if mode == "iteration" and "fastopt" in setups:  # its own params: no shared allocator state
+        keep = setups["fastopt-keepgrads"] = Setup("fastopt", optimizer, shapes, device)
+        calls["fastopt-keepgrads"] = lambda: keep.iteration(set_to_none=False)
     times = {v: [] for v in calls}
     for call in calls.values():
         call()  # warm-up

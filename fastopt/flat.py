@@ -103,6 +103,14 @@ class Bucket:
             self.grad_ptrs = [base + s * size for s in self.starts]
         return self.grad
 
+    def release_grad_buffer(self) -> None:
+        """Drop the flat grad buffer (grads were set to None: the next ones come from autograd).
+        The torch path reads such grads where they lie, so the buffer would only hold memory;
+        the Triton path keeps it, as it gathers grads into it."""
+        self.grad = None
+        self.grad_ptrs = []
+        self.real_views.pop("grad", None)
+
     def ensure_state_buffer(self, name: str) -> Tensor:
         if name not in self.state:
             self.state[name] = torch.zeros(self.numel, dtype=self.dtype, device=self.device)

@@ -326,7 +326,11 @@ class FlatOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
         if set_to_none or self._buckets is None:
-            return super().zero_grad(set_to_none)
+            super().zero_grad(set_to_none)
+            for bucket in itertools.chain.from_iterable(self._buckets or []):
+                if bucket.backend == "torch":
+                    bucket.release_grad_buffer()  # autograd will hand over fresh grads
+            return
         self._ensure_layout()
         for index, buckets in enumerate(self._buckets):
             for bucket in buckets:

@@ -5,7 +5,9 @@
 
 Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,
 foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike; the table shows
-medians. ``step`` times ``optimizer.step()`` with grads already in place; ``iteration`` times
+medians. ``step`` times ``optimizer.step()`` with grads already in place (after the first step fastopt
+holds them in its flat grad buffer); ``fresh-step`` hands every step grads that are tensors of
+their own, as autograd does after ``zero_grad()``; ``iteration`` times
 ``zero_grad()`` + a backward that touches every parameter + ``step()``, so that no cost can hide
 outside ``step()``. Bytes per element are those a fused step must move (fp32 AdamW: read param,
 grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq = 28), reported as GB/s and as a
@@ -84,6 +86,16 @@ class Setup:
     def step(self):
         self.opt.step()
 
+    def fresh_step(self):
+        """step() on grads that are tensors of their own (as autograd leaves them after
+        zero_grad(set_to_none=True)), not views of a flat buffer; swapping them in is free."""
+        if not hasattr(self, "grad_sets"):
+            self.grad_sets = [[w.clone() for w in self.weights] for _ in range(2)]
+        self.grad_sets.reverse()
+        for p, g in zip(self.params, self.grad_sets[0]):
+            p.grad = g
+        self.opt.step()
+
     def iteration(self, set_to_none=True):
         self.opt.zero_grad(set_to_none=set_to_none)
         loss = sum((p * w).sum() for p, w in zip(self.params, self.weights))
@@ -95,7 +107,7 @@ def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
     """Median seconds per call for each variant, timed in interleaved rounds."""
     shapes = CASES[case]()
     setups = {v: Setup(v, optimizer, shapes, device) for v in variants}
-    calls = {v: (s.step if mode == "step" else s.iteration) for v, s in setups.items()}
+    calls = {v: getattr(s, mode.replace("-", "_")) for v, s in setups.items()}
     if mode == "iteration" and "fastopt" in setups:  # its own params: no shared allocator state
         keep = setups["fastopt-keepgrads"] = Setup("fastopt", optimizer, shapes, device)
         calls["fastopt-keepgrads"] = lambda: keep.iteration(set_to_none=False)
@@ -129,7 +141,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--optimizers", nargs="+", default=["AdamW", "SGD"], choices=list(OPTIONS))
     parser.add_argument("--modes", nargs="+", default=["step", "iteration"],
-                        choices=["step", "iteration"])
+                        choices=["step", "fresh-step", "iteration"],
+                        help="step: grads in the flat buffer; fresh-step: grads as separate "
+                             "tensors; iteration: zero_grad + backward + step")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="which implementations to time (torch-fused is always included)")
@@ -143,7 +157,7 @@ def main(argv=None) -> dict:
           f"bandwidth: copy {measured['copy']:.1f} GB/s, in-place {measured['inplace']:.1f} GB/s "
           f"('of peak' below is against the larger)")
     rows = []
-    header = (f"{'optimizer':<7} {'mode':<9} {'case':<10} {'variant':<17} {'ms':>9} "
+    header = (f"{'optimizer':<7} {'mode':<10} {'case':<10} {'variant':<17} {'ms':>9} "
               f"{'GB/s':>7} {'of peak':>7} {'vs fused':>8} {'vs foreach':>10} {'vs loop':>8}")
     print(header)
     for optimizer in args.optimizers:
@@ -156,7 +170,7 @@ def main(argv=None) -> dict:
                 for variant, t in seconds.items():
                     row = dict(optimizer=optimizer, mode=mode, case=case, variant=variant,
                                numel=n, tensors=tensors, ms=t * 1e3,
-                               gbps=moved / t / 1e9 if mode == "step" else None,
+                               gbps=moved / t / 1e9 if mode != "iteration" else None,
                                vs_fused=seconds["torch-fused"] / t,
                                vs_foreach=_ratio(seconds, "torch-foreach", t),
                                vs_loop=_ratio(seconds, "torch-loop", t))
@@ -164,7 +178,7 @@ def main(argv=None) -> dict:
                     rows.append(row)
                     gbps = f"{row['gbps']:7.1f}" if row["gbps"] else f"{'-':>7}"
                     frac = f"{row['of_peak']:7.0%}" if row["of_peak"] else f"{'-':>7}"
-                    print(f"{optimizer:<7} {mode:<9} {case:<10} {variant:<17} {t * 1e3:9.2f} "
+                    print(f"{optimizer:<7} {mode:<10} {case:<10} {variant:<17} {t * 1e3:9.2f} "
                           f"{gbps} {frac} {row['vs_fused']:7.2f}x {_fmt(row['vs_foreach']):>10} "
                           f"{_fmt(row['vs_loop']):>8}", flush=True)
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),

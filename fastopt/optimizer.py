@@ -14,11 +14,13 @@ What this class does:
   ``load_state_dict`` copies into the flat buffers;
 - ``zero_grad(set_to_none=False)`` zeroes a bucket's flat grad buffer in one call.
 
-Grads: a grad that is a view of the bucket's flat grad buffer is used in place. Other grads
-(fresh tensors from autograd after ``zero_grad(set_to_none=True)``, tensors assigned by hand,
-DDP's bucket views) are read where they are, one tensor each, in the same fused call. Plain grads
-are adopted into the flat grad buffer (``p.grad`` becomes a view of it) on a bucket's first step
-and by ``zero_grad(set_to_none=False)``, so loops that keep their grads run flat from then on.
+Grads: a grad that is a view of the bucket's flat grad buffer is used in place. Plain grads are
+adopted into that buffer (``p.grad`` becomes a view of it) on a bucket's first step and by
+``zero_grad(set_to_none=False)``, so loops that keep their grads run flat from then on. Other
+grads (fresh tensors from autograd after ``zero_grad(set_to_none=True)``, tensors assigned by
+hand, DDP's bucket views): the torch path reads them where they are, one tensor each in the same
+fused call (and ``zero_grad(set_to_none=True)`` frees its flat grad buffer); the Triton path
+gathers them into the flat buffer with one multi-tensor copy, then launches once.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ unset TRITON_INTERPRET
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$OUT/gpu_check.log"
 
-# fastopt.kernels lives in kernels/ and is mapped in by the package install.
-python -c "import fastopt.kernels" 2>/dev/null || \
-  python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
+# Run from this checkout, installed or not (fastopt finds kernels/ beside itself).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import fastopt.kernels as k; print('fastopt.kernels from', k.__file__)" 2>&1 | tee -a "$OUT/gpu_check.log"
 
 echo "== GPU tests" | tee -a "$OUT/gpu_check.log"
 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -x -rs 2>&1 | tail -40 | tee -a "$OUT/gpu_check.log"

@@ -5,9 +5,17 @@ flat buffers and updated in one fused pass per buffer: Triton kernels for CUDA t
 fused ops on a flat buffer for CPU tensors.
 """
 
-from fastopt.adam import Adam, AdamW
-from fastopt.optimizer import FlatOptimizer
-from fastopt.sgd import SGD
+import os as _os
+
+# An installed fastopt maps kernels/ to fastopt.kernels (pyproject.toml's package-dir). Run from a
+# source checkout without installing (e.g. on a bare GPU machine), look for it beside the package.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
+    __path__.append(_checkout)  # noqa: F821 (a package's own __path__)
+
+from fastopt.adam import Adam, AdamW  # noqa: E402
+from fastopt.optimizer import FlatOptimizer  # noqa: E402
+from fastopt.sgd import SGD  # noqa: E402
 
 __all__ = ["Adam", "AdamW", "SGD", "FlatOptimizer"]
 __version__ = "0.1.0"

@@ -316,6 +316,8 @@ class FlatOptimizer(Optimizer):
                 self.state[p][name] = bucket.view(buffer, i)
 
     def _create_state(self, bucket: Bucket, fresh: list, names: list) -> None:
+        if not names and not self.uses_step:
+            return  # SGD without momentum keeps no state at all, as torch's does
         for name in names:
             bucket.ensure_state_buffer(name)
         if self.uses_step:

@@ -250,3 +250,27 @@ def test_deepcopy_and_pickle_continue_identically(name):
         for p, q in zip(original.param_groups[0]["params"], clone_params_):
             assert torch.equal(p, q)
     assert isinstance(repr(opt), str) and ours_cls.__name__ in repr(opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_without_momentum_keeps_no_state_like_torch(backend):
+    init = make_params([(4,), (3,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours = fastopt.SGD(ours_params, lr=0.1, backend=backend)
+    ref = torch.optim.SGD(ref_params, lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        feed([ours_params, ref_params], gen)
+        ours.step()
+        ref.step()
+    assert len(ours.state) == len(ref.state) == 0
+    assert ours.state_dict()["state"] == ref.state_dict()["state"] == {}
+    ours.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = 0.9  # switched on later
+    for _ in range(2):
+        feed([ours_params, ref_params], gen)
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_params, ref_params):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+        torch.testing.assert_close(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"],
+                                   rtol=2e-6, atol=2e-7)

@@ -9,6 +9,10 @@
   fp64 params take the torch path (torch's fused ops support fp64 on CPU and CUDA).
 - ``torch``: the pure-torch path on any device.
 
+Params fastopt may not lay out (DTensors, views into another owner's buffer: see ``flat.py``)
+are separate tensors, so ``auto`` gives them the torch path, whose fused ops take a whole list
+of tensors in one multi-tensor launch; ``triton`` launches the kernel once per such tensor.
+
 Both implementations of an update share one signature (see ``torch_path.py``).
 """
 
@@ -53,8 +57,10 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The implementation that will update ``dtype`` tensors on ``device``.
+def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+            external: bool = False) -> str:
+    """The implementation that will update ``dtype`` tensors on ``device`` (``external``: params
+    left where their owner keeps them).
 
     fp64 buckets always take the torch path: the kernels compute in fp32.
     """
@@ -73,7 +79,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
                 "TRITON_INTERPRET=1 (Triton's CPU interpreter) or backend='torch'"
             )
         return "triton"
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return "triton" if device.type == "cuda" and not external and triton_available() else "torch"
 
 
 def update_fn(name: str, backend: str):

@@ -6,6 +6,12 @@ views of it. Each param keeps its identity (the same ``Parameter`` the model hol
 and ``requires_grad``; only its storage moves (``p.data = view``). Complex params are stored as
 their real view (2 reals per element), as torch.optim's Adam computes on them.
 
+Params whose storage belongs to someone else stay where they are, in an *external* bucket:
+DTensors (FSDP2's ``fully_shard``, tensor parallelism: fastopt works on their local shards) and
+views into another buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, FSDP1's flat
+params, a user's own flat buffer). Moving those would leave the owner reading a stale copy. Their
+state is still flat (over the local shards), and the update reads the params where they lie.
+
 Offsets are Python ints (int64): buffers over 2**31 elements are fine.
 """
 
@@ -15,6 +21,60 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
+# The storage address each param had when fastopt laid it out: a param still there is a view of
+# a fastopt buffer and may be laid out again (a second optimizer over the same model); a view of
+# any other buffer may not.
+_LAID_OUT = WeakIdKeyDictionary()
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor holding ``t``'s elements on this rank (``t`` itself unless a DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_movable(p: Tensor) -> bool:
+    """May fastopt move ``p``'s storage into a flat buffer? Only when ``p`` owns its storage
+    (or it is a fastopt buffer): never a DTensor or a view into another owner's buffer."""
+    if is_dtensor(p) or p.device.type == "meta":
+        return False
+    storage = p.untyped_storage()
+    if p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size():
+        return True
+    return _LAID_OUT.get(p) == storage.data_ptr()
+
+
+def mark_laid_out(params: list) -> None:
+    """Note that ``params`` live in a fastopt buffer where they are now."""
+    for p in params:
+        _LAID_OUT[p] = p.untyped_storage().data_ptr()
+
+
+def local_value(value: Tensor, param: Tensor) -> Tensor:
+    """A state tensor (loaded, or a DTensor from a checkpoint) as ``param``'s local piece."""
+    if is_dtensor(param):
+        if is_dtensor(value):
+            if value.placements != param.placements:
+                value = value.redistribute(param.device_mesh, param.placements)
+            return value.to_local()
+        if value.shape == param.shape:  # a full tensor: take this rank's piece, no collective
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(
+                param.shape, param.device_mesh, param.placements)
+            index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+            return value[index]
+    return local(value)
 
 
 def real_dtype(t: Tensor) -> torch.dtype:
@@ -22,12 +82,15 @@ def real_dtype(t: Tensor) -> torch.dtype:
 
 
 def real_shape(t: Tensor) -> tuple:
-    """The shape of ``t``'s real view (complex tensors gain a trailing 2)."""
+    """The shape of ``t``'s real view (complex tensors gain a trailing 2); local for DTensors."""
+    t = local(t)
     return (*t.shape, 2) if t.is_complex() else tuple(t.shape)
 
 
 def as_real(t: Tensor) -> Tensor:
-    """``t`` as a dense, contiguous, real tensor of ``real_shape(t)`` (a view when it can be)."""
+    """``t`` (its local piece, for a DTensor) as a dense, contiguous, real tensor of
+    ``real_shape(t)`` (a view when it can be)."""
+    t = local(t)
     if t.layout != torch.strided:
         t = t.to_dense()
     if t.is_complex():
@@ -36,14 +99,16 @@ def as_real(t: Tensor) -> Tensor:
 
 
 def bucket_key(p: Tensor) -> tuple:
-    return (p.device, real_dtype(p))
+    return (p.device, real_dtype(p), not is_movable(p))
 
 
 @dataclass(eq=False)
 class Bucket:
     """The params of one group that share (device, dtype), laid out back to back.
 
-    ``starts[i]:ends[i]`` is param i's slice of every flat buffer of this bucket.
+    ``starts[i]:ends[i]`` is param i's slice of every flat buffer of this bucket. An external
+    bucket (``external``; see the module docstring) has no param buffer (``flat`` is None): its
+    params stay where they are and are updated one tensor each.
     """
 
     params: list
@@ -51,8 +116,9 @@ class Bucket:
     dtype: torch.dtype
     starts: list
     ends: list
-    flat: Tensor
+    flat: Tensor | None
     backend: str
+    external: bool = False
     state: dict = field(default_factory=dict)  # name -> flat buffer
     steps: Tensor | None = None  # float32 [len(params)]: param i's step count is steps[i]
     step_ids: list = field(default_factory=list)  # host-side: equal ids => equal step counts
@@ -63,18 +129,29 @@ class Bucket:
     grad_ptrs: list = field(default_factory=list)
     step_views: list = field(default_factory=list)  # steps[i], made once
     real_views: dict = field(default_factory=dict)  # name -> per-param real views, made once
+    write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
 
     @property
     def numel(self) -> int:
         return self.ends[-1] if self.ends else 0
 
     def view(self, buffer: Tensor, i: int) -> Tensor:
-        """Param i's slice of ``buffer`` with the param's shape (and complex dtype)."""
-        p = self.params[i]
+        """Param i's slice of ``buffer`` with the param's (local) shape and complex dtype."""
+        p = local(self.params[i])
         piece = buffer[self.starts[i] : self.ends[i]]
         if p.is_complex():
             return torch.view_as_complex(piece.view(*p.shape, 2))
         return piece.view(p.shape)
+
+    def state_view(self, buffer: Tensor, i: int) -> Tensor:
+        """What ``optimizer.state`` holds for param i: its view of ``buffer``, as a DTensor
+        laid out like the param when the param is one (as torch.optim's state would be)."""
+        view = self.view(buffer, i)
+        p = self.params[i]
+        if is_dtensor(p):
+            return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
+        return view
 
     def pieces(self, name: str, chunks: list) -> list:
         """The part of buffer ``name`` ("param", "grad" or a state name) each chunk covers.
@@ -82,6 +159,8 @@ class Bucket:
         A chunk of one param gets a cached view of that param's shape (real-valued), so a step
         over many separately-held grads does not slice every buffer anew.
         """
+        if name == "param" and self.external:
+            return [self._external_param(c.lo) for c in chunks]
         buffer = {"param": self.flat, "grad": self.grad}.get(name)
         if buffer is None:
             buffer = self.state[name]
@@ -92,9 +171,26 @@ class Bucket:
             ]
         return [views[c.lo] if c.hi - c.lo == 1 else buffer[c.start : c.end] for c in chunks]
 
+    def _external_param(self, i: int) -> Tensor:
+        """Param i of an external bucket as a real, contiguous tensor the update may write into
+        (a copy, written back by ``finish``, if the param is not contiguous)."""
+        p = local(self.params[i])
+        real = torch.view_as_real(p) if p.is_complex() else p
+        if real.is_contiguous():
+            return real
+        copy = real.contiguous()
+        self.write_back.append((copy, real))
+        return copy
+
+    def finish(self) -> None:
+        """After an update: copy results into the non-contiguous params it worked on copies of."""
+        for copy, param in self.write_back:
+            param.copy_(copy)
+        self.write_back.clear()
+
     def is_intact(self) -> bool:
-        """True while every param still lives in this bucket's buffer (nothing re-pointed it)."""
-        return [p.data_ptr() for p in self.params] == self.data_ptrs
+        """True while every param still lives where this bucket put (or found) it."""
+        return [local(p).data_ptr() for p in self.params] == self.data_ptrs
 
     def ensure_grad_buffer(self) -> Tensor:
         if self.grad is None:
@@ -129,7 +225,7 @@ class Bucket:
         Views of someone else's buffer (DDP's ``gradient_as_bucket_view``) are left alone.
         Returns whether the grad now lives in the flat buffer.
         """
-        if grad._base is not None or grad.layout != torch.strided:
+        if self.external or grad._base is not None or grad.layout != torch.strided:
             return False
         view = self.view(self.ensure_grad_buffer(), i)
         if zero:
@@ -140,31 +236,36 @@ class Bucket:
         return True
 
 
-def build_bucket(params: list, backend: str) -> Bucket:
-    """Move ``params`` (same device and real dtype) into one new contiguous buffer."""
+def build_bucket(params: list, backend: str, external: bool = False) -> Bucket:
+    """Move ``params`` (same device and real dtype) into one new contiguous buffer; an external
+    bucket leaves them where they are and only lays out their state."""
     first = params[0]
     device, dtype = first.device, real_dtype(first)
     starts, ends, offset = [], [], 0
     for p in params:
         starts.append(offset)
-        offset += p.numel() * (2 if p.is_complex() else 1)
+        offset += local(p).numel() * (2 if p.is_complex() else 1)
         ends.append(offset)
-    flat = torch.empty(offset, dtype=dtype, device=device)
+    flat = None if external else torch.empty(offset, dtype=dtype, device=device)
     bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
-                    flat=flat, backend=backend)
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            view = bucket.view(flat, i)
-            view.copy_(p.data)
-            p.data = view
-    bucket.data_ptrs = [p.data_ptr() for p in params]
+                    flat=flat, backend=backend, external=external)
+    if flat is not None:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                view = bucket.view(flat, i)
+                view.copy_(p.data)
+                p.data = view
+        mark_laid_out(params)
+    bucket.grads_adopted = external  # an owner's params keep their owner's grads
+    bucket.data_ptrs = [local(p).data_ptr() for p in params]
     bucket.step_ids = [None] * len(params)
     bucket.has_state = [False] * len(params)
     return bucket
 
 
 def group_params(params: list) -> list:
-    """Split params into lists sharing (device, real dtype), in order of first appearance."""
+    """Split params into lists sharing (device, real dtype, external), in order of first
+    appearance."""
     groups: dict = {}
     for p in params:
         groups.setdefault(bucket_key(p), []).append(p)

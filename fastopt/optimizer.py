@@ -26,6 +26,7 @@ gathers them into the flat buffer with one multi-tensor copy, then launches once
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastopt import dispatch
-from fastopt.flat import Bucket, as_real, build_bucket, group_params, real_dtype, runs
+from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local_value,
+                          mark_laid_out,
+                          real_dtype, runs)
 from fastopt.validation import check_grad, check_param
 
 
@@ -118,8 +121,10 @@ class FlatOptimizer(Optimizer):
                 outsiders.append(p)
         buckets = []
         for params in group_params(members):
-            backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]))
-            bucket = build_bucket(params, backend)
+            external = not is_movable(params[0])
+            backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
+                                       external=external)
+            bucket = build_bucket(params, backend, external)
             self._adopt_state(group, bucket)
             buckets.append(bucket)
         self._buckets[index] = buckets
@@ -152,9 +157,9 @@ class FlatOptimizer(Optimizer):
                     value = state.get(name)
                     view = bucket.view(bucket.state[name], i)
                     if isinstance(value, Tensor):
+                        value = local_value(value, bucket.params[i])
                         view.copy_(value.to(device=view.device, dtype=view.dtype))
-                state.clear()
-                state.update(self._state_views(bucket, i, names))
+                self._set_state(bucket.params[i], self._state_views(bucket, i, names))
                 bucket.has_state[i] = True
 
     def _live_state(self, p) -> bool:
@@ -167,12 +172,23 @@ class FlatOptimizer(Optimizer):
         if self.uses_step:
             views["step"] = bucket.step_views[i]
         for name in names:
-            views[name] = bucket.view(bucket.state[name], i)
+            views[name] = bucket.state_view(bucket.state[name], i)
         return views
 
+    def _set_state(self, p: Tensor, views: dict) -> None:
+        """Make ``views`` param ``p``'s state (fastopt's own write: not an outside change)."""
+        dict.__setitem__(self.state, p, _Entry(self.state, views))
+
     def _ensure_layout(self) -> None:
-        """Rebuild any group whose params left their buffers or which gained a new grad."""
+        """Rebuild any group whose params left their buffers or which gained a new grad; rebuild
+        all when ``self.state`` was changed from outside (its values are then copied in)."""
+        if not isinstance(self.state, _State):
+            self.state = _State(self.state)
+            self._buckets = None
+        elif self.state.changed:
+            self._buckets = None
         if self._buckets is None or len(self._buckets) != len(self.param_groups):
+            self.state.changed = False
             self._buckets = [None] * len(self.param_groups)
             self._outsiders = [None] * len(self.param_groups)
             self._group_sizes = [None] * len(self.param_groups)
@@ -270,7 +286,7 @@ class FlatOptimizer(Optimizer):
             for j, i in enumerate(participants):
                 if not in_place[j] and bucket.adopt_grad(i, grads[j]):
                     in_place[j] = True
-        if bucket.backend == "triton" and not all(in_place):
+        if bucket.backend == "triton" and not bucket.external and not all(in_place):
             self._gather_grads(bucket, participants, grads, in_place)
         starts, ends = bucket.starts, bucket.ends
         if not any(in_place):  # every grad held apart (fresh from autograd): one chunk each
@@ -290,6 +306,7 @@ class FlatOptimizer(Optimizer):
                     grad = bucket.grad[chunk.start : chunk.end]
                 chunks.append(chunk._replace(grad=grad))
         self.update(group, bucket, step_runs, chunks, grad_scale, found_inf)
+        bucket.finish()
 
     @staticmethod
     def _gather_grads(bucket: Bucket, participants, grads, in_place: list) -> None:
@@ -313,7 +330,7 @@ class FlatOptimizer(Optimizer):
         buffer = bucket.ensure_state_buffer(name)
         for i, p in enumerate(bucket.params):
             if bucket.has_state[i]:
-                self.state[p][name] = bucket.view(buffer, i)
+                dict.__setitem__(self.state[p], name, bucket.state_view(buffer, i))
 
     def _create_state(self, bucket: Bucket, fresh: list, names: list) -> None:
         if not names and not self.uses_step:
@@ -323,7 +340,7 @@ class FlatOptimizer(Optimizer):
         if self.uses_step:
             bucket.ensure_steps()
         for i in fresh:
-            self.state[bucket.params[i]] = self._state_views(bucket, i, names)
+            self._set_state(bucket.params[i], self._state_views(bucket, i, names))
             bucket.has_state[i] = True
 
     # ------------------------------------------------------------------ grads
@@ -360,6 +377,12 @@ class FlatOptimizer(Optimizer):
                 _zero_in_place(bucket.params[i])
 
     # ------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        """torch.optim's format; per-param entries are plain dicts of (views of) the state."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch.optim's per-param format (from any torch variant or fastopt) into the flat
         buffers. A dict that does not fit raises ``ValueError`` and changes nothing."""
@@ -389,9 +412,15 @@ class FlatOptimizer(Optimizer):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["backend"] = self.backend
+        # Which params live in fastopt buffers: their copies (views of one copied buffer after
+        # pickling) may be laid out again, unlike views of someone else's buffer.
+        state["laid_out"] = [p for group in self.param_groups for p in group["params"]
+                             if is_movable(p)]
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        mark_laid_out(state.pop("laid_out", []))
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_ids", itertools.count())
@@ -400,6 +429,83 @@ class FlatOptimizer(Optimizer):
             self._buckets = None  # unpickled or deep-copied: lay out again at the next step
             self._outsiders = []
             self._group_sizes = []
+
+
+class _State(defaultdict):
+    """``optimizer.state``: notes when someone outside fastopt sets or deletes an entry (as
+    ZeroRedundancyOptimizer.load_state_dict does), so the next step copies the new values into
+    the flat buffers instead of updating stale ones."""
+
+    changed = False
+
+    def __init__(self, items=()) -> None:
+        super().__init__(None)
+        for key, value in dict(items).items():
+            dict.__setitem__(self, key, _Entry(self, value))
+        self.changed = True
+
+    def __missing__(self, key):
+        entry = _Entry(self)
+        dict.__setitem__(self, key, entry)
+        return entry
+
+    def __setitem__(self, key, value) -> None:
+        self.changed = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.changed = True
+        super().__delitem__(key)
+
+    def __reduce__(self):  # pickles (and deep-copies) as the plain defaultdict torch.optim has
+        return (_plain_state, (dict(self),))
+
+
+class _Entry(dict):
+    """One param's state; tells its ``_State`` when it is changed from outside."""
+
+    def __init__(self, owner: _State, items=()) -> None:
+        super().__init__(items)
+        self._owner = owner
+
+    def _changed(self) -> None:
+        self._owner.changed = True
+
+    def __setitem__(self, key, value) -> None:
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self._changed()
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs) -> None:
+        self._changed()
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._changed()
+        super().clear()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self._changed()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+def _plain_state(items: dict) -> defaultdict:
+    return defaultdict(dict, {k: dict(v) for k, v in items.items()})
 
 
 def _same(values: list):

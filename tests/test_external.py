@@ -1,0 +1,144 @@
+"""Params fastopt must not move (views into someone else's buffer) and state changed from
+outside the optimizer (as ZeroRedundancyOptimizer.load_state_dict does)."""
+
+import pickle
+
+import pytest
+import torch
+from helpers import BACKENDS, PAIRS, TOLERANCES, assert_state_close, make_params
+
+import fastopt
+
+OPTIONS = {
+    "SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1),
+    "AdamW": dict(lr=1e-2, weight_decay=0.1),
+}
+SHAPES = [(129,), (), (0,), (4, 5), (1,)]
+
+
+def views_of_one_buffer(shapes, seed=0, transpose=False):
+    """Params that are views into one user-owned buffer (as Apex or ZeRO's bucket views)."""
+    init = make_params(shapes, seed=seed)
+    buffer = torch.cat([t.reshape(-1) for t in init])
+    params, offset = [], 0
+    for t in init:
+        view = buffer[offset : offset + t.numel()].view(t.shape)
+        if transpose and view.dim() == 2:
+            view = buffer[offset : offset + t.numel()].view(t.shape[::-1]).t()
+            view.copy_(t)
+        params.append(torch.nn.Parameter(view))
+        offset += t.numel()
+    return buffer, params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_views_of_a_foreign_buffer_stay_in_place_and_match_torch(name, transpose, backend):
+    buffer, ours_params = views_of_one_buffer(SHAPES, transpose=transpose)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    pointers = [p.data_ptr() for p in ours_params]
+    ours_cls, ref_cls = PAIRS[name]
+    ours = ours_cls(ours_params, backend=backend, **OPTIONS[name])
+    ref = ref_cls(ref_params, foreach=False, **OPTIONS[name])
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
+            if step == 2 and i == 3:  # a param without a grad this step
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
+        assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
+    # The owner's buffer holds the updated values: nothing was moved out of it.
+    assert [p.data_ptr() for p in ours_params] == pointers
+    assert all(b.external and b.flat is None for b in ours._buckets[0])
+    flat = torch.cat([p.detach().reshape(-1) for p in ref_params])
+    if not transpose:
+        torch.testing.assert_close(buffer, flat, **TOLERANCES[torch.float32])
+
+
+def test_owned_params_still_move_and_a_second_optimizer_takes_them_over():
+    params = [torch.nn.Parameter(t) for t in make_params([(3, 4), (5,)])]
+    first = fastopt.AdamW(params)
+    assert not first._buckets[0][0].external
+    second = fastopt.AdamW(params)  # e.g. a new training phase: params are views of first's
+    bucket = second._buckets[0][0]
+    assert not bucket.external
+    assert params[0].untyped_storage().data_ptr() == bucket.flat.untyped_storage().data_ptr()
+    # An unpickled optimizer's params are views of one restored buffer: laid out again too.
+    clone = pickle.loads(pickle.dumps(second))
+    for p in clone.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    clone.step()
+    assert not clone._buckets[0][0].external
+
+
+def test_params_re_pointed_into_a_foreign_buffer_become_external_keeping_state():
+    """As ZeroRedundancyOptimizer(parameters_as_bucket_view=True) does after its local
+    optimizer exists: fastopt must then update the params inside that buffer."""
+    init = make_params([(7,), (2, 3)])
+    ours_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = fastopt.Adam(ours_params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
+    for step in range(4):
+        if step == 2:
+            bucket = torch.cat([p.detach().reshape(-1) for p in ours_params])
+            ours_params[0].data = bucket[:7]
+            ours_params[1].data = bucket[7:].view(2, 3)
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
+    assert ours._buckets[0][0].external
+    torch.testing.assert_close(bucket[:7], ref_params[0].detach())
+
+
+@pytest.mark.parametrize("how", ["replace entry", "replace tensor", "delete entry"])
+def test_state_changed_from_outside_is_used_by_the_next_step(how):
+    init = make_params([(9,), (4, 4)])
+    ours_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = fastopt.AdamW(ours_params, lr=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        if step == 2:
+            for opt, p in ((ours, ours_params[1]), (ref, ref_params[1])):
+                if how == "replace entry":
+                    opt.state[p] = {k: v.clone() * 2 for k, v in opt.state[p].items()}
+                elif how == "replace tensor":
+                    opt.state[p]["exp_avg"] = torch.full((4, 4), 0.5)
+                else:
+                    del opt.state[p]
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
+        assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
+    # After the step the state is fastopt's flat views again.
+    flat = ours._buckets[0][0].state["exp_avg"]
+    for p in ours_params:
+        assert ours.state[p]["exp_avg"].untyped_storage().data_ptr() == \
+            flat.untyped_storage().data_ptr()
+
+
+def test_state_dict_entries_are_plain_dicts():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = fastopt.Adam(params)
+    params[0].grad = torch.ones(3)
+    opt.step()
+    entry = opt.state_dict()["state"][0]
+    assert type(entry) is dict and set(entry) == {"step", "exp_avg", "exp_avg_sq"}

@@ -44,14 +44,23 @@ def local(t: Tensor) -> Tensor:
 
 
 def is_movable(p: Tensor) -> bool:
-    """May fastopt move ``p``'s storage into a flat buffer? Only when ``p`` owns its storage
-    (or it is a fastopt buffer): never a DTensor or a view into another owner's buffer."""
+    """May fastopt move ``p``'s storage into a flat buffer? Only when it is a fastopt buffer or
+    ``p`` alone holds it: never a DTensor, a view into another owner's buffer, or a tensor that
+    someone else also references (ZeroRedundancyOptimizer's bucket for a rank with one param):
+    they would keep reading the old storage."""
     if is_dtensor(p) or p.device.type == "meta":
         return False
     storage = p.untyped_storage()
-    if p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size():
+    if _LAID_OUT.get(p) == storage.data_ptr():
         return True
-    return _LAID_OUT.get(p) == storage.data_ptr()
+    whole = p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size()
+    return whole and _holders(storage) <= 2  # p's own tensor and ``storage`` above
+
+
+def _holders(storage) -> int:
+    """How many references the storage has (torch's own test helper; 0 if unavailable)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(storage._cdata) if use_count is not None else 0
 
 
 def mark_laid_out(params: list) -> None:

@@ -142,3 +142,18 @@ def test_state_dict_entries_are_plain_dicts():
     opt.step()
     entry = opt.state_dict()["state"][0]
     assert type(entry) is dict and set(entry) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_a_param_whose_whole_storage_someone_else_holds_is_not_moved():
+    """ZeroRedundancyOptimizer(parameters_as_bucket_view=True) on a rank that owns one param:
+    its bucket is exactly that param, but the bucket is what ZeRO broadcasts."""
+    param = torch.nn.Parameter(torch.randn(6))
+    owner_bucket = torch.empty(6)
+    owner_bucket.copy_(param.detach())
+    param.data = owner_bucket.view(6)
+    opt = fastopt.SGD([param], lr=0.5)
+    param.grad = torch.ones(6)
+    expected = owner_bucket - 0.5
+    opt.step()
+    assert opt._buckets[0][0].external
+    torch.testing.assert_close(owner_bucket, expected)

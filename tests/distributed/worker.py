@@ -1,0 +1,244 @@
+"""One rank of the distributed checks (tests/test_distributed.py starts two of these).
+
+Every scenario runs the same setup twice, once with a fastopt optimizer and once with the
+torch.optim one (foreach=False), and records per scenario "ok" or what went wrong: params must
+match torch.optim within fp32 tolerance on every rank, and agree across ranks where the engine
+keeps replicas. Usage: python worker.py RANK WORLD_SIZE PORT OUT_DIR
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+import fastopt
+
+TOL = dict(rtol=2e-6, atol=2e-7)
+STEPS = 5
+OPTIMIZERS = {
+    "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "Adam-amsgrad": (fastopt.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    "SGD": (fastopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+}
+
+
+def make_model() -> torch.nn.Module:
+    """The same init on every rank. The last layer has one output: its weight has 1 row, so
+    under FSDP2 on 2 ranks one rank holds an empty shard of it (and of its bias)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1))
+
+
+def batch(rank: int, step: int):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, 13, generator=gen), torch.randn(8, 1, generator=gen)
+
+
+def train(model, opt, rank: int, steps: int, first: int = 0) -> None:
+    for step in range(first, first + steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def compare(model_a, model_b) -> None:
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(full(a), full(b), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def check_ranks_agree(model) -> None:
+    """Replicated params are bitwise equal on every rank."""
+    for name, p in model.named_parameters():
+        value = full(p)
+        gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, value)
+        for other in gathered:
+            assert torch.equal(other, value), f"{name} differs across ranks"
+
+
+def ddp(rank, opt_name, bucket_view, backend="torch"):
+    ours_cls, ref_cls, kw = OPTIMIZERS[opt_name]
+    models = []
+    for cls, extra in ((ours_cls, dict(backend=backend)), (ref_cls, dict(foreach=False))):
+        model = DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
+        opt = cls(model.parameters(), **kw, **extra)
+        train(model, opt, rank, STEPS)
+        models.append((model, opt))
+    (model, opt), (twin, _) = models
+    assert not any(b.external for b in opt._buckets[0]), "DDP's params should be laid out flat"
+    compare(model, twin)
+    check_ranks_agree(model)
+
+
+def fsdp2(rank, opt_name, backend="auto"):
+    ours_cls, ref_cls, kw = OPTIMIZERS[opt_name]
+    models = []
+    for cls, extra in ((ours_cls, dict(backend=backend)), (ref_cls, dict(foreach=False))):
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = cls(model.parameters(), **kw, **extra)
+        train(model, opt, rank, STEPS)
+        models.append((model, opt))
+    (model, opt), (twin, ref) = models
+    compare(model, twin)
+    last = model[2].weight
+    assert isinstance(last, DTensor)
+    assert last.to_local().numel() == (9 if rank == 0 else 0), "expected an empty shard on rank 1"
+    assert all(b.external for b in opt._buckets[0]), "FSDP2's shards must stay where FSDP keeps them"
+    # State: DTensors laid out like their params, equal to torch's, local pieces in one buffer.
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in ref.state[q].items():
+            ours = opt.state[p][key]
+            assert type(ours) is type(value), (key, type(ours), type(value))
+            torch.testing.assert_close(full(ours), full(value), **TOL, check_dtype=key != "step")
+    flat = opt._buckets[0][0].state["exp_avg" if "exp_avg" in opt._buckets[0][0].state
+                                    else "momentum_buffer"]
+    for p in model.parameters():
+        state = next(v for k, v in opt.state[p].items() if k != "step")
+        local = state.to_local()
+        if local.numel():
+            assert local.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
+def zero(rank, opt_name, bucket_view):
+    ours_cls, ref_cls, kw = OPTIMIZERS[opt_name]
+    models = []
+    for cls, extra in ((ours_cls, {}), (ref_cls, dict(foreach=False))):
+        model = DistributedDataParallel(make_model())
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls,
+                                      parameters_as_bucket_view=bucket_view, **kw, **extra)
+        train(model, opt, rank, STEPS)
+        models.append((model, opt))
+    (model, opt), (twin, ref) = models
+    compare(model, twin)
+    check_ranks_agree(model)
+    # Consolidated state_dict, loaded back into a fresh ZeRO: training continues identically.
+    opt.consolidate_state_dict(to=0)
+    saved = [opt.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(saved, src=0)
+    resumed_model = DistributedDataParallel(make_model())
+    resumed_model.module.load_state_dict(model.module.state_dict())
+    resumed = ZeroRedundancyOptimizer(resumed_model.parameters(), optimizer_class=ours_cls,
+                                      parameters_as_bucket_view=bucket_view, **kw)
+    resumed.load_state_dict(copy.deepcopy(saved[0]))  # rank 0's dict holds its live state
+    train(model, opt, rank, 3, first=STEPS)
+    train(resumed_model, resumed, rank, 3, first=STEPS)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), "a resumed ZeRO run must continue bit-identically"
+
+
+def checkpoint(rank, opt_name, workdir):
+    """FSDP2 + DCP: save after some steps, load into a fresh model and optimizer, continue:
+    identical to the uninterrupted run. Also: get/set_optimizer_state_dict round trip."""
+    ours_cls, _, kw = OPTIMIZERS[opt_name]
+
+    def build():
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, ours_cls(model.parameters(), **kw)
+
+    model, opt = build()
+    train(model, opt, rank, STEPS)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=workdir)
+    # A full (unsharded) optimizer state dict, compared with the sharded one.
+    full_osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    train(model, opt, rank, 3, first=STEPS)
+
+    fresh, fresh_opt = build()
+    for p in fresh.parameters():  # a different start, so a load that does nothing is caught
+        p.data.add_(1.0)
+    loaded = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(loaded, checkpoint_id=workdir)
+    set_model_state_dict(fresh, loaded["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
+    train(fresh, fresh_opt, rank, 3, first=STEPS)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+
+    # Full state dict into yet another fresh optimizer: same state as the saved one.
+    other, other_opt = build()
+    set_model_state_dict(other, state["model"])
+    set_optimizer_state_dict(other, other_opt, full_osd,
+                             options=StateDictOptions(full_state_dict=True))
+    sharded = get_optimizer_state_dict(other, other_opt)
+    assert set(sharded["state"]) == set(full_osd["state"])
+    for key, entry in full_osd["state"].items():
+        for name, value in entry.items():
+            torch.testing.assert_close(full(sharded["state"][key][name]), full(value),
+                                       rtol=0, atol=0, check_dtype=False)
+
+
+SCENARIOS = {
+    "ddp-AdamW": lambda rank, workdir: ddp(rank, "AdamW", bucket_view=False),
+    "ddp-bucket-view-AdamW": lambda rank, workdir: ddp(rank, "AdamW", bucket_view=True),
+    "ddp-bucket-view-SGD": lambda rank, workdir: ddp(rank, "SGD", bucket_view=True),
+    "ddp-bucket-view-AdamW-triton": lambda rank, workdir: ddp(rank, "AdamW", True, "triton"),
+    "fsdp2-AdamW": lambda rank, workdir: fsdp2(rank, "AdamW"),
+    "fsdp2-Adam-amsgrad": lambda rank, workdir: fsdp2(rank, "Adam-amsgrad"),
+    "fsdp2-SGD": lambda rank, workdir: fsdp2(rank, "SGD"),
+    "fsdp2-AdamW-triton": lambda rank, workdir: fsdp2(rank, "AdamW", "triton"),
+    "zero-AdamW": lambda rank, workdir: zero(rank, "AdamW", bucket_view=False),
+    "zero-bucket-view-AdamW": lambda rank, workdir: zero(rank, "AdamW", bucket_view=True),
+    "zero-bucket-view-SGD": lambda rank, workdir: zero(rank, "SGD", bucket_view=True),
+    "dcp-fsdp2-AdamW": lambda rank, workdir: checkpoint(rank, "AdamW", workdir),
+    "dcp-fsdp2-SGD": lambda rank, workdir: checkpoint(rank, "SGD", workdir),
+}
+# The Triton kernels run on CPU tensors only through Triton's interpreter.
+NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    results = {}
+    workdir = os.path.join(out_dir, "checkpoints")
+    only = os.environ.get("FASTOPT_DIST_ONLY")
+    for name, run in SCENARIOS.items():
+        if (only and only not in name) or (name in NEEDS_INTERPRETER
+                                           and os.environ.get("TRITON_INTERPRET") != "1"):
+            continue
+        try:
+            run(rank, os.path.join(workdir, name))
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc(limit=6)
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,8 @@ if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
 
 from fastopt.adam import Adam, AdamW  # noqa: E402
 from fastopt.optimizer import FlatOptimizer  # noqa: E402
+from fastopt.saga import SAGA  # noqa: E402
 from fastopt.sgd import SGD  # noqa: E402
 
-__all__ = ["Adam", "AdamW", "SGD", "FlatOptimizer"]
+__all__ = ["Adam", "AdamW", "SAGA", "SGD", "FlatOptimizer"]
 __version__ = "0.1.0"

@@ -83,7 +83,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
 
 
 def update_fn(name: str, backend: str):
-    """The ``<name>_update`` function of ``backend`` (``name`` is ``"adam"`` or ``"sgd"``)."""
+    """The ``<name>_update`` function of ``backend`` (``"adam"``, ``"sgd"`` or ``"saga"``)."""
     if backend == "triton":
         from fastopt import kernels
 

@@ -138,26 +138,32 @@ class Bucket:
     grad_ptrs: list = field(default_factory=list)
     step_views: list = field(default_factory=list)  # steps[i], made once
     real_views: dict = field(default_factory=dict)  # name -> per-param real views, made once
+    rows: dict = field(default_factory=dict)  # name -> rows, for table buffers (SAGA)
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
 
     @property
     def numel(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def view(self, buffer: Tensor, i: int) -> Tensor:
-        """Param i's slice of ``buffer`` with the param's (local) shape and complex dtype."""
+    def view(self, buffer: Tensor, i: int, rows: int | None = None) -> Tensor:
+        """Param i's slice of ``buffer`` with the param's (local) shape and complex dtype; of a
+        table buffer (``rows`` rows of ``numel``), the ``[rows, *shape]`` column block."""
         p = local(self.params[i])
-        piece = buffer[self.starts[i] : self.ends[i]]
+        if rows is None:
+            piece, lead = buffer[self.starts[i] : self.ends[i]], ()
+        else:
+            piece, lead = buffer.view(rows, self.numel)[:, self.starts[i] : self.ends[i]], (rows,)
         if p.is_complex():
-            return torch.view_as_complex(piece.view(*p.shape, 2))
-        return piece.view(p.shape)
+            return torch.view_as_complex(piece.view((*lead, *p.shape, 2)))
+        return piece.view((*lead, *p.shape))
 
-    def state_view(self, buffer: Tensor, i: int) -> Tensor:
-        """What ``optimizer.state`` holds for param i: its view of ``buffer``, as a DTensor
-        laid out like the param when the param is one (as torch.optim's state would be)."""
-        view = self.view(buffer, i)
+    def state_view(self, name: str, i: int) -> Tensor:
+        """What ``optimizer.state`` holds for param i: its view of state buffer ``name``, as a
+        DTensor laid out like the param when the param is one (as torch.optim's would be)."""
+        rows = self.rows.get(name)
+        view = self.view(self.state[name], i, rows)
         p = self.params[i]
-        if is_dtensor(p):
+        if is_dtensor(p) and rows is None:
             return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
         return view
@@ -216,9 +222,14 @@ class Bucket:
         self.grad_ptrs = []
         self.real_views.pop("grad", None)
 
-    def ensure_state_buffer(self, name: str) -> Tensor:
+    def ensure_state_buffer(self, name: str, rows: int | None = None) -> Tensor:
+        """The flat state buffer ``name`` (zeros when new): ``numel`` elements, or ``rows``
+        rows of ``numel`` (a per-sample table, row-major: each row is one flat layout)."""
         if name not in self.state:
-            self.state[name] = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            size = self.numel * (1 if rows is None else rows)
+            self.state[name] = torch.zeros(size, dtype=self.dtype, device=self.device)
+            if rows is not None:
+                self.rows[name] = rows
         return self.state[name]
 
     def ensure_steps(self) -> Tensor:

@@ -81,6 +81,11 @@ class FlatOptimizer(Optimizer):
         """Adjacent params with equal keys can be updated by one call (default: has state)."""
         return bucket.has_state[i]
 
+    def state_rows(self, group: dict, name: str) -> int | None:
+        """Rows of a table state (one per sample, e.g. SAGA's gradient table); None for a
+        state tensor shaped like its param."""
+        return None
+
     def uniform_key(self, bucket: Bucket):
         """The run key all params of ``bucket`` share, or ``_MIXED``."""
         return _same(bucket.has_state)
@@ -142,7 +147,7 @@ class FlatOptimizer(Optimizer):
                 if key != "step" and isinstance(value, Tensor) and key not in names:
                     names.append(key)
         for name in names:
-            bucket.ensure_state_buffer(name)
+            bucket.ensure_state_buffer(name, self.state_rows(group, name))
         with torch.no_grad():
             if self.uses_step:
                 steps = bucket.ensure_steps()
@@ -155,7 +160,7 @@ class FlatOptimizer(Optimizer):
                 state = self.state[bucket.params[i]]
                 for name in names:
                     value = state.get(name)
-                    view = bucket.view(bucket.state[name], i)
+                    view = bucket.view(bucket.state[name], i, bucket.rows.get(name))
                     if isinstance(value, Tensor):
                         value = local_value(value, bucket.params[i])
                         view.copy_(value.to(device=view.device, dtype=view.dtype))
@@ -172,7 +177,7 @@ class FlatOptimizer(Optimizer):
         if self.uses_step:
             views["step"] = bucket.step_views[i]
         for name in names:
-            views[name] = bucket.state_view(bucket.state[name], i)
+            views[name] = bucket.state_view(name, i)
         return views
 
     def _set_state(self, p: Tensor, views: dict) -> None:
@@ -261,12 +266,12 @@ class FlatOptimizer(Optimizer):
                      found_inf) -> None:
         for name in self.state_names(group):
             if name not in bucket.state and any(bucket.has_state):
-                self._add_state_buffer(bucket, name)  # an option switched on mid-run (amsgrad)
+                self._add_state_buffer(group, bucket, name)  # switched on mid-run (amsgrad)
         key = self.uniform_key(bucket)
         if in_place is True and key is not _MIXED:
             step_runs = [[0, len(bucket.params), key]]
             if not bucket.has_state[0]:
-                self._create_state(bucket, participants, self.state_names(group))
+                self._create_state(group, bucket, participants)
             chunk = Chunk(0, len(bucket.params), 0, bucket.numel, bucket.grad, key)
             self.update(group, bucket, step_runs, [chunk], grad_scale, found_inf)
             return
@@ -280,7 +285,7 @@ class FlatOptimizer(Optimizer):
             step_runs = runs(participants, keys)
         fresh = [i for i in participants if not bucket.has_state[i]]
         if fresh:
-            self._create_state(bucket, fresh, self.state_names(group))
+            self._create_state(group, bucket, fresh)
         if not bucket.grads_adopted:
             bucket.grads_adopted = True
             for j, i in enumerate(participants):
@@ -325,18 +330,19 @@ class FlatOptimizer(Optimizer):
         return bool(bucket.grad_ptrs) and grad.layout == torch.strided \
             and grad.data_ptr() == bucket.grad_ptrs[i] and grad.shape == bucket.params[i].shape
 
-    def _add_state_buffer(self, bucket: Bucket, name: str) -> None:
+    def _add_state_buffer(self, group: dict, bucket: Bucket, name: str) -> None:
         """A new zero state tensor for every param of ``bucket`` that has state."""
-        buffer = bucket.ensure_state_buffer(name)
+        bucket.ensure_state_buffer(name, self.state_rows(group, name))
         for i, p in enumerate(bucket.params):
             if bucket.has_state[i]:
-                dict.__setitem__(self.state[p], name, bucket.state_view(buffer, i))
+                dict.__setitem__(self.state[p], name, bucket.state_view(name, i))
 
-    def _create_state(self, bucket: Bucket, fresh: list, names: list) -> None:
+    def _create_state(self, group: dict, bucket: Bucket, fresh: list) -> None:
+        names = self.state_names(group)
         if not names and not self.uses_step:
             return  # SGD without momentum keeps no state at all, as torch's does
         for name in names:
-            bucket.ensure_state_buffer(name)
+            bucket.ensure_state_buffer(name, self.state_rows(group, name))
         if self.uses_step:
             bucket.ensure_steps()
         for i in fresh:
@@ -403,10 +409,13 @@ class FlatOptimizer(Optimizer):
                 for name, value in saved_state.get(key, {}).items():
                     if name == "step" or not isinstance(value, Tensor):
                         continue
-                    if value.shape != p.shape:
+                    rows = self.state_rows({**group, **saved, "params": group["params"]}, name)
+                    expected = p.shape if rows is None else (rows, *p.shape)
+                    if tuple(value.shape) != tuple(expected):
                         raise ValueError(
                             f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a "
                             f"parameter of shape {tuple(p.shape)}"
+                            + ("" if rows is None else f" (expected {tuple(expected)})")
                         )
 
     def __getstate__(self) -> dict:

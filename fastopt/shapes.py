@@ -21,10 +21,40 @@ def gpt2_small() -> list:
     return shapes
 
 
+def resnet18() -> list:
+    """ResNet-18 (He et al. 2015) for ImageNet: 62 tensors, 11,689,512 elements (convs without
+    bias, batch norms as weight and bias, the 1000-way fc)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    channels = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            shapes += [(width, channels, 3, 3), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,)]
+            if block == 0 and (stride != 1 or channels != width):
+                shapes += [(width, channels, 1, 1), (width,), (width,)]  # downsample
+            channels = width
+    return shapes + [(1000, 512), (1000,)]
+
+
+def resnet18_head() -> list:
+    """The seed's trainable head on a frozen ResNet-18 trunk (cats vs dogs): three convolutions,
+    512->256 (4x4), 256->1 (5x5), 1->1 (1x1), with biases: 2,103,811 elements."""
+    return [(256, 512, 4, 4), (256,), (1, 256, 5, 5), (1,), (1, 1, 1, 1), (1,)]
+
+
 CASES = {
     "1x16M": lambda: [(16 * 1024 * 1024,)],
     "1000x16K": lambda: [(16 * 1024,)] * 1000,
     "gpt2-small": gpt2_small,
+}
+
+# Models by name for ``python -m fastopt.memory``.
+MODELS = {
+    "gpt2-small": gpt2_small,
+    "resnet18": resnet18,
+    "resnet18-head": resnet18_head,
+    "1x16M": CASES["1x16M"],
+    "1000x16K": CASES["1000x16K"],
 }
 
 

@@ -142,3 +142,30 @@ def _sgd_ops(params, grads, momentum_buffers, *, lr, momentum, dampening, weight
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
+
+
+def saga_update(params: list, grads: list, rows: list, means: list, *, lr: float | Tensor,
+                weight_decay: float, num_samples: int) -> None:
+    r"""SAGA (Defazio, Bach & Lacoste-Julien, 2014) for sample :math:`i`, with :math:`T_i` the
+    gradient table's row for it and :math:`\bar T` the mean of the rows:
+
+    .. math::
+        \delta &= g - T_i \\
+        \theta &\leftarrow \theta - \gamma\,(\delta + \bar T + \lambda\theta) \\
+        \bar T &\leftarrow \bar T + \delta / n, \qquad T_i \leftarrow g
+
+    A few multi-tensor passes with two temporaries (the Triton kernel does it in one).
+    """
+    if not params:
+        return
+    deltas = torch._foreach_sub(grads, rows)
+    updates = torch._foreach_add(deltas, means)
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if isinstance(lr, Tensor):
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+    torch._foreach_add_(means, deltas, alpha=1.0 / num_samples)
+    torch._foreach_copy_(rows, grads)

@@ -49,6 +49,31 @@ def check_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
+def check_saga(lr, num_samples, weight_decay) -> None:
+    check_lr(lr)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"Invalid num_samples: {num_samples!r} (a positive int: the number of "
+                         "training samples, one gradient-table row each)")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_sample_index(index, num_samples: int) -> int:
+    """SAGA's ``step(index=i)``: an int (or 1-element tensor) in ``[0, num_samples)``."""
+    if index is None:
+        raise TypeError("SAGA.step() needs index=i, the training sample whose loss was just "
+                        "backpropagated")
+    if isinstance(index, Tensor):
+        if index.numel() != 1 or index.is_floating_point():
+            raise TypeError(f"index must be an int or a 1-element integer tensor, got {index}")
+        index = int(index)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    if not 0 <= index < num_samples:
+        raise IndexError(f"index {index} is out of range for num_samples={num_samples}")
+    return index
+
+
 def check_flags(foreach, fused, differentiable) -> None:
     """torch.optim's conflicting-flag errors; ``differentiable`` is not supported here."""
     if fused and differentiable:

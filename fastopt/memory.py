@@ -1,0 +1,295 @@
+"""Know the memory an optimizer needs before allocating it (the seed's SAGA lesson).
+
+``estimate(params_or_model, optimizer, **options)`` counts, per device, the bytes fastopt's
+layout will hold for a given set of params, optimizer and options:
+
+- ``param_bytes``: the params (all of them, trainable or not);
+- ``grad_bytes``: one grad per trainable param (same dtype as the param);
+- ``state_bytes``: the optimizer state that exists after the first step, exactly as fastopt
+  lays it out: per bucket (param group x device x dtype) one flat buffer per state tensor
+  (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
+  SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) plus Adam's float32
+  step counts, one per param;
+- ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
+  are copied into (first step; every step on the Triton path after ``zero_grad()`` set the grads
+  to None) and the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA);
+- ``peak_bytes`` = params + grads + state + scratch, the most a step holds at once;
+- ``free_bytes``: free memory on the device now (CUDA: ``torch.cuda.mem_get_info``; CPU:
+  available RAM), and ``fits``: whether what the optimizer still has to allocate (state and
+  scratch) fits in it.
+
+Params can be real tensors, ``meta`` tensors (no memory: pass ``device=`` to say where they
+would live) or a module. ``python -m fastopt.memory --model gpt2-small --optimizer adamw``
+prints the table for a named model shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from fastopt.flat import is_movable, local
+
+STEP_BYTES = 4  # fastopt keeps Adam's step counts as float32, one per param
+
+
+@dataclass
+class DeviceMemory:
+    """Bytes on one device (see the module docstring for what each field counts)."""
+
+    device: str
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    state_bytes: int = 0
+    scratch_bytes: int = 0
+    free_bytes: int | None = None
+    num_elements: int = 0  # trainable elements
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.state_bytes + self.scratch_bytes
+
+    @property
+    def new_bytes(self) -> int:
+        """What the optimizer allocates itself (params and grads exist already)."""
+        return self.state_bytes + self.scratch_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.new_bytes <= self.free_bytes
+
+
+@dataclass
+class MemoryReport:
+    optimizer: str
+    options: dict
+    devices: dict = field(default_factory=dict)  # device name -> DeviceMemory
+
+    def _total(self, name: str) -> int:
+        return sum(getattr(d, name) for d in self.devices.values())
+
+    param_bytes = property(lambda self: self._total("param_bytes"))
+    grad_bytes = property(lambda self: self._total("grad_bytes"))
+    state_bytes = property(lambda self: self._total("state_bytes"))
+    scratch_bytes = property(lambda self: self._total("scratch_bytes"))
+    peak_bytes = property(lambda self: self._total("peak_bytes"))
+    num_elements = property(lambda self: self._total("num_elements"))
+
+    @property
+    def fits(self) -> bool:
+        return all(d.fits for d in self.devices.values())
+
+    def __str__(self) -> str:
+        return format_table([self])
+
+
+def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryReport:
+    """The memory ``optimizer`` (a fastopt class or its name: "sgd", "adam", "adamw", "saga")
+    needs for these params with these options (the constructor's keywords; param groups may
+    carry their own). ``device`` overrides where the params are counted (for meta tensors)."""
+    cls = _optimizer_class(optimizer)
+    defaults = _defaults(cls)
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no option(s) {sorted(unknown)}")
+    groups = _param_groups(params_or_model)
+    report = MemoryReport(cls.__name__, {**defaults, **options})
+    for group in groups:
+        group_options = {**defaults, **options, **{k: v for k, v in group.items() if k != "params"}}
+        buckets: dict = {}
+        seen: set = set()
+        for p in group["params"]:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            where = torch.device(device) if device is not None else p.device
+            entry = _device_entry(report, where)
+            size = local(p).numel() * p.element_size()
+            entry.param_bytes += size
+            if not p.requires_grad:
+                continue  # frozen: no grad, no state (fastopt leaves it out of its buffers)
+            entry.grad_bytes += size
+            entry.num_elements += local(p).numel()
+            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype)
+            bucket = buckets.setdefault(key, dict(bytes=0, count=0, movable_bytes=0, largest=0))
+            bucket["bytes"] += size
+            bucket["count"] += 1
+            bucket["largest"] = max(bucket["largest"], size)
+            if p.device.type == "meta" or is_movable(p):
+                bucket["movable_bytes"] += size
+        for (where, dtype), bucket in buckets.items():
+            entry = report.devices[where]
+            entry.state_bytes += _state_bytes(cls.__name__, group_options, bucket)
+            entry.scratch_bytes += _scratch_bytes(cls.__name__, group_options, bucket, where,
+                                                  dtype)
+    for entry in report.devices.values():
+        entry.free_bytes = free_bytes(entry.device)
+    return report
+
+
+def _state_bytes(name: str, options: dict, bucket: dict) -> int:
+    copies = _state_copies(name, options)
+    steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
+    return copies * bucket["bytes"] + steps
+
+
+def _state_copies(name: str, options: dict) -> int:
+    """How many param-sized flat state buffers the optimizer keeps."""
+    if name == "SGD":
+        return 1 if options["momentum"] != 0 else 0
+    if name in ("Adam", "AdamW"):
+        return 3 if options["amsgrad"] else 2
+    if name == "SAGA":
+        if options.get("num_samples") is None:
+            raise TypeError("SAGA's memory depends on num_samples: pass num_samples=")
+        return options["num_samples"] + 1  # the gradient table and its mean
+    raise ValueError(f"no memory model for {name}")
+
+
+def _scratch_bytes(name: str, options: dict, bucket: dict, device: str, dtype) -> int:
+    scratch = bucket["movable_bytes"]  # the flat grad buffer, while autograd's grads still live
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and name == "SGD" and dtype in (torch.float16, torch.bfloat16):
+        scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries
+    if on_cpu and name == "SAGA":
+        scratch += 2 * bucket["bytes"]  # g - table_i and the update, on the torch path
+    return scratch
+
+
+def free_bytes(device) -> int | None:
+    """Free memory on ``device`` now: CUDA's free bytes, available RAM for CPU, else None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    return None
+
+
+def _device_entry(report: MemoryReport, device: torch.device) -> DeviceMemory:
+    name = str(device)
+    if name not in report.devices:
+        report.devices[name] = DeviceMemory(name)
+    return report.devices[name]
+
+
+def _param_groups(params_or_model) -> list:
+    if isinstance(params_or_model, torch.nn.Module):
+        params_or_model = params_or_model.parameters()
+    if isinstance(params_or_model, torch.Tensor):
+        raise TypeError("params should be an iterable of Tensors or dicts, or a module, "
+                        "but got " + torch.typename(params_or_model))
+    items = list(params_or_model)
+    if items and isinstance(items[0], dict):
+        return [dict(g, params=list(g["params"])) for g in items]
+    return [{"params": items}]
+
+
+def _optimizer_class(optimizer):
+    import fastopt
+
+    classes = {"sgd": fastopt.SGD, "adam": fastopt.Adam, "adamw": fastopt.AdamW,
+               "saga": fastopt.SAGA}
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in classes:
+            raise ValueError(f"Unknown optimizer {optimizer!r} (expected one of {sorted(classes)})")
+        return classes[optimizer.lower()]
+    for cls in classes.values():
+        if optimizer is cls:
+            return cls
+    raise TypeError(f"optimizer must be a fastopt optimizer class or name, got {optimizer!r}")
+
+
+def _defaults(cls) -> dict:
+    skip = {"self", "params", "foreach", "capturable", "differentiable", "fused", "backend"}
+    signature = inspect.signature(cls.__init__)
+    return {name: (None if p.default is inspect.Parameter.empty else p.default)
+            for name, p in signature.parameters.items() if name not in skip}
+
+
+# ---------------------------------------------------------------------- table and command line
+def human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(reports: list) -> str:
+    header = ("optimizer", "device", "params", "grads", "state", "scratch", "peak", "state B/elem",
+              "free", "fits")
+    rows = []
+    for report in reports:
+        label = report.optimizer + _describe(report.options)
+        for d in report.devices.values():
+            per = d.state_bytes / d.num_elements if d.num_elements else 0.0
+            rows.append((label, d.device, human(d.param_bytes), human(d.grad_bytes),
+                         human(d.state_bytes), human(d.scratch_bytes), human(d.peak_bytes),
+                         f"{per:.2f}", human(d.free_bytes), "yes" if d.fits else "NO"))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _describe(options: dict) -> str:
+    shown = []
+    if options.get("amsgrad"):
+        shown.append("amsgrad")
+    if options.get("momentum"):
+        shown.append(f"momentum={options['momentum']}")
+    if options.get("num_samples"):
+        shown.append(f"num_samples={options['num_samples']}")
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+VARIANTS = {
+    "sgd": ("sgd", {}),
+    "sgd-momentum": ("sgd", {"momentum": 0.9}),
+    "adam": ("adam", {}),
+    "adam-amsgrad": ("adam", {"amsgrad": True}),
+    "adamw": ("adamw", {}),
+    "saga": ("saga", {}),
+}
+
+
+def main(argv=None) -> None:
+    from fastopt.shapes import MODELS, numel
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastopt.memory",
+        description="The memory fastopt's optimizers need for a named model, before allocating.")
+    parser.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
+    parser.add_argument("--optimizer", default="adamw",
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (or 'all')")
+    parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
+                        default="float32")
+    parser.add_argument("--device", default="cpu", help="where the params would live (cpu, cuda)")
+    parser.add_argument("--num-samples", type=int, default=1000,
+                        help="SAGA's gradient-table rows (training samples)")
+    args = parser.parse_args(argv)
+    shapes = MODELS[args.model]()
+    dtype = getattr(torch, args.dtype)
+    params = [torch.empty(s, dtype=dtype, device="meta", requires_grad=True) for s in shapes]
+    names = list(VARIANTS) if args.optimizer == "all" else args.optimizer.split(",")
+    reports = []
+    for name in names:
+        if name not in VARIANTS:
+            parser.error(f"unknown optimizer {name!r}: choose from {', '.join(VARIANTS)}")
+        optimizer, options = VARIANTS[name]
+        if optimizer == "saga":
+            options = dict(options, num_samples=args.num_samples)
+        reports.append(estimate(params, optimizer, device=args.device, **options))
+    print(f"{args.model}: {len(shapes)} tensors, {numel(shapes):,} elements, {args.dtype}")
+    print(format_table(reports))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""SAGA (Defazio, Bach & Lacoste-Julien, 2014, arXiv 1407.0202): variance-reduced SGD for finite
+sums, with a table of the last gradient seen for every training sample.
+
+The table is what sank the seed's attempt: it holds ``num_samples`` copies of the trainable
+params. So SAGA asks ``fastopt.memory`` what it needs before allocating anything and refuses,
+with ``MemoryError``, what the device cannot hold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastopt import dispatch
+from fastopt.adam import _on
+from fastopt.flat import real_shape
+from fastopt.optimizer import FlatOptimizer
+from fastopt.validation import check_saga, check_sample_index
+
+
+class SAGA(FlatOptimizer):
+    r"""SAGA for a loss that is an average over ``num_samples`` training samples,
+    :math:`f(\theta) = \frac1n \sum_j f_j(\theta) + \frac\lambda2\|\theta\|^2`.
+
+    Call ``step(index=i)`` after the backward of sample ``i``'s loss :math:`f_i` (a mini-batch
+    of one, or any fixed partition of the data into ``num_samples`` parts). With :math:`g` the
+    grad, :math:`T_i` the table's row for ``i`` and :math:`\bar T` the mean of all rows:
+
+    .. math::
+        \theta &\leftarrow \theta - \gamma\,(g - T_i + \bar T + \lambda\theta) \\
+        \bar T &\leftarrow \bar T + (g - T_i)/n, \qquad T_i \leftarrow g
+
+    The weight decay :math:`\lambda` (an L2 term) is applied exactly at every step and never
+    stored: the table holds the data terms' gradients only.
+
+    Table initialisation: zeros (so :math:`\bar T = 0`). Until every sample has been visited
+    once, :math:`\bar T` sums the rows seen so far divided by :math:`n`, which damps the first
+    epoch (as SAG's warm start does); from then on the update is the unbiased SAGA step of the
+    paper. To start from the gradients at the initial point instead, run one epoch with
+    ``lr=0`` first.
+
+    State per param: ``gradient_table`` (``[num_samples, *param.shape]``) and ``gradient_mean``
+    (the param's shape), both views of flat buffers (the table is ``num_samples`` rows of the
+    flat layout, so each step reads and writes one contiguous row). ``state_dict`` holds them in
+    torch.optim's per-param format.
+
+    Memory: before laying anything out, the constructor estimates the table, the mean and the
+    step's scratch with :func:`fastopt.memory.estimate`; if that exceeds the free memory of the
+    params' device, it raises ``MemoryError`` giving both numbers, and nothing is allocated.
+
+    Args:
+        params: params or param groups, as for any ``torch.optim`` optimizer.
+        lr (float or Tensor): the step size :math:`\gamma` (Defazio et al. suggest ``1/(3L)``
+            for :math:`L`-smooth :math:`f_j`).
+        num_samples (int): :math:`n`, the number of samples (rows of the table).
+        weight_decay (float): :math:`\lambda`. Default: 0.
+        backend (str, keyword-only): see ``fastopt.dispatch``.
+    """
+
+    def __init__(self, params, lr: float | Tensor, num_samples: int, weight_decay: float = 0, *,
+                 backend: str = "auto") -> None:
+        check_saga(lr, num_samples, weight_decay)
+        if isinstance(params, Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            "Tensors or dicts, but got " + torch.typename(params))
+        params = list(params)
+        _refuse_what_cannot_fit(params, lr=lr, num_samples=num_samples, weight_decay=weight_decay)
+        defaults = {"lr": lr, "num_samples": num_samples, "weight_decay": weight_decay}
+        super().__init__(params, defaults, backend=backend)
+        self._step_supports_amp_scaling = False  # GradScaler unscales the grads itself
+        self._index = None
+
+    def state_names(self, group: dict) -> list:
+        return ["gradient_table", "gradient_mean"]
+
+    def state_rows(self, group: dict, name: str):
+        return group["num_samples"] if name == "gradient_table" else None
+
+    @torch.no_grad()
+    def step(self, closure=None, *, index=None):
+        """Perform a SAGA step for training sample ``index`` (see the class docstring).
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss (of sample ``index``).
+            index (int): the sample whose gradient the params' ``.grad`` hold.
+        """
+        for group in self.param_groups:
+            check_sample_index(index, group["num_samples"])
+        self._index = int(index)
+        try:
+            return super().step(closure)
+        finally:
+            self._index = None
+
+    def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
+        rows = group["num_samples"]
+        row = bucket.state["gradient_table"].view(rows, bucket.numel)[self._index]
+        dispatch.update_fn("saga", bucket.backend)(
+            bucket.pieces("param", chunks),
+            [c.grad for c in chunks],
+            [_piece(bucket, row, c) for c in chunks],
+            bucket.pieces("gradient_mean", chunks),
+            lr=_on(group["lr"], bucket.device),
+            weight_decay=float(group["weight_decay"]),
+            num_samples=rows,
+        )
+
+
+def _piece(bucket, row: Tensor, chunk) -> Tensor:
+    """A chunk's part of one table row, shaped as ``bucket.pieces`` shapes the others."""
+    piece = row[chunk.start : chunk.end]
+    if chunk.hi - chunk.lo == 1:
+        return piece.view(real_shape(bucket.params[chunk.lo]))
+    return piece
+
+
+def _refuse_what_cannot_fit(params: list, **options) -> None:
+    from fastopt import memory  # not at import time: ``python -m fastopt.memory`` runs it
+
+    report = memory.estimate(params, "saga", **options)
+    for device in report.devices.values():
+        if not device.fits:
+            raise MemoryError(
+                f"SAGA needs {device.new_bytes:,} bytes ({memory.human(device.new_bytes)}) on "
+                f"{device.device} for its gradient table ({options['num_samples']:,} samples x "
+                f"{device.num_elements:,} elements), its mean and a step's scratch, but only "
+                f"{device.free_bytes:,} bytes ({memory.human(device.free_bytes)}) are free. "
+                "Nothing was allocated. Use fewer samples (e.g. mini-batches as samples), fewer "
+                "trainable params, or an optimizer without a per-sample table."
+            )

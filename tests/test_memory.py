@@ -1,0 +1,107 @@
+"""fastopt.memory: the estimate must equal what the optimizers really allocate."""
+
+import psutil
+import pytest
+import torch
+from helpers import make_params
+
+import fastopt
+from fastopt import memory
+
+CONFIGS = [
+    ("sgd", fastopt.SGD, dict(lr=0.1)),
+    ("sgd-momentum", fastopt.SGD, dict(lr=0.1, momentum=0.9)),
+    ("adam", fastopt.Adam, dict()),
+    ("adam-amsgrad", fastopt.Adam, dict(amsgrad=True)),
+    ("adamw", fastopt.AdamW, dict(weight_decay=0.1)),
+    ("saga", fastopt.SAGA, dict(lr=0.1, num_samples=3)),
+]
+SHAPES = [(129,), (), (0,), (4, 5), (65,)]
+
+
+def state_storage_bytes(opt) -> int:
+    """Bytes of the distinct storages behind every tensor in ``opt.state``."""
+    storages = {}
+    for entry in opt.state.values():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def first_step(opt, params):
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    if isinstance(opt, fastopt.SAGA):
+        opt.step(index=1)
+    else:
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name,cls,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_state_bytes_equal_what_exists_after_the_first_step(name, cls, kwargs, dtype):
+    params = [torch.nn.Parameter(t) for t in make_params(SHAPES, dtype=dtype)]
+    params[3].requires_grad_(False)  # frozen: no grad, no state
+    report = memory.estimate(params, cls, **kwargs)
+    opt = cls(params, **kwargs)
+    first_step(opt, params)
+    cpu = report.devices["cpu"]
+    assert cpu.state_bytes == state_storage_bytes(opt)
+    assert cpu.param_bytes == sum(p.numel() * p.element_size() for p in params)
+    assert cpu.grad_bytes == sum(p.grad.numel() * p.grad.element_size()
+                                 for p in params if p.grad is not None)
+    assert cpu.peak_bytes == cpu.param_bytes + cpu.grad_bytes + cpu.state_bytes + cpu.scratch_bytes
+    assert report.state_bytes == cpu.state_bytes
+
+
+def test_groups_with_their_own_options_complex_params_and_a_module():
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    complex_param = torch.nn.Parameter(torch.randn(6, dtype=torch.complex64))
+    groups = [{"params": list(model[0].parameters()), "amsgrad": True},
+              {"params": list(model[1].parameters()) + [complex_param]}]
+    report = memory.estimate(groups, "adam")
+    opt = fastopt.Adam(groups)
+    first_step(opt, list(model.parameters()) + [complex_param])
+    assert report.state_bytes == state_storage_bytes(opt)
+    # amsgrad's third buffer on the first group only, plus one float32 step per param
+    first, second = 7 * 5 + 5, 5 * 3 + 3 + 12
+    assert report.state_bytes == 4 * (3 * first + 2 * second) + 4 * 5
+    assert memory.estimate(model, fastopt.SGD, momentum=0.9).state_bytes == 4 * (first + 18)
+
+
+def test_meta_params_free_memory_and_fit():
+    params = [torch.empty(1000, 1000, device="meta", requires_grad=True)]
+    report = memory.estimate(params, "adamw", device="cpu")
+    cpu = report.devices["cpu"]
+    assert cpu.param_bytes == cpu.grad_bytes == 4_000_000
+    assert cpu.state_bytes == 8_000_000 + 4
+    assert 0 < cpu.free_bytes <= psutil.virtual_memory().total
+    assert report.fits
+    huge = memory.estimate(params, "saga", num_samples=10**8, device="cpu")
+    assert not huge.fits and huge.state_bytes == (10**8 + 1) * 4_000_000
+
+
+def test_bad_arguments():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="Unknown optimizer 'rmsprop'"):
+        memory.estimate(params, "rmsprop")
+    with pytest.raises(TypeError, match="fastopt optimizer class"):
+        memory.estimate(params, torch.optim.Adam)
+    with pytest.raises(TypeError, match=r"no option\(s\) \['momentum'\]"):
+        memory.estimate(params, "adam", momentum=0.9)
+    with pytest.raises(TypeError, match="num_samples"):
+        memory.estimate(params, "saga")
+
+
+def test_command_line_table(capsys):
+    memory.main(["--model", "gpt2-small", "--optimizer", "adamw,sgd-momentum"])
+    out = capsys.readouterr().out
+    assert "148 tensors, 124,439,808 elements" in out
+    assert "949.40 MiB" in out  # AdamW: 2 x 4 bytes x 124.4M elements (+ 148 steps)
+    assert "474.70 MiB" in out
+    memory.main(["--model", "resnet18-head", "--optimizer", "saga", "--num-samples", "1000"])
+    out = capsys.readouterr().out
+    assert "2,103,811 elements" in out and "7.85 GiB" in out  # 1001 x 2,103,811 x 4 bytes

@@ -2,8 +2,9 @@
 distributed checkpoints, on 2 CPU processes with the gloo backend (127.0.0.1).
 
 The two ranks run every scenario of tests/distributed/worker.py once (one start, bounded in
-time); each scenario compares fastopt with the same setup on torch.optim. The same worker runs
-with NCCL on GPUs only by changing the backend: that is not part of this suite.
+time); each scenario compares fastopt with the same setup on torch.optim. With two or more
+GPUs the same scenarios also run with NCCL (one GPU per rank); a single GPU cannot host two
+NCCL ranks, so that part is skipped elsewhere.
 """
 
 import json
@@ -33,12 +34,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed")
+def run_workers(out, backend: str) -> list:
+    """Start WORLD_SIZE ranks of tests/distributed/worker.py; their per-scenario results."""
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get(
-        "PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+        "PYTHONPATH", "")]), OMP_NUM_THREADS="1", FASTOPT_DIST_BACKEND=backend)
     env.pop("FASTOPT_BACKEND", None)
     env.pop("FASTOPT_DIST_ONLY", None)
     worker = os.path.join(HERE, "distributed", "worker.py")
@@ -61,14 +61,35 @@ def results(tmp_path_factory):
     return per_rank
 
 
-def scenario_names():
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_workers(tmp_path_factory.mktemp("gloo"), "gloo")
+
+
+@pytest.fixture(scope="module")
+def nccl_results(tmp_path_factory):
+    if not (dist.is_nccl_available() and torch.cuda.device_count() >= WORLD_SIZE):
+        pytest.skip(f"NCCL needs {WORLD_SIZE} GPUs")
+    return run_workers(tmp_path_factory.mktemp("nccl"), "nccl")
+
+
+def scenario_names(triton: bool):
     import worker
 
-    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-    return [n for n in worker.SCENARIOS if interpreter or n not in worker.NEEDS_INTERPRETER]
+    return [n for n in worker.SCENARIOS if triton or n not in worker.NEEDS_INTERPRETER]
 
 
-@pytest.mark.parametrize("scenario", scenario_names())
-def test_scenario_matches_torch_optim_on_every_rank(results, scenario):
-    for rank, per_rank in enumerate(results):
+def check(per_rank_results, scenario) -> None:
+    for rank, per_rank in enumerate(per_rank_results):
         assert per_rank.get(scenario) == "ok", f"rank {rank}, {scenario}:\n{per_rank.get(scenario)}"
+
+
+@pytest.mark.parametrize("scenario", scenario_names(os.environ.get("TRITON_INTERPRET") == "1"))
+def test_scenario_matches_torch_optim_on_every_rank(results, scenario):
+    check(results, scenario)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scenario", scenario_names(True))
+def test_scenario_with_nccl_on_gpus(nccl_results, scenario):
+    check(nccl_results, scenario)

@@ -136,3 +136,44 @@ def test_auto_backend_picks_triton_on_cuda_and_torch_for_fp64():
     c = torch.nn.Parameter(torch.randn(3))
     opt = fastopt.AdamW([a, b, c])
     assert [bk.backend for bk in opt._buckets[0]] == ["triton", "torch", "torch"]
+
+
+def test_saga_kernel_matches_the_reference_on_cuda():
+    from test_saga import ReferenceSAGA
+
+    shapes = [(1,), (129,), (2**20 + 3,), (0,), (), (7, 13, 5)]
+    init = [torch.randn(s, device="cuda") for s in shapes]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = fastopt.SAGA(ours_params, lr=0.05, num_samples=4, weight_decay=0.1, backend="triton")
+    ref = ReferenceSAGA([dict(params=ref_params, lr=0.05, num_samples=4, weight_decay=0.1)])
+    for step in range(12):
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step(index=step % 4)
+        ref.step(step % 4)
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("name,kwargs", [("adamw", {}), ("adam", dict(amsgrad=True)),
+                                         ("sgd", dict(lr=0.1, momentum=0.9))])
+def test_memory_estimate_bounds_what_a_step_allocates_on_cuda(name, kwargs):
+    from fastopt import memory
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 513)).cuda()
+    report = memory.estimate(model, name, **kwargs).devices["cuda:0"]
+    cls = {"adamw": fastopt.AdamW, "adam": fastopt.Adam, "sgd": fastopt.SGD}[name]
+    opt = cls(model.parameters(), **kwargs)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)  # plain grads, as autograd leaves them
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    opt.step()
+    torch.cuda.synchronize()
+    allocated_by_step = torch.cuda.max_memory_allocated() - start
+    slack = 64 * 1024  # the caching allocator rounds each block up to 512 bytes
+    assert report.state_bytes <= allocated_by_step <= report.new_bytes + slack

@@ -4,6 +4,9 @@ Every scenario runs the same setup twice, once with a fastopt optimizer and once
 torch.optim one (foreach=False), and records per scenario "ok" or what went wrong: params must
 match torch.optim within fp32 tolerance on every rank, and agree across ranks where the engine
 keeps replicas. Usage: python worker.py RANK WORLD_SIZE PORT OUT_DIR
+
+FASTOPT_DIST_BACKEND=nccl runs the same scenarios with NCCL, one GPU per rank (default: gloo on
+CPU tensors).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 import fastopt
 
 TOL = dict(rtol=2e-6, atol=2e-7)
+BACKEND = os.environ.get("FASTOPT_DIST_BACKEND", "gloo")
+DEVICE = torch.device("cpu")  # cuda:RANK with NCCL (set in main)
 STEPS = 5
 OPTIMIZERS = {
     "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -45,12 +50,14 @@ def make_model() -> torch.nn.Module:
     """The same init on every rank. The last layer has one output: its weight has 1 row, so
     under FSDP2 on 2 ranks one rank holds an empty shard of it (and of its bias)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1))
+    return model.to(DEVICE)
 
 
 def batch(rank: int, step: int):
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(8, 13, generator=gen), torch.randn(8, 1, generator=gen)
+    x, y = torch.randn(8, 13, generator=gen), torch.randn(8, 1, generator=gen)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def train(model, opt, rank: int, steps: int, first: int = 0) -> None:
@@ -220,14 +227,18 @@ NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}
 
 def main() -> None:
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    global DEVICE
+    if BACKEND == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     results = {}
     workdir = os.path.join(out_dir, "checkpoints")
     only = os.environ.get("FASTOPT_DIST_ONLY")
     for name, run in SCENARIOS.items():
-        if (only and only not in name) or (name in NEEDS_INTERPRETER
-                                           and os.environ.get("TRITON_INTERPRET") != "1"):
+        triton_ok = os.environ.get("TRITON_INTERPRET") == "1" or DEVICE.type == "cuda"
+        if (only and only not in name) or (name in NEEDS_INTERPRETER and not triton_ok):
             continue
         try:
             run(rank, os.path.join(workdir, name))

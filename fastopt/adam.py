@@ -11,8 +11,8 @@ from torch import Tensor
 
 from fastopt import dispatch
 from fastopt.flat import Bucket
-from fastopt.optimizer import FlatOptimizer, _same
-from fastopt.validation import check_adam, check_flags
+from fastopt.optimizer import FlatOptimizer, _same, precision_defaults
+from fastopt.validation import check_adam, check_flags, check_precision
 
 
 class Adam(FlatOptimizer):
@@ -57,10 +57,17 @@ class Adam(FlatOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         betas = check_adam(lr, betas, eps, weight_decay)
         check_flags(foreach, fused, differentiable)
+        check_precision(master_weights, state_dtype, stochastic_rounding, rounding_seed,
+                        max_grad_norm)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -73,6 +80,8 @@ class Adam(FlatOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            **precision_defaults(master_weights, state_dtype, stochastic_rounding, rounding_seed,
+                                 max_grad_norm),
         }
         super().__init__(params, defaults, backend=backend)
 
@@ -87,11 +96,11 @@ class Adam(FlatOptimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
 
-    def state_names(self, group: dict) -> list:
+    def state_names(self, group: dict, bucket: Bucket) -> list:
         names = ["exp_avg", "exp_avg_sq"]
         if group["amsgrad"]:
             names.append("max_exp_avg_sq")
-        return names
+        return names + self.precision_names(group, bucket)
 
     def run_key(self, bucket: Bucket, i: int):
         return bucket.step_ids[i]
@@ -127,6 +136,7 @@ class Adam(FlatOptimizer):
             decoupled=group["decoupled_weight_decay"],
             grad_scale=_on(grad_scale, bucket.device),
             found_inf=found_inf,
+            **self.precision_options(group, bucket, chunks),
         )
         if found_inf is not None:
             for count in counted:
@@ -158,6 +168,11 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -173,6 +188,11 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
+            max_grad_norm=max_grad_norm,
             backend=backend,
         )
 

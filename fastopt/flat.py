@@ -222,12 +222,14 @@ class Bucket:
         self.grad_ptrs = []
         self.real_views.pop("grad", None)
 
-    def ensure_state_buffer(self, name: str, rows: int | None = None) -> Tensor:
+    def ensure_state_buffer(self, name: str, rows: int | None = None,
+                            dtype: torch.dtype | None = None) -> Tensor:
         """The flat state buffer ``name`` (zeros when new): ``numel`` elements, or ``rows``
-        rows of ``numel`` (a per-sample table, row-major: each row is one flat layout)."""
+        rows of ``numel`` (a per-sample table, row-major: each row is one flat layout), in
+        ``dtype`` (default: the params')."""
         if name not in self.state:
             size = self.numel * (1 if rows is None else rows)
-            self.state[name] = torch.zeros(size, dtype=self.dtype, device=self.device)
+            self.state[name] = torch.zeros(size, dtype=dtype or self.dtype, device=self.device)
             if rows is not None:
                 self.rows[name] = rows
         return self.state[name]

@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastopt import dispatch
+from fastopt import clipping, dispatch
 from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local_value,
                           mark_laid_out,
                           real_dtype, runs)
-from fastopt.validation import check_grad, check_param
+from fastopt.precision import HALF_DTYPES
+from fastopt.validation import check_grad, check_param, check_precision
 
 
 class Chunk(NamedTuple):
@@ -52,6 +53,7 @@ class Chunk(NamedTuple):
     key: object
 
 
+MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
 _MIXED = object()  # uniform_key's answer when a bucket's params do not share one run key
 
 
@@ -74,8 +76,46 @@ class FlatOptimizer(Optimizer):
         self._step_supports_amp_scaling = True
 
     # ------------------------------------------------------------------ subclass interface
-    def state_names(self, group: dict) -> list:
+    def state_names(self, group: dict, bucket: Bucket) -> list:
         raise NotImplementedError
+
+    def state_dtype(self, group: dict, bucket: Bucket, name: str) -> torch.dtype:
+        """The dtype state ``name`` is stored in (see fastopt.precision): fp32 for the master
+        copy; else ``state_dtype`` if the group sets one, fp32 beside fp32 masters, or the
+        param's dtype as torch.optim keeps it."""
+        if name == MASTER:
+            return torch.float32
+        if group.get("state_dtype") is not None:
+            return group["state_dtype"]
+        if self._has_master(group, bucket):
+            return torch.float32
+        return bucket.dtype
+
+    @staticmethod
+    def _has_master(group: dict, bucket: Bucket) -> bool:
+        return bool(group.get("master_weights")) and bucket.dtype in HALF_DTYPES
+
+    def precision_names(self, group: dict, bucket: Bucket) -> list:
+        """``["master_param"]`` where the group keeps fp32 masters for this bucket's params."""
+        return [MASTER] if self._has_master(group, bucket) else []
+
+    def precision_options(self, group: dict, bucket: Bucket, chunks: list) -> dict:
+        """The keywords an update function takes for masters and stochastic rounding."""
+        options = {}
+        if MASTER in bucket.state:
+            options["masters"] = bucket.pieces(MASTER, chunks)
+        if group.get("stochastic_rounding") and bucket.dtype == torch.bfloat16:
+            options["rounding_seed"] = int(group.get("rounding_seed", 0))
+            options["offsets"] = [c.start for c in chunks]
+        return options
+
+    def check_bucket(self, group: dict, bucket: Bucket) -> None:
+        """Refuse a group option this bucket's params cannot take (clear error, at layout)."""
+        if group.get("stochastic_rounding") and bucket.dtype == torch.float16:
+            raise ValueError(
+                "stochastic_rounding=True supports bfloat16 params (fp32 bits truncated to 16); "
+                "for float16 params use master_weights=True"
+            )
 
     def run_key(self, bucket: Bucket, i: int):
         """Adjacent params with equal keys can be updated by one call (default: has state)."""
@@ -103,6 +143,10 @@ class FlatOptimizer(Optimizer):
         try:
             for p in group["params"]:
                 check_param(p)
+            if "master_weights" in group or "state_dtype" in group or "max_grad_norm" in group:
+                check_precision(group.get("master_weights", False), group.get("state_dtype"),
+                                group.get("stochastic_rounding", False),
+                                group.get("rounding_seed", 0), group.get("max_grad_norm"))
         except ValueError:
             self.param_groups.pop()
             raise
@@ -130,6 +174,7 @@ class FlatOptimizer(Optimizer):
             backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
                                        external=external)
             bucket = build_bucket(params, backend, external)
+            self.check_bucket(group, bucket)
             self._adopt_state(group, bucket)
             buckets.append(bucket)
         self._buckets[index] = buckets
@@ -141,13 +186,14 @@ class FlatOptimizer(Optimizer):
         stated = [i for i, p in enumerate(bucket.params) if self._live_state(p)]
         if not stated:
             return
-        names = list(self.state_names(group))
+        names = list(self.state_names(group, bucket))
         for i in stated:
             for key, value in self.state[bucket.params[i]].items():
                 if key != "step" and isinstance(value, Tensor) and key not in names:
                     names.append(key)
         for name in names:
-            bucket.ensure_state_buffer(name, self.state_rows(group, name))
+            bucket.ensure_state_buffer(name, self.state_rows(group, name),
+                                       self.state_dtype(group, bucket, name))
         with torch.no_grad():
             if self.uses_step:
                 steps = bucket.ensure_steps()
@@ -164,6 +210,8 @@ class FlatOptimizer(Optimizer):
                     if isinstance(value, Tensor):
                         value = local_value(value, bucket.params[i])
                         view.copy_(value.to(device=view.device, dtype=view.dtype))
+                    elif name == MASTER:  # state saved without masters: start from the param
+                        view.copy_(local_value(bucket.params[i].detach(), bucket.params[i]))
                 self._set_state(bucket.params[i], self._state_views(bucket, i, names))
                 bucket.has_state[i] = True
 
@@ -230,9 +278,24 @@ class FlatOptimizer(Optimizer):
                 plan = self._plan(index, bucket)
                 if plan is not None:
                     plans.append((group, bucket, plan))
+        max_norm = self._max_grad_norm()
+        if max_norm is not None:
+            grads = [g for _, _, (_, bucket_grads, _) in plans for g in bucket_grads]
+            self.grad_norm, grad_scale, found_inf = clipping.fold(grads, max_norm, grad_scale,
+                                                                  found_inf)
         for group, bucket, plan in plans:
             self._step_bucket(group, bucket, *plan, grad_scale, found_inf)
+        if max_norm is not None and closure is None:
+            return self.grad_norm
         return loss
+
+    def _max_grad_norm(self):
+        """The groups' ``max_grad_norm`` (one global norm: every group must agree)."""
+        values = {group.get("max_grad_norm") for group in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(f"max_grad_norm clips the norm of all grads together, so every "
+                             f"param group needs the same value, got {sorted(values, key=str)}")
+        return values.pop() if values else None
 
     def _plan(self, index: int, bucket: Bucket):
         """(participants, grads, in_place) of a bucket, every grad checked; None if no grads."""
@@ -264,7 +327,7 @@ class FlatOptimizer(Optimizer):
 
     def _step_bucket(self, group, bucket, participants, grads, in_place, grad_scale,
                      found_inf) -> None:
-        for name in self.state_names(group):
+        for name in self.state_names(group, bucket):
             if name not in bucket.state and any(bucket.has_state):
                 self._add_state_buffer(group, bucket, name)  # switched on mid-run (amsgrad)
         key = self.uniform_key(bucket)
@@ -332,17 +395,25 @@ class FlatOptimizer(Optimizer):
 
     def _add_state_buffer(self, group: dict, bucket: Bucket, name: str) -> None:
         """A new zero state tensor for every param of ``bucket`` that has state."""
-        bucket.ensure_state_buffer(name, self.state_rows(group, name))
+        buffer = bucket.ensure_state_buffer(name, self.state_rows(group, name),
+                                            self.state_dtype(group, bucket, name))
         for i, p in enumerate(bucket.params):
             if bucket.has_state[i]:
+                if name == MASTER:
+                    bucket.view(buffer, i).copy_(local_value(p.detach(), p))
                 dict.__setitem__(self.state[p], name, bucket.state_view(name, i))
 
     def _create_state(self, group: dict, bucket: Bucket, fresh: list) -> None:
-        names = self.state_names(group)
+        names = self.state_names(group, bucket)
         if not names and not self.uses_step:
             return  # SGD without momentum keeps no state at all, as torch's does
         for name in names:
-            bucket.ensure_state_buffer(name, self.state_rows(group, name))
+            buffer = bucket.ensure_state_buffer(name, self.state_rows(group, name),
+                                                self.state_dtype(group, bucket, name))
+            if name == MASTER:  # the fp32 copy starts as the param
+                for i in fresh:
+                    bucket.view(buffer, i).copy_(local_value(bucket.params[i].detach(),
+                                                             bucket.params[i]))
         if self.uses_step:
             bucket.ensure_steps()
         for i in fresh:
@@ -393,9 +464,32 @@ class FlatOptimizer(Optimizer):
         """Load torch.optim's per-param format (from any torch variant or fastopt) into the flat
         buffers. A dict that does not fit raises ``ValueError`` and changes nothing."""
         self._check_loadable(state_dict)
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):
+            # Options a checkpoint does not know (an older fastopt, torch.optim) keep the values
+            # this optimizer was built with: a master_weights=True run stays one.
+            state_dict = dict(state_dict, param_groups=[
+                {**{k: v for k, v in group.items() if k != "params"}, **saved}
+                for group, saved in zip(self.param_groups, saved_groups)])
         super().load_state_dict(state_dict)
+        self._keep_saved_dtypes(state_dict)
         self._buckets = None
         self._ensure_layout()
+
+    def _keep_saved_dtypes(self, state_dict: dict) -> None:
+        """torch.optim casts loaded state to the param's dtype; fastopt's buffers decide their
+        own dtype (fp32 masters and state beside bf16 params), so take the saved values as they
+        were and let the layout convert them (exactly, when the dtypes agree)."""
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for key, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(key)
+            if not saved or p not in self.state:
+                continue
+            entry = self.state[p]
+            for name, value in saved.items():
+                if name != "step" and isinstance(value, Tensor) and value.dtype != p.dtype:
+                    dict.__setitem__(entry, name, value)
 
     def _check_loadable(self, state_dict: dict) -> None:
         saved_groups = state_dict["param_groups"]
@@ -515,6 +609,22 @@ class _Entry(dict):
 
 def _plain_state(items: dict) -> defaultdict:
     return defaultdict(dict, {k: dict(v) for k, v in items.items()})
+
+
+def precision_defaults(master_weights: bool = False, state_dtype=None,
+                       stochastic_rounding: bool = False, rounding_seed: int = 0,
+                       max_grad_norm=None, *, rounding: bool = True) -> dict:
+    """The mixed-precision entries of a group's defaults (see fastopt.precision and
+    ``_clip``): only those that differ from the default, so a run without them has exactly
+    torch.optim's param_groups (groups may still set them; absent means default). SGD
+    (``rounding=False``: no step count to seed it) takes no stochastic rounding."""
+    chosen = {"master_weights": master_weights, "state_dtype": state_dtype,
+              "max_grad_norm": max_grad_norm}
+    if rounding:
+        chosen.update(stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
+    default = {"master_weights": False, "state_dtype": None, "max_grad_norm": None,
+               "stochastic_rounding": False, "rounding_seed": 0}
+    return {k: v for k, v in chosen.items() if v != default[k]}
 
 
 def _same(values: list):

@@ -70,7 +70,7 @@ class SAGA(FlatOptimizer):
         self._step_supports_amp_scaling = False  # GradScaler unscales the grads itself
         self._index = None
 
-    def state_names(self, group: dict) -> list:
+    def state_names(self, group: dict, bucket) -> list:
         return ["gradient_table", "gradient_mean"]
 
     def state_rows(self, group: dict, name: str):

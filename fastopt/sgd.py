@@ -5,12 +5,13 @@ The math is in ``torch_path.sgd_update`` and ``kernels/sgd.py``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fastopt import dispatch
 from fastopt.adam import _on
-from fastopt.optimizer import FlatOptimizer
-from fastopt.validation import check_flags, check_sgd
+from fastopt.optimizer import FlatOptimizer, precision_defaults
+from fastopt.validation import check_flags, check_precision, check_sgd
 
 
 class SGD(FlatOptimizer):
@@ -46,10 +47,14 @@ class SGD(FlatOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         check_sgd(lr, momentum, dampening, weight_decay, nesterov)
         check_flags(foreach, fused, differentiable)
+        check_precision(master_weights, state_dtype, False, 0, max_grad_norm)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -60,6 +65,8 @@ class SGD(FlatOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            **precision_defaults(master_weights, state_dtype, max_grad_norm=max_grad_norm,
+                                 rounding=False),
         }
         super().__init__(params, defaults, backend=backend)
 
@@ -72,8 +79,9 @@ class SGD(FlatOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def state_names(self, group: dict) -> list:
-        return ["momentum_buffer"] if group["momentum"] != 0 else []
+    def state_names(self, group: dict, bucket) -> list:
+        names = ["momentum_buffer"] if group["momentum"] != 0 else []
+        return names + self.precision_names(group, bucket)
 
     def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
         momentum = group["momentum"]
@@ -100,4 +108,5 @@ class SGD(FlatOptimizer):
                 is_first_step=first,
                 grad_scale=_on(grad_scale, bucket.device),
                 found_inf=_on(found_inf, bucket.device),
+                **self.precision_options(group, bucket, todo),
             )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastopt import precision
+
 
 def adam_update(
     params: list,
@@ -36,6 +38,9 @@ def adam_update(
     decoupled: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    masters: list | None = None,
+    rounding_seed: int | None = None,
+    offsets: list | None = None,
 ) -> None:
     r"""Adam (Kingma & Ba, 2014) or, with ``decoupled``, AdamW (Loshchilov & Hutter, 2017).
 
@@ -52,6 +57,14 @@ def adam_update(
     if not params:
         return
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    if precision.needs_fp32(params, states, masters, rounding_seed):
+        # fp32 masters, narrower state or stochastic rounding: fp32 math on widened copies
+        precision.run_fp32(op, params, grads, states, steps, masters=masters, seed=rounding_seed,
+                           offsets=offsets, lr=lr, beta1=beta1, beta2=beta2,
+                           weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+                           maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+        return
     op(
         params,
         grads,
@@ -85,6 +98,7 @@ def sgd_update(
     is_first_step: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    masters: list | None = None,
 ) -> None:
     r"""SGD with momentum (Sutskever et al., 2013, as torch.optim.SGD).
 
@@ -97,6 +111,13 @@ def sgd_update(
     ``momentum_buffers`` is empty when ``momentum == 0``.
     """
     if not params:
+        return
+    if precision.needs_fp32(params, [momentum_buffers], masters, None):
+        precision.run_fp32(torch._fused_sgd_, params, grads, [momentum_buffers], None,
+                           masters=masters, weight_decay=weight_decay, momentum=momentum, lr=lr,
+                           dampening=dampening, nesterov=nesterov, maximize=maximize,
+                           is_first_step=is_first_step, grad_scale=grad_scale,
+                           found_inf=found_inf)
         return
     if params[0].dtype in (torch.float16, torch.bfloat16) and params[0].device.type == "cpu":
         # torch's CPU _fused_sgd_ skips elements of fp16/bf16 tensors (seen in torch 2.13: after

@@ -49,6 +49,30 @@ def check_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_precision(master_weights, state_dtype, stochastic_rounding, rounding_seed,
+                    max_grad_norm) -> None:
+    """The mixed-precision options (see fastopt.precision)."""
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, "
+                         "torch.bfloat16 or torch.float16)")
+    if stochastic_rounding and master_weights:
+        raise ValueError("stochastic_rounding=True rounds the params themselves; with "
+                         "master_weights=True the fp32 master copy already keeps every bit of "
+                         "the update: use one or the other")
+    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) \
+            or not 0 <= rounding_seed < 2**32:
+        raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (an int in [0, 2**32))")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                          and not isinstance(max_grad_norm, bool)
+                                          and max_grad_norm > 0.0):
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (a positive number or None)")
+
+
 def check_saga(lr, num_samples, weight_decay) -> None:
     check_lr(lr)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:

@@ -1,0 +1,129 @@
+"""Mixed precision on the torch path: fp32 math for params and state stored narrower.
+
+Three options change what is stored, never the math (always fp32):
+
+- ``master_weights=True``: bf16/fp16 params get an fp32 copy (state ``master_param``); the
+  update runs on it and the param receives it rounded to nearest.
+- ``state_dtype=torch.bfloat16`` (or float16): the moments are stored in that dtype, widened to
+  fp32 for the update and rounded to nearest on the way back.
+- ``stochastic_rounding=True`` (bf16 params without master weights): the param is rounded up
+  or down at random, with probability given by its distance to each neighbour, so small updates
+  survive on average. The randomness is a counter-based hash of (seed, step, element offset in
+  the flat buffer) — no RNG state: a resumed run rounds exactly as an uninterrupted one, and the
+  global RNG is neither used nor needed.
+
+``run_fp32`` does an update on fp32 copies of slices of the buffers with torch's fused fp32
+op, then stores the results back. The Triton kernels do the same in registers (kernels/adam.py);
+the hash is the same, so both backends round identically when their fp32 results agree.
+
+The hash, on uint32 words (every product taken mod 2**32):
+
+    x = offset * 0x9E3779B1 + step * 0x85EBCA77 + seed * 0xC2B2AE3D
+    x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+    noise = x & 0xFFFF
+
+and the bf16 result is the top 16 bits of (fp32 bits + noise): rounded away from zero with
+probability (dropped bits) / 2**16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SLICE = 1 << 20  # elements widened to fp32 at a time (bounds the temporaries: 4 MiB each)
+MASK32 = 0xFFFFFFFF
+OFFSET_MIX, STEP_MIX, SEED_MIX = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+HASH_MUL1, HASH_MUL2 = 0x7FEB352D, 0x846CA68B
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def mul32(x: Tensor, constant: int) -> Tensor:
+    """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & MASK32
+
+
+def rounding_noise(seed: int, step: Tensor, start: int, n: int, device) -> Tensor:
+    """16 random bits per element ``start .. start + n`` of a flat buffer, for step ``step``."""
+    offsets = torch.arange(start, start + n, dtype=torch.int64, device=device) & MASK32
+    step_word = step.to(torch.int64) & MASK32
+    x = mul32(offsets, OFFSET_MIX)
+    x = (x + mul32(step_word, STEP_MIX) + (seed * SEED_MIX & MASK32)) & MASK32
+    x = x ^ (x >> 16)
+    x = mul32(x, HASH_MUL1)
+    x = x ^ (x >> 15)
+    x = mul32(x, HASH_MUL2)
+    x = x ^ (x >> 16)
+    return x & 0xFFFF
+
+
+def round_stochastic(value: Tensor, noise: Tensor) -> Tensor:
+    """fp32 ``value`` to bf16, rounding up or down with the given 16-bit noise."""
+    bits = value.view(torch.int32).to(torch.int64) & MASK32
+    bits = ((bits + noise) & 0xFFFF0000).to(torch.int64)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0) -> None:
+    """Write fp32 ``value`` into ``target`` (its own dtype): nearest, or stochastically into
+    bf16 when ``seed`` is given. ``start`` is ``target``'s offset in its flat buffer."""
+    if value is target:
+        return
+    if seed is not None and target.dtype == torch.bfloat16:
+        noise = rounding_noise(seed, step, start, value.numel(), value.device)
+        target.copy_(round_stochastic(value, noise.view(value.shape)))
+    else:
+        target.copy_(value)
+
+
+def slices(tensor: Tensor, start: int):
+    """(flat slice, its offset in the flat buffer) pieces of at most SLICE elements."""
+    flat = tensor.reshape(-1)
+    for lo in range(0, flat.numel(), SLICE):
+        yield flat[lo : lo + SLICE], start + lo
+
+
+def run_fp32(fused, params, grads, states, steps, *, masters=None, seed=None, offsets=None,
+             **kwargs) -> None:
+    """Call ``fused(params32, grads32, *states32, steps, **kwargs)`` (a torch fused fp32 op, its
+    tensor lists first) on fp32 copies of at most SLICE elements at a time, then store the
+    results back: into ``masters`` and (rounded) into ``params`` when masters are given, else
+    into ``params``; state lists back into their own dtypes.
+
+    ``states`` is a list of tensor lists (each aligned with ``params``; an empty list stays
+    empty). ``offsets`` gives each param's offset in its flat buffer (stochastic rounding)."""
+    offsets = offsets if offsets is not None else [0] * len(params)
+    for j, param in enumerate(params):
+        source = masters[j] if masters is not None else param
+        sources = list(slices(source, offsets[j]))
+        param_pieces = list(slices(param, offsets[j]))
+        grad_pieces = list(slices(grads[j], 0))
+        state_pieces = [list(slices(state[j], 0)) if state else None for state in states]
+        for k, (piece, start) in enumerate(sources):
+            p32 = piece.float()
+            s32 = [[s[k][0].float()] if s is not None else [] for s in state_pieces]
+            step = [] if steps is None else [[steps[j]]]
+            fused([p32], [grad_pieces[k][0].float()], *s32, *step, **kwargs)
+            if masters is not None:
+                store(piece, p32)  # the fp32 master (p32 is the master itself: no copy)
+                store(param_pieces[k][0], p32)
+            else:
+                rounding = {} if seed is None else dict(seed=seed, step=steps[j], start=start)
+                store(piece, p32, **rounding)
+            for s, values in zip(state_pieces, s32):
+                if s is not None:
+                    store(s[k][0], values[0])
+
+
+def needs_fp32(params: list, states: list, masters, seed) -> bool:
+    """Does this update store anything in a dtype other than its params' (so the fused op,
+    which wants one dtype, must run on fp32 copies)?"""
+    if not params:
+        return False
+    dtype = params[0].dtype
+    if masters is not None or (seed is not None and dtype == torch.bfloat16):
+        return True
+    return any(state and state[0].dtype != dtype for state in states)

@@ -10,6 +10,11 @@ Per element, in fp32 (the param's dtype is only its storage):
     vm = max(vm, v)                   (AMSGRAD; vm is what the denominator uses)
     p  = p - lr / (1 - beta1^t) * m / (sqrt(vm) / sqrt(1 - beta2^t) + eps)
 
+With an fp32 master copy (HAS_MASTER) the update runs on the master, which is stored, and the
+param receives it rounded to nearest; with STOCHASTIC_ROUNDING (bf16 params) the param is
+rounded with hashed noise (kernels/rounding.py). Moments may be stored in any float dtype:
+they are widened on load and rounded to nearest on store.
+
 The bias corrections are computed in fp64 (beta^t by repeated squaring) from betas held in a
 small fp64 device tensor, as torch.optim computes them in Python floats.
 
@@ -27,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .rounding import round_bf16_stochastic, seed_word, to_storage
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,6 +53,7 @@ def _adam_kernel(
     lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
     grad_scale_ptr,  # fp32 GradScaler scale (HAS_GRAD_SCALE only)
     found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
+    master_ptr,  # fp32 master copy of the params, updated in place (HAS_MASTER only)
     lr,  # learning rate (when not LR_ON_DEVICE)
     decay_factor,  # 1 - lr * weight_decay, from the host (AdamW, when not LR_ON_DEVICE)
     beta1,
@@ -54,6 +61,8 @@ def _adam_kernel(
     weight_decay,
     eps,
     n_elements,  # elements in this flat buffer
+    base_offset,  # offset of this buffer's first element in its flat layout (STOCHASTIC_ROUNDING)
+    seed_word,  # the rounding seed, mixed (STOCHASTIC_ROUNDING)
     AMSGRAD: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -61,6 +70,8 @@ def _adam_kernel(
     LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -72,7 +83,10 @@ def _adam_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_MASTER:
+        param = tl.load(master_ptr + offsets, mask=mask)
+    else:
+        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -116,16 +130,25 @@ def _adam_kernel(
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + offsets,
-                 max_exp_avg_sq.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+                 to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bias_correction2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
     # addcdiv_(exp_avg, denom, value=-step_size); IEEE sqrt and division (tl.sqrt is approximate)
     param = param + tl.div_rn(-step_size * exp_avg, denom)
 
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, param, mask=mask)
+    if STOCHASTIC_ROUNDING:
+        rounded = round_bf16_stochastic(param, base_offset + offsets, step, seed_word)
+        tl.store(param_ptr + offsets, rounded, mask=mask)
+    else:
+        tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, to_storage(exp_avg_sq, exp_avg_sq_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def adam_update(
@@ -146,9 +169,13 @@ def adam_update(
     decoupled: bool,
     grad_scale=None,
     found_inf=None,
+    masters=None,
+    rounding_seed=None,
+    offsets=None,
 ) -> None:
     """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.adam_update``."""
     lr_on_device = isinstance(lr, torch.Tensor)
+    stochastic = rounding_seed is not None and masters is None
     block = launch.block_size()
     for i, param in enumerate(params):
         n = param.numel()
@@ -165,6 +192,7 @@ def adam_update(
             lr if lr_on_device else steps[i],
             grad_scale if grad_scale is not None else steps[i],
             found_inf if found_inf is not None else steps[i],
+            masters[i] if masters is not None else param,
             0.0 if lr_on_device else float(lr),
             1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
             float(beta1),
@@ -172,6 +200,8 @@ def adam_update(
             float(weight_decay),
             float(eps),
             n,
+            offsets[i] if stochastic else 0,
+            seed_word(rounding_seed) if stochastic else 0,
             AMSGRAD=amsgrad,
             HAS_WEIGHT_DECAY=weight_decay != 0,
             DECOUPLED=decoupled,
@@ -179,6 +209,8 @@ def adam_update(
             LR_ON_DEVICE=lr_on_device,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
+            HAS_MASTER=masters is not None,
+            STOCHASTIC_ROUNDING=stochastic and param.dtype == torch.bfloat16,
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )

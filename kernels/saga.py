@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .rounding import to_storage
 
 
 @triton.jit
@@ -41,18 +42,18 @@ def _saga_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
     param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     row = tl.load(row_ptr + offsets, mask=mask).to(tl.float32)
     mean = tl.load(mean_ptr + offsets, mask=mask).to(tl.float32)
-    delta = grad.to(tl.float32) - row
+    delta = grad - row
     update = delta + mean
     if HAS_WEIGHT_DECAY:
         update = tl.fma(param, weight_decay, update)  # add_(param, alpha=wd) fuses the same way
     param = tl.fma(update, -lr, param)
     mean = tl.fma(delta, inv_num_samples, mean)
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + offsets, mean.to(mean_ptr.dtype.element_ty), mask=mask)
-    tl.store(row_ptr + offsets, grad.to(row_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + offsets, to_storage(mean, mean_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_ptr + offsets, to_storage(grad, row_ptr.dtype.element_ty), mask=mask)
 
 
 def saga_update(params: list, grads: list, rows: list, means: list, *, lr, weight_decay: float,

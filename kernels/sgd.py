@@ -10,7 +10,9 @@ Per element, in fp32:
     g   = g + momentum * buf (NESTEROV)   or   g = buf
     p   = p - lr * g
 
-A tensor ``lr``, ``grad_scale`` and ``found_inf`` are read on the device; when ``found_inf`` is
+With an fp32 master copy (HAS_MASTER) the update runs on it and the param receives it rounded
+to nearest; the momentum buffer may be stored in any float dtype. A tensor ``lr``,
+``grad_scale`` and ``found_inf`` are read on the device; when ``found_inf`` is
 nonzero nothing is stored.
 """
 
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .rounding import to_storage
 
 
 @triton.jit
@@ -31,6 +34,7 @@ def _sgd_kernel(
     lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
     grad_scale_ptr,  # fp32 GradScaler scale (HAS_GRAD_SCALE only)
     found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
+    master_ptr,  # fp32 master copy of the params, updated in place (HAS_MASTER only)
     lr,  # learning rate (when not LR_ON_DEVICE)
     momentum,
     dampening,
@@ -44,6 +48,7 @@ def _sgd_kernel(
     LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -54,7 +59,10 @@ def _sgd_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_MASTER:
+        param = tl.load(master_ptr + offsets, mask=mask)
+    else:
+        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
@@ -70,14 +78,16 @@ def _sgd_kernel(
         else:
             buf = tl.load(momentum_buffer_ptr + offsets, mask=mask).to(tl.float32)
             buf = tl.fma(grad, 1.0 - dampening, buf * momentum)
-        tl.store(momentum_buffer_ptr + offsets, buf.to(momentum_buffer_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(momentum_buffer_ptr + offsets,
+                 to_storage(buf, momentum_buffer_ptr.dtype.element_ty), mask=mask)
         if NESTEROV:
             grad = tl.fma(buf, momentum, grad)
         else:
             grad = buf
     param = tl.fma(grad, -lr, param)
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, param, mask=mask)
+    tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
 
 
 def sgd_update(
@@ -94,6 +104,7 @@ def sgd_update(
     is_first_step: bool,
     grad_scale=None,
     found_inf=None,
+    masters=None,
 ) -> None:
     """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.sgd_update``."""
     lr_on_device = isinstance(lr, torch.Tensor)
@@ -110,6 +121,7 @@ def sgd_update(
             lr if lr_on_device else param,
             grad_scale if grad_scale is not None else param,
             found_inf if found_inf is not None else param,
+            masters[i] if masters is not None else param,
             0.0 if lr_on_device else float(lr),
             float(momentum),
             float(dampening),
@@ -123,6 +135,7 @@ def sgd_update(
             LR_ON_DEVICE=lr_on_device,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
+            HAS_MASTER=masters is not None,
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )

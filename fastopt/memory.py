@@ -8,8 +8,9 @@ layout will hold for a given set of params, optimizer and options:
 - ``state_bytes``: the optimizer state that exists after the first step, exactly as fastopt
   lays it out: per bucket (param group x device x dtype) one flat buffer per state tensor
   (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
-  SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) plus Adam's float32
-  step counts, one per param;
+  SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) in its stored dtype
+  (``state_dtype``), the fp32 ``master_param`` of bf16/fp16 params (``master_weights``), plus
+  Adam's float32 step counts, one per param;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
   are copied into (first step; every step on the Triton path after ``zero_grad()`` set the grads
   to None) and the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA);
@@ -33,6 +34,7 @@ import psutil
 import torch
 
 from fastopt.flat import is_movable, local
+from fastopt.precision import HALF_DTYPES
 
 STEP_BYTES = 4  # fastopt keeps Adam's step counts as float32, one per param
 
@@ -123,7 +125,7 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
                 bucket["movable_bytes"] += size
         for (where, dtype), bucket in buckets.items():
             entry = report.devices[where]
-            entry.state_bytes += _state_bytes(cls.__name__, group_options, bucket)
+            entry.state_bytes += _state_bytes(cls.__name__, group_options, bucket, dtype)
             entry.scratch_bytes += _scratch_bytes(cls.__name__, group_options, bucket, where,
                                                   dtype)
     for entry in report.devices.values():
@@ -131,10 +133,21 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
     return report
 
 
-def _state_bytes(name: str, options: dict, bucket: dict) -> int:
+def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype) -> int:
+    """State buffers in their stored dtype (``state_dtype``; fp32 beside fp32 masters), the
+    fp32 master copy of half-precision params (``master_weights``) and Adam's steps."""
+    elements = bucket["bytes"] // _itemsize(dtype)  # real elements of the bucket
+    master = bool(options.get("master_weights")) and dtype in HALF_DTYPES
+    stored = options.get("state_dtype") or (torch.float32 if master else dtype)
+    if name == "SAGA":
+        stored = dtype
     copies = _state_copies(name, options)
     steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
-    return copies * bucket["bytes"] + steps
+    return copies * elements * _itemsize(stored) + (4 * elements if master else 0) + steps
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _state_copies(name: str, options: dict) -> int:
@@ -247,6 +260,10 @@ def _describe(options: dict) -> str:
         shown.append(f"momentum={options['momentum']}")
     if options.get("num_samples"):
         shown.append(f"num_samples={options['num_samples']}")
+    if options.get("master_weights"):
+        shown.append("master_weights")
+    if options.get("state_dtype") is not None:
+        shown.append(f"state {str(options['state_dtype']).replace('torch.', '')}")
     return f" ({', '.join(shown)})" if shown else ""
 
 
@@ -256,6 +273,8 @@ VARIANTS = {
     "adam": ("adam", {}),
     "adam-amsgrad": ("adam", {"amsgrad": True}),
     "adamw": ("adamw", {}),
+    "adamw-master": ("adamw", {"master_weights": True}),
+    "adamw-bf16-state": ("adamw", {"state_dtype": torch.bfloat16}),
     "saga": ("saga", {}),
 }
 

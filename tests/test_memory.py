@@ -15,6 +15,10 @@ CONFIGS = [
     ("adam-amsgrad", fastopt.Adam, dict(amsgrad=True)),
     ("adamw", fastopt.AdamW, dict(weight_decay=0.1)),
     ("saga", fastopt.SAGA, dict(lr=0.1, num_samples=3)),
+    ("adamw-master", fastopt.AdamW, dict(master_weights=True)),
+    ("adam-bf16-state", fastopt.Adam, dict(state_dtype=torch.bfloat16, amsgrad=True)),
+    ("sgd-master-fp32-state", fastopt.SGD, dict(lr=0.1, momentum=0.9, master_weights=True,
+                                                  state_dtype=torch.float32)),
 ]
 SHAPES = [(129,), (), (0,), (4, 5), (65,)]
 

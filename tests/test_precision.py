@@ -1,0 +1,283 @@
+"""Mixed precision and lean state: master weights, bf16 state, stochastic rounding, fused
+clipping — each against a reference that does the same math with torch.optim."""
+
+import io
+
+import pytest
+import torch
+from helpers import BACKENDS, TOLERANCES, make_params
+
+import fastopt
+
+FP32 = TOLERANCES[torch.float32]
+SHAPES = [(129,), (4, 5), (), (0,), (4097,)]
+HALF = [torch.bfloat16, torch.float16]
+CASES = {
+    "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1)),
+    "Adam": (fastopt.Adam, torch.optim.Adam, dict(lr=1e-3, amsgrad=True, weight_decay=0.1)),
+    "SGD": (fastopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+}
+
+
+def grads_for(params, gen, dtype):
+    return [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name", list(CASES))
+def test_master_weights_follow_an_fp32_torch_run(name, dtype, backend):
+    """Half-precision params with fp32 masters = torch.optim on fp32 params fed the same
+    (half-precision) grads: the master equals the fp32 run, the param is the master rounded."""
+    ours_cls, ref_cls, kwargs = CASES[name]
+    init = [t.to(dtype) for t in make_params(SHAPES, seed=3)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    fp32 = [torch.nn.Parameter(t.float()) for t in init]
+    ours = ours_cls(params, master_weights=True, backend=backend, **kwargs)
+    ref = ref_cls(fp32, foreach=False, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(8):
+        for i, (p, q, g) in enumerate(zip(params, fp32, grads_for(params, gen, dtype))):
+            if (step + i) % 5 == 2:
+                p.grad = q.grad = None
+            else:
+                p.grad, q.grad = g, g.float()
+        ours.step()
+        ref.step()
+        for p, q in zip(params, fp32):
+            if p in ours.state:
+                master = ours.state[p]["master_param"]
+                assert master.dtype == torch.float32
+                torch.testing.assert_close(master, q.detach(), **FP32)
+                assert torch.equal(p.detach(), master.to(dtype))
+            else:
+                assert torch.equal(p.detach(), q.detach().to(dtype))
+        for p, q in zip(params, fp32):
+            for key, value in ref.state[q].items() if q in ref.state else ():
+                torch.testing.assert_close(ours.state[p][key].float(), value.float(), **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_state_is_fp32_math_on_bf16_stored_state(name, backend):
+    """state_dtype=bf16 = torch.optim's fused fp32 step with the state rounded to bf16 after
+    every step (the same math, the same storage)."""
+    ours_cls, ref_cls, kwargs = CASES[name]
+    init = make_params(SHAPES, seed=4)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = ours_cls(params, state_dtype=torch.bfloat16, backend=backend, **kwargs)
+    ref = ref_cls(twins, fused=True, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    mismatched = total = 0
+    for _ in range(6):
+        for p, q, g in zip(params, twins, grads_for(params, gen, torch.float32)):
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        ref.step()
+        for q in twins:
+            for key, value in ref.state[q].items():
+                if key != "step":
+                    value.copy_(value.to(torch.bfloat16))
+        for p, q in zip(params, twins):
+            for key, value in ref.state[q].items():
+                if key == "step":
+                    continue
+                assert ours.state[p][key].dtype == torch.bfloat16
+                close = torch.isclose(ours.state[p][key].float(), value, rtol=0, atol=0)
+                mismatched += int((~close).sum())
+                total += close.numel()
+                # a state value may land one bf16 step away when the fp32 results differ by an
+                # ulp across a rounding boundary (the Triton kernel's fp32 math vs torch's)
+                torch.testing.assert_close(ours.state[p][key].float(), value, rtol=2**-7, atol=0)
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert mismatched <= total * 1e-3, (mismatched, total)
+    if backend == "torch":
+        assert mismatched == 0
+
+
+def adam_run(params, backend, steps, gen, opt=None, **kwargs):
+    opt = opt or fastopt.AdamW(params, lr=1e-3, stochastic_rounding=True, rounding_seed=7,
+                               backend=backend, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_resume_is_bit_identical_and_ignores_the_global_rng(backend):
+    init = [t.bfloat16() for t in make_params([(4097,), (3, 5)], seed=5)]
+    straight = [torch.nn.Parameter(t.clone()) for t in init]
+    torch.manual_seed(123)
+    adam_run(straight, backend, 6, torch.Generator().manual_seed(0))
+    resumed = [torch.nn.Parameter(t.clone()) for t in init]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(999)  # a different global RNG state changes nothing
+    first = adam_run(resumed, backend, 3, gen)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in resumed]
+    second = fastopt.AdamW(copies, lr=1e-3, stochastic_rounding=True, rounding_seed=7,
+                           backend=backend)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    adam_run(copies, backend, 3, gen, opt=second)
+    for p, q in zip(straight, copies):
+        assert torch.equal(p, q)
+
+
+def test_stochastic_rounding_is_the_same_on_both_backends_and_keeps_small_updates():
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton interpreter")
+    init = [torch.ones(20000, dtype=torch.bfloat16)]
+    results = {}
+    for backend in ("torch", "triton"):
+        params = [torch.nn.Parameter(init[0].clone())]
+        opt = fastopt.AdamW(params, lr=1e-4, weight_decay=0, stochastic_rounding=True,
+                            backend=backend)
+        for _ in range(5):
+            params[0].grad = torch.ones(20000, dtype=torch.bfloat16)
+            opt.step()
+        results[backend] = params[0].detach().clone()
+    assert torch.equal(results["torch"], results["triton"])
+    # Adam's first steps move each element by ~lr: 5e-4 in all, far below half a bf16 step
+    # at 1.0 (2**-8). Rounding to nearest would keep every element at 1.0; stochastic rounding
+    # keeps the expected value: the mean moves by 5e-4 (the standard error here is ~2e-5).
+    nearest = [torch.nn.Parameter(init[0].clone())]
+    opt = fastopt.AdamW(nearest, lr=1e-4, weight_decay=0)
+    for _ in range(5):
+        nearest[0].grad = torch.ones(20000, dtype=torch.bfloat16)
+        opt.step()
+    assert torch.equal(nearest[0].detach(), init[0])
+    assert abs((1.0 - results["torch"].float().mean().item()) - 5e-4) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_max_grad_norm_equals_clip_grad_norm_then_step(name, backend):
+    ours_cls, ref_cls, kwargs = CASES[name]
+    init = make_params(SHAPES, seed=6)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 2e-3}]
+    ref_groups = [{"params": twins[:2]}, {"params": twins[2:], "lr": 2e-3}]
+    ours = ours_cls(groups, max_grad_norm=5.0, backend=backend, **kwargs)
+    ref = ref_cls(ref_groups, foreach=False, **kwargs)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(6):
+        scale = 10.0 if step % 2 else 0.01  # clipped on odd steps only
+        for p, q in zip(params, twins):
+            g = torch.randn(p.shape, generator=gen) * scale
+            p.grad, q.grad = g, g.clone()
+        norm = ours.step()
+        expected = torch.nn.utils.clip_grad_norm_(twins, 5.0)
+        ref.step()
+        torch.testing.assert_close(norm, expected, **FP32)
+        assert ours.grad_norm is norm
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p.detach(), q.detach(), **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_grad_norm_with_grad_scaler_and_an_inf_step(backend):
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(32, 8), torch.nn.Linear(32, 8)
+    twin.load_state_dict(model.state_dict())
+    ours = fastopt.AdamW(model.parameters(), lr=0.1, max_grad_norm=0.5, backend=backend)
+    ref = torch.optim.AdamW(twin.parameters(), lr=0.1, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
+    for step in range(4):
+        x = torch.randn(16, 32)
+        before = [p.detach().clone() for p in model.parameters()]
+        for net in (model, twin):
+            net.zero_grad()
+        scalers[0].scale(model(x).pow(2).sum()).backward()
+        scalers[1].scale(twin(x).pow(2).sum()).backward()
+        if step == 2:
+            model.weight.grad[0, 0] = twin.weight.grad[0, 0] = float("inf")
+        scalers[0].step(ours)
+        scalers[1].unscale_(ref)
+        if step != 2:
+            expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+            torch.testing.assert_close(ours.grad_norm, expected, **FP32)
+        scalers[1].step(ref)
+        for scaler in scalers:
+            scaler.update()
+        if step == 2:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, **FP32)
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+def test_a_non_finite_norm_skips_the_step_without_amp():
+    params = [torch.nn.Parameter(torch.ones(5))]
+    opt = fastopt.Adam(params, max_grad_norm=1.0)
+    params[0].grad = torch.tensor([1.0, float("nan"), 0.0, 0.0, 0.0])
+    norm = opt.step()
+    assert torch.isnan(norm) and torch.equal(params[0].detach(), torch.ones(5))
+    assert opt.state[params[0]]["step"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_state_dict_round_trip_and_torch_checkpoints(backend):
+    init = [t.bfloat16() for t in make_params([(33,), (2, 3)], seed=8)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fastopt.AdamW(params, master_weights=True, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    adam_run(params, backend, 3, gen, opt=opt)
+    saved = opt.state_dict()
+    assert saved["state"][0]["master_param"].dtype == torch.float32
+    assert saved["param_groups"][0]["master_weights"] is True
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = fastopt.AdamW(copies, master_weights=True, backend=backend)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    for p, q in zip(params, copies):  # the fp32 master survives loading (not cast to bf16)
+        assert torch.equal(opt.state[p]["master_param"], again.state[q]["master_param"])
+    gen_a, gen_b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    adam_run(params, backend, 2, gen_a, opt=opt)
+    adam_run(copies, backend, 2, gen_b, opt=again)
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    # A torch.optim checkpoint (no masters, options it does not know) into a master_weights
+    # optimizer: the option stays on and the masters start from the params.
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    torch_opt = torch.optim.AdamW(twins)
+    for q in twins:
+        q.grad = torch.ones_like(q)
+    torch_opt.step()
+    fresh = [torch.nn.Parameter(q.detach().clone()) for q in twins]
+    ours = fastopt.AdamW(fresh, master_weights=True, backend=backend)
+    ours.load_state_dict(torch_opt.state_dict())
+    assert ours.param_groups[0]["master_weights"] is True
+    for p in fresh:
+        assert torch.equal(ours.state[p]["master_param"], p.detach().float())
+
+
+def test_bad_combinations_get_clear_errors():
+    bf16 = [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))]
+    fp16 = [torch.nn.Parameter(torch.ones(3, dtype=torch.float16))]
+    with pytest.raises(ValueError, match="use one or the other"):
+        fastopt.AdamW(bf16, master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="supports bfloat16 params"):
+        fastopt.AdamW(fp16, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        fastopt.Adam(bf16, state_dtype=torch.int16)
+    with pytest.raises(ValueError, match="Invalid max_grad_norm: -1"):
+        fastopt.SGD(bf16, lr=0.1, max_grad_norm=-1)
+    with pytest.raises(ValueError, match="Invalid max_grad_norm"):
+        fastopt.AdamW([{"params": bf16, "max_grad_norm": 0}])
+    with pytest.raises(TypeError):
+        fastopt.SGD(bf16, lr=0.1, stochastic_rounding=True)  # SGD keeps no step count to seed it
+    opt = fastopt.AdamW([{"params": bf16}, {"params": fp16, "max_grad_norm": 2.0}],
+                        max_grad_norm=1.0)
+    for p in bf16 + fp16:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="every param group needs the same value"):
+        opt.step()
+    assert not opt.state

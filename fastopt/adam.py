@@ -9,10 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastopt import dispatch
-from fastopt.flat import Bucket
-from fastopt.optimizer import FlatOptimizer, _same, precision_defaults
+from fastopt import dispatch, quantization
+from fastopt.flat import Bucket, local
+from fastopt.optimizer import MASTER, FlatOptimizer, _same, precision_defaults
 from fastopt.validation import check_adam, check_flags, check_precision
+
+
+INT8 = "int8"
 
 
 class Adam(FlatOptimizer):
@@ -41,6 +44,7 @@ class Adam(FlatOptimizer):
 
     uses_step = True
     error_name = "Adam"
+    int8_state_ok = True
 
     def __init__(
         self,
@@ -67,7 +71,7 @@ class Adam(FlatOptimizer):
         betas = check_adam(lr, betas, eps, weight_decay)
         check_flags(foreach, fused, differentiable)
         check_precision(master_weights, state_dtype, stochastic_rounding, rounding_seed,
-                        max_grad_norm)
+                        max_grad_norm, int8_ok=True, amsgrad=amsgrad)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -98,9 +102,42 @@ class Adam(FlatOptimizer):
 
     def state_names(self, group: dict, bucket: Bucket) -> list:
         names = ["exp_avg", "exp_avg_sq"]
-        if group["amsgrad"]:
+        if bucket.variant == INT8:
+            names += ["exp_avg_absmax", "exp_avg_sq_absmax"]
+        elif group["amsgrad"]:
             names.append("max_exp_avg_sq")
         return names + self.precision_names(group, bucket)
+
+    # 8-bit state (state_dtype="int8"): params of MIN_SIZE elements or more get blockwise codes
+    # (uint8, param-shaped) and per-block scales (``*_absmax``); smaller ones keep fp32 state.
+    def bucket_variant(self, group: dict, p: Tensor):
+        if group.get("state_dtype") == INT8 and local(p).numel() >= quantization.MIN_SIZE:
+            return INT8
+        return None
+
+    def state_dtype(self, group: dict, bucket: Bucket, name: str) -> torch.dtype:
+        if group.get("state_dtype") != INT8 or name == MASTER:
+            return super().state_dtype(group, bucket, name)
+        if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq"):
+            return quantization.CODES
+        return torch.float32
+
+    def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
+        if name.endswith("_absmax"):
+            return (quantization.num_blocks(local(p).numel()),)
+        return super().saved_state_shape(group, p, name)
+
+    def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
+        """Saved fp32 moments (torch.optim's, or fastopt's without 8-bit state) are encoded."""
+        if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq") \
+                and value.is_floating_point():
+            signed = name == "exp_avg"
+            values = value.float() if signed else value.float().clamp(min=0).sqrt()
+            codes, scales = quantization.quantize(values.to(bucket.device), signed)
+            bucket.local_view(name, i).copy_(codes)
+            bucket.local_view(f"{name}_absmax", i).copy_(scales)
+            return
+        super().adopt_value(bucket, i, name, value)
 
     def run_key(self, bucket: Bucket, i: int):
         return bucket.step_ids[i]
@@ -119,25 +156,28 @@ class Adam(FlatOptimizer):
         found_inf = _on(found_inf, bucket.device)
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
-        dispatch.update_fn("adam", bucket.backend)(
-            bucket.pieces("param", chunks),
-            [c.grad for c in chunks],
-            bucket.pieces("exp_avg", chunks),
-            bucket.pieces("exp_avg_sq", chunks),
-            bucket.pieces("max_exp_avg_sq", chunks) if amsgrad else [],
-            [bucket.step_views[c.lo] for c in chunks],
-            lr=_on(group["lr"], bucket.device),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            weight_decay=float(group["weight_decay"]),
-            eps=float(group["eps"]),
-            amsgrad=amsgrad,
-            maximize=group["maximize"],
-            decoupled=group["decoupled_weight_decay"],
-            grad_scale=_on(grad_scale, bucket.device),
-            found_inf=found_inf,
-            **self.precision_options(group, bucket, chunks),
-        )
+        if bucket.variant == INT8:
+            self._update_int8(group, bucket, chunks, grad_scale, found_inf)
+        else:
+            dispatch.update_fn("adam", bucket.backend)(
+                bucket.pieces("param", chunks),
+                [c.grad for c in chunks],
+                bucket.pieces("exp_avg", chunks),
+                bucket.pieces("exp_avg_sq", chunks),
+                bucket.pieces("max_exp_avg_sq", chunks) if amsgrad else [],
+                [bucket.step_views[c.lo] for c in chunks],
+                lr=_on(group["lr"], bucket.device),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                weight_decay=float(group["weight_decay"]),
+                eps=float(group["eps"]),
+                amsgrad=amsgrad,
+                maximize=group["maximize"],
+                decoupled=group["decoupled_weight_decay"],
+                grad_scale=_on(grad_scale, bucket.device),
+                found_inf=found_inf,
+                **self.precision_options(group, bucket, chunks),
+            )
         if found_inf is not None:
             for count in counted:
                 count.sub_(found_inf)
@@ -145,6 +185,32 @@ class Adam(FlatOptimizer):
         for lo, hi, key in step_runs:
             new_id = new_ids.setdefault(key, next(self._ids))
             bucket.step_ids[lo:hi] = [new_id] * (hi - lo)
+
+    def _update_int8(self, group, bucket, chunks, grad_scale, found_inf) -> None:
+        blocks = [slice(bucket.block_starts[c.lo], bucket.block_starts[c.hi]) for c in chunks]
+        beta1, beta2 = group["betas"]
+        dispatch.update_fn("adam_int8", bucket.backend)(
+            bucket.pieces("param", chunks),
+            [c.grad for c in chunks],
+            bucket.pieces("exp_avg", chunks),
+            [bucket.state["exp_avg_absmax"][b] for b in blocks],
+            bucket.pieces("exp_avg_sq", chunks),
+            [bucket.state["exp_avg_sq_absmax"][b] for b in blocks],
+            [bucket.step_views[c.lo] for c in chunks],
+            block_tables=[bucket.block_table[b] for b in blocks],
+            bases=[c.start for c in chunks],
+            sizes=[[bucket.ends[k] - bucket.starts[k] for k in range(c.lo, c.hi)] for c in chunks],
+            lr=_on(group["lr"], bucket.device),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            maximize=group["maximize"],
+            decoupled=group["decoupled_weight_decay"],
+            grad_scale=_on(grad_scale, bucket.device),
+            found_inf=found_inf,
+            **self.precision_options(group, bucket, chunks),
+        )
 
 
 class AdamW(Adam):

@@ -139,6 +139,10 @@ class Bucket:
     step_views: list = field(default_factory=list)  # steps[i], made once
     real_views: dict = field(default_factory=dict)  # name -> per-param real views, made once
     rows: dict = field(default_factory=dict)  # name -> rows, for table buffers (SAGA)
+    variant: object = None  # what set this bucket apart (e.g. "int8": 8-bit Adam state)
+    block_table: Tensor | None = None  # int64 [blocks, 2]: flat [start, end) of each block
+    block_starts: list = field(default_factory=list)  # param i's blocks: [bs[i], bs[i + 1])
+    blockwise: set = field(default_factory=set)  # state names with one entry per block
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
 
     @property
@@ -157,13 +161,20 @@ class Bucket:
             return torch.view_as_complex(piece.view((*lead, *p.shape, 2)))
         return piece.view((*lead, *p.shape))
 
+    def local_view(self, name: str, i: int) -> Tensor:
+        """Param i's part of state buffer ``name``: param-shaped, ``[rows, *shape]`` for a
+        table, its run of block scales for a blockwise buffer (8-bit state)."""
+        buffer = self.state[name]
+        if name in self.blockwise:
+            return buffer[self.block_starts[i] : self.block_starts[i + 1]]
+        return self.view(buffer, i, self.rows.get(name))
+
     def state_view(self, name: str, i: int) -> Tensor:
         """What ``optimizer.state`` holds for param i: its view of state buffer ``name``, as a
         DTensor laid out like the param when the param is one (as torch.optim's would be)."""
-        rows = self.rows.get(name)
-        view = self.view(self.state[name], i, rows)
+        view = self.local_view(name, i)
         p = self.params[i]
-        if is_dtensor(p) and rows is None:
+        if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise:
             return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
         return view
@@ -225,10 +236,14 @@ class Bucket:
     def ensure_state_buffer(self, name: str, rows: int | None = None,
                             dtype: torch.dtype | None = None) -> Tensor:
         """The flat state buffer ``name`` (zeros when new): ``numel`` elements, or ``rows``
-        rows of ``numel`` (a per-sample table, row-major: each row is one flat layout), in
-        ``dtype`` (default: the params')."""
+        rows of ``numel`` (a per-sample table, row-major: each row is one flat layout), or one
+        per block for a blockwise name (``*_absmax``: 8-bit state's scales), in ``dtype``
+        (default: the params')."""
         if name not in self.state:
             size = self.numel * (1 if rows is None else rows)
+            if name.endswith("_absmax") and self.block_table is not None:
+                self.blockwise.add(name)
+                size = self.block_starts[-1]
             self.state[name] = torch.zeros(size, dtype=dtype or self.dtype, device=self.device)
             if rows is not None:
                 self.rows[name] = rows
@@ -258,9 +273,10 @@ class Bucket:
         return True
 
 
-def build_bucket(params: list, backend: str, external: bool = False) -> Bucket:
+def build_bucket(params: list, backend: str, external: bool = False, variant=None) -> Bucket:
     """Move ``params`` (same device and real dtype) into one new contiguous buffer; an external
-    bucket leaves them where they are and only lays out their state."""
+    bucket leaves them where they are and only lays out their state. An ``"int8"`` variant
+    also gets its block table (see ``fastopt.quantization``)."""
     first = params[0]
     device, dtype = first.device, real_dtype(first)
     starts, ends, offset = [], [], 0
@@ -270,7 +286,9 @@ def build_bucket(params: list, backend: str, external: bool = False) -> Bucket:
         ends.append(offset)
     flat = None if external else torch.empty(offset, dtype=dtype, device=device)
     bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
-                    flat=flat, backend=backend, external=external)
+                    flat=flat, backend=backend, external=external, variant=variant)
+    if variant == "int8":
+        _add_block_table(bucket)
     if flat is not None:
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -285,12 +303,27 @@ def build_bucket(params: list, backend: str, external: bool = False) -> Bucket:
     return bucket
 
 
-def group_params(params: list) -> list:
-    """Split params into lists sharing (device, real dtype, external), in order of first
-    appearance."""
+def _add_block_table(bucket: Bucket) -> None:
+    """Blocks of ``quantization.BLOCK`` elements from each param's start (the last one of a
+    param may be shorter): their flat ranges, and which blocks each param owns."""
+    from fastopt.quantization import BLOCK
+
+    rows, starts = [], [0]
+    for s, e in zip(bucket.starts, bucket.ends):
+        block_starts = torch.arange(s, e, BLOCK, dtype=torch.int64)
+        rows.append(torch.stack([block_starts, (block_starts + BLOCK).clamp(max=e)], dim=1))
+        starts.append(starts[-1] + len(block_starts))
+    bucket.block_table = torch.cat(rows).to(bucket.device)
+    bucket.block_starts = starts
+
+
+def group_params(params: list, variant=None) -> list:
+    """Split params into lists sharing (device, real dtype, external, ``variant(p)``), in order
+    of first appearance."""
     groups: dict = {}
     for p in params:
-        groups.setdefault(bucket_key(p), []).append(p)
+        key = bucket_key(p) + ((variant(p),) if variant is not None else ())
+        groups.setdefault(key, []).append(p)
     return list(groups.values())
 
 

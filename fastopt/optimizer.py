@@ -64,6 +64,7 @@ class FlatOptimizer(Optimizer):
     sparse_grads_ok = False  # SGD densifies sparse grads; Adam refuses them as torch does
     uses_step = False  # Adam keeps a per-param step count; SGD does not
     error_name = ""  # the name torch.optim's errors use ("Adam" for Adam and AdamW)
+    int8_state_ok = False  # state_dtype="int8" (blockwise 8-bit moments) is implemented
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
         dispatch.check_backend(backend)
@@ -121,6 +122,10 @@ class FlatOptimizer(Optimizer):
         """Adjacent params with equal keys can be updated by one call (default: has state)."""
         return bucket.has_state[i]
 
+    def bucket_variant(self, group: dict, p: Tensor):
+        """Params with different variants never share a bucket (Adam: 8-bit state or not)."""
+        return None
+
     def state_rows(self, group: dict, name: str) -> int | None:
         """Rows of a table state (one per sample, e.g. SAGA's gradient table); None for a
         state tensor shaped like its param."""
@@ -146,7 +151,8 @@ class FlatOptimizer(Optimizer):
             if "master_weights" in group or "state_dtype" in group or "max_grad_norm" in group:
                 check_precision(group.get("master_weights", False), group.get("state_dtype"),
                                 group.get("stochastic_rounding", False),
-                                group.get("rounding_seed", 0), group.get("max_grad_norm"))
+                                group.get("rounding_seed", 0), group.get("max_grad_norm"),
+                                int8_ok=self.int8_state_ok, amsgrad=group.get("amsgrad", False))
         except ValueError:
             self.param_groups.pop()
             raise
@@ -169,11 +175,11 @@ class FlatOptimizer(Optimizer):
             else:
                 outsiders.append(p)
         buckets = []
-        for params in group_params(members):
+        for params in group_params(members, lambda p: self.bucket_variant(group, p)):
             external = not is_movable(params[0])
             backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
                                        external=external)
-            bucket = build_bucket(params, backend, external)
+            bucket = build_bucket(params, backend, external, self.bucket_variant(group, params[0]))
             self.check_bucket(group, bucket)
             self._adopt_state(group, bucket)
             buckets.append(bucket)
@@ -192,8 +198,7 @@ class FlatOptimizer(Optimizer):
                 if key != "step" and isinstance(value, Tensor) and key not in names:
                     names.append(key)
         for name in names:
-            bucket.ensure_state_buffer(name, self.state_rows(group, name),
-                                       self.state_dtype(group, bucket, name))
+            self._ensure_buffer(group, bucket, name)
         with torch.no_grad():
             if self.uses_step:
                 steps = bucket.ensure_steps()
@@ -206,14 +211,22 @@ class FlatOptimizer(Optimizer):
                 state = self.state[bucket.params[i]]
                 for name in names:
                     value = state.get(name)
-                    view = bucket.view(bucket.state[name], i, bucket.rows.get(name))
                     if isinstance(value, Tensor):
-                        value = local_value(value, bucket.params[i])
-                        view.copy_(value.to(device=view.device, dtype=view.dtype))
+                        self.adopt_value(bucket, i, name, local_value(value, bucket.params[i]))
                     elif name == MASTER:  # state saved without masters: start from the param
-                        view.copy_(local_value(bucket.params[i].detach(), bucket.params[i]))
+                        bucket.local_view(name, i).copy_(
+                            local_value(bucket.params[i].detach(), bucket.params[i]))
                 self._set_state(bucket.params[i], self._state_views(bucket, i, names))
                 bucket.has_state[i] = True
+
+    def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
+        """Copy a saved state tensor of param i into the bucket's buffer ``name``."""
+        view = bucket.local_view(name, i)
+        view.copy_(value.to(device=view.device, dtype=view.dtype))
+
+    def _ensure_buffer(self, group: dict, bucket: Bucket, name: str) -> Tensor:
+        return bucket.ensure_state_buffer(name, self.state_rows(group, name),
+                                          self.state_dtype(group, bucket, name))
 
     def _live_state(self, p) -> bool:
         """Does ``p`` have state worth keeping? (SGD's ``momentum_buffer=None`` is none.)"""
@@ -395,12 +408,11 @@ class FlatOptimizer(Optimizer):
 
     def _add_state_buffer(self, group: dict, bucket: Bucket, name: str) -> None:
         """A new zero state tensor for every param of ``bucket`` that has state."""
-        buffer = bucket.ensure_state_buffer(name, self.state_rows(group, name),
-                                            self.state_dtype(group, bucket, name))
+        self._ensure_buffer(group, bucket, name)
         for i, p in enumerate(bucket.params):
             if bucket.has_state[i]:
                 if name == MASTER:
-                    bucket.view(buffer, i).copy_(local_value(p.detach(), p))
+                    bucket.local_view(name, i).copy_(local_value(p.detach(), p))
                 dict.__setitem__(self.state[p], name, bucket.state_view(name, i))
 
     def _create_state(self, group: dict, bucket: Bucket, fresh: list) -> None:
@@ -408,12 +420,11 @@ class FlatOptimizer(Optimizer):
         if not names and not self.uses_step:
             return  # SGD without momentum keeps no state at all, as torch's does
         for name in names:
-            buffer = bucket.ensure_state_buffer(name, self.state_rows(group, name),
-                                                self.state_dtype(group, bucket, name))
+            self._ensure_buffer(group, bucket, name)
             if name == MASTER:  # the fp32 copy starts as the param
                 for i in fresh:
-                    bucket.view(buffer, i).copy_(local_value(bucket.params[i].detach(),
-                                                             bucket.params[i]))
+                    bucket.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
+                                                                 bucket.params[i]))
         if self.uses_step:
             bucket.ensure_steps()
         for i in fresh:
@@ -503,14 +514,20 @@ class FlatOptimizer(Optimizer):
                 for name, value in saved_state.get(key, {}).items():
                     if name == "step" or not isinstance(value, Tensor):
                         continue
-                    rows = self.state_rows({**group, **saved, "params": group["params"]}, name)
-                    expected = p.shape if rows is None else (rows, *p.shape)
+                    expected = self.saved_state_shape({**group, **saved,
+                                                       "params": group["params"]}, p, name)
                     if tuple(value.shape) != tuple(expected):
                         raise ValueError(
                             f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a "
                             f"parameter of shape {tuple(p.shape)}"
-                            + ("" if rows is None else f" (expected {tuple(expected)})")
+                            + ("" if tuple(expected) == tuple(p.shape)
+                               else f" (expected {tuple(expected)})")
                         )
+
+    def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
+        """The shape state ``name`` of param ``p`` has in a state_dict."""
+        rows = self.state_rows(group, name)
+        return tuple(p.shape) if rows is None else (rows, *p.shape)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

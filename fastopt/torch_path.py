@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastopt import precision
+from fastopt.quantization import dequantize, num_blocks, quantize
 
 
 def adam_update(
@@ -190,3 +191,44 @@ def saga_update(params: list, grads: list, rows: list, means: list, *, lr: float
         torch._foreach_add_(params, updates, alpha=-lr)
     torch._foreach_add_(means, deltas, alpha=1.0 / num_samples)
     torch._foreach_copy_(rows, grads)
+
+
+def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
+                     steps, *, block_tables, bases, sizes, lr, beta1, beta2, weight_decay, eps,
+                     maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
+                     rounding_seed=None, offsets=None) -> None:
+    """Adam / AdamW with blockwise 8-bit moments (``fastopt.quantization``): per param of each
+    chunk (``sizes``), decode the moments to fp32, run torch's fused fp32 step, encode them
+    again. ``exp_avg_sqs`` hold the codes of sqrt(v). A step with ``found_inf`` set writes
+    nothing (without reading it on the host)."""
+    op = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    for j, param in enumerate(params):
+        flat = {"param": param.reshape(-1), "grad": grads[j].reshape(-1),
+                "m": exp_avgs[j].reshape(-1), "v": exp_avg_sqs[j].reshape(-1),
+                "master": masters[j].reshape(-1) if masters is not None else None}
+        element = block = 0
+        for size in sizes[j]:
+            span, blocks = slice(element, element + size), slice(block, block + num_blocks(size))
+            m = dequantize(flat["m"][span], exp_avg_scales[j][blocks], signed=True)
+            root = dequantize(flat["v"][span], exp_avg_sq_scales[j][blocks], signed=False)
+            v = root * root
+            source = flat["master"][span] if masters is not None else flat["param"][span]
+            p32 = source.float()
+            op([p32], [flat["grad"][span].float()], [m], [v], [], [steps[j]], lr=lr,
+               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+               maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+            if masters is not None:
+                precision.store(flat["param"][span], p32)
+            rounding = {} if rounding_seed is None or masters is not None else dict(
+                seed=rounding_seed, step=steps[j], start=offsets[j] + element)
+            precision.store(source, p32, **rounding)
+            for name, values, scales, signed in (("m", m, exp_avg_scales[j], True),
+                                                 ("v", v.sqrt(), exp_avg_sq_scales[j], False)):
+                codes, new_scales = quantize(values, signed)
+                if found_inf is not None:  # keep the old encoding bit for bit
+                    skip = found_inf.to(codes.device) != 0
+                    codes = torch.where(skip, flat[name][span], codes)
+                    new_scales = torch.where(skip, scales[blocks], new_scales)
+                flat[name][span].copy_(codes)
+                scales[blocks].copy_(new_scales)
+            element, block = element + size, block + num_blocks(size)

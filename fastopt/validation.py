@@ -53,13 +53,21 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_precision(master_weights, state_dtype, stochastic_rounding, rounding_seed,
-                    max_grad_norm) -> None:
-    """The mixed-precision options (see fastopt.precision)."""
+                    max_grad_norm, *, int8_ok: bool = False, amsgrad: bool = False) -> None:
+    """The mixed-precision options (see fastopt.precision); ``int8_ok`` where blockwise 8-bit
+    state exists (Adam, AdamW)."""
     if not isinstance(master_weights, bool):
         raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
-    if state_dtype not in STATE_DTYPES:
+    if state_dtype == "int8":
+        if not int8_ok:
+            raise ValueError("state_dtype='int8' (blockwise 8-bit moments) is available for "
+                             "Adam and AdamW; use torch.bfloat16 here")
+        if amsgrad:
+            raise ValueError("amsgrad=True keeps a running max of exp_avg_sq that 8-bit state "
+                             "does not hold; use state_dtype=torch.bfloat16 with amsgrad")
+    elif state_dtype not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, "
-                         "torch.bfloat16 or torch.float16)")
+                         "torch.bfloat16, torch.float16" + (" or 'int8')" if int8_ok else ")"))
     if stochastic_rounding and master_weights:
         raise ValueError("stochastic_rounding=True rounds the params themselves; with "
                          "master_weights=True the fp32 master copy already keeps every bit of "

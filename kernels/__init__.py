@@ -5,7 +5,8 @@ as its pure-torch twin in ``fastopt.torch_path``. Kernels know pointers, sizes a
 """
 
 from .adam import adam_update
+from .adam_int8 import adam_int8_update
 from .saga import saga_update
 from .sgd import sgd_update
 
-__all__ = ["adam_update", "saga_update", "sgd_update"]
+__all__ = ["adam_int8_update", "adam_update", "saga_update", "sgd_update"]

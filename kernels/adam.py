@@ -42,6 +42,62 @@ def _betas(device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
 
 
 @triton.jit
+def adam_moments(param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1,
+                 beta2, weight_decay, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
+                 LR_ON_DEVICE: tl.constexpr):
+    """Unscale, weight decay and the moment updates, in fp32: (param, exp_avg, exp_avg_sq)."""
+    if HAS_GRAD_SCALE:
+        grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
+    if MAXIMIZE:
+        grad = -grad
+    # Each line rounds as torch.optim's op for it does (add_ with alpha and lerp are fmas).
+    if HAS_WEIGHT_DECAY:
+        if DECOUPLED:
+            if LR_ON_DEVICE:
+                decay_factor = 1.0 - lr * weight_decay
+            param = param * decay_factor
+        else:
+            grad = tl.fma(param, weight_decay, grad)
+    weight = 1.0 - beta1  # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form
+    if weight < 0.5:
+        exp_avg = tl.fma(grad - exp_avg, weight, exp_avg)
+    else:
+        exp_avg = tl.fma(grad - exp_avg, weight - 1.0, grad)
+    exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    return param, exp_avg, exp_avg_sq
+
+
+@triton.jit
+def bias_corrections(step, betas_ptr, lr):
+    """(lr / (1 - beta1^t), sqrt(1 - beta2^t)), computed in fp64 as torch.optim does on the
+    host: beta^t by repeated squaring (multiplies only), so 1 - beta2^t keeps its digits when
+    beta2^t is close to 1."""
+    base1 = tl.load(betas_ptr)
+    base2 = tl.load(betas_ptr + 1)
+    power1 = base1 * 0.0 + 1.0
+    power2 = base2 * 0.0 + 1.0
+    exponent = step.to(tl.int32)
+    while exponent > 0:
+        odd = (exponent % 2) == 1
+        power1 = tl.where(odd, power1 * base1, power1)
+        power2 = tl.where(odd, power2 * base2, power2)
+        base1 = base1 * base1
+        base2 = base2 * base2
+        exponent = exponent // 2
+    step_size = (lr / (1.0 - power1)).to(tl.float32)
+    return step_size, tl.sqrt(1.0 - power2).to(tl.float32)
+
+
+@triton.jit
+def adam_step(param, exp_avg, denom_sq, step_size, bias_correction2_sqrt, eps):
+    """param - step_size * exp_avg / (sqrt(denom_sq) / bias_correction2_sqrt + eps), with IEEE
+    sqrt and division (torch's addcdiv_; tl.sqrt is approximate)."""
+    denom = tl.div_rn(tl.sqrt_rn(denom_sq), bias_correction2_sqrt) + eps
+    return param + tl.div_rn(-step_size * exp_avg, denom)
+
+
+@triton.jit
 def _adam_kernel(
     param_ptr,  # params, updated in place (fp32, fp16 or bf16)
     grad_ptr,  # grads (same dtype as params)
@@ -91,51 +147,18 @@ def _adam_kernel(
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
-    if HAS_GRAD_SCALE:
-        grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
-    if MAXIMIZE:
-        grad = -grad
-    # Each line rounds as torch.optim's op for it does (add_ with alpha and lerp are fmas).
-    if HAS_WEIGHT_DECAY:
-        if DECOUPLED:
-            if LR_ON_DEVICE:
-                decay_factor = 1.0 - lr * weight_decay
-            param = param * decay_factor
-        else:
-            grad = tl.fma(param, weight_decay, grad)
-
-    weight = 1.0 - beta1  # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form
-    if weight < 0.5:
-        exp_avg = tl.fma(grad - exp_avg, weight, exp_avg)
-    else:
-        exp_avg = tl.fma(grad - exp_avg, weight - 1.0, grad)
-    exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
-    # Bias corrections in fp64, as torch.optim computes them on the host: beta^t by repeated
-    # squaring (multiplies only), so 1 - beta2^t keeps its digits when beta2^t is close to 1.
-    base1 = tl.load(betas_ptr)
-    base2 = tl.load(betas_ptr + 1)
-    power1 = base1 * 0.0 + 1.0
-    power2 = base2 * 0.0 + 1.0
-    exponent = step.to(tl.int32)
-    while exponent > 0:
-        odd = (exponent % 2) == 1
-        power1 = tl.where(odd, power1 * base1, power1)
-        power2 = tl.where(odd, power2 * base2, power2)
-        base1 = base1 * base1
-        base2 = base2 * base2
-        exponent = exponent // 2
-    step_size = (lr / (1.0 - power1)).to(tl.float32)
-    bias_correction2_sqrt = tl.sqrt(1.0 - power2).to(tl.float32)
+    param, exp_avg, exp_avg_sq = adam_moments(
+        param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
+        weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
+    step_size, bias_correction2_sqrt = bias_corrections(step, betas_ptr, lr)
     if AMSGRAD:
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + offsets,
                  to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-        denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bias_correction2_sqrt) + eps
+        param = adam_step(param, exp_avg, max_exp_avg_sq, step_size, bias_correction2_sqrt, eps)
     else:
-        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    # addcdiv_(exp_avg, denom, value=-step_size); IEEE sqrt and division (tl.sqrt is approximate)
-    param = param + tl.div_rn(-step_size * exp_avg, denom)
+        param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
 
     if HAS_MASTER:
         tl.store(master_ptr + offsets, param, mask=mask)

@@ -1,0 +1,166 @@
+"""Adam / AdamW with blockwise 8-bit moments, in one pass (Dettmers et al. 2021).
+
+Each program updates ``ROWS`` quantization blocks of up to ``QBLOCK`` elements (a block table
+gives each block's flat range, so blocks start at every param's start). Per block, in fp32:
+
+    m = signed_table[m_code] * m_scale;  u = unsigned_table[v_code] * v_scale;  v = u * u
+    (the Adam update of kernels/adam.py on param, grad, m, v)
+    m_scale = max |m|;  m_code = nearest(signed_table, m / m_scale)
+    v_scale = max sqrt(v); v_code = nearest(unsigned_table, sqrt(v) / v_scale)
+
+``nearest`` is a binary search over the 255 midpoints between table entries (8 probes of a
+1 KiB table that stays in cache). Tables and layout: ``fastopt.quantization``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adam import _betas, adam_moments, adam_step, bias_corrections
+from .rounding import round_bf16_stochastic, seed_word, to_storage
+
+ROWS = 4  # quantization blocks per program
+
+
+@triton.jit
+def _nearest(x, midpoints_ptr):
+    """Index of the table entry nearest to x: how many of the 255 midpoints are below x."""
+    position = tl.zeros(x.shape, dtype=tl.int32)
+    for bit in tl.static_range(8):
+        candidate = position + (128 >> bit)
+        midpoint = tl.load(midpoints_ptr + candidate - 1)
+        position = tl.where(midpoint < x, candidate, position)
+    return position
+
+
+@triton.jit
+def _adam_int8_kernel(
+    param_ptr,  # params of this chunk (flat from the chunk's start), updated in place
+    grad_ptr,  # their grads
+    m_codes_ptr,  # uint8 codes of exp_avg
+    m_scales_ptr,  # fp32 scale of each block of exp_avg
+    v_codes_ptr,  # uint8 codes of sqrt(exp_avg_sq)
+    v_scales_ptr,  # fp32 scale of each block of sqrt(exp_avg_sq)
+    block_table_ptr,  # int64 [n_blocks, 2]: flat [start, end) of each block
+    signed_values_ptr,  # fp32 [256] code table of exp_avg
+    signed_midpoints_ptr,  # fp32 [255]
+    unsigned_values_ptr,  # fp32 [256] code table of sqrt(exp_avg_sq)
+    unsigned_midpoints_ptr,  # fp32 [255]
+    step_ptr,
+    betas_ptr,
+    lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    master_ptr,
+    lr,
+    decay_factor,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    n_blocks,
+    base,  # the chunk's flat start: block ranges are relative to it
+    seed_word,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    QBLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    row_ok = rows < n_blocks
+    if HAS_FOUND_INF:  # an inf/nan grad this step: nothing written
+        row_ok = row_ok & (tl.load(found_inf_ptr) == 0.0)
+    start = tl.load(block_table_ptr + rows * 2, mask=row_ok, other=0) - base
+    end = tl.load(block_table_ptr + rows * 2 + 1, mask=row_ok, other=0) - base
+    offsets = start[:, None] + tl.arange(0, QBLOCK)[None, :]
+    mask = row_ok[:, None] & (offsets < end[:, None])
+    step = tl.load(step_ptr).to(tl.float32)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
+
+    if HAS_MASTER:
+        param = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+    else:
+        param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    m_code = tl.load(m_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+    v_code = tl.load(v_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+    m_scale = tl.load(m_scales_ptr + rows, mask=row_ok, other=0.0)
+    v_scale = tl.load(v_scales_ptr + rows, mask=row_ok, other=0.0)
+    exp_avg = tl.load(signed_values_ptr + m_code) * m_scale[:, None]
+    root = tl.load(unsigned_values_ptr + v_code) * v_scale[:, None]
+    exp_avg_sq = root * root
+
+    param, exp_avg, exp_avg_sq = adam_moments(
+        param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
+        weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
+    step_size, bias_correction2_sqrt = bias_corrections(step, betas_ptr, lr)
+    param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
+
+    m_scale = tl.max(tl.where(mask, tl.abs(exp_avg), 0.0), axis=1)
+    m_code = _nearest(exp_avg / tl.where(m_scale > 0, m_scale, 1.0)[:, None], signed_midpoints_ptr)
+    root = tl.sqrt_rn(exp_avg_sq)
+    v_scale = tl.max(tl.where(mask, root, 0.0), axis=1)
+    v_code = _nearest(root / tl.where(v_scale > 0, v_scale, 1.0)[:, None], unsigned_midpoints_ptr)
+
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, param, mask=mask)
+    if STOCHASTIC_ROUNDING:
+        rounded = round_bf16_stochastic(param, base + offsets, step, seed_word)
+        tl.store(param_ptr + offsets, rounded, mask=mask)
+    else:
+        tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
+    tl.store(v_codes_ptr + offsets, v_code.to(tl.uint8), mask=mask)
+    tl.store(m_scales_ptr + rows, m_scale, mask=row_ok)
+    tl.store(v_scales_ptr + rows, v_scale, mask=row_ok)
+
+
+def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
+                     steps, *, block_tables, bases, sizes, lr, beta1, beta2, weight_decay, eps,
+                     maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
+                     rounding_seed=None, offsets=None) -> None:
+    """One launch per chunk; the signature of ``fastopt.torch_path.adam_int8_update``."""
+    from fastopt.quantization import BLOCK, tables
+
+    lr_on_device = isinstance(lr, torch.Tensor)
+    stochastic = rounding_seed is not None and masters is None
+    for i, param in enumerate(params):
+        n_blocks = block_tables[i].shape[0]
+        if n_blocks == 0:
+            continue
+        signed_values, signed_midpoints = tables(True, param.device)
+        unsigned_values, unsigned_midpoints = tables(False, param.device)
+        _adam_int8_kernel[(triton.cdiv(n_blocks, ROWS),)](
+            param, grads[i], exp_avgs[i], exp_avg_scales[i], exp_avg_sqs[i],
+            exp_avg_sq_scales[i], block_tables[i], signed_values, signed_midpoints,
+            unsigned_values, unsigned_midpoints, steps[i],
+            _betas(param.device, float(beta1), float(beta2)),
+            lr if lr_on_device else steps[i],
+            grad_scale if grad_scale is not None else steps[i],
+            found_inf if found_inf is not None else steps[i],
+            masters[i] if masters is not None else param,
+            0.0 if lr_on_device else float(lr),
+            1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
+            float(beta1), float(beta2), float(weight_decay), float(eps),
+            n_blocks, bases[i], seed_word(rounding_seed) if stochastic else 0,
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            DECOUPLED=decoupled,
+            MAXIMIZE=maximize,
+            LR_ON_DEVICE=lr_on_device,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            HAS_MASTER=masters is not None,
+            STOCHASTIC_ROUNDING=stochastic and param.dtype == torch.bfloat16,
+            ROWS_PER_PROGRAM=ROWS,
+            QBLOCK=BLOCK,
+            num_warps=4,
+        )

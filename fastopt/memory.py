@@ -9,11 +9,12 @@ layout will hold for a given set of params, optimizer and options:
   lays it out: per bucket (param group x device x dtype) one flat buffer per state tensor
   (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
   SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) in its stored dtype
-  (``state_dtype``), the fp32 ``master_param`` of bf16/fp16 params (``master_weights``), plus
+  (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32 ``master_param`` of bf16/fp16 params (``master_weights``), plus
   Adam's float32 step counts, one per param;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
   are copied into (first step; every step on the Triton path after ``zero_grad()`` set the grads
-  to None) and the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA);
+  to None), the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA) and
+  8-bit state's block table (16 bytes per block of 256);
 - ``peak_bytes`` = params + grads + state + scratch, the most a step holds at once;
 - ``free_bytes``: free memory on the device now (CUDA: ``torch.cuda.mem_get_info``; CPU:
   available RAM), and ``fits``: whether what the optimizer still has to allocate (state and
@@ -35,6 +36,7 @@ import torch
 
 from fastopt.flat import is_movable, local
 from fastopt.precision import HALF_DTYPES
+from fastopt.quantization import MIN_SIZE, num_blocks
 
 STEP_BYTES = 4  # fastopt keeps Adam's step counts as float32, one per param
 
@@ -116,34 +118,45 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
                 continue  # frozen: no grad, no state (fastopt leaves it out of its buffers)
             entry.grad_bytes += size
             entry.num_elements += local(p).numel()
-            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype)
-            bucket = buckets.setdefault(key, dict(bytes=0, count=0, movable_bytes=0, largest=0))
+            int8 = group_options.get("state_dtype") == "int8" and local(p).numel() >= MIN_SIZE
+            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, int8)
+            bucket = buckets.setdefault(key, dict(bytes=0, count=0, movable_bytes=0, largest=0,
+                                                  blocks=0))
+            bucket["blocks"] += num_blocks(local(p).numel() * (2 if p.is_complex() else 1))
             bucket["bytes"] += size
             bucket["count"] += 1
             bucket["largest"] = max(bucket["largest"], size)
             if p.device.type == "meta" or is_movable(p):
                 bucket["movable_bytes"] += size
-        for (where, dtype), bucket in buckets.items():
+        for (where, dtype, int8), bucket in buckets.items():
             entry = report.devices[where]
-            entry.state_bytes += _state_bytes(cls.__name__, group_options, bucket, dtype)
+            entry.state_bytes += _state_bytes(cls.__name__, group_options, bucket, dtype, int8)
             entry.scratch_bytes += _scratch_bytes(cls.__name__, group_options, bucket, where,
                                                   dtype)
+            if int8:
+                entry.scratch_bytes += 16 * bucket["blocks"]  # the int64 block table
     for entry in report.devices.values():
         entry.free_bytes = free_bytes(entry.device)
     return report
 
 
-def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype) -> int:
-    """State buffers in their stored dtype (``state_dtype``; fp32 beside fp32 masters), the
-    fp32 master copy of half-precision params (``master_weights``) and Adam's steps."""
+def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int8: bool) -> int:
+    """State buffers in their stored dtype (``state_dtype``; fp32 beside fp32 masters; 8-bit:
+    one byte per element and one fp32 scale per block, fp32 for small tensors), the fp32
+    master copy of half-precision params (``master_weights``) and Adam's steps."""
     elements = bucket["bytes"] // _itemsize(dtype)  # real elements of the bucket
     master = bool(options.get("master_weights")) and dtype in HALF_DTYPES
+    steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
+    masters = 4 * elements if master else 0
+    copies = _state_copies(name, options)
+    if int8:
+        return copies * (elements + 4 * bucket["blocks"]) + masters + steps
     stored = options.get("state_dtype") or (torch.float32 if master else dtype)
+    if stored == "int8":
+        stored = torch.float32  # tensors under quantization.MIN_SIZE keep fp32 state
     if name == "SAGA":
         stored = dtype
-    copies = _state_copies(name, options)
-    steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
-    return copies * elements * _itemsize(stored) + (4 * elements if master else 0) + steps
+    return copies * elements * _itemsize(stored) + masters + steps
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -264,6 +277,8 @@ def _describe(options: dict) -> str:
         shown.append("master_weights")
     if options.get("state_dtype") is not None:
         shown.append(f"state {str(options['state_dtype']).replace('torch.', '')}")
+    if options.get("stochastic_rounding"):
+        shown.append("stochastic_rounding")
     return f" ({', '.join(shown)})" if shown else ""
 
 
@@ -275,6 +290,7 @@ VARIANTS = {
     "adamw": ("adamw", {}),
     "adamw-master": ("adamw", {"master_weights": True}),
     "adamw-bf16-state": ("adamw", {"state_dtype": torch.bfloat16}),
+    "adamw-8bit": ("adamw", {"state_dtype": "int8"}),
     "saga": ("saga", {}),
 }
 

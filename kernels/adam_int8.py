@@ -14,6 +14,8 @@ gives each block's flat range, so blocks start at every param's start). Per bloc
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,7 @@ from .adam import _betas, adam_moments, adam_step, bias_corrections
 from .rounding import round_bf16_stochastic, seed_word, to_storage
 
 ROWS = 4  # quantization blocks per program
+INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
 
 
 @triton.jit
@@ -75,9 +78,9 @@ def _adam_int8_kernel(
     QBLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    if HAS_FOUND_INF:  # an inf/nan grad this step: every block masked off, nothing written
+        n_blocks = tl.where(tl.load(found_inf_ptr) == 0.0, n_blocks, 0)
     row_ok = rows < n_blocks
-    if HAS_FOUND_INF:  # an inf/nan grad this step: nothing written
-        row_ok = row_ok & (tl.load(found_inf_ptr) == 0.0)
     start = tl.load(block_table_ptr + rows * 2, mask=row_ok, other=0) - base
     end = tl.load(block_table_ptr + rows * 2 + 1, mask=row_ok, other=0) - base
     offsets = start[:, None] + tl.arange(0, QBLOCK)[None, :]
@@ -133,13 +136,14 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
 
     lr_on_device = isinstance(lr, torch.Tensor)
     stochastic = rounding_seed is not None and masters is None
+    rows = INTERPRETER_ROWS if os.environ.get("TRITON_INTERPRET") == "1" else ROWS
     for i, param in enumerate(params):
         n_blocks = block_tables[i].shape[0]
         if n_blocks == 0:
             continue
         signed_values, signed_midpoints = tables(True, param.device)
         unsigned_values, unsigned_midpoints = tables(False, param.device)
-        _adam_int8_kernel[(triton.cdiv(n_blocks, ROWS),)](
+        _adam_int8_kernel[(triton.cdiv(n_blocks, rows),)](
             param, grads[i], exp_avgs[i], exp_avg_scales[i], exp_avg_sqs[i],
             exp_avg_sq_scales[i], block_tables[i], signed_values, signed_midpoints,
             unsigned_values, unsigned_midpoints, steps[i],
@@ -160,7 +164,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
             HAS_FOUND_INF=found_inf is not None,
             HAS_MASTER=masters is not None,
             STOCHASTIC_ROUNDING=stochastic and param.dtype == torch.bfloat16,
-            ROWS_PER_PROGRAM=ROWS,
+            ROWS_PER_PROGRAM=rows,
             QBLOCK=BLOCK,
             num_warps=4,
         )

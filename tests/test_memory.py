@@ -17,10 +17,12 @@ CONFIGS = [
     ("saga", fastopt.SAGA, dict(lr=0.1, num_samples=3)),
     ("adamw-master", fastopt.AdamW, dict(master_weights=True)),
     ("adam-bf16-state", fastopt.Adam, dict(state_dtype=torch.bfloat16, amsgrad=True)),
+    ("adamw-int8", fastopt.AdamW, dict(state_dtype="int8")),
+    ("adamw-int8-master", fastopt.AdamW, dict(state_dtype="int8", master_weights=True)),
     ("sgd-master-fp32-state", fastopt.SGD, dict(lr=0.1, momentum=0.9, master_weights=True,
                                                   state_dtype=torch.float32)),
 ]
-SHAPES = [(129,), (), (0,), (4, 5), (65,)]
+SHAPES = [(129,), (), (0,), (4, 5), (65,), (65, 67)]  # the last one takes 8-bit state
 
 
 def state_storage_bytes(opt) -> int:

@@ -281,3 +281,181 @@ def test_bad_combinations_get_clear_errors():
     with pytest.raises(ValueError, match="every param group needs the same value"):
         opt.step()
     assert not opt.state
+
+
+# ---------------------------------------------------------------------- 8-bit state
+INT8_SHAPES = [(5000,), (64, 100), (10,), (4097,), (4096,), (4095,), (0,), (300, 257)]
+
+
+def int8_shapes(backend):
+    """The interpreter runs a program at a time: smaller tensors there (still 8-bit ones)."""
+    return INT8_SHAPES if backend == "torch" else [(5000,), (10,), (4097,), (0,), (4096,)]
+
+
+def int8_run(backend, steps=12, init=None, opt=None, params=None, gen=None, first=0, **kwargs):
+    init = init if init is not None else make_params(int8_shapes(backend), seed=9)
+    params = params if params is not None else [torch.nn.Parameter(t.clone()) for t in init]
+    opt = opt or fastopt.AdamW(params, lr=1e-3, state_dtype="int8", backend=backend, **kwargs)
+    gen = gen or torch.Generator().manual_seed(5)
+    for step in range(first, first + steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad = None if (step + i) % 6 == 4 else g  # now and then a param without a grad
+        opt.step()
+    return opt, params
+
+
+def test_int8_state_layout_and_plain_tensor_state_dict():
+    opt, params = int8_run("torch", steps=2)
+    for p in params:
+        state = opt.state[p]
+        if p.numel() >= 4096:
+            assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.uint8
+            assert state["exp_avg"].shape == p.shape
+            assert state["exp_avg_absmax"].shape == ((p.numel() + 255) // 256,)
+        elif p in opt.state:  # small tensors keep fp32 moments
+            assert state["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in state
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        assert all(type(v) is torch.Tensor for v in entry.values())  # no tensor subclasses
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_state_tracks_fp32_adamw(backend):
+    init = make_params(int8_shapes(backend), seed=9)
+    opt, params = int8_run(backend, steps=20, init=init)
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = torch.optim.AdamW(twins, lr=1e-3)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(20):
+        for i, q in enumerate(twins):
+            g = torch.randn(q.shape, generator=gen)
+            q.grad = None if (step + i) % 6 == 4 else g
+        ref.step()
+    for p, q, start in zip(params, twins, init):
+        if p.numel() == 0:
+            continue
+        moved = (q.detach() - start).abs().max()
+        error = (p.detach() - q.detach()).abs().max()
+        if p.numel() < 4096:
+            torch.testing.assert_close(p.detach(), q.detach(), **FP32)
+        else:  # 8-bit moments: within 5 % of how far fp32 AdamW moved the param
+            assert error <= 0.05 * moved, (tuple(p.shape), float(error), float(moved))
+
+
+def test_int8_kernel_matches_the_torch_path():
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton interpreter")
+    init = make_params(int8_shapes("triton"), seed=9)
+    _, by_torch = int8_run("torch", init=init)
+    opt, by_triton = int8_run("triton", init=init)
+    assert any(b.variant == "int8" and b.backend == "triton" for b in opt._buckets[0])
+    # The two compute the same fp32 math up to an ulp; a value that lands on a code boundary
+    # may then take the neighbouring code: allow that for 0.1 % of the elements at most.
+    differing = total = 0
+    for p, q in zip(by_torch, by_triton):
+        close = torch.isclose(p.detach(), q.detach(), **FP32)
+        differing, total = differing + int((~close).sum()), total + close.numel()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-4)
+    assert differing <= 1e-3 * total, (differing, total)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_resume_is_bit_identical_and_loads_fp32_checkpoints(backend):
+    init = make_params(int8_shapes(backend), seed=9)
+    straight, _ = int8_run(backend, steps=6, init=init)
+    first, params = int8_run(backend, steps=3, init=init)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    second = fastopt.AdamW(copies, lr=1e-3, state_dtype="int8", backend=backend)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    gen = torch.Generator().manual_seed(5)
+    int8_run(backend, steps=3, params=[torch.nn.Parameter(p.detach().clone()) for p in init],
+             gen=gen)  # advance the generator past the first 3 steps' grads
+    int8_run(backend, steps=3, opt=second, params=copies, gen=gen, first=3)
+    for p, q in zip(straight.param_groups[0]["params"], copies):
+        assert torch.equal(p, q)
+    # An fp32 checkpoint (torch.optim's) is encoded on load: decoding gives it back closely.
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = torch.optim.AdamW(twins, lr=1e-3)
+    for q in twins:
+        q.grad = torch.randn_like(q)
+    ref.step()
+    ours = fastopt.AdamW([torch.nn.Parameter(q.detach().clone()) for q in twins], lr=1e-3,
+                         state_dtype="int8", backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    from fastopt.quantization import dequantize
+
+    for p, q in zip(ours.param_groups[0]["params"], twins):
+        if p.numel() >= 4096:
+            state = ours.state[p]
+            m = dequantize(state["exp_avg"], state["exp_avg_absmax"], signed=True)
+            root = dequantize(state["exp_avg_sq"], state["exp_avg_sq_absmax"], signed=False)
+            scale = ref.state[q]["exp_avg"].abs().max()
+            assert (m - ref.state[q]["exp_avg"]).abs().max() <= 0.008 * scale
+            torch.testing.assert_close(root * root, ref.state[q]["exp_avg_sq"], rtol=0.03,
+                                       atol=1e-3 * float(ref.state[q]["exp_avg_sq"].max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_inf_step_writes_nothing(backend):
+    opt, params = int8_run(backend, steps=2)
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params
+              if p in opt.state}
+    values = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.ones(())  # as GradScaler sets them
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+        for key, value in before.get(id(p), {}).items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+def test_quantization_error_is_bounded_per_block():
+    from fastopt import quantization
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, generator=gen) * torch.logspace(-5, 0, 10_000)
+    for signed, values in ((True, x), (False, x.abs())):
+        codes, scales = quantization.quantize(values, signed)
+        decoded = quantization.dequantize(codes, scales, signed)
+        table = torch.tensor(quantization.code_table(signed))
+        half_gap = (table[1:] - table[:-1]).max() / 2  # the widest gap, in the top decade
+        padded = torch.nn.functional.pad((decoded - values).abs(), (0, 240)).view(-1, 256)
+        assert (padded.amax(dim=1) <= half_gap * scales + 1e-12).all()
+
+
+def test_int8_refuses_what_it_cannot_hold():
+    params = [torch.nn.Parameter(torch.ones(5000))]
+    with pytest.raises(ValueError, match="amsgrad"):
+        fastopt.Adam(params, amsgrad=True, state_dtype="int8")
+    with pytest.raises(ValueError, match="available for Adam and AdamW"):
+        fastopt.SGD(params, lr=0.1, momentum=0.9, state_dtype="int8")
+
+
+# ---------------------------------------------------------------------- convergence
+def test_lean_variants_train_as_well_as_fp32():
+    """The demo CNN on digits and a tiny transformer learning to reverse sequences
+    (fastopt.precision_demo): master weights, stochastic rounding, bf16 state and 8-bit state
+    end within 10 % (digits) and 25 % + 0.002 (reversal) of the fp32 run's final loss."""
+    from fastopt import precision_demo as demo
+
+    reference_digits = demo.train_digits(torch.float32, {}, epochs=3)[-1]
+    reference_reversal = demo.tail_mean(demo.train_reverser(torch.float32, {}, steps=150))
+    for name in ("bf16 + master_weights", "bf16 + stochastic_rounding", "fp32 + bf16 state",
+                 "fp32 + int8 state"):
+        dtype, options = demo.VARIANTS[name]
+        digits = demo.train_digits(dtype, options, epochs=3)[-1]
+        reversal = demo.tail_mean(demo.train_reverser(dtype, options, steps=150))
+        assert digits <= 1.10 * reference_digits, (name, digits, reference_digits)
+        assert reversal <= 1.25 * reference_reversal + 0.002, (name, reversal,
+                                                               reference_reversal)

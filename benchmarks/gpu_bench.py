@@ -4,7 +4,9 @@ steps, timed with ``triton.testing.do_bench`` (medians) in one run on one GPU.
     python benchmarks/gpu_bench.py [--out DIR] [--quick]
 
 Cases: one tensor of 1e6, 1e7, 1e8 and 4e8 elements; 1000 tensors of 16K; GPT-2 small's 148
-parameter shapes (124M); fp32 and bf16; AdamW, Adam and SGD with momentum. The device copy
+parameter shapes (124M); fp32 and bf16; AdamW, Adam and SGD with momentum. Then the lean
+variants (bf16 and 8-bit state, master weights, stochastic rounding, fused clipping) of AdamW
+on 1e8 elements against torch's fused fp32 AdamW (``LEAN``). The device copy
 bandwidth is measured in the same run (a large ``copy_``, bytes read + written); each case
 reports the GB/s its fastopt step reaches, counting the bytes a fused step must move (fp32
 AdamW: read param, grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq = 28 per
@@ -121,6 +123,50 @@ def run(cases: list, dtypes: list, optimizers: list) -> dict:
     return results
 
 
+# Lean variants of AdamW on one tensor of 1e8 elements, each against torch's fused fp32 AdamW
+# on the same params: (param dtype, fastopt options, bytes a step moves per element).
+#   bf16 state:   param r/w 8, grad 4, exp_avg r/w 4, exp_avg_sq r/w 4                = 20
+#   int8 state:   param r/w 8, grad 4, codes r/w 2 + 2 (scales: 16 bytes per 256)     ~ 16
+#   bf16 + master: param w 2, master r/w 8, grad 2, fp32 moments r/w 16               = 28
+#   bf16 + stochastic rounding: param r/w 4, grad 2, bf16 moments r/w 8               = 14
+#   fp32 + max_grad_norm: the norm pass reads the grads once more: 28 + 4             = 32
+LEAN = {
+    "bf16 state": (torch.float32, dict(state_dtype=torch.bfloat16), 20),
+    "int8 state": (torch.float32, dict(state_dtype="int8"), 16 + 2 * 4 / 256),
+    "bf16 + master_weights": (torch.bfloat16, dict(master_weights=True), 28),
+    "bf16 + stochastic_rounding": (torch.bfloat16, dict(stochastic_rounding=True), 14),
+    "fp32 + max_grad_norm": (torch.float32, dict(max_grad_norm=1.0), 32),
+}
+
+
+def lean_ms(dtype: torch.dtype, options: dict, n: int) -> float:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype, generator=gen))
+    param.grad = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
+    opt = fastopt.AdamW([param], backend="triton", **OPTIMIZERS["AdamW"], **options)
+    opt.step()
+    ms = do_bench(opt.step, warmup=10, rep=60)
+    del opt, param
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms
+
+
+def run_lean(results: dict, n: int = 10**8) -> None:
+    """Rows for the lean variants, ratios against torch fused fp32 AdamW in the same run."""
+    fused = step_ms("torch_fused", "AdamW", [(n,)], torch.float32)
+    results["lean"] = []
+    for name, (dtype, options, bytes_per_element) in LEAN.items():
+        ms = lean_ms(dtype, options, n)
+        gbps = bytes_per_element * n / (ms * 1e-3) / 1e9
+        row = {"variant": name, "numel": n, "bytes_per_element": bytes_per_element,
+               "fastopt_ms": ms, "torch_fused_fp32_ms": fused, "vs_fused_fp32": fused / ms,
+               "fastopt_gbps": gbps, "fraction_of_copy": gbps / results["copy_gbps"]}
+        results["lean"].append(row)
+        print(f"AdamW {name:<27} {ms:8.3f} ms  torch fused fp32 {fused:8.3f} ms  "
+              f"{fused / ms:5.2f}x  {gbps:7.0f} GB/s", flush=True)
+
+
 def table(results: dict) -> str:
     lines = [f"{results['device']}  torch {results['torch']}  triton {results['triton']}  "
              f"copy {results['copy_gbps']:.0f} GB/s",
@@ -133,6 +179,10 @@ def table(results: dict) -> str:
             f"{r['torch_fused_ms'] / r['fastopt_ms']:7.2f}x "
             f"{r['torch_foreach_ms'] / r['fastopt_ms']:9.2f}x "
             f"{r['torch_loop_ms'] / r['fastopt_ms']:7.2f}x")
+    for r in results.get("lean", []):
+        lines.append(f"AdamW {r['variant']:<27} 1e8 {r['fastopt_ms']:10.3f} ms "
+                     f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%} "
+                     f"{r['vs_fused_fp32']:7.2f}x torch fused fp32")
     return "\n".join(lines)
 
 
@@ -145,6 +195,8 @@ def main(argv=None) -> None:
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     optimizers = ["AdamW"] if args.quick else list(OPTIMIZERS)
     results = run(args.cases, dtypes, optimizers)
+    if not args.quick:
+        run_lean(results)
     os.makedirs(args.out, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9]+", "-", results["device"]).strip("-")
     path = os.path.join(args.out, f"{name}.json")

@@ -13,10 +13,10 @@ _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
     __path__.append(_checkout)  # noqa: F821 (a package's own __path__)
 
-from fastopt.adam import Adam, AdamW  # noqa: E402
+from fastopt.adam import Adam, AdamW, AdamW8bit  # noqa: E402
 from fastopt.optimizer import FlatOptimizer  # noqa: E402
 from fastopt.saga import SAGA  # noqa: E402
 from fastopt.sgd import SGD  # noqa: E402
 
-__all__ = ["Adam", "AdamW", "SAGA", "SGD", "FlatOptimizer"]
+__all__ = ["Adam", "AdamW", "AdamW8bit", "SAGA", "SGD", "FlatOptimizer"]
 __version__ = "0.1.0"

@@ -273,3 +273,14 @@ def _on(value, device: torch.device):
     if isinstance(value, Tensor) and value.device != device:
         return value.to(device)
     return value
+
+
+class AdamW8bit(AdamW):
+    """AdamW with blockwise 8-bit moments: ``AdamW(..., state_dtype="int8")`` (the name
+    bitsandbytes users know). See ``fastopt.quantization``; tensors under 4096 elements keep
+    fp32 moments. The state_dict holds plain tensors: uint8 codes and fp32 block scales."""
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, state_dtype="int8",
+                 **kwargs) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, state_dtype=state_dtype, **kwargs)

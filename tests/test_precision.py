@@ -434,6 +434,15 @@ def test_quantization_error_is_bounded_per_block():
         assert (padded.amax(dim=1) <= half_gap * scales + 1e-12).all()
 
 
+def test_adamw8bit_is_adamw_with_int8_state():
+    params = [torch.nn.Parameter(torch.randn(5000))]
+    opt = fastopt.AdamW8bit(params, lr=1e-3)
+    params[0].grad = torch.ones(5000)
+    opt.step()
+    assert opt.param_groups[0]["state_dtype"] == "int8"
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+
+
 def test_int8_refuses_what_it_cannot_hold():
     params = [torch.nn.Parameter(torch.ones(5000))]
     with pytest.raises(ValueError, match="amsgrad"):

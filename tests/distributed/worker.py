@@ -134,6 +134,37 @@ def fsdp2(rank, opt_name, backend="auto"):
             assert local.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
+def fsdp2_clipped(rank):
+    """max_grad_norm on FSDP2 shards: the norm is global (all ranks' shards), as
+    clip_grad_norm_ computes it on DTensors; params match clip_grad_norm_ + torch's step."""
+    models = []
+    for clip in (True, False):
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        if clip:
+            opt = fastopt.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        for step in range(STEPS):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if not clip:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+                torch.testing.assert_close(models[0][1][step], norm, **TOL)
+                opt.step()
+            else:
+                norms = getattr(opt, "norms", [])
+                norms.append(opt.step())
+                opt.norms = norms
+        models.append((model, getattr(opt, "norms", None)))
+    compare(models[0][0], models[1][0])
+
+
 def zero(rank, opt_name, bucket_view):
     ours_cls, ref_cls, kw = OPTIMIZERS[opt_name]
     models = []
@@ -215,6 +246,7 @@ SCENARIOS = {
     "fsdp2-Adam-amsgrad": lambda rank, workdir: fsdp2(rank, "Adam-amsgrad"),
     "fsdp2-SGD": lambda rank, workdir: fsdp2(rank, "SGD"),
     "fsdp2-AdamW-triton": lambda rank, workdir: fsdp2(rank, "AdamW", "triton"),
+    "fsdp2-AdamW-max-grad-norm": lambda rank, workdir: fsdp2_clipped(rank),
     "zero-AdamW": lambda rank, workdir: zero(rank, "AdamW", bucket_view=False),
     "zero-bucket-view-AdamW": lambda rank, workdir: zero(rank, "AdamW", bucket_view=True),
     "zero-bucket-view-SGD": lambda rank, workdir: zero(rank, "SGD", bucket_view=True),

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastopt import dispatch, quantization
-from fastopt.flat import Bucket, local
+from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import MASTER, FlatOptimizer, _same, precision_defaults
 from fastopt.validation import check_adam, check_flags, check_precision
 
@@ -121,6 +121,15 @@ class Adam(FlatOptimizer):
         if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq"):
             return quantization.CODES
         return torch.float32
+
+    def check_bucket(self, group: dict, bucket: Bucket) -> None:
+        super().check_bucket(group, bucket)
+        if bucket.variant == INT8 and any(is_dtensor(p) for p in bucket.params):
+            raise ValueError(
+                "state_dtype='int8' on DTensor params (FSDP2, tensor parallel) is not supported: "
+                "its per-block scales have no DTensor layout for distributed checkpoints; use "
+                "state_dtype=torch.bfloat16 there"
+            )
 
     def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
         if name.endswith("_absmax"):

@@ -291,6 +291,7 @@ VARIANTS = {
     "adamw-master": ("adamw", {"master_weights": True}),
     "adamw-bf16-state": ("adamw", {"state_dtype": torch.bfloat16}),
     "adamw-8bit": ("adamw", {"state_dtype": "int8"}),
+    "adamw-8bit-master": ("adamw", {"state_dtype": "int8", "master_weights": True}),
     "saga": ("saga", {}),
 }
 

@@ -45,6 +45,8 @@ class Adam(FlatOptimizer):
     uses_step = True
     error_name = "Adam"
     int8_state_ok = True
+    precision_keys = ("master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
+                      "max_grad_norm")
 
     def __init__(
         self,

@@ -53,6 +53,8 @@ class Chunk(NamedTuple):
     key: object
 
 
+PRECISION_KEYS = {"master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
+                  "max_grad_norm"}
 MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
 _MIXED = object()  # uniform_key's answer when a bucket's params do not share one run key
 
@@ -65,13 +67,14 @@ class FlatOptimizer(Optimizer):
     uses_step = False  # Adam keeps a per-param step count; SGD does not
     error_name = ""  # the name torch.optim's errors use ("Adam" for Adam and AdamW)
     int8_state_ok = False  # state_dtype="int8" (blockwise 8-bit moments) is implemented
+    precision_keys: tuple = ()  # which of PRECISION_KEYS its groups take
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
         dispatch.check_backend(backend)
         self.backend = backend
         self._buckets: list | None = []  # per group: list[Bucket]
         self._outsiders: list = []  # per group: params kept out of the layout (no grad yet)
-        self._group_sizes: list = []  # per group: len(group["params"]) when it was laid out
+        self._group_sizes: list = []  # per group: the ids of group["params"] when laid out
         self._ids = itertools.count()
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = True
@@ -148,11 +151,14 @@ class FlatOptimizer(Optimizer):
         try:
             for p in group["params"]:
                 check_param(p)
-            if "master_weights" in group or "state_dtype" in group or "max_grad_norm" in group:
-                check_precision(group.get("master_weights", False), group.get("state_dtype"),
-                                group.get("stochastic_rounding", False),
-                                group.get("rounding_seed", 0), group.get("max_grad_norm"),
-                                int8_ok=self.int8_state_ok, amsgrad=group.get("amsgrad", False))
+            unsupported = sorted((set(group) & PRECISION_KEYS) - set(self.precision_keys))
+            if unsupported:
+                raise ValueError(f"{type(self).__name__} does not take {', '.join(unsupported)}"
+                                 " (param group options)")
+            check_precision(group.get("master_weights", False), group.get("state_dtype"),
+                            group.get("stochastic_rounding", False),
+                            group.get("rounding_seed", 0), group.get("max_grad_norm"),
+                            int8_ok=self.int8_state_ok, amsgrad=group.get("amsgrad", False))
         except ValueError:
             self.param_groups.pop()
             raise
@@ -185,7 +191,7 @@ class FlatOptimizer(Optimizer):
             buckets.append(bucket)
         self._buckets[index] = buckets
         self._outsiders[index] = outsiders
-        self._group_sizes[index] = len(group["params"])
+        self._group_sizes[index] = [id(p) for p in group["params"]]
 
     def _adopt_state(self, group: dict, bucket: Bucket) -> None:
         """Copy whatever state the bucket's params have (loaded, or from an older layout) in."""
@@ -195,8 +201,8 @@ class FlatOptimizer(Optimizer):
         names = list(self.state_names(group, bucket))
         for i in stated:
             for key, value in self.state[bucket.params[i]].items():
-                if key != "step" and isinstance(value, Tensor) and key not in names:
-                    names.append(key)
+                if key != "step" and key not in names and self._flat_extra(bucket, i, value):
+                    names.append(key)  # e.g. max_exp_avg_sq kept from an amsgrad run
         for name in names:
             self._ensure_buffer(group, bucket, name)
         with torch.no_grad():
@@ -216,8 +222,18 @@ class FlatOptimizer(Optimizer):
                     elif name == MASTER:  # state saved without masters: start from the param
                         bucket.local_view(name, i).copy_(
                             local_value(bucket.params[i].detach(), bucket.params[i]))
-                self._set_state(bucket.params[i], self._state_views(bucket, i, names))
+                extras = {k: v for k, v in state.items() if k != "step" and k not in names}
+                self._set_state(bucket.params[i], {**self._state_views(bucket, i, names),
+                                                   **extras})
                 bucket.has_state[i] = True
+
+    @staticmethod
+    def _flat_extra(bucket: Bucket, i: int, value) -> bool:
+        """Is an unknown state entry a per-element tensor worth a flat buffer (a param-shaped
+        float)? Anything else (counters, other shapes, non-tensors) is kept as it is."""
+        p = bucket.params[i]
+        return isinstance(value, Tensor) and value.is_floating_point() == p.is_floating_point() \
+            and value.is_complex() == p.is_complex() and tuple(value.shape) == tuple(p.shape)
 
     def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
         """Copy a saved state tensor of param i into the bucket's buffer ``name``."""
@@ -264,7 +280,8 @@ class FlatOptimizer(Optimizer):
         for index, buckets in enumerate(self._buckets):
             stale = any(p.grad is not None for p in self._outsiders[index])
             stale = stale or not all(b.is_intact() for b in buckets)
-            stale = stale or self._group_sizes[index] != len(self.param_groups[index]["params"])
+            stale = stale or self._group_sizes[index] != [
+                id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
             if stale:
                 self._build_group(index)
 
@@ -576,6 +593,27 @@ class _State(defaultdict):
     def __delitem__(self, key) -> None:
         self.changed = True
         super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.changed = True
+        super().clear()
+
+    def pop(self, *args):
+        self.changed = True
+        return super().pop(*args)
+
+    def popitem(self):
+        self.changed = True
+        return super().popitem()
+
+    def update(self, *args, **kwargs) -> None:
+        self.changed = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self.changed = True
+        return super().setdefault(key, default)
 
     def __reduce__(self):  # pickles (and deep-copies) as the plain defaultdict torch.optim has
         return (_plain_state, (dict(self),))

@@ -86,8 +86,8 @@ class SAGA(FlatOptimizer):
             index (int): the sample whose gradient the params' ``.grad`` hold.
         """
         for group in self.param_groups:
-            check_sample_index(index, group["num_samples"])
-        self._index = int(index)
+            index = check_sample_index(index, group["num_samples"])
+        self._index = index
         try:
             return super().step(closure)
         finally:

@@ -33,6 +33,7 @@ class SGD(FlatOptimizer):
     """
 
     sparse_grads_ok = True
+    precision_keys = ("master_weights", "state_dtype", "max_grad_norm")
 
     def __init__(
         self,

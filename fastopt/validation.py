@@ -7,6 +7,8 @@ so code that catches or matches them keeps working. The optimizers call these be
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -99,8 +101,12 @@ def check_sample_index(index, num_samples: int) -> int:
         if index.numel() != 1 or index.is_floating_point():
             raise TypeError(f"index must be an int or a 1-element integer tensor, got {index}")
         index = int(index)
-    if isinstance(index, bool) or not isinstance(index, int):
-        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    if isinstance(index, bool):
+        raise TypeError("index must be an int, got bool")
+    try:
+        index = operator.index(index)  # ints, numpy integers
+    except TypeError:
+        raise TypeError(f"index must be an int, got {type(index).__name__}") from None
     if not 0 <= index < num_samples:
         raise IndexError(f"index {index} is out of range for num_samples={num_samples}")
     return index

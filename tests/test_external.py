@@ -103,7 +103,8 @@ def test_params_re_pointed_into_a_foreign_buffer_become_external_keeping_state()
     torch.testing.assert_close(bucket[:7], ref_params[0].detach())
 
 
-@pytest.mark.parametrize("how", ["replace entry", "replace tensor", "delete entry"])
+@pytest.mark.parametrize("how", ["replace entry", "replace tensor", "delete entry", "clear",
+                                 "pop", "update"])
 def test_state_changed_from_outside_is_used_by_the_next_step(how):
     init = make_params([(9,), (4, 4)])
     ours_params = [torch.nn.Parameter(t.clone()) for t in init]
@@ -118,8 +119,14 @@ def test_state_changed_from_outside_is_used_by_the_next_step(how):
                     opt.state[p] = {k: v.clone() * 2 for k, v in opt.state[p].items()}
                 elif how == "replace tensor":
                     opt.state[p]["exp_avg"] = torch.full((4, 4), 0.5)
-                else:
+                elif how == "delete entry":
                     del opt.state[p]
+                elif how == "clear":
+                    opt.state.clear()
+                elif how == "pop":
+                    opt.state.pop(p)
+                else:
+                    opt.state.update({p: {}})
         for p, q in zip(ours_params, ref_params):
             g = torch.randn(p.shape, generator=gen)
             p.grad, q.grad = g.clone(), g.clone()
@@ -157,3 +164,35 @@ def test_a_param_whose_whole_storage_someone_else_holds_is_not_moved():
     opt.step()
     assert opt._buckets[0][0].external
     torch.testing.assert_close(owner_bucket, expected)
+
+
+def test_extra_state_written_by_other_code_is_kept_as_torch_keeps_it():
+    """Wrappers (Lookahead-style) put their own entries in optimizer.state: counters, other
+    shapes, non-tensors stay as they are; param-shaped floats keep their values."""
+    init = make_params([(5,), (2, 3)])
+    ours_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = fastopt.AdamW(ours_params, lr=0.1)
+    for p in ours_params:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    slow = ours_params[0].detach().clone() * 3
+    ours.state[ours_params[0]].update(counter=torch.tensor(7), stats=torch.ones(2), note="hi",
+                                      slow=slow)
+    ours.step()
+    entry = ours.state[ours_params[0]]
+    assert entry["counter"].dtype == torch.int64 and entry["counter"].shape == ()
+    assert entry["stats"].shape == (2,) and entry["note"] == "hi"
+    assert torch.equal(entry["slow"], slow)
+    assert set(ours.state_dict()["state"][0]) >= {"counter", "stats", "note", "slow"}
+
+
+def test_a_group_pointed_at_other_params_of_the_same_count_updates_them():
+    old = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    new = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = fastopt.SGD(old, lr=1.0)
+    opt.param_groups[0]["params"] = new
+    for p in new:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(torch.equal(p.detach(), -torch.ones_like(p)) for p in new)
+    assert all(torch.equal(p.detach(), torch.zeros_like(p)) for p in old)

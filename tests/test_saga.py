@@ -3,6 +3,7 @@ and convergence on L2-regularised softmax regression over scikit-learn's digits.
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from helpers import BACKENDS, TOLERANCES, make_params
@@ -125,6 +126,9 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing():
     with pytest.raises(TypeError, match="index must be"):
         opt.step(index=torch.tensor(1.0))
     assert torch.equal(p.detach(), torch.ones(3)) and not opt.state
+    with pytest.raises(ValueError, match="SAGA does not take max_grad_norm"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "max_grad_norm": 1.0})
+    opt.step(index=np.int64(1))  # numpy integers (np.random.permutation) are fine
     opt.step(index=torch.tensor(2))  # a 1-element integer tensor is fine
     assert torch.equal(opt.state[p]["gradient_table"][2], torch.ones(3))
 

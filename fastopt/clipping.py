@@ -10,7 +10,8 @@ divisor the update already applies for AMP:
     c = \\min\\Big(1, \\frac{\\text{max\\_norm}}{\\|g\\| + 10^{-6}}\\Big), \\qquad
     g_i \\leftarrow g_i / (s / c)
 
-with :math:`s` GradScaler's scale (1 without AMP). A non-finite norm (an inf or nan grad, as
+with :math:`s` GradScaler's scale (1 without AMP). fp64 grads are instead multiplied by
+:math:`c` in place (in fp64, as ``clip_grad_norm_`` does: torch's fused ops take an fp32 scale). A non-finite norm (an inf or nan grad, as
 GradScaler's check would find) skips the step: nothing is written, as for AMP's ``found_inf``
 (``clip_grad_norm_`` would instead write nans). No value is read back to the host: the step can
 be captured in a CUDA graph. The norm (after unscaling, before clipping: what
@@ -20,6 +21,7 @@ be captured in a CUDA graph. The norm (after unscaling, before clipping: what
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,31 +30,42 @@ from fastopt.flat import as_real, is_dtensor
 
 
 def global_norm(grads: list) -> Tensor:
-    """The 2-norm of all ``grads`` together, in fp32, on the first grad's device (DTensor
-    grads, e.g. FSDP2's shards, count with their full norm across ranks)."""
-    by_device: dict = defaultdict(list)
+    """The 2-norm of all ``grads`` together, on the first grad's device: in fp32, or fp64 when
+    there are fp64 grads (DTensor grads, e.g. FSDP2's shards, count with their full norm
+    across ranks)."""
+    by_key: dict = defaultdict(list)
     norms = []
     for g in grads:
+        dtype = torch.float64 if g.dtype in (torch.float64, torch.complex128) else torch.float32
         if is_dtensor(g):
-            norms.append(torch.linalg.vector_norm(g, dtype=torch.float32).full_tensor())
+            norms.append(torch.linalg.vector_norm(g, dtype=dtype).full_tensor())
         else:
-            by_device[g.device].append(as_real(g))
-    for tensors in by_device.values():
-        norms.extend(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+            by_key[(g.device, dtype)].append(as_real(g))
+    for (_, dtype), tensors in by_key.items():
+        norms.extend(torch._foreach_norm(tensors, 2, dtype=dtype))
     first = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+    total = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(first, total) for n in norms]))
 
 
-def fold(grads: list, max_norm: float, grad_scale, found_inf):
-    """(norm, grad_scale, found_inf) for an update that clips ``grads`` to ``max_norm``."""
+class Clip(NamedTuple):
+    norm: Tensor  # the unscaled global norm (what clip_grad_norm_ returns)
+    factor: Tensor  # min(1, max_norm / (norm + 1e-6))
+    divisor: Tensor  # fp32 GradScaler scale / factor: what fp32 and narrower updates divide by
+    found_inf: Tensor  # 1.0 when the norm is not finite (or AMP found an inf), else 0.0
+
+
+def fold(grads: list, max_norm: float, grad_scale, found_inf) -> Clip | None:
+    """How an update clips ``grads`` to ``max_norm`` (None without grads)."""
     if not grads:
-        return None, grad_scale, found_inf
+        return None
     norm = global_norm(grads)
     if grad_scale is not None:
         norm = norm / grad_scale.to(norm.device)
-    clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    divisor = (grad_scale.to(norm.device) if grad_scale is not None else 1.0) / clip
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    scale = grad_scale.to(norm.device) if grad_scale is not None else 1.0
+    divisor = (scale / factor).to(torch.float32)
     nonfinite = (~torch.isfinite(norm)).to(torch.float32)
     if found_inf is not None:
         nonfinite = torch.maximum(found_inf.to(norm.device), nonfinite)
-    return norm, divisor, nonfinite
+    return Clip(norm, factor, divisor, nonfinite)

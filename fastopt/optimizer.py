@@ -115,6 +115,13 @@ class FlatOptimizer(Optimizer):
 
     def check_bucket(self, group: dict, bucket: Bucket) -> None:
         """Refuse a group option this bucket's params cannot take (clear error, at layout)."""
+        state_dtype = group.get("state_dtype")
+        if state_dtype is not None and state_dtype != bucket.dtype \
+                and any(p.is_complex() for p in bucket.params):
+            raise ValueError(
+                f"state_dtype={state_dtype!r} applies to real params; complex params keep their "
+                "state in their own dtype (put them in a param group without state_dtype)"
+            )
         if group.get("stochastic_rounding") and bucket.dtype == torch.float16:
             raise ValueError(
                 "stochastic_rounding=True supports bfloat16 params (fp32 bits truncated to 16); "
@@ -309,12 +316,20 @@ class FlatOptimizer(Optimizer):
                 if plan is not None:
                     plans.append((group, bucket, plan))
         max_norm = self._max_grad_norm()
+        clip = None
         if max_norm is not None:
             grads = [g for _, _, (_, bucket_grads, _) in plans for g in bucket_grads]
-            self.grad_norm, grad_scale, found_inf = clipping.fold(grads, max_norm, grad_scale,
-                                                                  found_inf)
+            clip = clipping.fold(grads, max_norm, grad_scale, found_inf)
+            self.grad_norm = clip.norm if clip is not None else None
         for group, bucket, plan in plans:
-            self._step_bucket(group, bucket, *plan, grad_scale, found_inf)
+            if clip is None:
+                self._step_bucket(group, bucket, *plan, grad_scale, found_inf)
+            elif bucket.dtype == torch.float64:  # fp64: scale the grads themselves, in fp64
+                factor = clip.factor.to(bucket.device, torch.float64)
+                torch._foreach_mul_([as_real(g) for g in plan[1]], factor)
+                self._step_bucket(group, bucket, *plan, grad_scale, clip.found_inf)
+            else:
+                self._step_bucket(group, bucket, *plan, clip.divisor, clip.found_inf)
         if max_norm is not None and closure is None:
             return self.grad_norm
         return loss

@@ -12,8 +12,8 @@ Three options change what is stored, never the math (always fp32):
   the flat buffer) — no RNG state: a resumed run rounds exactly as an uninterrupted one, and the
   global RNG is neither used nor needed.
 
-``run_fp32`` does an update on fp32 copies of slices of the buffers with torch's fused fp32
-op, then stores the results back. The Triton kernels do the same in registers (kernels/adam.py);
+``run_fp32`` does an update on fp32 copies (fp64 for fp64 params) of slices of the buffers with
+torch's fused op, then stores the results back. The Triton kernels do the same in registers (kernels/adam.py);
 the hash is the same, so both backends round identically when their fp32 results agree.
 
 The hash, on uint32 words (every product taken mod 2**32):
@@ -79,6 +79,11 @@ def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0
         target.copy_(value)
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update computes in: fp32, or fp64 for fp64 params (never narrower)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def slices(tensor: Tensor, start: int):
     """(flat slice, its offset in the flat buffer) pieces of at most SLICE elements."""
     flat = tensor.reshape(-1)
@@ -102,11 +107,12 @@ def run_fp32(fused, params, grads, states, steps, *, masters=None, seed=None, of
         param_pieces = list(slices(param, offsets[j]))
         grad_pieces = list(slices(grads[j], 0))
         state_pieces = [list(slices(state[j], 0)) if state else None for state in states]
+        math = math_dtype(source.dtype)
         for k, (piece, start) in enumerate(sources):
-            p32 = piece.float()
-            s32 = [[s[k][0].float()] if s is not None else [] for s in state_pieces]
+            p32 = piece.to(math)
+            s32 = [[s[k][0].to(math)] if s is not None else [] for s in state_pieces]
             step = [] if steps is None else [[steps[j]]]
-            fused([p32], [grad_pieces[k][0].float()], *s32, *step, **kwargs)
+            fused([p32], [grad_pieces[k][0].to(math)], *s32, *step, **kwargs)
             if masters is not None:
                 store(piece, p32)  # the fp32 master (p32 is the master itself: no copy)
                 store(param_pieces[k][0], p32)

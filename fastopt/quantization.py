@@ -66,8 +66,8 @@ def num_blocks(numel: int) -> int:
 
 
 def quantize(values: Tensor, signed: bool) -> tuple:
-    """fp32 ``values`` (one param, any shape) -> (codes of the same shape, scales [blocks])."""
-    flat = values.reshape(-1)
+    """``values`` (one param, any shape) -> (codes of the same shape, fp32 scales [blocks])."""
+    flat = values.reshape(-1).float()
     n = flat.numel()
     padded = torch.nn.functional.pad(flat, (0, num_blocks(n) * BLOCK - n)).view(-1, BLOCK)
     scales = padded.abs().amax(dim=1)

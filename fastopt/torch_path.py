@@ -209,12 +209,13 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
         element = block = 0
         for size in sizes[j]:
             span, blocks = slice(element, element + size), slice(block, block + num_blocks(size))
-            m = dequantize(flat["m"][span], exp_avg_scales[j][blocks], signed=True)
-            root = dequantize(flat["v"][span], exp_avg_sq_scales[j][blocks], signed=False)
-            v = root * root
             source = flat["master"][span] if masters is not None else flat["param"][span]
-            p32 = source.float()
-            op([p32], [flat["grad"][span].float()], [m], [v], [], [steps[j]], lr=lr,
+            math = precision.math_dtype(source.dtype)
+            m = dequantize(flat["m"][span], exp_avg_scales[j][blocks], signed=True).to(math)
+            root = dequantize(flat["v"][span], exp_avg_sq_scales[j][blocks], signed=False)
+            v = (root * root).to(math)
+            p32 = source.to(math)
+            op([p32], [flat["grad"][span].to(math)], [m], [v], [], [steps[j]], lr=lr,
                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
             if masters is not None:

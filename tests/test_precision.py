@@ -470,3 +470,51 @@ def test_lean_variants_train_as_well_as_fp32():
         assert digits <= 1.10 * reference_digits, (name, digits, reference_digits)
         assert reversal <= 1.25 * reference_reversal + 0.002, (name, reversal,
                                                                reference_reversal)
+
+
+# ---------------------------------------------------------------------- fp64 and complex params
+def test_fp64_params_keep_fp64_math_with_narrow_state():
+    """state_dtype or 8-bit state on fp64 params: the update still computes in fp64 (lr=0
+    leaves the params bit-for-bit; fp32 state only rounds the moments)."""
+    init = torch.tensor([1.0 + 1e-12, 3.141592653589793] * 2500, dtype=torch.float64)
+    for options in (dict(state_dtype=torch.bfloat16), dict(state_dtype="int8")):
+        p = torch.nn.Parameter(init.clone())
+        opt = fastopt.AdamW([p], lr=0.0, **options)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert torch.equal(p.detach(), init), options
+    ours, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours_opt = fastopt.AdamW([ours], lr=1e-3, state_dtype=torch.float32)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-3, foreach=False)
+    for _ in range(3):
+        g = torch.randn(init.shape, dtype=torch.float64)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        ours_opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_grad_norm_on_fp64_and_mixed_dtype_params(backend):
+    init = [torch.randn(50, dtype=torch.float64), torch.randn(9)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ours_opt = fastopt.SGD(ours, lr=0.1, momentum=0.9, max_grad_norm=1.0, backend=backend)
+    ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, dtype=p.dtype) * 5
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = ours_opt.step()
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=False)
+        ref_opt.step()
+        torch.testing.assert_close(norm, expected, **TOLERANCES[torch.float64])
+        torch.testing.assert_close(ours[0].detach(), ref[0].detach(), **TOLERANCES[torch.float64])
+        torch.testing.assert_close(ours[1].detach(), ref[1].detach(), **FP32)
+
+
+def test_narrow_state_on_complex_params_is_refused():
+    z = [torch.nn.Parameter(torch.randn(5000, dtype=torch.complex64))]
+    for state_dtype in (torch.bfloat16, "int8"):
+        with pytest.raises(ValueError, match="complex params keep their state"):
+            fastopt.AdamW(z, state_dtype=state_dtype)

@@ -3,7 +3,8 @@
 Three options change what is stored, never the math (always fp32):
 
 - ``master_weights=True``: bf16/fp16 params get an fp32 copy (state ``master_param``); the
-  update runs on it and the param receives it rounded to nearest.
+  update runs on it and the param receives it rounded to nearest. Where the param no longer
+  equals its master rounded (changed outside the optimizer), the param's value is taken.
 - ``state_dtype=torch.bfloat16`` (or float16): the moments are stored in that dtype, widened to
   fp32 for the update and rounded to nearest on the way back.
 - ``stochastic_rounding=True`` (bf16 params without master weights): the param is rounded up
@@ -79,6 +80,14 @@ def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0
         target.copy_(value)
 
 
+def follow_param(master: Tensor, param: Tensor) -> Tensor:
+    """The fp32 master, except where the param is no longer the master rounded to its dtype:
+    something outside the optimizer changed it (a clamp, a loaded checkpoint, another
+    optimizer sharing the param), and the param's value wins there."""
+    changed = master.to(param.dtype) != param
+    return torch.where(changed, param.float(), master)
+
+
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the update computes in: fp32, or fp64 for fp64 params (never narrower)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -109,7 +118,10 @@ def run_fp32(fused, params, grads, states, steps, *, masters=None, seed=None, of
         state_pieces = [list(slices(state[j], 0)) if state else None for state in states]
         math = math_dtype(source.dtype)
         for k, (piece, start) in enumerate(sources):
-            p32 = piece.to(math)
+            if masters is not None:
+                p32 = follow_param(piece, param_pieces[k][0])
+            else:
+                p32 = piece.to(math)
             s32 = [[s[k][0].to(math)] if s is not None else [] for s in state_pieces]
             step = [] if steps is None else [[steps[j]]]
             fused([p32], [grad_pieces[k][0].to(math)], *s32, *step, **kwargs)

@@ -214,7 +214,10 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
             m = dequantize(flat["m"][span], exp_avg_scales[j][blocks], signed=True).to(math)
             root = dequantize(flat["v"][span], exp_avg_sq_scales[j][blocks], signed=False)
             v = (root * root).to(math)
-            p32 = source.to(math)
+            if masters is not None:
+                p32 = precision.follow_param(source, flat["param"][span])
+            else:
+                p32 = source.to(math)
             op([p32], [flat["grad"][span].to(math)], [m], [v], [], [steps[j]], lr=lr,
                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

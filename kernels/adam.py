@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .rounding import round_bf16_stochastic, seed_word, to_storage
+from .rounding import follow_param, round_bf16_stochastic, seed_word, to_storage
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,8 +139,9 @@ def _adam_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    if HAS_MASTER:
-        param = tl.load(master_ptr + offsets, mask=mask)
+    if HAS_MASTER:  # the fp32 master, unless the param was changed outside the optimizer
+        param = follow_param(tl.load(master_ptr + offsets, mask=mask),
+                             tl.load(param_ptr + offsets, mask=mask), param_ptr.dtype.element_ty)
     else:
         param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)

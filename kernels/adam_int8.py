@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .adam import _betas, adam_moments, adam_step, bias_corrections
-from .rounding import round_bf16_stochastic, seed_word, to_storage
+from .rounding import follow_param, round_bf16_stochastic, seed_word, to_storage
 
 ROWS = 4  # quantization blocks per program
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
@@ -89,8 +89,9 @@ def _adam_int8_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    if HAS_MASTER:
-        param = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+    if HAS_MASTER:  # the fp32 master, unless the param was changed outside the optimizer
+        param = follow_param(tl.load(master_ptr + offsets, mask=mask, other=0.0),
+                             tl.load(param_ptr + offsets, mask=mask, other=0.0), param_ptr.dtype.element_ty)
     else:
         param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -65,3 +65,12 @@ def to_storage(value, dtype: tl.constexpr):
         return round_bf16_nearest(value)
     else:
         return value.to(dtype)
+
+
+@triton.jit
+def follow_param(master, current, dtype: tl.constexpr):
+    """The fp32 master, except where the param (``current``, in ``dtype``) is no longer the
+    master rounded: something outside the optimizer changed it (a clamp, a loaded checkpoint,
+    another optimizer), and the param's value wins there."""
+    current = current.to(tl.float32)
+    return tl.where(to_storage(master, dtype).to(tl.float32) == current, master, current)

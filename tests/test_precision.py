@@ -518,3 +518,25 @@ def test_narrow_state_on_complex_params_is_refused():
     for state_dtype in (torch.bfloat16, "int8"):
         with pytest.raises(ValueError, match="complex params keep their state"):
             fastopt.AdamW(z, state_dtype=state_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_master_follows_params_changed_outside_the_optimizer(backend, state_dtype):
+    """A clamp (WGAN), a loaded checkpoint or another optimizer may change a bf16 param: the
+    next step starts from the param's new value, not from a stale master."""
+    p = torch.nn.Parameter(torch.ones(5000, dtype=torch.bfloat16))
+    opt = fastopt.AdamW([p], lr=1e-3, weight_decay=0.0, master_weights=True,
+                        state_dtype=state_dtype, backend=backend)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    with torch.no_grad():
+        p[:100].clamp_(-0.01, 0.01)  # changed outside
+    kept = p.detach()[100:].clone()
+    p.grad = torch.zeros_like(p)
+    opt.step()  # a zero-grad step moves nothing (Adam's m decays but stays > 0: tiny move)
+    master = opt.state[p]["master_param"]
+    assert torch.all(p.detach()[:100].float() <= 0.0101)
+    assert torch.all(master[:100] <= 0.0101)  # the master took the clamped values
+    torch.testing.assert_close(p.detach()[100:].float(), kept.float(), rtol=0, atol=2e-3)
+    assert torch.equal(p.detach(), master.to(torch.bfloat16))

@@ -13,8 +13,9 @@ layout will hold for a given set of params, optimizer and options:
   Adam's float32 step counts, one per param;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
   are copied into (first step; every step on the Triton path after ``zero_grad()`` set the grads
-  to None), the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA) and
-  8-bit state's block table (16 bytes per block of 256);
+  to None), the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA,
+  widened slices for master weights / narrow or 8-bit state) and 8-bit state's block table (16
+  bytes per block of 256);
 - ``peak_bytes`` = params + grads + state + scratch, the most a step holds at once;
 - ``free_bytes``: free memory on the device now (CUDA: ``torch.cuda.mem_get_info``; CPU:
   available RAM), and ``fits``: whether what the optimizer still has to allocate (state and
@@ -35,10 +36,13 @@ import psutil
 import torch
 
 from fastopt.flat import is_movable, local
-from fastopt.precision import HALF_DTYPES
+from fastopt.precision import HALF_DTYPES, SLICE
 from fastopt.quantization import MIN_SIZE, num_blocks
 
 STEP_BYTES = 4  # fastopt keeps Adam's step counts as float32, one per param
+# Temporaries per element of a widened slice on the CPU torch path (measured: ~36 bytes for
+# 8-bit state, ~36 for bf16 state, in slices of fastopt.precision.SLICE elements).
+SLICE_SCRATCH_PER_ELEMENT = 40
 
 
 @dataclass
@@ -92,11 +96,14 @@ class MemoryReport:
 
 
 def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryReport:
-    """The memory ``optimizer`` (a fastopt class or its name: "sgd", "adam", "adamw", "saga")
+    """The memory ``optimizer`` (a fastopt class or its name: "sgd", "adam", "adamw",
+    "adamw8bit", "saga")
     needs for these params with these options (the constructor's keywords; param groups may
     carry their own). ``device`` overrides where the params are counted (for meta tensors)."""
     cls = _optimizer_class(optimizer)
     defaults = _defaults(cls)
+    if cls.__name__ == "AdamW8bit":  # AdamW with state_dtype="int8" by default
+        defaults = {**_defaults(cls.__mro__[1]), "state_dtype": "int8"}
     unknown = set(options) - set(defaults)
     if unknown:
         raise TypeError(f"{cls.__name__} has no option(s) {sorted(unknown)}")
@@ -114,7 +121,7 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             entry = _device_entry(report, where)
             size = local(p).numel() * p.element_size()
             entry.param_bytes += size
-            if not p.requires_grad:
+            if not p.requires_grad and p.grad is None:
                 continue  # frozen: no grad, no state (fastopt leaves it out of its buffers)
             entry.grad_bytes += size
             entry.num_elements += local(p).numel()
@@ -130,9 +137,9 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
                 bucket["movable_bytes"] += size
         for (where, dtype, int8), bucket in buckets.items():
             entry = report.devices[where]
-            entry.state_bytes += _state_bytes(cls.__name__, group_options, bucket, dtype, int8)
-            entry.scratch_bytes += _scratch_bytes(cls.__name__, group_options, bucket, where,
-                                                  dtype)
+            name = "AdamW" if cls.__name__ == "AdamW8bit" else cls.__name__
+            entry.state_bytes += _state_bytes(name, group_options, bucket, dtype, int8)
+            entry.scratch_bytes += _scratch_bytes(name, group_options, bucket, where, dtype)
             if int8:
                 entry.scratch_bytes += 16 * bucket["blocks"]  # the int64 block table
     for entry in report.devices.values():
@@ -183,7 +190,19 @@ def _scratch_bytes(name: str, options: dict, bucket: dict, device: str, dtype) -
         scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries
     if on_cpu and name == "SAGA":
         scratch += 2 * bucket["bytes"]  # g - table_i and the update, on the torch path
+    if on_cpu and _widens(options, dtype):
+        # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
+        largest = bucket["largest"] // _itemsize(dtype)
+        scratch += SLICE_SCRATCH_PER_ELEMENT * min(SLICE, largest)
     return scratch
+
+
+def _widens(options: dict, dtype: torch.dtype) -> bool:
+    """Does the torch path work on widened copies (fastopt.precision.run_fp32, 8-bit state)?"""
+    state_dtype = options.get("state_dtype")
+    return (state_dtype is not None and state_dtype != dtype) \
+        or (bool(options.get("master_weights")) and dtype in HALF_DTYPES) \
+        or (bool(options.get("stochastic_rounding")) and dtype == torch.bfloat16)
 
 
 def free_bytes(device) -> int | None:
@@ -219,7 +238,7 @@ def _optimizer_class(optimizer):
     import fastopt
 
     classes = {"sgd": fastopt.SGD, "adam": fastopt.Adam, "adamw": fastopt.AdamW,
-               "saga": fastopt.SAGA}
+               "adamw8bit": fastopt.AdamW8bit, "saga": fastopt.SAGA}
     if isinstance(optimizer, str):
         if optimizer.lower() not in classes:
             raise ValueError(f"Unknown optimizer {optimizer!r} (expected one of {sorted(classes)})")

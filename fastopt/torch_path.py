@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastopt import precision
-from fastopt.quantization import dequantize, num_blocks, quantize
+from fastopt.quantization import BLOCK, dequantize, num_blocks, quantize
 
 
 def adam_update(
@@ -197,42 +197,52 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                      steps, *, block_tables, bases, sizes, lr, beta1, beta2, weight_decay, eps,
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
                      rounding_seed=None, offsets=None) -> None:
-    """Adam / AdamW with blockwise 8-bit moments (``fastopt.quantization``): per param of each
-    chunk (``sizes``), decode the moments to fp32, run torch's fused fp32 step, encode them
-    again. ``exp_avg_sqs`` hold the codes of sqrt(v). A step with ``found_inf`` set writes
-    nothing (without reading it on the host)."""
+    """Adam / AdamW with blockwise 8-bit moments (``fastopt.quantization``): for each param of
+    each chunk (``sizes``), in slices of ``precision.SLICE`` elements (whole blocks), decode the
+    moments to fp32, run torch's fused step, encode them again. ``exp_avg_sqs`` hold the codes
+    of sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host)."""
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     for j, param in enumerate(params):
         flat = {"param": param.reshape(-1), "grad": grads[j].reshape(-1),
                 "m": exp_avgs[j].reshape(-1), "v": exp_avg_sqs[j].reshape(-1),
                 "master": masters[j].reshape(-1) if masters is not None else None}
+        scales = {"m": exp_avg_scales[j], "v": exp_avg_sq_scales[j]}
         element = block = 0
         for size in sizes[j]:
-            span, blocks = slice(element, element + size), slice(block, block + num_blocks(size))
-            source = flat["master"][span] if masters is not None else flat["param"][span]
-            math = precision.math_dtype(source.dtype)
-            m = dequantize(flat["m"][span], exp_avg_scales[j][blocks], signed=True).to(math)
-            root = dequantize(flat["v"][span], exp_avg_sq_scales[j][blocks], signed=False)
-            v = (root * root).to(math)
-            if masters is not None:
-                p32 = precision.follow_param(source, flat["param"][span])
-            else:
-                p32 = source.to(math)
-            op([p32], [flat["grad"][span].to(math)], [m], [v], [], [steps[j]], lr=lr,
-               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
-               maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
-            if masters is not None:
-                precision.store(flat["param"][span], p32)
-            rounding = {} if rounding_seed is None or masters is not None else dict(
-                seed=rounding_seed, step=steps[j], start=offsets[j] + element)
-            precision.store(source, p32, **rounding)
-            for name, values, scales, signed in (("m", m, exp_avg_scales[j], True),
-                                                 ("v", v.sqrt(), exp_avg_sq_scales[j], False)):
-                codes, new_scales = quantize(values, signed)
-                if found_inf is not None:  # keep the old encoding bit for bit
-                    skip = found_inf.to(codes.device) != 0
-                    codes = torch.where(skip, flat[name][span], codes)
-                    new_scales = torch.where(skip, scales[blocks], new_scales)
-                flat[name][span].copy_(codes)
-                scales[blocks].copy_(new_scales)
+            for lo in range(0, size, precision.SLICE):  # SLICE is a whole number of blocks
+                n = min(precision.SLICE, size - lo)
+                span = slice(element + lo, element + lo + n)
+                blocks = slice(block + lo // BLOCK, block + lo // BLOCK + num_blocks(n))
+                _adam_int8_slice(op, flat, scales, span, blocks, steps[j], masters is not None,
+                                 rounding_seed, offsets[j] + element + lo if offsets else 0,
+                                 dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                                      eps=eps, amsgrad=False, maximize=maximize,
+                                      grad_scale=grad_scale, found_inf=found_inf))
             element, block = element + size, block + num_blocks(size)
+
+
+def _adam_int8_slice(op, flat, scales, span, blocks, step, has_master, rounding_seed, start,
+                     options) -> None:
+    """One slice of whole blocks of one param: decode, step, encode."""
+    source = flat["master"][span] if has_master else flat["param"][span]
+    math = precision.math_dtype(source.dtype)
+    m = dequantize(flat["m"][span], scales["m"][blocks], signed=True).to(math)
+    root = dequantize(flat["v"][span], scales["v"][blocks], signed=False)
+    v = (root * root).to(math)
+    del root
+    p32 = precision.follow_param(source, flat["param"][span]) if has_master else source.to(math)
+    op([p32], [flat["grad"][span].to(math)], [m], [v], [], [step], **options)
+    if has_master:
+        precision.store(flat["param"][span], p32)
+    rounding = {} if rounding_seed is None or has_master else dict(
+        seed=rounding_seed, step=step, start=start)
+    precision.store(source, p32, **rounding)
+    found_inf = options["found_inf"]
+    for name, values, signed in (("m", m, True), ("v", v.sqrt_(), False)):
+        codes, new_scales = quantize(values, signed)
+        if found_inf is not None:  # keep the old encoding bit for bit
+            skip = found_inf.to(codes.device) != 0
+            codes = torch.where(skip, flat[name][span], codes)
+            new_scales = torch.where(skip, scales[name][blocks], new_scales)
+        flat[name][span].copy_(codes)
+        scales[name][blocks].copy_(new_scales)

@@ -1,5 +1,8 @@
 """fastopt.memory: the estimate must equal what the optimizers really allocate."""
 
+import gc
+import os
+
 import psutil
 import pytest
 import torch
@@ -19,6 +22,7 @@ CONFIGS = [
     ("adam-bf16-state", fastopt.Adam, dict(state_dtype=torch.bfloat16, amsgrad=True)),
     ("adamw-int8", fastopt.AdamW, dict(state_dtype="int8")),
     ("adamw-int8-master", fastopt.AdamW, dict(state_dtype="int8", master_weights=True)),
+    ("adamw8bit", fastopt.AdamW8bit, dict(master_weights=True)),
     ("sgd-master-fp32-state", fastopt.SGD, dict(lr=0.1, momentum=0.9, master_weights=True,
                                                   state_dtype=torch.float32)),
 ]
@@ -51,6 +55,8 @@ def first_step(opt, params):
 def test_state_bytes_equal_what_exists_after_the_first_step(name, cls, kwargs, dtype):
     params = [torch.nn.Parameter(t) for t in make_params(SHAPES, dtype=dtype)]
     params[3].requires_grad_(False)  # frozen: no grad, no state
+    params[0].requires_grad_(False)
+    params[0].grad = torch.ones_like(params[0])  # not requiring grad, but handed one: state
     report = memory.estimate(params, cls, **kwargs)
     opt = cls(params, **kwargs)
     first_step(opt, params)
@@ -111,3 +117,29 @@ def test_command_line_table(capsys):
     memory.main(["--model", "resnet18-head", "--optimizer", "saga", "--num-samples", "1000"])
     out = capsys.readouterr().out
     assert "2,103,811 elements" in out and "7.85 GiB" in out  # 1001 x 2,103,811 x 4 bytes
+
+
+def _rss_bytes():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("options", [{}, dict(state_dtype=torch.bfloat16),
+                                     dict(state_dtype="int8")], ids=["fp32", "bf16", "int8"])
+def test_a_cpu_step_allocates_no_more_than_estimated(options):
+    """Peak resident memory added by the first step (state, flat grads, the torch path's
+    temporaries) stays within the estimate's state + scratch (plus 8 MiB of allocator slack)."""
+    n = 8 * 1024 * 1024
+    p = torch.nn.Parameter(torch.randn(n))
+    report = memory.estimate([p], "adamw", **options).devices["cpu"]
+    opt = fastopt.AdamW([p], **options)
+    p.grad = torch.randn(n)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM)
+    before, _ = _rss_bytes()
+    opt.step()
+    _, peak = _rss_bytes()
+    assert peak - before <= report.new_bytes + 8 * 2**20, (peak - before, report.new_bytes)
+    assert peak - before >= report.state_bytes * 0.9  # the state really was allocated

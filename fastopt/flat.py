@@ -43,16 +43,18 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def is_movable(p: Tensor) -> bool:
+def is_movable(p: Tensor, own: set | None = None) -> bool:
     """May fastopt move ``p``'s storage into a flat buffer? Only when it is a fastopt buffer or
     ``p`` alone holds it: never a DTensor, a view into another owner's buffer, or a tensor that
     someone else also references (ZeroRedundancyOptimizer's bucket for a rank with one param):
-    they would keep reading the old storage."""
+    they would keep reading the old storage. With ``own`` (the storage addresses of the
+    caller's own buffers), a param in another fastopt optimizer's buffer stays there: two
+    optimizers sharing a param would otherwise take it from each other at every step."""
     if is_dtensor(p) or p.device.type == "meta":
         return False
     storage = p.untyped_storage()
     if _LAID_OUT.get(p) == storage.data_ptr():
-        return True
+        return own is None or storage.data_ptr() in own
     whole = p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size()
     return whole and _holders(storage) <= 2  # p's own tensor and ``storage`` above
 
@@ -107,8 +109,8 @@ def as_real(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def bucket_key(p: Tensor) -> tuple:
-    return (p.device, real_dtype(p), not is_movable(p))
+def bucket_key(p: Tensor, own: set | None = None) -> tuple:
+    return (p.device, real_dtype(p), not is_movable(p, own))
 
 
 @dataclass(eq=False)
@@ -317,12 +319,12 @@ def _add_block_table(bucket: Bucket) -> None:
     bucket.block_starts = starts
 
 
-def group_params(params: list, variant=None) -> list:
+def group_params(params: list, variant=None, own: set | None = None) -> list:
     """Split params into lists sharing (device, real dtype, external, ``variant(p)``), in order
-    of first appearance."""
+    of first appearance (``own``: see ``is_movable``)."""
     groups: dict = {}
     for p in params:
-        key = bucket_key(p) + ((variant(p),) if variant is not None else ())
+        key = bucket_key(p, own) + ((variant(p),) if variant is not None else ())
         groups.setdefault(key, []).append(p)
     return list(groups.values())
 

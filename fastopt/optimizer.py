@@ -175,8 +175,9 @@ class FlatOptimizer(Optimizer):
             self._group_sizes.append(None)
             self._build_group(len(self.param_groups) - 1)
 
-    def _build_group(self, index: int) -> None:
-        """(Re)lay out group ``index``: copy its params and their state into new flat buffers."""
+    def _build_group(self, index: int, own: set | None = None) -> None:
+        """(Re)lay out group ``index``: copy its params and their state into new flat buffers
+        (``own``: the storages of the layout being replaced, see ``flat.is_movable``)."""
         group = self.param_groups[index]
         members, outsiders, seen = [], [], set()
         for p in group["params"]:
@@ -188,8 +189,8 @@ class FlatOptimizer(Optimizer):
             else:
                 outsiders.append(p)
         buckets = []
-        for params in group_params(members, lambda p: self.bucket_variant(group, p)):
-            external = not is_movable(params[0])
+        for params in group_params(members, lambda p: self.bucket_variant(group, p), own):
+            external = not is_movable(params[0], own)
             backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
                                        external=external)
             bucket = build_bucket(params, backend, external, self.bucket_variant(group, params[0]))
@@ -290,7 +291,8 @@ class FlatOptimizer(Optimizer):
             stale = stale or self._group_sizes[index] != [
                 id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
             if stale:
-                self._build_group(index)
+                own = {b.flat.untyped_storage().data_ptr() for b in buckets if b.flat is not None}
+                self._build_group(index, own)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

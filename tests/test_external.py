@@ -196,3 +196,26 @@ def test_a_group_pointed_at_other_params_of_the_same_count_updates_them():
     opt.step()
     assert all(torch.equal(p.detach(), -torch.ones_like(p)) for p in new)
     assert all(torch.equal(p.detach(), torch.zeros_like(p)) for p in old)
+
+
+def test_two_optimizers_sharing_a_param_settle_instead_of_taking_it_from_each_other():
+    shared_init, a_init, b_init = torch.randn(3), torch.randn(50), torch.randn(40)
+    ours = [torch.nn.Parameter(t.clone()) for t in (shared_init, a_init, b_init)]
+    ref = [torch.nn.Parameter(t.clone()) for t in (shared_init, a_init, b_init)]
+    first, second = fastopt.AdamW([ours[1], ours[0]]), fastopt.AdamW([ours[2], ours[0]])
+    ref_first = torch.optim.AdamW([ref[1], ref[0]], foreach=False)
+    ref_second = torch.optim.AdamW([ref[2], ref[0]], foreach=False)
+    layouts = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        first.step()
+        second.step()
+        ref_first.step()
+        ref_second.step()
+        layouts.append((id(first._buckets[0]), id(second._buckets[0])))
+    assert len(set(layouts[2:])) == 1  # no more re-layouts once settled
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])

@@ -34,15 +34,22 @@ def global_norm(grads: list) -> Tensor:
     there are fp64 grads (DTensor grads, e.g. FSDP2's shards, count with their full norm
     across ranks)."""
     by_key: dict = defaultdict(list)
+    sharded: dict = defaultdict(list)
     norms = []
     for g in grads:
         dtype = torch.float64 if g.dtype in (torch.float64, torch.complex128) else torch.float32
         if is_dtensor(g):
-            norms.append(torch.linalg.vector_norm(g, dtype=dtype).full_tensor())
+            sharded[(g.device_mesh, dtype)].append(g)
         else:
             by_key[(g.device, dtype)].append(as_real(g))
     for (_, dtype), tensors in by_key.items():
         norms.extend(torch._foreach_norm(tensors, 2, dtype=dtype))
+    for (_, dtype), tensors in sharded.items():
+        # the norms of the local shards, combined into one partial norm: one collective per
+        # mesh (as clip_grad_norm_ does), not one per grad
+        partial = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2,
+                                                                           dtype=dtype)))
+        norms.append(partial.full_tensor())
     first = norms[0].device
     total = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     return torch.linalg.vector_norm(torch.stack([n.to(first, total) for n in norms]))

@@ -25,8 +25,6 @@ captured in a CUDA graph. When ``found_inf`` is nonzero every store is masked of
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -35,10 +33,22 @@ from . import launch
 from .rounding import follow_param, round_bf16_stochastic, seed_word, to_storage
 
 
-@functools.lru_cache(maxsize=64)
+_BETAS: dict = {}  # device -> [(beta1, beta2), fp64 tensor on the device]
+
+
 def _betas(device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
-    """[beta1, beta2] in fp64 on ``device``, made once per value (no copy in a steady loop)."""
-    return torch.tensor([beta1, beta2], dtype=torch.float64, device=device)
+    """[beta1, beta2] in fp64 on ``device``: made once per device, refilled on the device when
+    the values change (a scheduler cycling betas): no host-to-device copy, no sync."""
+    entry = _BETAS.get(device)
+    if entry is None:
+        tensor = torch.tensor([beta1, beta2], dtype=torch.float64, device=device)
+        _BETAS[device] = [(beta1, beta2), tensor]
+        return tensor
+    if entry[0] != (beta1, beta2):
+        entry[1][0].fill_(beta1)  # stream-ordered after the kernels that read the old values
+        entry[1][1].fill_(beta2)
+        entry[0] = (beta1, beta2)
+    return entry[1]
 
 
 @triton.jit

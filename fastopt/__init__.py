@@ -18,5 +18,17 @@ from fastopt.optimizer import FlatOptimizer  # noqa: E402
 from fastopt.saga import SAGA  # noqa: E402
 from fastopt.sgd import SGD  # noqa: E402
 
-__all__ = ["Adam", "AdamW", "AdamW8bit", "SAGA", "SGD", "FlatOptimizer"]
+__all__ = ["Adam", "AdamW", "AdamW8bit", "SAGA", "SGD", "FlatOptimizer", "memory", "verify"]
+
+_SUBMODULES = ("memory", "verify", "quantization", "precision", "shapes")
+
+
+def __getattr__(name):
+    """``fastopt.memory`` and ``fastopt.verify`` (a callable module) without importing them up
+    front, so ``python -m fastopt.verify`` / ``-m fastopt.memory`` run them cleanly."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastopt.{name}")
+    raise AttributeError(f"module 'fastopt' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support
     DTensor = None
 
-# The storage address each param had when fastopt laid it out: a param still there is a view of
-# a fastopt buffer and may be laid out again (a second optimizer over the same model); a view of
-# any other buffer may not.
-_LAID_OUT = WeakIdKeyDictionary()
+# Each laid-out param carries the address of the fastopt buffer it was put in (an attribute, not
+# a weak reference: torch.utils.swap_tensors refuses tensors with weak references). A param still
+# there is a view of a fastopt buffer and may be laid out again (a second optimizer over the
+# same model); a view of any other buffer may not.
+_LAID_OUT_ATTR = "_fastopt_buffer_address"
 
 
 def is_dtensor(t) -> bool:
@@ -53,7 +53,7 @@ def is_movable(p: Tensor, own: set | None = None) -> bool:
     if is_dtensor(p) or p.device.type == "meta":
         return False
     storage = p.untyped_storage()
-    if _LAID_OUT.get(p) == storage.data_ptr():
+    if getattr(p, _LAID_OUT_ATTR, None) == storage.data_ptr():
         return own is None or storage.data_ptr() in own
     whole = p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size()
     return whole and _holders(storage) <= 2  # p's own tensor and ``storage`` above
@@ -68,7 +68,7 @@ def _holders(storage) -> int:
 def mark_laid_out(params: list) -> None:
     """Note that ``params`` live in a fastopt buffer where they are now."""
     for p in params:
-        _LAID_OUT[p] = p.untyped_storage().data_ptr()
+        setattr(p, _LAID_OUT_ATTR, p.untyped_storage().data_ptr())
 
 
 def local_value(value: Tensor, param: Tensor) -> Tensor:
@@ -110,7 +110,8 @@ def as_real(t: Tensor) -> Tensor:
 
 
 def bucket_key(p: Tensor, own: set | None = None) -> tuple:
-    return (p.device, real_dtype(p), not is_movable(p, own))
+    """Complex params get buckets of their own: their real views need even offsets."""
+    return (p.device, real_dtype(p), p.is_complex(), not is_movable(p, own))
 
 
 @dataclass(eq=False)

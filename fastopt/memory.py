@@ -177,9 +177,12 @@ def _state_copies(name: str, options: dict) -> int:
     if name in ("Adam", "AdamW"):
         return 3 if options["amsgrad"] else 2
     if name == "SAGA":
-        if options.get("num_samples") is None:
+        samples = options.get("num_samples")
+        if samples is None:
             raise TypeError("SAGA's memory depends on num_samples: pass num_samples=")
-        return options["num_samples"] + 1  # the gradient table and its mean
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"Invalid num_samples: {samples!r} (a positive int)")
+        return samples + 1  # the gradient table and its mean
     raise ValueError(f"no memory model for {name}")
 
 
@@ -209,7 +212,7 @@ def free_bytes(device) -> int | None:
     """Free memory on ``device`` now: CUDA's free bytes, available RAM for CPU, else None."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
     if device.type == "cpu":
         return psutil.virtual_memory().available
     return None
@@ -230,8 +233,15 @@ def _param_groups(params_or_model) -> list:
                         "but got " + torch.typename(params_or_model))
     items = list(params_or_model)
     if items and isinstance(items[0], dict):
-        return [dict(g, params=list(g["params"])) for g in items]
-    return [{"params": items}]
+        return [dict(g, params=_unnamed(g["params"])) for g in items]
+    return [{"params": _unnamed(items)}]
+
+
+def _unnamed(params) -> list:
+    """Params, from tensors or ``named_parameters()``'s (name, param) pairs."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
 def _optimizer_class(optimizer):
@@ -315,6 +325,13 @@ VARIANTS = {
 }
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     from fastopt.shapes import MODELS, numel
 
@@ -327,7 +344,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
                         default="float32")
     parser.add_argument("--device", default="cpu", help="where the params would live (cpu, cuda)")
-    parser.add_argument("--num-samples", type=int, default=1000,
+    parser.add_argument("--num-samples", type=_positive_int, default=1000,
                         help="SAGA's gradient-table rows (training samples)")
     args = parser.parse_args(argv)
     shapes = MODELS[args.model]()

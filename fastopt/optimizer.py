@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from fastopt import clipping, dispatch
@@ -68,6 +69,7 @@ class FlatOptimizer(Optimizer):
     error_name = ""  # the name torch.optim's errors use ("Adam" for Adam and AdamW)
     int8_state_ok = False  # state_dtype="int8" (blockwise 8-bit moments) is implemented
     precision_keys: tuple = ()  # which of PRECISION_KEYS its groups take
+    amp_scaling_supported = True  # takes GradScaler's grad_scale / found_inf in step (fused)
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
         dispatch.check_backend(backend)
@@ -77,7 +79,7 @@ class FlatOptimizer(Optimizer):
         self._group_sizes: list = []  # per group: the ids of group["params"] when laid out
         self._ids = itertools.count()
         super().__init__(params, defaults)
-        self._step_supports_amp_scaling = True
+        self._step_supports_amp_scaling = self.amp_scaling_supported
 
     # ------------------------------------------------------------------ subclass interface
     def state_names(self, group: dict, bucket: Bucket) -> list:
@@ -162,10 +164,8 @@ class FlatOptimizer(Optimizer):
             if unsupported:
                 raise ValueError(f"{type(self).__name__} does not take {', '.join(unsupported)}"
                                  " (param group options)")
-            check_precision(group.get("master_weights", False), group.get("state_dtype"),
-                            group.get("stochastic_rounding", False),
-                            group.get("rounding_seed", 0), group.get("max_grad_norm"),
-                            int8_ok=self.int8_state_ok, amsgrad=group.get("amsgrad", False))
+            self._check_group_options(group)
+            self._max_grad_norm()
         except ValueError:
             self.param_groups.pop()
             raise
@@ -184,7 +184,9 @@ class FlatOptimizer(Optimizer):
             if id(p) in seen:
                 continue  # duplicates are warned about by torch's add_param_group
             seen.add(id(p))
-            if p.requires_grad or p.grad is not None or self.state.get(p):
+            if is_lazy(p):  # an nn.Lazy* module's param before its first forward
+                outsiders.append(p)
+            elif p.requires_grad or p.grad is not None or self.state.get(p):
                 members.append(p)
             else:
                 outsiders.append(p)
@@ -307,6 +309,9 @@ class FlatOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # options may have been changed since (a scheduler)
+            if self.precision_keys and PRECISION_KEYS.intersection(group):
+                self._check_group_options(group)
         self._ensure_layout()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -335,6 +340,12 @@ class FlatOptimizer(Optimizer):
         if max_norm is not None and closure is None:
             return self.grad_norm
         return loss
+
+    def _check_group_options(self, group: dict) -> None:
+        check_precision(group.get("master_weights", False), group.get("state_dtype"),
+                        group.get("stochastic_rounding", False), group.get("rounding_seed", 0),
+                        group.get("max_grad_norm"), int8_ok=self.int8_state_ok,
+                        amsgrad=group.get("amsgrad", False))
 
     def _max_grad_norm(self):
         """The groups' ``max_grad_norm`` (one global norm: every group must agree)."""
@@ -397,10 +408,15 @@ class FlatOptimizer(Optimizer):
         if fresh:
             self._create_state(group, bucket, fresh)
         if not bucket.grads_adopted:
+            # Adopt plain grads so that loops keeping them (zero_grad(set_to_none=False)) run
+            # flat from the next step; this step still updates them one tensor each, as every
+            # step of a default loop (fresh grads) does: a run resumed from a checkpoint then
+            # rounds exactly as the uninterrupted one (flat and per-tensor fused calls may
+            # differ in the last bit of a tensor's vector tail on CPU).
             bucket.grads_adopted = True
             for j, i in enumerate(participants):
                 if not in_place[j] and bucket.adopt_grad(i, grads[j]):
-                    in_place[j] = True
+                    grads[j] = bucket.params[i].grad
         if bucket.backend == "triton" and not bucket.external and not all(in_place):
             self._gather_grads(bucket, participants, grads, in_place)
         starts, ends = bucket.starts, bucket.ends
@@ -578,7 +594,7 @@ class FlatOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_ids", itertools.count())
-        self._step_supports_amp_scaling = True
+        self._step_supports_amp_scaling = self.amp_scaling_supported
         if "_buckets" not in state:
             self._buckets = None  # unpickled or deep-copied: lay out again at the next step
             self._outsiders = []

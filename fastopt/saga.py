@@ -57,18 +57,35 @@ class SAGA(FlatOptimizer):
         backend (str, keyword-only): see ``fastopt.dispatch``.
     """
 
+    amp_scaling_supported = False  # GradScaler unscales the grads itself (unscale_) first
+
     def __init__(self, params, lr: float | Tensor, num_samples: int, weight_decay: float = 0, *,
                  backend: str = "auto") -> None:
         check_saga(lr, num_samples, weight_decay)
         if isinstance(params, Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of "
                             "Tensors or dicts, but got " + torch.typename(params))
-        params = list(params)
+        # Materialise generators (model.parameters(), also inside groups) once: the memory
+        # check and the optimizer must see the same params.
+        params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g
+                  for g in params]
         _refuse_what_cannot_fit(params, lr=lr, num_samples=num_samples, weight_decay=weight_decay)
         defaults = {"lr": lr, "num_samples": num_samples, "weight_decay": weight_decay}
-        super().__init__(params, defaults, backend=backend)
-        self._step_supports_amp_scaling = False  # GradScaler unscales the grads itself
         self._index = None
+        super().__init__(params, defaults, backend=backend)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim's, with SAGA's checks: the group's ``num_samples``, ``lr`` and
+        ``weight_decay``, and its table must fit (``MemoryError`` before anything changes)."""
+        group = dict(param_group)
+        group["params"] = ([group["params"]] if isinstance(group["params"], Tensor)
+                           else list(group["params"]))
+        options = {k: group.get(k, self.defaults[k]) for k in ("lr", "num_samples",
+                                                              "weight_decay")}
+        check_saga(options["lr"], options["num_samples"], options["weight_decay"])
+        if self.param_groups:  # the constructor checked its own groups already
+            _refuse_what_cannot_fit([group], **options)
+        super().add_param_group(group)
 
     def state_names(self, group: dict, bucket) -> list:
         return ["gradient_table", "gradient_mean"]
@@ -119,12 +136,15 @@ def _refuse_what_cannot_fit(params: list, **options) -> None:
     from fastopt import memory  # not at import time: ``python -m fastopt.memory`` runs it
 
     report = memory.estimate(params, "saga", **options)
+    samples = sorted({g.get("num_samples", options["num_samples"]) for g in params
+                      if isinstance(g, dict)} or {options["num_samples"]})
     for device in report.devices.values():
         if not device.fits:
             raise MemoryError(
                 f"SAGA needs {device.new_bytes:,} bytes ({memory.human(device.new_bytes)}) on "
-                f"{device.device} for its gradient table ({options['num_samples']:,} samples x "
-                f"{device.num_elements:,} elements), its mean and a step's scratch, but only "
+                f"{device.device} for its gradient table ({', '.join(f'{n:,}' for n in samples)}"
+                f" samples x {device.num_elements:,} elements), its mean and a step's scratch, "
+                "but only "
                 f"{device.free_bytes:,} bytes ({memory.human(device.free_bytes)}) are free. "
                 "Nothing was allocated. Use fewer samples (e.g. mini-batches as samples), fewer "
                 "trainable params, or an optimizer without a per-sample table."

@@ -27,6 +27,8 @@ import argparse
 import copy
 import importlib
 import itertools
+import sys
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +152,16 @@ def main(argv=None) -> int:
     print(report)
     return 0 if report.ok else 1
 
+
+class _CallableModule(types.ModuleType):
+    """``fastopt.verify(...)`` calls :func:`verify`; the module stays importable and runnable
+    (``python -m fastopt.verify``)."""
+
+    def __call__(self, *args, **kwargs):
+        return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,5 +1,8 @@
 """Behaviour torch users rely on: flat layout, closures, zero_grad, hooks, GradScaler, groups."""
 
+import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -212,3 +215,70 @@ def test_no_warnings_in_a_plain_training_step():
         model(torch.randn(2, 3)).sum().backward()
         opt.step()
         opt.zero_grad()
+
+
+# ---------------------------------------------------------------------- found in review
+def test_complex_params_after_an_odd_number_of_real_elements():
+    init = [torch.randn(5), torch.randn(3, dtype=torch.complex64)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    opt, ref_opt = fastopt.Adam(ours, lr=0.1), torch.optim.Adam(ref, lr=0.1, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7)
+
+
+def test_lazy_modules_and_swapped_params():
+    """An optimizer made before nn.Lazy* params exist, and params swapped by model.to() under
+    torch's swap-on-conversion mode, as torch.optim allows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = fastopt.AdamW(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+    model(x)  # materialises the lazy params
+    twin = copy.deepcopy(model)
+    ref = torch.optim.AdamW(twin.parameters(), lr=0.1, foreach=False)
+    for net, o in ((model, opt), (twin, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            net(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)  # swaps the Parameter objects' contents
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    opt.zero_grad()
+    model(x.double()).pow(2).sum().backward()
+    opt.step()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_fastopt_memory_and_verify_after_a_plain_import():
+    code = ("import fastopt, torch; p = torch.nn.Parameter(torch.ones(3)); "
+            "print(fastopt.memory.estimate([p], 'adam').state_bytes, callable(fastopt.verify))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["28", "True"]
+
+
+def test_group_options_are_checked_when_added_and_when_changed():
+    params = [torch.nn.Parameter(torch.ones(5000))]
+    opt = fastopt.AdamW(params, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="every param group needs the same value"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "max_grad_norm": 2.0})
+    assert len(opt.param_groups) == 1
+    int8 = fastopt.AdamW8bit(params)
+    int8.param_groups[0]["amsgrad"] = True  # switched on later: refused, nothing written
+    params[0].grad = torch.ones(5000)
+    with pytest.raises(ValueError, match="amsgrad"):
+        int8.step()
+    assert torch.equal(params[0].detach(), torch.ones(5000)) and not int8.state

@@ -143,3 +143,15 @@ def test_a_cpu_step_allocates_no_more_than_estimated(options):
     _, peak = _rss_bytes()
     assert peak - before <= report.new_bytes + 8 * 2**20, (peak - before, report.new_bytes)
     assert peak - before >= report.state_bytes * 0.9  # the state really was allocated
+
+
+def test_named_params_bad_num_samples_and_a_missing_cuda():
+    model = torch.nn.Linear(3, 2)
+    assert memory.estimate(model.named_parameters(), "adam").state_bytes == 4 * 2 * 8 + 4 * 2
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="Invalid num_samples"):
+            memory.estimate(model, "saga", num_samples=bad)
+    if not torch.cuda.is_available():
+        report = memory.estimate([torch.empty(10, device="meta", requires_grad=True)], "adamw",
+                                 device="cuda")
+        assert report.devices["cuda"].free_bytes is None and report.fits

@@ -276,8 +276,11 @@ def test_bad_combinations_get_clear_errors():
         fastopt.SGD(bf16, lr=0.1, stochastic_rounding=True)  # SGD keeps no step count to seed it
     with pytest.raises(ValueError, match="SGD does not take stochastic_rounding"):
         fastopt.SGD([{"params": bf16, "stochastic_rounding": True}], lr=0.1)
-    opt = fastopt.AdamW([{"params": bf16}, {"params": fp16, "max_grad_norm": 2.0}],
-                        max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="every param group needs the same value"):
+        fastopt.AdamW([{"params": bf16}, {"params": fp16, "max_grad_norm": 2.0}],
+                      max_grad_norm=1.0)
+    opt = fastopt.AdamW([{"params": bf16}, {"params": fp16}], max_grad_norm=1.0)
+    opt.param_groups[1]["max_grad_norm"] = 2.0  # changed later: refused at the step
     for p in bf16 + fp16:
         p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="every param group needs the same value"):

@@ -165,3 +165,39 @@ def test_converges_where_sgd_at_the_same_lr_does_not():
     saga_gap, sgd_gap = saga[-1] - best, sgd[-1] - best
     assert 0 <= saga_gap < 2e-3, saga
     assert sgd_gap > 10 * saga_gap, (saga, sgd)
+
+
+def test_groups_generators_named_params_and_checks_per_group(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    opt = fastopt.SAGA([{"params": model.parameters()}], lr=0.1, num_samples=4)
+    assert len(opt.param_groups[0]["params"]) == 2  # the generator was not used up
+    named = fastopt.SAGA(model.named_parameters(), lr=0.1, num_samples=4)
+    assert len(named.param_groups[0]["params"]) == 2
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="Invalid num_samples"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))],
+                                 "num_samples": bad})
+    with pytest.raises(MemoryError, match="10,000,000,000,000 samples"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))],
+                             "num_samples": 10**13})
+    assert len(opt.param_groups) == 1
+    big = [torch.nn.Parameter(torch.zeros(1000, 1000))]
+    with pytest.raises(MemoryError, match="10,000,000 samples"):
+        fastopt.SAGA([{"params": big, "num_samples": 10**7}], lr=0.1, num_samples=1)
+
+
+def test_grad_scaler_after_load_state_dict():
+    """SAGA lets GradScaler unscale the grads itself; a loaded (or copied) SAGA must too."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = fastopt.SAGA(model.parameters(), lr=0.05, num_samples=3)
+    fresh = fastopt.SAGA(model.parameters(), lr=0.05, num_samples=3)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh._step_supports_amp_scaling is False
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.randn(2, 4)).sum()).backward()
+    grads = [p.grad.detach() / 1024.0 for p in model.parameters()]
+    scaler.step(fresh, index=0)
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.05 * g)  # table and mean were zero

@@ -1,7 +1,9 @@
 """Property test: random shapes, hyperparameters, grad patterns and step counts match torch.optim."""
 
+import os
+
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from helpers import BACKENDS, compare_runs
@@ -40,3 +42,79 @@ def test_random_configurations_match_torch(config, shapes, steps, dtype, skip_ma
     skip = lambda step, i: (skip_mask >> ((step * 5 + i) % 40)) & 1 == 1  # noqa: E731
     compare_runs(name, kwargs, shapes, steps=steps, dtype=dtype, skip=skip, seed=seed,
                  in_place=in_place, backend=backend)
+
+
+# ---------------------------------------------------------------------- lean options
+@st.composite
+def lean_configurations(draw):
+    """Any mix of the mixed-precision options, on any param dtype: it must either be refused
+    at construction with a ValueError/TypeError, or train, save, load and resume exactly."""
+    name = draw(st.sampled_from(["SGD", "Adam", "AdamW"]))
+    kwargs = dict(lr=draw(st.sampled_from([1e-3, 0.1])))
+    if name == "SGD":
+        kwargs["momentum"] = draw(st.sampled_from([0.0, 0.9]))
+    else:
+        kwargs["amsgrad"] = draw(st.booleans())
+        if draw(st.booleans()):
+            kwargs["stochastic_rounding"] = True
+            kwargs["rounding_seed"] = draw(st.integers(0, 2**32 - 1))
+    if draw(st.booleans()):
+        kwargs["master_weights"] = True
+    state_dtype = draw(st.sampled_from([None, torch.float32, torch.bfloat16, "int8"]))
+    if state_dtype is not None:
+        kwargs["state_dtype"] = state_dtype
+    if draw(st.booleans()):
+        kwargs["max_grad_norm"] = draw(st.sampled_from([0.5, 10.0]))
+    return name, kwargs
+
+
+@settings(max_examples=int(os.environ.get("FASTOPT_LEAN_EXAMPLES", 80)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(config=lean_configurations(),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                              torch.complex64]),
+       sizes=st.lists(st.sampled_from([0, 1, 3, 129, 4100]), min_size=1, max_size=3),
+       skip_mask=st.integers(0, 2**12), seed=st.integers(0, 2**16),
+       backend=st.sampled_from(BACKENDS))
+def test_lean_options_refuse_clearly_or_train_and_resume_exactly(config, dtype, sizes, skip_mask,
+                                                                 seed, backend):
+    import io
+
+    import fastopt
+
+    name, kwargs = config
+    cls = getattr(fastopt, name)
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+
+    def build(params):
+        return cls(params, backend=backend, **kwargs)
+
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    try:
+        opt = build(params)
+    except (ValueError, TypeError) as error:
+        event(f"refused: {type(error).__name__}: {str(error)[:60]}")
+        return  # a documented refusal (e.g. stochastic rounding on SGD or fp16)
+    event("trained")
+
+    def run(opt, params, first, steps, gen):
+        for step in range(first, first + steps):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=gen).to(dtype)
+                p.grad = None if (skip_mask >> ((step * 3 + i) % 12)) & 1 else g
+            opt.step()
+
+    run(opt, params, 0, 3, torch.Generator().manual_seed(1))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = build(copies)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    gen_a, gen_b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    run(opt, params, 3, 2, gen_a)
+    run(resumed, copies, 3, 2, gen_b)
+    for p, q in zip(params, copies):
+        assert torch.isfinite(torch.view_as_real(p) if p.is_complex() else p.float()).all()
+        assert torch.equal(p, q)

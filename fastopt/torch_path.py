@@ -10,6 +10,11 @@ The Triton launchers in ``fastopt.kernels`` have exactly these signatures. ``ste
 0-d float32 tensor per entry of ``params``, already incremented for this step; ``grad_scale`` and
 ``found_inf`` are GradScaler's device tensors (grads are divided by ``grad_scale``; when
 ``found_inf`` is nonzero nothing is written).
+
+Mixed precision (``masters``: fp32 master copies; state stored in another dtype;
+``rounding_seed``: stochastic rounding of bf16 params at flat ``offsets``) runs the same fused
+ops on widened copies of slices (``fastopt.precision.run_fp32``); 8-bit state has its own
+update (``adam_int8_update``), and SAGA's is ``saga_update``.
 """
 
 from __future__ import annotations

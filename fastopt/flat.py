@@ -219,6 +219,11 @@ class Bucket:
 
     def is_intact(self) -> bool:
         """True while every param still lives where this bucket put (or found) it."""
+        if not self.external:  # plain tensors (checked every step: keep it cheap)
+            try:
+                return [p.data_ptr() for p in self.params] == self.data_ptrs
+            except RuntimeError:  # one became a tensor subclass without storage: lay out again
+                return False
         return [local(p).data_ptr() for p in self.params] == self.data_ptrs
 
     def ensure_grad_buffer(self) -> Tensor:

@@ -91,6 +91,23 @@ class MemoryReport:
     def fits(self) -> bool:
         return all(d.fits for d in self.devices.values())
 
+    @property
+    def free_bytes(self) -> int | None:
+        """Free memory summed over the devices that report it (None if none does)."""
+        known = [d.free_bytes for d in self.devices.values() if d.free_bytes is not None]
+        return sum(known) if known else None
+
+    def __getitem__(self, device) -> DeviceMemory:
+        """``report["cuda:0"]`` or ``report[torch.device("cpu")]``: one device's figures."""
+        return self.devices[str(torch.device(device))]
+
+    def as_dict(self) -> dict:
+        """Plain numbers per device (for logging or JSON)."""
+        return {name: dict(param_bytes=d.param_bytes, grad_bytes=d.grad_bytes,
+                           state_bytes=d.state_bytes, scratch_bytes=d.scratch_bytes,
+                           peak_bytes=d.peak_bytes, free_bytes=d.free_bytes, fits=d.fits)
+                for name, d in self.devices.items()}
+
     def __str__(self) -> str:
         return format_table([self])
 

@@ -92,6 +92,10 @@ def test_meta_params_free_memory_and_fit():
     assert cpu.state_bytes == 8_000_000 + 4
     assert 0 < cpu.free_bytes <= psutil.virtual_memory().total
     assert report.fits
+    assert report["cpu"] is cpu and report[torch.device("cpu")] is cpu
+    assert report.free_bytes == cpu.free_bytes
+    assert report.as_dict()["cpu"]["peak_bytes"] == cpu.peak_bytes
+    assert "AdamW" in str(report) and "cpu" in str(report)
     huge = memory.estimate(params, "saga", num_samples=10**8, device="cpu")
     assert not huge.fits and huge.state_bytes == (10**8 + 1) * 4_000_000
 

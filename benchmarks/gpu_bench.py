@@ -67,14 +67,16 @@ def copy_bandwidth() -> float:
     return bytes_moved / (ms * 1e-3) / 1e9
 
 
-def step_ms(variant: str, optimizer: str, shapes: list, dtype: torch.dtype) -> float:
-    """Median ms of one step() with grads in place (as after backward), state already made."""
+def step_ms(variant: str, optimizer: str, shapes: list, dtype: torch.dtype,
+            options: dict | None = None) -> float:
+    """Median ms of one step() with grads in place (as after backward), state already made;
+    ``options`` go to the optimizer on top of OPTIMIZERS' (fastopt's lean variants)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype, generator=gen))
               for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device="cuda", dtype=dtype, generator=gen)
-    opt = VARIANTS[variant](optimizer, params, dict(OPTIMIZERS[optimizer]))
+    opt = VARIANTS[variant](optimizer, params, {**OPTIMIZERS[optimizer], **(options or {})})
     opt.step()
     ms = do_bench(opt.step, warmup=10, rep=60)
     del opt, params
@@ -140,25 +142,12 @@ LEAN = {
 }
 
 
-def lean_ms(dtype: torch.dtype, options: dict, n: int) -> float:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype, generator=gen))
-    param.grad = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
-    opt = fastopt.AdamW([param], backend="triton", **OPTIMIZERS["AdamW"], **options)
-    opt.step()
-    ms = do_bench(opt.step, warmup=10, rep=60)
-    del opt, param
-    gc.collect()
-    torch.cuda.empty_cache()
-    return ms
-
-
 def run_lean(results: dict, n: int = 10**8) -> None:
     """Rows for the lean variants, ratios against torch fused fp32 AdamW in the same run."""
     fused = step_ms("torch_fused", "AdamW", [(n,)], torch.float32)
     results["lean"] = []
     for name, (dtype, options, bytes_per_element) in LEAN.items():
-        ms = lean_ms(dtype, options, n)
+        ms = step_ms("fastopt", "AdamW", [(n,)], dtype, options)
         gbps = bytes_per_element * n / (ms * 1e-3) / 1e9
         row = {"variant": name, "numel": n, "bytes_per_element": bytes_per_element,
                "fastopt_ms": ms, "torch_fused_fp32_ms": fused, "vs_fused_fp32": fused / ms,

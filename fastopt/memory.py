@@ -168,7 +168,7 @@ def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int
     """State buffers in their stored dtype (``state_dtype``; fp32 beside fp32 masters; 8-bit:
     one byte per element and one fp32 scale per block, fp32 for small tensors), the fp32
     master copy of half-precision params (``master_weights``) and Adam's steps."""
-    elements = bucket["bytes"] // _itemsize(dtype)  # real elements of the bucket
+    elements = bucket["bytes"] // dtype.itemsize  # real elements of the bucket
     master = bool(options.get("master_weights")) and dtype in HALF_DTYPES
     steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
     masters = 4 * elements if master else 0
@@ -180,11 +180,8 @@ def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int
         stored = torch.float32  # tensors under quantization.MIN_SIZE keep fp32 state
     if name == "SAGA":
         stored = dtype
-    return copies * elements * _itemsize(stored) + masters + steps
+    return copies * elements * stored.itemsize + masters + steps
 
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _state_copies(name: str, options: dict) -> int:
@@ -212,7 +209,7 @@ def _scratch_bytes(name: str, options: dict, bucket: dict, device: str, dtype) -
         scratch += 2 * bucket["bytes"]  # g - table_i and the update, on the torch path
     if on_cpu and _widens(options, dtype):
         # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
-        largest = bucket["largest"] // _itemsize(dtype)
+        largest = bucket["largest"] // dtype.itemsize
         scratch += SLICE_SCRATCH_PER_ELEMENT * min(SLICE, largest)
     return scratch
 

@@ -76,7 +76,7 @@ class FlatOptimizer(Optimizer):
         self.backend = backend
         self._buckets: list | None = []  # per group: list[Bucket]
         self._outsiders: list = []  # per group: params kept out of the layout (no grad yet)
-        self._group_sizes: list = []  # per group: the ids of group["params"] when laid out
+        self._group_ids: list = []  # per group: the ids of group["params"] when laid out
         self._ids = itertools.count()
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = self.amp_scaling_supported
@@ -172,7 +172,7 @@ class FlatOptimizer(Optimizer):
         if self._buckets is not None:
             self._buckets.append(None)
             self._outsiders.append(None)
-            self._group_sizes.append(None)
+            self._group_ids.append(None)
             self._build_group(len(self.param_groups) - 1)
 
     def _build_group(self, index: int, own: set | None = None) -> None:
@@ -201,7 +201,7 @@ class FlatOptimizer(Optimizer):
             buckets.append(bucket)
         self._buckets[index] = buckets
         self._outsiders[index] = outsiders
-        self._group_sizes[index] = [id(p) for p in group["params"]]
+        self._group_ids[index] = [id(p) for p in group["params"]]
 
     def _adopt_state(self, group: dict, bucket: Bucket) -> None:
         """Copy whatever state the bucket's params have (loaded, or from an older layout) in."""
@@ -283,14 +283,14 @@ class FlatOptimizer(Optimizer):
             self.state.changed = False
             self._buckets = [None] * len(self.param_groups)
             self._outsiders = [None] * len(self.param_groups)
-            self._group_sizes = [None] * len(self.param_groups)
+            self._group_ids = [None] * len(self.param_groups)
             for index in range(len(self.param_groups)):
                 self._build_group(index)
             return
         for index, buckets in enumerate(self._buckets):
             stale = any(p.grad is not None for p in self._outsiders[index])
             stale = stale or not all(b.is_intact() for b in buckets)
-            stale = stale or self._group_sizes[index] != [
+            stale = stale or self._group_ids[index] != [
                 id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
             if stale:
                 own = {b.flat.untyped_storage().data_ptr() for b in buckets if b.flat is not None}
@@ -598,7 +598,7 @@ class FlatOptimizer(Optimizer):
         if "_buckets" not in state:
             self._buckets = None  # unpickled or deep-copied: lay out again at the next step
             self._outsiders = []
-            self._group_sizes = []
+            self._group_ids = []
 
 
 class _State(defaultdict):

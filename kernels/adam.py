@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .rounding import follow_param, round_bf16_stochastic, seed_word, to_storage
+from .rounding import load_param, seed_word, store_param, to_storage
 
 
 _BETAS: dict = {}  # device -> [(beta1, beta2), fp64 tensor on the device]
@@ -149,11 +149,7 @@ def _adam_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    if HAS_MASTER:  # the fp32 master, unless the param was changed outside the optimizer
-        param = follow_param(tl.load(master_ptr + offsets, mask=mask),
-                             tl.load(param_ptr + offsets, mask=mask), param_ptr.dtype.element_ty)
-    else:
-        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -171,14 +167,8 @@ def _adam_kernel(
     else:
         param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
 
-    if HAS_MASTER:
-        tl.store(master_ptr + offsets, param, mask=mask)
-    if STOCHASTIC_ROUNDING:
-        rounded = round_bf16_stochastic(param, base_offset + offsets, step, seed_word)
-        tl.store(param_ptr + offsets, rounded, mask=mask)
-    else:
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty),
-                 mask=mask)
+    store_param(param_ptr, master_ptr, offsets, mask, param, base_offset + offsets, step,
+                seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
     tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr.dtype.element_ty),
              mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, to_storage(exp_avg_sq, exp_avg_sq_ptr.dtype.element_ty),
@@ -208,7 +198,6 @@ def adam_update(
     offsets=None,
 ) -> None:
     """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.adam_update``."""
-    lr_on_device = isinstance(lr, torch.Tensor)
     stochastic = rounding_seed is not None and masters is None
     block = launch.block_size()
     for i, param in enumerate(params):
@@ -221,30 +210,50 @@ def adam_update(
             exp_avgs[i],
             exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i],
-            steps[i],
-            _betas(param.device, float(beta1), float(beta2)),
-            lr if lr_on_device else steps[i],
-            grad_scale if grad_scale is not None else steps[i],
-            found_inf if found_inf is not None else steps[i],
-            masters[i] if masters is not None else param,
-            0.0 if lr_on_device else float(lr),
-            1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
-            float(beta1),
-            float(beta2),
-            float(weight_decay),
-            float(eps),
+            *adam_arguments(param, steps[i], masters[i] if masters is not None else None, lr,
+                            beta1, beta2, weight_decay, eps, grad_scale, found_inf),
             n,
             offsets[i] if stochastic else 0,
             seed_word(rounding_seed) if stochastic else 0,
             AMSGRAD=amsgrad,
-            HAS_WEIGHT_DECAY=weight_decay != 0,
-            DECOUPLED=decoupled,
-            MAXIMIZE=maximize,
-            LR_ON_DEVICE=lr_on_device,
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            HAS_MASTER=masters is not None,
-            STOCHASTIC_ROUNDING=stochastic and param.dtype == torch.bfloat16,
+            **adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf,
+                         masters, stochastic),
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )
+
+
+def adam_arguments(param, step, master, lr, beta1, beta2, weight_decay, eps, grad_scale,
+                   found_inf) -> tuple:
+    """The Adam kernels' arguments from ``step_ptr`` to ``eps`` (a tensor that is absent is
+    stood in for by another: its constexpr flag keeps the kernel from reading it)."""
+    lr_on_device = isinstance(lr, torch.Tensor)
+    return (
+        step,
+        _betas(param.device, float(beta1), float(beta2)),
+        lr if lr_on_device else step,
+        grad_scale if grad_scale is not None else step,
+        found_inf if found_inf is not None else step,
+        master if master is not None else param,
+        0.0 if lr_on_device else float(lr),
+        1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
+        float(beta1),
+        float(beta2),
+        float(weight_decay),
+        float(eps),
+    )
+
+
+def adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf, masters,
+               stochastic) -> dict:
+    """The Adam kernels' shared constexpr flags."""
+    return dict(
+        HAS_WEIGHT_DECAY=weight_decay != 0,
+        DECOUPLED=decoupled,
+        MAXIMIZE=maximize,
+        LR_ON_DEVICE=isinstance(lr, torch.Tensor),
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        HAS_MASTER=masters is not None,
+        STOCHASTIC_ROUNDING=stochastic and param.dtype == torch.bfloat16,
+    )

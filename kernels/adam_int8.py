@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
-from .adam import _betas, adam_moments, adam_step, bias_corrections
-from .rounding import follow_param, round_bf16_stochastic, seed_word, to_storage
+from .adam import adam_arguments, adam_flags, adam_moments, adam_step, bias_corrections
+from .rounding import load_param, seed_word, store_param
 
 ROWS = 4  # quantization blocks per program
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
@@ -89,11 +88,7 @@ def _adam_int8_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    if HAS_MASTER:  # the fp32 master, unless the param was changed outside the optimizer
-        param = follow_param(tl.load(master_ptr + offsets, mask=mask, other=0.0),
-                             tl.load(param_ptr + offsets, mask=mask, other=0.0), param_ptr.dtype.element_ty)
-    else:
-        param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m_code = tl.load(m_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
     v_code = tl.load(v_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
@@ -115,13 +110,8 @@ def _adam_int8_kernel(
     v_scale = tl.max(tl.where(mask, root, 0.0), axis=1)
     v_code = _nearest(root / tl.where(v_scale > 0, v_scale, 1.0)[:, None], unsigned_midpoints_ptr)
 
-    if HAS_MASTER:
-        tl.store(master_ptr + offsets, param, mask=mask)
-    if STOCHASTIC_ROUNDING:
-        rounded = round_bf16_stochastic(param, base + offsets, step, seed_word)
-        tl.store(param_ptr + offsets, rounded, mask=mask)
-    else:
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
+    store_param(param_ptr, master_ptr, offsets, mask, param, base + offsets, step, seed_word,
+                HAS_MASTER, STOCHASTIC_ROUNDING)
     tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
     tl.store(v_codes_ptr + offsets, v_code.to(tl.uint8), mask=mask)
     tl.store(m_scales_ptr + rows, m_scale, mask=row_ok)
@@ -135,7 +125,6 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
     """One launch per chunk; the signature of ``fastopt.torch_path.adam_int8_update``."""
     from fastopt.quantization import BLOCK, tables
 
-    lr_on_device = isinstance(lr, torch.Tensor)
     stochastic = rounding_seed is not None and masters is None
     rows = INTERPRETER_ROWS if os.environ.get("TRITON_INTERPRET") == "1" else ROWS
     for i, param in enumerate(params):
@@ -147,24 +136,12 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
         _adam_int8_kernel[(triton.cdiv(n_blocks, rows),)](
             param, grads[i], exp_avgs[i], exp_avg_scales[i], exp_avg_sqs[i],
             exp_avg_sq_scales[i], block_tables[i], signed_values, signed_midpoints,
-            unsigned_values, unsigned_midpoints, steps[i],
-            _betas(param.device, float(beta1), float(beta2)),
-            lr if lr_on_device else steps[i],
-            grad_scale if grad_scale is not None else steps[i],
-            found_inf if found_inf is not None else steps[i],
-            masters[i] if masters is not None else param,
-            0.0 if lr_on_device else float(lr),
-            1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
-            float(beta1), float(beta2), float(weight_decay), float(eps),
+            unsigned_values, unsigned_midpoints,
+            *adam_arguments(param, steps[i], masters[i] if masters is not None else None, lr,
+                            beta1, beta2, weight_decay, eps, grad_scale, found_inf),
             n_blocks, bases[i], seed_word(rounding_seed) if stochastic else 0,
-            HAS_WEIGHT_DECAY=weight_decay != 0,
-            DECOUPLED=decoupled,
-            MAXIMIZE=maximize,
-            LR_ON_DEVICE=lr_on_device,
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            HAS_MASTER=masters is not None,
-            STOCHASTIC_ROUNDING=stochastic and param.dtype == torch.bfloat16,
+            **adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf,
+                         masters, stochastic),
             ROWS_PER_PROGRAM=rows,
             QBLOCK=BLOCK,
             num_warps=4,

@@ -1,5 +1,6 @@
 """Rounding fp32 values for storage: to nearest (``to_storage``) or, for bf16, stochastically
-with noise from a counter-based hash (``round_bf16_stochastic``).
+with noise from a counter-based hash (``round_bf16_stochastic``); and the param round trip every
+kernel shares (``load_param`` / ``store_param``: fp32 masters, outside edits, rounding).
 
 bf16 rounding to nearest-even is done on the bits: Triton's conversion rounds so on GPUs, but
 its CPU interpreter truncates; spelled out, both give torch's ``.to(torch.bfloat16)``.
@@ -68,9 +69,27 @@ def to_storage(value, dtype: tl.constexpr):
 
 
 @triton.jit
-def follow_param(master, current, dtype: tl.constexpr):
-    """The fp32 master, except where the param (``current``, in ``dtype``) is no longer the
-    master rounded: something outside the optimizer changed it (a clamp, a loaded checkpoint,
-    another optimizer), and the param's value wins there."""
-    current = current.to(tl.float32)
-    return tl.where(to_storage(master, dtype).to(tl.float32) == current, master, current)
+def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
+    """The fp32 value an update starts from: the param widened, or its fp32 master, except
+    where the param is no longer the master rounded: something outside the optimizer changed
+    it (a clamp, a loaded checkpoint, another optimizer), and the param's value wins there."""
+    current = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MASTER:
+        master = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+        rounded = to_storage(master, param_ptr.dtype.element_ty).to(tl.float32)
+        current = tl.where(rounded == current, master, current)
+    return current
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, offsets, mask, param, flat_offsets, step, seed_word,
+                HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
+    """Store an updated fp32 param: into the master (kept whole) and the param rounded to
+    nearest, or stochastically (bf16, with hashed noise at ``flat_offsets`` and ``step``)."""
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, param, mask=mask)
+    if STOCHASTIC_ROUNDING:
+        rounded = round_bf16_stochastic(param, flat_offsets, step, seed_word)
+        tl.store(param_ptr + offsets, rounded, mask=mask)
+    else:
+        tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .rounding import follow_param, to_storage
+from .rounding import load_param, store_param, to_storage
 
 
 @triton.jit
@@ -59,11 +59,7 @@ def _sgd_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    if HAS_MASTER:  # the fp32 master, unless the param was changed outside the optimizer
-        param = follow_param(tl.load(master_ptr + offsets, mask=mask),
-                             tl.load(param_ptr + offsets, mask=mask), param_ptr.dtype.element_ty)
-    else:
-        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
@@ -86,9 +82,7 @@ def _sgd_kernel(
         else:
             grad = buf
     param = tl.fma(grad, -lr, param)
-    if HAS_MASTER:
-        tl.store(master_ptr + offsets, param, mask=mask)
-    tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
+    store_param(param_ptr, master_ptr, offsets, mask, param, offsets, 0.0, 0, HAS_MASTER, False)
 
 
 def sgd_update(

@@ -70,7 +70,7 @@ class Adam(FlatOptimizer):
         max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
-        betas = check_adam(lr, betas, eps, weight_decay)
+        betas = check_adam(lr, betas, eps, weight_decay, foreach, capturable)
         check_flags(foreach, fused, differentiable)
         check_precision(master_weights, state_dtype, stochastic_rounding, rounding_seed,
                         max_grad_norm, int8_ok=True, amsgrad=amsgrad)

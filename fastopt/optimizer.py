@@ -39,7 +39,7 @@ from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movabl
                           mark_laid_out,
                           real_dtype, runs)
 from fastopt.precision import HALF_DTYPES
-from fastopt.validation import check_grad, check_param, check_precision
+from fastopt.validation import check_fused_param, check_grad, check_param, check_precision
 
 
 class Chunk(NamedTuple):
@@ -375,8 +375,11 @@ class FlatOptimizer(Optimizer):
         else:
             in_place = [False] * len(grads)
         name = self.error_name or type(self).__name__
+        fused = self.param_groups[index].get("fused")
         for j, (i, g) in enumerate(zip(participants, grads)):
             p = bucket.params[i]
+            if fused and not bucket.has_state[i]:
+                check_fused_param(p)
             if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
                 continue
             in_place[j] = False
@@ -516,9 +519,11 @@ class FlatOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
-        """torch.optim's format; per-param entries are plain dicts of (views of) the state."""
+        """torch.optim's format; per-param entries are plain dicts of (views of) the state.
+        Entries whose key is not a param (written by hooks) pass through as torch keeps them."""
         state_dict = super().state_dict()
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        state_dict["state"] = {k: dict(v) if isinstance(v, _Entry) else v
+                               for k, v in state_dict["state"].items()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -611,7 +616,8 @@ class _State(defaultdict):
     def __init__(self, items=()) -> None:
         super().__init__(None)
         for key, value in dict(items).items():
-            dict.__setitem__(self, key, _Entry(self, value))
+            dict.__setitem__(self, key, _Entry(self, value) if _is_param_entry(key, value)
+                             else value)
         self.changed = True
 
     def __missing__(self, key):
@@ -620,11 +626,13 @@ class _State(defaultdict):
         return entry
 
     def __setitem__(self, key, value) -> None:
-        self.changed = True
+        # Keys that are not params (notes written by hooks, as torch.optim allows) change no
+        # layout.
+        self.changed = self.changed or isinstance(key, Tensor)
         super().__setitem__(key, value)
 
     def __delitem__(self, key) -> None:
-        self.changed = True
+        self.changed = self.changed or isinstance(key, Tensor)
         super().__delitem__(key)
 
     def clear(self) -> None:
@@ -696,7 +704,14 @@ class _Entry(dict):
 
 
 def _plain_state(items: dict) -> defaultdict:
-    return defaultdict(dict, {k: dict(v) for k, v in items.items()})
+    return defaultdict(dict, {k: dict(v) if isinstance(v, _Entry) else v
+                              for k, v in items.items()})
+
+
+def _is_param_entry(key, value) -> bool:
+    """Is ``(key, value)`` a param's state (a dict under a tensor key)? Other entries (notes
+    that hooks write under other keys) are kept as they are."""
+    return isinstance(key, Tensor) and isinstance(value, dict)
 
 
 def precision_defaults(master_weights: bool = False, state_dtype=None,

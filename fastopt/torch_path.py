@@ -125,10 +125,13 @@ def sgd_update(
                            is_first_step=is_first_step, grad_scale=grad_scale,
                            found_inf=found_inf)
         return
-    if params[0].dtype in (torch.float16, torch.bfloat16) and params[0].device.type == "cpu":
+    device = params[0].device.type
+    if device == "meta" or (params[0].dtype in (torch.float16, torch.bfloat16)
+                            and device == "cpu"):
         # torch's CPU _fused_sgd_ skips elements of fp16/bf16 tensors (seen in torch 2.13: after
-        # one step of lr=0.01 on 100 ones, most elements are unchanged); use torch.optim.SGD's
-        # own op sequence, which rounds exactly as the reference does.
+        # one step of lr=0.01 on 100 ones, most elements are unchanged), and it has no meta
+        # kernel; use torch.optim.SGD's own op sequence, which rounds exactly as the reference
+        # does.
         _sgd_ops(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                  is_first_step=is_first_step, grad_scale=grad_scale, found_inf=found_inf)
@@ -152,7 +155,8 @@ def sgd_update(
 def _sgd_ops(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
              maximize, is_first_step, grad_scale, found_inf) -> None:
     """SGD as torch.optim.SGD's for-loop computes it, one flat buffer at a time."""
-    if found_inf is not None and bool(found_inf):  # CPU only: reading it costs no device sync
+    if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
+        # CPU only: reading it costs no device sync
         return
     for j, (param, grad) in enumerate(zip(params, grads)):
         if grad_scale is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 
@@ -20,8 +21,12 @@ def check_lr(lr) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def check_adam(lr, betas, eps, weight_decay) -> tuple:
-    """Validate Adam's hyperparameters; return betas as torch stores them (0-d tensors or floats)."""
+def check_adam(lr, betas, eps, weight_decay, foreach=None, capturable=False) -> tuple:
+    """Validate Adam's hyperparameters; return betas as torch stores them (0-d tensors or floats).
+    Tensor lr and betas need ``capturable`` when ``foreach=True`` (torch's foreach ops take
+    them as Python scalars)."""
+    if isinstance(lr, Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
     check_lr(lr)
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
@@ -36,8 +41,12 @@ def check_adam(lr, betas, eps, weight_decay) -> tuple:
     if not (both_floats or both_tensors):
         raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
-        if isinstance(beta, Tensor) and beta.numel() != 1:
-            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        if isinstance(beta, Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for "
+                                 "capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
     return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
 
 
@@ -146,9 +155,26 @@ def check_grad(param: Tensor, grad: Tensor, where: str, sparse_ok: bool, name: s
         )
 
 
+def check_fused_param(param: Tensor) -> None:
+    """torch.optim's check when a param first gets state in a ``fused=True`` group."""
+    devices = _fused_devices()
+    if not (param.device.type in devices and torch.is_floating_point(param)):
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {devices} but {param.dtype} and {param.device.type}"
+        )
+
+
 def check_param(param: Tensor) -> None:
     """Params a flat buffer can hold: strided floating or complex tensors."""
     if param.layout != torch.strided:
         raise ValueError(f"fastopt supports only strided (dense) parameters, got {param.layout}")
     if not (param.is_floating_point() or param.is_complex()):
         raise ValueError(f"fastopt can only optimize floating-point or complex tensors, got {param.dtype}")
+
+
+def _fused_devices() -> list:
+    """The device types torch's fused optimizer kernels support (torch's own list)."""
+    get = getattr(_torch_optimizer, "_get_fused_kernels_supported_devices", None)
+    return get() if get is not None else ["mps", "cuda", "xpu", "hpu", "cpu", "mtia",
+                                          "privateuseone"]

@@ -136,7 +136,6 @@ class Bucket:
     step_ids: list = field(default_factory=list)  # host-side: equal ids => equal step counts
     has_state: list = field(default_factory=list)
     grad: Tensor | None = None  # flat grad buffer, made when grads are first adopted
-    grads_adopted: bool = False  # plain grads are adopted on the bucket's first step only
     data_ptrs: list = field(default_factory=list)
     grad_ptrs: list = field(default_factory=list)
     step_views: list = field(default_factory=list)  # steps[i], made once
@@ -263,21 +262,24 @@ class Bucket:
             self.step_views = list(self.steps.unbind())
         return self.steps
 
-    def adopt_grad(self, i: int, grad: Tensor, zero: bool = False) -> bool:
-        """Copy a plain (non-view) grad into the flat grad buffer (zeros if ``zero``) and make
-        ``p.grad`` that view.
+    def adopt_grad(self, i: int, grad: Tensor) -> bool:
+        """Make param i's grad tensor a zeroed view of the flat grad buffer, in place: the same
+        tensor object (``p.grad is grad`` still holds, and so do references others keep) is
+        re-pointed with ``Tensor.set_``, so loops that keep their grads
+        (``zero_grad(set_to_none=False)``) run flat from then on.
 
-        Views of someone else's buffer (DDP's ``gradient_as_bucket_view``) are left alone.
-        Returns whether the grad now lives in the flat buffer.
+        Views of someone else's buffer (DDP's ``gradient_as_bucket_view``) and grads of
+        external buckets are left alone. Returns whether the grad now lives in the flat buffer.
         """
         if self.external or grad._base is not None or grad.layout != torch.strided:
             return False
         view = self.view(self.ensure_grad_buffer(), i)
-        if zero:
-            view.zero_()
+        view.zero_()
+        if grad.grad_fn is not None:
+            grad.detach_()
         else:
-            view.copy_(grad)
-        self.params[i].grad = view
+            grad.requires_grad_(False)
+        grad.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
         return True
 
 
@@ -304,7 +306,6 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
                 view.copy_(p.data)
                 p.data = view
         mark_laid_out(params)
-    bucket.grads_adopted = external  # an owner's params keep their owner's grads
     bucket.data_ptrs = [local(p).data_ptr() for p in params]
     bucket.step_ids = [None] * len(params)
     bucket.has_state = [False] * len(params)

@@ -14,13 +14,14 @@ What this class does:
   ``load_state_dict`` copies into the flat buffers;
 - ``zero_grad(set_to_none=False)`` zeroes a bucket's flat grad buffer in one call.
 
-Grads: a grad that is a view of the bucket's flat grad buffer is used in place. Plain grads are
-adopted into that buffer (``p.grad`` becomes a view of it) on a bucket's first step and by
-``zero_grad(set_to_none=False)``, so loops that keep their grads run flat from then on. Other
-grads (fresh tensors from autograd after ``zero_grad(set_to_none=True)``, tensors assigned by
-hand, DDP's bucket views): the torch path reads them where they are, one tensor each in the same
-fused call (and ``zero_grad(set_to_none=True)`` frees its flat grad buffer); the Triton path
-gathers them into the flat buffer with one multi-tensor copy, then launches once.
+Grads: ``step()`` never writes into or replaces a grad. A grad that is a view of the bucket's
+flat grad buffer is used in place; ``zero_grad(set_to_none=False)`` re-points plain grads into
+that buffer (the same tensor objects, via ``Tensor.set_``, so references others hold stay the
+grads), so loops that keep their grads run flat. Other grads (fresh tensors from autograd after
+``zero_grad(set_to_none=True)``, tensors assigned by hand, DDP's bucket views): the torch path
+reads them where they are, one tensor each in the same fused call (and
+``zero_grad(set_to_none=True)`` frees its flat grad buffer); the Triton path gathers them into
+the flat buffer with one multi-tensor copy, then launches once.
 """
 
 from __future__ import annotations
@@ -410,16 +411,6 @@ class FlatOptimizer(Optimizer):
         fresh = [i for i in participants if not bucket.has_state[i]]
         if fresh:
             self._create_state(group, bucket, fresh)
-        if not bucket.grads_adopted:
-            # Adopt plain grads so that loops keeping them (zero_grad(set_to_none=False)) run
-            # flat from the next step; this step still updates them one tensor each, as every
-            # step of a default loop (fresh grads) does: a run resumed from a checkpoint then
-            # rounds exactly as the uninterrupted one (flat and per-tensor fused calls may
-            # differ in the last bit of a tensor's vector tail on CPU).
-            bucket.grads_adopted = True
-            for j, i in enumerate(participants):
-                if not in_place[j] and bucket.adopt_grad(i, grads[j]):
-                    grads[j] = bucket.params[i].grad
         if bucket.backend == "triton" and not bucket.external and not all(in_place):
             self._gather_grads(bucket, participants, grads, in_place)
         starts, ends = bucket.starts, bucket.ends
@@ -512,7 +503,7 @@ class FlatOptimizer(Optimizer):
             if self._grad_in_place(bucket, i, g):
                 g.zero_()
             elif g.dtype == bucket.params[i].dtype and g.shape == bucket.params[i].shape \
-                    and g.device == bucket.device and bucket.adopt_grad(i, g, zero=True):
+                    and g.device == bucket.device and bucket.adopt_grad(i, g):
                 continue
             else:
                 _zero_in_place(bucket.params[i])

@@ -32,10 +32,11 @@ class Adam(FlatOptimizer):
               \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
     Args are those of ``torch.optim.Adam``. ``foreach``, ``fused`` and ``capturable`` are accepted
-    and change nothing: every step here is one fused pass per flat buffer, and on CUDA it does no
-    host sync (so it can be captured in a CUDA graph). ``differentiable=True`` raises
-    ``NotImplementedError``. Keyword-only ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``
-    (see ``fastopt.dispatch``).
+    (with torch's errors for combinations torch refuses) and change nothing else: every step here
+    is one fused pass per flat buffer, and on CUDA it does no host sync (so it can be captured in
+    a CUDA graph). ``differentiable=True`` leaves the params where they are and runs
+    torch.optim's own differentiable algorithm (autograd through the update). Keyword-only
+    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastopt.dispatch``).
 
     What differs from torch.optim: nothing in the numbers (within float rounding). Params move
     into flat buffers at construction (``p.data`` becomes a view; the ``Parameter`` objects stay
@@ -44,6 +45,7 @@ class Adam(FlatOptimizer):
 
     uses_step = True
     error_name = "Adam"
+    reference_class = torch.optim.Adam
     int8_state_ok = True
     precision_keys = ("master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
                       "max_grad_norm")
@@ -230,6 +232,8 @@ class AdamW(Adam):
     Adam with decoupled weight decay: :math:`\theta \leftarrow \theta(1-\gamma\lambda)` before the
     Adam update, instead of adding :math:`\lambda\theta` to the grad (see :class:`Adam`).
     """
+
+    reference_class = torch.optim.AdamW
 
     def __init__(
         self,

@@ -72,9 +72,21 @@ class FlatOptimizer(Optimizer):
     precision_keys: tuple = ()  # which of PRECISION_KEYS its groups take
     amp_scaling_supported = True  # takes GradScaler's grad_scale / found_inf in step (fused)
 
+    # The torch.optim class whose own algorithm runs when ``differentiable=True`` (set by
+    # subclasses that take that option).
+    reference_class: type | None = None
+
     def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
         dispatch.check_backend(backend)
         self.backend = backend
+        # differentiable=True: params stay where they are and torch.optim's own differentiable
+        # algorithm runs (per-param state, autograd through the update); nothing is laid out.
+        self._reference = bool(defaults.get("differentiable"))
+        if self._reference and PRECISION_KEYS.intersection(defaults):
+            raise ValueError(
+                "differentiable=True runs torch.optim's own algorithm; it does not take "
+                + ", ".join(sorted(PRECISION_KEYS.intersection(defaults))))
+        _make_eager_step()
         self._buckets: list | None = []  # per group: list[Bucket]
         self._outsiders: list = []  # per group: params kept out of the layout (no grad yet)
         self._group_ids: list = []  # per group: the ids of group["params"] when laid out
@@ -170,6 +182,8 @@ class FlatOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self._reference:
+            return
         if self._buckets is not None:
             self._buckets.append(None)
             self._outsiders.append(None)
@@ -298,14 +312,34 @@ class FlatOptimizer(Optimizer):
                 self._build_group(index, own)
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
+
+        Inside a function compiled with ``torch.compile`` the step is a graph break: the fused
+        step below runs eagerly, as it would outside (see ``_make_eager_step``).
         """
+        if self._reference:
+            return self._reference_step(closure)
+        return _EAGER_STEP(self, closure)
+
+    def _reference_step(self, closure=None):
+        """torch.optim's own step (``reference_class``), for ``differentiable=True``."""
+        step = self.reference_class.step
+        while getattr(step, "hooked", False):  # torch wraps it to run hooks: ours already ran
+            step = step.__wrapped__
+        return step(self, closure)
+
+    def _init_group(self, *args, **kwargs):
+        """torch.optim's ``_init_group``, which ``reference_class.step`` calls."""
+        return self.reference_class._init_group(self, *args, **kwargs)
+
+    @torch.no_grad()
+    def _fused_step(self, closure=None):
+        """The step: check every grad, lay out what changed, one fused update per bucket."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -478,7 +512,7 @@ class FlatOptimizer(Optimizer):
     # ------------------------------------------------------------------ grads
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
-        if set_to_none or self._buckets is None:
+        if set_to_none or self._buckets is None or self._reference:
             super().zero_grad(set_to_none)
             for bucket in itertools.chain.from_iterable(self._buckets or []):
                 if bucket.backend == "torch":
@@ -520,6 +554,10 @@ class FlatOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch.optim's per-param format (from any torch variant or fastopt) into the flat
         buffers. A dict that does not fit raises ``ValueError`` and changes nothing."""
+        if self._reference:
+            super().load_state_dict(state_dict)
+            _tensor_steps(self.state)
+            return
         self._check_loadable(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
@@ -694,6 +732,16 @@ class _Entry(dict):
         return (dict, (dict(self),))
 
 
+def _tensor_steps(state) -> None:
+    """torch.optim's ``__setstate__`` for differentiable runs: float ``step`` entries (old
+    checkpoints) become the 0-d tensors its algorithm expects."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for entry in state.values():
+        if isinstance(entry, dict) and "step" in entry and not isinstance(entry["step"], Tensor):
+            entry["step"] = torch.tensor(float(entry["step"]), dtype=_get_scalar_dtype())
+
+
 def _plain_state(items: dict) -> defaultdict:
     return defaultdict(dict, {k: dict(v) if isinstance(v, _Entry) else v
                               for k, v in items.items()})
@@ -719,6 +767,22 @@ def precision_defaults(master_weights: bool = False, state_dtype=None,
     default = {"master_weights": False, "state_dtype": None, "max_grad_norm": None,
                "stochastic_rounding": False, "rounding_seed": 0}
     return {k: v for k, v in chosen.items() if v != default[k]}
+
+
+_EAGER_STEP = None
+
+
+def _make_eager_step() -> None:
+    """``FlatOptimizer._fused_step`` behind ``torch._dynamo.disable``: a function compiled with
+    ``torch.compile`` that calls ``optimizer.step()`` (torch's documented recipe) gets a clean
+    graph break and runs the eager fused step, instead of inductor tracing torch's fused ops on
+    views of flat buffers (which it refuses). Made at the first construction, outside any
+    compiled region (importing dynamo takes a second; torch.optim's own step imports it too)."""
+    global _EAGER_STEP
+    if _EAGER_STEP is None:
+        import torch._dynamo
+
+        _EAGER_STEP = torch._dynamo.disable(FlatOptimizer._fused_step)
 
 
 def _same(values: list):

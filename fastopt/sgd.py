@@ -27,12 +27,13 @@ class SGD(FlatOptimizer):
         \theta &\leftarrow \theta - \gamma g
 
     Args are those of ``torch.optim.SGD``; ``foreach`` and ``fused`` are accepted and change
-    nothing (every step is one fused pass per flat buffer); ``differentiable=True`` raises
-    ``NotImplementedError``. Sparse grads are densified (torch's for-loop applies them sparsely;
+    nothing (every step is one fused pass per flat buffer); ``differentiable=True`` leaves the
+    params where they are and runs torch.optim's own differentiable algorithm. Sparse grads are densified (torch's for-loop applies them sparsely;
     the result is the same). Keyword-only ``backend``: see ``fastopt.dispatch``.
     """
 
     sparse_grads_ok = True
+    reference_class = torch.optim.SGD
     precision_keys = ("master_weights", "state_dtype", "max_grad_norm")
 
     def __init__(

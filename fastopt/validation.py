@@ -122,16 +122,11 @@ def check_sample_index(index, num_samples: int) -> int:
 
 
 def check_flags(foreach, fused, differentiable) -> None:
-    """torch.optim's conflicting-flag errors; ``differentiable`` is not supported here."""
+    """torch.optim's conflicting-flag errors."""
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if differentiable:
-        raise NotImplementedError(
-            "fastopt does not support differentiable=True (autograd through the optimizer "
-            "step); use torch.optim with differentiable=True for that."
-        )
 
 
 def check_grad(param: Tensor, grad: Tensor, where: str, sparse_ok: bool, name: str) -> None:

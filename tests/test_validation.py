@@ -40,7 +40,14 @@ BAD_INPUT = [
      r"^betas must be either both floats or both Tensors$", True),
     ("AdamW", (), dict(fused=True, foreach=True), RuntimeError,
      r"^`fused` and `foreach` cannot be `True` together\.$", True),
-    ("Adam", (), dict(differentiable=True), NotImplementedError, r"differentiable=True", False),
+    ("Adam", (), dict(lr=torch.tensor(1e-3), foreach=True), ValueError,
+     r"^lr as a Tensor is not supported for capturable=False and foreach=True$", True),
+    ("AdamW", (), dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), ValueError,
+     r"^betas\[0\] as a Tensor is not supported for capturable=False and foreach=True$", True),
+    ("Adam", (), dict(differentiable=True, fused=True), RuntimeError,
+     r"^`fused` does not support `differentiable`$", True),
+    ("AdamW", (), dict(differentiable=True, master_weights=True), ValueError,
+     r"^differentiable=True runs torch.optim's own algorithm", False),
     ("Adam", (), dict(backend="cuda"), ValueError, r"^Invalid backend: 'cuda'", False),
 ]
 

@@ -21,17 +21,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support
     DTensor = None
 
-# Each laid-out param carries the address of the fastopt buffer it was put in (an attribute, not
-# a weak reference: torch.utils.swap_tensors refuses tensors with weak references). A param still
-# there is a view of a fastopt buffer and may be laid out again (a second optimizer over the
-# same model); a view of any other buffer may not.
-_LAID_OUT_ATTR = "_fastopt_buffer_address"
+# The storages of the flat buffers fastopt made, by StorageImpl address, each with a weak
+# reference to it. While the weak reference lives, no other storage can take that address (the
+# StorageImpl's memory is kept), so a live entry can never be confused with a user's buffer
+# allocated where a freed fastopt buffer was. A param still in one of these storages may be laid
+# out again (a second optimizer over the same model, a copy made by pickling); a view of any
+# other buffer may not.
+_OWN_STORAGES: dict = {}
 
 
 def is_dtensor(t) -> bool:
@@ -53,7 +56,9 @@ def is_movable(p: Tensor, own: set | None = None) -> bool:
     if is_dtensor(p) or p.device.type == "meta":
         return False
     storage = p.untyped_storage()
-    if getattr(p, _LAID_OUT_ATTR, None) == storage.data_ptr():
+    if p.device.type == "cpu" and storage.is_shared():
+        return False  # shared with other processes (Hogwild): the copy would train alone
+    if _is_own(storage):
         return own is None or storage.data_ptr() in own
     whole = p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size()
     return whole and _holders(storage) <= 2  # p's own tensor and ``storage`` above
@@ -67,8 +72,18 @@ def _holders(storage) -> int:
 
 def mark_laid_out(params: list) -> None:
     """Note that ``params`` live in a fastopt buffer where they are now."""
+    for key in [k for k, ref in _OWN_STORAGES.items() if ref.expired()]:
+        del _OWN_STORAGES[key]  # buffers freed since: drop their entries
     for p in params:
-        setattr(p, _LAID_OUT_ATTR, p.untyped_storage().data_ptr())
+        storage = p.untyped_storage()
+        if storage._cdata not in _OWN_STORAGES:
+            _OWN_STORAGES[storage._cdata] = StorageWeakRef(storage)
+
+
+def _is_own(storage) -> bool:
+    """Is ``storage`` one of fastopt's flat buffers (see ``_OWN_STORAGES``)?"""
+    ref = _OWN_STORAGES.get(storage._cdata)
+    return ref is not None and not ref.expired()
 
 
 def local_value(value: Tensor, param: Tensor) -> Tensor:
@@ -146,6 +161,7 @@ class Bucket:
     block_starts: list = field(default_factory=list)  # param i's blocks: [bs[i], bs[i + 1])
     blockwise: set = field(default_factory=set)  # state names with one entry per block
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
+    param_dtypes: list = field(default_factory=list)  # each param's dtype when laid out
 
     @property
     def numel(self) -> int:
@@ -307,6 +323,7 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
                 p.data = view
         mark_laid_out(params)
     bucket.data_ptrs = [local(p).data_ptr() for p in params]
+    bucket.param_dtypes = [p.dtype for p in params]
     bucket.step_ids = [None] * len(params)
     bucket.has_state = [False] * len(params)
     return bucket

@@ -293,6 +293,8 @@ class FlatOptimizer(Optimizer):
             self.state = _State(self.state)
             self._buckets = None
         elif self.state.changed:
+            for index, buckets in enumerate(self._buckets or []):
+                self._check_dtypes(index, buckets or [])
             self._buckets = None
         if self._buckets is None or len(self._buckets) != len(self.param_groups):
             self.state.changed = False
@@ -308,8 +310,26 @@ class FlatOptimizer(Optimizer):
             stale = stale or self._group_ids[index] != [
                 id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
             if stale:
+                self._check_dtypes(index, buckets)
                 own = {b.flat.untyped_storage().data_ptr() for b in buckets if b.flat is not None}
                 self._build_group(index, own)
+
+    def _check_dtypes(self, index: int, buckets: list) -> None:
+        """Refuse a param whose dtype changed after it got state (``model.half()`` or
+        ``.to(torch.float64)`` after steps): its moments would be cast silently (fp16 second
+        moments underflow). Raised before anything is laid out again, so nothing changes."""
+        group = self.param_groups[index]
+        for bucket in buckets:
+            for i, p in enumerate(bucket.params):
+                if bucket.has_state[i] and p.dtype != bucket.param_dtypes[i]:
+                    position = next((k for k, q in enumerate(group["params"]) if q is p), "?")
+                    raise RuntimeError(
+                        f"param {position} of param group {index} (shape {tuple(p.shape)}) "
+                        f"changed dtype from {bucket.param_dtypes[i]} to {p.dtype} after the "
+                        "optimizer made its state; its state would be cast silently. Change "
+                        "the model's dtype before building the optimizer (or build a new one "
+                        "and load the old state_dict into it)"
+                    )
 
     # ------------------------------------------------------------------ step
     def step(self, closure=None):

@@ -46,6 +46,7 @@ class Adam(FlatOptimizer):
     uses_step = True
     error_name = "Adam"
     reference_class = torch.optim.Adam
+    required_group_keys = ("lr", "betas", "eps", "weight_decay")
     int8_state_ok = True
     precision_keys = ("master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
                       "max_grad_norm")
@@ -151,6 +152,12 @@ class Adam(FlatOptimizer):
             bucket.local_view(f"{name}_absmax", i).copy_(scales)
             return
         super().adopt_value(bucket, i, name, value)
+
+    def saved_state_names(self, group: dict) -> tuple:
+        required = ["exp_avg", "exp_avg_sq"]
+        if group.get("amsgrad") and group.get("state_dtype") != INT8:
+            required.append("max_exp_avg_sq")
+        return required, ["max_exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", MASTER]
 
     def run_key(self, bucket: Bucket, i: int):
         return bucket.step_ids[i]

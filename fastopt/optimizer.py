@@ -71,6 +71,7 @@ class FlatOptimizer(Optimizer):
     int8_state_ok = False  # state_dtype="int8" (blockwise 8-bit moments) is implemented
     precision_keys: tuple = ()  # which of PRECISION_KEYS its groups take
     amp_scaling_supported = True  # takes GradScaler's grad_scale / found_inf in step (fused)
+    required_group_keys: tuple = ()  # options every saved param group must have
 
     # The torch.optim class whose own algorithm runs when ``differentiable=True`` (set by
     # subclasses that take that option).
@@ -607,19 +608,57 @@ class FlatOptimizer(Optimizer):
                     dict.__setitem__(entry, name, value)
 
     def _check_loadable(self, state_dict: dict) -> None:
+        """Refuse, before anything changes, a state_dict that does not fit this optimizer: a
+        param group without one of ``required_group_keys`` (another optimizer's checkpoint), a
+        param's state without ``step`` (where the class counts steps) or without a required
+        state tensor, a known state entry that is not a tensor or has the wrong shape. Entries
+        this class does not know (counters, notes written by hooks) are kept as torch keeps
+        them."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             return  # torch's load_state_dict raises its own ValueError
         saved_state = state_dict["state"]
-        for group, saved in zip(self.param_groups, saved_groups):
+        name_of = type(self).__name__
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 return
+            missing = [k for k in self.required_group_keys if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"loaded state dict's param group {index} has no {', '.join(map(repr, missing))}"
+                    f": it is not a state_dict of {name_of} (its group keys: "
+                    f"{sorted(k for k in saved if k != 'params')})")
+            merged = {**group, **saved, "params": group["params"]}
+            required, known = self.saved_state_names(merged)
             for p, key in zip(group["params"], saved["params"]):
-                for name, value in saved_state.get(key, {}).items():
-                    if name == "step" or not isinstance(value, Tensor):
+                entry = saved_state.get(key)
+                if not entry:
+                    continue
+                where = f"parameter {key} (param group {index})"
+                if not isinstance(entry, dict):
+                    raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state "
+                                     f"of {where}; expected a dict")
+                needed = (["step"] if self.uses_step else []) + list(required)
+                absent = [n for n in needed if n not in entry]
+                if absent:
+                    raise ValueError(
+                        f"loaded state dict has no {', '.join(map(repr, absent))} in the state of "
+                        f"{where}: it is not a state_dict of {name_of} (its state keys: "
+                        f"{sorted(entry)})")
+                step = entry.get("step")
+                if self.uses_step and not (isinstance(step, Tensor) and step.numel() == 1
+                                           or isinstance(step, (int, float))
+                                           and not isinstance(step, bool)):
+                    raise ValueError(f"loaded state dict has step={step!r} for {where}; expected "
+                                     "a number or a 1-element tensor")
+                for name in set(required) | set(known):
+                    value = entry.get(name)
+                    if value is None and name not in required:
                         continue
-                    expected = self.saved_state_shape({**group, **saved,
-                                                       "params": group["params"]}, p, name)
+                    if not isinstance(value, Tensor):
+                        raise ValueError(f"loaded state dict has '{name}' of type "
+                                         f"{type(value).__name__} for {where}; expected a Tensor")
+                    expected = self.saved_state_shape(merged, p, name)
                     if tuple(value.shape) != tuple(expected):
                         raise ValueError(
                             f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a "
@@ -627,6 +666,11 @@ class FlatOptimizer(Optimizer):
                             + ("" if tuple(expected) == tuple(p.shape)
                                else f" (expected {tuple(expected)})")
                         )
+
+    def saved_state_names(self, group: dict) -> tuple:
+        """(required, known) names of a param's saved state (besides ``step``): the tensors a
+        saved param state must hold, and those it may hold (checked when present)."""
+        return [], [MASTER]
 
     def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
         """The shape state ``name`` of param ``p`` has in a state_dict."""
@@ -647,6 +691,7 @@ class FlatOptimizer(Optimizer):
         mark_laid_out(state.pop("laid_out", []))
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_reference", bool(self.defaults.get("differentiable")))
         self.__dict__.setdefault("_ids", itertools.count())
         self._step_supports_amp_scaling = self.amp_scaling_supported
         if "_buckets" not in state:

@@ -87,8 +87,13 @@ class SAGA(FlatOptimizer):
             _refuse_what_cannot_fit([group], **options)
         super().add_param_group(group)
 
+    required_group_keys = ("lr", "num_samples", "weight_decay")
+
     def state_names(self, group: dict, bucket) -> list:
         return ["gradient_table", "gradient_mean"]
+
+    def saved_state_names(self, group: dict) -> tuple:
+        return ["gradient_table", "gradient_mean"], []
 
     def state_rows(self, group: dict, name: str):
         return group["num_samples"] if name == "gradient_table" else None

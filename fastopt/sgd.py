@@ -34,6 +34,7 @@ class SGD(FlatOptimizer):
 
     sparse_grads_ok = True
     reference_class = torch.optim.SGD
+    required_group_keys = ("lr", "momentum", "dampening", "weight_decay")
     precision_keys = ("master_weights", "state_dtype", "max_grad_norm")
 
     def __init__(
@@ -84,6 +85,9 @@ class SGD(FlatOptimizer):
     def state_names(self, group: dict, bucket) -> list:
         names = ["momentum_buffer"] if group["momentum"] != 0 else []
         return names + self.precision_names(group, bucket)
+
+    def saved_state_names(self, group: dict) -> tuple:
+        return [], ["momentum_buffer", "master_param"]  # momentum_buffer may be None (torch)
 
     def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
         momentum = group["momentum"]

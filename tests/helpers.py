@@ -154,3 +154,21 @@ def check_grad_scaler_with_injected_inf(name, backend, device):
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0
+
+
+def snapshot(opt, params):
+    """Params and every state tensor, cloned (see ``assert_unchanged``)."""
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params
+             if p in opt.state})
+
+
+def assert_unchanged(opt, params, before):
+    """Params and state are bit for bit what ``snapshot`` saw (a refused step changed nothing)."""
+    values, state = before
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    for p in params:
+        if id(p) in state:
+            for key, value in state[id(p)].items():
+                assert torch.equal(opt.state[p][key], value), key

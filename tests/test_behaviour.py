@@ -10,7 +10,7 @@ import torch
 
 import fastopt
 from helpers import (BACKENDS, PAIRS, check_grad_scaler_with_injected_inf, clone_params,
-                     compare_runs, make_params, step_both)
+                     compare_runs, make_params, snapshot, step_both)
 
 
 def storage_ptr(t):
@@ -250,15 +250,28 @@ def test_lazy_modules_and_swapped_params():
             o.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7)
+    # A dtype change after the state exists: torch.optim fails inside its step; fastopt refuses
+    # up front, naming the param and both dtypes, and changes nothing.
+    params = list(model.parameters())
+    saved = snapshot(opt, params)
     previous = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
         model.to(torch.float64)  # swaps the Parameter objects' contents
+        twin.to(torch.float64)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
-    opt.zero_grad()
-    model(x.double()).pow(2).sum().backward()
-    opt.step()
+    for net, o in ((model, opt), (twin, ref)):
+        o.zero_grad()
+        net(x.double()).pow(2).sum().backward()
+    with pytest.raises(RuntimeError):
+        ref.step()
+    with pytest.raises(RuntimeError, match=r"^param 0 of param group 0 \(shape \(4, 3\)\) changed "
+                       r"dtype from torch.float32 to torch.float64"):
+        opt.step()
+    for p in params:  # the state (the params are the user's fp64 now)
+        for key, value in saved[1][id(p)].items():
+            assert torch.equal(opt.state[p][key], value), key
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastopt
-from helpers import PAIRS, clone_params, make_params
+from helpers import PAIRS, assert_unchanged, clone_params, make_params, snapshot
 
 
 def one_param():
@@ -93,22 +93,6 @@ def test_environment_variable_overrides_and_is_checked(monkeypatch):
     monkeypatch.setenv("FASTOPT_BACKEND", "gpu")
     with pytest.raises(ValueError, match="Invalid FASTOPT_BACKEND: 'gpu'"):
         fastopt.AdamW(one_param())
-
-
-def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params
-             if p in opt.state})
-
-
-def assert_unchanged(opt, params, before):
-    values, state = before
-    for p, v in zip(params, values):
-        assert torch.equal(p, v)
-    for p in params:
-        if id(p) in state:
-            for key, value in state[id(p)].items():
-                assert torch.equal(opt.state[p][key], value), key
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])

@@ -160,7 +160,9 @@ def _adam_kernel(
     step_size, bias_correction2_sqrt = bias_corrections(step, betas_ptr, lr)
     if AMSGRAD:
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+        # NaN propagates into the running max, as torch.maximum does
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq,
+                                    propagate_nan=tl.PropagateNan.ALL)
         tl.store(max_exp_avg_sq_ptr + offsets,
                  to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
         param = adam_step(param, exp_avg, max_exp_avg_sq, step_size, bias_correction2_sqrt, eps)

@@ -72,6 +72,7 @@ class Adam(FlatOptimizer):
         rounding_seed: int = 0,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        flatten_params: bool = True,
     ) -> None:
         betas = check_adam(lr, betas, eps, weight_decay, foreach, capturable)
         check_flags(foreach, fused, differentiable)
@@ -92,7 +93,7 @@ class Adam(FlatOptimizer):
             **precision_defaults(master_weights, state_dtype, stochastic_rounding, rounding_seed,
                                  max_grad_norm),
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -262,6 +263,7 @@ class AdamW(Adam):
         rounding_seed: int = 0,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        flatten_params: bool = True,
     ) -> None:
         super().__init__(
             params,
@@ -282,6 +284,7 @@ class AdamW(Adam):
             rounding_seed=rounding_seed,
             max_grad_norm=max_grad_norm,
             backend=backend,
+            flatten_params=flatten_params,
         )
 
     def __setstate__(self, state: dict) -> None:

@@ -12,6 +12,13 @@ views into another buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view
 params, a user's own flat buffer). Moving those would leave the owner reading a stale copy. Their
 state is still flat (over the local shards), and the update reads the params where they lie.
 
+Each view a user can reach (a param's data, its state in ``optimizer.state``, a grad kept in
+the flat grad buffer) has a storage of its own that aliases its slice of the flat buffer (see
+``own_storage_view``): one param's storage is that param's bytes, not the whole buffer. So
+``torch.save`` of one layer's ``state_dict``, ``pickle`` of a model or an optimizer, safetensors'
+``save_model``/``load_model`` and accelerate's ``save_state`` (which group tensors by storage)
+see each param as torch.optim leaves it, while the update still makes one pass over the buffer.
+
 Offsets are Python ints (int64): buffers over 2**31 elements are fine.
 """
 
@@ -37,6 +44,16 @@ except ImportError:  # a torch built without distributed support
 _OWN_STORAGES: dict = {}
 
 
+def own_storage_view(piece: Tensor) -> Tensor:
+    """``piece`` (a slice of a flat buffer) as a tensor whose storage is exactly its own bytes,
+    aliasing the buffer's memory (through DLPack: the new storage holds a reference to the
+    buffer, so the buffer lives as long as any such view does). Writes through either are seen
+    by the other."""
+    from torch.utils import dlpack
+
+    return dlpack.from_dlpack(dlpack.to_dlpack(piece))
+
+
 def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -59,7 +76,7 @@ def is_movable(p: Tensor, own: set | None = None) -> bool:
     if p.device.type == "cpu" and storage.is_shared():
         return False  # shared with other processes (Hogwild): the copy would train alone
     if _is_own(storage):
-        return own is None or storage.data_ptr() in own
+        return own is None or storage._cdata in own
     whole = p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size()
     return whole and _holders(storage) <= 2  # p's own tensor and ``storage`` above
 
@@ -124,9 +141,10 @@ def as_real(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def bucket_key(p: Tensor, own: set | None = None) -> tuple:
-    """Complex params get buckets of their own: their real views need even offsets."""
-    return (p.device, real_dtype(p), p.is_complex(), not is_movable(p, own))
+def bucket_key(p: Tensor, own: set | None = None, flatten: bool = True) -> tuple:
+    """Complex params get buckets of their own: their real views need even offsets. Params that
+    stay where they are (``flatten=False``, or not ``is_movable``) get external buckets."""
+    return (p.device, real_dtype(p), p.is_complex(), not (flatten and is_movable(p, own)))
 
 
 @dataclass(eq=False)
@@ -162,22 +180,26 @@ class Bucket:
     blockwise: set = field(default_factory=set)  # state names with one entry per block
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
     param_dtypes: list = field(default_factory=list)  # each param's dtype when laid out
+    storage_keys: set = field(default_factory=set)  # the params' own storages (see is_movable)
 
     @property
     def numel(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def view(self, buffer: Tensor, i: int, rows: int | None = None) -> Tensor:
+    def view(self, buffer: Tensor, i: int, rows: int | None = None, own: bool = False) -> Tensor:
         """Param i's slice of ``buffer`` with the param's (local) shape and complex dtype; of a
-        table buffer (``rows`` rows of ``numel``), the ``[rows, *shape]`` column block."""
+        table buffer (``rows`` rows of ``numel``), the ``[rows, *shape]`` column block. With
+        ``own``, a view with a storage of its own (``own_storage_view``), for what users see."""
         p = local(self.params[i])
         if rows is None:
             piece, lead = buffer[self.starts[i] : self.ends[i]], ()
         else:
             piece, lead = buffer.view(rows, self.numel)[:, self.starts[i] : self.ends[i]], (rows,)
         if p.is_complex():
-            return torch.view_as_complex(piece.view((*lead, *p.shape, 2)))
-        return piece.view((*lead, *p.shape))
+            piece = torch.view_as_complex(piece.view((*lead, *p.shape, 2)))
+        else:
+            piece = piece.view((*lead, *p.shape))
+        return own_storage_view(piece) if own else piece
 
     def local_view(self, name: str, i: int) -> Tensor:
         """Param i's part of state buffer ``name``: param-shaped, ``[rows, *shape]`` for a
@@ -188,9 +210,10 @@ class Bucket:
         return self.view(buffer, i, self.rows.get(name))
 
     def state_view(self, name: str, i: int) -> Tensor:
-        """What ``optimizer.state`` holds for param i: its view of state buffer ``name``, as a
-        DTensor laid out like the param when the param is one (as torch.optim's would be)."""
-        view = self.local_view(name, i)
+        """What ``optimizer.state`` holds for param i: its view of state buffer ``name`` (with a
+        storage of its own), as a DTensor laid out like the param when the param is one (as
+        torch.optim's would be)."""
+        view = own_storage_view(self.local_view(name, i))
         p = self.params[i]
         if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise:
             return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
@@ -289,7 +312,7 @@ class Bucket:
         """
         if self.external or grad._base is not None or grad.layout != torch.strided:
             return False
-        view = self.view(self.ensure_grad_buffer(), i)
+        view = self.view(self.ensure_grad_buffer(), i, own=True)
         view.zero_()
         if grad.grad_fn is not None:
             grad.detach_()
@@ -318,10 +341,11 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
     if flat is not None:
         with torch.no_grad():
             for i, p in enumerate(params):
-                view = bucket.view(flat, i)
+                view = bucket.view(flat, i, own=True)
                 view.copy_(p.data)
                 p.data = view
         mark_laid_out(params)
+        bucket.storage_keys = {p.untyped_storage()._cdata for p in params}
     bucket.data_ptrs = [local(p).data_ptr() for p in params]
     bucket.param_dtypes = [p.dtype for p in params]
     bucket.step_ids = [None] * len(params)
@@ -343,14 +367,16 @@ def _add_block_table(bucket: Bucket) -> None:
     bucket.block_starts = starts
 
 
-def group_params(params: list, variant=None, own: set | None = None) -> list:
-    """Split params into lists sharing (device, real dtype, external, ``variant(p)``), in order
-    of first appearance (``own``: see ``is_movable``)."""
+def group_params(params: list, variant=None, own: set | None = None,
+                 flatten: bool = True) -> list:
+    """Split params into ``(external, params)`` pairs sharing (device, real dtype, external,
+    ``variant(p)``), in order of first appearance (``own``: see ``is_movable``; ``flatten``:
+    see ``bucket_key``)."""
     groups: dict = {}
     for p in params:
-        key = bucket_key(p, own) + ((variant(p),) if variant is not None else ())
+        key = bucket_key(p, own, flatten) + ((variant(p),) if variant is not None else ())
         groups.setdefault(key, []).append(p)
-    return list(groups.values())
+    return [(key[3], members) for key, members in groups.items()]
 
 
 def runs(indices: list, keys: list) -> list:

@@ -150,7 +150,8 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             bucket["bytes"] += size
             bucket["count"] += 1
             bucket["largest"] = max(bucket["largest"], size)
-            if p.device.type == "meta" or is_movable(p):
+            if group_options.get("flatten_params", True) and (p.device.type == "meta"
+                                                              or is_movable(p)):
                 bucket["movable_bytes"] += size
         for (where, dtype, int8), bucket in buckets.items():
             entry = report.devices[where]

@@ -77,9 +77,14 @@ class FlatOptimizer(Optimizer):
     # subclasses that take that option).
     reference_class: type | None = None
 
-    def __init__(self, params, defaults: dict, *, backend: str = "auto") -> None:
+    def __init__(self, params, defaults: dict, *, backend: str = "auto",
+                 flatten_params: bool = True) -> None:
         dispatch.check_backend(backend)
+        if not isinstance(flatten_params, bool):
+            raise TypeError(f"flatten_params must be a bool, got {flatten_params!r}")
         self.backend = backend
+        # False: params stay where they are (their state is still flat); see flat.py.
+        self.flatten_params = flatten_params
         # differentiable=True: params stay where they are and torch.optim's own differentiable
         # algorithm runs (per-param state, autograd through the update); nothing is laid out.
         self._reference = bool(defaults.get("differentiable"))
@@ -207,8 +212,8 @@ class FlatOptimizer(Optimizer):
             else:
                 outsiders.append(p)
         buckets = []
-        for params in group_params(members, lambda p: self.bucket_variant(group, p), own):
-            external = not is_movable(params[0], own)
+        for external, params in group_params(members, lambda p: self.bucket_variant(group, p),
+                                             own, self.flatten_params):
             backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
                                        external=external)
             bucket = build_bucket(params, backend, external, self.bucket_variant(group, params[0]))
@@ -312,7 +317,7 @@ class FlatOptimizer(Optimizer):
                 id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
             if stale:
                 self._check_dtypes(index, buckets)
-                own = {b.flat.untyped_storage().data_ptr() for b in buckets if b.flat is not None}
+                own = set().union(*(b.storage_keys for b in buckets))
                 self._build_group(index, own)
 
     def _check_dtypes(self, index: int, buckets: list) -> None:
@@ -680,6 +685,7 @@ class FlatOptimizer(Optimizer):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["backend"] = self.backend
+        state["flatten_params"] = self.flatten_params
         # Which params live in fastopt buffers: their copies (views of one copied buffer after
         # pickling) may be laid out again, unlike views of someone else's buffer.
         state["laid_out"] = [p for group in self.param_groups for p in group["params"]
@@ -691,6 +697,7 @@ class FlatOptimizer(Optimizer):
         mark_laid_out(state.pop("laid_out", []))
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("flatten_params", True)
         self.__dict__.setdefault("_reference", bool(self.defaults.get("differentiable")))
         self.__dict__.setdefault("_ids", itertools.count())
         self._step_supports_amp_scaling = self.amp_scaling_supported

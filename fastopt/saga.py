@@ -60,7 +60,7 @@ class SAGA(FlatOptimizer):
     amp_scaling_supported = False  # GradScaler unscales the grads itself (unscale_) first
 
     def __init__(self, params, lr: float | Tensor, num_samples: int, weight_decay: float = 0, *,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", flatten_params: bool = True) -> None:
         check_saga(lr, num_samples, weight_decay)
         if isinstance(params, Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of "
@@ -72,7 +72,7 @@ class SAGA(FlatOptimizer):
         _refuse_what_cannot_fit(params, lr=lr, num_samples=num_samples, weight_decay=weight_decay)
         defaults = {"lr": lr, "num_samples": num_samples, "weight_decay": weight_decay}
         self._index = None
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params)
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim's, with SAGA's checks: the group's ``num_samples``, ``lr`` and

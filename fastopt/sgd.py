@@ -54,6 +54,7 @@ class SGD(FlatOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        flatten_params: bool = True,
     ) -> None:
         check_sgd(lr, momentum, dampening, weight_decay, nesterov)
         check_flags(foreach, fused, differentiable)
@@ -71,7 +72,7 @@ class SGD(FlatOptimizer):
             **precision_defaults(master_weights, state_dtype, max_grad_norm=max_grad_norm,
                                  rounding=False),
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -172,3 +172,15 @@ def assert_unchanged(opt, params, before):
         if id(p) in state:
             for key, value in state[id(p)].items():
                 assert torch.equal(opt.state[p][key], value), key
+
+
+def lives_in(t, buffer) -> bool:
+    """Do ``t``'s elements lie in ``buffer``'s memory (a slot of a fastopt flat buffer)?"""
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.untyped_storage().nbytes()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end
+
+
+def owns_storage(t) -> bool:
+    """Is ``t``'s storage exactly its own bytes (so saving or pickling ``t`` writes ``t`` alone)?"""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+

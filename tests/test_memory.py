@@ -30,14 +30,17 @@ SHAPES = [(129,), (), (0,), (4, 5), (65,), (65, 67)]  # the last one takes 8-bit
 
 
 def state_storage_bytes(opt) -> int:
-    """Bytes of the distinct storages behind every tensor in ``opt.state``."""
-    storages = {}
-    for entry in opt.state.values():
-        for value in entry.values():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    """Bytes of memory behind every tensor in ``opt.state``: the union of the address ranges of
+    their storages (each state view has a storage of its own over its slot of a flat buffer;
+    a gradient table's column block spans the rows in between)."""
+    ranges = sorted({(v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
+                     for entry in opt.state.values() for v in entry.values()
+                     if isinstance(v, torch.Tensor)})
+    total, end = 0, 0
+    for start, size in ranges:
+        total += max(0, start + size - max(start, end))
+        end = max(end, start + size)
+    return total
 
 
 def first_step(opt, params):

@@ -5,8 +5,8 @@
 
 Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,
 foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike; the table shows
-medians. ``step`` times ``optimizer.step()`` with grads already in place (after the first step fastopt
-holds them in its flat grad buffer); ``fresh-step`` hands every step grads that are tensors of
+medians. ``step`` times ``optimizer.step()`` with grads kept in place (a loop calling
+``zero_grad(set_to_none=False)``, which lays fastopt's grads out in its flat grad buffer); ``fresh-step`` hands every step grads that are tensors of
 their own, as autograd does after ``zero_grad()``; ``iteration`` times
 ``zero_grad()`` + a backward that touches every parameter + ``step()``, so that no cost can hide
 outside ``step()``. Bytes per element are those a fused step must move (fp32 AdamW: read param,
@@ -28,6 +28,8 @@ from fastopt.shapes import CASES, numel
 
 VARIANTS = {
     "fastopt": lambda cls, params, kw: getattr(fastopt, cls)(params, **kw),
+    "fastopt-apart": lambda cls, params, kw: getattr(fastopt, cls)(params, flatten_params=False,
+                                                                   **kw),
     "torch-loop": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=False, **kw),
     "torch-foreach": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=True, **kw),
     "torch-fused": lambda cls, params, kw: getattr(torch.optim, cls)(params, fused=True, **kw),
@@ -81,6 +83,11 @@ class Setup:
         self.opt = VARIANTS[variant](optimizer, self.params, dict(OPTIONS[optimizer]))
         for p, w in zip(self.params, self.weights):
             p.grad = w.clone()
+        # A loop that keeps its grads: zero_grad(set_to_none=False) lays fastopt's out flat.
+        self.opt.zero_grad(set_to_none=False)
+        with torch.no_grad():
+            for p, w in zip(self.params, self.weights):
+                p.grad.copy_(w)
         self.opt.step()  # lazy state exists before timing
 
     def step(self):

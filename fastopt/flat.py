@@ -48,10 +48,13 @@ def own_storage_view(piece: Tensor) -> Tensor:
     """``piece`` (a slice of a flat buffer) as a tensor whose storage is exactly its own bytes,
     aliasing the buffer's memory (through DLPack: the new storage holds a reference to the
     buffer, so the buffer lives as long as any such view does). Writes through either are seen
-    by the other."""
+    by the other. Meta tensors, which DLPack cannot describe, stay plain views."""
     from torch.utils import dlpack
 
-    return dlpack.from_dlpack(dlpack.to_dlpack(piece))
+    try:
+        return dlpack.from_dlpack(dlpack.to_dlpack(piece))
+    except BufferError:  # a device DLPack cannot describe (meta): the plain view
+        return piece
 
 
 def is_dtensor(t) -> bool:
@@ -89,8 +92,9 @@ def _holders(storage) -> int:
 
 def mark_laid_out(params: list) -> None:
     """Note that ``params`` live in a fastopt buffer where they are now."""
-    for key in [k for k, ref in _OWN_STORAGES.items() if ref.expired()]:
-        del _OWN_STORAGES[key]  # buffers freed since: drop their entries
+    for key, ref in list(_OWN_STORAGES.items()):  # a copy: other threads may lay out too
+        if ref.expired():
+            _OWN_STORAGES.pop(key, None)  # a buffer freed since: drop its entry
     for p in params:
         storage = p.untyped_storage()
         if storage._cdata not in _OWN_STORAGES:

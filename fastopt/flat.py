@@ -184,6 +184,7 @@ class Bucket:
     blockwise: set = field(default_factory=set)  # state names with one entry per block
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
     param_dtypes: list = field(default_factory=list)  # each param's dtype when laid out
+    param_shapes: list = field(default_factory=list)  # and its (local) shape
     storage_keys: set = field(default_factory=set)  # the params' own storages (see is_movable)
 
     @property
@@ -352,6 +353,7 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
         bucket.storage_keys = {p.untyped_storage()._cdata for p in params}
     bucket.data_ptrs = [local(p).data_ptr() for p in params]
     bucket.param_dtypes = [p.dtype for p in params]
+    bucket.param_shapes = [tuple(local(p).shape) for p in params]
     bucket.step_ids = [None] * len(params)
     bucket.has_state = [False] * len(params)
     return bucket

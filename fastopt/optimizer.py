@@ -36,9 +36,8 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from fastopt import clipping, dispatch
-from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local_value,
-                          mark_laid_out,
-                          real_dtype, runs)
+from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local,
+                          local_value, mark_laid_out, real_dtype, runs)
 from fastopt.precision import HALF_DTYPES
 from fastopt.validation import check_fused_param, check_grad, check_param, check_precision
 
@@ -300,7 +299,7 @@ class FlatOptimizer(Optimizer):
             self._buckets = None
         elif self.state.changed:
             for index, buckets in enumerate(self._buckets or []):
-                self._check_dtypes(index, buckets or [])
+                self._check_unchanged(index, buckets or [])
             self._buckets = None
         if self._buckets is None or len(self._buckets) != len(self.param_groups):
             self.state.changed = False
@@ -316,26 +315,35 @@ class FlatOptimizer(Optimizer):
             stale = stale or self._group_ids[index] != [
                 id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
             if stale:
-                self._check_dtypes(index, buckets)
+                self._check_unchanged(index, buckets)
                 own = set().union(*(b.storage_keys for b in buckets))
                 self._build_group(index, own)
 
-    def _check_dtypes(self, index: int, buckets: list) -> None:
-        """Refuse a param whose dtype changed after it got state (``model.half()`` or
-        ``.to(torch.float64)`` after steps): its moments would be cast silently (fp16 second
-        moments underflow). Raised before anything is laid out again, so nothing changes."""
+    def _check_unchanged(self, index: int, buckets: list) -> None:
+        """Refuse a param whose dtype or shape changed after it got state (``model.half()``,
+        ``.to(torch.float64)`` or a resized ``p.data`` after steps): its moments would be cast
+        silently (fp16 second moments underflow) or no longer fit. Raised before anything is
+        laid out again, so nothing changes."""
         group = self.param_groups[index]
         for bucket in buckets:
             for i, p in enumerate(bucket.params):
-                if bucket.has_state[i] and p.dtype != bucket.param_dtypes[i]:
-                    position = next((k for k, q in enumerate(group["params"]) if q is p), "?")
-                    raise RuntimeError(
-                        f"param {position} of param group {index} (shape {tuple(p.shape)}) "
-                        f"changed dtype from {bucket.param_dtypes[i]} to {p.dtype} after the "
-                        "optimizer made its state; its state would be cast silently. Change "
-                        "the model's dtype before building the optimizer (or build a new one "
-                        "and load the old state_dict into it)"
-                    )
+                if not bucket.has_state[i]:
+                    continue
+                was = (bucket.param_dtypes[i], bucket.param_shapes[i])
+                now = (p.dtype, tuple(local(p).shape))
+                if now == was:
+                    continue
+                what = "dtype" if now[0] != was[0] else "shape"
+                before, after = (was[0], now[0]) if what == "dtype" else (was[1], now[1])
+                position = next((k for k, q in enumerate(group["params"]) if q is p), "?")
+                advice = ("its state would be cast silently. Change the model's dtype before "
+                          "building the optimizer (or build a new one and load the old "
+                          "state_dict into it)" if what == "dtype" else
+                          "its state no longer fits. Build a new optimizer for the new shape")
+                raise RuntimeError(
+                    f"param {position} of param group {index} (shape {tuple(p.shape)}) changed "
+                    f"{what} from {before} to {after} after the optimizer made its state; "
+                    + advice)
 
     # ------------------------------------------------------------------ step
     def step(self, closure=None):
@@ -348,9 +356,24 @@ class FlatOptimizer(Optimizer):
         Inside a function compiled with ``torch.compile`` the step is a graph break: the fused
         step below runs eagerly, as it would outside (see ``_make_eager_step``).
         """
-        if self._reference:
+        if self._reference or (self.reference_class is not None
+                               and (_tracing() or self._swapped_in())):
             return self._reference_step(closure)
         return _EAGER_STEP(self, closure)
+
+    def _swapped_in(self) -> bool:
+        """Were params and state swapped in from outside, both at once, as
+        ``torch.optim._stateless.swap_in_optimizer_params_and_state`` does (a plain state dict
+        keyed only by tensors this optimizer never laid out, and groups holding those)? Such a
+        step acts on the caller's tensors where they are, with torch.optim's own algorithm:
+        nothing is moved, and in-place state updates reach the caller's state dict."""
+        if isinstance(self.state, _State) or not self.state or self._buckets is None:
+            return False
+        ids = [[id(p) for p in g["params"]] for g in self.param_groups]
+        if ids == self._group_ids:
+            return False
+        known = {i for group_ids in self._group_ids if group_ids for i in group_ids}
+        return not any(id(k) in known for k in self.state if isinstance(k, Tensor))
 
     def _reference_step(self, closure=None):
         """torch.optim's own step (``reference_class``), for ``differentiable=True``."""
@@ -842,6 +865,15 @@ def precision_defaults(master_weights: bool = False, state_dtype=None,
 
 
 _EAGER_STEP = None
+
+
+def _tracing() -> bool:
+    """Is a make_fx / fake-tensor trace recording this step? It then runs torch.optim's own
+    per-param algorithm on the traced tensors (the fused step would lay out, and so copy, the
+    traced params into a buffer of its own, recording the update on that copy)."""
+    modes = torch._C._TorchDispatchModeKey
+    return (torch._C._get_dispatch_mode(modes.PROXY) is not None
+            or torch._C._get_dispatch_mode(modes.FAKE) is not None)
 
 
 def _make_eager_step() -> None:

@@ -220,6 +220,31 @@ def test_model_half_after_steps_is_refused_and_changes_nothing():
     assert opt.state[params[0]]["step"] == 2
 
 
+def test_a_param_resized_after_steps_is_refused_and_changes_nothing():
+    """Model surgery that resizes ``p.data`` after the optimizer has state: torch.optim fails
+    in its step with a size mismatch; fastopt names the param and both shapes, keeps the
+    state, and steps again once the param has its shape back."""
+    model, opt, twin, ref = pair("AdamW")
+    for net, o in ((model, opt), (twin, ref)):
+        net(torch.ones(2, 5)).sum().backward()
+        o.step()
+    params = list(model.parameters())
+    before = snapshot(opt, params)
+    old = params[0].data
+    for net, o in ((twin, ref), (model, opt)):
+        net[0].weight.data = torch.randn(9, 5)
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        with pytest.raises(RuntimeError) as error:
+            o.step()
+    assert str(error.value).startswith("param 0 of param group 0 (shape (9, 5)) changed shape "
+                                       "from (7, 5) to (9, 5)")
+    params[0].data = old
+    params[0].grad = torch.ones_like(old)
+    assert_unchanged(opt, params, before)
+    opt.step()
+
+
 # ------------------------------------------------------------------ memory others own
 def hogwild_worker(model, cls_name: str) -> None:
     torch.set_num_threads(1)
@@ -355,6 +380,67 @@ def test_extra_entries_torch_keeps_are_kept(name):
     ref = PAIRS[name][1](mlp().parameters(), **OPTIONS[name])
     ref.load_state_dict(saved)
     assert ref.state_dict()["state"][0]["counter"] == 7
+
+
+# ------------------------------------------------------------------ params and state swapped in
+def swapped_in_step(cls, trace: bool):
+    """torch's ``swap_in_optimizer_params_and_state`` around one step on stand-in params and a
+    copy of the state_dict (eagerly, or recorded by make_fx), then a plain step on the live
+    model. Returns the stand-ins, whether they kept their storage, the copied state, the live
+    params and the ops the trace recorded."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn.utils import stateless
+    from torch.optim._stateless import swap_in_optimizer_params_and_state
+
+    model = mlp()
+    opt = cls(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    stand_ins = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2))
+                 for n, p in model.named_parameters()}
+    ptrs = [t.data_ptr() for t in stand_ins.values()]
+    copied = {"state": {k: dict(v) for k, v in opt.state_dict()["state"].items()},
+              "param_groups": opt.state_dict()["param_groups"]}
+    copied["state"] = {k: {n: t.clone() for n, t in v.items()} for k, v in copied["state"].items()}
+
+    def step(params, state):
+        with stateless._reparametrize_module(model, params):
+            with swap_in_optimizer_params_and_state(opt, params, state):
+                for p in model.parameters():
+                    p.grad = torch.ones_like(p)
+                opt.step()
+
+    ops = set()
+    if trace:
+        graph = make_fx(step)(stand_ins, copied)
+        ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    else:
+        step(stand_ins, copied)
+    model(x).sum().backward()
+    opt.step()
+    kept = [t.data_ptr() for t in stand_ins.values()] == ptrs
+    return stand_ins, kept, copied, [p.detach().clone() for p in model.parameters()], ops
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["eager", "make_fx"])
+def test_params_and_state_swapped_in_step_as_with_torch(trace):
+    """``torch.optim._stateless.swap_in_optimizer_params_and_state`` (used to trace a step with
+    make_fx on stand-in tensors): the stand-ins and the swapped-in state are updated in place as
+    torch.optim updates them, nothing is moved into a buffer of fastopt's, the trace records
+    torch's per-param ops (no fused call on a copy), and the live optimizer goes on as torch's."""
+    ours = swapped_in_step(fastopt.SGD, trace)
+    ref = swapped_in_step(torch.optim.SGD, trace)
+    assert ours[1] and ref[1]
+    for name in ref[0]:
+        torch.testing.assert_close(ours[0][name], ref[0][name], **FP32)
+    for key, entry in ref[2]["state"].items():
+        torch.testing.assert_close(ours[2]["state"][key]["momentum_buffer"],
+                                   entry["momentum_buffer"], **FP32)
+    for a, b in zip(ours[3], ref[3]):
+        torch.testing.assert_close(a, b, **FP32)
+    assert not any("fused" in op for op in ours[4])
 
 
 # ------------------------------------------------------------------ AMSGrad and NaN

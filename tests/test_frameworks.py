@@ -340,6 +340,9 @@ def test_safetensors_load_model_into_a_tied_model_with_a_fastopt_optimizer(tmp_p
 # ---------------------------------------------------------------------------------- torch.compile
 @pytest.fixture
 def fresh_dynamo():
+    """Each compile test starts from (and leaves) an empty dynamo cache."""
+    import torch._dynamo
+
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

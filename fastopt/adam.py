@@ -36,11 +36,13 @@ class Adam(FlatOptimizer):
     is one fused pass per flat buffer, and on CUDA it does no host sync (so it can be captured in
     a CUDA graph). ``differentiable=True`` leaves the params where they are and runs
     torch.optim's own differentiable algorithm (autograd through the update). Keyword-only
-    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastopt.dispatch``).
+    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastopt.dispatch``);
+    ``flatten_params=False``: params stay where they are, only the state is flat.
 
     What differs from torch.optim: nothing in the numbers (within float rounding). Params move
-    into flat buffers at construction (``p.data`` becomes a view; the ``Parameter`` objects stay
-    the same), and a param listed twice in one group is updated once.
+    into flat buffers at construction (``p.data`` becomes a slot of one, with a storage of its
+    own; the ``Parameter`` objects stay the same), and a param listed twice in one group is
+    updated once.
     """
 
     uses_step = True

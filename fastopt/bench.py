@@ -6,8 +6,9 @@
 Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,
 foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike; the table shows
 medians. ``step`` times ``optimizer.step()`` with grads kept in place (a loop calling
-``zero_grad(set_to_none=False)``, which lays fastopt's grads out in its flat grad buffer); ``fresh-step`` hands every step grads that are tensors of
-their own, as autograd does after ``zero_grad()``; ``iteration`` times
+``zero_grad(set_to_none=False)``, which lays fastopt's grads out in its flat grad buffer);
+``fresh-step`` hands every step grads that are tensors of their own, as autograd does after
+``zero_grad()``; ``iteration`` times
 ``zero_grad()`` + a backward that touches every parameter + ``step()``, so that no cost can hide
 outside ``step()``. Bytes per element are those a fused step must move (fp32 AdamW: read param,
 grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq = 28), reported as GB/s and as a

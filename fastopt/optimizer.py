@@ -36,6 +36,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from fastopt import clipping, dispatch
+from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local,
                           local_value, mark_laid_out, real_dtype, runs)
 from fastopt.precision import HALF_DTYPES
@@ -605,9 +606,9 @@ class FlatOptimizer(Optimizer):
         buffers. A dict that does not fit raises ``ValueError`` and changes nothing."""
         if self._reference:
             super().load_state_dict(state_dict)
-            _tensor_steps(self.state)
+            tensor_steps(self.state)
             return
-        self._check_loadable(state_dict)
+        check_loadable(self, state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
             # Options a checkpoint does not know (an older fastopt, torch.optim) keep the values
@@ -634,66 +635,6 @@ class FlatOptimizer(Optimizer):
             for name, value in saved.items():
                 if name != "step" and isinstance(value, Tensor) and value.dtype != p.dtype:
                     dict.__setitem__(entry, name, value)
-
-    def _check_loadable(self, state_dict: dict) -> None:
-        """Refuse, before anything changes, a state_dict that does not fit this optimizer: a
-        param group without one of ``required_group_keys`` (another optimizer's checkpoint), a
-        param's state without ``step`` (where the class counts steps) or without a required
-        state tensor, a known state entry that is not a tensor or has the wrong shape. Entries
-        this class does not know (counters, notes written by hooks) are kept as torch keeps
-        them."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            return  # torch's load_state_dict raises its own ValueError
-        saved_state = state_dict["state"]
-        name_of = type(self).__name__
-        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                return
-            missing = [k for k in self.required_group_keys if k not in saved]
-            if missing:
-                raise ValueError(
-                    f"loaded state dict's param group {index} has no {', '.join(map(repr, missing))}"
-                    f": it is not a state_dict of {name_of} (its group keys: "
-                    f"{sorted(k for k in saved if k != 'params')})")
-            merged = {**group, **saved, "params": group["params"]}
-            required, known = self.saved_state_names(merged)
-            for p, key in zip(group["params"], saved["params"]):
-                entry = saved_state.get(key)
-                if not entry:
-                    continue
-                where = f"parameter {key} (param group {index})"
-                if not isinstance(entry, dict):
-                    raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state "
-                                     f"of {where}; expected a dict")
-                needed = (["step"] if self.uses_step else []) + list(required)
-                absent = [n for n in needed if n not in entry]
-                if absent:
-                    raise ValueError(
-                        f"loaded state dict has no {', '.join(map(repr, absent))} in the state of "
-                        f"{where}: it is not a state_dict of {name_of} (its state keys: "
-                        f"{sorted(entry)})")
-                step = entry.get("step")
-                if self.uses_step and not (isinstance(step, Tensor) and step.numel() == 1
-                                           or isinstance(step, (int, float))
-                                           and not isinstance(step, bool)):
-                    raise ValueError(f"loaded state dict has step={step!r} for {where}; expected "
-                                     "a number or a 1-element tensor")
-                for name in set(required) | set(known):
-                    value = entry.get(name)
-                    if value is None and name not in required:
-                        continue
-                    if not isinstance(value, Tensor):
-                        raise ValueError(f"loaded state dict has '{name}' of type "
-                                         f"{type(value).__name__} for {where}; expected a Tensor")
-                    expected = self.saved_state_shape(merged, p, name)
-                    if tuple(value.shape) != tuple(expected):
-                        raise ValueError(
-                            f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a "
-                            f"parameter of shape {tuple(p.shape)}"
-                            + ("" if tuple(expected) == tuple(p.shape)
-                               else f" (expected {tuple(expected)})")
-                        )
 
     def saved_state_names(self, group: dict) -> tuple:
         """(required, known) names of a param's saved state (besides ``step``): the tensors a
@@ -825,16 +766,6 @@ class _Entry(dict):
 
     def __reduce__(self):
         return (dict, (dict(self),))
-
-
-def _tensor_steps(state) -> None:
-    """torch.optim's ``__setstate__`` for differentiable runs: float ``step`` entries (old
-    checkpoints) become the 0-d tensors its algorithm expects."""
-    from torch.optim.optimizer import _get_scalar_dtype
-
-    for entry in state.values():
-        if isinstance(entry, dict) and "step" in entry and not isinstance(entry["step"], Tensor):
-            entry["step"] = torch.tensor(float(entry["step"]), dtype=_get_scalar_dtype())
 
 
 def _plain_state(items: dict) -> defaultdict:

@@ -55,6 +55,8 @@ class SAGA(FlatOptimizer):
         num_samples (int): :math:`n`, the number of samples (rows of the table).
         weight_decay (float): :math:`\lambda`. Default: 0.
         backend (str, keyword-only): see ``fastopt.dispatch``.
+        flatten_params (bool, keyword-only): False keeps the params where they are (the table
+            and the mean are flat either way). Default: True.
     """
 
     amp_scaling_supported = False  # GradScaler unscales the grads itself (unscale_) first

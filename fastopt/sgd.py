@@ -28,8 +28,10 @@ class SGD(FlatOptimizer):
 
     Args are those of ``torch.optim.SGD``; ``foreach`` and ``fused`` are accepted and change
     nothing (every step is one fused pass per flat buffer); ``differentiable=True`` leaves the
-    params where they are and runs torch.optim's own differentiable algorithm. Sparse grads are densified (torch's for-loop applies them sparsely;
-    the result is the same). Keyword-only ``backend``: see ``fastopt.dispatch``.
+    params where they are and runs torch.optim's own differentiable algorithm. Sparse grads are
+    densified (torch's for-loop applies them sparsely; the result is the same). Keyword-only
+    ``backend``: see ``fastopt.dispatch``; ``flatten_params=False``: params stay where they
+    are (see ``fastopt.flat``).
     """
 
     sparse_grads_ok = True

@@ -1,0 +1,86 @@
+"""Checkpoints coming in: what a state_dict must hold to be loaded into a fastopt optimizer.
+
+torch.optim's ``load_state_dict`` checks group and param counts and state shapes; a state_dict
+of another optimizer, or one with a moment missing or replaced by a non-tensor, loads and fails
+later (or silently starts from zero moments). fastopt refuses those at ``load_state_dict``, with
+``ValueError`` and nothing changed, and keeps what torch keeps (counters, notes under other
+keys).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_loadable(optimizer, state_dict: dict) -> None:
+    """Refuse, before anything changes, a state_dict that does not fit ``optimizer`` (a
+    FlatOptimizer, whose class says what its checkpoints hold): a param group without one of
+    its ``required_group_keys`` (another optimizer's checkpoint), or a param state that
+    ``check_param_state`` refuses. Group and param counts are left to torch's own checks."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        return  # torch's load_state_dict raises its own ValueError
+    name_of = type(optimizer).__name__
+    for index, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            return
+        missing = [k for k in optimizer.required_group_keys if k not in saved]
+        if missing:
+            raise ValueError(
+                f"loaded state dict's param group {index} has no {', '.join(map(repr, missing))}"
+                f": it is not a state_dict of {name_of} (its group keys: "
+                f"{sorted(k for k in saved if k != 'params')})")
+        merged = {**group, **saved, "params": group["params"]}
+        for p, key in zip(group["params"], saved["params"]):
+            entry = state_dict["state"].get(key)
+            if entry:
+                check_param_state(optimizer, merged, p, entry,
+                                  f"parameter {key} (param group {index})")
+
+
+def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> None:
+    """One param's saved state: a dict holding ``step`` (where the class counts steps) as a
+    number or 1-element tensor, every required state tensor, and known entries as tensors of
+    the expected shape. Entries the class does not know (a counter another library wrote) are
+    kept as torch keeps them."""
+    name_of = type(optimizer).__name__
+    if not isinstance(entry, dict):
+        raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state of "
+                         f"{where}; expected a dict")
+    required, known = optimizer.saved_state_names(group)
+    needed = (["step"] if optimizer.uses_step else []) + list(required)
+    absent = [n for n in needed if n not in entry]
+    if absent:
+        raise ValueError(
+            f"loaded state dict has no {', '.join(map(repr, absent))} in the state of {where}: "
+            f"it is not a state_dict of {name_of} (its state keys: {sorted(entry)})")
+    step = entry.get("step")
+    if optimizer.uses_step and not (isinstance(step, Tensor) and step.numel() == 1
+                                    or isinstance(step, (int, float))
+                                    and not isinstance(step, bool)):
+        raise ValueError(f"loaded state dict has step={step!r} for {where}; expected a number "
+                         "or a 1-element tensor")
+    for name in set(required) | set(known):
+        value = entry.get(name)
+        if value is None and name not in required:
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(f"loaded state dict has '{name}' of type {type(value).__name__} "
+                             f"for {where}; expected a Tensor")
+        expected = tuple(optimizer.saved_state_shape(group, p, name))
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a parameter "
+                f"of shape {tuple(p.shape)}"
+                + ("" if expected == tuple(p.shape) else f" (expected {expected})"))
+
+
+def tensor_steps(state) -> None:
+    """torch.optim's ``__setstate__`` for differentiable runs: float ``step`` entries (old
+    checkpoints) become the 0-d tensors its algorithm expects."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for entry in state.values():
+        if isinstance(entry, dict) and "step" in entry and not isinstance(entry["step"], Tensor):
+            entry["step"] = torch.tensor(float(entry["step"]), dtype=_get_scalar_dtype())

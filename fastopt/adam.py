@@ -222,7 +222,8 @@ class Adam(FlatOptimizer):
             [bucket.step_views[c.lo] for c in chunks],
             block_tables=[bucket.block_table[b] for b in blocks],
             bases=[c.start for c in chunks],
-            sizes=[[bucket.ends[k] - bucket.starts[k] for k in range(c.lo, c.hi)] for c in chunks],
+            spans=[[(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
+                    for k in range(c.lo, c.hi)] for c in chunks],
             lr=_on(group["lr"], bucket.device),
             beta1=float(beta1),
             beta2=float(beta2),

@@ -43,6 +43,14 @@ except ImportError:  # a torch built without distributed support
 # other buffer may not.
 _OWN_STORAGES: dict = {}
 
+# Alignment of the flat layout, in elements (as Megatron-LM's buffers): every slot starts at a
+# multiple of SLOT_ALIGN (128 bytes of fp16, 256 of fp32), every buffer is padded to a multiple
+# of BUFFER_ALIGN. Aligned pointers and element counts that are multiples of 16 let the Triton
+# kernels use 128-bit loads and stores on every stream, and keep params aligned for cuBLAS and
+# torch's vectorized kernels.
+SLOT_ALIGN = 64
+BUFFER_ALIGN = 128
+
 
 def own_storage_view(piece: Tensor) -> Tensor:
     """``piece`` (a slice of a flat buffer) as a tensor whose storage is exactly its own bytes,
@@ -153,7 +161,7 @@ def bucket_key(p: Tensor, own: set | None = None, flatten: bool = True) -> tuple
 
 @dataclass(eq=False)
 class Bucket:
-    """The params of one group that share (device, dtype), laid out back to back.
+    """The params of one group that share (device, dtype), each in an aligned slot.
 
     ``starts[i]:ends[i]`` is param i's slice of every flat buffer of this bucket. An external
     bucket (``external``; see the module docstring) has no param buffer (``flat`` is None): its
@@ -165,6 +173,7 @@ class Bucket:
     dtype: torch.dtype
     starts: list
     ends: list
+    size: int  # elements of each flat buffer, padding included
     flat: Tensor | None
     backend: str
     external: bool = False
@@ -189,7 +198,14 @@ class Bucket:
 
     @property
     def numel(self) -> int:
-        return self.ends[-1] if self.ends else 0
+        """Elements of each flat buffer: the slots and their padding (see ``aligned_offsets``)."""
+        return self.size
+
+    def chunk_end(self, hi: int) -> int:
+        """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to
+        ``SLOT_ALIGN`` (into padding only), so that a run's element count stays a multiple of
+        16 for the kernels' vector accesses."""
+        return min(round_up(self.ends[hi - 1], SLOT_ALIGN), self.size)
 
     def view(self, buffer: Tensor, i: int, rows: int | None = None, own: bool = False) -> Tensor:
         """Param i's slice of ``buffer`` with the param's (local) shape and complex dtype; of a
@@ -241,7 +257,8 @@ class Bucket:
             views = self.real_views[name] = [
                 buffer[s:e].view(real_shape(p)) for p, s, e in zip(self.params, self.starts, self.ends)
             ]
-        return [views[c.lo] if c.hi - c.lo == 1 else buffer[c.start : c.end] for c in chunks]
+        return [views[c.lo] if c.hi - c.lo == 1 and c.end == self.ends[c.lo]
+                else buffer[c.start : c.end] for c in chunks]
 
     def _external_param(self, i: int) -> Tensor:
         """Param i of an external bucket as a real, contiguous tensor the update may write into
@@ -333,14 +350,11 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
     also gets its block table (see ``fastopt.quantization``)."""
     first = params[0]
     device, dtype = first.device, real_dtype(first)
-    starts, ends, offset = [], [], 0
-    for p in params:
-        starts.append(offset)
-        offset += local(p).numel() * (2 if p.is_complex() else 1)
-        ends.append(offset)
-    flat = None if external else torch.empty(offset, dtype=dtype, device=device)
+    starts, ends, size = aligned_offsets([local(p).numel() * (2 if p.is_complex() else 1)
+                                          for p in params])
+    flat = None if external else torch.zeros(size, dtype=dtype, device=device)
     bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
-                    flat=flat, backend=backend, external=external, variant=variant)
+                    size=size, flat=flat, backend=backend, external=external, variant=variant)
     if variant == "int8":
         _add_block_table(bucket)
     if flat is not None:
@@ -357,6 +371,30 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
     bucket.step_ids = [None] * len(params)
     bucket.has_state = [False] * len(params)
     return bucket
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def aligned_offsets(sizes: list) -> tuple:
+    """``(starts, ends, size)`` of slots of ``sizes`` elements in one flat buffer: each slot
+    starts at a multiple of ``SLOT_ALIGN`` elements and the buffer holds a multiple of
+    ``BUFFER_ALIGN``. The padding is zeros, and stays zeros: an update of zero params with
+    zero grads and zero state writes zeros (every optimizer here), and nothing a user sees
+    covers it."""
+    starts, ends, offset = [], [], 0
+    for n in sizes:
+        offset = round_up(offset, SLOT_ALIGN)
+        starts.append(offset)
+        offset += n
+        ends.append(offset)
+    return starts, ends, round_up(offset, BUFFER_ALIGN)
+
+
+def padded_size(sizes: list) -> int:
+    """The elements of a flat buffer holding slots of ``sizes`` (``aligned_offsets``)."""
+    return round_up(sum(round_up(n, SLOT_ALIGN) for n in sizes), BUFFER_ALIGN)
 
 
 def _add_block_table(bucket: Bucket) -> None:

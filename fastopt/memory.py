@@ -6,14 +6,15 @@ layout will hold for a given set of params, optimizer and options:
 - ``param_bytes``: the params (all of them, trainable or not);
 - ``grad_bytes``: one grad per trainable param (same dtype as the param);
 - ``state_bytes``: the optimizer state that exists after the first step, exactly as fastopt
-  lays it out: per bucket (param group x device x dtype) one flat buffer per state tensor
+  lays it out: per bucket (param group x device x dtype) one flat buffer per state tensor,
+  each slot aligned to 64 elements and the buffer padded to 128 (``flat.aligned_offsets``)
   (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
   SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) in its stored dtype
   (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32 ``master_param`` of bf16/fp16 params (``master_weights``), plus
   Adam's float32 step counts, one per param;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
-  are copied into (first step; every step on the Triton path after ``zero_grad()`` set the grads
-  to None), the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA,
+  are copied into (by ``zero_grad(set_to_none=False)``; every step on the Triton path after
+  ``zero_grad()`` set the grads to None), the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA,
   widened slices for master weights / narrow or 8-bit state) and 8-bit state's block table (16
   bytes per block of 256);
 - ``peak_bytes`` = params + grads + state + scratch, the most a step holds at once;
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from fastopt.flat import is_movable, local
+from fastopt.flat import is_movable, local, padded_size
 from fastopt.precision import HALF_DTYPES, SLICE
 from fastopt.quantization import MIN_SIZE, num_blocks
 
@@ -143,17 +144,21 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             entry.grad_bytes += size
             entry.num_elements += local(p).numel()
             int8 = group_options.get("state_dtype") == "int8" and local(p).numel() >= MIN_SIZE
-            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, int8)
-            bucket = buckets.setdefault(key, dict(bytes=0, count=0, movable_bytes=0, largest=0,
-                                                  blocks=0))
-            bucket["blocks"] += num_blocks(local(p).numel() * (2 if p.is_complex() else 1))
+            movable = group_options.get("flatten_params", True) and (p.device.type == "meta"
+                                                                     or is_movable(p))
+            # One key per bucket fastopt makes: complex and external params get their own.
+            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, int8,
+                   p.is_complex(), movable)
+            bucket = buckets.setdefault(key, dict(bytes=0, count=0, largest=0, blocks=0,
+                                                  sizes=[], movable=movable))
+            real_elements = local(p).numel() * (2 if p.is_complex() else 1)
+            bucket["blocks"] += num_blocks(real_elements)
+            bucket["sizes"].append(real_elements)
             bucket["bytes"] += size
             bucket["count"] += 1
             bucket["largest"] = max(bucket["largest"], size)
-            if group_options.get("flatten_params", True) and (p.device.type == "meta"
-                                                              or is_movable(p)):
-                bucket["movable_bytes"] += size
-        for (where, dtype, int8), bucket in buckets.items():
+        for (where, dtype, int8, *_), bucket in buckets.items():
+            bucket["elements"] = padded_size(bucket["sizes"])  # slots and their padding
             entry = report.devices[where]
             name = "AdamW" if cls.__name__ == "AdamW8bit" else cls.__name__
             entry.state_bytes += _state_bytes(name, group_options, bucket, dtype, int8)
@@ -169,7 +174,7 @@ def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int
     """State buffers in their stored dtype (``state_dtype``; fp32 beside fp32 masters; 8-bit:
     one byte per element and one fp32 scale per block, fp32 for small tensors), the fp32
     master copy of half-precision params (``master_weights``) and Adam's steps."""
-    elements = bucket["bytes"] // dtype.itemsize  # real elements of the bucket
+    elements = bucket["elements"]  # of each flat buffer, alignment padding included
     master = bool(options.get("master_weights")) and dtype in HALF_DTYPES
     steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
     masters = 4 * elements if master else 0
@@ -202,7 +207,8 @@ def _state_copies(name: str, options: dict) -> int:
 
 
 def _scratch_bytes(name: str, options: dict, bucket: dict, device: str, dtype) -> int:
-    scratch = bucket["movable_bytes"]  # the flat grad buffer, while autograd's grads still live
+    # The flat grad buffer (kept grads are laid out into it while autograd's still live).
+    scratch = bucket["elements"] * dtype.itemsize if bucket["movable"] else 0
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and name == "SGD" and dtype in (torch.float16, torch.bfloat16):
         scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries

@@ -506,7 +506,9 @@ class FlatOptimizer(Optimizer):
             split_keys = [(k, True) if ok else (k, False, i)
                           for i, k, ok in zip(participants, keys, in_place)]
             for lo, hi, (k, ok, *_) in runs(participants, split_keys):
-                chunk = Chunk(lo, hi, starts[lo], ends[hi - 1], None, k)
+                # A run over the flat grad buffer ends on an aligned boundary (into padding).
+                chunk = Chunk(lo, hi, starts[lo], bucket.chunk_end(hi) if ok else ends[hi - 1],
+                              None, k)
                 if not ok:
                     grad = as_real(bucket.params[lo].grad)
                 elif hi - lo == 1:
@@ -523,8 +525,9 @@ class FlatOptimizer(Optimizer):
         kernels see whole runs. On GPUs one launch per tensor would cost more than the copy."""
         bucket.ensure_grad_buffer()
         todo = [j for j, ok in enumerate(in_place) if not ok]
-        views = bucket.pieces("grad", [Chunk(participants[j], participants[j] + 1, 0, 0, None, None)
-                                       for j in todo])
+        slots = [participants[j] for j in todo]
+        views = bucket.pieces("grad", [Chunk(i, i + 1, bucket.starts[i], bucket.ends[i], None,
+                                             None) for i in slots])
         torch._foreach_copy_(views, [as_real(grads[j]) for j in todo])
         for j in todo:
             in_place[j] = True

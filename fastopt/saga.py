@@ -134,7 +134,7 @@ class SAGA(FlatOptimizer):
 def _piece(bucket, row: Tensor, chunk) -> Tensor:
     """A chunk's part of one table row, shaped as ``bucket.pieces`` shapes the others."""
     piece = row[chunk.start : chunk.end]
-    if chunk.hi - chunk.lo == 1:
+    if chunk.hi - chunk.lo == 1 and chunk.end == bucket.ends[chunk.lo]:
         return piece.view(real_shape(bucket.params[chunk.lo]))
     return piece
 

@@ -203,11 +203,12 @@ def saga_update(params: list, grads: list, rows: list, means: list, *, lr: float
 
 
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
-                     steps, *, block_tables, bases, sizes, lr, beta1, beta2, weight_decay, eps,
+                     steps, *, block_tables, bases, spans, lr, beta1, beta2, weight_decay, eps,
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
                      rounding_seed=None, offsets=None) -> None:
     """Adam / AdamW with blockwise 8-bit moments (``fastopt.quantization``): for each param of
-    each chunk (``sizes``), in slices of ``precision.SLICE`` elements (whole blocks), decode the
+    each chunk (``spans``: each param's offset in the chunk and its size), in slices of
+    ``precision.SLICE`` elements (whole blocks), decode the
     moments to fp32, run torch's fused step, encode them again. ``exp_avg_sqs`` hold the codes
     of sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host)."""
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -216,8 +217,8 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                 "m": exp_avgs[j].reshape(-1), "v": exp_avg_sqs[j].reshape(-1),
                 "master": masters[j].reshape(-1) if masters is not None else None}
         scales = {"m": exp_avg_scales[j], "v": exp_avg_sq_scales[j]}
-        element = block = 0
-        for size in sizes[j]:
+        block = 0
+        for element, size in spans[j]:
             for lo in range(0, size, precision.SLICE):  # SLICE is a whole number of blocks
                 n = min(precision.SLICE, size - lo)
                 span = slice(element + lo, element + lo + n)
@@ -227,7 +228,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                                  dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                                       eps=eps, amsgrad=False, maximize=maximize,
                                       grad_scale=grad_scale, found_inf=found_inf))
-            element, block = element + size, block + num_blocks(size)
+            block += num_blocks(size)
 
 
 def _adam_int8_slice(op, flat, scales, span, blocks, step, has_master, rounding_seed, start,

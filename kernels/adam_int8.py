@@ -119,7 +119,7 @@ def _adam_int8_kernel(
 
 
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
-                     steps, *, block_tables, bases, sizes, lr, beta1, beta2, weight_decay, eps,
+                     steps, *, block_tables, bases, spans, lr, beta1, beta2, weight_decay, eps,
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
                      rounding_seed=None, offsets=None) -> None:
     """One launch per chunk; the signature of ``fastopt.torch_path.adam_int8_update``."""

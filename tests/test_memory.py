@@ -6,7 +6,7 @@ import os
 import psutil
 import pytest
 import torch
-from helpers import make_params
+from helpers import lives_in, make_params
 
 import fastopt
 from fastopt import memory
@@ -30,17 +30,19 @@ SHAPES = [(129,), (), (0,), (4, 5), (65,), (65, 67)]  # the last one takes 8-bit
 
 
 def state_storage_bytes(opt) -> int:
-    """Bytes of memory behind every tensor in ``opt.state``: the union of the address ranges of
-    their storages (each state view has a storage of its own over its slot of a flat buffer;
-    a gradient table's column block spans the rows in between)."""
-    ranges = sorted({(v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
-                     for entry in opt.state.values() for v in entry.values()
-                     if isinstance(v, torch.Tensor)})
-    total, end = 0, 0
-    for start, size in ranges:
-        total += max(0, start + size - max(start, end))
-        end = max(end, start + size)
-    return total
+    """Bytes of the buffers behind every tensor in ``opt.state``: fastopt's flat state buffers
+    (alignment padding included) and step counts, each checked to hold some of the state
+    views (which alias slots of them), summed once each."""
+    buffers = [t for buckets in opt._buckets for b in buckets
+               for t in [*b.state.values(), *([b.steps] if b.steps is not None else [])]]
+    used = {}
+    for entry in opt.state.values():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor) and value.numel():
+                owner = next(t for t in buffers if lives_in(value, t))
+                used[owner.data_ptr()] = owner.untyped_storage().nbytes()
+    assert len(used) == len({t.data_ptr() for t in buffers if t.numel()})
+    return sum(used.values())
 
 
 def first_step(opt, params):
@@ -82,9 +84,13 @@ def test_groups_with_their_own_options_complex_params_and_a_module():
     first_step(opt, list(model.parameters()) + [complex_param])
     assert report.state_bytes == state_storage_bytes(opt)
     # amsgrad's third buffer on the first group only, plus one float32 step per param
-    first, second = 7 * 5 + 5, 5 * 3 + 3 + 12
+    # and the aligned layout: slots start at multiples of 64 elements, buffers hold a multiple
+    # of 128. Group 0: 35 + 5 elements -> slots at 0 and 64 -> 128. Group 1: a real bucket
+    # (15 + 3 -> 128) and a complex one (6 complex = 12 real -> 128).
+    first, second = 128, 128 + 128
     assert report.state_bytes == 4 * (3 * first + 2 * second) + 4 * 5
-    assert memory.estimate(model, fastopt.SGD, momentum=0.9).state_bytes == 4 * (first + 18)
+    # One group: four slots of 64 (35, 5, 15 and 3 elements) -> 256.
+    assert memory.estimate(model, fastopt.SGD, momentum=0.9).state_bytes == 4 * 256
 
 
 def test_meta_params_free_memory_and_fit():
@@ -92,7 +98,8 @@ def test_meta_params_free_memory_and_fit():
     report = memory.estimate(params, "adamw", device="cpu")
     cpu = report.devices["cpu"]
     assert cpu.param_bytes == cpu.grad_bytes == 4_000_000
-    assert cpu.state_bytes == 8_000_000 + 4
+    padded = 1_000_064  # 10**6 elements in a buffer padded to a multiple of 128
+    assert cpu.state_bytes == 8 * padded + 4
     assert 0 < cpu.free_bytes <= psutil.virtual_memory().total
     assert report.fits
     assert report["cpu"] is cpu and report[torch.device("cpu")] is cpu
@@ -100,7 +107,7 @@ def test_meta_params_free_memory_and_fit():
     assert report.as_dict()["cpu"]["peak_bytes"] == cpu.peak_bytes
     assert "AdamW" in str(report) and "cpu" in str(report)
     huge = memory.estimate(params, "saga", num_samples=10**8, device="cpu")
-    assert not huge.fits and huge.state_bytes == (10**8 + 1) * 4_000_000
+    assert not huge.fits and huge.state_bytes == (10**8 + 1) * 4 * padded
 
 
 def test_bad_arguments():
@@ -154,7 +161,8 @@ def test_a_cpu_step_allocates_no_more_than_estimated(options):
 
 def test_named_params_bad_num_samples_and_a_missing_cuda():
     model = torch.nn.Linear(3, 2)
-    assert memory.estimate(model.named_parameters(), "adam").state_bytes == 4 * 2 * 8 + 4 * 2
+    # weight (6) and bias (2) in slots at 0 and 64 of a 128-element buffer
+    assert memory.estimate(model.named_parameters(), "adam").state_bytes == 4 * 2 * 128 + 4 * 2
     for bad in (0, -3):
         with pytest.raises(ValueError, match="Invalid num_samples"):
             memory.estimate(model, "saga", num_samples=bad)

@@ -20,13 +20,14 @@ def _run(benchmark, optimizer, mode, case, variant):
     shapes = CASES[case]()
     setup = Setup(variant, optimizer, shapes, torch.device("cpu"))
     benchmark.group = f"{optimizer} {mode} {case}"
-    call = setup.step if mode == "step" else setup.iteration
+    call = {"step": setup.step, "fresh-step": setup.fresh_step,
+            "iteration": setup.iteration}[mode]
     benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
     n = numel(shapes)
     benchmark.extra_info["params_per_s"] = n / seconds
     benchmark.extra_info["tensors"] = len(shapes)
-    if mode == "step":
+    if mode != "iteration":
         benchmark.extra_info["gb_per_s"] = BYTES_PER_ELEMENT[optimizer] * n / seconds / 1e9
 
 
@@ -35,6 +36,15 @@ def _run(benchmark, optimizer, mode, case, variant):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_step(benchmark, optimizer, case, variant):
     _run(benchmark, optimizer, "step", case, variant)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_fresh_step(benchmark, optimizer, case, variant):
+    """step() on fresh grads, as every step of the default loop (zero_grad() sets them to
+    None, backward allocates new ones)."""
+    _run(benchmark, optimizer, "fresh-step", case, variant)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

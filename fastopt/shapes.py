@@ -42,10 +42,21 @@ def resnet18_head() -> list:
     return [(256, 512, 4, 4), (256,), (1, 256, 5, 5), (1,), (1, 1, 1, 1), (1,)]
 
 
+def demo_cnn() -> list:
+    """The demo's DigitsCNN (``fastopt.demo``): two 3x3 convolutions and two linear layers,
+    8 tensors, 38,282 elements."""
+    return [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (64, 512), (64,), (10, 64), (10,)]
+
+
 CASES = {
     "1x16M": lambda: [(16 * 1024 * 1024,)],
     "1000x16K": lambda: [(16 * 1024,)] * 1000,
     "gpt2-small": gpt2_small,
+    # The default loop's cases (many small tensors, a few large, an odd size).
+    "demo-cnn": demo_cnn,
+    "1000x64": lambda: [(64,)] * 1000,
+    "1000x4K": lambda: [(4 * 1024,)] * 1000,
+    "1x4M-odd": lambda: [(4 * 1024 * 1024 + 3,)],
 }
 
 # Models by name for ``python -m fastopt.memory``.

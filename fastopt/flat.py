@@ -173,7 +173,7 @@ class Bucket:
     dtype: torch.dtype
     starts: list
     ends: list
-    size: int  # elements of each flat buffer, padding included
+    numel: int  # elements of each flat buffer: the slots and their padding (aligned_offsets)
     flat: Tensor | None
     backend: str
     external: bool = False
@@ -196,16 +196,11 @@ class Bucket:
     param_shapes: list = field(default_factory=list)  # and its (local) shape
     storage_keys: set = field(default_factory=set)  # the params' own storages (see is_movable)
 
-    @property
-    def numel(self) -> int:
-        """Elements of each flat buffer: the slots and their padding (see ``aligned_offsets``)."""
-        return self.size
-
     def chunk_end(self, hi: int) -> int:
         """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to
         ``SLOT_ALIGN`` (into padding only), so that a run's element count stays a multiple of
         16 for the kernels' vector accesses."""
-        return min(round_up(self.ends[hi - 1], SLOT_ALIGN), self.size)
+        return min(round_up(self.ends[hi - 1], SLOT_ALIGN), self.numel)
 
     def view(self, buffer: Tensor, i: int, rows: int | None = None, own: bool = False) -> Tensor:
         """Param i's slice of ``buffer`` with the param's (local) shape and complex dtype; of a
@@ -354,7 +349,7 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
                                           for p in params])
     flat = None if external else torch.zeros(size, dtype=dtype, device=device)
     bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
-                    size=size, flat=flat, backend=backend, external=external, variant=variant)
+                    numel=size, flat=flat, backend=backend, external=external, variant=variant)
     if variant == "int8":
         _add_block_table(bucket)
     if flat is not None:

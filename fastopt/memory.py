@@ -14,9 +14,9 @@ layout will hold for a given set of params, optimizer and options:
   Adam's float32 step counts, one per param;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
   are copied into (by ``zero_grad(set_to_none=False)``; every step on the Triton path after
-  ``zero_grad()`` set the grads to None), the temporaries of the CPU torch path where it has some (fp16/bf16 SGD, SAGA,
-  widened slices for master weights / narrow or 8-bit state) and 8-bit state's block table (16
-  bytes per block of 256);
+  ``zero_grad()`` set the grads to None), the temporaries of the CPU torch path where it has
+  some (fp16/bf16 SGD, SAGA, widened slices for master weights / narrow or 8-bit state) and
+  8-bit state's block table (16 bytes per block of 256);
 - ``peak_bytes`` = params + grads + state + scratch, the most a step holds at once;
 - ``free_bytes``: free memory on the device now (CUDA: ``torch.cuda.mem_get_info``; CPU:
   available RAM), and ``fits``: whether what the optimizer still has to allocate (state and

@@ -46,6 +46,7 @@ class Adam(FlatOptimizer):
     """
 
     uses_step = True
+    update_name = "adam"
     error_name = "Adam"
     reference_class = torch.optim.Adam
     required_group_keys = ("lr", "betas", "eps", "weight_decay")
@@ -168,27 +169,24 @@ class Adam(FlatOptimizer):
     def uniform_key(self, bucket: Bucket):
         return _same(bucket.step_ids)
 
-    def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
+    def update(self, group, bucket, plan, grad_scale, found_inf) -> None:
         steps = bucket.steps
-        if len(step_runs) == 1 and step_runs[0][:2] == [0, len(bucket.params)]:
-            counted = [steps]
-        else:
-            counted = [steps[lo:hi] for lo, hi, _ in step_runs]
+        counted = [steps] if plan.whole else [steps[lo:hi] for lo, hi, _ in plan.step_runs]
         for count in counted:
             count.add_(1)
         found_inf = _on(found_inf, bucket.device)
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
         if bucket.variant == INT8:
-            self._update_int8(group, bucket, chunks, grad_scale, found_inf)
+            self._update_int8(group, bucket, plan.chunks, grad_scale, found_inf, plan)
         else:
             dispatch.update_fn("adam", bucket.backend)(
-                bucket.pieces("param", chunks),
-                [c.grad for c in chunks],
-                bucket.pieces("exp_avg", chunks),
-                bucket.pieces("exp_avg_sq", chunks),
-                bucket.pieces("max_exp_avg_sq", chunks) if amsgrad else [],
-                [bucket.step_views[c.lo] for c in chunks],
+                plan.pieces("param"),
+                plan.grads,
+                plan.pieces("exp_avg"),
+                plan.pieces("exp_avg_sq"),
+                plan.pieces("max_exp_avg_sq") if amsgrad else [],
+                plan.step_views,
                 lr=_on(group["lr"], bucket.device),
                 beta1=float(beta1),
                 beta2=float(beta2),
@@ -199,17 +197,20 @@ class Adam(FlatOptimizer):
                 decoupled=group["decoupled_weight_decay"],
                 grad_scale=_on(grad_scale, bucket.device),
                 found_inf=found_inf,
-                **self.precision_options(group, bucket, chunks),
+                **self.precision_options(group, bucket, plan),
             )
         if found_inf is not None:
             for count in counted:
                 count.sub_(found_inf)
+        if plan.whole:
+            bucket.step_ids = [next(self._ids)] * len(bucket.params)
+            return
         new_ids: dict = {}
-        for lo, hi, key in step_runs:
+        for lo, hi, key in plan.step_runs:
             new_id = new_ids.setdefault(key, next(self._ids))
             bucket.step_ids[lo:hi] = [new_id] * (hi - lo)
 
-    def _update_int8(self, group, bucket, chunks, grad_scale, found_inf) -> None:
+    def _update_int8(self, group, bucket, chunks, grad_scale, found_inf, plan) -> None:
         blocks = [slice(bucket.block_starts[c.lo], bucket.block_starts[c.hi]) for c in chunks]
         beta1, beta2 = group["betas"]
         dispatch.update_fn("adam_int8", bucket.backend)(
@@ -233,7 +234,7 @@ class Adam(FlatOptimizer):
             decoupled=group["decoupled_weight_decay"],
             grad_scale=_on(grad_scale, bucket.device),
             found_inf=found_inf,
-            **self.precision_options(group, bucket, chunks),
+            **self.precision_options(group, bucket, plan),
         )
 
 

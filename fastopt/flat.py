@@ -24,6 +24,7 @@ Offsets are Python ints (int64): buffers over 2**31 elements are fine.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -183,7 +184,8 @@ class Bucket:
     has_state: list = field(default_factory=list)
     grad: Tensor | None = None  # flat grad buffer, made when grads are first adopted
     data_ptrs: list = field(default_factory=list)
-    grad_ptrs: list = field(default_factory=list)
+    grad_ptrs: list = field(default_factory=list)  # where each param's grad slot starts
+    grad_ptr_set: frozenset = frozenset()  # the same, as a set
     step_views: list = field(default_factory=list)  # steps[i], made once
     real_views: dict = field(default_factory=dict)  # name -> per-param real views, made once
     rows: dict = field(default_factory=dict)  # name -> rows, for table buffers (SAGA)
@@ -195,6 +197,7 @@ class Bucket:
     param_dtypes: list = field(default_factory=list)  # each param's dtype when laid out
     param_shapes: list = field(default_factory=list)  # and its (local) shape
     storage_keys: set = field(default_factory=set)  # the params' own storages (see is_movable)
+    gathers: bool = False  # fresh grads are gathered into ``grad`` (fastopt.plan): keep it
 
     def chunk_end(self, hi: int) -> int:
         """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to
@@ -236,24 +239,49 @@ class Bucket:
                                       shape=p.shape, stride=p.stride())
         return view
 
-    def pieces(self, name: str, chunks: list) -> list:
-        """The part of buffer ``name`` ("param", "grad" or a state name) each chunk covers.
+    @functools.cached_property
+    def device_index(self) -> int:
+        """What ``Tensor.get_device()`` returns for tensors on this bucket's device."""
+        return torch.empty(0, device=self.device).get_device()
 
-        A chunk of one param gets a cached view of that param's shape (real-valued), so a step
-        over many separately-held grads does not slice every buffer anew.
-        """
-        if name == "param" and self.external:
-            return [self._external_param(c.lo) for c in chunks]
+    @property
+    def plain(self) -> bool:
+        """Are the params laid out here and real (each grad is then used as it is)?"""
+        return not self.external and not self.params[0].is_complex()
+
+    def _buffer(self, name: str) -> Tensor:
         buffer = {"param": self.flat, "grad": self.grad}.get(name)
-        if buffer is None:
-            buffer = self.state[name]
+        return self.state[name] if buffer is None else buffer
+
+    def param_pieces(self, name: str) -> list:
+        """Every param's part of buffer ``name`` ("param", "grad" or a state name), shaped as
+        the param's real view: made once and cached, so a step over many separately-held grads
+        does not slice every buffer anew."""
+        if name == "param" and self.external:
+            return [self._external_param(i) for i in range(len(self.params))]
         views = self.real_views.get(name)
         if views is None:
+            buffer = self._buffer(name)
             views = self.real_views[name] = [
                 buffer[s:e].view(real_shape(p)) for p, s, e in zip(self.params, self.starts, self.ends)
             ]
-        return [views[c.lo] if c.hi - c.lo == 1 and c.end == self.ends[c.lo]
-                else buffer[c.start : c.end] for c in chunks]
+        return views
+
+    def pieces(self, name: str, chunks: list) -> list:
+        """The part of buffer ``name`` ("param", "grad" or a state name) each chunk covers (a
+        chunk of one param: its cached view, see ``param_pieces``)."""
+        if name == "param" and self.external:
+            return [self._external_param(c.lo) for c in chunks]
+        views = self.param_pieces(name)
+        buffer = None
+        out = []
+        for c in chunks:
+            if c.hi - c.lo == 1 and c.end == self.ends[c.lo]:
+                out.append(views[c.lo])
+            else:
+                buffer = self._buffer(name) if buffer is None else buffer
+                out.append(buffer[c.start : c.end])
+        return out
 
     def _external_param(self, i: int) -> Tensor:
         """Param i of an external bucket as a real, contiguous tensor the update may write into
@@ -276,16 +304,24 @@ class Bucket:
         """True while every param still lives where this bucket put (or found) it."""
         if not self.external:  # plain tensors (checked every step: keep it cheap)
             try:
-                return [p.data_ptr() for p in self.params] == self.data_ptrs
+                return list(map(Tensor.data_ptr, self.params)) == self.data_ptrs
             except RuntimeError:  # one became a tensor subclass without storage: lay out again
                 return False
         return [local(p).data_ptr() for p in self.params] == self.data_ptrs
+
+    def holds_grad(self, i: int, grad: Tensor) -> bool:
+        """Is ``grad`` param i's slot of the flat grad buffer?"""
+        return bool(self.grad_ptrs) and grad.layout == torch.strided \
+            and grad.data_ptr() == self.grad_ptrs[i] and grad.shape == self.params[i].shape
 
     def ensure_grad_buffer(self) -> Tensor:
         if self.grad is None:
             self.grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             base, size = self.grad.data_ptr(), self.grad.element_size()
-            self.grad_ptrs = [base + s * size for s in self.starts]
+            # An empty slot's view has no address (data_ptr 0), as an empty grad has.
+            self.grad_ptrs = [base + s * size if e > s else 0
+                              for s, e in zip(self.starts, self.ends)]
+            self.grad_ptr_set = frozenset(self.grad_ptrs) - {0}
         return self.grad
 
     def release_grad_buffer(self) -> None:
@@ -294,6 +330,7 @@ class Bucket:
         the Triton path keeps it, as it gathers grads into it."""
         self.grad = None
         self.grad_ptrs = []
+        self.grad_ptr_set = frozenset()
         self.real_views.pop("grad", None)
 
     def ensure_state_buffer(self, name: str, rows: int | None = None,

@@ -2,7 +2,8 @@
 
 What a subclass supplies: its ``defaults`` (validated before ``__init__``), the names of its
 per-param state (``state_names``), which params may share one fused call (``run_key``), and
-``update``, which calls the backend's update function on the chunks this class hands it.
+``update``, which calls the backend's update function on the tensors of the step's plan
+(``fastopt.plan``).
 
 What this class does:
 
@@ -18,46 +19,37 @@ Grads: ``step()`` never writes into or replaces a grad. A grad that is a view of
 flat grad buffer is used in place; ``zero_grad(set_to_none=False)`` re-points plain grads into
 that buffer (the same tensor objects, via ``Tensor.set_``, so references others hold stay the
 grads), so loops that keep their grads run flat. Other grads (fresh tensors from autograd after
-``zero_grad(set_to_none=True)``, tensors assigned by hand, DDP's bucket views): the torch path
-reads them where they are, one tensor each in the same fused call (and
-``zero_grad(set_to_none=True)`` frees its flat grad buffer); the Triton path gathers them into
-the flat buffer with one multi-tensor copy, then launches once.
+``zero_grad(set_to_none=True)``, tensors assigned by hand, DDP's bucket views) are read where
+they are, one tensor each in the same fused call, or first gathered into the flat grad buffer
+with one multi-tensor copy when that is cheaper (many small tensors on a CPU; on the Triton path
+whenever the kernel cannot read them through an address table). Which of these a step takes is
+its plan (``fastopt.plan``); the state behind ``optimizer.state`` is ``fastopt.state``'s.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
-from typing import NamedTuple
+from itertools import chain
 
 import torch
 from torch import Tensor
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from fastopt import clipping, dispatch
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local,
                           local_value, mark_laid_out, real_dtype, runs)
+from fastopt.plan import CheckedGrads, StepPlan, check_grads, make_plan
 from fastopt.precision import HALF_DTYPES
-from fastopt.validation import check_fused_param, check_grad, check_param, check_precision
-
-
-class Chunk(NamedTuple):
-    """Params ``lo:hi`` of a bucket, elements ``start:end`` of its flat buffers, their grad and
-    the run key they share (``run_key`` before this step's state was made)."""
-
-    lo: int
-    hi: int
-    start: int
-    end: int
-    grad: Tensor
-    key: object
+from fastopt.state import (MASTER, Entry, State, add_state_buffer, adopt_state, create_state,
+                           keep_saved_dtypes, plain_state)
+from fastopt.validation import check_param, check_precision
 
 
 PRECISION_KEYS = {"master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
                   "max_grad_norm"}
-MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
 _MIXED = object()  # uniform_key's answer when a bucket's params do not share one run key
 
 
@@ -76,6 +68,7 @@ class FlatOptimizer(Optimizer):
     # The torch.optim class whose own algorithm runs when ``differentiable=True`` (set by
     # subclasses that take that option).
     reference_class: type | None = None
+    update_name = ""  # which update (``"adam"``, ``"sgd"``) the plan's cost model prices
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto",
                  flatten_params: bool = True) -> None:
@@ -124,14 +117,14 @@ class FlatOptimizer(Optimizer):
         """``["master_param"]`` where the group keeps fp32 masters for this bucket's params."""
         return [MASTER] if self._has_master(group, bucket) else []
 
-    def precision_options(self, group: dict, bucket: Bucket, chunks: list) -> dict:
+    def precision_options(self, group: dict, bucket: Bucket, plan: StepPlan) -> dict:
         """The keywords an update function takes for masters and stochastic rounding."""
         options = {}
         if MASTER in bucket.state:
-            options["masters"] = bucket.pieces(MASTER, chunks)
+            options["masters"] = plan.pieces(MASTER)
         if group.get("stochastic_rounding") and bucket.dtype == torch.bfloat16:
             options["rounding_seed"] = int(group.get("rounding_seed", 0))
-            options["offsets"] = [c.start for c in chunks]
+            options["offsets"] = plan.starts
         return options
 
     def check_bucket(self, group: dict, bucket: Bucket) -> None:
@@ -166,10 +159,11 @@ class FlatOptimizer(Optimizer):
         """The run key all params of ``bucket`` share, or ``_MIXED``."""
         return _same(bucket.has_state)
 
-    def update(self, group: dict, bucket: Bucket, step_runs: list, chunks: list,
-               grad_scale, found_inf) -> None:
-        """Update ``chunks`` in place. ``step_runs`` are the runs ``[lo, hi, key]`` of params
-        that have a grad and share a run key; each chunk lies within one of them."""
+    def update(self, group: dict, bucket: Bucket, plan: StepPlan, grad_scale,
+               found_inf) -> None:
+        """Update the entries of ``plan`` in place (``plan.pieces(name)``, ``plan.grads``; see
+        ``fastopt.plan``). ``plan.step_runs`` are the runs ``[lo, hi, key]`` of params that
+        have a grad and share a run key; each entry lies within one of them."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ layout
@@ -218,85 +212,22 @@ class FlatOptimizer(Optimizer):
                                        external=external)
             bucket = build_bucket(params, backend, external, self.bucket_variant(group, params[0]))
             self.check_bucket(group, bucket)
-            self._adopt_state(group, bucket)
+            adopt_state(self, group, bucket)
             buckets.append(bucket)
         self._buckets[index] = buckets
         self._outsiders[index] = outsiders
         self._group_ids[index] = [id(p) for p in group["params"]]
-
-    def _adopt_state(self, group: dict, bucket: Bucket) -> None:
-        """Copy whatever state the bucket's params have (loaded, or from an older layout) in."""
-        stated = [i for i, p in enumerate(bucket.params) if self._live_state(p)]
-        if not stated:
-            return
-        names = list(self.state_names(group, bucket))
-        for i in stated:
-            for key, value in self.state[bucket.params[i]].items():
-                if key != "step" and key not in names and self._flat_extra(bucket, i, value):
-                    names.append(key)  # e.g. max_exp_avg_sq kept from an amsgrad run
-        for name in names:
-            self._ensure_buffer(group, bucket, name)
-        with torch.no_grad():
-            if self.uses_step:
-                steps = bucket.ensure_steps()
-                values = [float(self.state[bucket.params[i]].get("step", 0.0)) for i in stated]
-                steps[stated] = torch.tensor(values, dtype=torch.float32).to(bucket.device)
-                ids = {}
-                for i, v in zip(stated, values):
-                    bucket.step_ids[i] = ids.setdefault(v, next(self._ids))
-            for i in stated:
-                state = self.state[bucket.params[i]]
-                for name in names:
-                    value = state.get(name)
-                    if isinstance(value, Tensor):
-                        self.adopt_value(bucket, i, name, local_value(value, bucket.params[i]))
-                    elif name == MASTER:  # state saved without masters: start from the param
-                        bucket.local_view(name, i).copy_(
-                            local_value(bucket.params[i].detach(), bucket.params[i]))
-                extras = {k: v for k, v in state.items() if k != "step" and k not in names}
-                self._set_state(bucket.params[i], {**self._state_views(bucket, i, names),
-                                                   **extras})
-                bucket.has_state[i] = True
-
-    @staticmethod
-    def _flat_extra(bucket: Bucket, i: int, value) -> bool:
-        """Is an unknown state entry a per-element tensor worth a flat buffer (a param-shaped
-        float)? Anything else (counters, other shapes, non-tensors) is kept as it is."""
-        p = bucket.params[i]
-        return isinstance(value, Tensor) and value.is_floating_point() == p.is_floating_point() \
-            and value.is_complex() == p.is_complex() and tuple(value.shape) == tuple(p.shape)
 
     def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
         """Copy a saved state tensor of param i into the bucket's buffer ``name``."""
         view = bucket.local_view(name, i)
         view.copy_(value.to(device=view.device, dtype=view.dtype))
 
-    def _ensure_buffer(self, group: dict, bucket: Bucket, name: str) -> Tensor:
-        return bucket.ensure_state_buffer(name, self.state_rows(group, name),
-                                          self.state_dtype(group, bucket, name))
-
-    def _live_state(self, p) -> bool:
-        """Does ``p`` have state worth keeping? (SGD's ``momentum_buffer=None`` is none.)"""
-        state = self.state.get(p)
-        return bool(state) and any(isinstance(v, Tensor) for k, v in state.items() if k != "step")
-
-    def _state_views(self, bucket: Bucket, i: int, names: list) -> dict:
-        views = {}
-        if self.uses_step:
-            views["step"] = bucket.step_views[i]
-        for name in names:
-            views[name] = bucket.state_view(name, i)
-        return views
-
-    def _set_state(self, p: Tensor, views: dict) -> None:
-        """Make ``views`` param ``p``'s state (fastopt's own write: not an outside change)."""
-        dict.__setitem__(self.state, p, _Entry(self.state, views))
-
     def _ensure_layout(self) -> None:
         """Rebuild any group whose params left their buffers or which gained a new grad; rebuild
         all when ``self.state`` was changed from outside (its values are then copied in)."""
-        if not isinstance(self.state, _State):
-            self.state = _State(self.state)
+        if not isinstance(self.state, State):
+            self.state = State(self.state)
             self._buckets = None
         elif self.state.changed:
             for index, buckets in enumerate(self._buckets or []):
@@ -313,8 +244,8 @@ class FlatOptimizer(Optimizer):
         for index, buckets in enumerate(self._buckets):
             stale = any(p.grad is not None for p in self._outsiders[index])
             stale = stale or not all(b.is_intact() for b in buckets)
-            stale = stale or self._group_ids[index] != [
-                id(p) for p in self.param_groups[index]["params"]]  # params swapped in the group
+            stale = stale or self._group_ids[index] != list(
+                map(id, self.param_groups[index]["params"]))  # params swapped in the group
             if stale:
                 self._check_unchanged(index, buckets)
                 own = set().union(*(b.storage_keys for b in buckets))
@@ -357,6 +288,15 @@ class FlatOptimizer(Optimizer):
         Inside a function compiled with ``torch.compile`` the step is a graph break: the fused
         step below runs eagerly, as it would outside (see ``_make_eager_step``).
         """
+        if type(self).step is FlatOptimizer.step:  # not wrapped by torch (see _run_hooked)
+            return _run_hooked(self, closure)
+        return self._step_body(closure)
+
+    # torch.optim wraps an optimizer class's ``step`` to run the step hooks inside a profiler
+    # range unless it is marked ``hooked``; this one runs them itself (``_run_hooked``).
+    step.hooked = True
+
+    def _step_body(self, closure=None):
         if self._reference or (self.reference_class is not None
                                and (_tracing() or self._swapped_in())):
             return self._reference_step(closure)
@@ -368,7 +308,7 @@ class FlatOptimizer(Optimizer):
         keyed only by tensors this optimizer never laid out, and groups holding those)? Such a
         step acts on the caller's tensors where they are, with torch.optim's own algorithm:
         nothing is moved, and in-place state updates reach the caller's state dict."""
-        if isinstance(self.state, _State) or not self.state or self._buckets is None:
+        if isinstance(self.state, State) or not self.state or self._buckets is None:
             return False
         ids = [[id(p) for p in g["params"]] for g in self.param_groups]
         if ids == self._group_ids:
@@ -394,34 +334,37 @@ class FlatOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:  # options may have been changed since (a scheduler)
-            if self.precision_keys and PRECISION_KEYS.intersection(group):
-                self._check_group_options(group)
+        if self.precision_keys:  # options may have been changed since (a scheduler)
+            for group in self.param_groups:
+                if PRECISION_KEYS.intersection(group):
+                    self._check_group_options(group)
         self._ensure_layout()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Check every grad of every group before anything is written.
-        plans = []
+        checked = []
+        name = self.error_name or type(self).__name__
         for index, group in enumerate(self.param_groups):
             for bucket in self._buckets[index]:
-                plan = self._plan(index, bucket)
-                if plan is not None:
-                    plans.append((group, bucket, plan))
-        max_norm = self._max_grad_norm()
+                grads = check_grads(bucket, f"{name}: param group {index}", name,
+                                    self.sparse_grads_ok, group.get("fused"))
+                if grads is not None:
+                    checked.append((group, bucket, grads))
+        max_norm = self._max_grad_norm() if self.precision_keys else None
         clip = None
         if max_norm is not None:
-            grads = [g for _, _, (_, bucket_grads, _) in plans for g in bucket_grads]
+            grads = [g for _, _, bucket_grads in checked for g in bucket_grads.grads]
             clip = clipping.fold(grads, max_norm, grad_scale, found_inf)
             self.grad_norm = clip.norm if clip is not None else None
-        for group, bucket, plan in plans:
+        for group, bucket, grads in checked:
             if clip is None:
-                self._step_bucket(group, bucket, *plan, grad_scale, found_inf)
+                self._step_bucket(group, bucket, grads, grad_scale, found_inf)
             elif bucket.dtype == torch.float64:  # fp64: scale the grads themselves, in fp64
                 factor = clip.factor.to(bucket.device, torch.float64)
-                torch._foreach_mul_([as_real(g) for g in plan[1]], factor)
-                self._step_bucket(group, bucket, *plan, grad_scale, clip.found_inf)
+                torch._foreach_mul_([as_real(g) for g in grads.grads], factor)
+                self._step_bucket(group, bucket, grads, grad_scale, clip.found_inf)
             else:
-                self._step_bucket(group, bucket, *plan, clip.divisor, clip.found_inf)
+                self._step_bucket(group, bucket, grads, clip.divisor, clip.found_inf)
         if max_norm is not None and closure is None:
             return self.grad_norm
         return loss
@@ -440,136 +383,42 @@ class FlatOptimizer(Optimizer):
                              f"param group needs the same value, got {sorted(values, key=str)}")
         return values.pop() if values else None
 
-    def _plan(self, index: int, bucket: Bucket):
-        """(participants, grads, in_place) of a bucket, every grad checked; None if no grads."""
-        grads = [p.grad for p in bucket.params]
-        participants = [i for i, g in enumerate(grads) if g is not None]
-        if len(participants) != len(grads):
-            if not participants:
-                return None
-            grads = [grads[i] for i in participants]
-        ptrs = bucket.grad_ptrs
-        if ptrs:
-            try:
-                grad_ptrs = [g.data_ptr() for g in grads]
-            except RuntimeError:  # a sparse grad has no data pointer
-                grad_ptrs = [g.data_ptr() if g.layout == torch.strided else -1 for g in grads]
-            if len(grads) == len(ptrs) and grad_ptrs == ptrs:
-                return participants, grads, True  # the common case: every grad is our view
-            in_place = [q == ptrs[i] for i, q in zip(participants, grad_ptrs)]
-        else:
-            in_place = [False] * len(grads)
-        name = self.error_name or type(self).__name__
-        fused = self.param_groups[index].get("fused")
-        for j, (i, g) in enumerate(zip(participants, grads)):
-            p = bucket.params[i]
-            if fused and not bucket.has_state[i]:
-                check_fused_param(p)
-            if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
-                continue
-            in_place[j] = False
-            check_grad(p, g, f"{name}: param group {index}", self.sparse_grads_ok, name)
-        return participants, grads, in_place
-
-    def _step_bucket(self, group, bucket, participants, grads, in_place, grad_scale,
+    def _step_bucket(self, group: dict, bucket: Bucket, checked: CheckedGrads, grad_scale,
                      found_inf) -> None:
-        for name in self.state_names(group, bucket):
-            if name not in bucket.state and any(bucket.has_state):
-                self._add_state_buffer(group, bucket, name)  # switched on mid-run (amsgrad)
-        key = self.uniform_key(bucket)
-        if in_place is True and key is not _MIXED:
-            step_runs = [[0, len(bucket.params), key]]
-            if not bucket.has_state[0]:
-                self._create_state(group, bucket, participants)
-            chunk = Chunk(0, len(bucket.params), 0, bucket.numel, bucket.grad, key)
-            self.update(group, bucket, step_runs, [chunk], grad_scale, found_inf)
-            return
-        if in_place is True:
-            in_place = [True] * len(grads)
-        if key is not _MIXED and len(participants) == len(bucket.params):
-            keys = [key] * len(participants)
-            step_runs = [[0, len(bucket.params), key]]
+        """Make the state this step needs, plan the bucket's step (``fastopt.plan``), update."""
+        if any(bucket.has_state):
+            for name in self.state_names(group, bucket):
+                if name not in bucket.state:
+                    add_state_buffer(self, group, bucket, name)  # switched on mid-run (amsgrad)
+        participants = checked.participants
+        key = self.uniform_key(bucket)  # run keys before this step's state is made
+        keys = None if key is not _MIXED else [self.run_key(bucket, i) for i in participants]
+        if len(participants) == len(bucket.params):
+            if not all(bucket.has_state):
+                create_state(self, group, bucket,
+                             [i for i, s in enumerate(bucket.has_state) if not s])
         else:
-            keys = [self.run_key(bucket, i) for i in participants]
-            step_runs = runs(participants, keys)
-        fresh = [i for i in participants if not bucket.has_state[i]]
-        if fresh:
-            self._create_state(group, bucket, fresh)
-        if bucket.backend == "triton" and not bucket.external and not all(in_place):
-            self._gather_grads(bucket, participants, grads, in_place)
-        starts, ends = bucket.starts, bucket.ends
-        if not any(in_place):  # every grad held apart (fresh from autograd): one chunk each
-            chunks = [Chunk(i, i + 1, starts[i], ends[i], as_real(g), k)
-                      for i, g, k in zip(participants, grads, keys)]
-        else:
-            chunks = []
-            split_keys = [(k, True) if ok else (k, False, i)
-                          for i, k, ok in zip(participants, keys, in_place)]
-            for lo, hi, (k, ok, *_) in runs(participants, split_keys):
-                # A run over the flat grad buffer ends on an aligned boundary (into padding).
-                chunk = Chunk(lo, hi, starts[lo], bucket.chunk_end(hi) if ok else ends[hi - 1],
-                              None, k)
-                if not ok:
-                    grad = as_real(bucket.params[lo].grad)
-                elif hi - lo == 1:
-                    grad = bucket.pieces("grad", [chunk])[0]
-                else:
-                    grad = bucket.grad[chunk.start : chunk.end]
-                chunks.append(chunk._replace(grad=grad))
-        self.update(group, bucket, step_runs, chunks, grad_scale, found_inf)
+            fresh = [i for i in participants if not bucket.has_state[i]]
+            if fresh:
+                create_state(self, group, bucket, fresh)
+        plan = make_plan(bucket, checked, keys, key, self.update_name,
+                         self._triton_table(group, bucket))
+        self.update(group, bucket, plan, grad_scale, found_inf)
         bucket.finish()
 
-    @staticmethod
-    def _gather_grads(bucket: Bucket, participants, grads, in_place: list) -> None:
-        """Copy the grads held apart into the flat grad buffer (one multi-tensor copy), so the
-        kernels see whole runs. On GPUs one launch per tensor would cost more than the copy."""
-        bucket.ensure_grad_buffer()
-        todo = [j for j, ok in enumerate(in_place) if not ok]
-        slots = [participants[j] for j in todo]
-        views = bucket.pieces("grad", [Chunk(i, i + 1, bucket.starts[i], bucket.ends[i], None,
-                                             None) for i in slots])
-        torch._foreach_copy_(views, [as_real(grads[j]) for j in todo])
-        for j in todo:
-            in_place[j] = True
-
-    @staticmethod
-    def _grad_in_place(bucket: Bucket, i: int, grad: Tensor) -> bool:
-        return bool(bucket.grad_ptrs) and grad.layout == torch.strided \
-            and grad.data_ptr() == bucket.grad_ptrs[i] and grad.shape == bucket.params[i].shape
-
-    def _add_state_buffer(self, group: dict, bucket: Bucket, name: str) -> None:
-        """A new zero state tensor for every param of ``bucket`` that has state."""
-        self._ensure_buffer(group, bucket, name)
-        for i, p in enumerate(bucket.params):
-            if bucket.has_state[i]:
-                if name == MASTER:
-                    bucket.local_view(name, i).copy_(local_value(p.detach(), p))
-                dict.__setitem__(self.state[p], name, bucket.state_view(name, i))
-
-    def _create_state(self, group: dict, bucket: Bucket, fresh: list) -> None:
-        names = self.state_names(group, bucket)
-        if not names and not self.uses_step:
-            return  # SGD without momentum keeps no state at all, as torch's does
-        for name in names:
-            self._ensure_buffer(group, bucket, name)
-            if name == MASTER:  # the fp32 copy starts as the param
-                for i in fresh:
-                    bucket.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
-                                                                 bucket.params[i]))
-        if self.uses_step:
-            bucket.ensure_steps()
-        for i in fresh:
-            self._set_state(bucket.params[i], self._state_views(bucket, i, names))
-            bucket.has_state[i] = True
+    def _triton_table(self, group: dict, bucket: Bucket):
+        """How fresh grads of a Triton bucket may be read where they lie (see
+        ``fastopt.grad_table``), or None: gather them first."""
+        return None
 
     # ------------------------------------------------------------------ grads
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
-        if set_to_none or self._buckets is None or self._reference:
+        if set_to_none:
+            _profiled(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad", _drop_grads, self)
+            return
+        if self._buckets is None or self._reference:
             super().zero_grad(set_to_none)
-            for bucket in itertools.chain.from_iterable(self._buckets or []):
-                if bucket.backend == "torch":
-                    bucket.release_grad_buffer()  # autograd will hand over fresh grads
             return
         self._ensure_layout()
         for index, buckets in enumerate(self._buckets):
@@ -583,11 +432,11 @@ class FlatOptimizer(Optimizer):
         grads = [(i, p.grad) for i, p in enumerate(bucket.params) if p.grad is not None]
         if not grads:
             return
-        if all(self._grad_in_place(bucket, i, g) for i, g in grads):
+        if all(bucket.holds_grad(i, g) for i, g in grads):
             bucket.grad.zero_()
             return
         for i, g in grads:
-            if self._grad_in_place(bucket, i, g):
+            if bucket.holds_grad(i, g):
                 g.zero_()
             elif g.dtype == bucket.params[i].dtype and g.shape == bucket.params[i].shape \
                     and g.device == bucket.device and bucket.adopt_grad(i, g):
@@ -600,7 +449,7 @@ class FlatOptimizer(Optimizer):
         """torch.optim's format; per-param entries are plain dicts of (views of) the state.
         Entries whose key is not a param (written by hooks) pass through as torch keeps them."""
         state_dict = super().state_dict()
-        state_dict["state"] = {k: dict(v) if isinstance(v, _Entry) else v
+        state_dict["state"] = {k: dict(v) if isinstance(v, Entry) else v
                                for k, v in state_dict["state"].items()}
         return state_dict
 
@@ -620,24 +469,9 @@ class FlatOptimizer(Optimizer):
                 {**{k: v for k, v in group.items() if k != "params"}, **saved}
                 for group, saved in zip(self.param_groups, saved_groups)])
         super().load_state_dict(state_dict)
-        self._keep_saved_dtypes(state_dict)
+        keep_saved_dtypes(self, state_dict)
         self._buckets = None
         self._ensure_layout()
-
-    def _keep_saved_dtypes(self, state_dict: dict) -> None:
-        """torch.optim casts loaded state to the param's dtype; fastopt's buffers decide their
-        own dtype (fp32 masters and state beside bf16 params), so take the saved values as they
-        were and let the layout convert them (exactly, when the dtypes agree)."""
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for key, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(key)
-            if not saved or p not in self.state:
-                continue
-            entry = self.state[p]
-            for name, value in saved.items():
-                if name != "step" and isinstance(value, Tensor) and value.dtype != p.dtype:
-                    dict.__setitem__(entry, name, value)
 
     def saved_state_names(self, group: dict) -> tuple:
         """(required, known) names of a param's saved state (besides ``step``): the tensors a
@@ -674,114 +508,6 @@ class FlatOptimizer(Optimizer):
             self._group_ids = []
 
 
-class _State(defaultdict):
-    """``optimizer.state``: notes when someone outside fastopt sets or deletes an entry (as
-    ZeroRedundancyOptimizer.load_state_dict does), so the next step copies the new values into
-    the flat buffers instead of updating stale ones."""
-
-    changed = False
-
-    def __init__(self, items=()) -> None:
-        super().__init__(None)
-        for key, value in dict(items).items():
-            dict.__setitem__(self, key, _Entry(self, value) if _is_param_entry(key, value)
-                             else value)
-        self.changed = True
-
-    def __missing__(self, key):
-        entry = _Entry(self)
-        dict.__setitem__(self, key, entry)
-        return entry
-
-    def __setitem__(self, key, value) -> None:
-        # Keys that are not params (notes written by hooks, as torch.optim allows) change no
-        # layout.
-        self.changed = self.changed or isinstance(key, Tensor)
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key) -> None:
-        self.changed = self.changed or isinstance(key, Tensor)
-        super().__delitem__(key)
-
-    def clear(self) -> None:
-        self.changed = True
-        super().clear()
-
-    def pop(self, *args):
-        self.changed = True
-        return super().pop(*args)
-
-    def popitem(self):
-        self.changed = True
-        return super().popitem()
-
-    def update(self, *args, **kwargs) -> None:
-        self.changed = True
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self.changed = True
-        return super().setdefault(key, default)
-
-    def __reduce__(self):  # pickles (and deep-copies) as the plain defaultdict torch.optim has
-        return (_plain_state, (dict(self),))
-
-
-class _Entry(dict):
-    """One param's state; tells its ``_State`` when it is changed from outside."""
-
-    def __init__(self, owner: _State, items=()) -> None:
-        super().__init__(items)
-        self._owner = owner
-
-    def _changed(self) -> None:
-        self._owner.changed = True
-
-    def __setitem__(self, key, value) -> None:
-        self._changed()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key) -> None:
-        self._changed()
-        super().__delitem__(key)
-
-    def update(self, *args, **kwargs) -> None:
-        self._changed()
-        super().update(*args, **kwargs)
-
-    def clear(self) -> None:
-        self._changed()
-        super().clear()
-
-    def pop(self, *args):
-        self._changed()
-        return super().pop(*args)
-
-    def popitem(self):
-        self._changed()
-        return super().popitem()
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self._changed()
-        return super().setdefault(key, default)
-
-    def __reduce__(self):
-        return (dict, (dict(self),))
-
-
-def _plain_state(items: dict) -> defaultdict:
-    return defaultdict(dict, {k: dict(v) if isinstance(v, _Entry) else v
-                              for k, v in items.items()})
-
-
-def _is_param_entry(key, value) -> bool:
-    """Is ``(key, value)`` a param's state (a dict under a tensor key)? Other entries (notes
-    that hooks write under other keys) are kept as they are."""
-    return isinstance(key, Tensor) and isinstance(value, dict)
-
-
 def precision_defaults(master_weights: bool = False, state_dtype=None,
                        stochastic_rounding: bool = False, rounding_seed: int = 0,
                        max_grad_norm=None, *, rounding: bool = True) -> dict:
@@ -799,6 +525,56 @@ def precision_defaults(master_weights: bool = False, state_dtype=None,
 
 
 _EAGER_STEP = None
+
+
+def _drop_grads(opt: FlatOptimizer) -> None:
+    """``zero_grad()``: every grad set to None, as torch.optim does. A torch-path bucket that
+    reads fresh grads where they lie frees its flat grad buffer (autograd hands over new ones);
+    one that gathers them keeps it for the next step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = None
+    for bucket in itertools.chain.from_iterable(opt._buckets or []):
+        if bucket.backend == "torch" and not bucket.gathers:
+            bucket.release_grad_buffer()
+
+
+def _profiled(name: str, body, *args):
+    """``body(*args)`` inside a profiler range named as torch.optim names it, when a profiler
+    (torch.profiler, emit_nvtx, emit_itt) is recording; plain otherwise. torch.optim opens the
+    range on every call, which costs about 10 us and makes every op inside it slower."""
+    if not torch._C._autograd._profiler_enabled():
+        return body(*args)
+    with torch.autograd.profiler.record_function(name):
+        return body(*args)
+
+
+def _run_hooked(opt: FlatOptimizer, closure):
+    """torch.optim's step wrapper (``Optimizer.profile_hook_step``): the global and the
+    optimizer's step pre-hooks (which may replace the arguments), the step, torch's
+    ``_optimizer_step_code`` marker, then the post-hooks; inside a profiler range only while a
+    profiler records (see ``_profiled``)."""
+    return _profiled(f"Optimizer.step#{type(opt).__name__}.step", _hooked_body, opt, closure)
+
+
+def _hooked_body(opt: FlatOptimizer, closure):
+    args, kwargs = (opt, closure), {}
+    for pre_hook in chain(_global_optimizer_pre_hooks.values(),
+                          opt._optimizer_step_pre_hooks.values()):
+        result = pre_hook(opt, args, kwargs)
+        if result is not None:
+            if isinstance(result, tuple) and len(result) == 2:
+                args, kwargs = result
+            else:
+                raise RuntimeError(f"{type(opt).step} must return None or a tuple of "
+                                   f"(new_args, new_kwargs), but got {result}.")
+    out = type(opt)._step_body(*args, **kwargs)
+    opt._optimizer_step_code()
+    for post_hook in chain(opt._optimizer_step_post_hooks.values(),
+                           _global_optimizer_post_hooks.values()):
+        post_hook(opt, args, kwargs)
+    return out
 
 
 def _tracing() -> bool:
@@ -821,6 +597,9 @@ def _make_eager_step() -> None:
         import torch._dynamo
 
         _EAGER_STEP = torch._dynamo.disable(FlatOptimizer._fused_step)
+
+
+_plain_state = plain_state  # optimizers pickled by fastopt before fastopt.state name it here
 
 
 def _same(values: list):

@@ -59,6 +59,7 @@ class SAGA(FlatOptimizer):
             and the mean are flat either way). Default: True.
     """
 
+    update_name = "saga"
     amp_scaling_supported = False  # GradScaler unscales the grads itself (unscale_) first
 
     def __init__(self, params, lr: float | Tensor, num_samples: int, weight_decay: float = 0, *,
@@ -117,9 +118,10 @@ class SAGA(FlatOptimizer):
         finally:
             self._index = None
 
-    def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
+    def update(self, group, bucket, plan, grad_scale, found_inf) -> None:
         rows = group["num_samples"]
         row = bucket.state["gradient_table"].view(rows, bucket.numel)[self._index]
+        chunks = plan.chunks
         dispatch.update_fn("saga", bucket.backend)(
             bucket.pieces("param", chunks),
             [c.grad for c in chunks],

@@ -34,6 +34,7 @@ class SGD(FlatOptimizer):
     are (see ``fastopt.flat``).
     """
 
+    update_name = "sgd"
     sparse_grads_ok = True
     reference_class = torch.optim.SGD
     required_group_keys = ("lr", "momentum", "dampening", "weight_decay")
@@ -92,22 +93,20 @@ class SGD(FlatOptimizer):
     def saved_state_names(self, group: dict) -> tuple:
         return [], ["momentum_buffer", "master_param"]  # momentum_buffer may be None (torch)
 
-    def update(self, group, bucket, step_runs, chunks, grad_scale, found_inf) -> None:
+    def update(self, group, bucket, plan, grad_scale, found_inf) -> None:
         momentum = group["momentum"]
         update = dispatch.update_fn("sgd", bucket.backend)
         for first in (True, False):
             if momentum == 0:
-                if first:
-                    continue
-                todo = chunks
+                todo = None if first else plan
             else:
-                todo = [c for c in chunks if c.key != first]  # key: had a buffer
-            if not todo:
+                todo = plan.with_key(not first)  # key: the param had a buffer before this step
+            if todo is None:
                 continue
             update(
-                bucket.pieces("param", todo),
-                [c.grad for c in todo],
-                bucket.pieces("momentum_buffer", todo) if momentum else [],
+                todo.pieces("param"),
+                todo.grads,
+                todo.pieces("momentum_buffer") if momentum else [],
                 lr=_on(group["lr"], bucket.device),
                 momentum=float(momentum),
                 dampening=float(group["dampening"]),

@@ -162,6 +162,62 @@ def test_hooks_fire():
     assert calls == ["pre", "post", "sd_pre", "sd_post", "load_pre", "load_post"]
 
 
+def test_step_hooks_run_as_torch_runs_them():
+    """Global and per-optimizer step hooks, in torch's order; a pre-hook may replace the
+    step's arguments (here: a closure), and one returning anything else is refused as torch
+    refuses it. SAGA, whose class defines its own step, runs each hook once too."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    def run(opt, params, **step_kwargs):
+        calls = []
+        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        try:
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step(**step_kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return calls
+
+    expected = ["global pre", "pre", "post", "global post"]
+    for name in ("AdamW", "SGD"):
+        theirs = getattr(torch.optim, name)([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+        params = [torch.nn.Parameter(torch.ones(3))]
+        ours = getattr(fastopt, name)(params, lr=0.1)
+        assert run(ours, params) == run(theirs, theirs.param_groups[0]["params"]) == expected
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert run(fastopt.SAGA(params, lr=0.1, num_samples=2), params, index=0) == expected
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = fastopt.Adam(params, lr=0.1)
+    params[0].grad = torch.ones(3)
+    opt.register_step_pre_hook(lambda o, a, k: ((o,), {"closure": lambda: torch.tensor(7.0)}))
+    assert opt.step().item() == 7.0  # the closure the hook put in ran
+    bad = fastopt.Adam(params, lr=0.1)
+    bad.register_step_pre_hook(lambda o, a, k: "nonsense")
+    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+        bad.step()
+
+
+def test_steps_and_zero_grads_show_in_the_profiler_under_torchs_names():
+    """torch.optim names a profiler range per step and per zero_grad; fastopt opens the same
+    ranges while a profiler records (and skips their cost otherwise)."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = fastopt.AdamW(params)
+    params[0].grad = torch.ones(3)
+    with torch.profiler.profile() as prof:
+        opt.step()
+        opt.zero_grad()
+    names = {event.name for event in prof.events()}
+    assert {"Optimizer.step#AdamW.step", "Optimizer.zero_grad#AdamW.zero_grad"} <= names
+    assert params[0].grad is None
+
+
 def test_add_param_group_after_steps():
     init = make_params([(4,), (5,)])
     ours_params, ref_params = clone_params(init), clone_params(init)

@@ -75,9 +75,9 @@ def test_runs_over_flat_grads_start_aligned_and_count_multiples_of_16(backend, m
     seen = []
     original = type(opt).update
 
-    def spy(self, group, bucket, step_runs, chunks, *args):
-        seen.extend((c.start, c.end) for c in chunks)
-        return original(self, group, bucket, step_runs, chunks, *args)
+    def spy(self, group, bucket, plan, *args):
+        seen.extend((c.start, c.end) for c in plan.chunks)
+        return original(self, group, bucket, plan, *args)
 
     monkeypatch.setattr(type(opt), "update", spy)
     for p in params:

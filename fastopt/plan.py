@@ -1,0 +1,283 @@
+"""The per-step plan of one bucket: which params take part, where their grads are, which call.
+
+``check_grads`` runs before anything is written (a failed step changes nothing): it reads every
+param's ``.grad`` and checks it against its param. ``make_plan`` then turns the checked grads
+into a :class:`StepPlan`, which the optimizer's ``update`` reads its tensors from. Its routes:
+
+- ``"flat"``: every grad already lives in the bucket's flat grad buffer (a loop that keeps its
+  grads, ``zero_grad(set_to_none=False)``): one call over the whole buffer.
+- ``"tensors"``: every param has a fresh grad of its own (autograd's, after ``zero_grad()``):
+  one fused call with one entry per param, each grad read where it lies.
+- ``"gather"``: fresh grads are first copied into the flat grad buffer with one multi-tensor
+  copy, then one call runs over the whole buffer. On CPUs a fused call pays a fixed cost per
+  tensor (a few microseconds), far more than copying a small tensor, so many small tensors take
+  this route (``gather_pays``, from measured costs); the Triton path takes it on every bucket it
+  cannot serve through an address table.
+- ``"table"`` (Triton, CUDA): one launch over the whole bucket that reads each fresh grad where
+  it lies through a device table of grad addresses (``fastopt.grad_table``).
+- ``"chunks"``: anything else (some params without grads, grads in and out of the buffer,
+  steps that differ between params, complex or external params): maximal runs of params that
+  can share one call.
+
+A plan's tensors come in entries (one per chunk, or one per param): ``pieces(name)`` is each
+entry's part of buffer ``name``, ``grads`` their grads, ``step_views`` their step counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastopt.flat import Bucket, as_real, runs
+from fastopt.validation import check_fused_param, check_grad
+
+_GRAD = operator.attrgetter("grad")
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE_INDEX = Tensor.get_device  # -1 on CPU: cheaper than building a torch.device
+_DATA_PTR = Tensor.data_ptr
+_CONTIGUOUS = Tensor.is_contiguous
+
+# Measured costs of one fused call and of the gather on a CPU, in seconds: a fixed cost per
+# tensor entry and a cost per element. ``benchmarks/route_costs.py`` measures them (2-core CPU,
+# torch 2.13, fp32: AdamW per tensor 2.6 us + 1.1 ns/element, over one flat buffer 0.85
+# ns/element; SGD 1.7 us + 0.75 ns, flat 0.54 ns; _foreach_copy_ 0.67 us + 0.9 ns).
+CPU_COSTS = {
+    "adam": {"per_tensor": 2.6e-6, "per_element": 1.1e-9, "flat_per_element": 0.85e-9},
+    "sgd": {"per_tensor": 1.7e-6, "per_element": 0.75e-9, "flat_per_element": 0.54e-9},
+    "copy": {"per_tensor": 0.67e-6, "per_element": 0.9e-9},
+}
+
+
+def gather_pays(op: str, device: torch.device, tensors: int, elements: int) -> bool:
+    """Is one gather of ``tensors`` fresh grads (``elements`` in all) plus one fused call over
+    the flat buffer cheaper than one fused call with an entry per tensor (``op``: ``"adam"`` or
+    ``"sgd"``)? Only on CPUs: on GPUs a fused call's cost per tensor is small, and the gather is
+    a whole extra pass over the grads. Deterministic: the same shapes always take the same
+    route."""
+    costs = CPU_COSTS.get(op)
+    if device.type != "cpu" or costs is None:
+        return False
+    copy = CPU_COSTS["copy"]
+    per_tensor = tensors * costs["per_tensor"] + elements * costs["per_element"]
+    gathered = tensors * copy["per_tensor"] + elements * (copy["per_element"]
+                                                           + costs["flat_per_element"])
+    return gathered < per_tensor
+
+
+class Chunk(NamedTuple):
+    """Params ``lo:hi`` of a bucket, elements ``start:end`` of its flat buffers, their grad and
+    the run key they share (``run_key`` before this step's state was made)."""
+
+    lo: int
+    hi: int
+    start: int
+    end: int
+    grad: Tensor
+    key: object
+
+
+class CheckedGrads(NamedTuple):
+    """A bucket's grads, checked: the params that have one (``participants``), their grads,
+    and which live in the flat grad buffer (``in_place``: a list of bools, or True for all,
+    False for none)."""
+
+    participants: list
+    grads: list
+    in_place: object
+
+
+def check_grads(bucket: Bucket, where: str, name: str, sparse_ok: bool,
+                fused: bool) -> CheckedGrads | None:
+    """Read and check every grad of ``bucket`` (None if no param has one). ``where`` and
+    ``name`` word the errors as torch.optim does; ``fused``: the group asked for
+    ``fused=True`` (params about to get state must be ones torch's fused kernels take).
+
+    The common cases cost a few attribute reads per param: every grad in the flat buffer
+    (pointers compared), or every grad a fresh dense tensor of its param's shape, dtype and
+    device (compared as lists). Anything else is checked grad by grad."""
+    params = bucket.params
+    grads = list(map(_GRAD, params))
+    if all(map(operator.is_not, grads, itertools.repeat(None))):
+        participants = range(len(grads))
+    else:
+        participants = [i for i, g in enumerate(grads) if g is not None]
+        if not participants:
+            return None
+        grads = [grads[i] for i in participants]
+    try:
+        grad_ptrs = list(map(_DATA_PTR, grads))
+    except RuntimeError:  # a sparse grad has no data pointer
+        grad_ptrs = [g.data_ptr() if g.layout == torch.strided else -1 for g in grads]
+    ptrs = bucket.grad_ptrs
+    everyone = len(grads) == len(params)
+    if everyone and ptrs and grad_ptrs == ptrs:
+        return CheckedGrads(participants, grads, True)  # kept grads, all in the flat buffer
+    held_apart = not ptrs or bucket.grad_ptr_set.isdisjoint(grad_ptrs)
+    if everyone and held_apart and bucket.plain and (not fused or all(bucket.has_state)) \
+            and list(map(_SHAPE, grads)) == bucket.param_shapes \
+            and set(map(_DTYPE, grads)) == {bucket.dtype} \
+            and set(map(_DEVICE_INDEX, grads)) == {bucket.device_index} \
+            and all(map(_CONTIGUOUS, grads)):
+        return CheckedGrads(participants, grads, False)  # fresh grads, every one fine
+    if held_apart:
+        in_place = [False] * len(grads)
+    else:
+        in_place = [q == ptrs[i] for i, q in zip(participants, grad_ptrs)]
+    for j, (i, g) in enumerate(zip(participants, grads)):
+        p = params[i]
+        if fused and not bucket.has_state[i]:
+            check_fused_param(p)
+        if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
+            continue
+        in_place[j] = False
+        check_grad(p, g, where, sparse_ok, name)
+    return CheckedGrads(participants, grads, in_place)
+
+
+class StepPlan:
+    """What one step does for one bucket (see the module docstring): ``route``, the runs of
+    params sharing a run key (``step_runs``: ``[lo, hi, key]``, params that have a grad) and
+    the entries of the call."""
+
+    __slots__ = ("bucket", "route", "step_runs", "key", "_chunks", "_grads")
+
+    def __init__(self, bucket: Bucket, route: str, step_runs: list, key=None,
+                 chunks: list | None = None, grads: list | None = None) -> None:
+        self.bucket = bucket
+        self.route = route
+        self.step_runs = step_runs
+        self.key = key  # the run key of every param ("tensors"/"table" routes)
+        self._chunks = chunks
+        self._grads = grads
+
+    @property
+    def per_param(self) -> bool:
+        """One entry per param of the bucket, in order (no chunk objects are made)."""
+        return self._chunks is None
+
+    @property
+    def whole(self) -> bool:
+        """Does this step cover every param of the bucket in one run?"""
+        return len(self.step_runs) == 1 and self.step_runs[0][0] == 0 \
+            and self.step_runs[0][1] == len(self.bucket.params)
+
+    @property
+    def chunks(self) -> list:
+        if self._chunks is None:
+            b = self.bucket
+            self._chunks = [Chunk(i, i + 1, s, e, g, self.key)
+                            for i, (s, e, g) in enumerate(zip(b.starts, b.ends, self._grads))]
+        return self._chunks
+
+    @property
+    def grads(self) -> list:
+        return self._grads if self._chunks is None else [c.grad for c in self._chunks]
+
+    def pieces(self, name: str) -> list:
+        """Each entry's part of buffer ``name`` ("param", "grad" or a state name)."""
+        if self._chunks is None:
+            return self.bucket.param_pieces(name)
+        return self.bucket.pieces(name, self._chunks)
+
+    @property
+    def step_views(self) -> list:
+        views = self.bucket.step_views
+        return views if self._chunks is None else [views[c.lo] for c in self._chunks]
+
+    @property
+    def starts(self) -> list:
+        """Each entry's offset in the flat layout."""
+        return self.bucket.starts if self._chunks is None else [c.start for c in self._chunks]
+
+    def with_key(self, key) -> StepPlan | None:
+        """The entries whose run key is ``key`` (None if there are none)."""
+        if self._chunks is None:
+            return self if self.key == key else None
+        chunks = [c for c in self._chunks if c.key == key]
+        if not chunks:
+            return None
+        return StepPlan(self.bucket, self.route, self.step_runs, key, chunks)
+
+
+def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op: str,
+              triton_table) -> StepPlan:
+    """The plan for ``checked`` grads. ``keys``: each participant's run key (None when they
+    all share ``key``); ``op``: the update (``"adam"``, ``"sgd"``...) the cost model prices;
+    ``triton_table``: a callable that tries to serve fresh grads through an address table
+    (returns whether it did), or None."""
+    participants, grads, in_place = checked
+    n = len(bucket.params)
+    if keys is None:
+        step_runs = [[0, n, key]] if len(participants) == n else runs(participants,
+                                                                    [key] * len(participants))
+    else:
+        step_runs = runs(participants, keys)
+    uniform = keys is None and len(participants) == n
+    if in_place is True and uniform:
+        chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
+        return StepPlan(bucket, "flat", step_runs, key, [chunk])
+    if in_place is False and uniform:
+        if bucket.backend == "triton":
+            if triton_table is not None and triton_table(grads):
+                return StepPlan(bucket, "table", step_runs, key, grads=grads)
+            gather(bucket, grads)
+            chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
+            return StepPlan(bucket, "gather", step_runs, key, [chunk])
+        if gather_pays(op, bucket.device, n, bucket.numel):
+            gather(bucket, grads)
+            chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
+            return StepPlan(bucket, "gather", step_runs, key, [chunk])
+        return StepPlan(bucket, "tensors", step_runs, key, grads=grads)
+    return StepPlan(bucket, "chunks", step_runs, key,
+                    _chunks(bucket, participants, grads, in_place, keys, key))
+
+
+def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:
+    """Copy ``grads`` (of params ``slots``, default all) into the flat grad buffer with one
+    multi-tensor copy."""
+    bucket.ensure_grad_buffer()
+    bucket.gathers = slots is None  # a whole-bucket gather: keep the buffer for the next step
+    views = bucket.param_pieces("grad")
+    if slots is not None:
+        views = [views[i] for i in slots]
+    torch._foreach_copy_(views, grads)
+
+
+def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key) -> list:
+    """Maximal runs of participants that share a run key and whose grads are all in the flat
+    buffer (one chunk each), and one chunk per param whose grad is held apart."""
+    if in_place is True:
+        in_place = [True] * len(grads)
+    elif in_place is False:
+        in_place = [False] * len(grads)
+    if keys is None:
+        keys = [key] * len(participants)
+    grads = [as_real(g) for g in grads]
+    if bucket.backend == "triton" and not bucket.external and not all(in_place):
+        todo = [j for j, ok in enumerate(in_place) if not ok]  # the kernels see whole runs
+        gather(bucket, [grads[j] for j in todo], [participants[j] for j in todo])
+        in_place = [True] * len(grads)
+    starts, ends = bucket.starts, bucket.ends
+    if not any(in_place):  # every grad held apart: one chunk each
+        return [Chunk(i, i + 1, starts[i], ends[i], g, k)
+                for i, g, k in zip(participants, grads, keys)]
+    chunks = []
+    split_keys = [(k, True) if ok else (k, False, i)
+                  for i, k, ok in zip(participants, keys, in_place)]
+    grad_of = dict(zip(participants, grads))
+    for lo, hi, (k, ok, *_) in runs(participants, split_keys):
+        # A run over the flat grad buffer ends on an aligned boundary (into padding).
+        chunk = Chunk(lo, hi, starts[lo], bucket.chunk_end(hi) if ok else ends[hi - 1], None, k)
+        if not ok:
+            grad = grad_of[lo]
+        elif hi - lo == 1:
+            grad = bucket.pieces("grad", [chunk])[0]
+        else:
+            grad = bucket.grad[chunk.start : chunk.end]
+        chunks.append(chunk._replace(grad=grad))
+    return chunks

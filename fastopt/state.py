@@ -1,0 +1,251 @@
+"""State interchange: ``optimizer.state`` as torch.optim shows it, the flat buffers behind it.
+
+Each param's entry in ``optimizer.state`` is a plain-looking dict of views into its bucket's flat
+state buffers (see ``flat.py``), so what torch.optim users read and write is what the update
+uses. This module owns the two directions:
+
+- **in**: state that arrives from outside (``load_state_dict``, an older layout, a hook or
+  ZeroRedundancyOptimizer writing ``optimizer.state``) is copied into the flat buffers
+  (``adopt_state``); state made by a step is zeros in the buffers (``create_state``);
+- **out**: ``State`` and ``Entry`` note any change made from outside, so the next step copies
+  it in instead of updating stale buffers; they pickle and deep-copy as torch.optim's plain
+  ``defaultdict`` of dicts.
+
+The optimizer supplies what its state is (``state_names``, ``state_dtype``, ``state_rows``,
+``uses_step``, ``adopt_value``); nothing here knows one optimizer from another.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from fastopt.flat import Bucket, local_value
+
+MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
+
+
+def ensure_buffer(opt, group: dict, bucket: Bucket, name: str) -> Tensor:
+    """Bucket's flat buffer for state ``name`` (zeros when new), in the optimizer's dtype."""
+    return bucket.ensure_state_buffer(name, opt.state_rows(group, name),
+                                      opt.state_dtype(group, bucket, name))
+
+
+def live_state(opt, p) -> bool:
+    """Does ``p`` have state worth keeping? (SGD's ``momentum_buffer=None`` is none.)"""
+    state = opt.state.get(p)
+    return bool(state) and any(isinstance(v, Tensor) for k, v in state.items() if k != "step")
+
+
+def flat_extra(bucket: Bucket, i: int, value) -> bool:
+    """Is an unknown state entry a per-element tensor worth a flat buffer (a param-shaped
+    float)? Anything else (counters, other shapes, non-tensors) is kept as it is."""
+    p = bucket.params[i]
+    return isinstance(value, Tensor) and value.is_floating_point() == p.is_floating_point() \
+        and value.is_complex() == p.is_complex() and tuple(value.shape) == tuple(p.shape)
+
+
+def state_views(opt, bucket: Bucket, i: int, names: list) -> dict:
+    """Param i's state as ``optimizer.state`` shows it: ``step`` and a view per name."""
+    views = {}
+    if opt.uses_step:
+        views["step"] = bucket.step_views[i]
+    for name in names:
+        views[name] = bucket.state_view(name, i)
+    return views
+
+
+def set_state(opt, p: Tensor, views: dict) -> None:
+    """Make ``views`` param ``p``'s state (fastopt's own write: not an outside change)."""
+    dict.__setitem__(opt.state, p, Entry(opt.state, views))
+
+
+def adopt_state(opt, group: dict, bucket: Bucket) -> None:
+    """Copy whatever state the bucket's params have (loaded, or from an older layout) in."""
+    stated = [i for i, p in enumerate(bucket.params) if live_state(opt, p)]
+    if not stated:
+        return
+    names = list(opt.state_names(group, bucket))
+    for i in stated:
+        for key, value in opt.state[bucket.params[i]].items():
+            if key != "step" and key not in names and flat_extra(bucket, i, value):
+                names.append(key)  # e.g. max_exp_avg_sq kept from an amsgrad run
+    for name in names:
+        ensure_buffer(opt, group, bucket, name)
+    with torch.no_grad():
+        if opt.uses_step:
+            steps = bucket.ensure_steps()
+            values = [float(opt.state[bucket.params[i]].get("step", 0.0)) for i in stated]
+            steps[stated] = torch.tensor(values, dtype=torch.float32).to(bucket.device)
+            ids = {}
+            for i, v in zip(stated, values):
+                bucket.step_ids[i] = ids.setdefault(v, next(opt._ids))
+        for i in stated:
+            state = opt.state[bucket.params[i]]
+            for name in names:
+                value = state.get(name)
+                if isinstance(value, Tensor):
+                    opt.adopt_value(bucket, i, name, local_value(value, bucket.params[i]))
+                elif name == MASTER:  # state saved without masters: start from the param
+                    bucket.local_view(name, i).copy_(
+                        local_value(bucket.params[i].detach(), bucket.params[i]))
+            extras = {k: v for k, v in state.items() if k != "step" and k not in names}
+            set_state(opt, bucket.params[i], {**state_views(opt, bucket, i, names), **extras})
+            bucket.has_state[i] = True
+
+
+def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
+    """Zero state (and masters copied from the params) for params ``fresh`` of ``bucket``."""
+    names = opt.state_names(group, bucket)
+    if not names and not opt.uses_step:
+        return  # SGD without momentum keeps no state at all, as torch's does
+    for name in names:
+        ensure_buffer(opt, group, bucket, name)
+        if name == MASTER:  # the fp32 copy starts as the param
+            for i in fresh:
+                bucket.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
+                                                             bucket.params[i]))
+    if opt.uses_step:
+        bucket.ensure_steps()
+    for i in fresh:
+        set_state(opt, bucket.params[i], state_views(opt, bucket, i, names))
+        bucket.has_state[i] = True
+
+
+def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
+    """A new zero state tensor for every param of ``bucket`` that has state (an option
+    switched on mid-run: amsgrad, master_weights)."""
+    ensure_buffer(opt, group, bucket, name)
+    for i, p in enumerate(bucket.params):
+        if bucket.has_state[i]:
+            if name == MASTER:
+                bucket.local_view(name, i).copy_(local_value(p.detach(), p))
+            dict.__setitem__(opt.state[p], name, bucket.state_view(name, i))
+
+
+def keep_saved_dtypes(opt, state_dict: dict) -> None:
+    """torch.optim casts loaded state to the param's dtype; fastopt's buffers decide their
+    own dtype (fp32 masters and state beside bf16 params), so take the saved values as they
+    were and let the layout convert them (exactly, when the dtypes agree)."""
+    saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = itertools.chain.from_iterable(g["params"] for g in opt.param_groups)
+    for key, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(key)
+        if not saved or p not in opt.state:
+            continue
+        entry = opt.state[p]
+        for name, value in saved.items():
+            if name != "step" and isinstance(value, Tensor) and value.dtype != p.dtype:
+                dict.__setitem__(entry, name, value)
+
+
+class State(defaultdict):
+    """``optimizer.state``: notes when someone outside fastopt sets or deletes an entry (as
+    ZeroRedundancyOptimizer.load_state_dict does), so the next step copies the new values into
+    the flat buffers instead of updating stale ones."""
+
+    changed = False
+
+    def __init__(self, items=()) -> None:
+        super().__init__(None)
+        for key, value in dict(items).items():
+            dict.__setitem__(self, key, Entry(self, value) if is_param_entry(key, value)
+                             else value)
+        self.changed = True
+
+    def __missing__(self, key):
+        entry = Entry(self)
+        dict.__setitem__(self, key, entry)
+        return entry
+
+    def __setitem__(self, key, value) -> None:
+        # Keys that are not params (notes written by hooks, as torch.optim allows) change no
+        # layout.
+        self.changed = self.changed or isinstance(key, Tensor)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.changed = self.changed or isinstance(key, Tensor)
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.changed = True
+        super().clear()
+
+    def pop(self, *args):
+        self.changed = True
+        return super().pop(*args)
+
+    def popitem(self):
+        self.changed = True
+        return super().popitem()
+
+    def update(self, *args, **kwargs) -> None:
+        self.changed = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self.changed = True
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles (and deep-copies) as the plain defaultdict torch.optim has
+        return (plain_state, (dict(self),))
+
+
+class Entry(dict):
+    """One param's state; tells its ``State`` when it is changed from outside."""
+
+    def __init__(self, owner: State, items=()) -> None:
+        super().__init__(items)
+        self._owner = owner
+
+    def _changed(self) -> None:
+        self._owner.changed = True
+
+    def __setitem__(self, key, value) -> None:
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self._changed()
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs) -> None:
+        self._changed()
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._changed()
+        super().clear()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self._changed()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+def plain_state(items: dict) -> defaultdict:
+    """torch.optim's ``optimizer.state``: a ``defaultdict(dict)`` of plain dicts."""
+    return defaultdict(dict, {k: dict(v) if isinstance(v, Entry) else v
+                              for k, v in items.items()})
+
+
+def is_param_entry(key, value) -> bool:
+    """Is ``(key, value)`` a param's state (a dict under a tensor key)? Other entries (notes
+    that hooks write under other keys) are kept as they are."""
+    return isinstance(key, Tensor) and isinstance(value, dict)

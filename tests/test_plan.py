@@ -1,0 +1,181 @@
+"""The per-step plan (fastopt.plan): which route each kind of step takes, and that every route
+gives torch.optim's numbers, state included, over many steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt
+from fastopt.plan import gather_pays
+from helpers import BACKENDS, compare_runs
+from test_parity import CONFIGS, IDS
+
+# Many small tensors (a fused call's cost per tensor dominates: gathered first on a CPU), and a
+# few large ones of odd sizes (read where they lie).
+MANY_SMALL = [(3,), (5, 7), (64,), (1,), (), (2, 3, 4), (0,), (17,)] * 25
+FEW_LARGE = [(70001,), (257, 129), (4097,)]
+
+
+def record_routes(opt) -> list:
+    """Wrap ``opt.update`` to note the route of every plan it is given."""
+    routes = []
+    update = opt.update
+
+    def spy(group, bucket, plan, *args):
+        routes.append(plan.route)
+        return update(group, bucket, plan, *args)
+
+    opt.update = spy
+    return routes
+
+
+def test_the_cost_model_sends_many_small_tensors_through_a_gather_on_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert gather_pays("adam", cpu, 1000, 1000 * 64)
+    assert gather_pays("sgd", cpu, 1000, 1000 * 64)
+    assert not gather_pays("adam", cpu, 8, 38_282 + 8 * 64)  # the demo's CNN
+    assert not gather_pays("adam", cpu, 148, 124_000_000)  # GPT-2 small
+    assert not gather_pays("adam", cuda, 1000, 1000 * 64)  # one multi-tensor launch on GPUs
+    assert not gather_pays("saga", cpu, 1000, 1000 * 64)  # no measured costs: as it was
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shapes,route", [(MANY_SMALL, "gather"), (FEW_LARGE, "tensors")],
+                         ids=["many-small", "few-large"])
+@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+def test_fresh_grads_take_the_planned_route_and_match_torch(name, kwargs, desc, shapes, route,
+                                                            backend):
+    """Fresh grads every step (the default loop): params and state equal torch.optim's after
+    every one of 6 steps, on the route the plan picks (the Triton path gathers them or reads
+    them through an address table)."""
+    cls = getattr(fastopt, name)
+    probe = cls([torch.nn.Parameter(torch.zeros(s)) for s in shapes], backend=backend, **kwargs)
+    routes = record_routes(probe)
+    for p in (p for g in probe.param_groups for p in g["params"]):
+        p.grad = torch.ones_like(p)
+    probe.step()
+    expected = route if backend == "torch" else ("table", "gather")
+    assert routes and set(routes) <= ({expected} if isinstance(expected, str) else set(expected))
+    compare_runs(name, kwargs, shapes, steps=6, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_route_of_one_run(backend):
+    """One AdamW run through every route in turn (fresh grads, kept grads, a param without a
+    grad, fresh again once step counts differ), each step equal to torch.optim's."""
+    shapes = MANY_SMALL[:40]
+    ours_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = fastopt.AdamW(ours_params, lr=0.1, weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, weight_decay=0.1, foreach=False)
+    routes = record_routes(ours)
+    gen = torch.Generator().manual_seed(3)
+    for step, (keep, skip) in enumerate([(False, None), (True, None), (True, 5), (False, 7),
+                                         (False, None)]):
+        if keep:
+            ours.zero_grad(set_to_none=False)
+        else:
+            ours.zero_grad()
+        ref.zero_grad()
+        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
+            if i == skip:
+                if p.grad is not None and not keep:
+                    p.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen)
+            if keep and p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.clone()
+            q.grad = g.clone()
+        if skip is not None:
+            ours_params[skip].grad = None
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7, msg=f"step {step}")
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if q in ref.state:
+                    torch.testing.assert_close(ours.state[p][key], ref.state[q][key],
+                                               rtol=2e-6, atol=2e-7, check_dtype=False)
+    fresh = "gather" if backend == "torch" else routes[0]
+    # after a step that skipped some params their step counts differ: runs of equal counts
+    assert routes == [fresh, "flat", "chunks", "chunks", "chunks"]
+
+
+def test_a_gathering_bucket_keeps_its_grad_buffer_and_never_touches_the_grads():
+    """The gather reads each fresh grad once and copies it into the bucket's own buffer: the
+    grad tensors (and their versions) are untouched, and zero_grad() keeps the buffer for the
+    next step instead of allocating it again."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in MANY_SMALL]
+    opt = fastopt.SGD(params, lr=0.1, momentum=0.9)
+    routes = record_routes(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        versions = [g._version for g in grads]
+        copies = [g.clone() for g in grads]
+        opt.step()
+        assert all(p.grad is g for p, g in zip(params, grads))
+        assert [g._version for g in grads] == versions
+        assert all(torch.equal(g, c) for g, c in zip(grads, copies))
+    buffer = opt._buckets[0][0].grad
+    opt.zero_grad()
+    assert opt._buckets[0][0].grad is buffer and routes == ["gather", "gather"]
+
+
+def test_a_bucket_reading_grads_where_they_lie_frees_its_grad_buffer():
+    params = [torch.nn.Parameter(torch.randn(s)) for s in FEW_LARGE]
+    opt = fastopt.AdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.zero_grad(set_to_none=False)  # grads moved into the flat grad buffer
+    assert opt._buckets[0][0].grad is not None
+    opt.zero_grad()
+    assert opt._buckets[0][0].grad is None
+
+
+@pytest.mark.parametrize("shapes", [MANY_SMALL, FEW_LARGE], ids=["many-small", "few-large"])
+def test_fresh_grads_that_are_not_contiguous_are_read_correctly(shapes):
+    """torch's CPU fused kernels read a non-contiguous grad as if it were contiguous (wrong
+    numbers); such grads take the checked path, which makes them contiguous first."""
+    shapes = [s for s in shapes if len(s) == 2]
+    ours_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = fastopt.Adam(ours_params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn(tuple(reversed(p.shape))).t()
+            assert not g.is_contiguous()
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("shapes", [MANY_SMALL, FEW_LARGE], ids=["many-small", "few-large"])
+def test_a_bad_fresh_grad_is_refused_with_nothing_changed(shapes):
+    """A grad of the wrong dtype among many fresh ones: the quick checks send the step to the
+    grad-by-grad check, which raises torch-worded errors before anything is written."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = fastopt.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    index = len(params) // 2
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[index].data = params[index].data.double()
+    params[index].grad = torch.randn_like(params[index])
+    params[index].data = params[index].data.float()
+    with pytest.raises(RuntimeError, match="gradient has dtype torch.float64"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(params, moments))

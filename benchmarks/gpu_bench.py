@@ -4,7 +4,9 @@ steps, timed with ``triton.testing.do_bench`` (medians) in one run on one GPU.
     python benchmarks/gpu_bench.py [--out DIR] [--quick]
 
 Cases: one tensor of 1e6, 1e7, 1e8 and 4e8 elements; 1000 tensors of 16K; GPT-2 small's 148
-parameter shapes (124M); fp32 and bf16; AdamW, Adam and SGD with momentum. Then the lean
+parameter shapes (124M); fp32 and bf16; AdamW, Adam and SGD with momentum, grads kept in place.
+Then the default loop (``DEFAULT_LOOP_CASES``: fresh grads every step, step and whole
+iteration, against torch fused and foreach, odd sizes included). Then the lean
 variants (bf16 and 8-bit state, master weights, stochastic rounding, fused clipping) of AdamW
 on 1e8 elements against torch's fused fp32 AdamW (``LEAN``). The device copy
 bandwidth is measured in the same run (a large ``copy_``, bytes read + written); each case
@@ -157,6 +159,70 @@ def run_lean(results: dict, n: int = 10**8) -> None:
               f"{fused / ms:5.2f}x  {gbps:7.0f} GB/s", flush=True)
 
 
+# The default loop (issue 10): zero_grad() between steps, so each step gets fresh grad tensors.
+DEFAULT_LOOP_CASES = {
+    "gpt2-small": gpt2_small(),
+    "1000x16K": [(16 * 1024,)] * 1000,
+    "1000x64": [(64,)] * 1000,
+    "1x1e8-odd": [(10**8 + 3,)],  # not a multiple of 16: the tail of the last block is masked
+}
+
+
+def default_loop_ms(variant: str, optimizer: str, shapes: list, mode: str) -> float:
+    """Median ms of the default loop, fp32: ``fresh-step`` hands each step() grads that are
+    new tensors (two sets, swapped in before each call, as autograd's after zero_grad());
+    ``iteration`` is zero_grad() + a backward that gives every param a grad + step()."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+    weights = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    opt = VARIANTS[variant](optimizer, params, dict(OPTIMIZERS[optimizer]))
+    grad_sets = [[w.clone() for w in weights] for _ in range(2)]
+
+    def fresh_step():
+        grad_sets.reverse()
+        for p, g in zip(params, grad_sets[0]):
+            p.grad = g
+        opt.step()
+
+    def iteration():
+        opt.zero_grad()
+        torch.stack([(p * w).sum() for p, w in zip(params, weights)]).sum().backward()
+        opt.step()
+
+    call = fresh_step if mode == "fresh-step" else iteration
+    call()
+    ms = do_bench(call, warmup=10, rep=60)
+    del opt, params, weights, grad_sets
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms
+
+
+def run_default_loop(results: dict, optimizers: list) -> None:
+    """Default-loop rows: fastopt against torch fused and foreach, same run; GB/s counts the
+    bytes a fused step must move (fp32 AdamW 28 per element, SGD 20), fresh-step only."""
+    results["default_loop"] = []
+    for optimizer in optimizers:
+        for mode in ("fresh-step", "iteration"):
+            for case, shapes in DEFAULT_LOOP_CASES.items():
+                n = numel(shapes)
+                times = {v: default_loop_ms(v, optimizer, shapes, mode)
+                         for v in ("fastopt", "torch_fused", "torch_foreach")}
+                bytes_per_element = ACCESSES[optimizer] * 4
+                gbps = bytes_per_element * n / (times["fastopt"] * 1e-3) / 1e9
+                row = {"optimizer": optimizer, "mode": mode, "shape": case, "numel": n,
+                       "tensors": len(shapes), "bytes_per_element": bytes_per_element,
+                       **{f"{v}_ms": t for v, t in times.items()},
+                       "vs_fused": times["torch_fused"] / times["fastopt"],
+                       "vs_foreach": times["torch_foreach"] / times["fastopt"]}
+                if mode == "fresh-step":
+                    row.update(fastopt_gbps=gbps, fraction_of_copy=gbps / results["copy_gbps"])
+                results["default_loop"].append(row)
+                print(f"{optimizer:<6} {mode:<10} {case:<11} fastopt {times['fastopt']:8.3f} ms"
+                      f"  fused {times['torch_fused']:8.3f}  foreach {times['torch_foreach']:8.3f}"
+                      f"  {row['vs_fused']:5.2f}x fused", flush=True)
+
+
 def table(results: dict) -> str:
     lines = [f"{results['device']}  torch {results['torch']}  triton {results['triton']}  "
              f"copy {results['copy_gbps']:.0f} GB/s",
@@ -169,6 +235,12 @@ def table(results: dict) -> str:
             f"{r['torch_fused_ms'] / r['fastopt_ms']:7.2f}x "
             f"{r['torch_foreach_ms'] / r['fastopt_ms']:9.2f}x "
             f"{r['torch_loop_ms'] / r['fastopt_ms']:7.2f}x")
+    for r in results.get("default_loop", []):
+        share = (f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%}"
+                 if "fastopt_gbps" in r else f"{'':>17}")
+        lines.append(f"{r['optimizer']:<6} default loop {r['mode']:<10} {r['shape']:<11} "
+                     f"{r['fastopt_ms']:10.3f} ms {share} {r['vs_fused']:7.2f}x fused "
+                     f"{r['vs_foreach']:7.2f}x foreach")
     for r in results.get("lean", []):
         lines.append(f"AdamW {r['variant']:<27} 1e8 {r['fastopt_ms']:10.3f} ms "
                      f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%} "
@@ -185,6 +257,7 @@ def main(argv=None) -> None:
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     optimizers = ["AdamW"] if args.quick else list(OPTIMIZERS)
     results = run(args.cases, dtypes, optimizers)
+    run_default_loop(results, ["AdamW"] if args.quick else ["AdamW", "SGD"])
     if not args.quick:
         run_lean(results)
     os.makedirs(args.out, exist_ok=True)

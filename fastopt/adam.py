@@ -47,6 +47,7 @@ class Adam(FlatOptimizer):
 
     uses_step = True
     update_name = "adam"
+    grad_table_ok = True
     error_name = "Adam"
     reference_class = torch.optim.Adam
     required_group_keys = ("lr", "betas", "eps", "weight_decay")

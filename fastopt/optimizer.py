@@ -28,6 +28,7 @@ its plan (``fastopt.plan``); the state behind ``optimizer.state`` is ``fastopt.s
 
 from __future__ import annotations
 
+import functools
 import itertools
 from itertools import chain
 
@@ -37,7 +38,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from fastopt import clipping, dispatch
+from fastopt import clipping, dispatch, grad_table
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local,
                           local_value, mark_laid_out, real_dtype, runs)
@@ -69,6 +70,7 @@ class FlatOptimizer(Optimizer):
     # subclasses that take that option).
     reference_class: type | None = None
     update_name = ""  # which update (``"adam"``, ``"sgd"``) the plan's cost model prices
+    grad_table_ok = False  # its kernels read fresh grads through an address table
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto",
                  flatten_params: bool = True) -> None:
@@ -409,7 +411,10 @@ class FlatOptimizer(Optimizer):
     def _triton_table(self, group: dict, bucket: Bucket):
         """How fresh grads of a Triton bucket may be read where they lie (see
         ``fastopt.grad_table``), or None: gather them first."""
-        return None
+        if bucket.backend != "triton" or not self.grad_table_ok or bucket.variant is not None \
+                or not bucket.plain:
+            return None
+        return functools.partial(grad_table.attach, bucket)
 
     # ------------------------------------------------------------------ grads
     def zero_grad(self, set_to_none: bool = True) -> None:

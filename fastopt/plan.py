@@ -43,13 +43,13 @@ _DATA_PTR = Tensor.data_ptr
 _CONTIGUOUS = Tensor.is_contiguous
 
 # Measured costs of one fused call and of the gather on a CPU, in seconds: a fixed cost per
-# tensor entry and a cost per element. ``benchmarks/route_costs.py`` measures them (2-core CPU,
-# torch 2.13, fp32: AdamW per tensor 2.6 us + 1.1 ns/element, over one flat buffer 0.85
-# ns/element; SGD 1.7 us + 0.75 ns, flat 0.54 ns; _foreach_copy_ 0.67 us + 0.9 ns).
+# tensor entry and a cost per element (fp32, torch 2.13, 2 threads, 2-core machine; measured by
+# ``python benchmarks/route_costs.py``, which prints this table). The route only depends on
+# their ratios: gathering pays below about 3600 elements per tensor for Adam, 1700 for SGD.
 CPU_COSTS = {
-    "adam": {"per_tensor": 2.6e-6, "per_element": 1.1e-9, "flat_per_element": 0.85e-9},
-    "sgd": {"per_tensor": 1.7e-6, "per_element": 0.75e-9, "flat_per_element": 0.54e-9},
-    "copy": {"per_tensor": 0.67e-6, "per_element": 0.9e-9},
+    "adam": {"per_tensor": 3.7e-6, "per_element": 0.97e-9, "flat_per_element": 0.88e-9},
+    "sgd": {"per_tensor": 2.4e-6, "per_element": 0.69e-9, "flat_per_element": 0.64e-9},
+    "copy": {"per_tensor": 1.1e-6, "per_element": 0.81e-9},
 }
 
 
@@ -208,8 +208,8 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
               triton_table) -> StepPlan:
     """The plan for ``checked`` grads. ``keys``: each participant's run key (None when they
     all share ``key``); ``op``: the update (``"adam"``, ``"sgd"``...) the cost model prices;
-    ``triton_table``: a callable that tries to serve fresh grads through an address table
-    (returns whether it did), or None."""
+    ``triton_table``: a callable that returns an address table (``kernels/table.py``)
+    through which the kernels read fresh grads where they lie, or None if it cannot."""
     participants, grads, in_place = checked
     n = len(bucket.params)
     if keys is None:
@@ -223,8 +223,10 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
         return StepPlan(bucket, "flat", step_runs, key, [chunk])
     if in_place is False and uniform:
         if bucket.backend == "triton":
-            if triton_table is not None and triton_table(grads):
-                return StepPlan(bucket, "table", step_runs, key, grads=grads)
+            table = triton_table(grads) if triton_table is not None else None
+            if table is not None:  # one launch reads each grad where it lies
+                chunk = Chunk(0, n, 0, bucket.numel, table, key)
+                return StepPlan(bucket, "table", step_runs, key, [chunk])
             gather(bucket, grads)
             chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
             return StepPlan(bucket, "gather", step_runs, key, [chunk])

@@ -35,6 +35,7 @@ class SGD(FlatOptimizer):
     """
 
     update_name = "sgd"
+    grad_table_ok = True
     sparse_grads_ok = True
     reference_class = torch.optim.SGD
     required_group_keys = ("lr", "momentum", "dampening", "weight_decay")

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from . import launch
 from .rounding import load_param, seed_word, store_param, to_storage
+from .table import flat_block, grad_arguments, table_block
 
 
 _BETAS: dict = {}  # device -> [(beta1, beta2), fp64 tensor on the device]
@@ -110,7 +111,12 @@ def adam_step(param, exp_avg, denom_sq, step_size, bias_correction2_sqrt, eps):
 @triton.jit
 def _adam_kernel(
     param_ptr,  # params, updated in place (fp32, fp16 or bf16)
-    grad_ptr,  # grads (same dtype as params)
+    grad_ptr,  # grads (same dtype as params): the flat grad buffer (see kernels/table.py)
+    grad_table_ptr,  # GRAD_TABLE: int64 address of each param's grad
+    block_param_ptr,  # GRAD_TABLE: int32 param of each program
+    block_offset_ptr,  # GRAD_TABLE: int64 first element of each program within its param
+    slot_start_ptr,  # GRAD_TABLE: int64 slot of each param in the flat buffers
+    slot_size_ptr,  # GRAD_TABLE: int64 elements of each param
     exp_avg_ptr,  # first moment m, updated in place
     exp_avg_sq_ptr,  # second moment v, updated in place
     max_exp_avg_sq_ptr,  # running max of v (AMSGRAD only), updated in place
@@ -138,19 +144,52 @@ def _adam_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
+    GRAD_TABLE: tl.constexpr,  # grads read where they lie, through grad_table_ptr
     BLOCK_SIZE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    if HAS_FOUND_INF:  # an inf/nan grad this step: every lane masked off, nothing written
-        n_elements = tl.where(tl.load(found_inf_ptr) == 0.0, n_elements, 0)
-    mask = offsets < n_elements
+    if GRAD_TABLE:
+        offsets, local, size, grad_ptrs, first = table_block(
+            grad_ptr, grad_table_ptr, block_param_ptr, block_offset_ptr, slot_start_ptr,
+            slot_size_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK_SIZE)
+        if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
+            _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                           master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets,
+                           None, grad_ptrs, lr, decay_factor, beta1, beta2, weight_decay, eps,
+                           base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED,
+                           MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
+                           STOCHASTIC_ROUNDING)
+        else:  # a param's last block, masked at its end
+            _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                           master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets,
+                           local < size, grad_ptrs, lr, decay_factor, beta1, beta2,
+                           weight_decay, eps, base_offset, seed_word, AMSGRAD,
+                           HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE,
+                           HAS_MASTER, STOCHASTIC_ROUNDING)
+    else:
+        offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
+        _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+                       step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask,
+                       grad_ptr + offsets, lr, decay_factor, beta1, beta2, weight_decay, eps,
+                       base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
+                       LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING)
+
+
+@triton.jit
+def _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+                   step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask, grad_ptrs, lr,
+                   decay_factor, beta1, beta2, weight_decay, eps, base_offset, seed_word,
+                   AMSGRAD: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+                   DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+                   HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                   STOCHASTIC_ROUNDING: tl.constexpr):
+    """The update of the elements at ``offsets`` of the flat buffers (``mask``: None for a
+    whole block), whose grads are at ``grad_ptrs``."""
     step = tl.load(step_ptr).to(tl.float32)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
     param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
@@ -199,16 +238,19 @@ def adam_update(
     rounding_seed=None,
     offsets=None,
 ) -> None:
-    """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.adam_update``."""
+    """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.adam_update``.
+    An entry of ``grads`` may be a ``GradTable`` (kernels/table.py): that launch reads each
+    param's grad where it lies."""
     stochastic = rounding_seed is not None and masters is None
     block = launch.block_size()
     for i, param in enumerate(params):
         n = param.numel()
         if n == 0:
             continue
-        _adam_kernel[launch.grid(n, block)](
+        grad_args, grid, table = grad_arguments(grads, i, param)
+        _adam_kernel[grid](
             param,
-            grads[i],
+            *grad_args,
             exp_avgs[i],
             exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i],
@@ -220,6 +262,7 @@ def adam_update(
             AMSGRAD=amsgrad,
             **adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf,
                          masters, stochastic),
+            GRAD_TABLE=table,
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )

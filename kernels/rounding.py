@@ -73,9 +73,9 @@ def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
     """The fp32 value an update starts from: the param widened, or its fp32 master, except
     where the param is no longer the master rounded: something outside the optimizer changed
     it (a clamp, a loaded checkpoint, another optimizer), and the param's value wins there."""
-    current = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    current = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_MASTER:
-        master = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+        master = tl.load(master_ptr + offsets, mask=mask)
         rounded = to_storage(master, param_ptr.dtype.element_ty).to(tl.float32)
         current = tl.where(rounded == current, master, current)
     return current

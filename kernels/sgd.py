@@ -24,12 +24,18 @@ import triton.language as tl
 
 from . import launch
 from .rounding import load_param, store_param, to_storage
+from .table import flat_block, grad_arguments, table_block
 
 
 @triton.jit
 def _sgd_kernel(
     param_ptr,  # params, updated in place
-    grad_ptr,  # grads
+    grad_ptr,  # grads: the flat grad buffer (see kernels/table.py)
+    grad_table_ptr,  # GRAD_TABLE: int64 address of each param's grad
+    block_param_ptr,  # GRAD_TABLE: int32 param of each program
+    block_offset_ptr,  # GRAD_TABLE: int64 first element of each program within its param
+    slot_start_ptr,  # GRAD_TABLE: int64 slot of each param in the flat buffers
+    slot_size_ptr,  # GRAD_TABLE: int64 elements of each param
     momentum_buffer_ptr,  # momentum buffer, updated in place (HAS_MOMENTUM only)
     lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
     grad_scale_ptr,  # fp32 GradScaler scale (HAS_GRAD_SCALE only)
@@ -49,18 +55,44 @@ def _sgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_MASTER: tl.constexpr,
+    GRAD_TABLE: tl.constexpr,  # grads read where they lie, through grad_table_ptr
     BLOCK_SIZE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    if HAS_FOUND_INF:  # an inf/nan grad this step: every lane masked off, nothing written
-        n_elements = tl.where(tl.load(found_inf_ptr) == 0.0, n_elements, 0)
-    mask = offsets < n_elements
+    if GRAD_TABLE:
+        offsets, local, size, grad_ptrs, first = table_block(
+            grad_ptr, grad_table_ptr, block_param_ptr, block_offset_ptr, slot_start_ptr,
+            slot_size_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK_SIZE)
+        if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
+            _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
+                          offsets, None, grad_ptrs, lr, momentum, dampening, weight_decay,
+                          HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE,
+                          LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
+        else:  # a param's last block, masked at its end
+            _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
+                          offsets, local < size, grad_ptrs, lr, momentum, dampening,
+                          weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY,
+                          MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
+    else:
+        offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
+        _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
+                      offsets, mask, grad_ptr + offsets, lr, momentum, dampening, weight_decay,
+                      HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE,
+                      LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
+
+
+@triton.jit
+def _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr, offsets,
+                  mask, grad_ptrs, lr, momentum, dampening, weight_decay,
+                  HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+                  HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                  HAS_MASTER: tl.constexpr):
+    """The update of the elements at ``offsets`` of the flat buffers (``mask``: None for a
+    whole block), whose grads are at ``grad_ptrs``."""
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
-
     param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
     if MAXIMIZE:
@@ -101,7 +133,8 @@ def sgd_update(
     found_inf=None,
     masters=None,
 ) -> None:
-    """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.sgd_update``."""
+    """Launch one kernel per flat buffer; the signature of ``fastopt.torch_path.sgd_update``.
+    An entry of ``grads`` may be a ``GradTable`` (kernels/table.py)."""
     lr_on_device = isinstance(lr, torch.Tensor)
     block = launch.block_size()
     has_momentum = momentum != 0
@@ -109,9 +142,10 @@ def sgd_update(
         n = param.numel()
         if n == 0:
             continue
-        _sgd_kernel[launch.grid(n, block)](
+        grad_args, grid, table = grad_arguments(grads, i, param)
+        _sgd_kernel[grid](
             param,
-            grads[i],
+            *grad_args,
             momentum_buffers[i] if has_momentum else param,
             lr if lr_on_device else param,
             grad_scale if grad_scale is not None else param,
@@ -131,6 +165,7 @@ def sgd_update(
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
             HAS_MASTER=masters is not None,
+            GRAD_TABLE=table,
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )

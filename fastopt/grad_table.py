@@ -1,0 +1,106 @@
+"""Fresh grads read where they lie, by one Triton launch per bucket (the plan's ``"table"`` route).
+
+After ``zero_grad()`` autograd hands every step new grad tensors, each at its own address. The
+Triton kernels can read them there (``kernels/table.py``), so a bucket's step is one launch that
+moves each element's bytes once (fp32 AdamW: 28 per element), instead of a gather into the flat
+grad buffer (36) followed by the launch. What that needs, per bucket:
+
+- static tables, made once per layout: which param and which block of it each program updates,
+  and each param's slot and size;
+- each step, a device table of the grads' addresses. It is written without a host sync: the
+  addresses go into a pinned staging buffer and are copied to the device with a non-blocking
+  copy, ordered on the current stream before the launch. A staging buffer is refilled only once
+  its copy has run (a CUDA event says so; ``query`` never waits): otherwise another is used. When
+  the addresses are those of the previous step, nothing is copied.
+
+Grads must be 64-byte aligned (autograd's always are: the caching allocator hands out 512-byte
+aligned blocks): the kernel reads whole 16-byte vectors and may read past a grad's last element
+within its 64-byte line. Otherwise the step gathers.
+
+CUDA graphs: a step captured on this route reads the table already on the device, so it is
+used only when the grads are those of the step before the capture (the same addresses, as a
+captured graph's static grads are); a capture that meets new addresses gathers instead (the
+copy is captured with the step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastopt.flat import Bucket
+
+# Byte alignment of a grad the kernels read in place (see the module docstring).
+GRAD_ALIGN = 64
+
+
+class _Tables:
+    """A bucket's static tables and its address upload (see the module docstring)."""
+
+    def __init__(self, bucket: Bucket, block_size: int) -> None:
+        device = bucket.device
+        sizes = [e - s for s, e in zip(bucket.starts, bucket.ends)]
+        block_param, block_offset = [], []
+        for i, n in enumerate(sizes):
+            for offset in range(0, n, block_size):
+                block_param.append(i)
+                block_offset.append(offset)
+        self.block_size = block_size
+        self.blocks = len(block_param)
+        self.block_param = torch.tensor(block_param, dtype=torch.int32).to(device)
+        self.block_offset = torch.tensor(block_offset, dtype=torch.int64).to(device)
+        self.slot_start = torch.tensor(bucket.starts, dtype=torch.int64).to(device)
+        self.slot_size = torch.tensor(sizes, dtype=torch.int64).to(device)
+        self.addresses = torch.zeros(len(sizes), dtype=torch.int64, device=device)
+        self.uploaded: list | None = None  # the addresses the device table holds
+        self.staging: list = []  # CUDA: [pinned buffer, event of its last copy]
+
+    def upload(self, addresses: list) -> bool:
+        """Put ``addresses`` in the device table, stream-ordered; False when that cannot be
+        done here (a CUDA graph capture meeting new addresses)."""
+        if addresses == self.uploaded:
+            return True
+        device = self.addresses.device
+        if device.type != "cuda":
+            self.addresses.copy_(torch.tensor(addresses, dtype=torch.int64))
+        else:
+            if torch.cuda.is_current_stream_capturing():
+                return False
+            buffer = self._free_staging()
+            buffer[0].copy_(torch.tensor(addresses, dtype=torch.int64))
+            self.addresses.copy_(buffer[0], non_blocking=True)
+            buffer[1].record()
+        self.uploaded = addresses
+        return True
+
+    def _free_staging(self) -> list:
+        """A pinned staging buffer whose last copy to the device has run."""
+        for buffer in self.staging:
+            if buffer[1].query():
+                return buffer
+        buffer = [torch.empty(self.addresses.numel(), dtype=torch.int64, pin_memory=True),
+                  torch.cuda.Event()]
+        self.staging.append(buffer)
+        return buffer
+
+    def table(self, kernel_table):
+        return kernel_table(self.addresses, self.block_param, self.block_offset,
+                            self.slot_start, self.slot_size, self.blocks, self.block_size)
+
+
+def attach(bucket: Bucket, grads: list):
+    """A ``GradTable`` through which the kernels read ``grads`` (one per param of ``bucket``,
+    checked: dense, contiguous, of the params' shapes, dtype and device), or None when they
+    cannot be read in place (then the plan gathers them)."""
+    from fastopt.kernels import launch
+    from fastopt.kernels.table import GradTable
+
+    addresses = list(map(torch.Tensor.data_ptr, grads))
+    if any(a % GRAD_ALIGN for a in addresses):
+        return None
+    block_size = launch.block_size()
+    tables = bucket.grad_tables
+    if tables is None or tables.block_size != block_size:
+        tables = bucket.grad_tables = _Tables(bucket, block_size)
+    if not tables.upload(addresses):
+        return None
+    return tables.table(GradTable)

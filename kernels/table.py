@@ -1,0 +1,90 @@
+"""Which elements a program updates, and where its grads are: in one flat grad buffer, or in
+each param's own grad, found through a table of addresses (``fastopt.grad_table``).
+
+Flat (``flat_block``): program ``pid`` covers elements ``pid * BLOCK_SIZE + [0, BLOCK_SIZE)``
+of the flat buffers, masked at ``n_elements`` (a multiple of 16: whole 16-byte vectors).
+
+Table (``table_block``): each program covers one block of one param. Static tables say which
+param (``block_param``) and where in it (``block_offset``, a multiple of ``BLOCK_SIZE``); per
+param, ``slot_start`` is its slot in the flat buffers (a multiple of 64 elements) and
+``slot_size`` its element count. The grad is read where autograd left it, at the address
+``grad_table[param]`` (16-byte aligned, uploaded each step). A kernel updates a whole block
+unmasked (every access a 16-byte vector: a mask whose bound is read from memory would make
+every access scalar) and a param's last block masked at the param's end.
+
+When ``found_inf`` (GradScaler) is nonzero every lane is masked off: nothing is written.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+
+
+@triton.jit
+def flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr):
+    """(offsets, mask) of this program's elements of the flat buffers."""
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    if HAS_FOUND_INF:  # an inf/nan grad this step: every lane masked off, nothing written
+        n_elements = tl.where(tl.load(found_inf_ptr) == 0.0, n_elements, 0)
+    return offsets, offsets < n_elements
+
+
+@triton.jit
+def table_block(
+    grad_ptr,  # any tensor of the grads' dtype (gives the grads' pointer type)
+    grad_table_ptr,  # int64 address of each param's grad
+    block_param_ptr,  # int32 param of each program
+    block_offset_ptr,  # int64 first element of each program within its param
+    slot_start_ptr,  # int64 slot of each param in the flat buffers
+    slot_size_ptr,  # int64 elements of each param
+    found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """(offsets into the flat buffers, offsets within the param, the param's size (0 when
+    found_inf is set), pointers to the grads, the block's first element within the param)."""
+    pid = tl.program_id(0).to(tl.int64)
+    param = tl.load(block_param_ptr + pid)
+    first = tl.multiple_of(tl.load(block_offset_ptr + pid), 16)  # a multiple of BLOCK_SIZE
+    local = first + tl.arange(0, BLOCK_SIZE)
+    start = tl.multiple_of(tl.load(slot_start_ptr + param), 64)
+    size = tl.load(slot_size_ptr + param)
+    if HAS_FOUND_INF:  # an inf/nan grad this step: every lane masked off, nothing written
+        size = tl.where(tl.load(found_inf_ptr) == 0.0, size, 0)
+    address = tl.load(grad_table_ptr + param).to(grad_ptr.dtype, bitcast=True)
+    return start + local, local, size, tl.multiple_of(address, 16) + local, first
+
+
+class GradTable(NamedTuple):
+    """Grads read where they lie, standing in for the flat grad buffer in a launcher's ``grads``
+    list (see the module docstring): device tensors the kernel reads, and its grid."""
+
+    addresses: torch.Tensor  # int64 [params]: each param's grad
+    block_param: torch.Tensor  # int32 [blocks]
+    block_offset: torch.Tensor  # int64 [blocks]
+    slot_start: torch.Tensor  # int64 [params]
+    slot_size: torch.Tensor  # int64 [params]
+    blocks: int  # programs of one launch
+    block_size: int  # elements per program (the tables were made for it)
+
+
+def grad_arguments(grads, i: int, param: torch.Tensor) -> tuple:
+    """The ``block_elements`` arguments for entry ``i`` of a launcher's ``grads``, the grid, and
+    whether it is a table: ``(arguments, grid, GRAD_TABLE)``."""
+    grad = grads[i]
+    n = param.numel()
+    if isinstance(grad, GradTable):
+        if grad.block_size != launch.block_size():
+            raise ValueError("a grad table made for another block size")
+        return ((param, grad.addresses, grad.block_param, grad.block_offset, grad.slot_start,
+                 grad.slot_size), (grad.blocks,), True)
+    # The table arguments are not read without GRAD_TABLE: any tensor stands in.
+    return ((grad, grad, grad, grad, grad, grad), launch.grid(n, launch.block_size()), False)

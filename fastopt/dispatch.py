@@ -10,8 +10,10 @@
 - ``torch``: the pure-torch path on any device.
 
 Params fastopt may not lay out (DTensors, views into another owner's buffer: see ``flat.py``)
-are separate tensors, so ``auto`` gives them the torch path, whose fused ops take a whole list
-of tensors in one multi-tensor launch; ``triton`` launches the kernel once per such tensor.
+are separate tensors. ``auto`` gives them the kernels when they can be updated by address in one
+launch (contiguous, 16-byte aligned: ``fastopt.grad_table``), else the torch path, whose fused
+ops take a whole list of tensors in one multi-tensor launch (the caller says which:
+``external``).
 
 Both implementations of an update share one signature (see ``torch_path.py``).
 """
@@ -60,7 +62,7 @@ def interpreter_on() -> bool:
 def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
             external: bool = False) -> str:
     """The implementation that will update ``dtype`` tensors on ``device`` (``external``: params
-    left where their owner keeps them).
+    left where their owner keeps them that the kernels cannot update by address).
 
     fp64 buckets always take the torch path: the kernels compute in fp32.
     """

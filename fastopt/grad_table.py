@@ -13,9 +13,12 @@ grad buffer (36) followed by the launch. What that needs, per bucket:
   its copy has run (a CUDA event says so; ``query`` never waits): otherwise another is used. When
   the addresses are those of the previous step, nothing is copied.
 
-Grads must be 64-byte aligned (autograd's always are: the caching allocator hands out 512-byte
-aligned blocks): the kernel reads whole 16-byte vectors and may read past a grad's last element
-within its 64-byte line. Otherwise the step gathers.
+Grads must be 16-byte aligned (autograd's always are: the caching allocator hands out 512-byte
+aligned blocks), as the kernels read whole 16-byte vectors; otherwise the step gathers.
+
+Params that stay where their owner keeps them (an external bucket: FSDP2's local shards,
+ZeRO's bucket views) are read and written through a second, static table of their addresses,
+their state still flat: one launch per bucket as well.
 
 CUDA graphs: a step captured on this route reads the table already on the device, so it is
 used only when the grads are those of the step before the capture (the same addresses, as a
@@ -27,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from fastopt.flat import Bucket
+from fastopt.flat import Bucket, local
 
-# Byte alignment of a grad the kernels read in place (see the module docstring).
-GRAD_ALIGN = 64
+# Byte alignment of a grad (or external param) the kernels read in place: one 16-byte vector.
+GRAD_ALIGN = 16
 
 
 class _Tables:
@@ -51,6 +54,11 @@ class _Tables:
         self.slot_start = torch.tensor(bucket.starts, dtype=torch.int64).to(device)
         self.slot_size = torch.tensor(sizes, dtype=torch.int64).to(device)
         self.addresses = torch.zeros(len(sizes), dtype=torch.int64, device=device)
+        # Params left where their owner keeps them are read and written by address too; they
+        # never move while the layout holds (a moved param lays the bucket out again).
+        self.param_addresses = torch.tensor(
+            [local(p).data_ptr() for p in bucket.params], dtype=torch.int64).to(device) \
+            if bucket.external else None
         self.uploaded: list | None = None  # the addresses the device table holds
         self.staging: list = []  # CUDA: [pinned buffer, event of its last copy]
 
@@ -83,20 +91,37 @@ class _Tables:
         return buffer
 
     def table(self, kernel_table):
-        return kernel_table(self.addresses, self.block_param, self.block_offset,
-                            self.slot_start, self.slot_size, self.blocks, self.block_size)
+        return kernel_table(self.addresses, self.param_addresses, self.block_param,
+                            self.block_offset, self.slot_start, self.slot_size, self.blocks,
+                            self.block_size)
+
+
+def addressable(tensors: list, dtype: torch.dtype) -> bool:
+    """Can the kernels read (and write) these tensors by address: dense, contiguous, real,
+    of ``dtype``, each 16-byte aligned?"""
+    for t in tensors:
+        t = local(t)
+        if t.layout != torch.strided or t.dtype != dtype or not t.is_contiguous() \
+                or t.data_ptr() % GRAD_ALIGN:
+            return False
+    return True
 
 
 def attach(bucket: Bucket, grads: list):
     """A ``GradTable`` through which the kernels read ``grads`` (one per param of ``bucket``,
-    checked: dense, contiguous, of the params' shapes, dtype and device), or None when they
-    cannot be read in place (then the plan gathers them)."""
+    of the params' shapes and device), and the params too for an external bucket; or None when
+    they cannot be read in place (then the plan gathers them, or updates params one by one)."""
     from fastopt.kernels import launch
     from fastopt.kernels.table import GradTable
 
-    addresses = list(map(torch.Tensor.data_ptr, grads))
-    if any(a % GRAD_ALIGN for a in addresses):
-        return None
+    if bucket.external:
+        if not addressable(grads, bucket.dtype) or not addressable(bucket.params, bucket.dtype):
+            return None
+        addresses = [local(g).data_ptr() for g in grads]
+    else:  # checked in bulk already: dense, contiguous, the params' dtype
+        addresses = list(map(torch.Tensor.data_ptr, grads))
+        if any(a % GRAD_ALIGN for a in addresses):
+            return None
     block_size = launch.block_size()
     tables = bucket.grad_tables
     if tables is None or tables.block_size != block_size:

@@ -210,8 +210,13 @@ class FlatOptimizer(Optimizer):
         buckets = []
         for external, params in group_params(members, lambda p: self.bucket_variant(group, p),
                                              own, self.flatten_params):
+            # Params left where they are take the kernels only if they can be updated by
+            # address in one launch (grad_table.py); else torch's multi-tensor ops.
+            by_address = external and self.grad_table_ok \
+                and self.bucket_variant(group, params[0]) is None \
+                and grad_table.addressable(params, real_dtype(params[0]))
             backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
-                                       external=external)
+                                       external=external and not by_address)
             bucket = build_bucket(params, backend, external, self.bucket_variant(group, params[0]))
             self.check_bucket(group, bucket)
             adopt_state(self, group, bucket)
@@ -412,7 +417,7 @@ class FlatOptimizer(Optimizer):
         """How fresh grads of a Triton bucket may be read where they lie (see
         ``fastopt.grad_table``), or None: gather them first."""
         if bucket.backend != "triton" or not self.grad_table_ok or bucket.variant is not None \
-                or not bucket.plain:
+                or bucket.params[0].is_complex():
             return None
         return functools.partial(grad_table.attach, bucket)
 

@@ -53,14 +53,17 @@ CPU_COSTS = {
 }
 
 
-def gather_pays(op: str, device: torch.device, tensors: int, elements: int) -> bool:
+def gather_pays(op: str, device: torch.device, tensors: int, elements: int,
+                dtype: torch.dtype = torch.float32) -> bool:
     """Is one gather of ``tensors`` fresh grads (``elements`` in all) plus one fused call over
     the flat buffer cheaper than one fused call with an entry per tensor (``op``: ``"adam"`` or
-    ``"sgd"``)? Only on CPUs: on GPUs a fused call's cost per tensor is small, and the gather is
-    a whole extra pass over the grads. Deterministic: the same shapes always take the same
-    route."""
+    ``"sgd"``)? Only on CPUs and for fp32 (the costs measured): on GPUs a fused call's cost per
+    tensor is small, and the gather is a whole extra pass over the grads; CPU bf16/fp16 math
+    rounds differently in torch's vectorized loop and its scalar tail, so those keep one entry
+    per tensor, as torch.optim computes them. Deterministic: the same shapes always take the
+    same route."""
     costs = CPU_COSTS.get(op)
-    if device.type != "cpu" or costs is None:
+    if device.type != "cpu" or costs is None or dtype != torch.float32:
         return False
     copy = CPU_COSTS["copy"]
     per_tensor = tensors * costs["per_tensor"] + elements * costs["per_element"]
@@ -218,6 +221,12 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     else:
         step_runs = runs(participants, keys)
     uniform = keys is None and len(participants) == n
+    if bucket.external and bucket.backend == "triton" and uniform and triton_table is not None \
+            and in_place is not True and not any(in_place or ()):
+        table = triton_table(grads)  # params and grads by address, one launch
+        if table is not None:
+            return StepPlan(bucket, "table", step_runs, key,
+                            [Chunk(0, n, 0, bucket.numel, table, key)])
     if in_place is True and uniform:
         chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
         return StepPlan(bucket, "flat", step_runs, key, [chunk])
@@ -230,7 +239,7 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
             gather(bucket, grads)
             chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
             return StepPlan(bucket, "gather", step_runs, key, [chunk])
-        if gather_pays(op, bucket.device, n, bucket.numel):
+        if gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype):
             gather(bucket, grads)
             chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
             return StepPlan(bucket, "gather", step_runs, key, [chunk])

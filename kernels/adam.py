@@ -111,6 +111,7 @@ def adam_step(param, exp_avg, denom_sq, step_size, bias_correction2_sqrt, eps):
 @triton.jit
 def _adam_kernel(
     param_ptr,  # params, updated in place (fp32, fp16 or bf16)
+    param_table_ptr,  # PARAM_TABLE: int64 address of each param (left where its owner keeps it)
     grad_ptr,  # grads (same dtype as params): the flat grad buffer (see kernels/table.py)
     grad_table_ptr,  # GRAD_TABLE: int64 address of each param's grad
     block_param_ptr,  # GRAD_TABLE: int32 param of each program
@@ -145,21 +146,23 @@ def _adam_kernel(
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
     GRAD_TABLE: tl.constexpr,  # grads read where they lie, through grad_table_ptr
+    PARAM_TABLE: tl.constexpr,  # params too, through param_table_ptr (GRAD_TABLE only)
     BLOCK_SIZE: tl.constexpr,
 ):
     if GRAD_TABLE:
-        offsets, local, size, grad_ptrs, first = table_block(
-            grad_ptr, grad_table_ptr, block_param_ptr, block_offset_ptr, slot_start_ptr,
-            slot_size_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK_SIZE)
+        offsets, local, size, param_ptrs, grad_ptrs, first = table_block(
+            param_ptr, param_table_ptr, grad_ptr, grad_table_ptr, block_param_ptr,
+            block_offset_ptr, slot_start_ptr, slot_size_ptr, found_inf_ptr, HAS_FOUND_INF,
+            PARAM_TABLE, BLOCK_SIZE)
         if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
-            _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                            master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets,
                            None, grad_ptrs, lr, decay_factor, beta1, beta2, weight_decay, eps,
                            base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED,
                            MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
                            STOCHASTIC_ROUNDING)
         else:  # a param's last block, masked at its end
-            _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                            master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets,
                            local < size, grad_ptrs, lr, decay_factor, beta1, beta2,
                            weight_decay, eps, base_offset, seed_word, AMSGRAD,
@@ -167,15 +170,15 @@ def _adam_kernel(
                            HAS_MASTER, STOCHASTIC_ROUNDING)
     else:
         offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
-        _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
-                       step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask,
+        _adam_elements(param_ptr + offsets, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                       master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask,
                        grad_ptr + offsets, lr, decay_factor, beta1, beta2, weight_decay, eps,
                        base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
                        LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING)
 
 
 @triton.jit
-def _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+def _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
                    step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask, grad_ptrs, lr,
                    decay_factor, beta1, beta2, weight_decay, eps, base_offset, seed_word,
                    AMSGRAD: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
@@ -183,12 +186,12 @@ def _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, m
                    HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
                    STOCHASTIC_ROUNDING: tl.constexpr):
     """The update of the elements at ``offsets`` of the flat buffers (``mask``: None for a
-    whole block), whose grads are at ``grad_ptrs``."""
+    whole block), whose params are at ``param_ptrs`` and grads at ``grad_ptrs``."""
     step = tl.load(step_ptr).to(tl.float32)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
+    param = load_param(param_ptrs, master_ptr + offsets, mask, HAS_MASTER)
     grad = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -208,7 +211,7 @@ def _adam_elements(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, m
     else:
         param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
 
-    store_param(param_ptr, master_ptr, offsets, mask, param, base_offset + offsets, step,
+    store_param(param_ptrs, master_ptr + offsets, mask, param, base_offset + offsets, step,
                 seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
     tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr.dtype.element_ty),
              mask=mask)
@@ -244,10 +247,10 @@ def adam_update(
     stochastic = rounding_seed is not None and masters is None
     block = launch.block_size()
     for i, param in enumerate(params):
+        grad_args, grid, table, by_address = grad_arguments(grads, i, param)
         n = param.numel()
-        if n == 0:
+        if grid[0] == 0:
             continue
-        grad_args, grid, table = grad_arguments(grads, i, param)
         _adam_kernel[grid](
             param,
             *grad_args,
@@ -263,6 +266,7 @@ def adam_update(
             **adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf,
                          masters, stochastic),
             GRAD_TABLE=table,
+            PARAM_TABLE=by_address,
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )

@@ -88,7 +88,7 @@ def _adam_int8_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
-    param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
+    param = load_param(param_ptr + offsets, master_ptr + offsets, mask, HAS_MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m_code = tl.load(m_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
     v_code = tl.load(v_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
@@ -110,8 +110,8 @@ def _adam_int8_kernel(
     v_scale = tl.max(tl.where(mask, root, 0.0), axis=1)
     v_code = _nearest(root / tl.where(v_scale > 0, v_scale, 1.0)[:, None], unsigned_midpoints_ptr)
 
-    store_param(param_ptr, master_ptr, offsets, mask, param, base + offsets, step, seed_word,
-                HAS_MASTER, STOCHASTIC_ROUNDING)
+    store_param(param_ptr + offsets, master_ptr + offsets, mask, param, base + offsets, step,
+                seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
     tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
     tl.store(v_codes_ptr + offsets, v_code.to(tl.uint8), mask=mask)
     tl.store(m_scales_ptr + rows, m_scale, mask=row_ok)

@@ -69,27 +69,27 @@ def to_storage(value, dtype: tl.constexpr):
 
 
 @triton.jit
-def load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER: tl.constexpr):
+def load_param(param_ptrs, master_ptrs, mask, HAS_MASTER: tl.constexpr):
     """The fp32 value an update starts from: the param widened, or its fp32 master, except
     where the param is no longer the master rounded: something outside the optimizer changed
     it (a clamp, a loaded checkpoint, another optimizer), and the param's value wins there."""
-    current = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    current = tl.load(param_ptrs, mask=mask).to(tl.float32)
     if HAS_MASTER:
-        master = tl.load(master_ptr + offsets, mask=mask)
-        rounded = to_storage(master, param_ptr.dtype.element_ty).to(tl.float32)
+        master = tl.load(master_ptrs, mask=mask)
+        rounded = to_storage(master, param_ptrs.dtype.element_ty).to(tl.float32)
         current = tl.where(rounded == current, master, current)
     return current
 
 
 @triton.jit
-def store_param(param_ptr, master_ptr, offsets, mask, param, flat_offsets, step, seed_word,
+def store_param(param_ptrs, master_ptrs, mask, param, flat_offsets, step, seed_word,
                 HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     """Store an updated fp32 param: into the master (kept whole) and the param rounded to
     nearest, or stochastically (bf16, with hashed noise at ``flat_offsets`` and ``step``)."""
     if HAS_MASTER:
-        tl.store(master_ptr + offsets, param, mask=mask)
+        tl.store(master_ptrs, param, mask=mask)
     if STOCHASTIC_ROUNDING:
         rounded = round_bf16_stochastic(param, flat_offsets, step, seed_word)
-        tl.store(param_ptr + offsets, rounded, mask=mask)
+        tl.store(param_ptrs, rounded, mask=mask)
     else:
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs.dtype.element_ty), mask=mask)

@@ -30,6 +30,7 @@ from .table import flat_block, grad_arguments, table_block
 @triton.jit
 def _sgd_kernel(
     param_ptr,  # params, updated in place
+    param_table_ptr,  # PARAM_TABLE: int64 address of each param (left where its owner keeps it)
     grad_ptr,  # grads: the flat grad buffer (see kernels/table.py)
     grad_table_ptr,  # GRAD_TABLE: int64 address of each param's grad
     block_param_ptr,  # GRAD_TABLE: int32 param of each program
@@ -56,42 +57,44 @@ def _sgd_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     GRAD_TABLE: tl.constexpr,  # grads read where they lie, through grad_table_ptr
+    PARAM_TABLE: tl.constexpr,  # params too, through param_table_ptr (GRAD_TABLE only)
     BLOCK_SIZE: tl.constexpr,
 ):
     if GRAD_TABLE:
-        offsets, local, size, grad_ptrs, first = table_block(
-            grad_ptr, grad_table_ptr, block_param_ptr, block_offset_ptr, slot_start_ptr,
-            slot_size_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK_SIZE)
+        offsets, local, size, param_ptrs, grad_ptrs, first = table_block(
+            param_ptr, param_table_ptr, grad_ptr, grad_table_ptr, block_param_ptr,
+            block_offset_ptr, slot_start_ptr, slot_size_ptr, found_inf_ptr, HAS_FOUND_INF,
+            PARAM_TABLE, BLOCK_SIZE)
         if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
-            _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
+            _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
                           offsets, None, grad_ptrs, lr, momentum, dampening, weight_decay,
                           HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE,
                           LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
         else:  # a param's last block, masked at its end
-            _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
+            _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
                           offsets, local < size, grad_ptrs, lr, momentum, dampening,
                           weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY,
                           MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
     else:
         offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
-        _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
-                      offsets, mask, grad_ptr + offsets, lr, momentum, dampening, weight_decay,
-                      HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE,
-                      LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
+        _sgd_elements(param_ptr + offsets, momentum_buffer_ptr, master_ptr, lr_ptr,
+                      grad_scale_ptr, offsets, mask, grad_ptr + offsets, lr, momentum,
+                      dampening, weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV,
+                      HAS_WEIGHT_DECAY, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
 
 
 @triton.jit
-def _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr, offsets,
+def _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr, offsets,
                   mask, grad_ptrs, lr, momentum, dampening, weight_decay,
                   HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                   HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                   HAS_MASTER: tl.constexpr):
     """The update of the elements at ``offsets`` of the flat buffers (``mask``: None for a
-    whole block), whose grads are at ``grad_ptrs``."""
+    whole block), whose params are at ``param_ptrs`` and grads at ``grad_ptrs``."""
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
-    param = load_param(param_ptr, master_ptr, offsets, mask, HAS_MASTER)
+    param = load_param(param_ptrs, master_ptr + offsets, mask, HAS_MASTER)
     grad = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
@@ -114,7 +117,8 @@ def _sgd_elements(param_ptr, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale
         else:
             grad = buf
     param = tl.fma(grad, -lr, param)
-    store_param(param_ptr, master_ptr, offsets, mask, param, offsets, 0.0, 0, HAS_MASTER, False)
+    store_param(param_ptrs, master_ptr + offsets, mask, param, offsets, 0.0, 0, HAS_MASTER,
+                False)
 
 
 def sgd_update(
@@ -139,10 +143,10 @@ def sgd_update(
     block = launch.block_size()
     has_momentum = momentum != 0
     for i, param in enumerate(params):
+        grad_args, grid, table, by_address = grad_arguments(grads, i, param)
         n = param.numel()
-        if n == 0:
+        if grid[0] == 0:
             continue
-        grad_args, grid, table = grad_arguments(grads, i, param)
         _sgd_kernel[grid](
             param,
             *grad_args,
@@ -166,6 +170,7 @@ def sgd_update(
             HAS_FOUND_INF=found_inf is not None,
             HAS_MASTER=masters is not None,
             GRAD_TABLE=table,
+            PARAM_TABLE=by_address,
             BLOCK_SIZE=block,
             num_warps=launch.NUM_WARPS,
         )

@@ -218,3 +218,50 @@ def test_two_optimizers_sharing_a_param_settle_instead_of_taking_it_from_each_ot
     assert len(set(layouts[2:])) == 1  # no more re-layouts once settled
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton's interpreter")
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_aligned_views_of_a_foreign_buffer_are_updated_by_address_in_one_launch(name):
+    """Params that stay in their owner's buffer at 16-byte aligned offsets (as ZeRO's bucket
+    views or FSDP2's shards can be): the kernels read and write them by address, one launch per
+    step for the whole bucket ("table" route), state flat, numbers equal torch.optim's; the
+    owner's buffer holds the results. A step where one param has no grad updates the others
+    one run at a time, as before."""
+    shapes = [(129,), (), (0,), (4, 5), (1,), (1030,)]
+    init = make_params(shapes, seed=2)
+    sizes = [t.numel() for t in init]
+    slots = [-(-n // 4) * 4 for n in sizes]  # 4 fp32 = 16 bytes
+    buffer = torch.zeros(sum(slots))
+    ours_params, offset = [], 0
+    for t, slot in zip(init, slots):
+        view = buffer[offset : offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        ours_params.append(torch.nn.Parameter(view))
+        offset += slot
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    pointers = [p.data_ptr() for p in ours_params]
+    ours_cls, ref_cls = PAIRS[name]
+    ours = ours_cls(ours_params, backend="triton", **OPTIONS[name])
+    ref = ref_cls(ref_params, foreach=False, **OPTIONS[name])
+    routes = []
+    update = ours.update
+    ours.update = lambda g, b, plan, *a: (routes.append(plan.route), update(g, b, plan, *a))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
+            if step == 2 and i == 3:
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
+        assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
+    assert [p.data_ptr() for p in ours_params] == pointers
+    bucket = ours._buckets[0][0]
+    assert bucket.external and bucket.backend == "triton"
+    # SGD's momentum and Adam's step counts split the run after the step without a grad
+    assert routes[:2] == ["table", "table"] and routes[2] == "chunks"

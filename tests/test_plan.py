@@ -38,6 +38,8 @@ def test_the_cost_model_sends_many_small_tensors_through_a_gather_on_cpu_only():
     assert not gather_pays("adam", cpu, 148, 124_000_000)  # GPT-2 small
     assert not gather_pays("adam", cuda, 1000, 1000 * 64)  # one multi-tensor launch on GPUs
     assert not gather_pays("saga", cpu, 1000, 1000 * 64)  # no measured costs: as it was
+    # CPU half-precision math rounds differently in torch's vectorized loop and scalar tail
+    assert not gather_pays("sgd", cpu, 1000, 1000 * 64, torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -41,7 +41,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from fastopt import clipping, dispatch, grad_table
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local,
-                          local_value, mark_laid_out, real_dtype, runs)
+                          mark_laid_out, real_dtype)
 from fastopt.plan import CheckedGrads, StepPlan, check_grads, make_plan
 from fastopt.precision import HALF_DTYPES
 from fastopt.state import (MASTER, Entry, State, add_state_buffer, adopt_state, create_state,

@@ -7,8 +7,9 @@ per-param state (``state_names``), which params may share one fused call (``run_
 
 What this class does:
 
-- lays each group's params out in buckets (one per device and dtype, see ``flat.py``); params
-  that do not require grad stay out until they get a grad;
+- lays each group's params out in buckets (one per device and dtype, see ``flat.py``), and
+  again when they move (``layout.py``); params that do not require grad stay out until they
+  get a grad;
 - ``step``: checks every grad first (a failed step changes nothing), creates state lazily for
   params that have a grad (as torch does), then updates whole runs of params in one call;
 - ``state_dict`` is torch.optim's per-param format (per-param views, never the flat layout);
@@ -30,24 +31,19 @@ from __future__ import annotations
 
 import functools
 import itertools
-from itertools import chain
 
 import torch
 from torch import Tensor
-from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from fastopt import clipping, dispatch, grad_table
+from fastopt import clipping, dispatch, grad_table, hooks, layout
 from fastopt.checkpoint import check_loadable, tensor_steps
-from fastopt.flat import (Bucket, as_real, build_bucket, group_params, is_movable, local,
-                          mark_laid_out, real_dtype)
+from fastopt.flat import Bucket, as_real, is_movable, mark_laid_out
 from fastopt.plan import CheckedGrads, StepPlan, check_grads, make_plan
 from fastopt.precision import HALF_DTYPES
-from fastopt.state import (MASTER, Entry, State, add_state_buffer, adopt_state, create_state,
+from fastopt.state import (MASTER, Entry, State, add_state_buffer, create_state,
                            keep_saved_dtypes, plain_state)
 from fastopt.validation import check_param, check_precision
-
 
 PRECISION_KEYS = {"master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
                   "max_grad_norm"}
@@ -190,99 +186,12 @@ class FlatOptimizer(Optimizer):
             self._buckets.append(None)
             self._outsiders.append(None)
             self._group_ids.append(None)
-            self._build_group(len(self.param_groups) - 1)
-
-    def _build_group(self, index: int, own: set | None = None) -> None:
-        """(Re)lay out group ``index``: copy its params and their state into new flat buffers
-        (``own``: the storages of the layout being replaced, see ``flat.is_movable``)."""
-        group = self.param_groups[index]
-        members, outsiders, seen = [], [], set()
-        for p in group["params"]:
-            if id(p) in seen:
-                continue  # duplicates are warned about by torch's add_param_group
-            seen.add(id(p))
-            if is_lazy(p):  # an nn.Lazy* module's param before its first forward
-                outsiders.append(p)
-            elif p.requires_grad or p.grad is not None or self.state.get(p):
-                members.append(p)
-            else:
-                outsiders.append(p)
-        buckets = []
-        for external, params in group_params(members, lambda p: self.bucket_variant(group, p),
-                                             own, self.flatten_params):
-            # Params left where they are take the kernels only if they can be updated by
-            # address in one launch (grad_table.py); else torch's multi-tensor ops.
-            by_address = external and self.grad_table_ok \
-                and self.bucket_variant(group, params[0]) is None \
-                and grad_table.addressable(params, real_dtype(params[0]))
-            backend = dispatch.resolve(self.backend, params[0].device, real_dtype(params[0]),
-                                       external=external and not by_address)
-            bucket = build_bucket(params, backend, external, self.bucket_variant(group, params[0]))
-            self.check_bucket(group, bucket)
-            adopt_state(self, group, bucket)
-            buckets.append(bucket)
-        self._buckets[index] = buckets
-        self._outsiders[index] = outsiders
-        self._group_ids[index] = [id(p) for p in group["params"]]
+            layout.build_group(self, len(self.param_groups) - 1)
 
     def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
         """Copy a saved state tensor of param i into the bucket's buffer ``name``."""
         view = bucket.local_view(name, i)
         view.copy_(value.to(device=view.device, dtype=view.dtype))
-
-    def _ensure_layout(self) -> None:
-        """Rebuild any group whose params left their buffers or which gained a new grad; rebuild
-        all when ``self.state`` was changed from outside (its values are then copied in)."""
-        if not isinstance(self.state, State):
-            self.state = State(self.state)
-            self._buckets = None
-        elif self.state.changed:
-            for index, buckets in enumerate(self._buckets or []):
-                self._check_unchanged(index, buckets or [])
-            self._buckets = None
-        if self._buckets is None or len(self._buckets) != len(self.param_groups):
-            self.state.changed = False
-            self._buckets = [None] * len(self.param_groups)
-            self._outsiders = [None] * len(self.param_groups)
-            self._group_ids = [None] * len(self.param_groups)
-            for index in range(len(self.param_groups)):
-                self._build_group(index)
-            return
-        for index, buckets in enumerate(self._buckets):
-            stale = any(p.grad is not None for p in self._outsiders[index])
-            stale = stale or not all(b.is_intact() for b in buckets)
-            stale = stale or self._group_ids[index] != list(
-                map(id, self.param_groups[index]["params"]))  # params swapped in the group
-            if stale:
-                self._check_unchanged(index, buckets)
-                own = set().union(*(b.storage_keys for b in buckets))
-                self._build_group(index, own)
-
-    def _check_unchanged(self, index: int, buckets: list) -> None:
-        """Refuse a param whose dtype or shape changed after it got state (``model.half()``,
-        ``.to(torch.float64)`` or a resized ``p.data`` after steps): its moments would be cast
-        silently (fp16 second moments underflow) or no longer fit. Raised before anything is
-        laid out again, so nothing changes."""
-        group = self.param_groups[index]
-        for bucket in buckets:
-            for i, p in enumerate(bucket.params):
-                if not bucket.has_state[i]:
-                    continue
-                was = (bucket.param_dtypes[i], bucket.param_shapes[i])
-                now = (p.dtype, tuple(local(p).shape))
-                if now == was:
-                    continue
-                what = "dtype" if now[0] != was[0] else "shape"
-                before, after = (was[0], now[0]) if what == "dtype" else (was[1], now[1])
-                position = next((k for k, q in enumerate(group["params"]) if q is p), "?")
-                advice = ("its state would be cast silently. Change the model's dtype before "
-                          "building the optimizer (or build a new one and load the old "
-                          "state_dict into it)" if what == "dtype" else
-                          "its state no longer fits. Build a new optimizer for the new shape")
-                raise RuntimeError(
-                    f"param {position} of param group {index} (shape {tuple(p.shape)}) changed "
-                    f"{what} from {before} to {after} after the optimizer made its state; "
-                    + advice)
 
     # ------------------------------------------------------------------ step
     def step(self, closure=None):
@@ -295,12 +204,12 @@ class FlatOptimizer(Optimizer):
         Inside a function compiled with ``torch.compile`` the step is a graph break: the fused
         step below runs eagerly, as it would outside (see ``_make_eager_step``).
         """
-        if type(self).step is FlatOptimizer.step:  # not wrapped by torch (see _run_hooked)
-            return _run_hooked(self, closure)
+        if type(self).step is FlatOptimizer.step:  # not wrapped by torch (see fastopt.hooks)
+            return hooks.run_hooked(self, closure)
         return self._step_body(closure)
 
     # torch.optim wraps an optimizer class's ``step`` to run the step hooks inside a profiler
-    # range unless it is marked ``hooked``; this one runs them itself (``_run_hooked``).
+    # range unless it is marked ``hooked``; this one runs them itself (``fastopt.hooks``).
     step.hooked = True
 
     def _step_body(self, closure=None):
@@ -345,7 +254,7 @@ class FlatOptimizer(Optimizer):
             for group in self.param_groups:
                 if PRECISION_KEYS.intersection(group):
                     self._check_group_options(group)
-        self._ensure_layout()
+        layout.ensure_layout(self)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Check every grad of every group before anything is written.
@@ -425,12 +334,13 @@ class FlatOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
         if set_to_none:
-            _profiled(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad", _drop_grads, self)
+            hooks.profiled(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad", _drop_grads,
+                           self)
             return
         if self._buckets is None or self._reference:
             super().zero_grad(set_to_none)
             return
-        self._ensure_layout()
+        layout.ensure_layout(self)
         for index, buckets in enumerate(self._buckets):
             for bucket in buckets:
                 self._zero_bucket_grads(bucket)
@@ -481,7 +391,7 @@ class FlatOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)
         self._buckets = None
-        self._ensure_layout()
+        layout.ensure_layout(self)
 
     def saved_state_names(self, group: dict) -> tuple:
         """(required, known) names of a param's saved state (besides ``step``): the tensors a
@@ -548,43 +458,6 @@ def _drop_grads(opt: FlatOptimizer) -> None:
     for bucket in itertools.chain.from_iterable(opt._buckets or []):
         if bucket.backend == "torch" and not bucket.gathers:
             bucket.release_grad_buffer()
-
-
-def _profiled(name: str, body, *args):
-    """``body(*args)`` inside a profiler range named as torch.optim names it, when a profiler
-    (torch.profiler, emit_nvtx, emit_itt) is recording; plain otherwise. torch.optim opens the
-    range on every call, which costs about 10 us and makes every op inside it slower."""
-    if not torch._C._autograd._profiler_enabled():
-        return body(*args)
-    with torch.autograd.profiler.record_function(name):
-        return body(*args)
-
-
-def _run_hooked(opt: FlatOptimizer, closure):
-    """torch.optim's step wrapper (``Optimizer.profile_hook_step``): the global and the
-    optimizer's step pre-hooks (which may replace the arguments), the step, torch's
-    ``_optimizer_step_code`` marker, then the post-hooks; inside a profiler range only while a
-    profiler records (see ``_profiled``)."""
-    return _profiled(f"Optimizer.step#{type(opt).__name__}.step", _hooked_body, opt, closure)
-
-
-def _hooked_body(opt: FlatOptimizer, closure):
-    args, kwargs = (opt, closure), {}
-    for pre_hook in chain(_global_optimizer_pre_hooks.values(),
-                          opt._optimizer_step_pre_hooks.values()):
-        result = pre_hook(opt, args, kwargs)
-        if result is not None:
-            if isinstance(result, tuple) and len(result) == 2:
-                args, kwargs = result
-            else:
-                raise RuntimeError(f"{type(opt).step} must return None or a tuple of "
-                                   f"(new_args, new_kwargs), but got {result}.")
-    out = type(opt)._step_body(*args, **kwargs)
-    opt._optimizer_step_code()
-    for post_hook in chain(opt._optimizer_step_post_hooks.values(),
-                           _global_optimizer_post_hooks.values()):
-        post_hook(opt, args, kwargs)
-    return out
 
 
 def _tracing() -> bool:

@@ -1,0 +1,108 @@
+"""Laying a group's params out in buckets, and noticing when that must be done again.
+
+``build_group`` sorts a param group's params into buckets (``flat.group_params``: one per
+device, dtype and variant, external where fastopt may not move them), picks each bucket's
+implementation (``dispatch.resolve``), builds it (``flat.build_bucket``) and copies any state
+its params already have in (``state.adopt_state``). ``ensure_layout`` runs before every step,
+``zero_grad(set_to_none=False)`` and ``load_state_dict``: it lays out again every group whose
+params left their slots (``p.data = ...``, ``model.to()``), gained a grad while kept out, or
+were swapped in the group, and all groups when ``optimizer.state`` was changed from outside;
+``check_unchanged`` first refuses a param whose dtype or shape changed after it got state.
+"""
+
+from __future__ import annotations
+
+from torch.nn.parameter import is_lazy
+
+from fastopt import dispatch, grad_table
+from fastopt.flat import build_bucket, group_params, local, real_dtype
+from fastopt.state import State, adopt_state
+
+
+def build_group(opt, index: int, own: set | None = None) -> None:
+    """(Re)lay out group ``index``: copy its params and their state into new flat buffers
+    (``own``: the storages of the layout being replaced, see ``flat.is_movable``)."""
+    group = opt.param_groups[index]
+    members, outsiders, seen = [], [], set()
+    for p in group["params"]:
+        if id(p) in seen:
+            continue  # duplicates are warned about by torch's add_param_group
+        seen.add(id(p))
+        if is_lazy(p):  # an nn.Lazy* module's param before its first forward
+            outsiders.append(p)
+        elif p.requires_grad or p.grad is not None or opt.state.get(p):
+            members.append(p)
+        else:
+            outsiders.append(p)
+    buckets = []
+    for external, params in group_params(members, lambda p: opt.bucket_variant(group, p),
+                                         own, opt.flatten_params):
+        # Params left where they are take the kernels only if they can be updated by
+        # address in one launch (grad_table.py); else torch's multi-tensor ops.
+        by_address = external and opt.grad_table_ok \
+            and opt.bucket_variant(group, params[0]) is None \
+            and grad_table.addressable(params, real_dtype(params[0]))
+        backend = dispatch.resolve(opt.backend, params[0].device, real_dtype(params[0]),
+                                   external=external and not by_address)
+        bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]))
+        opt.check_bucket(group, bucket)
+        adopt_state(opt, group, bucket)
+        buckets.append(bucket)
+    opt._buckets[index] = buckets
+    opt._outsiders[index] = outsiders
+    opt._group_ids[index] = [id(p) for p in group["params"]]
+
+
+def ensure_layout(opt) -> None:
+    """Rebuild any group whose params left their buffers or which gained a new grad; rebuild
+    all when ``opt.state`` was changed from outside (its values are then copied in)."""
+    if not isinstance(opt.state, State):
+        opt.state = State(opt.state)
+        opt._buckets = None
+    elif opt.state.changed:
+        for index, buckets in enumerate(opt._buckets or []):
+            check_unchanged(opt, index, buckets or [])
+        opt._buckets = None
+    if opt._buckets is None or len(opt._buckets) != len(opt.param_groups):
+        opt.state.changed = False
+        opt._buckets = [None] * len(opt.param_groups)
+        opt._outsiders = [None] * len(opt.param_groups)
+        opt._group_ids = [None] * len(opt.param_groups)
+        for index in range(len(opt.param_groups)):
+            build_group(opt, index)
+        return
+    for index, buckets in enumerate(opt._buckets):
+        stale = any(p.grad is not None for p in opt._outsiders[index])
+        stale = stale or not all(b.is_intact() for b in buckets)
+        stale = stale or opt._group_ids[index] != list(
+            map(id, opt.param_groups[index]["params"]))  # params swapped in the group
+        if stale:
+            check_unchanged(opt, index, buckets)
+            own = set().union(*(b.storage_keys for b in buckets))
+            build_group(opt, index, own)
+
+def check_unchanged(opt, index: int, buckets: list) -> None:
+    """Refuse a param whose dtype or shape changed after it got state (``model.half()``,
+    ``.to(torch.float64)`` or a resized ``p.data`` after steps): its moments would be cast
+    silently (fp16 second moments underflow) or no longer fit. Raised before anything is
+    laid out again, so nothing changes."""
+    group = opt.param_groups[index]
+    for bucket in buckets:
+        for i, p in enumerate(bucket.params):
+            if not bucket.has_state[i]:
+                continue
+            was = (bucket.param_dtypes[i], bucket.param_shapes[i])
+            now = (p.dtype, tuple(local(p).shape))
+            if now == was:
+                continue
+            what = "dtype" if now[0] != was[0] else "shape"
+            before, after = (was[0], now[0]) if what == "dtype" else (was[1], now[1])
+            position = next((k for k, q in enumerate(group["params"]) if q is p), "?")
+            advice = ("its state would be cast silently. Change the model's dtype before "
+                      "building the optimizer (or build a new one and load the old "
+                      "state_dict into it)" if what == "dtype" else
+                      "its state no longer fits. Build a new optimizer for the new shape")
+            raise RuntimeError(
+                f"param {position} of param group {index} (shape {tuple(p.shape)}) changed "
+                f"{what} from {before} to {after} after the optimizer made its state; "
+                + advice)

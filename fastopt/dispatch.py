@@ -84,6 +84,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
     return "triton" if device.type == "cuda" and not external and triton_available() else "torch"
 
 
+@functools.lru_cache(maxsize=None)
 def update_fn(name: str, backend: str):
     """The ``<name>_update`` function of ``backend`` (``"adam"``, ``"sgd"`` or ``"saga"``)."""
     if backend == "triton":

@@ -243,13 +243,21 @@ class FlatOptimizer(Optimizer):
         """torch.optim's ``_init_group``, which ``reference_class.step`` calls."""
         return self.reference_class._init_group(self, *args, **kwargs)
 
-    @torch.no_grad()
     def _fused_step(self, closure=None):
         """The step: check every grad, lay out what changed, one fused update per bucket."""
         loss = None
         if closure is not None:
-            with torch.enable_grad():
+            with torch.enable_grad():  # as torch.optim runs it
                 loss = closure()
+        grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return self._update_all(closure, loss)
+        finally:
+            torch.set_grad_enabled(grad_mode)
+
+    def _update_all(self, closure, loss):
+        """``_fused_step`` after the closure, with autograd off."""
         if self.precision_keys:  # options may have been changed since (a scheduler)
             for group in self.param_groups:
                 if PRECISION_KEYS.intersection(group):
@@ -262,8 +270,8 @@ class FlatOptimizer(Optimizer):
         name = self.error_name or type(self).__name__
         for index, group in enumerate(self.param_groups):
             for bucket in self._buckets[index]:
-                grads = check_grads(bucket, f"{name}: param group {index}", name,
-                                    self.sparse_grads_ok, group.get("fused"))
+                grads = check_grads(bucket, index, name, self.sparse_grads_ok,
+                                    group.get("fused"))
                 if grads is not None:
                     checked.append((group, bucket, grads))
         max_norm = self._max_grad_norm() if self.precision_keys else None

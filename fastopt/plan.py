@@ -94,11 +94,11 @@ class CheckedGrads(NamedTuple):
     in_place: object
 
 
-def check_grads(bucket: Bucket, where: str, name: str, sparse_ok: bool,
+def check_grads(bucket: Bucket, index: int, name: str, sparse_ok: bool,
                 fused: bool) -> CheckedGrads | None:
-    """Read and check every grad of ``bucket`` (None if no param has one). ``where`` and
-    ``name`` word the errors as torch.optim does; ``fused``: the group asked for
-    ``fused=True`` (params about to get state must be ones torch's fused kernels take).
+    """Read and check every grad of ``bucket`` (None if no param has one), a bucket of param
+    group ``index``; ``name`` words the errors as torch.optim does; ``fused``: the group asked
+    for ``fused=True`` (params about to get state must be ones torch's fused kernels take).
 
     The common cases cost a few attribute reads per param: every grad in the flat buffer
     (pointers compared), or every grad a fresh dense tensor of its param's shape, dtype and
@@ -138,7 +138,7 @@ def check_grads(bucket: Bucket, where: str, name: str, sparse_ok: bool,
         if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
             continue
         in_place[j] = False
-        check_grad(p, g, where, sparse_ok, name)
+        check_grad(p, g, f"{name}: param group {index}", sparse_ok, name)
     return CheckedGrads(participants, grads, in_place)
 
 

@@ -22,8 +22,9 @@ their state still flat: one launch per bucket as well.
 
 CUDA graphs: a step captured on this route reads the table already on the device, so it is
 used only when the grads are those of the step before the capture (the same addresses, as a
-captured graph's static grads are); a capture that meets new addresses gathers instead (the
-copy is captured with the step).
+captured graph's static grads are); a capture that meets new addresses, or a bucket without
+tables yet, gathers instead (the copy is captured with the step). A table a graph reads is
+never written again: later eager steps with other grads get a new one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ from fastopt.flat import Bucket, local
 
 # Byte alignment of a grad (or external param) the kernels read in place: one 16-byte vector.
 GRAD_ALIGN = 16
+
+
+def _capturing(device: torch.device) -> bool:
+    """Is ``device``'s current stream being captured into a CUDA graph?"""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device, keep: list):
+    """``values`` as a tensor on ``device`` without a host sync (on CUDA: from pinned memory,
+    non-blocking; the pinned tensor is kept in ``keep`` while the copy may be pending)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    keep.append(host)
+    return host.to(device, non_blocking=True)
 
 
 class _Tables:
@@ -47,36 +67,52 @@ class _Tables:
             for offset in range(0, n, block_size):
                 block_param.append(i)
                 block_offset.append(offset)
+        self.device = device
+        self.sizes = sizes
         self.block_size = block_size
         self.blocks = len(block_param)
-        self.block_param = torch.tensor(block_param, dtype=torch.int32).to(device)
-        self.block_offset = torch.tensor(block_offset, dtype=torch.int64).to(device)
-        self.slot_start = torch.tensor(bucket.starts, dtype=torch.int64).to(device)
-        self.slot_size = torch.tensor(sizes, dtype=torch.int64).to(device)
+        self.host: list = []  # pinned sources of the copies below
+        self.block_param = _to_device(block_param, torch.int32, device, self.host)
+        self.block_offset = _to_device(block_offset, torch.int64, device, self.host)
+        self.slot_start = _to_device(bucket.starts, torch.int64, device, self.host)
+        self.slot_size = _to_device(sizes, torch.int64, device, self.host)
         self.addresses = torch.zeros(len(sizes), dtype=torch.int64, device=device)
         # Params left where their owner keeps them are read and written by address too; they
         # never move while the layout holds (a moved param lays the bucket out again).
-        self.param_addresses = torch.tensor(
-            [local(p).data_ptr() for p in bucket.params], dtype=torch.int64).to(device) \
+        self.param_addresses = _to_device([local(p).data_ptr() for p in bucket.params],
+                                          torch.int64, device, self.host) \
             if bucket.external else None
         self.uploaded: list | None = None  # the addresses the device table holds
+        self.captured = False  # a CUDA graph reads self.addresses: never write it again
+        self.retired: list = []  # device tables captured graphs read, kept alive for them
         self.staging: list = []  # CUDA: [pinned buffer, event of its last copy]
 
     def upload(self, addresses: list) -> bool:
         """Put ``addresses`` in the device table, stream-ordered; False when that cannot be
-        done here (a CUDA graph capture meeting new addresses)."""
+        done here (a CUDA graph capture meeting new addresses).
+
+        A capture that finds its addresses already in the table records a launch that reads
+        that table at every replay: from then on the table is the graph's, and new addresses
+        go into a new one (the old one is kept alive for the graph)."""
+        if _capturing(self.device):
+            if addresses != self.uploaded:
+                return False
+            self.captured = True
+            return True
         if addresses == self.uploaded:
             return True
-        device = self.addresses.device
-        if device.type != "cuda":
+        if self.captured:
+            self.retired.append(self.addresses)
+            self.addresses = torch.zeros_like(self.addresses)
+            self.captured = False
+        if self.device.type != "cuda":
             self.addresses.copy_(torch.tensor(addresses, dtype=torch.int64))
         else:
-            if torch.cuda.is_current_stream_capturing():
-                return False
-            buffer = self._free_staging()
-            buffer[0].copy_(torch.tensor(addresses, dtype=torch.int64))
-            self.addresses.copy_(buffer[0], non_blocking=True)
-            buffer[1].record()
+            with torch.cuda.device(self.device):
+                buffer = self._free_staging()
+                buffer[0].copy_(torch.tensor(addresses, dtype=torch.int64))
+                self.addresses.copy_(buffer[0], non_blocking=True)
+                buffer[1].record(torch.cuda.current_stream(self.device))
         self.uploaded = addresses
         return True
 
@@ -115,16 +151,23 @@ def attach(bucket: Bucket, grads: list):
     from fastopt.kernels.table import GradTable
 
     if bucket.external:
-        if not addressable(grads, bucket.dtype) or not addressable(bucket.params, bucket.dtype):
+        if not addressable(grads, bucket.dtype) or not addressable(bucket.params, bucket.dtype) \
+                or [local(g).numel() for g in grads] != [local(p).numel() for p in bucket.params]:
             return None
         addresses = [local(g).data_ptr() for g in grads]
     else:  # checked in bulk already: dense, contiguous, the params' dtype
         addresses = list(map(torch.Tensor.data_ptr, grads))
         if any(a % GRAD_ALIGN for a in addresses):
             return None
+    if 0 in addresses and any(a == 0 and g.numel() for a, g in zip(addresses, grads)):
+        return None  # a tensor without a plain address (a DTensor grad): the checked path
     block_size = launch.block_size()
     tables = bucket.grad_tables
     if tables is None or tables.block_size != block_size:
+        if _capturing(bucket.device):
+            return None  # no tables yet: a capture gathers (building them copies to the GPU)
+        if tables is not None and tables.captured:
+            bucket.retired_tables.append(tables)  # a graph reads it
         tables = bucket.grad_tables = _Tables(bucket, block_size)
     if not tables.upload(addresses):
         return None

@@ -36,7 +36,7 @@ def run_hooked(opt, closure):
 
 
 def _hooked_body(opt, closure):
-    args, kwargs = (opt, closure), {}
+    args, kwargs = ((opt,) if closure is None else (opt, closure)), {}
     for pre_hook in chain(_global_optimizer_pre_hooks.values(),
                           opt._optimizer_step_pre_hooks.values()):
         result = pre_hook(opt, args, kwargs)

@@ -196,8 +196,13 @@ def test_step_hooks_run_as_torch_runs_them():
     params = [torch.nn.Parameter(torch.ones(3))]
     opt = fastopt.Adam(params, lr=0.1)
     params[0].grad = torch.ones(3)
-    opt.register_step_pre_hook(lambda o, a, k: ((o,), {"closure": lambda: torch.tensor(7.0)}))
+    handle = opt.register_step_pre_hook(
+        lambda o, a, k: ((o,), {"closure": lambda: torch.tensor(7.0)}))
     assert opt.step().item() == 7.0  # the closure the hook put in ran
+    handle.remove()
+    # step() passes its arguments as called: (opt,) and no keywords, as torch does
+    opt.register_step_pre_hook(lambda o, a, k: (a, {**k, "closure": lambda: torch.tensor(8.0)}))
+    assert opt.step().item() == 8.0
     bad = fastopt.Adam(params, lr=0.1)
     bad.register_step_pre_hook(lambda o, a, k: "nonsense")
     with pytest.raises(RuntimeError, match="must return None or a tuple of"):

@@ -103,7 +103,7 @@ def test_every_route_of_one_run(backend):
                 if q in ref.state:
                     torch.testing.assert_close(ours.state[p][key], ref.state[q][key],
                                                rtol=2e-6, atol=2e-7, check_dtype=False)
-    fresh = "gather" if backend == "torch" else routes[0]
+    fresh = "gather" if backend == "torch" else "table"
     # after a step that skipped some params their step counts differ: runs of equal counts
     assert routes == [fresh, "flat", "chunks", "chunks", "chunks"]
 
@@ -287,3 +287,37 @@ def test_a_default_loop_saved_and_loaded_mid_run_continues_bit_identically(name,
         for key, value in straight_opt.state[p].items():
             assert torch.equal(value, resumed_opt.state[q][key]), key
     assert set(routes) == {"gather" if backend == "torch" else "table"}
+
+
+def test_a_table_a_cuda_graph_reads_is_never_written_again(monkeypatch):
+    """The address table's rules under CUDA-graph capture (capture simulated on CPU): a capture
+    finding its grads' addresses already uploaded uses the table, which then belongs to the
+    graph; a later eager step with other grads writes a new table and leaves the graph's as it
+    was; a capture meeting new addresses, or a bucket without tables yet, gathers instead."""
+    from fastopt import grad_table
+
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(40,), (3, 5)]]
+    opt = fastopt.SGD(params, lr=0.1)
+    bucket = opt._buckets[0][0]
+    capturing = [False]
+    monkeypatch.setattr(grad_table, "_capturing", lambda device: capturing[0])
+
+    def grads():
+        return [torch.randn_like(p) for p in params]
+
+    capturing[0] = True
+    assert grad_table.attach(bucket, grads()) is None  # no tables yet: gather
+    capturing[0] = False
+    static = grads()
+    eager = grad_table.attach(bucket, static)
+    assert eager.addresses.tolist() == [g.data_ptr() for g in static]
+    capturing[0] = True
+    captured = grad_table.attach(bucket, static)  # same addresses: the table, now the graph's
+    assert captured is not None and captured.addresses is eager.addresses
+    assert grad_table.attach(bucket, grads()) is None  # new addresses in a capture: gather
+    capturing[0] = False
+    other = grads()
+    later = grad_table.attach(bucket, other)
+    assert later.addresses is not captured.addresses
+    assert later.addresses.tolist() == [g.data_ptr() for g in other]
+    assert captured.addresses.tolist() == [g.data_ptr() for g in static]  # the graph's, intact

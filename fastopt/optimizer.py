@@ -325,6 +325,14 @@ class FlatOptimizer(Optimizer):
             fresh = [i for i in participants if not bucket.has_state[i]]
             if fresh:
                 create_state(self, group, bucket, fresh)
+        if bucket.backend == "triton" and bucket.device.type == "cuda" \
+                and bucket.device.index != torch.cuda.current_device():
+            with torch.cuda.device(bucket.device):  # Triton launches on the current device
+                self._plan_and_update(group, bucket, checked, keys, key, grad_scale, found_inf)
+        else:
+            self._plan_and_update(group, bucket, checked, keys, key, grad_scale, found_inf)
+
+    def _plan_and_update(self, group, bucket, checked, keys, key, grad_scale, found_inf):
         plan = make_plan(bucket, checked, keys, key, self.update_name,
                          self._triton_table(group, bucket))
         self.update(group, bucket, plan, grad_scale, found_inf)

@@ -199,7 +199,6 @@ class Bucket:
     storage_keys: set = field(default_factory=set)  # the params' own storages (see is_movable)
     gathers: bool = False  # fresh grads are gathered into ``grad`` (fastopt.plan): keep it
     grad_tables: object = None  # Triton: tables to read fresh grads in place (grad_table.py)
-    retired_tables: list = field(default_factory=list)  # older ones CUDA graphs still read
 
     def chunk_end(self, hi: int) -> int:
         """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to

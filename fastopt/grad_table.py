@@ -38,11 +38,9 @@ GRAD_ALIGN = 16
 
 
 def _capturing(device: torch.device) -> bool:
-    """Is ``device``'s current stream being captured into a CUDA graph?"""
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
+    """Is the current stream being captured into a CUDA graph? (The step runs each Triton
+    bucket with its device current.)"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device, keep: list):
@@ -84,7 +82,7 @@ class _Tables:
             if bucket.external else None
         self.uploaded: list | None = None  # the addresses the device table holds
         self.captured = False  # a CUDA graph reads self.addresses: never write it again
-        self.retired: list = []  # device tables captured graphs read, kept alive for them
+        self.retired: list = []  # what captured graphs read (tables, older ones), kept alive
         self.staging: list = []  # CUDA: [pinned buffer, event of its last copy]
 
     def upload(self, addresses: list) -> bool:
@@ -108,11 +106,10 @@ class _Tables:
         if self.device.type != "cuda":
             self.addresses.copy_(torch.tensor(addresses, dtype=torch.int64))
         else:
-            with torch.cuda.device(self.device):
-                buffer = self._free_staging()
-                buffer[0].copy_(torch.tensor(addresses, dtype=torch.int64))
-                self.addresses.copy_(buffer[0], non_blocking=True)
-                buffer[1].record(torch.cuda.current_stream(self.device))
+            buffer = self._free_staging()
+            buffer[0].copy_(torch.tensor(addresses, dtype=torch.int64))
+            self.addresses.copy_(buffer[0], non_blocking=True)
+            buffer[1].record()
         self.uploaded = addresses
         return True
 
@@ -166,9 +163,10 @@ def attach(bucket: Bucket, grads: list):
     if tables is None or tables.block_size != block_size:
         if _capturing(bucket.device):
             return None  # no tables yet: a capture gathers (building them copies to the GPU)
-        if tables is not None and tables.captured:
-            bucket.retired_tables.append(tables)  # a graph reads it
-        tables = bucket.grad_tables = _Tables(bucket, block_size)
+        old, tables = tables, _Tables(bucket, block_size)
+        if old is not None and old.captured:
+            tables.retired.append(old)  # a graph reads it
+        bucket.grad_tables = tables
     if not tables.upload(addresses):
         return None
     return tables.table(GradTable)

@@ -29,14 +29,14 @@ its plan (``fastopt.plan``); the state behind ``optimizer.state`` is ``fastopt.s
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import itertools
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastopt import clipping, dispatch, grad_table, hooks, layout
+from fastopt import clipping, dispatch, hooks, layout
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.flat import Bucket, as_real, is_movable, mark_laid_out
 from fastopt.plan import CheckedGrads, StepPlan, check_grads, make_plan
@@ -325,26 +325,20 @@ class FlatOptimizer(Optimizer):
             fresh = [i for i in participants if not bucket.has_state[i]]
             if fresh:
                 create_state(self, group, bucket, fresh)
-        if bucket.backend == "triton" and bucket.device.type == "cuda" \
-                and bucket.device.index != torch.cuda.current_device():
-            with torch.cuda.device(bucket.device):  # Triton launches on the current device
-                self._plan_and_update(group, bucket, checked, keys, key, grad_scale, found_inf)
-        else:
-            self._plan_and_update(group, bucket, checked, keys, key, grad_scale, found_inf)
-
-    def _plan_and_update(self, group, bucket, checked, keys, key, grad_scale, found_inf):
-        plan = make_plan(bucket, checked, keys, key, self.update_name,
-                         self._triton_table(group, bucket))
-        self.update(group, bucket, plan, grad_scale, found_inf)
+        # Triton launches (and the address table's upload) go to the current device.
+        on_device = torch.cuda.device(bucket.device) if bucket.backend == "triton" \
+            and bucket.device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            plan = make_plan(bucket, checked, keys, key, self.update_name,
+                             self._reads_by_address(bucket))
+            self.update(group, bucket, plan, grad_scale, found_inf)
         bucket.finish()
 
-    def _triton_table(self, group: dict, bucket: Bucket):
-        """How fresh grads of a Triton bucket may be read where they lie (see
-        ``fastopt.grad_table``), or None: gather them first."""
-        if bucket.backend != "triton" or not self.grad_table_ok or bucket.variant is not None \
-                or bucket.params[0].is_complex():
-            return None
-        return functools.partial(grad_table.attach, bucket)
+    def _reads_by_address(self, bucket: Bucket) -> bool:
+        """Can this bucket's kernels read fresh grads where they lie, through an address table
+        (``fastopt.grad_table``)? Otherwise they are gathered first."""
+        return bucket.backend == "triton" and self.grad_table_ok and bucket.variant is None \
+            and not bucket.params[0].is_complex()
 
     # ------------------------------------------------------------------ grads
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastopt import grad_table
 from fastopt.flat import Bucket, as_real, runs
 from fastopt.validation import check_fused_param, check_grad
 
@@ -159,11 +160,6 @@ class StepPlan:
         self._grads = grads
 
     @property
-    def per_param(self) -> bool:
-        """One entry per param of the bucket, in order (no chunk objects are made)."""
-        return self._chunks is None
-
-    @property
     def whole(self) -> bool:
         """Does this step cover every param of the bucket in one run?"""
         return len(self.step_runs) == 1 and self.step_runs[0][0] == 0 \
@@ -208,11 +204,11 @@ class StepPlan:
 
 
 def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op: str,
-              triton_table) -> StepPlan:
+              by_address: bool) -> StepPlan:
     """The plan for ``checked`` grads. ``keys``: each participant's run key (None when they
     all share ``key``); ``op``: the update (``"adam"``, ``"sgd"``...) the cost model prices;
-    ``triton_table``: a callable that returns an address table (``kernels/table.py``)
-    through which the kernels read fresh grads where they lie, or None if it cannot."""
+    ``by_address``: the bucket's kernels can read fresh grads where they lie through an
+    address table (``fastopt.grad_table``)."""
     participants, grads, in_place = checked
     n = len(bucket.params)
     if keys is None:
@@ -220,29 +216,26 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
                                                                     [key] * len(participants))
     else:
         step_runs = runs(participants, keys)
-    uniform = keys is None and len(participants) == n
-    if bucket.external and bucket.backend == "triton" and uniform and triton_table is not None \
-            and in_place is not True and not any(in_place or ()):
-        table = triton_table(grads)  # params and grads by address, one launch
+
+    def whole(route: str, grad) -> StepPlan:  # one entry: the whole bucket
+        return StepPlan(bucket, route, step_runs, key, [Chunk(0, n, 0, bucket.numel, grad, key)])
+
+    if keys is not None or len(participants) != n:
+        return StepPlan(bucket, "chunks", step_runs, key,
+                        _chunks(bucket, participants, grads, in_place, keys, key))
+    if in_place is True:
+        return whole("flat", bucket.grad)
+    # Fresh grads: checked in bulk (in_place False), or grad by grad for an external bucket.
+    fresh = in_place is False or (bucket.external and not any(in_place))
+    if fresh and by_address:
+        table = grad_table.attach(bucket, grads)  # one launch reads each grad where it lies
         if table is not None:
-            return StepPlan(bucket, "table", step_runs, key,
-                            [Chunk(0, n, 0, bucket.numel, table, key)])
-    if in_place is True and uniform:
-        chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
-        return StepPlan(bucket, "flat", step_runs, key, [chunk])
-    if in_place is False and uniform:
-        if bucket.backend == "triton":
-            table = triton_table(grads) if triton_table is not None else None
-            if table is not None:  # one launch reads each grad where it lies
-                chunk = Chunk(0, n, 0, bucket.numel, table, key)
-                return StepPlan(bucket, "table", step_runs, key, [chunk])
-            gather(bucket, grads)
-            chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
-            return StepPlan(bucket, "gather", step_runs, key, [chunk])
-        if gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype):
-            gather(bucket, grads)
-            chunk = Chunk(0, n, 0, bucket.numel, bucket.grad, key)
-            return StepPlan(bucket, "gather", step_runs, key, [chunk])
+            return whole("table", table)
+    if in_place is False and (bucket.backend == "triton"
+                              or gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype)):
+        gather(bucket, grads)
+        return whole("gather", bucket.grad)
+    if in_place is False:
         return StepPlan(bucket, "tensors", step_runs, key, grads=grads)
     return StepPlan(bucket, "chunks", step_runs, key,
                     _chunks(bucket, participants, grads, in_place, keys, key))

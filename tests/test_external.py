@@ -32,18 +32,11 @@ def views_of_one_buffer(shapes, seed=0, transpose=False):
     return buffer, params
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "transposed"])
-@pytest.mark.parametrize("name", list(OPTIONS))
-def test_views_of_a_foreign_buffer_stay_in_place_and_match_torch(name, transpose, backend):
-    buffer, ours_params = views_of_one_buffer(SHAPES, transpose=transpose)
-    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
-    pointers = [p.data_ptr() for p in ours_params]
-    ours_cls, ref_cls = PAIRS[name]
-    ours = ours_cls(ours_params, backend=backend, **OPTIONS[name])
-    ref = ref_cls(ref_params, foreach=False, **OPTIONS[name])
+def step_against_torch(ours, ref, ours_params, ref_params, steps: int) -> None:
+    """``steps`` steps of both on the same fresh grads (param 3 has none in step 2): params and
+    state compared after each."""
     gen = torch.Generator().manual_seed(1)
-    for step in range(6):
+    for step in range(steps):
         for i, (p, q) in enumerate(zip(ours_params, ref_params)):
             if step == 2 and i == 3:  # a param without a grad this step
                 p.grad = q.grad = None
@@ -55,6 +48,19 @@ def test_views_of_a_foreign_buffer_stay_in_place_and_match_torch(name, transpose
         for p, q in zip(ours_params, ref_params):
             torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
         assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_views_of_a_foreign_buffer_stay_in_place_and_match_torch(name, transpose, backend):
+    buffer, ours_params = views_of_one_buffer(SHAPES, transpose=transpose)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    pointers = [p.data_ptr() for p in ours_params]
+    ours_cls, ref_cls = PAIRS[name]
+    ours = ours_cls(ours_params, backend=backend, **OPTIONS[name])
+    ref = ref_cls(ref_params, foreach=False, **OPTIONS[name])
+    step_against_torch(ours, ref, ours_params, ref_params, steps=6)
     # The owner's buffer holds the updated values: nothing was moved out of it.
     assert [p.data_ptr() for p in ours_params] == pointers
     assert all(b.external and b.flat is None for b in ours._buckets[0])
@@ -247,19 +253,7 @@ def test_aligned_views_of_a_foreign_buffer_are_updated_by_address_in_one_launch(
     routes = []
     update = ours.update
     ours.update = lambda g, b, plan, *a: (routes.append(plan.route), update(g, b, plan, *a))
-    gen = torch.Generator().manual_seed(1)
-    for step in range(5):
-        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
-            if step == 2 and i == 3:
-                p.grad = q.grad = None
-                continue
-            g = torch.randn(p.shape, generator=gen)
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-        for p, q in zip(ours_params, ref_params):
-            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
-        assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
+    step_against_torch(ours, ref, ours_params, ref_params, steps=5)
     assert [p.data_ptr() for p in ours_params] == pointers
     bucket = ours._buckets[0][0]
     assert bucket.external and bucket.backend == "triton"

@@ -51,7 +51,7 @@ ARCHS = (90, 80)
 
 KERNELS = {  # short name -> (module, kernel)
     "adam": ("fastopt.kernels.adam", "_adam_kernel"),
-    "adam_bias": ("fastopt.kernels.adam", "_adam_bias_kernel"),
+    "adam_steps": ("fastopt.kernels.adam", "_adam_steps_kernel"),
     "sgd": ("fastopt.kernels.sgd", "_sgd_kernel"),
     "adam_int8": ("fastopt.kernels.adam_int8", "_adam_int8_kernel"),
     "saga": ("fastopt.kernels.saga", "_saga_kernel"),
@@ -463,7 +463,7 @@ def describe(spec: dict) -> str:
               if v is True and k not in ("GRAD_TABLE", "PARAM_TABLE")]
     parts.append("param-table" if c.get("PARAM_TABLE") else
                  "grad-table" if c.get("GRAD_TABLE") else "flat")
-    if spec["kernel"] in ("adam_bias",):
+    if spec["kernel"] in ("adam_steps",):
         parts = parts[:1]
     return " ".join(p for p in parts if p)
 

@@ -171,13 +171,13 @@ class Adam(FlatOptimizer):
         return _same(bucket.step_ids)
 
     def update(self, group, bucket, plan, grad_scale, found_inf) -> None:
-        steps = bucket.steps
-        counted = [steps] if plan.whole else [steps[lo:hi] for lo, hi, _ in plan.step_runs]
-        for count in counted:
-            count.add_(1)
+        rows = bucket.step_rows
+        counted = [rows] if plan.whole else [rows[lo:hi] for lo, hi, _ in plan.step_runs]
         found_inf = _on(found_inf, bucket.device)
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
+        dispatch.implementation("count_adam_steps", bucket.backend)(
+            counted, lr=_on(group["lr"], bucket.device), beta1=float(beta1), beta2=float(beta2))
         if bucket.variant == INT8:
             self._update_int8(group, bucket, plan.chunks, grad_scale, found_inf, plan)
         else:
@@ -202,7 +202,7 @@ class Adam(FlatOptimizer):
             )
         if found_inf is not None:
             for count in counted:
-                count.sub_(found_inf)
+                count[:, 0].sub_(found_inf)
         if plan.whole:
             bucket.step_ids = [next(self._ids)] * len(bucket.params)
             return

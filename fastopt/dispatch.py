@@ -87,10 +87,16 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
 @functools.lru_cache(maxsize=None)
 def update_fn(name: str, backend: str):
     """The ``<name>_update`` function of ``backend`` (``"adam"``, ``"sgd"`` or ``"saga"``)."""
+    return implementation(f"{name}_update", backend)
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(name: str, backend: str):
+    """Function ``name`` of ``backend``: ``fastopt.kernels`` or ``fastopt.torch_path``."""
     if backend == "triton":
         from fastopt import kernels
 
-        return getattr(kernels, f"{name}_update")
+        return getattr(kernels, name)
     from fastopt import torch_path
 
-    return getattr(torch_path, f"{name}_update")
+    return getattr(torch_path, name)

@@ -180,6 +180,9 @@ class Bucket:
     external: bool = False
     state: dict = field(default_factory=dict)  # name -> flat buffer
     steps: Tensor | None = None  # float32 [len(params)]: param i's step count is steps[i]
+    # float32 [len(params), 3]: rows (step count, then what the Triton path derives from it each
+    # step: Adam's step size and sqrt of its second bias correction); ``steps`` is column 0.
+    step_rows: Tensor | None = None
     step_ids: list = field(default_factory=list)  # host-side: equal ids => equal step counts
     has_state: list = field(default_factory=list)
     grad: Tensor | None = None  # flat grad buffer, made when grads are first adopted
@@ -352,7 +355,9 @@ class Bucket:
 
     def ensure_steps(self) -> Tensor:
         if self.steps is None:
-            self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+            self.step_rows = torch.zeros(len(self.params), 3, dtype=torch.float32,
+                                         device=self.device)
+            self.steps = self.step_rows[:, 0]
             self.step_views = list(self.steps.unbind())
         return self.steps
 

@@ -26,6 +26,13 @@ from fastopt import precision
 from fastopt.quantization import BLOCK, dequantize, num_blocks, quantize
 
 
+def count_adam_steps(step_rows: list, *, lr, beta1: float, beta2: float) -> None:
+    """Add one to each param's step count: column 0 of each ``step_rows`` tensor (rows
+    ``(step, step_size, bias_correction2_sqrt)``; the torch path derives the rest itself)."""
+    for rows in step_rows:
+        rows[:, 0].add_(1)
+
+
 def adam_update(
     params: list,
     grads: list,

@@ -15,12 +15,16 @@ param receives it rounded to nearest; with STOCHASTIC_ROUNDING (bf16 params) the
 rounded with hashed noise (kernels/rounding.py). Moments may be stored in any float dtype:
 they are widened on load and rounded to nearest on store.
 
-The bias corrections are computed in fp64 (beta^t by repeated squaring) from betas held in a
-small fp64 device tensor, as torch.optim computes them in Python floats.
+The bias corrections are computed once per step and param, not per element:
+``count_adam_steps`` launches ``_adam_steps_kernel``, which adds one to each param's step count
+and writes beside it ``step_size = lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``, in fp64
+(beta^t by repeated squaring, betas from a small fp64 device tensor) as torch.optim computes them
+in Python floats. Each step count is the first of such a row of three fp32 values
+(``Bucket.step_rows``); the update kernel reads the row.
 
-``t`` (the step, already incremented), a tensor ``lr``, ``grad_scale`` and ``found_inf`` are read
-from device memory inside the kernel: the launch never waits on the device, so a step can be
-captured in a CUDA graph. When ``found_inf`` is nonzero every store is masked off: nothing changes.
+The row, a tensor ``lr``, ``grad_scale`` and ``found_inf`` are read from device memory inside the
+kernels: a launch never waits on the device, so a step can be captured in a CUDA graph. When
+``found_inf`` is nonzero every store is masked off: nothing changes.
 """
 
 from __future__ import annotations
@@ -81,15 +85,15 @@ def adam_moments(param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_fac
 
 @triton.jit
 def bias_corrections(step, betas_ptr, lr):
-    """(lr / (1 - beta1^t), sqrt(1 - beta2^t)), computed in fp64 as torch.optim does on the
-    host: beta^t by repeated squaring (multiplies only), so 1 - beta2^t keeps its digits when
-    beta2^t is close to 1."""
-    base1 = tl.load(betas_ptr)
-    base2 = tl.load(betas_ptr + 1)
-    power1 = base1 * 0.0 + 1.0
-    power2 = base2 * 0.0 + 1.0
-    exponent = step.to(tl.int32)
-    while exponent > 0:
+    """(lr / (1 - beta1^t), sqrt(1 - beta2^t)) for a block of step counts ``step``, in fp64 as
+    torch.optim computes them on the host: beta^t by repeated squaring (multiplies only), so
+    1 - beta2^t keeps its digits when beta2^t is close to 1."""
+    base1 = tl.load(betas_ptr) + tl.zeros(step.shape, tl.float64)
+    base2 = tl.load(betas_ptr + 1) + tl.zeros(step.shape, tl.float64)
+    power1 = tl.full(step.shape, 1.0, tl.float64)
+    power2 = tl.full(step.shape, 1.0, tl.float64)
+    exponent = step.to(tl.int64)
+    for _ in tl.static_range(32):  # step counts below 2**32
         odd = (exponent % 2) == 1
         power1 = tl.where(odd, power1 * base1, power1)
         power2 = tl.where(odd, power2 * base2, power2)
@@ -98,6 +102,52 @@ def bias_corrections(step, betas_ptr, lr):
         exponent = exponent // 2
     step_size = (lr / (1.0 - power1)).to(tl.float32)
     return step_size, tl.sqrt(1.0 - power2).to(tl.float32)
+
+
+@triton.jit
+def _adam_steps_kernel(
+    rows_ptr,  # fp32 rows (step, step_size, bias_correction2_sqrt), one per param
+    betas_ptr,  # fp64 [beta1, beta2]
+    lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
+    lr,  # learning rate (when not LR_ON_DEVICE)
+    n_rows,
+    row_stride,  # elements between rows
+    LR_ON_DEVICE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """step += 1, and the step's bias corrections beside it."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = rows < n_rows
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    step = tl.load(rows_ptr + rows * row_stride, mask=mask, other=0.0) + 1.0
+    step_size, bias_correction2_sqrt = bias_corrections(step, betas_ptr, lr)
+    tl.store(rows_ptr + rows * row_stride, step, mask=mask)
+    tl.store(rows_ptr + rows * row_stride + 1, step_size, mask=mask)
+    tl.store(rows_ptr + rows * row_stride + 2, bias_correction2_sqrt, mask=mask)
+
+
+def count_adam_steps(step_rows: list, *, lr, beta1: float, beta2: float) -> None:
+    """Add one to each param's step count and write the step's bias corrections beside it
+    (``_adam_steps_kernel``); the signature of ``fastopt.torch_path.count_adam_steps``."""
+    lr_on_device = isinstance(lr, torch.Tensor)
+    for rows in step_rows:
+        n = rows.shape[0]
+        if n == 0:
+            continue
+        _adam_steps_kernel[launch.grid(n, STEPS_BLOCK)](
+            rows, _betas(rows.device, float(beta1), float(beta2)),
+            lr if lr_on_device else rows, 0.0 if lr_on_device else float(lr), n,
+            rows.stride(0), LR_ON_DEVICE=lr_on_device, BLOCK_SIZE=STEPS_BLOCK, num_warps=1)
+
+
+STEPS_BLOCK = 32  # step rows per program of _adam_steps_kernel
+
+
+@triton.jit
+def step_row(step_ptr):
+    """(t, step_size, bias_correction2_sqrt): this step's row, written by _adam_steps_kernel."""
+    return tl.load(step_ptr), tl.load(step_ptr + 1), tl.load(step_ptr + 2)
 
 
 @triton.jit
@@ -121,8 +171,7 @@ def _adam_kernel(
     exp_avg_ptr,  # first moment m, updated in place
     exp_avg_sq_ptr,  # second moment v, updated in place
     max_exp_avg_sq_ptr,  # running max of v (AMSGRAD only), updated in place
-    step_ptr,  # fp32 step count t of these params, already incremented
-    betas_ptr,  # fp64 [beta1, beta2], for the bias corrections
+    step_ptr,  # fp32 row (t, step_size, bias_correction2_sqrt) of these params' step
     lr_ptr,  # fp32 learning rate on the device (LR_ON_DEVICE only)
     grad_scale_ptr,  # fp32 GradScaler scale (HAS_GRAD_SCALE only)
     found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
@@ -156,14 +205,14 @@ def _adam_kernel(
             PARAM_TABLE, BLOCK_SIZE)
         if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
             _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                           master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets,
+                           master_ptr, step_ptr, lr_ptr, grad_scale_ptr, offsets,
                            None, grad_ptrs, lr, decay_factor, beta1, beta2, weight_decay, eps,
                            base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED,
                            MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
                            STOCHASTIC_ROUNDING)
         else:  # a param's last block, masked at its end
             _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                           master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets,
+                           master_ptr, step_ptr, lr_ptr, grad_scale_ptr, offsets,
                            local < size, grad_ptrs, lr, decay_factor, beta1, beta2,
                            weight_decay, eps, base_offset, seed_word, AMSGRAD,
                            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE,
@@ -171,7 +220,7 @@ def _adam_kernel(
     else:
         offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
         _adam_elements(param_ptr + offsets, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                       master_ptr, step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask,
+                       master_ptr, step_ptr, lr_ptr, grad_scale_ptr, offsets, mask,
                        grad_ptr + offsets, lr, decay_factor, beta1, beta2, weight_decay, eps,
                        base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
                        LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING)
@@ -179,7 +228,7 @@ def _adam_kernel(
 
 @triton.jit
 def _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
-                   step_ptr, betas_ptr, lr_ptr, grad_scale_ptr, offsets, mask, grad_ptrs, lr,
+                   step_ptr, lr_ptr, grad_scale_ptr, offsets, mask, grad_ptrs, lr,
                    decay_factor, beta1, beta2, weight_decay, eps, base_offset, seed_word,
                    AMSGRAD: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                    DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
@@ -187,7 +236,7 @@ def _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, 
                    STOCHASTIC_ROUNDING: tl.constexpr):
     """The update of the elements at ``offsets`` of the flat buffers (``mask``: None for a
     whole block), whose params are at ``param_ptrs`` and grads at ``grad_ptrs``."""
-    step = tl.load(step_ptr).to(tl.float32)
+    step, step_size, bias_correction2_sqrt = step_row(step_ptr)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
@@ -199,7 +248,6 @@ def _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, 
     param, exp_avg, exp_avg_sq = adam_moments(
         param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
         weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
-    step_size, bias_correction2_sqrt = bias_corrections(step, betas_ptr, lr)
     if AMSGRAD:
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
         # NaN propagates into the running max, as torch.maximum does
@@ -275,11 +323,11 @@ def adam_update(
 def adam_arguments(param, step, master, lr, beta1, beta2, weight_decay, eps, grad_scale,
                    found_inf) -> tuple:
     """The Adam kernels' arguments from ``step_ptr`` to ``eps`` (a tensor that is absent is
-    stood in for by another: its constexpr flag keeps the kernel from reading it)."""
+    stood in for by another: its constexpr flag keeps the kernel from reading it). ``step`` is
+    a step count in a row that ``count_adam_steps`` filled this step."""
     lr_on_device = isinstance(lr, torch.Tensor)
     return (
         step,
-        _betas(param.device, float(beta1), float(beta2)),
         lr if lr_on_device else step,
         grad_scale if grad_scale is not None else step,
         found_inf if found_inf is not None else step,

@@ -19,7 +19,7 @@ import os
 import triton
 import triton.language as tl
 
-from .adam import adam_arguments, adam_flags, adam_moments, adam_step, bias_corrections
+from .adam import adam_arguments, adam_flags, adam_moments, adam_step, step_row
 from .rounding import load_param, seed_word, store_param
 
 ROWS = 4  # quantization blocks per program
@@ -51,7 +51,6 @@ def _adam_int8_kernel(
     unsigned_values_ptr,  # fp32 [256] code table of sqrt(exp_avg_sq)
     unsigned_midpoints_ptr,  # fp32 [255]
     step_ptr,
-    betas_ptr,
     lr_ptr,
     grad_scale_ptr,
     found_inf_ptr,
@@ -84,7 +83,7 @@ def _adam_int8_kernel(
     end = tl.load(block_table_ptr + rows * 2 + 1, mask=row_ok, other=0) - base
     offsets = start[:, None] + tl.arange(0, QBLOCK)[None, :]
     mask = row_ok[:, None] & (offsets < end[:, None])
-    step = tl.load(step_ptr).to(tl.float32)
+    step, step_size, bias_correction2_sqrt = step_row(step_ptr)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
 
@@ -101,7 +100,6 @@ def _adam_int8_kernel(
     param, exp_avg, exp_avg_sq = adam_moments(
         param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
         weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
-    step_size, bias_correction2_sqrt = bias_corrections(step, betas_ptr, lr)
     param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
 
     m_scale = tl.max(tl.where(mask, tl.abs(exp_avg), 0.0), axis=1)

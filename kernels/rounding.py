@@ -2,11 +2,11 @@
 with noise from a counter-based hash (``round_bf16_stochastic``); and the param round trip every
 kernel shares (``load_param`` / ``store_param``: fp32 masters, outside edits, rounding).
 
-bf16 rounding to nearest-even is done on the bits: Triton's conversion rounds so on GPUs, but
-its CPU interpreter truncates; spelled out, both give torch's ``.to(torch.bfloat16)``.
+bf16 round-to-nearest-even is the GPU's own conversion (one instruction). Triton's CPU
+interpreter truncates instead, so under it (``INTERPRETED``, a compile-time constant) the
+rounding is spelled out on the bits; both give torch's ``.to(torch.bfloat16)``.
 
-The same hash as ``fastopt.precision`` (on uint32 words held in int64, products split in 16-bit
-halves so nothing overflows):
+The same hash as ``fastopt.precision``, in 32-bit unsigned integers (products wrap mod 2**32):
 
     x = offset * 0x9E3779B1 + step * 0x85EBCA77 + seed * 0xC2B2AE3D
     x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
@@ -17,10 +17,13 @@ halves so nothing overflows):
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 SEED_MIX = 0xC2B2AE3D
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def seed_word(seed: int) -> int:
@@ -28,41 +31,32 @@ def seed_word(seed: int) -> int:
 
 
 @triton.jit
-def _mul32(x, c: tl.constexpr):
-    """x * c mod 2**32 for int64 x in [0, 2**32)."""
-    low = x * (c & 0xFFFF)
-    high = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (low + high) & 0xFFFFFFFF
-
-
-@triton.jit
 def round_bf16_stochastic(value, offsets, step, seed_word):
     """fp32 ``value`` (at flat ``offsets``, step ``step``) rounded to bf16 with hashed noise."""
-    x = _mul32(offsets & 0xFFFFFFFF, 0x9E3779B1)
-    x = (x + _mul32(step.to(tl.int64) & 0xFFFFFFFF, 0x85EBCA77) + seed_word) & 0xFFFFFFFF
+    x = offsets.to(tl.uint32) * 0x9E3779B1
+    x = x + step.to(tl.uint32) * 0x85EBCA77 + tl.cast(seed_word, tl.uint32)
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = x * 0x7FEB352D
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = x * 0x846CA68B
     x = x ^ (x >> 16)
-    bits = value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    bits = (bits + (x & 0xFFFF)) & 0xFFFF0000
-    return bits.to(tl.int32).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    bits = (value.to(tl.uint32, bitcast=True) + (x & 0xFFFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low bits are zero
 
 
 @triton.jit
 def round_bf16_nearest(value):
-    """fp32 ``value`` to bf16, round to nearest even (nan stays nan)."""
-    bits = value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    """fp32 ``value`` to bf16, round to nearest even (nan stays nan), on the bits."""
+    bits = value.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    rounded = bits.to(tl.int32).to(tl.float32, bitcast=True)
+    rounded = bits.to(tl.float32, bitcast=True)
     return tl.where(value != value, value, rounded).to(tl.bfloat16)
 
 
 @triton.jit
 def to_storage(value, dtype: tl.constexpr):
     """fp32 ``value`` in ``dtype`` (a pointer's element type), rounded to nearest."""
-    if dtype == tl.bfloat16:
+    if INTERPRETED and dtype == tl.bfloat16:
         return round_bf16_nearest(value)
     else:
         return value.to(dtype)

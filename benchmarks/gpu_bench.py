@@ -223,28 +223,67 @@ def run_default_loop(results: dict, optimizers: list) -> None:
                       f"  {row['vs_fused']:5.2f}x fused", flush=True)
 
 
+# The static cost model (python -m benchmarks.kernel_report --model ...): bytes and SASS
+# instructions per element of each kernel variant, from which each row's fraction of the copy
+# bandwidth measured here is predicted, so a GPU run tests the model too.
+MODEL = os.path.join(os.path.dirname(__file__), "results", "kernel-model.json")
+LEAN_KEYS = {"bf16 state": "adam fp32/bf16 flat", "int8 state": "adam_int8 fp32/u8 flat",
+             "bf16 + master_weights": "adam bf16/fp32+master flat",
+             "bf16 + stochastic_rounding": "adam bf16/bf16+sr flat",
+             "fp32 + max_grad_norm": None}
+
+
+def row_key(row: dict) -> str | None:
+    """The cost model's key for a results row (see benchmarks/kernel_report.model_key)."""
+    if "variant" in row:
+        return LEAN_KEYS.get(row["variant"])
+    kernel = "sgd" if row["optimizer"] == "SGD" else "adam"
+    dtype = "bf16" if row.get("dtype") == "bfloat16" else "fp32"
+    route = "grad-table" if "mode" in row else "flat"
+    return f"{kernel} {dtype}/{dtype} {route}"
+
+
+def add_predictions(results: dict, path: str = MODEL) -> None:
+    """``predicted_fraction`` on every row the model covers, at the copy bandwidth measured."""
+    try:
+        from benchmarks.kernel_report import predicted_fraction
+        with open(path) as f:
+            entries = json.load(f)
+    except (ImportError, OSError) as error:
+        print(f"no cost model ({error}): predictions left out")
+        return
+    for row in results["cases"] + results.get("default_loop", []) + results.get("lean", []):
+        entry = entries.get(row_key(row) or "")
+        if entry is not None and "fraction_of_copy" in row:
+            row["predicted_fraction"] = predicted_fraction(entry, results["copy_gbps"])
+
+
+def _predicted(row: dict) -> str:
+    return f"{row['predicted_fraction']:7.0%}" if "predicted_fraction" in row else f"{'':>7}"
+
+
 def table(results: dict) -> str:
     lines = [f"{results['device']}  torch {results['torch']}  triton {results['triton']}  "
              f"copy {results['copy_gbps']:.0f} GB/s",
              f"{'optimizer':<9} {'dtype':<9} {'case':<11} {'fastopt ms':>10} {'GB/s':>7} "
-             f"{'of copy':>7} {'vs fused':>8} {'vs foreach':>10} {'vs loop':>8}"]
+             f"{'of copy':>7} {'model':>7} {'vs fused':>8} {'vs foreach':>10} {'vs loop':>8}"]
     for r in results["cases"]:
         lines.append(
             f"{r['optimizer']:<9} {r['dtype']:<9} {r['shape']:<11} {r['fastopt_ms']:10.3f} "
-            f"{r['fastopt_gbps']:7.0f} {r['fraction_of_copy']:7.0%} "
+            f"{r['fastopt_gbps']:7.0f} {r['fraction_of_copy']:7.0%} {_predicted(r)} "
             f"{r['torch_fused_ms'] / r['fastopt_ms']:7.2f}x "
             f"{r['torch_foreach_ms'] / r['fastopt_ms']:9.2f}x "
             f"{r['torch_loop_ms'] / r['fastopt_ms']:7.2f}x")
     for r in results.get("default_loop", []):
-        share = (f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%}"
-                 if "fastopt_gbps" in r else f"{'':>17}")
+        share = (f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%} "
+                 f"(model {_predicted(r)})" if "fastopt_gbps" in r else f"{'':>33}")
         lines.append(f"{r['optimizer']:<6} default loop {r['mode']:<10} {r['shape']:<11} "
                      f"{r['fastopt_ms']:10.3f} ms {share} {r['vs_fused']:7.2f}x fused "
                      f"{r['vs_foreach']:7.2f}x foreach")
     for r in results.get("lean", []):
         lines.append(f"AdamW {r['variant']:<27} 1e8 {r['fastopt_ms']:10.3f} ms "
                      f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%} "
-                     f"{r['vs_fused_fp32']:7.2f}x torch fused fp32")
+                     f"(model {_predicted(r)}) {r['vs_fused_fp32']:7.2f}x torch fused fp32")
     return "\n".join(lines)
 
 
@@ -260,6 +299,7 @@ def main(argv=None) -> None:
     run_default_loop(results, ["AdamW"] if args.quick else ["AdamW", "SGD"])
     if not args.quick:
         run_lean(results)
+    add_predictions(results)
     os.makedirs(args.out, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9]+", "-", results["device"]).strip("-")
     path = os.path.join(args.out, f"{name}.json")

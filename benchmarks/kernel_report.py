@@ -16,7 +16,7 @@ does not reach (bf16/fp16 params, masters, stochastic rounding, lower-precision 
 **Compile.** ``compile_spec`` runs Triton's real compiler (``triton.compile`` of an
 ``ASTSource``) for ``sm_90``/``sm_80``; Triton's own ptxas (``get_ptxas``) reports registers,
 spills and stack; nvdisasm gives the SASS. Per kernel it checks: every element stream moves in
-128-bit accesses (``ld/st.global.v4``), no local memory, no spills on sm_90, no fp64 per element.
+the widest global accesses its bytes per thread allow (128-bit from 16 bytes up), no local memory, no spills on sm_90, no fp64 per element.
 
 **Cost model (a prediction, not a measurement).** Per element: the bytes a step must move
 (each stream read and/or written once, at its storage width) and the SASS instructions a thread
@@ -115,11 +115,11 @@ RECORDED: dict = {}  # key -> spec
 
 def _gpu_constant(name: str, value):
     """The interpreter runs bigger programs (kernels/launch.py); a GPU launches these."""
-    if name == "BLOCK_SIZE":
-        from fastopt.kernels import launch
+    from fastopt.kernels import adam_int8, launch
+
+    if name == "BLOCK_SIZE" and value == launch.INTERPRETER_BLOCK_SIZE:
         return launch.BLOCK_SIZE
-    if name == "ROWS_PER_PROGRAM":
-        from fastopt.kernels import adam_int8
+    if name == "ROWS_PER_PROGRAM" and value == adam_int8.INTERPRETER_ROWS:
         return adam_int8.ROWS
     return value
 
@@ -189,7 +189,7 @@ _TABLE_TYPES = {"grad_table_ptr": "*i64", "param_table_ptr": "*i64", "block_para
                 "betas_ptr": "*fp64"}
 
 
-def _variant(kernel: str, dtypes: dict, constexprs: dict, ints: dict = (), floats=()) -> dict:
+def _variant(kernel: str, dtypes: dict, constexprs: dict, ints: dict = (), num_warps: int = 4) -> dict:
     """A spec with every pointer aligned: ``dtypes`` maps pointer args to element types (others
     fp32), ``ints`` int args to types (all divisible by 16)."""
     module, name = KERNELS[kernel]
@@ -209,7 +209,7 @@ def _variant(kernel: str, dtypes: dict, constexprs: dict, ints: dict = (), float
         else:
             signature[arg] = "fp32"
     return {"kernel": kernel, "signature": signature, "constexprs": dict(constexprs),
-            "divisible": divisible, "num_warps": 4}
+            "divisible": divisible, "num_warps": num_warps}
 
 
 def gpu_variants() -> list:
@@ -221,7 +221,8 @@ def gpu_variants() -> list:
     adam_ints = _INTS["adam"]
     for table, by_address in ((False, False), (True, False), (True, True)):
         for param, state, master, rounding in (
-                ("fp32", "fp32", False, False), ("bf16", "fp32", True, False),
+                ("fp32", "fp32", False, False), ("fp32", "bf16", False, False),
+                ("bf16", "fp32", True, False),
                 ("bf16", "bf16", False, False), ("bf16", "bf16", False, True),
                 ("bf16", "bf16", True, False), ("fp16", "fp32", True, False)):
             dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param,
@@ -244,11 +245,12 @@ def gpu_variants() -> list:
                                     ("bf16", False, True)):
         out.append(_variant("adam_int8", {
             "param_ptr": "*" + param, "grad_ptr": "*" + param, "m_codes_ptr": "*u8",
-            "v_codes_ptr": "*u8", "block_table_ptr": "*i64"}, dict(
+            "v_codes_ptr": "*u8", "block_table_ptr": "*i64", "signed_guesses_ptr": "*u8",
+            "unsigned_guesses_ptr": "*u8"}, dict(
                 HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=False, LR_ON_DEVICE=False,
                 HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=master,
                 STOCHASTIC_ROUNDING=rounding, ROWS_PER_PROGRAM=adam_int8.ROWS,
-                QBLOCK=BLOCK), _INTS["adam_int8"]))
+                QBLOCK=BLOCK), _INTS["adam_int8"], adam_int8.NUM_WARPS))
     return out
 
 
@@ -309,7 +311,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
                                cubin_file], capture_output=True, text=True).stdout
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else -1  # noqa
     instructions = [line.split("*/", 1)[1] for line in sass.splitlines()
-                    if re.match(r"\s*/\*[0-9a-f]{4}\*/", line)]
+                    if re.match(r"\s*/\*[0-9a-f]{4,6}\*/", line)]
     loads, stores = {}, {}
     for kind, qualifiers in _ACCESS.findall(ptx):
         counts = loads if kind == "ld" else stores
@@ -343,7 +345,7 @@ def common_path_length(sass: str) -> int:
         label = re.match(r"\s*(\.L_x_\d+):", line)
         if label:
             labels[label.group(1)] = len(code)
-        elif re.match(r"\s*/\*[0-9a-f]{4}\*/", line):
+        elif re.match(r"\s*/\*[0-9a-f]{4,6}\*/", line):
             code.append(line.split("*/", 1)[1].strip().rstrip(";").strip())
     if not code:
         return 0
@@ -420,17 +422,25 @@ def analyse(result: dict, machine: dict = H100) -> dict:
     stream_list = streams(kernel, c)
     if not stream_list:
         return out
-    loaded = sum(per_thread * element_size(sig[p]) for p, how in stream_list if "L" in how)
-    stored = sum(per_thread * element_size(sig[p]) for p, how in stream_list if "S" in how)
-    aligned = all(p in spec["divisible"] for p, _ in stream_list) and all(
-        name in spec["divisible"] for name in ("n_elements",) if name in sig)
-    if aligned:
-        for what, needed, counts in (("load", loaded, result["loads"]),
-                                     ("store", stored, result["stores"])):
-            wide = 16 * counts.get(16, 0)
-            if wide < needed:
-                out["problems"].append(
-                    f"{what}s: {wide:g} of {needed:g} bytes per thread in 128-bit accesses")
+    # The aligned layout: every stream 16-byte aligned and, for a flat launch, an element
+    # count divisible by 16 (a table launch masks by the slot sizes in its tables instead).
+    aligned = all(p in spec["divisible"] for p, _ in stream_list) and (
+        kernel == "adam_int8" or c.get("GRAD_TABLE") or "n_elements" in spec["divisible"])
+    if aligned:  # each stream in the widest accesses its per-thread bytes allow (16 at most)
+        for what, kind, counts in (("load", "L", result["loads"]),
+                                   ("store", "S", result["stores"])):
+            needed: dict = {}
+            for p, how in stream_list:
+                if kind in how:
+                    size = per_thread * element_size(sig[p])
+                    width = int(min(16, size))
+                    needed[width] = needed.get(width, 0) + int(size // width)
+            for width, count in sorted(needed.items()):
+                have = sum(v for w, v in counts.items() if int(w) >= width)
+                wider = sum(n for w, n in needed.items() if w > width)
+                if have - wider < count:
+                    out["problems"].append(f"{what}s: {max(have - wider, 0)} of {count} "
+                                           f"{8 * width}-bit accesses per thread")
     if result["fp64"] > 8:
         out["problems"].append(f"{result['fp64']} fp64 instructions per thread")
     bytes_per_element = sum(element_size(sig[p]) * len(how) for p, how in stream_list) \
@@ -494,6 +504,44 @@ def report(results: list, machine: dict = H100) -> tuple:
     return "\n".join(rows), problems
 
 
+def model_key(spec: dict) -> str | None:
+    """The key ``benchmarks/gpu_bench.py`` looks a measured row up by: kernel, param and state
+    storage, master / stochastic rounding, route (None for kernels without element streams)."""
+    c, sig, kernel = spec["constexprs"], spec["signature"], spec["kernel"]
+    state = {"adam": "exp_avg_ptr", "sgd": "momentum_buffer_ptr",
+             "adam_int8": "m_codes_ptr"}.get(kernel)
+    if state is None:
+        return None
+    route = ("param-table" if c.get("PARAM_TABLE") else "grad-table" if c.get("GRAD_TABLE")
+             else "flat")
+    extra = "+master" if c.get("HAS_MASTER") else "+sr" if c.get("STOCHASTIC_ROUNDING") else ""
+    if c.get("AMSGRAD"):
+        extra += "+amsgrad"
+    return (f"{kernel} {sig['param_ptr'].lstrip('*')}/{sig[state].lstrip('*')}{extra} "
+            f"{route}")
+
+
+def model(results: list) -> dict:
+    """{model_key: {bytes_per_element, sass_per_element}} on sm_90, for gpu_bench.py to
+    predict each row's fraction of the bandwidth it measures."""
+    out = {}
+    for result in results:
+        key = model_key(result["spec"])
+        a = analyse(result)
+        if key and result["arch"] == 90 and "bytes_per_element" in a:
+            out[key] = {"bytes_per_element": a["bytes_per_element"],
+                        "sass_per_element": a["sass_per_element"]}
+    return out
+
+
+def predicted_fraction(entry: dict, bandwidth_gbs: float, machine: dict = H100) -> float:
+    """The model's fraction of copy bandwidth for one ``model()`` entry at ``bandwidth_gbs``."""
+    memory_time = entry["bytes_per_element"] / (bandwidth_gbs * 1e9)
+    issue_time = entry["sass_per_element"] / (
+        machine["sms"] * ISSUE_LANES_PER_SM * machine["clock_ghz"] * 1e9)
+    return memory_time / max(memory_time, issue_time)
+
+
 def unique(specs: list) -> list:
     return list({key_of(s): s for s in specs}.values())
 
@@ -507,19 +555,27 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--bandwidth", type=float, default=H100["bandwidth_gbs"],
                         help="copy bandwidth in GB/s for the model (default: an H100's)")
+    parser.add_argument("--kernel", nargs="+", choices=list(KERNELS), help="only these kernels")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--model", help="write the cost model per variant here (gpu_bench.py "
+                        "reads benchmarks/results/kernel-model.json)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     specs = [] if args.no_variants else gpu_variants()
     if args.specs:
         with open(args.specs) as f:
             specs += json.load(f)
+    if args.kernel:
+        specs = [s for s in specs if s["kernel"] in args.kernel]
     results = _compile_all(unique(specs), tuple(args.arch))
     machine = dict(H100, bandwidth_gbs=args.bandwidth)
     table, problems = report(results, machine)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dict(r, **analyse(r, machine)) for r in results], f, indent=1)
+    if args.model:
+        with open(args.model, "w") as f:
+            json.dump(model(results), f, indent=1, sort_keys=True)
     if args.report:
         print(f"{len(results)} compiles ({len(unique(specs))} specializations x "
               f"{len(args.arch)} targets); model: {machine} (a prediction)\n")

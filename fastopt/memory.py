@@ -11,7 +11,7 @@ layout will hold for a given set of params, optimizer and options:
   (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
   SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) in its stored dtype
   (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32 ``master_param`` of bf16/fp16 params (``master_weights``), plus
-  Adam's float32 step counts, one per param;
+  Adam's float32 step counts, one per param, each with its step's two bias corrections;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
   are copied into (by ``zero_grad(set_to_none=False)``; every step on the Triton path after
   ``zero_grad()`` set the grads to None), the temporaries of the CPU torch path where it has
@@ -40,7 +40,7 @@ from fastopt.flat import is_movable, local, padded_size
 from fastopt.precision import HALF_DTYPES, SLICE
 from fastopt.quantization import MIN_SIZE, num_blocks
 
-STEP_BYTES = 4  # fastopt keeps Adam's step counts as float32, one per param
+STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
 # Temporaries per element of a widened slice on the CPU torch path (measured: ~36 bytes for
 # 8-bit state, ~36 for bf16 state, in slices of fastopt.precision.SLICE elements).
 SLICE_SCRATCH_PER_ELEMENT = 40

@@ -1,40 +1,88 @@
 """Adam / AdamW with blockwise 8-bit moments, in one pass (Dettmers et al. 2021).
 
-Each program updates ``ROWS`` quantization blocks of up to ``QBLOCK`` elements (a block table
-gives each block's flat range, so blocks start at every param's start). Per block, in fp32:
+Each program updates ``ROWS`` consecutive quantization blocks of up to ``QBLOCK`` elements (a
+block table gives each block's flat range; blocks start at every param's start). Per block, in
+fp32:
 
     m = signed_table[m_code] * m_scale;  u = unsigned_table[v_code] * v_scale;  v = u * u
     (the Adam update of kernels/adam.py on param, grad, m, v)
     m_scale = max |m|;  m_code = nearest(signed_table, m / m_scale)
     v_scale = max sqrt(v); v_code = nearest(unsigned_table, sqrt(v) / v_scale)
 
-``nearest`` is a binary search over the 255 midpoints between table entries (8 probes of a
-1 KiB table that stays in cache). Tables and layout: ``fastopt.quantization``.
+``nearest`` counts the 255 midpoints between table entries that lie below the value: the
+table's formula gives the index within one, two midpoints settle it. The code tables and
+midpoints are loaded once per program and read with ``tl.gather`` (shared memory): no global
+load depends on an element's value.
+
+When a program's blocks are whole and back to back in the flat buffers (every block of a large
+param but the last), its elements are one contiguous, 64-element-aligned range: loads and stores
+are unmasked 16-byte vectors (``ROWS * QBLOCK / threads = 16`` bytes of codes per thread). Other
+programs (a param's last block, the buffer's end) place each element by its block's row, masked.
+Tables and layout: ``fastopt.quantization``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 from .adam import adam_arguments, adam_flags, adam_moments, adam_step, step_row
 from .rounding import load_param, seed_word, store_param
 
-ROWS = 4  # quantization blocks per program
+ROWS = 8  # quantization blocks per program: 2048 elements, 8 per thread of 8 warps
+NUM_WARPS = 8
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
+TABLE = 256  # code table entries (midpoints padded to 256 with +inf)
+GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 1 by their top 15 bits
+GUESS_BASE = tl.constexpr((127 - 24) << 7)  # the top 15 bits of 2**-24: entry 0
 
 
 @triton.jit
-def _nearest(x, midpoints_ptr):
-    """Index of the table entry nearest to x: how many of the 255 midpoints are below x."""
-    position = tl.zeros(x.shape, dtype=tl.int32)
-    for bit in tl.static_range(8):
-        candidate = position + (128 >> bit)
-        midpoint = tl.load(midpoints_ptr + candidate - 1)
-        position = tl.where(midpoint < x, candidate, position)
-    return position
+def _nearest(x, midpoints, guesses, SIGNED: tl.constexpr):
+    """Index of the table entry nearest to x (|x| <= 1): how many of the 255 ``midpoints``
+    are below x. ``guesses`` (``guess_table``) gives, by the top 15 bits of |x|'s fp32 (its
+    exponent and 7 mantissa bits), the rank among the positive entries of the one nearest to
+    the lowest float with those bits; within that range of floats there is at most one
+    midpoint, so two midpoints settle the index exactly (ties go to the lower entry, as
+    ``torch.bucketize`` does)."""
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    index = tl.minimum(tl.maximum((bits >> 16) - GUESS_BASE, 0), GUESSES - 1)
+    rank = tl.gather(guesses, index, 0).to(tl.int32)
+    if SIGNED:  # [-1 .. -1e-6] 0 0 [1e-6 .. 1]: entries 0-126, 127-128, 129-255
+        guess = tl.where(x > 0, 129 + rank, tl.where(x < 0, 126 - rank, 127))
+    else:  # 0 [1e-7 .. 1]
+        guess = 1 + rank
+    guess = tl.minimum(tl.maximum(guess, 1), 254)
+    below = tl.gather(midpoints, guess - 1, 0)
+    above = tl.gather(midpoints, guess, 0)
+    return tl.where(x <= below, guess - 1, tl.where(x > above, guess + 1, guess))
+
+
+@triton.jit
+def _per_element(row_values, ROWS_PER_PROGRAM: tl.constexpr, QBLOCK: tl.constexpr):
+    """One value per block, repeated for each of the block's ``QBLOCK`` elements."""
+    return tl.reshape(tl.broadcast_to(row_values[:, None], (ROWS_PER_PROGRAM, QBLOCK)),
+                      (ROWS_PER_PROGRAM * QBLOCK,))
+
+
+@triton.jit
+def _block_max(values, ROWS_PER_PROGRAM: tl.constexpr, QBLOCK: tl.constexpr):
+    """The largest of each block's ``QBLOCK`` values: (per block, per element)."""
+    rows = tl.max(tl.reshape(values, (ROWS_PER_PROGRAM, QBLOCK)), axis=1)
+    return rows, _per_element(rows, ROWS_PER_PROGRAM, QBLOCK)
+
+
+@triton.jit
+def _load(pointers, mask, other):
+    """``tl.load``, masked (with ``other``) unless ``mask`` is None."""
+    if mask is None:
+        return tl.load(pointers)
+    else:
+        return tl.load(pointers, mask=mask, other=other)
 
 
 @triton.jit
@@ -47,10 +95,12 @@ def _adam_int8_kernel(
     v_scales_ptr,  # fp32 scale of each block of sqrt(exp_avg_sq)
     block_table_ptr,  # int64 [n_blocks, 2]: flat [start, end) of each block
     signed_values_ptr,  # fp32 [256] code table of exp_avg
-    signed_midpoints_ptr,  # fp32 [255]
+    signed_midpoints_ptr,  # fp32 [256]: the 255 midpoints, then +inf
     unsigned_values_ptr,  # fp32 [256] code table of sqrt(exp_avg_sq)
-    unsigned_midpoints_ptr,  # fp32 [255]
-    step_ptr,
+    unsigned_midpoints_ptr,  # fp32 [256]
+    signed_guesses_ptr,  # uint8 [4096] guess_table(True)
+    unsigned_guesses_ptr,  # uint8 [4096] guess_table(False)
+    step_ptr,  # fp32 row (t, step_size, bias_correction2_sqrt), see kernels/adam.py
     lr_ptr,
     grad_scale_ptr,
     found_inf_ptr,
@@ -75,45 +125,98 @@ def _adam_int8_kernel(
     ROWS_PER_PROGRAM: tl.constexpr,
     QBLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    first_row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM
     if HAS_FOUND_INF:  # an inf/nan grad this step: every block masked off, nothing written
         n_blocks = tl.where(tl.load(found_inf_ptr) == 0.0, n_blocks, 0)
-    row_ok = rows < n_blocks
-    start = tl.load(block_table_ptr + rows * 2, mask=row_ok, other=0) - base
-    end = tl.load(block_table_ptr + rows * 2 + 1, mask=row_ok, other=0) - base
-    offsets = start[:, None] + tl.arange(0, QBLOCK)[None, :]
-    mask = row_ok[:, None] & (offsets < end[:, None])
+    element = tl.arange(0, ROWS_PER_PROGRAM * QBLOCK)
+    all_rows = first_row + ROWS_PER_PROGRAM <= n_blocks
+    last_row = tl.where(all_rows, first_row + ROWS_PER_PROGRAM - 1, first_row)
+    start = tl.load(block_table_ptr + first_row * 2) - base
+    end = tl.load(block_table_ptr + last_row * 2 + 1) - base
+    if all_rows and (end - start == ROWS_PER_PROGRAM * QBLOCK):  # whole, back to back
+        offsets = tl.multiple_of(start, 64) + element
+        _adam_int8_elements(
+            param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
+            signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
+            unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr, offsets, None,
+            first_row, n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
+            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
+            STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK)
+    else:  # each element placed by its block's row, masked at the block's end
+        row = first_row + element // QBLOCK
+        row_ok = row < n_blocks
+        row_start = tl.load(block_table_ptr + row * 2, mask=row_ok, other=0) - base
+        row_end = tl.load(block_table_ptr + row * 2 + 1, mask=row_ok, other=0) - base
+        offsets = row_start + element % QBLOCK
+        _adam_int8_elements(
+            param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
+            signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
+            unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr, offsets,
+            row_ok & (offsets < row_end), first_row, n_blocks, lr, decay_factor, beta1,
+            beta2, weight_decay, eps, base, seed_word, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
+            LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM,
+            QBLOCK)
+
+
+@triton.jit
+def _adam_int8_elements(
+        param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
+        signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr, unsigned_midpoints_ptr,
+        signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr, offsets, mask, first_row, n_blocks, lr,
+        decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
+        HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+        LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
+        STOCHASTIC_ROUNDING: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+        QBLOCK: tl.constexpr):
+    """Decode, update and encode the elements at ``offsets`` (``mask``: None when every one is
+    there, and every block ``first_row + [0, ROWS_PER_PROGRAM)`` below ``n_blocks``)."""
     step, step_size, bias_correction2_sqrt = step_row(step_ptr)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
+    entries = tl.arange(0, 256)
+    signed_values = tl.load(signed_values_ptr + entries)
+    unsigned_values = tl.load(unsigned_values_ptr + entries)
+    rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
+    if mask is None:
+        rows_ok = None
+    else:
+        rows_ok = rows < n_blocks
 
     param = load_param(param_ptr + offsets, master_ptr + offsets, mask, HAS_MASTER)
-    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    m_code = tl.load(m_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-    v_code = tl.load(v_codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-    m_scale = tl.load(m_scales_ptr + rows, mask=row_ok, other=0.0)
-    v_scale = tl.load(v_scales_ptr + rows, mask=row_ok, other=0.0)
-    exp_avg = tl.load(signed_values_ptr + m_code) * m_scale[:, None]
-    root = tl.load(unsigned_values_ptr + v_code) * v_scale[:, None]
+    grad = _load(grad_ptr + offsets, mask, 0.0).to(tl.float32)
+    m_code = _load(m_codes_ptr + offsets, mask, 0).to(tl.int32)
+    v_code = _load(v_codes_ptr + offsets, mask, 0).to(tl.int32)
+    m_scale = _per_element(_load(m_scales_ptr + rows, rows_ok, 0.0), ROWS_PER_PROGRAM, QBLOCK)
+    v_scale = _per_element(_load(v_scales_ptr + rows, rows_ok, 0.0), ROWS_PER_PROGRAM, QBLOCK)
+    exp_avg = tl.gather(signed_values, m_code, 0) * m_scale
+    root = tl.gather(unsigned_values, v_code, 0) * v_scale
     exp_avg_sq = root * root
 
     param, exp_avg, exp_avg_sq = adam_moments(
         param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
         weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
     param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
-
-    m_scale = tl.max(tl.where(mask, tl.abs(exp_avg), 0.0), axis=1)
-    m_code = _nearest(exp_avg / tl.where(m_scale > 0, m_scale, 1.0)[:, None], signed_midpoints_ptr)
-    root = tl.sqrt_rn(exp_avg_sq)
-    v_scale = tl.max(tl.where(mask, root, 0.0), axis=1)
-    v_code = _nearest(root / tl.where(v_scale > 0, v_scale, 1.0)[:, None], unsigned_midpoints_ptr)
-
     store_param(param_ptr + offsets, master_ptr + offsets, mask, param, base + offsets, step,
                 seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
+
+    magnitude = tl.abs(exp_avg)
+    root = tl.sqrt_rn(exp_avg_sq)
+    if mask is not None:
+        magnitude = tl.where(mask, magnitude, 0.0)
+        root = tl.where(mask, root, 0.0)
+    m_row_scale, m_scale = _block_max(magnitude, ROWS_PER_PROGRAM, QBLOCK)
+    v_row_scale, v_scale = _block_max(root, ROWS_PER_PROGRAM, QBLOCK)
+    m_code = _nearest(tl.div_rn(exp_avg, tl.where(m_scale > 0, m_scale, 1.0)),
+                      tl.load(signed_midpoints_ptr + entries),
+                      tl.load(signed_guesses_ptr + tl.arange(0, GUESSES)), True)
+    v_code = _nearest(tl.div_rn(root, tl.where(v_scale > 0, v_scale, 1.0)),
+                      tl.load(unsigned_midpoints_ptr + entries),
+                      tl.load(unsigned_guesses_ptr + tl.arange(0, GUESSES)), False)
+
     tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
     tl.store(v_codes_ptr + offsets, v_code.to(tl.uint8), mask=mask)
-    tl.store(m_scales_ptr + rows, m_scale, mask=row_ok)
-    tl.store(v_scales_ptr + rows, v_scale, mask=row_ok)
+    tl.store(m_scales_ptr + rows, m_row_scale, mask=rows_ok)
+    tl.store(v_scales_ptr + rows, v_row_scale, mask=rows_ok)
 
 
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
@@ -121,7 +224,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
                      rounding_seed=None, offsets=None) -> None:
     """One launch per chunk; the signature of ``fastopt.torch_path.adam_int8_update``."""
-    from fastopt.quantization import BLOCK, tables
+    from fastopt.quantization import BLOCK
 
     stochastic = rounding_seed is not None and masters is None
     rows = INTERPRETER_ROWS if os.environ.get("TRITON_INTERPRET") == "1" else ROWS
@@ -129,12 +232,13 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
         n_blocks = block_tables[i].shape[0]
         if n_blocks == 0:
             continue
-        signed_values, signed_midpoints = tables(True, param.device)
-        unsigned_values, unsigned_midpoints = tables(False, param.device)
+        signed_values, signed_midpoints, signed_guesses = kernel_tables(True, param.device)
+        unsigned_values, unsigned_midpoints, unsigned_guesses = kernel_tables(False,
+                                                                              param.device)
         _adam_int8_kernel[(triton.cdiv(n_blocks, rows),)](
             param, grads[i], exp_avgs[i], exp_avg_scales[i], exp_avg_sqs[i],
             exp_avg_sq_scales[i], block_tables[i], signed_values, signed_midpoints,
-            unsigned_values, unsigned_midpoints,
+            unsigned_values, unsigned_midpoints, signed_guesses, unsigned_guesses,
             *adam_arguments(param, steps[i], masters[i] if masters is not None else None, lr,
                             beta1, beta2, weight_decay, eps, grad_scale, found_inf),
             n_blocks, bases[i], seed_word(rounding_seed) if stochastic else 0,
@@ -142,5 +246,33 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                          masters, stochastic),
             ROWS_PER_PROGRAM=rows,
             QBLOCK=BLOCK,
-            num_warps=4,
+            num_warps=NUM_WARPS,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def kernel_tables(signed: bool, device) -> tuple:
+    """(code values [256], midpoints [255] padded with +inf to 256, guess_table) on
+    ``device``."""
+    from fastopt.quantization import tables
+
+    values, midpoints = tables(signed, device)
+    padded = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])
+    return values, padded, guess_table(signed).to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def guess_table(signed: bool) -> torch.Tensor:
+    """uint8 [GUESSES]: entry ``i`` is the rank among the table's positive entries (ascending)
+    of the entry nearest to the float whose top 15 bits are ``GUESS_BASE + i`` (the lowest float
+    with them). Between two such floats there is at most one midpoint (checked here), so the
+    nearest entry of any float in that range is the guess or the one after it."""
+    from fastopt.quantization import tables
+
+    _, midpoints = tables(signed, torch.device("cpu"))
+    top_bits = torch.arange(GUESSES.value, dtype=torch.int32) + GUESS_BASE.value
+    lowest = (top_bits << 16).view(torch.float32).clamp(max=1.0)
+    codes = torch.bucketize(lowest, midpoints)
+    assert int((codes[1:] - codes[:-1]).max()) <= 1
+    first_positive = 129 if signed else 1
+    return (codes - first_positive).clamp(min=0).to(torch.uint8)

@@ -341,8 +341,8 @@ def test_fastopt_memory_and_verify_after_a_plain_import():
             "print(fastopt.memory.estimate([p], 'adam').state_bytes, callable(fastopt.verify))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    # Adam: two 128-element buffers (3 elements and their padding) and one float32 step.
-    assert out.stdout.split() == [str(2 * 4 * 128 + 4), "True"]
+    # Adam: two 128-element buffers (3 elements and their padding) and one step row.
+    assert out.stdout.split() == [str(2 * 4 * 128 + fastopt.memory.STEP_BYTES), "True"]
 
 
 def test_group_options_are_checked_when_added_and_when_changed():

@@ -30,6 +30,9 @@ def compiled(tmp_path_factory) -> list:
     folder = tmp_path_factory.mktemp("kernels")
     specs = folder / "specs.json"
     specs.write_text(json.dumps(list(kernel_report.RECORDED.values())))
+    if os.environ.get("FASTOPT_KERNEL_SPECS"):  # keep them: python -m benchmarks.kernel_report
+        with open(os.environ["FASTOPT_KERNEL_SPECS"], "w") as f:  # --specs FILE --report
+            f.write(specs.read_text())
     out = folder / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--specs",
@@ -72,7 +75,7 @@ def test_no_local_memory_and_no_spills_on_sm90(compiled):
 def test_every_stream_of_an_aligned_launch_moves_in_128_bit_accesses(compiled):
     aligned = [(r, a) for r, a in compiled if a.get("aligned")]
     assert len(aligned) >= len(compiled) // 2  # the aligned layout is the common case
-    bad = [f"{_name(r)}: {p}" for r, a in aligned for p in a["problems"] if "128-bit" in p]
+    bad = [f"{_name(r)}: {p}" for r, a in aligned for p in a["problems"] if "-bit accesses" in p]
     assert not bad, "\n".join(bad)
 
 
@@ -84,7 +87,8 @@ def test_fp64_only_in_per_program_scalars(compiled):
 
 def test_the_cost_model_holds_the_kernels_memory_bound(compiled):
     """Predicted on an H100: fp32/bf16 Adam, AdamW and SGD use at most half the issue slots
-    while streaming at 90 % of copy bandwidth; 8-bit Adam reaches 85 % of it."""
+    while streaming at 90 % of copy bandwidth; 8-bit Adam on fp32 params (16 bytes per
+    element) reaches 85 % of it."""
     shares, fractions = {}, {}
     for r, a in compiled:
         spec = r["spec"]
@@ -93,7 +97,7 @@ def test_the_cost_model_holds_the_kernels_memory_bound(compiled):
         name = _name(r)
         if spec["kernel"] in ("adam", "sgd"):
             shares[name] = a["issue_share"]
-        elif spec["kernel"] == "adam_int8":
+        elif spec["kernel"] == "adam_int8" and spec["signature"]["param_ptr"] == "*fp32":
             fractions[name] = a["predicted_fraction"]
     assert shares and fractions
     over = {k: round(v, 2) for k, v in shares.items() if v > 0.5}

@@ -88,7 +88,7 @@ def test_groups_with_their_own_options_complex_params_and_a_module():
     # of 128. Group 0: 35 + 5 elements -> slots at 0 and 64 -> 128. Group 1: a real bucket
     # (15 + 3 -> 128) and a complex one (6 complex = 12 real -> 128).
     first, second = 128, 128 + 128
-    assert report.state_bytes == 4 * (3 * first + 2 * second) + 4 * 5
+    assert report.state_bytes == 4 * (3 * first + 2 * second) + memory.STEP_BYTES * 5
     # One group: four slots of 64 (35, 5, 15 and 3 elements) -> 256.
     assert memory.estimate(model, fastopt.SGD, momentum=0.9).state_bytes == 4 * 256
 
@@ -99,7 +99,7 @@ def test_meta_params_free_memory_and_fit():
     cpu = report.devices["cpu"]
     assert cpu.param_bytes == cpu.grad_bytes == 4_000_000
     padded = 1_000_064  # 10**6 elements in a buffer padded to a multiple of 128
-    assert cpu.state_bytes == 8 * padded + 4
+    assert cpu.state_bytes == 8 * padded + memory.STEP_BYTES
     assert 0 < cpu.free_bytes <= psutil.virtual_memory().total
     assert report.fits
     assert report["cpu"] is cpu and report[torch.device("cpu")] is cpu
@@ -162,7 +162,7 @@ def test_a_cpu_step_allocates_no_more_than_estimated(options):
 def test_named_params_bad_num_samples_and_a_missing_cuda():
     model = torch.nn.Linear(3, 2)
     # weight (6) and bias (2) in slots at 0 and 64 of a 128-element buffer
-    assert memory.estimate(model.named_parameters(), "adam").state_bytes == 4 * 2 * 128 + 4 * 2
+    assert memory.estimate(model.named_parameters(), "adam").state_bytes == 4 * 2 * 128 + memory.STEP_BYTES * 2
     for bad in (0, -3):
         with pytest.raises(ValueError, match="Invalid num_samples"):
             memory.estimate(model, "saga", num_samples=bad)

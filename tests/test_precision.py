@@ -369,6 +369,53 @@ def test_int8_kernel_matches_the_torch_path():
     assert differing <= 1e-3 * total, (differing, total)
 
 
+try:  # the 8-bit kernel's encoder on its own (the interpreter reads this module's globals)
+    import triton
+    import triton.language as tl
+
+    from fastopt.kernels.adam_int8 import _nearest
+
+    @triton.jit
+    def _encode_int8(x_ptr, midpoints_ptr, guesses_ptr, out_ptr, n, SIGNED: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+        midpoints = tl.load(midpoints_ptr + tl.arange(0, 256))
+        guesses = tl.load(guesses_ptr + tl.arange(0, 4096))
+        tl.store(out_ptr + offsets, _nearest(x, midpoints, guesses, SIGNED), mask=offsets < n)
+except ImportError:
+    _encode_int8 = None
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_kernel_encoder_equals_bucketize_on_every_boundary(signed):
+    """The kernel's encoder (a guess from the table's formula, settled by two midpoints) gives
+    torch.bucketize's code for every midpoint, the floats either side of it, every table
+    value and a sweep over nine decades, both signs."""
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton interpreter")
+    import triton
+
+    from fastopt.kernels import adam_int8
+    from fastopt.quantization import tables
+
+    values, midpoints = tables(signed, torch.device("cpu"))
+    sweep = torch.logspace(-9, 0, 20000, dtype=torch.float64).float()
+    x = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                   torch.nextafter(midpoints, torch.tensor(-2.0)), values, sweep,
+                   torch.tensor([0.0, 1.0, 1e-30, 5e-8])])
+    x = torch.cat([x, -x]) if signed else x.clamp(0, 1)
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    _, padded, guesses = adam_int8.kernel_tables(signed, torch.device("cpu"))
+    block = 4096
+    _encode_int8[(triton.cdiv(x.numel(), block),)](x, padded, guesses, out, x.numel(), SIGNED=signed,
+                                              BLOCK=block)
+    expected = torch.bucketize(x, midpoints).to(torch.int32)
+    wrong = (out != expected).nonzero().flatten()
+    assert wrong.numel() == 0, [(x[i].item(), out[i].item(), expected[i].item())
+                                for i in wrong[:5]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_resume_is_bit_identical_and_loads_fp32_checkpoints(backend):
     init = make_params(int8_shapes(backend), seed=9)

@@ -77,6 +77,7 @@ class Adam(FlatOptimizer):
         max_grad_norm: float | None = None,
         backend: str = "auto",
         flatten_params: bool = True,
+        in_backward: bool = False,
     ) -> None:
         betas = check_adam(lr, betas, eps, weight_decay, foreach, capturable)
         check_flags(foreach, fused, differentiable)
@@ -97,7 +98,8 @@ class Adam(FlatOptimizer):
             **precision_defaults(master_weights, state_dtype, stochastic_rounding, rounding_seed,
                                  max_grad_norm),
         }
-        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params)
+        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params,
+                         in_backward=in_backward)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -269,6 +271,7 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         backend: str = "auto",
         flatten_params: bool = True,
+        in_backward: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -290,6 +293,7 @@ class AdamW(Adam):
             max_grad_norm=max_grad_norm,
             backend=backend,
             flatten_params=flatten_params,
+            in_backward=in_backward,
         )
 
     def __setstate__(self, state: dict) -> None:

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastopt import clipping, dispatch, hooks, layout
+from fastopt import in_backward as backward_steps
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.flat import Bucket, as_real, is_movable, mark_laid_out
 from fastopt.plan import CheckedGrads, StepPlan, check_grads, make_plan
@@ -69,7 +70,7 @@ class FlatOptimizer(Optimizer):
     grad_table_ok = False  # its kernels read fresh grads through an address table
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto",
-                 flatten_params: bool = True) -> None:
+                 flatten_params: bool = True, in_backward: bool = False) -> None:
         dispatch.check_backend(backend)
         if not isinstance(flatten_params, bool):
             raise TypeError(f"flatten_params must be a bool, got {flatten_params!r}")
@@ -88,8 +89,14 @@ class FlatOptimizer(Optimizer):
         self._outsiders: list = []  # per group: params kept out of the layout (no grad yet)
         self._group_ids: list = []  # per group: the ids of group["params"] when laid out
         self._ids = itertools.count()
+        self._step_groups = None
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = self.amp_scaling_supported
+        backward_steps.check_in_backward(in_backward, self.param_groups, defaults)
+        if in_backward:
+            self._step_groups = backward_steps.StepGroups(self)
+            for group in self.param_groups:
+                self._step_groups.hook_params(group["params"])
 
     # ------------------------------------------------------------------ subclass interface
     def state_names(self, group: dict, bucket: Bucket) -> list:
@@ -177,9 +184,13 @@ class FlatOptimizer(Optimizer):
                                  " (param group options)")
             self._check_group_options(group)
             self._max_grad_norm()
+            if getattr(self, "_step_groups", None) is not None:
+                backward_steps.check_group(group)
         except ValueError:
             self.param_groups.pop()
             raise
+        if getattr(self, "_step_groups", None) is not None:
+            self._step_groups.hook_params(group["params"])
         if self._reference:
             return
         if self._buckets is not None:
@@ -204,13 +215,55 @@ class FlatOptimizer(Optimizer):
         Inside a function compiled with ``torch.compile`` the step is a graph break: the fused
         step below runs eagerly, as it would outside (see ``_make_eager_step``).
         """
-        if type(self).step is FlatOptimizer.step:  # not wrapped by torch (see fastopt.hooks)
-            return hooks.run_hooked(self, closure)
-        return self._step_body(closure)
+        if self._step_groups is not None:
+            self._refuse_grad_scaler()
+        try:
+            if type(self).step is FlatOptimizer.step:  # not wrapped by torch (fastopt.hooks)
+                return hooks.run_hooked(self, closure)
+            return self._step_body(closure)
+        finally:
+            if self._step_groups is not None:
+                self._step_groups.reset()
 
     # torch.optim wraps an optimizer class's ``step`` to run the step hooks inside a profiler
     # range unless it is marked ``hooked``; this one runs them itself (``fastopt.hooks``).
     step.hooked = True
+
+    def accumulating(self):
+        """``in_backward=True``: a context inside which backward passes only accumulate grads
+        (gradient accumulation); the next backward outside it updates with their sum."""
+        if self._step_groups is None:
+            return contextlib.nullcontext()
+        return self._step_groups.accumulating()
+
+    def _refuse_grad_scaler(self) -> None:
+        if getattr(self, "grad_scale", None) is not None \
+                or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                "in_backward=True updates params during backward, before GradScaler can "
+                "unscale the grads and check them for inf/nan; use in_backward=False with "
+                "GradScaler")
+
+    def _step_group(self, index: int, bucket: Bucket, params: list) -> None:
+        """``in_backward=True``: update ``params`` (a step group of ``bucket``, group ``index``)
+        now, with the step's own checks and update; the bucket's other grads wait."""
+        chosen = {id(p) for p in params}
+        waiting = [(q, q.grad) for q in bucket.params
+                   if q.grad is not None and id(q) not in chosen]
+        for q, _ in waiting:
+            q.grad = None
+        group = self.param_groups[index]
+        grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            checked = check_grads(bucket, index, self.error_name or type(self).__name__,
+                                  self.sparse_grads_ok, group.get("fused"))
+            if checked is not None:
+                self._step_bucket(group, bucket, checked, None, None)
+        finally:
+            torch.set_grad_enabled(grad_mode)
+            for q, grad in waiting:
+                q.grad = grad
 
     def _step_body(self, closure=None):
         if self._reference or (self.reference_class is not None
@@ -343,6 +396,8 @@ class FlatOptimizer(Optimizer):
     # ------------------------------------------------------------------ grads
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
+        if self._step_groups is not None:
+            self._step_groups.reset()
         if set_to_none:
             hooks.profiled(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad", _drop_grads,
                            self)
@@ -417,6 +472,7 @@ class FlatOptimizer(Optimizer):
         state = super().__getstate__()
         state["backend"] = self.backend
         state["flatten_params"] = self.flatten_params
+        state["in_backward"] = self._step_groups is not None
         # Which params live in fastopt buffers: their copies (views of one copied buffer after
         # pickling) may be laid out again, unlike views of someone else's buffer.
         state["laid_out"] = [p for group in self.param_groups for p in group["params"]
@@ -429,6 +485,11 @@ class FlatOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("flatten_params", True)
+        self._step_groups = None
+        if self.__dict__.pop("in_backward", False):  # hooks on the new params
+            self._step_groups = backward_steps.StepGroups(self)
+            for group in self.param_groups:
+                self._step_groups.hook_params(group["params"])
         self.__dict__.setdefault("_reference", bool(self.defaults.get("differentiable")))
         self.__dict__.setdefault("_ids", itertools.count())
         self._step_supports_amp_scaling = self.amp_scaling_supported

@@ -59,6 +59,7 @@ class SGD(FlatOptimizer):
         max_grad_norm: float | None = None,
         backend: str = "auto",
         flatten_params: bool = True,
+        in_backward: bool = False,
     ) -> None:
         check_sgd(lr, momentum, dampening, weight_decay, nesterov)
         check_flags(foreach, fused, differentiable)
@@ -76,7 +77,8 @@ class SGD(FlatOptimizer):
             **precision_defaults(master_weights, state_dtype, max_grad_norm=max_grad_norm,
                                  rounding=False),
         }
-        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params)
+        super().__init__(params, defaults, backend=backend, flatten_params=flatten_params,
+                         in_backward=in_backward)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

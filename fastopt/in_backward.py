@@ -1,0 +1,147 @@
+"""The step inside the backward (``in_backward=True``): each step group of a bucket is updated
+the moment its last grad is accumulated, and its grads are released at once.
+
+A **step group** is a run of consecutive slots of one bucket, about ``STEP_GROUP_BYTES`` of
+params (a param larger than that is a group of its own). Every param that requires grad gets a
+post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``). When every param of
+a group has a grad in this backward, one fused update runs for the group (the same update
+``step()`` runs, on those params only) and their grads are set to None. ``optimizer.step()``
+then updates whatever is left (params whose grad came but whose group did not complete, e.g. a
+sibling in an unused branch) and starts the count again; so does ``zero_grad()``.
+
+Until ``step()`` has laid the params out (the first step, and again after the model moved or
+the state was replaced), grads wait for ``step()``: a layout is never made inside a backward,
+whose saved tensors still refer to the params.
+
+What cannot run inside the backward is refused or handled:
+
+- gradient accumulation: backward passes inside ``with optimizer.accumulating():`` only
+  accumulate; the next backward outside it updates with the summed grads;
+- ``max_grad_norm`` and GradScaler need every grad before any update: refused (``ValueError``
+  at construction, ``RuntimeError`` when a GradScaler steps);
+- DDP and FSDP (a process group of more than one process, DTensor params): grads are not yet
+  reduced when the hook runs: refused at construction;
+- CUDA graph capture of a backward that would update: refused (``RuntimeError``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+STEP_GROUP_BYTES = 4 << 20  # params per step group, about
+
+
+class StepGroups:
+    """The hooks and step groups of one optimizer with ``in_backward=True``."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+        self.handles: list = []
+        self.hooked: set = set()  # ids of the params with a hook
+        self.groups: dict = {}  # id(param) -> its step group (a list of params)
+        self.arrived: dict = {}  # id(group list) -> ids of its params with a grad this backward
+        self.layout: tuple = ()  # ids of the buckets the groups were made for
+        self.paused = 0  # accumulating() depth
+
+    def hook_params(self, params) -> None:
+        for p in params:
+            if p.requires_grad and id(p) not in self.hooked:
+                self.hooked.add(id(p))
+                self.handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.hooked = [], set()
+
+    def reset(self) -> None:
+        """A new round: no grad has arrived (after ``step()`` and ``zero_grad()``)."""
+        self.arrived = {}
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    # ------------------------------------------------------------------
+    def _make_groups(self, key: tuple) -> None:
+        """Step groups from the current layout: consecutive slots, about STEP_GROUP_BYTES."""
+        self.groups, self.arrived = {}, {}
+        for index, buckets in enumerate(self.opt._buckets):
+            for bucket in buckets or []:
+                current, size = [], 0
+                for p in bucket.params:
+                    nbytes = p.numel() * p.element_size()
+                    if current and size + nbytes > STEP_GROUP_BYTES:
+                        self._close(index, bucket, current)
+                        current, size = [], 0
+                    current.append(p)
+                    size += nbytes
+                if current:
+                    self._close(index, bucket, current)
+        self.layout = key
+
+    def _close(self, index: int, bucket, params: list) -> None:
+        group = (index, bucket, [p for p in params if p.requires_grad])
+        for p in group[2]:
+            self.groups[id(p)] = group
+
+    def _on_grad(self, p: Tensor) -> None:
+        opt = self.opt
+        buckets = opt._buckets
+        if self.paused or not buckets or len(buckets) != len(opt.param_groups) \
+                or getattr(opt.state, "changed", True):
+            return  # no layout yet, or one step() must make again: the grad waits for it
+        key = tuple(id(b) for group_buckets in buckets for b in group_buckets or [])
+        if key != self.layout:
+            self._make_groups(key)
+        group = self.groups.get(id(p))
+        if group is None:
+            return
+        arrived = self.arrived.setdefault(id(group), set())
+        arrived.add(id(p))
+        index, bucket, params = group
+        if len(arrived) < len(params):
+            return
+        del self.arrived[id(group)]
+        if not bucket.is_intact() or any(q.grad is None for q in params):
+            return  # params moved, or a grad released meanwhile: step() sees to them
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("in_backward=True cannot update params inside a CUDA graph "
+                               "capture; capture with in_backward=False")
+        opt._step_group(index, bucket, params)
+        for q in params:
+            q.grad = None
+
+
+def check_in_backward(in_backward, param_groups: list, defaults: dict) -> None:
+    """torch.optim-style validation of ``in_backward`` (ValueError / TypeError)."""
+    if not isinstance(in_backward, bool):
+        raise TypeError(f"in_backward must be a bool, got {in_backward!r}")
+    if not in_backward:
+        return
+    if defaults.get("differentiable"):
+        raise ValueError("in_backward=True does not take differentiable=True")
+    for group in param_groups:
+        check_group(group)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "in_backward=True updates each param as soon as its grad is accumulated, before "
+            "DDP or FSDP reduce the grads across processes; use in_backward=False")
+
+
+def check_group(group: dict) -> None:
+    if group.get("max_grad_norm") is not None:
+        raise ValueError("max_grad_norm needs every grad before any update, which "
+                         "in_backward=True does not wait for; clip with in_backward=False")
+    for p in group["params"]:
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            raise ValueError("in_backward=True on DTensor params (FSDP2, tensor parallel) is "
+                             "not supported: their grads are reduced after the hook runs")

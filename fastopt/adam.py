@@ -37,7 +37,9 @@ class Adam(FlatOptimizer):
     a CUDA graph). ``differentiable=True`` leaves the params where they are and runs
     torch.optim's own differentiable algorithm (autograd through the update). Keyword-only
     ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastopt.dispatch``);
-    ``flatten_params=False``: params stay where they are, only the state is flat.
+    ``flatten_params=False``: params stay where they are, only the state is flat;
+    ``in_backward=True``: the update runs inside ``backward()``, a step group at a time, and
+    grads are released at once (``fastopt.in_backward``).
 
     What differs from torch.optim: nothing in the numbers (within float rounding). Params move
     into flat buffers at construction (``p.data`` becomes a slot of one, with a storage of its

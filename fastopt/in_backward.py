@@ -22,6 +22,9 @@ What cannot run inside the backward is refused or handled:
 - DDP and FSDP (a process group of more than one process, DTensor params): grads are not yet
   reduced when the hook runs: refused at construction;
 - CUDA graph capture of a backward that would update: refused (``RuntimeError``).
+
+``torch.compile(model)`` works: the hooks run on the leaf params' grad accumulation, outside
+the compiled graph.
 """
 
 from __future__ import annotations

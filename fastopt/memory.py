@@ -4,7 +4,9 @@
 layout will hold for a given set of params, optimizer and options:
 
 - ``param_bytes``: the params (all of them, trainable or not);
-- ``grad_bytes``: one grad per trainable param (same dtype as the param);
+- ``grad_bytes``: one grad per trainable param (same dtype as the param); with
+  ``in_backward=True`` the grads held at once: each step group's are released as soon as it is
+  updated inside the backward (``fastopt.in_backward``), so the largest step group's;
 - ``state_bytes``: the optimizer state that exists after the first step, exactly as fastopt
   lays it out: per bucket (param group x device x dtype) one flat buffer per state tensor,
   each slot aligned to 64 elements and the buffer padded to 128 (``flat.aligned_offsets``)
@@ -160,6 +162,9 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
         for (where, dtype, int8, *_), bucket in buckets.items():
             bucket["elements"] = padded_size(bucket["sizes"])  # slots and their padding
             entry = report.devices[where]
+            if group_options.get("in_backward"):
+                held = _largest_step_group(bucket["sizes"], dtype.itemsize)
+                entry.grad_bytes -= bucket["bytes"] - held
             name = "AdamW" if cls.__name__ == "AdamW8bit" else cls.__name__
             entry.state_bytes += _state_bytes(name, group_options, bucket, dtype, int8)
             entry.scratch_bytes += _scratch_bytes(name, group_options, bucket, where, dtype)
@@ -168,6 +173,21 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
     for entry in report.devices.values():
         entry.free_bytes = free_bytes(entry.device)
     return report
+
+
+def _largest_step_group(sizes: list, itemsize: int) -> int:
+    """Bytes of the largest step group ``fastopt.in_backward`` makes of params of ``sizes``
+    elements (consecutive, about STEP_GROUP_BYTES; a larger param alone)."""
+    from fastopt.in_backward import STEP_GROUP_BYTES
+
+    largest = current = 0
+    for n in sizes:
+        nbytes = n * itemsize
+        if current and current + nbytes > STEP_GROUP_BYTES:
+            current = 0
+        current += nbytes
+        largest = max(largest, current)
+    return largest
 
 
 def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int8: bool) -> int:

@@ -31,7 +31,8 @@ class SGD(FlatOptimizer):
     params where they are and runs torch.optim's own differentiable algorithm. Sparse grads are
     densified (torch's for-loop applies them sparsely; the result is the same). Keyword-only
     ``backend``: see ``fastopt.dispatch``; ``flatten_params=False``: params stay where they
-    are (see ``fastopt.flat``).
+    are (see ``fastopt.flat``); ``in_backward=True``: the update runs inside ``backward()``
+    (see ``fastopt.in_backward``).
     """
 
     update_name = "sgd"

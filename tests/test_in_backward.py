@@ -176,3 +176,47 @@ def test_pickled_optimizer_keeps_stepping_in_backward():
     got = train(model2, opt2, steps=3, start=2)
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
+
+
+def test_memory_estimate_holds_to_the_measured_peak(monkeypatch):
+    """The peak of an iteration (``torch.profiler``, profile_memory) drops by what
+    ``fastopt.memory.estimate(..., in_backward=True)`` says: all grads but the largest step
+    group's. Six 4 MiB layers: six step groups."""
+    from benchmarks.in_backward_memory import iteration, peak_bytes
+
+    monkeypatch.setattr(in_backward, "STEP_GROUP_BYTES", 4 << 20)
+    peaks, estimates = {}, {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)])
+        x = torch.randn(2, 1024)
+        opt = fastopt.AdamW(model.parameters(), lr=1e-3, in_backward=on)
+        loss = lambda: model(x).square().sum()  # noqa: E731
+        for _ in range(2):
+            iteration(loss, opt)
+        peaks[on] = peak_bytes(lambda: iteration(loss, opt))
+        estimates[on] = fastopt.memory.estimate(model, "adamw", in_backward=on).grad_bytes
+    measured, predicted = peaks[False] - peaks[True], estimates[False] - estimates[True]
+    assert predicted > 0.8 * estimates[False]
+    assert abs(measured - predicted) <= 0.05 * predicted, (measured, predicted)
+
+
+def test_a_compiled_model_steps_in_backward():
+    """torch.compile(model): the hooks run on the leaf params' grad accumulation, outside the
+    compiled graph; the numbers are the default loop's."""
+    def run(on):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4))
+        compiled = torch.compile(model)
+        opt = fastopt.AdamW(model.parameters(), lr=0.01, in_backward=on)
+        for i in range(6):
+            x = torch.randn(5, 8, generator=torch.Generator().manual_seed(i))
+            compiled(x).square().sum().backward()
+            if on and i:
+                assert model[2].weight.grad is None  # updated and released in the backward
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert_same(run(False), run(True), "torch")

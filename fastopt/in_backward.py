@@ -21,7 +21,15 @@ What cannot run inside the backward is refused or handled:
   at construction, ``RuntimeError`` when a GradScaler steps);
 - DDP and FSDP (a process group of more than one process, DTensor params): grads are not yet
   reduced when the hook runs: refused at construction;
-- CUDA graph capture of a backward that would update: refused (``RuntimeError``).
+- CUDA graph capture of a backward that would update: refused (``RuntimeError``);
+- a second grad for a param already updated in this round (two backward passes without
+  ``step()``, reentrant activation checkpointing, which runs an inner backward):
+  ``RuntimeError`` (use ``accumulating()``; checkpoint with ``use_reentrant=False``).
+
+Grads are released as ``zero_grad()`` releases them by default: a loop that keeps zeroed grads
+(``zero_grad(set_to_none=False)``) still finds them None after an update inside the backward,
+so a param that gets no grad in a later iteration is not updated then (as with the default
+``set_to_none=True``), where torch.optim would step it on a zero grad.
 
 ``torch.compile(model)`` works: the hooks run on the leaf params' grad accumulation, outside
 the compiled graph.
@@ -30,6 +38,7 @@ the compiled graph.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import Tensor
@@ -46,23 +55,26 @@ class StepGroups:
         self.hooked: set = set()  # ids of the params with a hook
         self.groups: dict = {}  # id(param) -> its step group (a list of params)
         self.arrived: dict = {}  # id(group list) -> ids of its params with a grad this backward
+        self.done: set = set()  # ids of the params updated since the last step() / zero_grad()
         self.layout: tuple = ()  # ids of the buckets the groups were made for
         self.paused = 0  # accumulating() depth
 
     def hook_params(self, params) -> None:
+        # The hooks hold the groups weakly: an optimizer that is dropped is freed, and its
+        # hooks go with it (they are removed when it is collected).
+        if not self.handles:
+            weakref.finalize(self, _remove, self.handles)
+        ref = weakref.ref(self)
         for p in params:
             if p.requires_grad and id(p) not in self.hooked:
                 self.hooked.add(id(p))
-                self.handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.hooked = [], set()
+                self.handles.append(p.register_post_accumulate_grad_hook(
+                    lambda param, ref=ref: _call(ref, param)))
 
     def reset(self) -> None:
         """A new round: no grad has arrived (after ``step()`` and ``zero_grad()``)."""
         self.arrived = {}
+        self.done = set()
 
     @contextlib.contextmanager
     def accumulating(self):
@@ -104,6 +116,12 @@ class StepGroups:
         key = tuple(id(b) for group_buckets in buckets for b in group_buckets or [])
         if key != self.layout:
             self._make_groups(key)
+        if id(p) in self.done:
+            raise RuntimeError(
+                "in_backward=True: a param received a second grad after its update in this "
+                "round (two backward passes without step(), or reentrant activation "
+                "checkpointing). Accumulate inside `with optimizer.accumulating():`, and use "
+                "torch.utils.checkpoint with use_reentrant=False")
         group = self.groups.get(id(p))
         if group is None:
             return
@@ -121,6 +139,18 @@ class StepGroups:
         opt._step_group(index, bucket, params)
         for q in params:
             q.grad = None
+            self.done.add(id(q))
+
+
+def _call(ref, param) -> None:
+    groups = ref()
+    if groups is not None:
+        groups._on_grad(param)
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def check_in_backward(in_backward, param_groups: list, defaults: dict) -> None:

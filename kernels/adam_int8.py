@@ -14,10 +14,11 @@ table's formula gives the index within one, two midpoints settle it. The code ta
 midpoints are loaded once per program and read with ``tl.gather`` (shared memory): no global
 load depends on an element's value.
 
-When a program's blocks are whole and back to back in the flat buffers (every block of a large
-param but the last), its elements are one contiguous, 64-element-aligned range: loads and stores
-are unmasked 16-byte vectors (``ROWS * QBLOCK / threads = 16`` bytes of codes per thread). Other
-programs (a param's last block, the buffer's end) place each element by its block's row, masked.
+When a program's blocks are all whole and back to back in the flat buffers (no param's short
+last block, no slot padding among them), its elements are one contiguous, 64-element-aligned
+range: loads and stores are unmasked vector accesses (8 elements per thread: two 16-byte fp32
+vectors, 8 bytes of codes). Other programs (a param's last block, the buffer's end) place each
+element by its block's row, masked.
 Tables and layout: ``fastopt.quantization``.
 """
 
@@ -129,11 +130,16 @@ def _adam_int8_kernel(
     if HAS_FOUND_INF:  # an inf/nan grad this step: every block masked off, nothing written
         n_blocks = tl.where(tl.load(found_inf_ptr) == 0.0, n_blocks, 0)
     element = tl.arange(0, ROWS_PER_PROGRAM * QBLOCK)
-    all_rows = first_row + ROWS_PER_PROGRAM <= n_blocks
-    last_row = tl.where(all_rows, first_row + ROWS_PER_PROGRAM - 1, first_row)
-    start = tl.load(block_table_ptr + first_row * 2) - base
-    end = tl.load(block_table_ptr + last_row * 2 + 1) - base
-    if all_rows and (end - start == ROWS_PER_PROGRAM * QBLOCK):  # whole, back to back
+    rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
+    row_ok = rows < n_blocks
+    starts = tl.load(block_table_ptr + rows * 2, mask=row_ok, other=0)
+    ends = tl.load(block_table_ptr + rows * 2 + 1, mask=row_ok, other=0)
+    # Every block whole, and no gap between them (a param's short last block is followed by
+    # slot padding, which must not be updated: only its own elements are).
+    whole = tl.sum(((ends - starts == QBLOCK) & row_ok).to(tl.int32), axis=0)
+    start = tl.min(tl.where(row_ok, starts, starts + (1 << 62)), axis=0) - base
+    span = tl.max(ends, axis=0) - base - start
+    if (whole == ROWS_PER_PROGRAM) and (span == ROWS_PER_PROGRAM * QBLOCK):
         offsets = tl.multiple_of(start, 64) + element
         _adam_int8_elements(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
@@ -143,16 +149,16 @@ def _adam_int8_kernel(
             HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
             STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK)
     else:  # each element placed by its block's row, masked at the block's end
-        row = first_row + element // QBLOCK
-        row_ok = row < n_blocks
-        row_start = tl.load(block_table_ptr + row * 2, mask=row_ok, other=0) - base
-        row_end = tl.load(block_table_ptr + row * 2 + 1, mask=row_ok, other=0) - base
+        row = first_row + element // QBLOCK  # (the blocks need not be whole or back to back)
+        in_rows = row < n_blocks
+        row_start = tl.load(block_table_ptr + row * 2, mask=in_rows, other=0) - base
+        row_end = tl.load(block_table_ptr + row * 2 + 1, mask=in_rows, other=0) - base
         offsets = row_start + element % QBLOCK
         _adam_int8_elements(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
-            unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr, offsets,
-            row_ok & (offsets < row_end), first_row, n_blocks, lr, decay_factor, beta1,
+            unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
+            grad_scale_ptr, master_ptr, offsets, in_rows & (offsets < row_end), first_row, n_blocks, lr, decay_factor, beta1,
             beta2, weight_decay, eps, base, seed_word, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
             LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM,
             QBLOCK)

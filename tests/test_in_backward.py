@@ -220,3 +220,33 @@ def test_a_compiled_model_steps_in_backward():
         return [p.detach().clone() for p in model.parameters()]
 
     assert_same(run(False), run(True), "torch")
+
+
+def test_a_dropped_optimizer_is_freed_and_its_hooks_stop():
+    import gc
+    import weakref
+
+    model, opt = make(fastopt.AdamW, dict(lr=0.01), "torch", True)
+    train(model, opt, steps=2)
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+    other = torch.optim.SGD(model.parameters(), lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 7)).backward()
+    other.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_a_second_grad_after_an_update_in_one_round_is_refused():
+    """Two backward passes without step() (or reentrant checkpointing, which runs an inner
+    backward) would update a param twice on partial grads."""
+    model, opt = make(fastopt.AdamW, dict(lr=0.01), "torch", True)
+    train(model, opt, steps=1)
+    model(torch.randn(4, 7)).backward()
+    with pytest.raises(RuntimeError, match="second grad"):
+        model(torch.randn(4, 7)).backward()
+    opt.zero_grad()  # a new round
+    model(torch.randn(4, 7)).backward()
+    opt.step()

@@ -46,6 +46,20 @@ from torch import Tensor
 STEP_GROUP_BYTES = 4 << 20  # params per step group, about
 
 
+def group_bounds(sizes: list) -> list:
+    """Step groups of consecutive params of ``sizes`` bytes: ``[lo, hi)`` index ranges of about
+    ``STEP_GROUP_BYTES`` each (a larger param is a group of its own)."""
+    bounds, lo, size = [], 0, 0
+    for i, nbytes in enumerate(sizes):
+        if i > lo and size + nbytes > STEP_GROUP_BYTES:
+            bounds.append((lo, i))
+            lo, size = i, 0
+        size += nbytes
+    if lo < len(sizes):
+        bounds.append((lo, len(sizes)))
+    return bounds
+
+
 class StepGroups:
     """The hooks and step groups of one optimizer with ``in_backward=True``."""
 
@@ -86,26 +100,16 @@ class StepGroups:
 
     # ------------------------------------------------------------------
     def _make_groups(self, key: tuple) -> None:
-        """Step groups from the current layout: consecutive slots, about STEP_GROUP_BYTES."""
+        """Step groups from the current layout (``group_bounds``)."""
         self.groups, self.arrived = {}, {}
         for index, buckets in enumerate(self.opt._buckets):
             for bucket in buckets or []:
-                current, size = [], 0
-                for p in bucket.params:
-                    nbytes = p.numel() * p.element_size()
-                    if current and size + nbytes > STEP_GROUP_BYTES:
-                        self._close(index, bucket, current)
-                        current, size = [], 0
-                    current.append(p)
-                    size += nbytes
-                if current:
-                    self._close(index, bucket, current)
+                sizes = [p.numel() * p.element_size() for p in bucket.params]
+                for lo, hi in group_bounds(sizes):
+                    group = (index, bucket, [p for p in bucket.params[lo:hi] if p.requires_grad])
+                    for p in group[2]:
+                        self.groups[id(p)] = group
         self.layout = key
-
-    def _close(self, index: int, bucket, params: list) -> None:
-        group = (index, bucket, [p for p in params if p.requires_grad])
-        for p in group[2]:
-            self.groups[id(p)] = group
 
     def _on_grad(self, p: Tensor) -> None:
         opt = self.opt

@@ -177,17 +177,11 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
 
 def _largest_step_group(sizes: list, itemsize: int) -> int:
     """Bytes of the largest step group ``fastopt.in_backward`` makes of params of ``sizes``
-    elements (consecutive, about STEP_GROUP_BYTES; a larger param alone)."""
-    from fastopt.in_backward import STEP_GROUP_BYTES
+    elements."""
+    from fastopt.in_backward import group_bounds
 
-    largest = current = 0
-    for n in sizes:
-        nbytes = n * itemsize
-        if current and current + nbytes > STEP_GROUP_BYTES:
-            current = 0
-        current += nbytes
-        largest = max(largest, current)
-    return largest
+    nbytes = [n * itemsize for n in sizes]
+    return max((sum(nbytes[lo:hi]) for lo, hi in group_bounds(nbytes)), default=0)
 
 
 def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int8: bool) -> int:

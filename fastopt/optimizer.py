@@ -184,12 +184,12 @@ class FlatOptimizer(Optimizer):
                                  " (param group options)")
             self._check_group_options(group)
             self._max_grad_norm()
-            if getattr(self, "_step_groups", None) is not None:
+            if self._step_groups is not None:
                 backward_steps.check_group(group)
         except ValueError:
             self.param_groups.pop()
             raise
-        if getattr(self, "_step_groups", None) is not None:
+        if self._step_groups is not None:
             self._step_groups.hook_params(group["params"])
         if self._reference:
             return

@@ -37,7 +37,6 @@ from .rounding import load_param, seed_word, store_param
 ROWS = 8  # quantization blocks per program: 2048 elements, 8 per thread of 8 warps
 NUM_WARPS = 8
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
-TABLE = 256  # code table entries (midpoints padded to 256 with +inf)
 GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 1 by their top 15 bits
 GUESS_BASE = tl.constexpr((127 - 24) << 7)  # the top 15 bits of 2**-24: entry 0
 
@@ -144,9 +143,10 @@ def _adam_int8_kernel(
         _adam_int8_elements(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
-            unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr, offsets, None,
-            first_row, n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
-            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
+            unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
+            grad_scale_ptr, master_ptr, offsets, None, first_row, n_blocks, lr, decay_factor,
+            beta1, beta2, weight_decay, eps, base, seed_word, HAS_WEIGHT_DECAY, DECOUPLED,
+            MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
             STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK)
     else:  # each element placed by its block's row, masked at the block's end
         row = first_row + element // QBLOCK  # (the blocks need not be whole or back to back)
@@ -158,8 +158,9 @@ def _adam_int8_kernel(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
             unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
-            grad_scale_ptr, master_ptr, offsets, in_rows & (offsets < row_end), first_row, n_blocks, lr, decay_factor, beta1,
-            beta2, weight_decay, eps, base, seed_word, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
+            grad_scale_ptr, master_ptr, offsets, in_rows & (offsets < row_end), first_row,
+            n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
+            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
             LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM,
             QBLOCK)
 
@@ -168,8 +169,9 @@ def _adam_int8_kernel(
 def _adam_int8_elements(
         param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
         signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr, unsigned_midpoints_ptr,
-        signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr, offsets, mask, first_row, n_blocks, lr,
-        decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
+        signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr,
+        offsets, mask, first_row, n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps,
+        base, seed_word,
         HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
         LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
         STOCHASTIC_ROUNDING: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,

@@ -2,7 +2,7 @@
 
 ``fastopt.AdamW`` is ``torch.optim.AdamW`` with the params and state of each group laid out in
 flat buffers and updated in one fused pass per buffer: Triton kernels for CUDA tensors, torch's
-fused ops on a flat buffer for CPU tensors.
+ops on a flat buffer for CPU tensors. Every optimizer is listed in ``fastopt.registry``.
 """
 
 import os as _os
@@ -13,14 +13,14 @@ _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
     __path__.append(_checkout)  # noqa: F821 (a package's own __path__)
 
-from fastopt.adam import Adam, AdamW, AdamW8bit  # noqa: E402
+from fastopt import registry as _registry  # noqa: E402
 from fastopt.optimizer import FlatOptimizer  # noqa: E402
-from fastopt.saga import SAGA  # noqa: E402
-from fastopt.sgd import SGD  # noqa: E402
 
-__all__ = ["Adam", "AdamW", "AdamW8bit", "SAGA", "SGD", "FlatOptimizer", "memory", "verify"]
+globals().update(_registry.classes())
 
-_SUBMODULES = ("memory", "verify", "quantization", "precision", "shapes")
+__all__ = [*_registry.classes(), "FlatOptimizer", "memory", "verify"]
+
+_SUBMODULES = ("memory", "verify", "quantization", "precision", "shapes", "registry")
 
 
 def __getattr__(name):
@@ -31,4 +31,6 @@ def __getattr__(name):
 
         return importlib.import_module(f"fastopt.{name}")
     raise AttributeError(f"module 'fastopt' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

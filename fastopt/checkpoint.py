@@ -16,7 +16,7 @@ from torch import Tensor
 def check_loadable(optimizer, state_dict: dict) -> None:
     """Refuse, before anything changes, a state_dict that does not fit ``optimizer`` (a
     FlatOptimizer, whose class says what its checkpoints hold): a param group without one of
-    its ``required_group_keys`` (another optimizer's checkpoint), or a param state that
+    its declaration's ``group_keys`` (another optimizer's checkpoint), or a param state that
     ``check_param_state`` refuses. Group and param counts are left to torch's own checks."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
@@ -25,7 +25,7 @@ def check_loadable(optimizer, state_dict: dict) -> None:
     for index, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
         if len(group["params"]) != len(saved["params"]):
             return
-        missing = [k for k in optimizer.required_group_keys if k not in saved]
+        missing = [k for k in optimizer.declaration.group_keys if k not in saved]
         if missing:
             raise ValueError(
                 f"loaded state dict's param group {index} has no {', '.join(map(repr, missing))}"
@@ -40,8 +40,8 @@ def check_loadable(optimizer, state_dict: dict) -> None:
 
 
 def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> None:
-    """One param's saved state: a dict holding ``step`` (where the class counts steps) as a
-    number or 1-element tensor, every required state tensor, and known entries as tensors of
+    """One param's saved state: a dict holding each declared scalar (``step``...) as a number
+    or 1-element tensor, every required state tensor, and known entries as tensors of
     the expected shape. Entries the class does not know (a counter another library wrote) are
     kept as torch keeps them."""
     name_of = type(optimizer).__name__
@@ -49,18 +49,18 @@ def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> N
         raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state of "
                          f"{where}; expected a dict")
     required, known = optimizer.saved_state_names(group)
-    needed = (["step"] if optimizer.uses_step else []) + list(required)
-    absent = [n for n in needed if n not in entry]
+    scalars = list(optimizer.declaration.scalar_names)
+    absent = [n for n in scalars + list(required) if n not in entry]
     if absent:
         raise ValueError(
             f"loaded state dict has no {', '.join(map(repr, absent))} in the state of {where}: "
             f"it is not a state_dict of {name_of} (its state keys: {sorted(entry)})")
-    step = entry.get("step")
-    if optimizer.uses_step and not (isinstance(step, Tensor) and step.numel() == 1
-                                    or isinstance(step, (int, float))
-                                    and not isinstance(step, bool)):
-        raise ValueError(f"loaded state dict has step={step!r} for {where}; expected a number "
-                         "or a 1-element tensor")
+    for name in scalars:
+        value = entry[name]
+        if not (isinstance(value, Tensor) and value.numel() == 1
+                or isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ValueError(f"loaded state dict has {name}={value!r} for {where}; expected a "
+                             "number or a 1-element tensor")
     for name in set(required) | set(known):
         value = entry.get(name)
         if value is None and name not in required:

@@ -162,11 +162,13 @@ def bucket_key(p: Tensor, own: set | None = None, flatten: bool = True) -> tuple
 
 @dataclass(eq=False)
 class Bucket:
-    """The params of one group that share (device, dtype), each in an aligned slot.
+    """The params of one group that share (device, dtype), each in an aligned slot: where they
+    live (fixed once laid out), with their grads (``grads``: a ``fastopt.grads.Grads``) and
+    their state (``state``: a ``fastopt.buffers.Buffers``).
 
     ``starts[i]:ends[i]`` is param i's slice of every flat buffer of this bucket. An external
     bucket (``external``; see the module docstring) has no param buffer (``flat`` is None): its
-    params stay where they are and are updated one tensor each.
+    params stay where they are.
     """
 
     params: list
@@ -178,30 +180,17 @@ class Bucket:
     flat: Tensor | None
     backend: str
     external: bool = False
-    state: dict = field(default_factory=dict)  # name -> flat buffer
-    steps: Tensor | None = None  # float32 [len(params)]: param i's step count is steps[i]
-    # float32 [len(params), 3]: rows (step count, then what the Triton path derives from it each
-    # step: Adam's step size and sqrt of its second bias correction); ``steps`` is column 0.
-    step_rows: Tensor | None = None
-    step_ids: list = field(default_factory=list)  # host-side: equal ids => equal step counts
-    has_state: list = field(default_factory=list)
-    grad: Tensor | None = None  # flat grad buffer, made when grads are first adopted
-    data_ptrs: list = field(default_factory=list)
-    grad_ptrs: list = field(default_factory=list)  # where each param's grad slot starts
-    grad_ptr_set: frozenset = frozenset()  # the same, as a set
-    step_views: list = field(default_factory=list)  # steps[i], made once
-    real_views: dict = field(default_factory=dict)  # name -> per-param real views, made once
-    rows: dict = field(default_factory=dict)  # name -> rows, for table buffers (SAGA)
     variant: object = None  # what set this bucket apart (e.g. "int8": 8-bit Adam state)
-    block_table: Tensor | None = None  # int64 [blocks, 2]: flat [start, end) of each block
-    block_starts: list = field(default_factory=list)  # param i's blocks: [bs[i], bs[i + 1])
-    blockwise: set = field(default_factory=set)  # state names with one entry per block
+    grads: object = None  # fastopt.grads.Grads
+    state: object = None  # fastopt.buffers.Buffers
+    # What each param was when laid out: (dtype, local shape, data pointer); and the params'
+    # own storages (see is_movable).
+    param_dtypes: list = field(default_factory=list)
+    param_shapes: list = field(default_factory=list)
+    data_ptrs: list = field(default_factory=list)
+    storage_keys: set = field(default_factory=set)
+    real_views: dict = field(default_factory=dict)  # buffer name -> per-param real views
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
-    param_dtypes: list = field(default_factory=list)  # each param's dtype when laid out
-    param_shapes: list = field(default_factory=list)  # and its (local) shape
-    storage_keys: set = field(default_factory=set)  # the params' own storages (see is_movable)
-    gathers: bool = False  # fresh grads are gathered into ``grad`` (fastopt.plan): keep it
-    grad_tables: object = None  # Triton: tables to read fresh grads in place (grad_table.py)
 
     def chunk_end(self, hi: int) -> int:
         """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to
@@ -224,25 +213,6 @@ class Bucket:
             piece = piece.view((*lead, *p.shape))
         return own_storage_view(piece) if own else piece
 
-    def local_view(self, name: str, i: int) -> Tensor:
-        """Param i's part of state buffer ``name``: param-shaped, ``[rows, *shape]`` for a
-        table, its run of block scales for a blockwise buffer (8-bit state)."""
-        buffer = self.state[name]
-        if name in self.blockwise:
-            return buffer[self.block_starts[i] : self.block_starts[i + 1]]
-        return self.view(buffer, i, self.rows.get(name))
-
-    def state_view(self, name: str, i: int) -> Tensor:
-        """What ``optimizer.state`` holds for param i: its view of state buffer ``name`` (with a
-        storage of its own), as a DTensor laid out like the param when the param is one (as
-        torch.optim's would be)."""
-        view = own_storage_view(self.local_view(name, i))
-        p = self.params[i]
-        if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise:
-            return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
-                                      shape=p.shape, stride=p.stride())
-        return view
-
     @functools.cached_property
     def device_index(self) -> int:
         """What ``Tensor.get_device()`` returns for tensors on this bucket's device."""
@@ -254,8 +224,11 @@ class Bucket:
         return not self.external and not self.params[0].is_complex()
 
     def _buffer(self, name: str) -> Tensor:
-        buffer = {"param": self.flat, "grad": self.grad}.get(name)
-        return self.state[name] if buffer is None else buffer
+        if name == "param":
+            return self.flat
+        if name == "grad":
+            return self.grads.buffer
+        return self.state.tensors[name]
 
     def param_pieces(self, name: str) -> list:
         """Every param's part of buffer ``name`` ("param", "grad" or a state name), shaped as
@@ -313,79 +286,18 @@ class Bucket:
                 return False
         return [local(p).data_ptr() for p in self.params] == self.data_ptrs
 
-    def holds_grad(self, i: int, grad: Tensor) -> bool:
-        """Is ``grad`` param i's slot of the flat grad buffer?"""
-        return bool(self.grad_ptrs) and grad.layout == torch.strided \
-            and grad.data_ptr() == self.grad_ptrs[i] and grad.shape == self.params[i].shape
-
-    def ensure_grad_buffer(self) -> Tensor:
-        if self.grad is None:
-            self.grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-            base, size = self.grad.data_ptr(), self.grad.element_size()
-            # An empty slot's view has no address (data_ptr 0), as an empty grad has.
-            self.grad_ptrs = [base + s * size if e > s else 0
-                              for s, e in zip(self.starts, self.ends)]
-            self.grad_ptr_set = frozenset(self.grad_ptrs) - {0}
-        return self.grad
-
     def release_grad_buffer(self) -> None:
-        """Drop the flat grad buffer (grads were set to None: the next ones come from autograd).
-        The torch path reads such grads where they lie, so the buffer would only hold memory;
-        the Triton path keeps it, as it gathers grads into it."""
-        self.grad = None
-        self.grad_ptrs = []
-        self.grad_ptr_set = frozenset()
+        """Drop the flat grad buffer (``fastopt.grads.Grads.release``) and its cached views."""
+        self.grads.release()
         self.real_views.pop("grad", None)
-
-    def ensure_state_buffer(self, name: str, rows: int | None = None,
-                            dtype: torch.dtype | None = None) -> Tensor:
-        """The flat state buffer ``name`` (zeros when new): ``numel`` elements, or ``rows``
-        rows of ``numel`` (a per-sample table, row-major: each row is one flat layout), or one
-        per block for a blockwise name (``*_absmax``: 8-bit state's scales), in ``dtype``
-        (default: the params')."""
-        if name not in self.state:
-            size = self.numel * (1 if rows is None else rows)
-            if name.endswith("_absmax") and self.block_table is not None:
-                self.blockwise.add(name)
-                size = self.block_starts[-1]
-            self.state[name] = torch.zeros(size, dtype=dtype or self.dtype, device=self.device)
-            if rows is not None:
-                self.rows[name] = rows
-        return self.state[name]
-
-    def ensure_steps(self) -> Tensor:
-        if self.steps is None:
-            self.step_rows = torch.zeros(len(self.params), 3, dtype=torch.float32,
-                                         device=self.device)
-            self.steps = self.step_rows[:, 0]
-            self.step_views = list(self.steps.unbind())
-        return self.steps
-
-    def adopt_grad(self, i: int, grad: Tensor) -> bool:
-        """Make param i's grad tensor a zeroed view of the flat grad buffer, in place: the same
-        tensor object (``p.grad is grad`` still holds, and so do references others keep) is
-        re-pointed with ``Tensor.set_``, so loops that keep their grads
-        (``zero_grad(set_to_none=False)``) run flat from then on.
-
-        Views of someone else's buffer (DDP's ``gradient_as_bucket_view``) and grads of
-        external buckets are left alone. Returns whether the grad now lives in the flat buffer.
-        """
-        if self.external or grad._base is not None or grad.layout != torch.strided:
-            return False
-        view = self.view(self.ensure_grad_buffer(), i, own=True)
-        view.zero_()
-        if grad.grad_fn is not None:
-            grad.detach_()
-        else:
-            grad.requires_grad_(False)
-        grad.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
-        return True
 
 
 def build_bucket(params: list, backend: str, external: bool = False, variant=None) -> Bucket:
     """Move ``params`` (same device and real dtype) into one new contiguous buffer; an external
-    bucket leaves them where they are and only lays out their state. An ``"int8"`` variant
-    also gets its block table (see ``fastopt.quantization``)."""
+    bucket leaves them where they are and only lays out their state."""
+    from fastopt.buffers import Buffers
+    from fastopt.grads import Grads
+
     first = params[0]
     device, dtype = first.device, real_dtype(first)
     starts, ends, size = aligned_offsets([local(p).numel() * (2 if p.is_complex() else 1)
@@ -393,8 +305,6 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
     flat = None if external else torch.zeros(size, dtype=dtype, device=device)
     bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
                     numel=size, flat=flat, backend=backend, external=external, variant=variant)
-    if variant == "int8":
-        _add_block_table(bucket)
     if flat is not None:
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -406,8 +316,8 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
     bucket.data_ptrs = [local(p).data_ptr() for p in params]
     bucket.param_dtypes = [p.dtype for p in params]
     bucket.param_shapes = [tuple(local(p).shape) for p in params]
-    bucket.step_ids = [None] * len(params)
-    bucket.has_state = [False] * len(params)
+    bucket.grads = Grads(bucket)
+    bucket.state = Buffers(bucket)
     return bucket
 
 
@@ -433,20 +343,6 @@ def aligned_offsets(sizes: list) -> tuple:
 def padded_size(sizes: list) -> int:
     """The elements of a flat buffer holding slots of ``sizes`` (``aligned_offsets``)."""
     return round_up(sum(round_up(n, SLOT_ALIGN) for n in sizes), BUFFER_ALIGN)
-
-
-def _add_block_table(bucket: Bucket) -> None:
-    """Blocks of ``quantization.BLOCK`` elements from each param's start (the last one of a
-    param may be shorter): their flat ranges, and which blocks each param owns."""
-    from fastopt.quantization import BLOCK
-
-    rows, starts = [], [0]
-    for s, e in zip(bucket.starts, bucket.ends):
-        block_starts = torch.arange(s, e, BLOCK, dtype=torch.int64)
-        rows.append(torch.stack([block_starts, (block_starts + BLOCK).clamp(max=e)], dim=1))
-        starts.append(starts[-1] + len(block_starts))
-    bucket.block_table = torch.cat(rows).to(bucket.device)
-    bucket.block_starts = starts
 
 
 def group_params(params: list, variant=None, own: set | None = None,

@@ -159,14 +159,14 @@ def attach(bucket: Bucket, grads: list):
     if 0 in addresses and any(a == 0 and g.numel() for a, g in zip(addresses, grads)):
         return None  # a tensor without a plain address (a DTensor grad): the checked path
     block_size = launch.block_size()
-    tables = bucket.grad_tables
+    tables = bucket.grads.tables
     if tables is None or tables.block_size != block_size:
         if _capturing(bucket.device):
             return None  # no tables yet: a capture gathers (building them copies to the GPU)
         old, tables = tables, _Tables(bucket, block_size)
         if old is not None and old.captured:
             tables.retired.append(old)  # a graph reads it
-        bucket.grad_tables = tables
+        bucket.grads.tables = tables
     if not tables.upload(addresses):
         return None
     return tables.table(GradTable)

@@ -140,7 +140,9 @@ class StepGroups:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("in_backward=True cannot update params inside a CUDA graph "
                                "capture; capture with in_backward=False")
-        opt._step_group(index, bucket, params)
+        from fastopt.step import step_group
+
+        step_group(opt, index, bucket, params)
         for q in params:
             q.grad = None
             self.done.add(id(q))
@@ -155,6 +157,16 @@ def _call(ref, param) -> None:
 def _remove(handles: list) -> None:
     for handle in handles:
         handle.remove()
+
+
+def refuse_grad_scaler(opt) -> None:
+    """A GradScaler step of an optimizer that updated inside the backward: refused."""
+    if getattr(opt, "grad_scale", None) is not None \
+            or getattr(opt, "found_inf", None) is not None:
+        raise RuntimeError(
+            "in_backward=True updates params during backward, before GradScaler can "
+            "unscale the grads and check them for inf/nan; use in_backward=False with "
+            "GradScaler")
 
 
 def check_in_backward(in_backward, param_groups: list, defaults: dict) -> None:

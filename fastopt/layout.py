@@ -39,13 +39,13 @@ def build_group(opt, index: int, own: set | None = None) -> None:
                                          own, opt.flatten_params):
         # Params left where they are take the kernels only if they can be updated by
         # address in one launch (grad_table.py); else torch's multi-tensor ops.
-        by_address = external and opt.grad_table_ok \
+        by_address = external and opt.declaration.by_address \
             and opt.bucket_variant(group, params[0]) is None \
             and grad_table.addressable(params, real_dtype(params[0]))
         backend = dispatch.resolve(opt.backend, params[0].device, real_dtype(params[0]),
                                    external=external and not by_address)
         bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]))
-        opt.check_bucket(group, bucket)
+        opt.prepare_bucket(group, bucket)
         adopt_state(opt, group, bucket)
         buckets.append(bucket)
     opt._buckets[index] = buckets
@@ -89,7 +89,7 @@ def check_unchanged(opt, index: int, buckets: list) -> None:
     group = opt.param_groups[index]
     for bucket in buckets:
         for i, p in enumerate(bucket.params):
-            if not bucket.has_state[i]:
+            if not bucket.state.has_state[i]:
                 continue
             was = (bucket.param_dtypes[i], bucket.param_shapes[i])
             now = (p.dtype, tuple(local(p).shape))

@@ -34,15 +34,19 @@ from __future__ import annotations
 import argparse
 import inspect
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import psutil
 import torch
 
+from fastopt import registry
 from fastopt.flat import is_movable, local, padded_size
 from fastopt.precision import HALF_DTYPES, SLICE
-from fastopt.quantization import MIN_SIZE, num_blocks
+from fastopt.quantization import num_blocks
+from fastopt.torch_path import CHUNK
 
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
+CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk-sized temporaries
 # Temporaries per element of a widened slice on the CPU torch path (measured: ~36 bytes for
 # 8-bit state, ~36 for bf16 state, in slices of fastopt.precision.SLICE elements).
 SLICE_SCRATCH_PER_ELEMENT = 40
@@ -116,17 +120,15 @@ class MemoryReport:
 
 
 def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryReport:
-    """The memory ``optimizer`` (a fastopt class or its name: "sgd", "adam", "adamw",
-    "adamw8bit", "saga")
-    needs for these params with these options (the constructor's keywords; param groups may
+    """The memory ``optimizer`` (a fastopt class or its name: "adamw", "nadam", ..., see
+    ``fastopt.registry``) needs for these params with these options (the constructor's keywords; param groups may
     carry their own). ``device`` overrides where the params are counted (for meta tensors)."""
-    cls = _optimizer_class(optimizer)
+    cls = registry.get(optimizer)
     defaults = _defaults(cls)
-    if cls.__name__ == "AdamW8bit":  # AdamW with state_dtype="int8" by default
-        defaults = {**_defaults(cls.__mro__[1]), "state_dtype": "int8"}
     unknown = set(options) - set(defaults)
     if unknown:
         raise TypeError(f"{cls.__name__} has no option(s) {sorted(unknown)}")
+    rules = cls.__new__(cls)  # the class's own layout rules, without building the optimizer
     groups = _param_groups(params_or_model)
     report = MemoryReport(cls.__name__, {**defaults, **options})
     for group in groups:
@@ -145,11 +147,11 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
                 continue  # frozen: no grad, no state (fastopt leaves it out of its buffers)
             entry.grad_bytes += size
             entry.num_elements += local(p).numel()
-            int8 = group_options.get("state_dtype") == "int8" and local(p).numel() >= MIN_SIZE
+            variant = rules.bucket_variant(group_options, p)
             movable = group_options.get("flatten_params", True) and (p.device.type == "meta"
                                                                      or is_movable(p))
             # One key per bucket fastopt makes: complex and external params get their own.
-            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, int8,
+            key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, variant,
                    p.is_complex(), movable)
             bucket = buckets.setdefault(key, dict(bytes=0, count=0, largest=0, blocks=0,
                                                   sizes=[], movable=movable))
@@ -159,16 +161,16 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             bucket["bytes"] += size
             bucket["count"] += 1
             bucket["largest"] = max(bucket["largest"], size)
-        for (where, dtype, int8, *_), bucket in buckets.items():
+        for (where, dtype, variant, *_), bucket in buckets.items():
             bucket["elements"] = padded_size(bucket["sizes"])  # slots and their padding
             entry = report.devices[where]
             if group_options.get("in_backward"):
                 held = _largest_step_group(bucket["sizes"], dtype.itemsize)
                 entry.grad_bytes -= bucket["bytes"] - held
-            name = "AdamW" if cls.__name__ == "AdamW8bit" else cls.__name__
-            entry.state_bytes += _state_bytes(name, group_options, bucket, dtype, int8)
-            entry.scratch_bytes += _scratch_bytes(name, group_options, bucket, where, dtype)
-            if int8:
+            shape = SimpleNamespace(dtype=dtype, variant=variant)
+            entry.state_bytes += _state_bytes(rules, group_options, bucket, shape)
+            entry.scratch_bytes += _scratch_bytes(rules, group_options, bucket, where, dtype)
+            if variant is not None:
                 entry.scratch_bytes += 16 * bucket["blocks"]  # the int64 block table
     for entry in report.devices.values():
         entry.free_bytes = free_bytes(entry.device)
@@ -184,50 +186,39 @@ def _largest_step_group(sizes: list, itemsize: int) -> int:
     return max((sum(nbytes[lo:hi]) for lo, hi in group_bounds(nbytes)), default=0)
 
 
-def _state_bytes(name: str, options: dict, bucket: dict, dtype: torch.dtype, int8: bool) -> int:
-    """State buffers in their stored dtype (``state_dtype``; fp32 beside fp32 masters; 8-bit:
-    one byte per element and one fp32 scale per block, fp32 for small tensors), the fp32
-    master copy of half-precision params (``master_weights``) and Adam's steps."""
+def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
+    """The state buffers the optimizer's rules give this bucket (``buffer_names``), each in its
+    stored dtype (``buffer_dtype``: ``state_dtype``, fp32 beside fp32 masters, 8-bit codes),
+    ``buffer_rows`` rows of the flat layout (SAGA's table) or one fp32 scale per block
+    (8-bit state's ``*_absmax``), plus the scalar table: 4 bytes per kept scalar and derived
+    value per param."""
     elements = bucket["elements"]  # of each flat buffer, alignment padding included
-    master = bool(options.get("master_weights")) and dtype in HALF_DTYPES
-    steps = STEP_BYTES * bucket["count"] if name in ("Adam", "AdamW") else 0
-    masters = 4 * elements if master else 0
-    copies = _state_copies(name, options)
-    if int8:
-        return copies * (elements + 4 * bucket["blocks"]) + masters + steps
-    stored = options.get("state_dtype") or (torch.float32 if master else dtype)
-    if stored == "int8":
-        stored = torch.float32  # tensors under quantization.MIN_SIZE keep fp32 state
-    if name == "SAGA":
-        stored = dtype
-    return copies * elements * stored.itemsize + masters + steps
+    total = 0
+    for name in rules.buffer_names(options, shape):
+        if name.endswith("_absmax") and shape.variant is not None:
+            total += 4 * bucket["blocks"]
+            continue
+        rows = rules.buffer_rows(options, name) or 1
+        total += rows * elements * rules.buffer_dtype(options, shape, name).itemsize
+    declared = rules.declaration
+    if declared.scalars:
+        total += 4 * (len(declared.scalars) + len(declared.derived)) * bucket["count"]
+    return total
 
 
-
-def _state_copies(name: str, options: dict) -> int:
-    """How many param-sized flat state buffers the optimizer keeps."""
-    if name == "SGD":
-        return 1 if options["momentum"] != 0 else 0
-    if name in ("Adam", "AdamW"):
-        return 3 if options["amsgrad"] else 2
-    if name == "SAGA":
-        samples = options.get("num_samples")
-        if samples is None:
-            raise TypeError("SAGA's memory depends on num_samples: pass num_samples=")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"Invalid num_samples: {samples!r} (a positive int)")
-        return samples + 1  # the gradient table and its mean
-    raise ValueError(f"no memory model for {name}")
-
-
-def _scratch_bytes(name: str, options: dict, bucket: dict, device: str, dtype) -> int:
+def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> int:
     # The flat grad buffer (kept grads are laid out into it while autograd's still live).
     scratch = bucket["elements"] * dtype.itemsize if bucket["movable"] else 0
     on_cpu = torch.device(device).type == "cpu"
-    if on_cpu and name == "SGD" and dtype in (torch.float16, torch.bfloat16):
+    cost = rules.declaration.cost
+    if on_cpu and cost == "sgd" and dtype in (torch.float16, torch.bfloat16):
         scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries
-    if on_cpu and name == "SAGA":
+    if on_cpu and cost == "saga":
         scratch += 2 * bucket["bytes"]  # g - table_i and the update, on the torch path
+    if on_cpu and cost == "elementwise":
+        # the torch twin's temporaries, a chunk at a time
+        largest = bucket["largest"] // dtype.itemsize
+        scratch += CHUNK_TEMPORARIES * min(CHUNK, largest) * max(dtype.itemsize, 4)
     if on_cpu and _widens(options, dtype):
         # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
         largest = bucket["largest"] // dtype.itemsize
@@ -279,23 +270,9 @@ def _unnamed(params) -> list:
     return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
-def _optimizer_class(optimizer):
-    import fastopt
-
-    classes = {"sgd": fastopt.SGD, "adam": fastopt.Adam, "adamw": fastopt.AdamW,
-               "adamw8bit": fastopt.AdamW8bit, "saga": fastopt.SAGA}
-    if isinstance(optimizer, str):
-        if optimizer.lower() not in classes:
-            raise ValueError(f"Unknown optimizer {optimizer!r} (expected one of {sorted(classes)})")
-        return classes[optimizer.lower()]
-    for cls in classes.values():
-        if optimizer is cls:
-            return cls
-    raise TypeError(f"optimizer must be a fastopt optimizer class or name, got {optimizer!r}")
-
-
 def _defaults(cls) -> dict:
-    skip = {"self", "params", "foreach", "capturable", "differentiable", "fused", "backend"}
+    skip = {"self", "params", "foreach", "capturable", "differentiable", "fused", "backend",
+            "use_triton"}
     signature = inspect.signature(cls.__init__)
     return {name: (None if p.default is inspect.Parameter.empty else p.default)
             for name, p in signature.parameters.items() if name not in skip}

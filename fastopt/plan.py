@@ -20,7 +20,7 @@ into a :class:`StepPlan`, which the optimizer's ``update`` reads its tensors fro
   can share one call.
 
 A plan's tensors come in entries (one per chunk, or one per param): ``pieces(name)`` is each
-entry's part of buffer ``name``, ``grads`` their grads, ``step_views`` their step counts.
+entry's part of buffer ``name``, ``grads`` their grads, ``rows`` their scalar rows.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ _CONTIGUOUS = Tensor.is_contiguous
 # their ratios: gathering pays below about 3600 elements per tensor for Adam, 1700 for SGD.
 CPU_COSTS = {
     "adam": {"per_tensor": 3.7e-6, "per_element": 0.97e-9, "flat_per_element": 0.88e-9},
+    "elementwise": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
     "sgd": {"per_tensor": 2.4e-6, "per_element": 0.69e-9, "flat_per_element": 0.64e-9},
     "copy": {"per_tensor": 1.1e-6, "per_element": 0.81e-9},
 }
@@ -117,12 +118,12 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_ok: bool,
         grad_ptrs = list(map(_DATA_PTR, grads))
     except RuntimeError:  # a sparse grad has no data pointer
         grad_ptrs = [g.data_ptr() if g.layout == torch.strided else -1 for g in grads]
-    ptrs = bucket.grad_ptrs
+    ptrs = bucket.grads.ptrs
     everyone = len(grads) == len(params)
     if everyone and ptrs and grad_ptrs == ptrs:
         return CheckedGrads(participants, grads, True)  # kept grads, all in the flat buffer
-    held_apart = not ptrs or bucket.grad_ptr_set.isdisjoint(grad_ptrs)
-    if everyone and held_apart and bucket.plain and (not fused or all(bucket.has_state)) \
+    held_apart = not ptrs or bucket.grads.ptr_set.isdisjoint(grad_ptrs)
+    if everyone and held_apart and bucket.plain and (not fused or all(bucket.state.has_state)) \
             and list(map(_SHAPE, grads)) == bucket.param_shapes \
             and set(map(_DTYPE, grads)) == {bucket.dtype} \
             and set(map(_DEVICE_INDEX, grads)) == {bucket.device_index} \
@@ -134,7 +135,7 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_ok: bool,
         in_place = [q == ptrs[i] for i, q in zip(participants, grad_ptrs)]
     for j, (i, g) in enumerate(zip(participants, grads)):
         p = params[i]
-        if fused and not bucket.has_state[i]:
+        if fused and not bucket.state.has_state[i]:
             check_fused_param(p)
         if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
             continue
@@ -184,8 +185,15 @@ class StepPlan:
         return self.bucket.pieces(name, self._chunks)
 
     @property
-    def step_views(self) -> list:
-        views = self.bucket.step_views
+    def rows(self) -> list:
+        """Each entry's first param: the row of the scalar table its params share."""
+        if self._chunks is None:
+            return range(len(self.bucket.params))
+        return [c.lo for c in self._chunks]
+
+    def scalar_views(self, name: str) -> list:
+        """Each entry's scalar ``name`` (a 0-d view of the bucket's scalar table)."""
+        views = self.bucket.state.views[name]
         return views if self._chunks is None else [views[c.lo] for c in self._chunks]
 
     @property
@@ -224,7 +232,7 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
         return StepPlan(bucket, "chunks", step_runs, key,
                         _chunks(bucket, participants, grads, in_place, keys, key))
     if in_place is True:
-        return whole("flat", bucket.grad)
+        return whole("flat", bucket.grads.buffer)
     # Fresh grads: checked in bulk (in_place False), or grad by grad for an external bucket.
     fresh = in_place is False or (bucket.external and not any(in_place))
     if fresh and by_address:
@@ -234,7 +242,7 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     if in_place is False and (bucket.backend == "triton"
                               or gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype)):
         gather(bucket, grads)
-        return whole("gather", bucket.grad)
+        return whole("gather", bucket.grads.buffer)
     if in_place is False:
         return StepPlan(bucket, "tensors", step_runs, key, grads=grads)
     return StepPlan(bucket, "chunks", step_runs, key,
@@ -244,8 +252,8 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
 def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:
     """Copy ``grads`` (of params ``slots``, default all) into the flat grad buffer with one
     multi-tensor copy."""
-    bucket.ensure_grad_buffer()
-    bucket.gathers = slots is None  # a whole-bucket gather: keep the buffer for the next step
+    bucket.grads.ensure()
+    bucket.grads.gathers = slots is None  # a whole-bucket gather: keep the buffer for the next step
     views = bucket.param_pieces("grad")
     if slots is not None:
         views = [views[i] for i in slots]
@@ -282,6 +290,6 @@ def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key
         elif hi - lo == 1:
             grad = bucket.pieces("grad", [chunk])[0]
         else:
-            grad = bucket.grad[chunk.start : chunk.end]
+            grad = bucket.grads.buffer[chunk.start : chunk.end]
         chunks.append(chunk._replace(grad=grad))
     return chunks

@@ -6,13 +6,14 @@ uses. This module owns the two directions:
 
 - **in**: state that arrives from outside (``load_state_dict``, an older layout, a hook or
   ZeroRedundancyOptimizer writing ``optimizer.state``) is copied into the flat buffers
-  (``adopt_state``); state made by a step is zeros in the buffers (``create_state``);
+  (``adopt_state``); state made by a step is its initial value in the buffers (``create_state``);
 - **out**: ``State`` and ``Entry`` note any change made from outside, so the next step copies
   it in instead of updating stale buffers; they pickle and deep-copy as torch.optim's plain
   ``defaultdict`` of dicts.
 
-The optimizer supplies what its state is (``state_names``, ``state_dtype``, ``state_rows``,
-``uses_step``, ``adopt_value``); nothing here knows one optimizer from another.
+The optimizer supplies what its state is (its declaration, ``buffer_names``, ``buffer_dtype``,
+``buffer_rows``, ``buffer_init``, ``adopt_value``); nothing here knows one optimizer from
+another.
 """
 
 from __future__ import annotations
@@ -29,15 +30,28 @@ MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_wei
 
 
 def ensure_buffer(opt, group: dict, bucket: Bucket, name: str) -> Tensor:
-    """Bucket's flat buffer for state ``name`` (zeros when new), in the optimizer's dtype."""
-    return bucket.ensure_state_buffer(name, opt.state_rows(group, name),
-                                      opt.state_dtype(group, bucket, name))
+    """Bucket's flat buffer for state ``name`` (its initial value when new), in the dtype the
+    optimizer stores it in."""
+    return bucket.state.ensure(name, opt.buffer_rows(group, name),
+                               opt.buffer_dtype(group, bucket, name),
+                               opt.buffer_init(group, name))
+
+
+def ensure_scalars(opt, bucket: Bucket) -> Tensor | None:
+    """Bucket's scalar table (``fastopt.buffers``), when the optimizer keeps scalars."""
+    declared = opt.declaration
+    if not declared.scalars:
+        return None
+    return bucket.state.ensure_scalars(declared.scalar_names,
+                                       len(declared.scalars) + len(declared.derived),
+                                       opt.scalar_device(bucket))
 
 
 def live_state(opt, p) -> bool:
     """Does ``p`` have state worth keeping? (SGD's ``momentum_buffer=None`` is none.)"""
     state = opt.state.get(p)
-    return bool(state) and any(isinstance(v, Tensor) for k, v in state.items() if k != "step")
+    return bool(state) and any(isinstance(v, Tensor) for k, v in state.items()
+                               if k not in opt.declaration.scalar_names)
 
 
 def flat_extra(bucket: Bucket, i: int, value) -> bool:
@@ -49,12 +63,10 @@ def flat_extra(bucket: Bucket, i: int, value) -> bool:
 
 
 def state_views(opt, bucket: Bucket, i: int, names: list) -> dict:
-    """Param i's state as ``optimizer.state`` shows it: ``step`` and a view per name."""
-    views = {}
-    if opt.uses_step:
-        views["step"] = bucket.step_views[i]
+    """Param i's state as ``optimizer.state`` shows it: its scalars and a view per name."""
+    views = {name: column[i] for name, column in bucket.state.views.items()}
     for name in names:
-        views[name] = bucket.state_view(name, i)
+        views[name] = bucket.state.state_view(name, i)
     return views
 
 
@@ -68,21 +80,25 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
     stated = [i for i, p in enumerate(bucket.params) if live_state(opt, p)]
     if not stated:
         return
-    names = list(opt.state_names(group, bucket))
+    scalars = opt.declaration.scalars
+    names = list(opt.buffer_names(group, bucket))
     for i in stated:
         for key, value in opt.state[bucket.params[i]].items():
-            if key != "step" and key not in names and flat_extra(bucket, i, value):
+            if key not in names and key not in opt.declaration.scalar_names \
+                    and flat_extra(bucket, i, value):
                 names.append(key)  # e.g. max_exp_avg_sq kept from an amsgrad run
     for name in names:
         ensure_buffer(opt, group, bucket, name)
     with torch.no_grad():
-        if opt.uses_step:
-            steps = bucket.ensure_steps()
-            values = [float(opt.state[bucket.params[i]].get("step", 0.0)) for i in stated]
-            steps[stated] = torch.tensor(values, dtype=torch.float32).to(bucket.device)
+        if scalars:
+            table = ensure_scalars(opt, bucket)
+            rows = [[_scalar(opt.state[bucket.params[i]].get(s.name), s.initial(group))
+                     for s in scalars] for i in stated]
+            table[stated, : len(scalars)] = torch.tensor(rows, dtype=torch.float32).to(
+                table.device)
             ids = {}
-            for i, v in zip(stated, values):
-                bucket.step_ids[i] = ids.setdefault(v, next(opt._ids))
+            for i, row in zip(stated, rows):
+                bucket.state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
         for i in stated:
             state = opt.state[bucket.params[i]]
             for name in names:
@@ -90,40 +106,53 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
                 if isinstance(value, Tensor):
                     opt.adopt_value(bucket, i, name, local_value(value, bucket.params[i]))
                 elif name == MASTER:  # state saved without masters: start from the param
-                    bucket.local_view(name, i).copy_(
+                    bucket.state.local_view(name, i).copy_(
                         local_value(bucket.params[i].detach(), bucket.params[i]))
-            extras = {k: v for k, v in state.items() if k != "step" and k not in names}
+            extras = {k: v for k, v in state.items()
+                      if k not in names and k not in opt.declaration.scalar_names}
             set_state(opt, bucket.params[i], {**state_views(opt, bucket, i, names), **extras})
-            bucket.has_state[i] = True
+            bucket.state.has_state[i] = True
+
+
+def _scalar(value, default: float) -> float:
+    """A saved scalar (a tensor, or a number in old checkpoints) as a float."""
+    if value is None:
+        return default
+    return float(value.item() if isinstance(value, Tensor) else value)
 
 
 def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
-    """Zero state (and masters copied from the params) for params ``fresh`` of ``bucket``."""
-    names = opt.state_names(group, bucket)
-    if not names and not opt.uses_step:
+    """Initial state (and masters copied from the params) for params ``fresh`` of ``bucket``."""
+    names = opt.buffer_names(group, bucket)
+    scalars = opt.declaration.scalars
+    if not names and not scalars:
         return  # SGD without momentum keeps no state at all, as torch's does
     for name in names:
         ensure_buffer(opt, group, bucket, name)
         if name == MASTER:  # the fp32 copy starts as the param
             for i in fresh:
-                bucket.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
-                                                             bucket.params[i]))
-    if opt.uses_step:
-        bucket.ensure_steps()
+                bucket.state.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
+                                                                   bucket.params[i]))
+    if scalars:
+        table = ensure_scalars(opt, bucket)
+        initial = [s.initial(group) for s in scalars]
+        if any(initial):
+            table[fresh, : len(scalars)] = torch.tensor(initial, dtype=torch.float32).to(
+                table.device)
     for i in fresh:
         set_state(opt, bucket.params[i], state_views(opt, bucket, i, names))
-        bucket.has_state[i] = True
+        bucket.state.has_state[i] = True
 
 
 def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
-    """A new zero state tensor for every param of ``bucket`` that has state (an option
-    switched on mid-run: amsgrad, master_weights)."""
+    """A new state tensor (its initial value) for every param of ``bucket`` that has state
+    (an option switched on mid-run: amsgrad, master_weights, momentum)."""
     ensure_buffer(opt, group, bucket, name)
     for i, p in enumerate(bucket.params):
-        if bucket.has_state[i]:
+        if bucket.state.has_state[i]:
             if name == MASTER:
-                bucket.local_view(name, i).copy_(local_value(p.detach(), p))
-            dict.__setitem__(opt.state[p], name, bucket.state_view(name, i))
+                bucket.state.local_view(name, i).copy_(local_value(p.detach(), p))
+            dict.__setitem__(opt.state[p], name, bucket.state.state_view(name, i))
 
 
 def keep_saved_dtypes(opt, state_dict: dict) -> None:
@@ -138,7 +167,8 @@ def keep_saved_dtypes(opt, state_dict: dict) -> None:
             continue
         entry = opt.state[p]
         for name, value in saved.items():
-            if name != "step" and isinstance(value, Tensor) and value.dtype != p.dtype:
+            if name not in opt.declaration.scalar_names and isinstance(value, Tensor) \
+                    and value.dtype != p.dtype:
                 dict.__setitem__(entry, name, value)
 
 

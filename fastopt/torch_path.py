@@ -263,3 +263,81 @@ def _adam_int8_slice(op, flat, scales, span, blocks, step, has_master, rounding_
             new_scales = torch.where(skip, scales[name][blocks], new_scales)
         flat[name][span].copy_(codes)
         scales[name][blocks].copy_(new_scales)
+
+
+# Elements per call of an optimizer's torch math: the temporaries of one chunk stay in a core's
+# cache between the ops that read them (see benchmarks/route_costs.py).
+CHUNK = 1 << 16
+
+
+def elementwise_update(math, params: list, grads: list, buffers: list, rows: list, *, lr,
+                       hyper: tuple, flags: int, maximize: bool, grad_scale=None,
+                       found_inf=None, masters=None, rounding_seed=None, offsets=None,
+                       step_column: int = 0) -> None:
+    """Any declared elementwise optimizer (``fastopt.declaration``) on the torch path: for each
+    entry, ``math(param, grad, b0, b1, b2, b3, row, lr, h0..h7, flags)`` (the optimizer's torch
+    twin of its kernel, the same signature) on chunks of ``CHUNK`` elements, in place.
+
+    ``buffers``: per declared buffer, the list of entries (None when absent); ``rows``: per
+    entry, the scalar values of its params (``fastopt.declaration.Columns`` of floats, or
+    None). With fp32 masters, buffers stored in another dtype, or stochastic rounding, each
+    slice is widened to fp32 (fp64 for fp64 params) first and stored back rounded
+    (``fastopt.precision``). ``found_inf`` nonzero: nothing is written (read on the host; on
+    a GPU that is the one sync GradScaler itself makes for torch.optim's non-fused optimizers).
+    """
+    if not params or (found_inf is not None and bool(found_inf)):
+        return
+    lr = float(lr) if isinstance(lr, Tensor) else lr
+    hyper = tuple(hyper) + (0.0,) * (8 - len(hyper))
+    for i, param in enumerate(params):
+        grad = grads[i]
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device)
+        if maximize:
+            grad = -grad
+        slots = [b[i] if b is not None else None for b in buffers]
+        slots += [None] * (4 - len(slots))
+        narrow = any(s is not None and s.dtype != param.dtype for s in slots)
+        if masters is None and not narrow and (rounding_seed is None
+                                                or param.dtype != torch.bfloat16):
+            p, g = param.reshape(-1), grad.reshape(-1)
+            s = [x.reshape(-1) if x is not None else None for x in slots]
+            for lo in range(0, p.numel(), CHUNK):
+                part = slice(lo, lo + CHUNK)
+                math(p[part], g[part], *[x[part] if x is not None else None for x in s],
+                     rows[i], lr, *hyper, flags)
+            continue
+        master = masters[i] if masters is not None else None
+        seed = rounding_seed if master is None and param.dtype == torch.bfloat16 else None
+        start = offsets[i] if offsets is not None else 0
+        _widened(math, param, grad, slots, master, rows[i], lr, hyper, flags, seed, start,
+                 step_column)
+
+
+def _widened(math, param, grad, slots, master, row, lr, hyper, flags, seed, start,
+             step_column) -> None:
+    """One entry of ``elementwise_update`` computed in fp32 slices and stored back rounded."""
+    source = master if master is not None else param
+    math_dtype = precision.math_dtype(source.dtype)
+    flat = {"param": param.reshape(-1), "grad": grad.reshape(-1), "source": source.reshape(-1)}
+    states = [s.reshape(-1) if s is not None else None for s in slots]
+    step = None
+    if seed is not None:
+        step = torch.tensor(getattr(row, "step", 0.0))
+    for lo in range(0, flat["param"].numel(), precision.SLICE):
+        part = slice(lo, lo + precision.SLICE)
+        if master is not None:
+            p32 = precision.follow_param(flat["source"][part], flat["param"][part])
+        else:
+            p32 = flat["param"][part].to(math_dtype)
+        s32 = [s[part].to(math_dtype) if s is not None else None for s in states]
+        math(p32, flat["grad"][part].to(math_dtype), *s32, row, lr, *hyper, flags)
+        if master is not None:
+            precision.store(flat["source"][part], p32)
+            precision.store(flat["param"][part], p32)
+        else:
+            rounding = {} if seed is None else dict(seed=seed, step=step, start=start + lo)
+            precision.store(flat["param"][part], p32, **rounding)
+        for s, values in zip(states, s32):
+            if s is not None:
+                precision.store(s[part], values)

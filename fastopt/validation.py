@@ -173,3 +173,10 @@ def _fused_devices() -> list:
     get = getattr(_torch_optimizer, "_get_fused_kernels_supported_devices", None)
     return get() if get is not None else ["mps", "cuda", "xpu", "hpu", "cpu", "mtia",
                                           "privateuseone"]
+
+
+def check_with(reference: type, options: dict) -> None:
+    """Raise what torch.optim's class ``reference`` raises for these options, with its exact
+    exception type and message (whatever torch version is installed): the class is built
+    once on a one-element tensor, before fastopt allocates anything."""
+    reference([torch.zeros(1, requires_grad=True)], **options)

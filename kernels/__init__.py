@@ -6,7 +6,10 @@ as its pure-torch twin in ``fastopt.torch_path``. Kernels know pointers, sizes a
 
 from .adam import adam_update, count_adam_steps
 from .adam_int8 import adam_int8_update
+from .elementwise import elementwise_update
 from .saga import saga_update
 from .sgd import sgd_update
 
-__all__ = ["adam_int8_update", "adam_update", "count_adam_steps", "saga_update", "sgd_update"]
+__all__ = ["adam_int8_update", "adam_update", "count_adam_steps", "elementwise_update",
+           "saga_update", "sgd_update"]
+

@@ -184,3 +184,51 @@ def owns_storage(t) -> bool:
     """Is ``t``'s storage exactly its own bytes (so saving or pickling ``t`` writes ``t`` alone)?"""
     return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
+
+
+def _mallinfo():
+    """glibc's mallinfo2 (None where there is none)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = MallInfo2
+    return function
+
+
+def allocated_bytes_supported() -> bool:
+    return _mallinfo() is not None
+
+
+def allocated_peak(fn, *args, **kwargs) -> int:
+    """The most bytes malloc held above what it held before, while ``fn`` ran: read after
+    every torch op (a dispatch mode), from glibc's own count of the bytes it has handed out
+    (``uordblks``, plus ``hblkhd`` for blocks it mapped). Unlike the resident set, it does not
+    depend on what earlier code freed and glibc kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    info = _mallinfo()
+
+    def held() -> int:
+        m = info()
+        return m.uordblks + m.hblkhd
+
+    start = held()
+    peak = [start]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            peak[0] = max(peak[0], held())
+            return out
+
+    with Watch():
+        fn(*args, **kwargs)
+    return peak[0] - start

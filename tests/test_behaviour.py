@@ -80,11 +80,11 @@ def test_zero_grad_set_to_none_and_in_place():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and not g.any() for g in grads)
     bucket = opt._buckets[0][0]
-    assert all(lives_in(g, bucket.grad) and owns_storage(g) for g in grads)
+    assert all(lives_in(g, bucket.grads.buffer) and owns_storage(g) for g in grads)
     model(torch.randn(2, 4)).sum().backward()  # accumulates into the flat grad buffer
-    assert bucket.grad.abs().sum() > 0
+    assert bucket.grads.buffer.abs().sum() > 0
     opt.zero_grad(set_to_none=False)
-    assert not bucket.grad.any()
+    assert not bucket.grads.buffer.any()
 
 
 def test_foreign_grad_views_are_used_in_place_and_not_replaced():

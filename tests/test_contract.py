@@ -99,7 +99,7 @@ def test_grads_a_user_holds_stay_the_grads(name, backend):
             o.zero_grad(set_to_none=False)
             assert all(p.grad is g for p, g in zip(net.parameters(), held))
         assert_models_close(model, twin)
-    assert all(lives_in(p.grad, opt._buckets[0][0].grad) for p in model.parameters())
+    assert all(lives_in(p.grad, opt._buckets[0][0].grads.buffer) for p in model.parameters())
 
 
 # ------------------------------------------------------------------ torch's own errors
@@ -524,7 +524,7 @@ def test_flatten_params_false_keeps_params_in_place_and_matches_torch(name, back
     bucket = opt._buckets[0][0]
     assert bucket.external and bucket.flat is None
     name_of_state = "momentum_buffer" if name == "SGD" else "exp_avg"
-    assert all(lives_in(opt.state[p][name_of_state], bucket.state[name_of_state])
+    assert all(lives_in(opt.state[p][name_of_state], bucket.state.tensors[name_of_state])
                for p in model.parameters())
     flat = fastopt.memory.estimate(mlp(), name.lower(), lr=0.1)
     apart = fastopt.memory.estimate(mlp(), name.lower(), lr=0.1, flatten_params=False)

@@ -142,7 +142,7 @@ def test_state_changed_from_outside_is_used_by_the_next_step(how):
             torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
         assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
     # After the step the state is fastopt's flat views again.
-    flat = ours._buckets[0][0].state["exp_avg"]
+    flat = ours._buckets[0][0].state.tensors["exp_avg"]
     for p in ours_params:
         assert lives_in(ours.state[p]["exp_avg"], flat)
 

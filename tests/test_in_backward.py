@@ -174,8 +174,10 @@ def test_pickled_optimizer_keeps_stepping_in_backward():
     assert opt2._step_groups is not None
     expected = train(model, opt, steps=3, start=2)
     got = train(model2, opt2, steps=3, start=2)
-    for e, g in zip(expected, got):
-        assert torch.equal(e, g)
+    # The copy lays its params out again at its first step(), so that step updates the whole
+    # bucket at once where the original updated step groups: on the CPU torch path equal within
+    # fp32 tolerance (see assert_same), not bit for bit.
+    assert_same(expected, got, "torch")
 
 
 def test_memory_estimate_holds_to_the_measured_peak(monkeypatch):

@@ -44,16 +44,16 @@ def test_every_slot_is_aligned_and_the_padding_stays_invisible_and_zero(dtype):
                 p.grad.copy_(torch.randn_like(p))
         opt.step()
     bucket = opt._buckets[0][0]
-    buffers = {"param": bucket.flat, "grad": bucket.grad, **bucket.state}
+    buffers = {"param": bucket.flat, "grad": bucket.grads.buffer, **bucket.state.tensors}
     assert all(b.numel() % BUFFER_ALIGN == 0 for b in buffers.values())
     for i, p in enumerate(params):
         assert bucket.starts[i] % SLOT_ALIGN == 0
         if not p.numel():
             continue  # an empty param has no address to place
         assert slot(p, bucket.flat) == bucket.starts[i]
-        assert slot(p.grad, bucket.grad) == bucket.starts[i]
+        assert slot(p.grad, bucket.grads.buffer) == bucket.starts[i]
         for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            assert slot(opt.state[p][name], bucket.state[name]) == bucket.starts[i]
+            assert slot(opt.state[p][name], bucket.state.tensors[name]) == bucket.starts[i]
     used = torch.zeros(bucket.numel, dtype=torch.bool)
     for s, e in zip(bucket.starts, bucket.ends):
         used[s:e] = True

@@ -126,9 +126,9 @@ def test_a_gathering_bucket_keeps_its_grad_buffer_and_never_touches_the_grads():
         assert all(p.grad is g for p, g in zip(params, grads))
         assert [g._version for g in grads] == versions
         assert all(torch.equal(g, c) for g, c in zip(grads, copies))
-    buffer = opt._buckets[0][0].grad
+    buffer = opt._buckets[0][0].grads.buffer
     opt.zero_grad()
-    assert opt._buckets[0][0].grad is buffer and routes == ["gather", "gather"]
+    assert opt._buckets[0][0].grads.buffer is buffer and routes == ["gather", "gather"]
 
 
 def test_a_bucket_reading_grads_where_they_lie_frees_its_grad_buffer():
@@ -137,9 +137,9 @@ def test_a_bucket_reading_grads_where_they_lie_frees_its_grad_buffer():
     for p in params:
         p.grad = torch.randn_like(p)
     opt.zero_grad(set_to_none=False)  # grads moved into the flat grad buffer
-    assert opt._buckets[0][0].grad is not None
+    assert opt._buckets[0][0].grads.buffer is not None
     opt.zero_grad()
-    assert opt._buckets[0][0].grad is None
+    assert opt._buckets[0][0].grads.buffer is None
 
 
 @pytest.mark.parametrize("shapes", [MANY_SMALL, FEW_LARGE], ids=["many-small", "few-large"])

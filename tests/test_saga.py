@@ -75,7 +75,7 @@ def test_matches_the_reference_over_many_steps(backend):
                                    **TOLERANCES[torch.float32])
     # The table is one flat buffer of num_samples rows per bucket.
     bucket = ours._buckets[1][0]
-    assert bucket.state["gradient_table"].shape == (5 * bucket.numel,)
+    assert bucket.state.tensors["gradient_table"].shape == (5 * bucket.numel,)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

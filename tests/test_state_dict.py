@@ -230,7 +230,7 @@ def test_loading_copies_into_flat_buffers():
     ours.load_state_dict(sd)
     exp_avg = ours.state[params[0]]["exp_avg"]
     assert exp_avg.data_ptr() != sd["state"][0]["exp_avg"].data_ptr()  # copied, not aliased
-    flat = ours._buckets[0][0].state["exp_avg"]
+    flat = ours._buckets[0][0].state.tensors["exp_avg"]
     assert lives_in(exp_avg, flat) and owns_storage(exp_avg)
 
 

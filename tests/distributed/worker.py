@@ -125,8 +125,8 @@ def fsdp2(rank, opt_name, backend="auto"):
             ours = opt.state[p][key]
             assert type(ours) is type(value), (key, type(ours), type(value))
             torch.testing.assert_close(full(ours), full(value), **TOL, check_dtype=key != "step")
-    flat = opt._buckets[0][0].state["exp_avg" if "exp_avg" in opt._buckets[0][0].state
-                                    else "momentum_buffer"]
+    flat = opt._buckets[0][0].state.tensors["exp_avg" if "exp_avg" in opt._buckets[0][0].state
+                                            else "momentum_buffer"]
     for p in model.parameters():
         state = next(v for k, v in opt.state[p].items() if k != "step")
         local = state.to_local()

@@ -8,14 +8,46 @@ with ``MemoryError``, what the device cannot hold.
 
 from __future__ import annotations
 
+__all__ = ["SAGA"]
+
 import torch
 from torch import Tensor
 
 from fastopt import dispatch
-from fastopt.adam import _on
+from fastopt.declaration import Buffer, Declaration
+from fastopt.elementwise import _on
 from fastopt.flat import real_shape
 from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_saga, check_sample_index
+
+
+def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
+    """SAGA's step for sample ``opt._index``: one fused pass over params, grads, the table's
+    row for the sample and the table's mean."""
+    rows = group["num_samples"]
+    row = bucket.state.tensors["gradient_table"].view(rows, bucket.numel)[opt._index]
+    chunks = plan.chunks
+    dispatch.update_fn("saga", bucket.backend)(
+        bucket.pieces("param", chunks),
+        [c.grad for c in chunks],
+        [_piece(bucket, row, c) for c in chunks],
+        bucket.pieces("gradient_mean", chunks),
+        lr=_on(group["lr"], bucket.device),
+        weight_decay=float(group["weight_decay"]),
+        num_samples=rows,
+    )
+
+
+SAGA_DECLARATION = Declaration(
+    buffers=(Buffer("gradient_table"), Buffer("gradient_mean")),
+    update=_update,
+    options=frozenset(),  # no lean state, clipping or in_backward: the table is the point
+    grad_scaling=False,  # GradScaler unscales the grads itself (unscale_) first
+    differentiable=False,
+    group_keys=("lr", "num_samples", "weight_decay"),
+    cost="saga",
+    by_address=False,
+)
 
 
 class SAGA(FlatOptimizer):
@@ -59,8 +91,7 @@ class SAGA(FlatOptimizer):
             and the mean are flat either way). Default: True.
     """
 
-    update_name = "saga"
-    amp_scaling_supported = False  # GradScaler unscales the grads itself (unscale_) first
+    declaration = SAGA_DECLARATION
 
     def __init__(self, params, lr: float | Tensor, num_samples: int, weight_decay: float = 0, *,
                  backend: str = "auto", flatten_params: bool = True) -> None:
@@ -90,16 +121,16 @@ class SAGA(FlatOptimizer):
             _refuse_what_cannot_fit([group], **options)
         super().add_param_group(group)
 
-    required_group_keys = ("lr", "num_samples", "weight_decay")
-
-    def state_names(self, group: dict, bucket) -> list:
-        return ["gradient_table", "gradient_mean"]
-
-    def saved_state_names(self, group: dict) -> tuple:
-        return ["gradient_table", "gradient_mean"], []
-
-    def state_rows(self, group: dict, name: str):
-        return group["num_samples"] if name == "gradient_table" else None
+    def buffer_rows(self, group: dict, name: str):
+        """The gradient table's rows: one per sample (also ``fastopt.memory``'s count)."""
+        if name != "gradient_table":
+            return None
+        samples = group.get("num_samples")
+        if samples is None:
+            raise TypeError("SAGA's memory depends on num_samples: pass num_samples=")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"Invalid num_samples: {samples!r} (a positive int)")
+        return samples
 
     @torch.no_grad()
     def step(self, closure=None, *, index=None):
@@ -117,20 +148,6 @@ class SAGA(FlatOptimizer):
             return super().step(closure)
         finally:
             self._index = None
-
-    def update(self, group, bucket, plan, grad_scale, found_inf) -> None:
-        rows = group["num_samples"]
-        row = bucket.state["gradient_table"].view(rows, bucket.numel)[self._index]
-        chunks = plan.chunks
-        dispatch.update_fn("saga", bucket.backend)(
-            bucket.pieces("param", chunks),
-            [c.grad for c in chunks],
-            [_piece(bucket, row, c) for c in chunks],
-            bucket.pieces("gradient_mean", chunks),
-            lr=_on(group["lr"], bucket.device),
-            weight_decay=float(group["weight_decay"]),
-            num_samples=rows,
-        )
 
 
 def _piece(bucket, row: Tensor, chunk) -> Tensor:

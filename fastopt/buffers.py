@@ -1,0 +1,118 @@
+"""A bucket's state: named flat buffers and a per-param scalar table.
+
+- ``tensors``: one flat buffer per state name (``exp_avg``, ``square_avg``...), with the
+  bucket's slots, or ``rows`` rows of them (a per-sample table, SAGA's), or one entry per block
+  of a param (``blockwise``: 8-bit state's scales, with ``block_table``/``block_starts``);
+- ``scalars``: float32 ``[params, width]``: per param the scalars its declaration keeps
+  (``step``, ``mu_product``...) and then the values the scalar math derives from them each step
+  (the kernels read a param's row); ``ids`` are equal for params whose kept scalars are equal,
+  so that they can share one call.
+
+Which buffers and scalars exist is the optimizer's declaration (``fastopt.declaration``); this
+module only holds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastopt.flat import DTensor, is_dtensor, own_storage_view
+
+
+class Buffers:
+    """The state of one bucket (see the module docstring)."""
+
+    def __init__(self, bucket) -> None:
+        self.bucket = bucket
+        n = len(bucket.params)
+        self.tensors: dict = {}  # name -> flat buffer
+        self.rows: dict = {}  # name -> rows, for table buffers (SAGA)
+        self.blockwise: set = set()  # names with one entry per block (8-bit state's scales)
+        self.block_table: Tensor | None = None  # int64 [blocks, 2]: flat [start, end) of each
+        self.block_starts: list = []  # param i's blocks: [block_starts[i], block_starts[i + 1])
+        self.scalars: Tensor | None = None  # float32 [params, width] (see the module docstring)
+        self.scalar_names: tuple = ()  # the kept columns
+        self.views: dict = {}  # kept scalar name -> its 0-d view per param
+        self.ids: list = [None] * n  # host-side: equal ids => equal kept scalars
+        self.has_state: list = [False] * n
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def ensure(self, name: str, rows: int | None = None, dtype: torch.dtype | None = None,
+               fill: float = 0.0) -> Tensor:
+        """The flat state buffer ``name`` (``fill`` when new): the bucket's slots, or ``rows``
+        rows of them, or one per block for a blockwise name (``*_absmax``), in ``dtype``
+        (default: the params')."""
+        if name not in self.tensors:
+            b = self.bucket
+            size = b.numel * (1 if rows is None else rows)
+            if name.endswith("_absmax") and self.block_table is not None:
+                self.blockwise.add(name)
+                size = self.block_starts[-1]
+            self.tensors[name] = torch.full((size,), fill, dtype=dtype or b.dtype,
+                                            device=b.device)
+            if fill != 0.0 and rows is None and name not in self.blockwise:
+                _zero_padding(b, self.tensors[name])
+            if rows is not None:
+                self.rows[name] = rows
+        return self.tensors[name]
+
+    def ensure_scalars(self, names: tuple, width: int, device: torch.device) -> Tensor:
+        """The scalar table: ``names`` kept per param, ``width`` columns in all."""
+        if self.scalars is None:
+            self.scalars = torch.zeros(len(self.bucket.params), width, dtype=torch.float32,
+                                       device=device)
+            self.scalar_names = tuple(names)
+            self.views = {name: list(self.scalars[:, k].unbind())
+                          for k, name in enumerate(names)}
+        return self.scalars
+
+    def column(self, name: str) -> Tensor:
+        return self.scalars[:, self.scalar_names.index(name)]
+
+    def add_block_table(self, block: int) -> None:
+        """Blocks of ``block`` elements from each param's start (the last one of a param may be
+        shorter): their flat ranges, and which blocks each param owns."""
+        b = self.bucket
+        rows, starts = [], [0]
+        for s, e in zip(b.starts, b.ends):
+            block_starts = torch.arange(s, e, block, dtype=torch.int64)
+            rows.append(torch.stack([block_starts, (block_starts + block).clamp(max=e)], dim=1))
+            starts.append(starts[-1] + len(block_starts))
+        self.block_table = torch.cat(rows).to(b.device)
+        self.block_starts = starts
+
+    def local_view(self, name: str, i: int) -> Tensor:
+        """Param i's part of buffer ``name``: param-shaped, ``[rows, *shape]`` for a table, its
+        run of block scales for a blockwise buffer (8-bit state)."""
+        buffer = self.tensors[name]
+        if name in self.blockwise:
+            return buffer[self.block_starts[i] : self.block_starts[i + 1]]
+        return self.bucket.view(buffer, i, self.rows.get(name))
+
+    def state_view(self, name: str, i: int) -> Tensor:
+        """What ``optimizer.state`` holds for param i: its view of buffer ``name`` (with a
+        storage of its own), as a DTensor laid out like the param when the param is one (as
+        torch.optim's would be)."""
+        view = own_storage_view(self.local_view(name, i))
+        p = self.bucket.params[i]
+        if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise:
+            return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
+        return view
+
+    def nbytes(self) -> int:
+        """Bytes held: every buffer and the scalar table."""
+        tables = [self.scalars] if self.scalars is not None else []
+        return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *tables])
+
+
+def _zero_padding(bucket, buffer: Tensor) -> None:
+    """Keep the alignment padding of a buffer filled with a nonzero initial value at zero
+    (nothing a user sees covers it, and zeros stay zeros through every update)."""
+    edges = [0, *(x for s, e in zip(bucket.starts, bucket.ends) for x in (s, e)), bucket.numel]
+    for lo, hi in zip(edges[::2], edges[1::2]):
+        if hi > lo:
+            buffer[lo:hi] = 0

@@ -1,0 +1,131 @@
+"""What an optimizer keeps and which of fastopt's options apply to it: its declaration.
+
+Every fastopt optimizer is a class (torch.optim's signature, defaults and errors) with one
+:class:`Declaration`. The engine (``fastopt.optimizer``, the layout, ``fastopt.memory``, the
+kernel report, the benchmarks and the tests) reads everything else from it:
+
+- ``buffers``: the state tensors shaped like their param (``exp_avg``, ``square_avg``...), each
+  one flat buffer per bucket, with its initial value (a number, or the group option holding it,
+  as Adagrad's ``initial_accumulator_value``) and, for optional ones, the group option that
+  switches it on (``amsgrad``, ``centered``);
+- ``scalars``: per-param scalars kept in the state (``step``, NAdam's ``mu_product``, ASGD's
+  ``eta`` and ``mu``), columns of one small table per bucket; ``derived`` names the values the
+  scalar math computes from them each step (bias corrections, step sizes), columns of a second
+  table the kernels read;
+- the math, written once per backend with one signature: ``math`` (the torch twin, on single
+  flat tensors, in ``fastopt/optimizers/<name>.py``) and ``kernel`` (the per-element Triton
+  function ``fastopt.kernels.<kernel>``), plus ``scalar_math`` (torch ops on the scalar columns,
+  shared by both backends) and ``hyper`` (the group's options as the kernel's scalars and
+  flags). An optimizer whose step is not elementwise (Adam's fused ops, SAGA's table) gives its
+  own ``update`` instead.
+
+``options`` lists fastopt's own keywords that mean something for the optimizer; any other is
+refused at construction with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# fastopt's keyword-only options, beyond torch.optim's signature, and their defaults.
+BACKEND_OPTIONS = {"backend": "auto", "flatten_params": True, "in_backward": False}
+PRECISION_OPTIONS = {"master_weights": False, "state_dtype": None,
+                     "stochastic_rounding": False, "rounding_seed": 0, "max_grad_norm": None}
+# The variant bits of an elementwise optimizer's FLAGS (its kernel module reads the same bits
+# from kernels/ops.py; tests/test_registry.py holds the two to each other).
+WEIGHT_DECAY, DECOUPLED, MOMENTUM, CENTERED, NESTEROV = 1, 2, 4, 8, 16
+# The options every elementwise optimizer takes (stochastic rounding needs a step count).
+ELEMENTWISE = frozenset({"master_weights", "state_dtype", "max_grad_norm", "in_backward",
+                         "stochastic_rounding", "rounding_seed"})
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A state tensor of its param's shape, held in one flat buffer per bucket."""
+
+    name: str
+    init: float | str = 0.0  # initial value, or the name of the group option holding it
+    when: Callable | None = None  # group -> present? (None: always)
+
+    def present(self, group: dict) -> bool:
+        return self.when is None or bool(self.when(group))
+
+    def initial(self, group: dict) -> float:
+        value = group[self.init] if isinstance(self.init, str) else self.init
+        return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A per-param scalar kept in the state (a 0-d float32 tensor, as torch keeps ``step``)."""
+
+    name: str
+    init: float | str = 0.0  # initial value, or the name of the group option holding it
+
+    def initial(self, group: dict) -> float:
+        value = group[self.init] if isinstance(self.init, str) else self.init
+        return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """See the module docstring."""
+
+    buffers: tuple = ()
+    scalars: tuple = ()
+    derived: tuple = ()  # names of the values scalar_math derives each step
+    scalar_math: Callable | None = None  # (Columns, group) -> None: advance scalars, set derived
+    math: Callable | None = None  # torch twin: (param, grad, buffers: list, values, group)
+    kernel: str | None = None  # the per-element function in fastopt.kernels
+    hyper: Callable | None = None  # (opt, group) -> (hyperparameters, FLAGS int) for the kernel
+    update: Callable | None = None  # (optimizer, group, bucket, plan, grad_scale, found_inf)
+    options: frozenset = ELEMENTWISE
+    sparse: str = "refuse"  # "refuse" (torch's error), "densify" (SGD, Adagrad)
+    error_name: str = ""  # how torch.optim's messages name it (Adam for AdamW); "" = class name
+    grad_scaling: bool = True  # takes GradScaler's grad_scale / found_inf (its fused path)
+    reference: type | None = None  # the torch.optim class (differentiable=True, verify, checks)
+    group_keys: tuple = ("lr",)  # options every saved param group has (checkpoint check)
+    cost: str = "elementwise"  # which row of fastopt.plan.CPU_COSTS prices its step
+    by_address: bool = True  # its kernels read fresh grads through an address table
+    differentiable: bool = True  # differentiable=True runs ``reference``'s own algorithm
+    extra: dict = field(default_factory=dict)  # anything an optimizer's own update needs
+
+    def buffer_names(self, group: dict) -> list:
+        """The names of the buffers a param of ``group`` keeps, in declared order."""
+        return [b.name for b in self.buffers if b.present(group)]
+
+    def buffer(self, name: str) -> Buffer | None:
+        return next((b for b in self.buffers if b.name == name), None)
+
+    @property
+    def scalar_names(self) -> tuple:
+        return tuple(s.name for s in self.scalars)
+
+    @property
+    def counts_steps(self) -> bool:
+        return "step" in self.scalar_names
+
+
+class Columns:
+    """The scalar table's columns for rows ``lo:hi`` as attributes: the kept scalars (float32
+    views, updated in place by ``scalar_math``) and the derived values it sets (float64
+    tensors). ``scalar_math`` is torch ops on these columns, so it runs unchanged on a CPU table
+    (the torch path) and on a GPU table (the Triton path, no host sync)."""
+
+    def __init__(self, kept: dict) -> None:
+        self.__dict__.update(kept)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def decay_factor(lr, weight_decay: float) -> float:
+    """``1 - lr * weight_decay`` in double, as torch.optim computes it from a float lr (rounded
+    to the params' dtype where it multiplies them). A device tensor ``lr`` (the Triton path) is
+    left to the kernel, which computes the factor itself (``kernels/ops.py``)."""
+    if isinstance(lr, torch.Tensor):
+        return 1.0
+    return 1.0 - lr * weight_decay

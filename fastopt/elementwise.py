@@ -1,0 +1,109 @@
+"""The step of a declared elementwise optimizer (``fastopt.declaration``), on either backend.
+
+For one bucket and its step plan (``fastopt.plan``):
+
+1. the scalar math advances each run's kept scalars (``step``, ``mu_product``...) and derives
+   this step's values from them (bias corrections, step sizes): torch ops on the run's columns
+   of the scalar table, on the CPU for the torch path (as torch.optim keeps ``step``), on the
+   GPU for the Triton path (no host sync);
+2. one call updates the plan's entries: ``fastopt.kernels.elementwise_update`` with the
+   optimizer's per-element Triton function, or ``fastopt.torch_path.elementwise_update`` with
+   its torch twin (the same signature);
+3. with GradScaler's ``found_inf`` set, the scalars are put back as they were (on the GPU
+   without reading it: ``torch.where``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+
+import torch
+from torch import Tensor
+
+from fastopt import dispatch
+from fastopt.declaration import Columns
+
+
+def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
+    """Update ``plan``'s entries of ``bucket`` (a bucket of ``group``) in place."""
+    declared = opt.declaration
+    table = bucket.state.scalars
+    triton = bucket.backend == "triton"
+    if not triton and found_inf is not None and bool(found_inf):
+        return  # torch path: nothing changes (see torch_path.elementwise_update)
+    if not triton and isinstance(group["lr"], Tensor):  # torch.optim's _to_scalar(lr)
+        group = dict(group, lr=float(group["lr"]))
+    runs = [(0, len(bucket.params))] if plan.whole else [(lo, hi) for lo, hi, _ in
+                                                         plan.step_runs]
+    values, before = [], []
+    if table is not None:
+        kept = len(declared.scalars)
+        for lo, hi in runs:
+            if triton and found_inf is not None:
+                before.append(table[lo:hi].clone())
+            columns = Columns({name: table[lo:hi, k]
+                               for k, name in enumerate(declared.scalar_names)})
+            declared.scalar_math(columns, group)
+            derived = [getattr(columns, name) for name in declared.derived]
+            if triton and derived:
+                table[lo:hi, kept:] = torch.stack(
+                    [torch.as_tensor(d, dtype=torch.float64, device=table.device).expand(hi - lo)
+                     for d in derived], dim=1).to(torch.float32)
+            elif not triton:
+                values.append(_floats(columns, declared))
+    starts = [lo for lo, _ in runs]
+    rows = []
+    for first in plan.rows:
+        if table is None:
+            rows.append(None)
+        elif triton:
+            rows.append(table[first])
+        else:
+            rows.append(values[bisect.bisect_right(starts, first) - 1])
+    hyper = declared.hyper(opt, group)
+    dispatch.implementation("elementwise_update", bucket.backend)(
+        _math(declared, bucket.backend),
+        plan.pieces("param"),
+        plan.grads,
+        [plan.pieces(b.name) if b.name in bucket.state else None for b in declared.buffers],
+        rows,
+        lr=_on(group["lr"], bucket.device) if triton else group["lr"],
+        hyper=hyper[0],
+        flags=hyper[1],
+        maximize=bool(group.get("maximize", False)),
+        grad_scale=_on(grad_scale, bucket.device),
+        found_inf=_on(found_inf, bucket.device),
+        step_column=declared.scalar_names.index("step") if declared.counts_steps else 0,
+        **opt.precision_options(group, bucket, plan),
+    )
+    if before:
+        skip = found_inf.to(table.device) != 0
+        for (lo, hi), old in zip(runs, before):
+            table[lo:hi] = torch.where(skip, old, table[lo:hi])
+    if table is not None:
+        opt.renumber(bucket, plan)
+
+
+def _math(declared, backend: str):
+    """The optimizer's per-element function for ``backend``: the Triton kernel's or its torch
+    twin."""
+    if backend == "triton":  # the function <kernel> of fastopt/kernels/<kernel>.py
+        return getattr(importlib.import_module(f"fastopt.kernels.{declared.kernel}"),
+                       declared.kernel)
+    return declared.math
+
+
+def _floats(columns: Columns, declared) -> Columns:
+    """A run's scalars as Python floats (its first row: every row of a run holds the same)."""
+    out = {}
+    for name, value in columns.as_dict().items():
+        out[name] = float(value[0]) if isinstance(value, Tensor) and value.dim() else float(value)
+    return Columns(out)
+
+
+def _on(value, device: torch.device):
+    """A tensor hyperparameter moved to ``device`` (other values pass through)."""
+    if isinstance(value, Tensor) and value.device != device:
+        return value.to(device)
+    return value

@@ -1,0 +1,1 @@
+"""fastopt's optimizers, one module each (see ``fastopt.registry``)."""

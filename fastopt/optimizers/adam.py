@@ -1,0 +1,290 @@
+"""Adam (Kingma & Ba, 2014, arXiv 1412.6980) and AdamW (Loshchilov & Hutter, 2017, arXiv 1711.05101).
+
+Same signatures, defaults, per-group options, errors and ``state_dict`` as ``torch.optim.Adam`` and
+``torch.optim.AdamW``; the math is in ``torch_path.adam_update`` and ``kernels/adam.py``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Adam", "AdamW", "AdamW8bit"]
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from fastopt import dispatch, quantization
+from fastopt.declaration import ELEMENTWISE, Buffer, Declaration, Scalar
+from fastopt.elementwise import _on
+from fastopt.flat import Bucket, is_dtensor, local
+from fastopt.optimizer import FlatOptimizer
+from fastopt.state import MASTER
+from fastopt.validation import check_adam, check_flags
+
+INT8 = "int8"
+
+
+def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
+    """Adam's step: the step counts and bias corrections (``count_adam_steps``), then torch's
+    fused Adam over the flat buffers or ``kernels/adam.py`` (8-bit state: its own update)."""
+    rows = bucket.state.scalars
+    counted = [rows] if plan.whole else [rows[lo:hi] for lo, hi, _ in plan.step_runs]
+    found_inf = _on(found_inf, bucket.device)
+    amsgrad = group["amsgrad"]
+    beta1, beta2 = group["betas"]
+    dispatch.implementation("count_adam_steps", bucket.backend)(
+        counted, lr=_on(group["lr"], bucket.device), beta1=float(beta1), beta2=float(beta2))
+    if bucket.variant == INT8:
+        _update_int8(opt, group, bucket, plan, grad_scale, found_inf)
+    else:
+        dispatch.update_fn("adam", bucket.backend)(
+            plan.pieces("param"),
+            plan.grads,
+            plan.pieces("exp_avg"),
+            plan.pieces("exp_avg_sq"),
+            plan.pieces("max_exp_avg_sq") if amsgrad else [],
+            plan.scalar_views("step"),
+            lr=_on(group["lr"], bucket.device),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            decoupled=group["decoupled_weight_decay"],
+            grad_scale=_on(grad_scale, bucket.device),
+            found_inf=found_inf,
+            **opt.precision_options(group, bucket, plan),
+        )
+    if found_inf is not None:
+        for count in counted:
+            count[:, 0].sub_(found_inf)
+    opt.renumber(bucket, plan)
+
+
+def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
+    chunks = plan.chunks
+    state = bucket.state
+    blocks = [slice(state.block_starts[c.lo], state.block_starts[c.hi]) for c in chunks]
+    beta1, beta2 = group["betas"]
+    dispatch.update_fn("adam_int8", bucket.backend)(
+        bucket.pieces("param", chunks),
+        [c.grad for c in chunks],
+        bucket.pieces("exp_avg", chunks),
+        [state.tensors["exp_avg_absmax"][b] for b in blocks],
+        bucket.pieces("exp_avg_sq", chunks),
+        [state.tensors["exp_avg_sq_absmax"][b] for b in blocks],
+        [state.views["step"][c.lo] for c in chunks],
+        block_tables=[state.block_table[b] for b in blocks],
+        bases=[c.start for c in chunks],
+        spans=[[(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
+                for k in range(c.lo, c.hi)] for c in chunks],
+        lr=_on(group["lr"], bucket.device),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        weight_decay=float(group["weight_decay"]),
+        eps=float(group["eps"]),
+        maximize=group["maximize"],
+        decoupled=group["decoupled_weight_decay"],
+        grad_scale=_on(grad_scale, bucket.device),
+        found_inf=found_inf,
+        **opt.precision_options(group, bucket, plan),
+    )
+
+
+ADAM = Declaration(
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq"),
+             Buffer("max_exp_avg_sq", when=lambda g: g.get("amsgrad", False))),
+    # The step count, then what the Triton path derives from it each step: the step size and
+    # the square root of the second bias correction (kernels/adam.py).
+    scalars=(Scalar("step"),),
+    derived=("step_size", "bias_correction2_sqrt"),
+    update=_update,
+    options=ELEMENTWISE | {INT8},
+    error_name="Adam",
+    reference=torch.optim.Adam,
+    group_keys=("lr", "betas", "eps", "weight_decay"),
+    cost="adam",
+)
+
+
+class Adam(FlatOptimizer):
+    r"""Adam (Kingma & Ba, 2014), a drop-in for ``torch.optim.Adam``.
+
+    For each param :math:`\theta` with grad :math:`g` (negated if ``maximize``), at step :math:`t`:
+
+    .. math::
+        g &\leftarrow g + \lambda\theta \quad\text{(or, with decoupled\_weight\_decay: }
+             \theta \leftarrow \theta(1-\gamma\lambda)\text{)} \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ with amsgrad, else } v_t \\
+        \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+              \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Args are those of ``torch.optim.Adam``. ``foreach``, ``fused`` and ``capturable`` are accepted
+    (with torch's errors for combinations torch refuses) and change nothing else: every step here
+    is one fused pass per flat buffer, and on CUDA it does no host sync (so it can be captured in
+    a CUDA graph). ``differentiable=True`` leaves the params where they are and runs
+    torch.optim's own differentiable algorithm (autograd through the update). Keyword-only
+    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastopt.dispatch``);
+    ``flatten_params=False``: params stay where they are, only the state is flat;
+    ``in_backward=True``: the update runs inside ``backward()``, a step group at a time, and
+    grads are released at once (``fastopt.in_backward``).
+
+    What differs from torch.optim: nothing in the numbers (within float rounding). Params move
+    into flat buffers at construction (``p.data`` becomes a slot of one, with a storage of its
+    own; the ``Parameter`` objects stay the same), and a param listed twice in one group is
+    updated once.
+    """
+
+    declaration = ADAM
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        **options,
+    ) -> None:
+        betas = check_adam(lr, betas, eps, weight_decay, foreach, capturable)
+        check_flags(foreach, fused, differentiable)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults, **options)
+
+    # 8-bit state (state_dtype="int8"): params of MIN_SIZE elements or more get blockwise codes
+    # (uint8, param-shaped) and per-block scales (``*_absmax``); smaller ones keep fp32 state.
+    def bucket_variant(self, group: dict, p: Tensor):
+        if group.get("state_dtype") == INT8 and local(p).numel() >= quantization.MIN_SIZE:
+            return INT8
+        return None
+
+    def buffer_names(self, group: dict, bucket: Bucket) -> list:
+        if bucket.variant != INT8:
+            return super().buffer_names(group, bucket)
+        return ["exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
+                *self.precision_names(group, bucket)]
+
+    def buffer_dtype(self, group: dict, bucket: Bucket, name: str) -> torch.dtype:
+        if group.get("state_dtype") != INT8 or name == MASTER:
+            return super().buffer_dtype(group, bucket, name)
+        if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq"):
+            return quantization.CODES
+        return torch.float32
+
+    def prepare_bucket(self, group: dict, bucket: Bucket) -> None:
+        super().prepare_bucket(group, bucket)
+        if bucket.variant != INT8:
+            return
+        if any(is_dtensor(p) for p in bucket.params):
+            raise ValueError(
+                "state_dtype='int8' on DTensor params (FSDP2, tensor parallel) is not supported: "
+                "its per-block scales have no DTensor layout for distributed checkpoints; use "
+                "state_dtype=torch.bfloat16 there"
+            )
+        bucket.state.add_block_table(quantization.BLOCK)
+
+    def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
+        if name.endswith("_absmax"):
+            return (quantization.num_blocks(local(p).numel()),)
+        return super().saved_state_shape(group, p, name)
+
+    def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
+        """Saved fp32 moments (torch.optim's, or fastopt's without 8-bit state) are encoded."""
+        if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq") \
+                and value.is_floating_point():
+            signed = name == "exp_avg"
+            values = value.float() if signed else value.float().clamp(min=0).sqrt()
+            codes, scales = quantization.quantize(values.to(bucket.device), signed)
+            bucket.state.local_view(name, i).copy_(codes)
+            bucket.state.local_view(f"{name}_absmax", i).copy_(scales)
+            return
+        super().adopt_value(bucket, i, name, value)
+
+    def saved_state_names(self, group: dict) -> tuple:
+        required = ["exp_avg", "exp_avg_sq"]
+        if group.get("amsgrad") and group.get("state_dtype") != INT8:
+            required.append("max_exp_avg_sq")
+        return required, ["max_exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", MASTER]
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2017), a drop-in for ``torch.optim.AdamW``.
+
+    Adam with decoupled weight decay: :math:`\theta \leftarrow \theta(1-\gamma\lambda)` before the
+    Adam update, instead of adding :math:`\lambda\theta` to the grad (see :class:`Adam`).
+    """
+
+    declaration = replace(ADAM, reference=torch.optim.AdamW)
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        **options,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, **options)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class AdamW8bit(AdamW):
+    """AdamW with blockwise 8-bit moments: ``AdamW(..., state_dtype="int8")`` (the name
+    bitsandbytes users know). See ``fastopt.quantization``; tensors under 4096 elements keep
+    fp32 moments. The state_dict holds plain tensors: uint8 codes and fp32 block scales."""
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        fused: bool | None = None,
+        state_dtype="int8",
+        **options,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize,
+                         foreach=foreach, capturable=capturable, fused=fused,
+                         state_dtype=state_dtype, **options)

@@ -1,0 +1,257 @@
+"""The step of a ``FlatOptimizer``: check everything, then write; and the grads it leaves.
+
+``step_body`` picks the algorithm: torch.optim's own (the declaration's ``reference`` class) for
+``differentiable=True``, inside a make_fx / fake-tensor trace, or when params and state were
+swapped in from outside; else the fused step, which
+
+1. runs the closure (with grad enabled, as torch.optim does), then turns autograd off;
+2. lays out again what changed (``fastopt.layout``);
+3. checks every grad of every group (``fastopt.plan.check_grads``) before anything is written;
+4. with ``max_grad_norm``, folds the global clip into the update's grad divisor
+   (``fastopt.clipping``);
+5. per bucket: makes the state this step needs, plans the step (``fastopt.plan``) and calls the
+   optimizer's update.
+
+``step_group`` is the same for one step group inside a backward (``in_backward=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+from torch import Tensor
+
+from fastopt import clipping, layout
+from fastopt.flat import as_real
+from fastopt.plan import CheckedGrads, check_grads, make_plan
+from fastopt.state import State, add_state_buffer, create_state
+from fastopt.validation import check_precision
+
+_EAGER_STEP = None
+MIXED = object()  # ``uniform_key``'s answer when a bucket's params do not share one run key
+
+
+def step_body(opt, closure=None):
+    """torch.optim's own algorithm where the flat layout cannot serve (see the module
+    docstring), else the fused step."""
+    reference = opt.declaration.reference
+    if opt._reference or (reference is not None and (_tracing() or _swapped_in(opt))):
+        step = reference.step
+        while getattr(step, "hooked", False):  # torch wraps it to run hooks: ours already ran
+            step = step.__wrapped__
+        return step(opt, closure)
+    return _EAGER_STEP(opt, closure)
+
+
+def make_eager_step() -> None:
+    """``fused_step`` behind ``torch._dynamo.disable``: a function compiled with
+    ``torch.compile`` that calls ``optimizer.step()`` (torch's documented recipe) gets a clean
+    graph break and runs the eager fused step, instead of inductor tracing torch's fused ops on
+    views of flat buffers (which it refuses). Made at the first construction, outside any
+    compiled region (importing dynamo takes a second; torch.optim's own step imports it too)."""
+    global _EAGER_STEP
+    if _EAGER_STEP is None:
+        import torch._dynamo
+
+        _EAGER_STEP = torch._dynamo.disable(fused_step)
+
+
+def fused_step(opt, closure=None):
+    """The step: check every grad, lay out what changed, one fused update per bucket."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():  # as torch.optim runs it
+            loss = closure()
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        return _update_all(opt, closure, loss)
+    finally:
+        torch.set_grad_enabled(grad_mode)
+
+
+def _update_all(opt, closure, loss):
+    """``fused_step`` after the closure, with autograd off."""
+    for group in opt.param_groups:  # options may have been changed since (a scheduler)
+        check_group_options(opt, group)
+    layout.ensure_layout(opt)
+    grad_scale = getattr(opt, "grad_scale", None)
+    found_inf = getattr(opt, "found_inf", None)
+    checked = []
+    for index, group in enumerate(opt.param_groups):
+        for bucket in opt._buckets[index]:
+            grads = _check(opt, bucket, index, group)
+            if grads is not None:
+                checked.append((group, bucket, grads))
+    max_norm = max_grad_norm(opt)
+    clip = None
+    if max_norm is not None:
+        grads = [g for _, _, bucket_grads in checked for g in bucket_grads.grads]
+        clip = clipping.fold(grads, max_norm, grad_scale, found_inf)
+        opt.grad_norm = clip.norm if clip is not None else None
+    for group, bucket, grads in checked:
+        if clip is None:
+            step_bucket(opt, group, bucket, grads, grad_scale, found_inf)
+        elif bucket.dtype == torch.float64:  # fp64: scale the grads themselves, in fp64
+            factor = clip.factor.to(bucket.device, torch.float64)
+            torch._foreach_mul_([as_real(g) for g in grads.grads], factor)
+            step_bucket(opt, group, bucket, grads, grad_scale, clip.found_inf)
+        else:
+            step_bucket(opt, group, bucket, grads, clip.divisor, clip.found_inf)
+    if max_norm is not None and closure is None:
+        return opt.grad_norm
+    return loss
+
+
+def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
+    declared = opt.declaration
+    name = declared.error_name or type(opt).__name__
+    return check_grads(bucket, index, name, declared.sparse != "refuse", group.get("fused"))
+
+
+def step_group(opt, index: int, bucket, params: list) -> None:
+    """``in_backward=True``: update ``params`` (a step group of ``bucket``, group ``index``)
+    now, with the step's own checks and update; the bucket's other grads wait."""
+    chosen = {id(p) for p in params}
+    waiting = [(q, q.grad) for q in bucket.params if q.grad is not None and id(q) not in chosen]
+    for q, _ in waiting:
+        q.grad = None
+    group = opt.param_groups[index]
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        checked = _check(opt, bucket, index, group)
+        if checked is not None:
+            step_bucket(opt, group, bucket, checked, None, None)
+    finally:
+        torch.set_grad_enabled(grad_mode)
+        for q, grad in waiting:
+            q.grad = grad
+
+
+def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
+                found_inf) -> None:
+    """Make the state this step needs, plan the bucket's step (``fastopt.plan``), update."""
+    has_state = bucket.state.has_state
+    if any(has_state):
+        for name in opt.buffer_names(group, bucket):
+            if name not in bucket.state:
+                add_state_buffer(opt, group, bucket, name)  # switched on mid-run (amsgrad)
+    participants = checked.participants
+    key = opt.uniform_key(bucket)  # run keys before this step's state is made
+    keys = None if key is not MIXED else [opt.run_key(bucket, i) for i in participants]
+    fresh = [i for i in participants if not has_state[i]]
+    if fresh:
+        create_state(opt, group, bucket, fresh)
+    # Triton launches (and the address table's upload) go to the current device.
+    on_device = torch.cuda.device(bucket.device) if bucket.backend == "triton" \
+        and bucket.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        by_address = bucket.backend == "triton" and opt.declaration.by_address \
+            and bucket.variant is None and not bucket.params[0].is_complex()
+        plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, by_address)
+        opt.update(group, bucket, plan, grad_scale, found_inf)
+    bucket.finish()
+
+
+def check_group_options(opt, group: dict) -> None:
+    """fastopt's own group options (``fastopt.precision``), checked at construction and at
+    every step (a scheduler or a user may change them)."""
+    if not any(k in group for k in ("master_weights", "state_dtype", "stochastic_rounding",
+                                    "rounding_seed", "max_grad_norm")):
+        return
+    check_precision(group.get("master_weights", False), group.get("state_dtype"),
+                    group.get("stochastic_rounding", False), group.get("rounding_seed", 0),
+                    group.get("max_grad_norm"), int8_ok="int8" in opt.declaration.options,
+                    amsgrad=group.get("amsgrad", False))
+
+
+def max_grad_norm(opt):
+    """The groups' ``max_grad_norm`` (one global norm: every group must agree)."""
+    values = {group.get("max_grad_norm") for group in opt.param_groups}
+    if len(values) > 1:
+        raise ValueError(f"max_grad_norm clips the norm of all grads together, so every "
+                         f"param group needs the same value, got {sorted(values, key=str)}")
+    return values.pop() if values else None
+
+
+# ---------------------------------------------------------------------- grads after a step
+def drop_grads(opt) -> None:
+    """``zero_grad()``: every grad set to None, as torch.optim does. A torch-path bucket that
+    reads fresh grads where they lie frees its flat grad buffer (autograd hands over new ones);
+    one that gathers them keeps it for the next step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = None
+    for bucket in itertools.chain.from_iterable(opt._buckets or []):
+        if bucket.backend == "torch" and not bucket.grads.gathers:
+            bucket.release_grad_buffer()
+
+
+@torch.no_grad()
+def zero_grads_in_place(opt) -> None:
+    """``zero_grad(set_to_none=False)``: each bucket's flat grad buffer zeroed whole (grads
+    held elsewhere are re-pointed into it, ``fastopt.grads.Grads.adopt``)."""
+    layout.ensure_layout(opt)
+    for index, buckets in enumerate(opt._buckets):
+        for bucket in buckets:
+            _zero_bucket_grads(bucket)
+        for p in opt._outsiders[index]:
+            _zero_in_place(p)
+
+
+def _zero_bucket_grads(bucket) -> None:
+    grads = [(i, p.grad) for i, p in enumerate(bucket.params) if p.grad is not None]
+    if not grads:
+        return
+    holder = bucket.grads
+    if all(holder.holds(i, g) for i, g in grads):
+        holder.buffer.zero_()
+        return
+    for i, g in grads:
+        if holder.holds(i, g):
+            g.zero_()
+        elif g.dtype == bucket.params[i].dtype and g.shape == bucket.params[i].shape \
+                and g.device == bucket.device and holder.adopt(i, g):
+            continue
+        else:
+            _zero_in_place(bucket.params[i])
+
+
+def _zero_in_place(p: Tensor) -> None:
+    """torch.optim's ``zero_grad(set_to_none=False)`` for one param."""
+    if p.grad is None:
+        return
+    if p.grad.grad_fn is not None:
+        p.grad.detach_()
+    else:
+        p.grad.requires_grad_(False)
+    p.grad.zero_()
+
+
+# ---------------------------------------------------------------------- torch.optim's own step
+def _tracing() -> bool:
+    """Is a make_fx / fake-tensor trace recording this step? It then runs torch.optim's own
+    per-param algorithm on the traced tensors (the fused step would lay out, and so copy, the
+    traced params into a buffer of its own, recording the update on that copy)."""
+    modes = torch._C._TorchDispatchModeKey
+    return (torch._C._get_dispatch_mode(modes.PROXY) is not None
+            or torch._C._get_dispatch_mode(modes.FAKE) is not None)
+
+
+def _swapped_in(opt) -> bool:
+    """Were params and state swapped in from outside, both at once, as
+    ``torch.optim._stateless.swap_in_optimizer_params_and_state`` does (a plain state dict
+    keyed only by tensors this optimizer never laid out, and groups holding those)? Such a
+    step acts on the caller's tensors where they are, with torch.optim's own algorithm:
+    nothing is moved, and in-place state updates reach the caller's state dict."""
+    if isinstance(opt.state, State) or not opt.state or opt._buckets is None:
+        return False
+    ids = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    if ids == opt._group_ids:
+        return False
+    known = {i for group_ids in opt._group_ids if group_ids for i in group_ids}
+    return not any(id(k) in known for k in opt.state if isinstance(k, Tensor))

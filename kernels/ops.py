@@ -1,0 +1,45 @@
+"""torch's elementwise ops as the optimizers' kernels need them, rounded as torch rounds them.
+
+torch.optim's reference algorithms are sequences of tensor ops; each rounds once per op, and
+some are fused multiply-adds (``add(x, alpha=a)``, ``lerp``). The per-element kernel functions
+use these helpers so that they round as the reference does.
+"""
+
+import triton
+import triton.language as tl
+
+# The variant bits of a math function's FLAGS, as fastopt.declaration numbers them (test one
+# with ``(FLAGS & BIT.value) != 0``: the interpreter's FLAGS is a plain int).
+WEIGHT_DECAY = tl.constexpr(1)
+DECOUPLED = tl.constexpr(2)
+MOMENTUM = tl.constexpr(4)
+CENTERED = tl.constexpr(8)
+NESTEROV = tl.constexpr(16)
+# Set in a math function's FLAGS by kernels/elementwise.py when the learning rate is a device
+# tensor (then ``lr`` is read in the kernel and the host could not fold it into other scalars).
+LR_ON_DEVICE = tl.constexpr(1 << 16)
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """``start.lerp_(end, weight)`` (torch's two-sided form, each side one fused multiply-add)."""
+    if weight < 0.5:
+        return tl.fma(end - start, weight, start)
+    else:
+        return tl.fma(end - start, weight - 1.0, end)
+
+
+@triton.jit
+def sign(x):
+    """``torch.sign``: -1, 0 or 1 (0 for nan)."""
+    return tl.where(x > 0.0, 1.0, 0.0) - tl.where(x < 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def decay_factor(lr, weight_decay, decay, FLAGS: tl.constexpr):
+    """``1 - lr * weight_decay``: from the host (rounded from double, as torch's Python float
+    is), or computed here when the learning rate is a device tensor."""
+    if (FLAGS & LR_ON_DEVICE.value) != 0:
+        return 1.0 - lr * weight_decay
+    else:
+        return decay

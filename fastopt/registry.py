@@ -14,6 +14,7 @@ MODULES = (
     "sgd",
     "adam",
     "saga",
+    "lion",
 )
 
 

@@ -84,6 +84,9 @@ class Declaration:
     update: Callable | None = None  # (optimizer, group, bucket, plan, grad_scale, found_inf)
     options: frozenset = ELEMENTWISE
     sparse: str = "refuse"  # "refuse" (torch's error), "densify" (SGD, Adagrad)
+    sparse_weight_decay: bool = True  # sparse grads with a weight decay (Adagrad refuses them)
+    eager_state: bool = False  # state made for every param at construction (torch's Adagrad)
+    complex: bool = True  # complex params (their real views); else refused with a clear error
     error_name: str = ""  # how torch.optim's messages name it (Adam for AdamW); "" = class name
     grad_scaling: bool = True  # takes GradScaler's grad_scale / found_inf (its fused path)
     reference: type | None = None  # the torch.optim class (differentiable=True, verify, checks)

@@ -16,7 +16,7 @@ from torch.nn.parameter import is_lazy
 
 from fastopt import dispatch, grad_table
 from fastopt.flat import build_bucket, group_params, local, real_dtype
-from fastopt.state import State, adopt_state
+from fastopt.state import State, adopt_state, create_state
 
 
 def build_group(opt, index: int, own: set | None = None) -> None:
@@ -47,6 +47,10 @@ def build_group(opt, index: int, own: set | None = None) -> None:
         bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]))
         opt.prepare_bucket(group, bucket)
         adopt_state(opt, group, bucket)
+        if opt.declaration.eager_state:  # state for every param now, as torch's Adagrad makes
+            fresh = [i for i, made in enumerate(bucket.state.has_state) if not made]
+            if fresh:
+                create_state(opt, group, bucket, fresh)
         buckets.append(bucket)
     opt._buckets[index] = buckets
     opt._outsiders[index] = outsiders

@@ -42,7 +42,7 @@ from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket, is_movable, mark_laid_out
 from fastopt.plan import StepPlan
 from fastopt.precision import HALF_DTYPES
-from fastopt.state import MASTER, Entry, keep_saved_dtypes
+from fastopt.state import MASTER, Entry, keep_saved_dtypes, make_reference_state
 from fastopt.validation import check_param, check_precision
 
 class FlatOptimizer(Optimizer):
@@ -107,6 +107,8 @@ class FlatOptimizer(Optimizer):
         in_backward = options.get("in_backward", False)
         super().__init__(params, {**defaults, **chosen})
         self._step_supports_amp_scaling = self.declaration.grad_scaling
+        if self._reference and self.declaration.eager_state:
+            make_reference_state(self)
         backward_steps.check_in_backward(in_backward, self.param_groups, defaults)
         if in_backward:
             self._step_groups = backward_steps.StepGroups(self)
@@ -166,7 +168,9 @@ class FlatOptimizer(Optimizer):
         return options
 
     def prepare_bucket(self, group: dict, bucket: Bucket) -> None:
-        """Refuse a group option this bucket's params cannot take (clear error, at layout)."""
+        """Refuse params or a group option this bucket cannot take (clear error, at layout)."""
+        if not self.declaration.complex and bucket.params[0].is_complex():
+            raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
         state_dtype = group.get("state_dtype")
         if state_dtype is not None and state_dtype != bucket.dtype \
                 and any(p.is_complex() for p in bucket.params):

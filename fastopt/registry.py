@@ -15,6 +15,14 @@ MODULES = (
     "adam",
     "saga",
     "lion",
+    "nadam",
+    "radam",
+    "adamax",
+    "adagrad",
+    "rmsprop",
+    "adadelta",
+    "asgd",
+    "rprop",
 )
 
 

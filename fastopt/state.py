@@ -279,3 +279,19 @@ def is_param_entry(key, value) -> bool:
     """Is ``(key, value)`` a param's state (a dict under a tensor key)? Other entries (notes
     that hooks write under other keys) are kept as they are."""
     return isinstance(key, Tensor) and isinstance(value, dict)
+
+
+def make_reference_state(opt) -> None:
+    """``differentiable=True`` with a declaration that makes state eagerly (Adagrad): every
+    param's state as torch.optim's constructor makes it (per-param tensors, nothing flat)."""
+    declared = opt.declaration
+    for group in opt.param_groups:
+        for p in group["params"]:
+            entry = {s.name: torch.tensor(s.initial(group), dtype=torch.float32)
+                     for s in declared.scalars}
+            for b in declared.buffers:
+                if b.present(group):
+                    value = b.initial(group)
+                    entry[b.name] = torch.full_like(p, complex(value, value) if p.is_complex()
+                                                    else value)
+            opt.state[p] = entry

@@ -108,7 +108,11 @@ def _update_all(opt, closure, loss):
 def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     declared = opt.declaration
     name = declared.error_name or type(opt).__name__
-    return check_grads(bucket, index, name, declared.sparse != "refuse", group.get("fused"))
+    checked = check_grads(bucket, index, name, declared.sparse != "refuse", group.get("fused"))
+    if checked is not None and not declared.sparse_weight_decay \
+            and group.get("weight_decay", 0) != 0 and any(g.is_sparse for g in checked.grads):
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    return checked
 
 
 def step_group(opt, index: int, bucket, params: list) -> None:

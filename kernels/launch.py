@@ -15,7 +15,7 @@ BLOCK_SIZE = 1024
 NUM_WARPS = 4
 # Triton's CPU interpreter runs programs one after another, each with a fixed cost: there a
 # bigger block only means fewer programs (the masked tail is exercised the same way).
-INTERPRETER_BLOCK_SIZE = 8192
+INTERPRETER_BLOCK_SIZE = 65536
 
 
 def block_size() -> int:

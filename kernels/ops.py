@@ -1,8 +1,11 @@
 """torch's elementwise ops as the optimizers' kernels need them, rounded as torch rounds them.
 
 torch.optim's reference algorithms are sequences of tensor ops; each rounds once per op, and
-some are fused multiply-adds (``add(x, alpha=a)``, ``lerp``). The per-element kernel functions
-use these helpers so that they round as the reference does.
+some are fused multiply-adds on the CPU: ``add(x, alpha=a)`` is ``fma(x, a, self)``,
+``addcmul(t1, t2, value=v)`` is ``fma(v * t1, t2, self)``, ``lerp`` is one fma on either side
+(``lerp`` below); ``addcdiv(t1, t2, value=v)`` is ``self + (v * t1) / t2``, each rounded. The
+per-element kernel functions spell these out with ``tl.fma`` (the skeleton compiles them with
+fp fusion off, so nothing else is fused) and so round as the reference does.
 """
 
 import triton

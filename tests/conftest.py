@@ -22,10 +22,55 @@ def _no_backend_override(monkeypatch):
 
 
 
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` again at every call of a device
+    function (``@triton.jit`` helpers), about a millisecond each, although the launch that runs
+    it has patched the same module already (and restores it when the launch ends); the
+    kernels here call a dozen helpers per program. Skip those repeats: the launch's own patch
+    is what they would have set."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch, executor = getattr(interpreter, "_patch_lang", None), \
+        getattr(interpreter, "GridExecutor", None)
+    if patch is None or executor is None or getattr(patch, "once_per_launch", False):
+        return
+    import inspect
+
+    import triton.language as tl
+
+    launch = {"patched": set(), "depth": 0}
+    run = executor.__call__
+
+    def call(self, *args, **kwargs):
+        launch["depth"] += 1
+        patched, launch["patched"] = launch["patched"], set()
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            launch["depth"] -= 1
+            launch["patched"] = patched
+
+    def patch_once(fn):
+        langs = {id(v) for v in fn.__globals__.values()
+                 if inspect.ismodule(v) and v in (tl, tl.core)}
+        if launch["depth"] and langs <= launch["patched"]:
+            return None  # a device function inside a launch: its modules are patched
+        if launch["depth"]:
+            launch["patched"] |= langs
+        return patch(fn)
+
+    patch_once.once_per_launch = True
+    executor.__call__ = call
+    interpreter._patch_lang = patch_once
+
+
 def pytest_configure(config):
     """Under the interpreter, record the GPU specialization of every kernel launch the suite
     makes (benchmarks/kernel_report.py); tests/test_kernels_compile.py compiles them all."""
     if os.environ.get("TRITON_INTERPRET") == "1":
+        _patch_language_once_per_launch()
         try:
             from benchmarks import kernel_report
         except ImportError:  # triton missing: the kernels are not tested either

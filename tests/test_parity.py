@@ -7,43 +7,37 @@ import pytest
 import torch
 
 from helpers import BACKENDS, compare_runs
+from optim_db import BY_NAME, NAMES, OPTIM_DB, every_config
 
-# (optimizer, options, what the row checks)
-CONFIGS = [
-    ("Adam", {}, "defaults"),
-    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6), "custom lr, betas, eps"),
-    ("Adam", dict(weight_decay=0.1), "L2 weight decay added to the grad"),
-    ("Adam", dict(amsgrad=True, weight_decay=0.1), "amsgrad with L2 decay"),
-    ("Adam", dict(maximize=True, amsgrad=True, lr=1e-2), "maximize with amsgrad"),
-    ("Adam", dict(decoupled_weight_decay=True, weight_decay=0.1), "Adam with decoupled decay"),
-    ("Adam", dict(betas=(0.0, 0.0)), "betas of zero: no averaging"),
-    ("AdamW", {}, "defaults (weight_decay=1e-2)"),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.3, amsgrad=True, maximize=True), "all flags on"),
-    ("AdamW", dict(lr=0.0, weight_decay=0.5), "lr of zero changes nothing but state"),
-    ("AdamW", dict(weight_decay=0.0, eps=0.0, lr=1e-3), "no decay, eps of zero"),
-    ("SGD", dict(lr=0.1), "plain SGD"),
-    ("SGD", dict(lr=0.1, momentum=0.9), "momentum"),
-    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5), "momentum with dampening"),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), "nesterov and decay"),
-    ("SGD", dict(lr=0.05, momentum=0.5, dampening=0.1, weight_decay=0.1, maximize=True),
-     "maximize with dampened momentum and decay"),
-]
+# (optimizer, options, what the row checks): every configuration of tests/optim_db.py
+CONFIGS = [(info.name, kwargs, desc) for info, kwargs, desc in every_config()]
 IDS = [f"{name}-{desc}" for name, _, desc in CONFIGS]
+# The tests of the step's routes (params without grads, grads in the flat buffer, late
+# starters) exercise the engine, which every optimizer shares: every configuration on the torch
+# path, and on the Triton kernels (under the interpreter, slow) each optimizer's last
+# configuration (its most options at once).
+ROUTES = [(name, kwargs, desc, "torch") for name, kwargs, desc in CONFIGS] + \
+    [(info.name, *info.configs[-1], backend) for info in OPTIM_DB
+     for backend in BACKENDS if backend != "torch"]
+ROUTE_IDS = [f"{name}-{desc}-{backend}" for name, _, desc, backend in ROUTES]
 
 # Odd sizes: empty, one element, 0-d, not a multiple of any block, a 4-D param.
 SHAPES = [(0,), (1,), (), (129,), (4097,), (65537,), (3, 4, 5, 7)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# fp64 params always take the torch path (the kernels compute in fp32): one run covers them.
+DTYPE_BACKENDS = [(torch.float32, b) for b in BACKENDS] + [(torch.float64, "torch")]
+
+
+@pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS,
+                         ids=[f"{str(d)[6:]}-{b}" for d, b in DTYPE_BACKENDS])
 @pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
 def test_every_option_every_size(name, kwargs, desc, dtype, backend):
     compare_runs(name, kwargs, SHAPES, dtype=dtype, steps=10, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("in_place", [False, True], ids=["fresh-grads", "flat-grads"])
-@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("name,kwargs,desc,backend", ROUTES, ids=ROUTE_IDS)
 def test_params_without_grads_in_some_steps(name, kwargs, desc, in_place, backend):
     # Each param misses its grad in a different pattern of steps: its state must neither be
     # created nor advanced in those steps, exactly as torch skips it.
@@ -51,30 +45,27 @@ def test_params_without_grads_in_some_steps(name, kwargs, desc, in_place, backen
                  in_place=in_place, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("name,kwargs,desc,backend", ROUTES, ids=ROUTE_IDS)
 def test_flat_grads_with_every_size(name, kwargs, desc, backend):
     compare_runs(name, kwargs, SHAPES, steps=8, in_place=True, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("name,kwargs,desc,backend", ROUTES, ids=ROUTE_IDS)
 def test_param_that_never_gets_a_grad(name, kwargs, desc, backend):
-    ours, ref, ours_params, _ = compare_runs(name, kwargs, [(5,), (6,), (7,)], steps=4,
-                                             skip=lambda step, i: i == 1, backend=backend)
-    assert ours_params[1] not in ours.state or not ours.state[ours_params[1]]
+    ours, ref, ours_params, ref_params = compare_runs(
+        name, kwargs, [(5,), (6,), (7,)], steps=4, skip=lambda step, i: i == 1, backend=backend)
+    # No state for it (Adagrad makes its state at construction, and so keeps it: as torch)
+    assert bool(ours.state.get(ours_params[1])) == bool(ref.state.get(ref_params[1]))
 
 
 # torch's for-loop reference computes in the half type: with eps=1e-8 (0 in fp16) and
 # beta2=0.999, (1 - beta2) * g**2 underflows to 0 for |g| < ~8e-3 and its update blows up to
-# lr * g / eps (inf with eps=0). beta2=0.99, eps=1e-3 keep the reference meaningful; the fp32 math
-# here is exact to torch's fused=True (test below).
-@pytest.mark.parametrize("name,kwargs", [
-    ("AdamW", dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-3)),
-    ("Adam", dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1, amsgrad=True)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.1)),
-])
+# lr * g / eps (inf with eps=0). Each optimizer's ``half`` configurations keep the reference
+# meaningful (larger eps, shorter averages); the math here is fp32.
+HALF = [(info.name, kwargs) for info in OPTIM_DB for kwargs in info.half]
+
+
+@pytest.mark.parametrize("name,kwargs", HALF, ids=[f"{n}-{k}" for n, k in HALF])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_params(name, kwargs, dtype):
     compare_runs(name, kwargs, [(1,), (129,), (4097,)], dtype=dtype, steps=10)
@@ -98,61 +89,61 @@ def test_half_precision_adam_equals_torch_fused_exactly(dtype):
     assert torch.equal(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
-    ("AdamW", dict(lr=1e-2, maximize=True)),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
-])
+COMPLEX = [name for name in NAMES if BY_NAME[name].declaration.complex]
+
+
+@pytest.mark.parametrize("name", COMPLEX)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_complex_params(name, kwargs, backend):
-    compare_runs(name, kwargs, [(3, 4), (5,), ()], dtype=torch.complex64, steps=8,
-                 backend=backend)
+def test_complex_params(name, backend):
+    # each optimizer's last configuration: the most options at once
+    compare_runs(name, BY_NAME[name].configs[-1][0], [(3, 4), (5,), ()], dtype=torch.complex64,
+                 steps=8, backend=backend)
 
 
-@pytest.mark.parametrize("name,opts", [
-    ("Adam", [dict(lr=1e-2, betas=(0.5, 0.9)), dict(lr=1e-3, amsgrad=True, weight_decay=0.2)]),
-    ("AdamW", [dict(lr=3e-2, weight_decay=0.0), dict(lr=1e-3, maximize=True, eps=1e-3)]),
-    ("SGD", [dict(lr=0.1, momentum=0.0), dict(lr=0.01, momentum=0.9, nesterov=True)]),
-])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_groups_with_different_hyperparameters(name, opts, backend):
-    groups = [([0, 2, 4], opts[0]), ([1, 3], opts[1])]
-    base = dict(lr=1e-3) if name != "SGD" else dict(lr=0.05, momentum=0.5)
-    compare_runs(name, base, [(7,), (129,), (1,), (33, 3), ()], groups=groups, steps=8,
-                 skip=lambda step, i: step == 3 and i == 2, backend=backend)
+def test_two_groups_with_different_hyperparameters(name, backend):
+    info = BY_NAME[name]
+    configs = [{k: v for k, v in kwargs.items() if k not in info.constructor_only}
+               for kwargs, _ in info.configs]
+    groups = [([0, 2, 4], configs[1]), ([1, 3], configs[-1])]
+    compare_runs(name, BY_NAME[name].typical, [(7,), (129,), (1,), (33, 3), ()], groups=groups,
+                 steps=8, skip=lambda step, i: step == 3 and i == 2, backend=backend)
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("Adam", dict(amsgrad=True)),
-    ("AdamW", dict(weight_decay=0.1)),
-    ("SGD", dict(momentum=0.9)),
-])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lr_given_as_a_tensor(name, kwargs, backend):
-    compare_runs(name, dict(lr=torch.tensor(0.01), **kwargs), [(129,), (4,)], steps=6,
-                 backend=backend)
+def test_lr_given_as_a_tensor(name, backend):
+    kwargs = dict(BY_NAME[name].typical)
+    kwargs["lr"] = torch.tensor(kwargs["lr"])
+    compare_runs(name, kwargs, [(129,), (4,)], steps=6, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "CosineAnnealingLR"])
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+# OneCycleLR also cycles beta1 or the momentum; on the kernels it alone is run.
+SCHEDULES = [(s, "torch") for s in ("StepLR", "OneCycleLR", "CosineAnnealingLR")] + \
+    [("OneCycleLR", b) for b in BACKENDS if b != "torch"]
+
+
+@pytest.mark.parametrize("scheduler,backend", SCHEDULES, ids=[f"{s}-{b}" for s, b in SCHEDULES])
+@pytest.mark.parametrize("name", NAMES)
 def test_lr_schedulers(name, scheduler, backend):
     import fastopt
-    from helpers import PAIRS, clone_params, make_params
+    from helpers import PAIRS, clone_params, make_params, reference_step
 
-    ours_cls, ref_cls = PAIRS[name]
-    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
+    ours_cls, reference = PAIRS[name]
+    kwargs = BY_NAME[name].typical
     init = make_params([(129,), (3, 5)])
     ours_params, ref_params = clone_params(init), clone_params(init)
     ours = ours_cls(ours_params, backend=backend, **kwargs)
-    ref = ref_cls(ref_params, foreach=False, **kwargs)
+    ref = reference(ref_params, **kwargs)
 
     def make_scheduler(opt):
         cls = getattr(torch.optim.lr_scheduler, scheduler)
         if scheduler == "StepLR":
             return cls(opt, step_size=2, gamma=0.5)
-        if scheduler == "OneCycleLR":  # also cycles Adam's beta1 / SGD's momentum
-            return cls(opt, max_lr=0.1, total_steps=12)
+        if scheduler == "OneCycleLR":  # also cycles beta1 or momentum where there is one
+            return cls(opt, max_lr=0.1, total_steps=12,
+                       cycle_momentum="momentum" in opt.defaults or "betas" in opt.defaults)
         return cls(opt, T_max=5)
 
     ours_sched, ref_sched = make_scheduler(ours), make_scheduler(ref)
@@ -162,7 +153,7 @@ def test_lr_schedulers(name, scheduler, backend):
             g = torch.randn(p.shape)
             p.grad, q.grad = g.clone(), g.clone()
         ours.step()
-        ref.step()
+        reference_step(ref, backend)
         ours_sched.step()
         ref_sched.step()
         assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
@@ -192,8 +183,7 @@ def test_training_a_model_with_backward(backend):
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,kwargs,desc", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("name,kwargs,desc,backend", ROUTES, ids=ROUTE_IDS)
 def test_late_starters_share_a_flat_buffer_with_older_params(name, kwargs, desc, backend):
     # Even params get their first grad at step 3: from then on every grad lives in the flat
     # buffer, but the step counts (and SGD's first-step buffers) differ between neighbours.

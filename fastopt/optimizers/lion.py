@@ -53,6 +53,7 @@ LION = Declaration(
     hyper=_hyper,
     options=ELEMENTWISE - {"stochastic_rounding", "rounding_seed"},  # no step count to seed it
     differentiable=False,
+    complex=False,  # sign() of a complex number has no meaning here (lion-pytorch fails too)
     group_keys=("lr", "betas", "weight_decay"),
 )
 
@@ -65,6 +66,12 @@ class Lion(FlatOptimizer):
     plus torch.optim's ``maximize``, and fastopt's keyword options (``master_weights``,
     ``state_dtype``, ``max_grad_norm``, ``in_backward``, ``backend``, ``flatten_params``).
     State: ``exp_avg`` per param, as lion-pytorch keeps it; no step count.
+
+    What differs from lion-pytorch: ``decoupled_weight_decay`` is also a param group option
+    (lion-pytorch reads only the constructor's), it divides by the constructor's ``lr`` as
+    lion-pytorch does; the optimizer survives ``copy.deepcopy`` and pickling (lion-pytorch's
+    loses its settings); bad arguments raise ``ValueError`` (lion-pytorch asserts), and
+    ``lr=0`` is allowed (a scheduler's warmup starts there).
     """
 
     declaration = LION
@@ -94,3 +101,6 @@ class Lion(FlatOptimizer):
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
                     "foreach": foreach, "fused": fused}
         super().__init__(params, defaults, **options)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_init_lr": self._init_lr}

@@ -1,0 +1,19 @@
+"""Adagrad's per-element math (Duchi et al., 2011), run by ``kernels/elementwise.py``: the
+twin of ``fastopt.optimizers.adagrad.adagrad`` (same arguments; see its module for the math).
+The row holds (step, clr)."""
+
+import triton
+import triton.language as tl
+
+from .ops import WEIGHT_DECAY
+
+
+@triton.jit
+def adagrad(param, grad, state_sum, b1, b2, b3, row_ptr, lr, weight_decay, eps, h2, h3, h4,
+            h5, h6, h7, FLAGS: tl.constexpr):
+    if (FLAGS & WEIGHT_DECAY.value) != 0:
+        grad = tl.fma(param, weight_decay, grad)
+    state_sum = tl.fma(grad, grad, state_sum)  # addcmul_
+    std = tl.sqrt_rn(state_sum) + eps
+    param = param + tl.div_rn(-tl.load(row_ptr + 1) * grad, std)
+    return param, state_sum, b1, b2, b3

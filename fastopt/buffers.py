@@ -36,6 +36,7 @@ class Buffers:
         self.views: dict = {}  # kept scalar name -> its 0-d view per param
         self.ids: list = [None] * n  # host-side: equal ids => equal kept scalars
         self.has_state: list = [False] * n
+        self.stepped: list = [False] * n  # updated at least once (torch's fused checks before)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

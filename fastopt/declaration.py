@@ -83,7 +83,9 @@ class Declaration:
     hyper: Callable | None = None  # (opt, group) -> (hyperparameters, FLAGS int) for the kernel
     update: Callable | None = None  # (optimizer, group, bucket, plan, grad_scale, found_inf)
     options: frozenset = ELEMENTWISE
-    sparse: str = "refuse"  # "refuse" (torch's error), "densify" (SGD, Adagrad)
+    # torch.optim's error for a sparse grad ({name}: the optimizer's), or None: sparse grads are
+    # densified (SGD, Adagrad take them)
+    sparse_error: str | None = "{name} does not support sparse gradients"
     sparse_weight_decay: bool = True  # sparse grads with a weight decay (Adagrad refuses them)
     eager_state: bool = False  # state made for every param at construction (torch's Adagrad)
     complex: bool = True  # complex params (their real views); else refused with a clear error

@@ -96,11 +96,13 @@ class CheckedGrads(NamedTuple):
     in_place: object
 
 
-def check_grads(bucket: Bucket, index: int, name: str, sparse_ok: bool,
+def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
                 fused: bool) -> CheckedGrads | None:
     """Read and check every grad of ``bucket`` (None if no param has one), a bucket of param
-    group ``index``; ``name`` words the errors as torch.optim does; ``fused``: the group asked
-    for ``fused=True`` (params about to get state must be ones torch's fused kernels take).
+    group ``index``; ``name`` words the errors as torch.optim does, ``sparse_error`` is its
+    error for a sparse grad (None: sparse grads are taken); ``fused``: the group asked
+    for ``fused=True`` (params stepped for the first time must be ones torch's fused kernels
+    take).
 
     The common cases cost a few attribute reads per param: every grad in the flat buffer
     (pointers compared), or every grad a fresh dense tensor of its param's shape, dtype and
@@ -123,7 +125,7 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_ok: bool,
     if everyone and ptrs and grad_ptrs == ptrs:
         return CheckedGrads(participants, grads, True)  # kept grads, all in the flat buffer
     held_apart = not ptrs or bucket.grads.ptr_set.isdisjoint(grad_ptrs)
-    if everyone and held_apart and bucket.plain and (not fused or all(bucket.state.has_state)) \
+    if everyone and held_apart and bucket.plain and (not fused or all(bucket.state.stepped)) \
             and list(map(_SHAPE, grads)) == bucket.param_shapes \
             and set(map(_DTYPE, grads)) == {bucket.dtype} \
             and set(map(_DEVICE_INDEX, grads)) == {bucket.device_index} \
@@ -135,12 +137,12 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_ok: bool,
         in_place = [q == ptrs[i] for i, q in zip(participants, grad_ptrs)]
     for j, (i, g) in enumerate(zip(participants, grads)):
         p = params[i]
-        if fused and not bucket.state.has_state[i]:
+        if fused and not bucket.state.stepped[i]:
             check_fused_param(p)
         if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
             continue
         in_place[j] = False
-        check_grad(p, g, f"{name}: param group {index}", sparse_ok, name)
+        check_grad(p, g, f"{name}: param group {index}", sparse_error)
     return CheckedGrads(participants, grads, in_place)
 
 

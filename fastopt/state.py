@@ -156,9 +156,11 @@ def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
 
 
 def keep_saved_dtypes(opt, state_dict: dict) -> None:
-    """torch.optim casts loaded state to the param's dtype; fastopt's buffers decide their
-    own dtype (fp32 masters and state beside bf16 params), so take the saved values as they
-    were and let the layout convert them (exactly, when the dtypes agree)."""
+    """torch.optim casts loaded state to the param's dtype (all but ``step``: NAdam's
+    ``mu_product`` and ASGD's ``eta`` of a bf16 param would lose their digits); fastopt's
+    buffers decide their own dtype (fp32 masters, state and scalars beside bf16 params), so
+    take the saved values as they were and let the layout convert them (exactly, when the
+    dtypes agree)."""
     saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
     params = itertools.chain.from_iterable(g["params"] for g in opt.param_groups)
     for key, p in zip(saved_ids, params):
@@ -167,8 +169,7 @@ def keep_saved_dtypes(opt, state_dict: dict) -> None:
             continue
         entry = opt.state[p]
         for name, value in saved.items():
-            if name not in opt.declaration.scalar_names and isinstance(value, Tensor) \
-                    and value.dtype != p.dtype:
+            if isinstance(value, Tensor) and value.dtype != p.dtype:
                 dict.__setitem__(entry, name, value)
 
 

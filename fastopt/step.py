@@ -108,7 +108,8 @@ def _update_all(opt, closure, loss):
 def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     declared = opt.declaration
     name = declared.error_name or type(opt).__name__
-    checked = check_grads(bucket, index, name, declared.sparse != "refuse", group.get("fused"))
+    refusal = declared.sparse_error.format(name=name) if declared.sparse_error else None
+    checked = check_grads(bucket, index, name, refusal, group.get("fused"))
     if checked is not None and not declared.sparse_weight_decay \
             and group.get("weight_decay", 0) != 0 and any(g.is_sparse for g in checked.grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")
@@ -149,6 +150,9 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
     fresh = [i for i in participants if not has_state[i]]
     if fresh:
         create_state(opt, group, bucket, fresh)
+    stepped = bucket.state.stepped
+    for i in participants:
+        stepped[i] = True
     # Triton launches (and the address table's upload) go to the current device.
     on_device = torch.cuda.device(bucket.device) if bucket.backend == "triton" \
         and bucket.device.type == "cuda" else contextlib.nullcontext()

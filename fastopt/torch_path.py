@@ -289,33 +289,35 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
         return
     lr = float(lr) if isinstance(lr, Tensor) else lr
     hyper = tuple(hyper) + (0.0,) * (8 - len(hyper))
+    scale = grad_scale.to(params[0].device) if grad_scale is not None else None
+
+    def prepared(grad):  # a chunk of a grad as the math takes it: unscaled, negated
+        if scale is not None:
+            grad = grad / scale
+        return -grad if maximize else grad
+
     for i, param in enumerate(params):
-        grad = grads[i]
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device)
-        if maximize:
-            grad = -grad
         slots = [b[i] if b is not None else None for b in buffers]
         slots += [None] * (4 - len(slots))
         narrow = any(s is not None and s.dtype != param.dtype for s in slots)
         if masters is None and not narrow and (rounding_seed is None
                                                 or param.dtype != torch.bfloat16):
-            p, g = param.reshape(-1), grad.reshape(-1)
+            p, g = param.reshape(-1), grads[i].reshape(-1)
             s = [x.reshape(-1) if x is not None else None for x in slots]
             for lo in range(0, p.numel(), CHUNK):
                 part = slice(lo, lo + CHUNK)
-                math(p[part], g[part], *[x[part] if x is not None else None for x in s],
+                math(p[part], prepared(g[part]), *[x[part] if x is not None else None for x in s],
                      rows[i], lr, *hyper, flags)
             continue
         master = masters[i] if masters is not None else None
         seed = rounding_seed if master is None and param.dtype == torch.bfloat16 else None
         start = offsets[i] if offsets is not None else 0
-        _widened(math, param, grad, slots, master, rows[i], lr, hyper, flags, seed, start,
-                 step_column)
+        _widened(math, param, grads[i], slots, master, rows[i], lr, hyper, flags, seed, start,
+                 prepared)
 
 
 def _widened(math, param, grad, slots, master, row, lr, hyper, flags, seed, start,
-             step_column) -> None:
+             prepared) -> None:
     """One entry of ``elementwise_update`` computed in fp32 slices and stored back rounded."""
     source = master if master is not None else param
     math_dtype = precision.math_dtype(source.dtype)
@@ -331,7 +333,7 @@ def _widened(math, param, grad, slots, master, row, lr, hyper, flags, seed, star
         else:
             p32 = flat["param"][part].to(math_dtype)
         s32 = [s[part].to(math_dtype) if s is not None else None for s in states]
-        math(p32, flat["grad"][part].to(math_dtype), *s32, row, lr, *hyper, flags)
+        math(p32, prepared(flat["grad"][part].to(math_dtype)), *s32, row, lr, *hyper, flags)
         if master is not None:
             precision.store(flat["source"][part], p32)
             precision.store(flat["param"][part], p32)

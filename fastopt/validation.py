@@ -129,12 +129,11 @@ def check_flags(foreach, fused, differentiable) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def check_grad(param: Tensor, grad: Tensor, where: str, sparse_ok: bool, name: str) -> None:
-    """A grad must match its param in shape, dtype and device; sparse only where allowed."""
-    if grad.is_sparse and not sparse_ok:
-        raise RuntimeError(
-            f"{name} does not support sparse gradients, please consider SparseAdam instead"
-        )
+def check_grad(param: Tensor, grad: Tensor, where: str, sparse_error: str | None) -> None:
+    """A grad must match its param in shape, dtype and device; a sparse grad raises
+    ``sparse_error`` (torch.optim's message) unless that is None."""
+    if grad.is_sparse and sparse_error is not None:
+        raise RuntimeError(sparse_error)
     if grad.shape != param.shape:
         raise RuntimeError(
             f"{where}: gradient has shape {tuple(grad.shape)} but the parameter has shape "

@@ -99,7 +99,7 @@ def assert_state_close(ours, ref, ours_params, ref_params, tol):
                 continue
             actual = s[key]
             assert actual.shape == expected.shape, key
-            torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol,
+            torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol, equal_nan=True,
                                        check_dtype=key != "step", msg=lambda m: f"{key}: {m}")
 
 
@@ -140,8 +140,8 @@ def compare_runs(name, kwargs, shapes, *, steps=10, dtype=torch.float32, skip=No
         reference_step(ref, backend, device)
         if in_place:
             ours.zero_grad(set_to_none=False)
-        for p, q in zip(ours_params, ref_params):
-            torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), **tol,
+        for p, q in zip(ours_params, ref_params):  # nan where the reference has nan
+            torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), **tol, equal_nan=True,
                                        msg=lambda m: f"step {step}: {m}")
         if check_state:
             assert_state_close(ours, ref, ours_params, ref_params, tol)
@@ -246,6 +246,12 @@ def _mallinfo():
 
 def allocated_bytes_supported() -> bool:
     return _mallinfo() is not None
+
+
+def allocated_bytes() -> int:
+    """The bytes malloc holds now (glibc's own count, see ``allocated_peak``)."""
+    m = _mallinfo()()
+    return m.uordblks + m.hblkhd
 
 
 def allocated_peak(fn, *args, **kwargs) -> int:

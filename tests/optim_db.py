@@ -19,6 +19,32 @@ except ImportError:  # pragma: no cover - the dev extra installs it
     lion_pytorch = None
 
 
+def lion_reference(params, maximize: bool = False, **kwargs):
+    """lion-pytorch's Lion; ``maximize`` (fastopt's, as torch.optim's: the grad negated) by
+    negating the grads around its step; ``lr=0``, which lion-pytorch asserts against, set on
+    its groups after construction."""
+    lr = kwargs.get("lr", 1e-4)
+    opt = lion_pytorch.Lion(params, **{**kwargs, "lr": lr if lr > 0 else 1e-4})
+    if not lr > 0:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if maximize:
+        step = opt.step
+
+        def maximizing_step(closure=None):
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            for grad in grads:
+                grad.neg_()
+            try:
+                return step(closure)
+            finally:
+                for grad in grads:
+                    grad.neg_()
+
+        opt.step = maximizing_step
+    return opt
+
+
 @dataclass
 class OptimInfo:
     name: str
@@ -38,9 +64,9 @@ class OptimInfo:
         """The reference optimizer on ``params``: torch.optim's for-loop (``foreach=False``),
         or lion-pytorch's Lion."""
         if self.name == "Lion":
-            return lion_pytorch.Lion(params, **kwargs)
-        return getattr(torch.optim, self.reference_name or self.name)(params, foreach=False,
-                                                                      **kwargs)
+            return lion_reference(params, **kwargs)
+        kwargs.setdefault("foreach", False)
+        return getattr(torch.optim, self.reference_name or self.name)(params, **kwargs)
 
     def takes(self, option: str) -> bool:
         """Does the class take fastopt's keyword ``option`` (its declaration says)?"""

@@ -6,6 +6,7 @@ buffers a user owns, checkpoints that do not fit, NaN in AMSGrad, and what savin
 from __future__ import annotations
 
 import gc
+import inspect
 import io
 import pickle
 
@@ -16,9 +17,10 @@ from torch.autograd import gradcheck
 import fastopt
 from fastopt.flat import padded_size
 from helpers import BACKENDS, PAIRS, TOLERANCES, assert_unchanged, lives_in, snapshot
+from optim_db import BY_NAME, NAMES, OPTIM_DB
 
 FP32 = TOLERANCES[torch.float32]
-OPTIONS = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.1), "AdamW": dict(lr=0.1)}
+OPTIONS = {name: BY_NAME[name].typical for name in NAMES}
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:
@@ -32,7 +34,7 @@ def pair(name: str, backend: str = "torch", seed: int = 0, **ours):
     ours_cls, ref_cls = PAIRS[name]
     model, twin = mlp(seed), mlp(seed)
     return (model, ours_cls(model.parameters(), backend=backend, **OPTIONS[name], **ours), twin,
-            ref_cls(twin.parameters(), foreach=False, **OPTIONS[name]))
+            ref_cls(twin.parameters(), **OPTIONS[name]))
 
 
 def assert_models_close(model, twin, **tol) -> None:
@@ -103,13 +105,18 @@ def test_grads_a_user_holds_stay_the_grads(name, backend):
 
 
 # ------------------------------------------------------------------ torch's own errors
-@pytest.mark.parametrize("name", list(PAIRS))
+FUSED = [name for name in NAMES if "fused" in inspect.signature(
+    getattr(torch.optim, name, object)).parameters]
+
+
+@pytest.mark.parametrize("name", FUSED)
 @pytest.mark.parametrize("kind", ["meta", "complex"])
 def test_fused_true_refuses_what_torch_fused_refuses_and_creates_nothing(name, kind):
     """``fused=True`` on meta or non-floating (complex) params: torch's RuntimeError and
-    message at the step, and no state is made."""
+    message at the step, and no state is made by it (Adagrad made its own at construction,
+    as torch's does)."""
     ours_cls, ref_cls = PAIRS[name]
-    errors = []
+    errors, made = [], []
     for cls in (ours_cls, ref_cls):
         p = (torch.zeros(3, device="meta", requires_grad=True) if kind == "meta"
              else torch.zeros(3, dtype=torch.complex64, requires_grad=True))
@@ -118,7 +125,9 @@ def test_fused_true_refuses_what_torch_fused_refuses_and_creates_nothing(name, k
         with pytest.raises(RuntimeError) as error:
             opt.step()
         errors.append(str(error.value))
-        assert not opt.state.get(p)
+        made.append({k: float(v.sum().abs()) for k, v in opt.state.get(p, {}).items()}
+                    if kind != "meta" else bool(opt.state.get(p)))
+    assert made[0] == made[1]
     assert errors[0] == errors[1]
     assert errors[0].startswith("`fused=True` requires all the params to be floating point")
 
@@ -136,46 +145,71 @@ def test_meta_params_step_as_with_torch(name):
 
 
 # ------------------------------------------------------------------ differentiable=True
-DIFFERENTIABLE = [
-    ("SGD", dict(momentum=0.9, weight_decay=0.1, nesterov=True), ["momentum_buffer"]),
-    ("Adam", dict(amsgrad=True, weight_decay=0.1), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
-    ("AdamW", dict(weight_decay=0.1, maximize=True), ["exp_avg", "exp_avg_sq"]),
-]
+def _differentiable_case(info):
+    """(options, state names, scalars) of one optimizer's richest config, for gradcheck."""
+    options = dict(info.configs[-1][0])
+    options.pop("lr", None)
+    group = {**info.cls._option_defaults(), **options}
+    names = info.declaration.buffer_names(group)
+    scalars = {"step": 5.0, "mu_product": 0.5, "eta": 0.01, "mu": 1.0}
+    return options, names, {s.name: scalars[s.name] for s in info.declaration.scalars}
 
 
-def differentiable_step(cls, options: dict, names: list):
+DIFFERENTIABLE = [(info.name, *_differentiable_case(info)) for info in OPTIM_DB
+                  if info.differentiable]
+
+
+def differentiable_step(cls, options: dict, names: list, scalars: dict):
     """One step as a function of (param, grad, lr, *state), for gradcheck: the param is a
     non-leaf clone and the state tensors require grad, as in torch's own differentiable tests."""
     def step(param, grad, lr, *state):
         p = param.clone()
         p.grad = grad
-        opt = cls([p], lr=lr, differentiable=True, **options)
+        opt = cls([p], lr=lr if lr is not None else 0.01, differentiable=True, **options)
         opt.state[p].update({name: s.clone() for name, s in zip(names, state)},
-                            step=torch.tensor(5.0, dtype=torch.float64))
+                            **{k: torch.tensor(v, dtype=torch.float64) for k, v in scalars.items()})
         opt.step()
         return (p, *[opt.state[p][name] for name in names])
     return step
 
 
-@pytest.mark.parametrize("name,options,names", DIFFERENTIABLE, ids=[d[0] for d in DIFFERENTIABLE])
-def test_differentiable_step_passes_gradcheck_and_matches_torch(name, options, names):
+@pytest.mark.parametrize("name,options,names,scalars", DIFFERENTIABLE,
+                         ids=[d[0] for d in DIFFERENTIABLE])
+def test_differentiable_step_passes_gradcheck_and_matches_torch(name, options, names, scalars):
     """``differentiable=True``: autograd through the update (gradcheck on fp64) and the same
     outputs and hypergradients (w.r.t. param, grad, lr and every state tensor) as torch.optim."""
-    ours_cls, ref_cls = PAIRS[name]
+    ours_cls = PAIRS[name][0]
+    ref_cls = getattr(torch.optim, name)
     gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
-              for _ in range(2)]
-    inputs.append(torch.tensor(0.01, dtype=torch.float64, requires_grad=True))
-    inputs += [torch.rand(5, dtype=torch.float64, generator=gen).requires_grad_() for _ in names]
-    ours, ref = (differentiable_step(c, options, names) for c in (ours_cls, ref_cls))
-    assert gradcheck(ours, tuple(inputs))
-    ours_out, ref_out = ours(*inputs), ref(*inputs)
+    param, grad = (torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
+                   for _ in range(2))
+    lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+    # second moments above the squared means (RMSprop's centered variance stays positive)
+    state = [(torch.rand(5, dtype=torch.float64, generator=gen)
+              + (1.0 if "sq" in n or "square" in n else 0.0)).requires_grad_() for n in names]
+    ours, ref = (differentiable_step(c, options, names, scalars) for c in (ours_cls, ref_cls))
+    try:  # a tensor lr where torch's own algorithm takes one (Adamax's, Adagrad's do not)
+        ref(param, grad, lr, *state)
+    except TypeError:
+        lr = None
+    inputs = [param, grad, *state]
+
+    def call(fn):
+        return lambda param, grad, *state: fn(param, grad, lr, *state)
+
+    if lr is not None:
+        inputs.insert(2, lr)
+        call = lambda fn: fn  # noqa: E731
+    assert gradcheck(call(ours), tuple(inputs))
+    ours_out, ref_out = call(ours)(*inputs), call(ref)(*inputs)
     for a, b in zip(ours_out, ref_out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    ours_grads = torch.autograd.grad(sum(o.sum() for o in ours_out), inputs)
-    ref_grads = torch.autograd.grad(sum(o.sum() for o in ref_out), inputs)
+    ours_grads = torch.autograd.grad(sum(o.sum() for o in ours_out), inputs, allow_unused=True)
+    ref_grads = torch.autograd.grad(sum(o.sum() for o in ref_out), inputs, allow_unused=True)
     for a, b in zip(ours_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_differentiable_optimizer_leaves_params_in_place_and_saves_like_torch():
@@ -523,7 +557,7 @@ def test_flatten_params_false_keeps_params_in_place_and_matches_torch(name, back
     assert [p.data_ptr() for p in model.parameters()] == ptrs
     bucket = opt._buckets[0][0]
     assert bucket.external and bucket.flat is None
-    name_of_state = "momentum_buffer" if name == "SGD" else "exp_avg"
+    name_of_state = BY_NAME[name].declaration.buffers[0].name
     assert all(lives_in(opt.state[p][name_of_state], bucket.state.tensors[name_of_state])
                for p in model.parameters())
     flat = fastopt.memory.estimate(mlp(), name.lower(), lr=0.1)

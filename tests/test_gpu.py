@@ -8,6 +8,7 @@ import torch
 
 import fastopt
 from helpers import PAIRS, check_grad_scaler_with_injected_inf, clone_params, compare_runs
+from optim_db import BY_NAME, NAMES, OPTIM_DB, every_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,46 +17,48 @@ pytestmark = [
                        reason="GPU kernels, not the interpreter"),
 ]
 
-CONFIGS = [
-    ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
-    ("AdamW", dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-6)),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3)),
-]
-IDS = [f"{n}-{'-'.join(k)}" for n, k in CONFIGS]
+CONFIGS = [(info.name, kwargs) for info, kwargs, _ in every_config()]
+IDS = [f"{info.name}-{desc}" for info, _, desc in every_config()]
 SIZES = [(1,), (129,), (2**20 + 3,), (0,), (), (7, 13, 5)]
-# bf16/fp16: torch's own optimizer-test tolerances; beta2/eps chosen so that the reference
-# (which computes in the half type) does not underflow (see tests/test_parity.py).
+# The tolerance of the CUDA parity tests is the one torch holds its own fused CUDA kernels to
+# against its for-loop (test_optim.py's test_fused_matches_forloop, common_optimizers.py):
+# torch.testing's float32 default, rtol 1.3e-6 and atol 1e-5, and 5e-3 for bf16/fp16. On a GPU
+# the reference itself rounds otherwise than IEEE op by op: ATen's CUDA kernels divide a
+# tensor by a Python scalar as a multiply by its reciprocal and nvcc contracts multiply-adds
+# inside ops, where the kernels here divide and round as the CPU reference does; an element
+# near zero then differs by more than the CPU tests' atol of 2e-7, by a few ulps of its
+# neighbours, as torch's fused kernels differ from its for-loop. The CPU tests (the torch path
+# and the kernels under the interpreter) keep 2e-6 / 2e-7.
+GPU_FP32 = dict(rtol=1.3e-6, atol=1e-5)
 HALF_TOL = dict(rtol=5e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
 def test_fp32_parity_on_cuda(name, kwargs):
     compare_runs(name, kwargs, SIZES, device="cuda", backend="triton", steps=10,
-                 skip=lambda step, i: (step + i) % 4 == 0)
+                 skip=lambda step, i: (step + i) % 4 == 0, tol=GPU_FP32)
 
 
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
 def test_fp32_parity_with_flat_grads_on_cuda(name, kwargs):
-    compare_runs(name, kwargs, SIZES, device="cuda", backend="triton", steps=10, in_place=True)
+    compare_runs(name, kwargs, SIZES, device="cuda", backend="triton", steps=10, in_place=True,
+                 tol=GPU_FP32)
+
+
+HALF = [(info.name, kwargs) for info in OPTIM_DB for kwargs in info.half]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name,kwargs", [
-    ("AdamW", dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-3)),
-    ("Adam", dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-3, amsgrad=True, weight_decay=0.1)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
-])
+@pytest.mark.parametrize("name,kwargs", HALF, ids=[f"{n}-{k}" for n, k in HALF])
 def test_half_precision_parity_on_cuda(name, kwargs, dtype):
     compare_runs(name, kwargs, [(1,), (129,), (2**20 + 3,)], device="cuda", backend="triton",
                  dtype=dtype, steps=10, tol=HALF_TOL)
 
 
-@pytest.mark.parametrize("name,kwargs", CONFIGS[:2] + CONFIGS[3:4])
-def test_a_thousand_tensors(name, kwargs):
-    compare_runs(name, kwargs, [(1000 + i,) for i in range(1000)], device="cuda",
-                 backend="triton", steps=3)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_thousand_tensors(name):
+    compare_runs(name, BY_NAME[name].typical, [(1000 + i,) for i in range(1000)],
+                 device="cuda", backend="triton", steps=3, tol=GPU_FP32)
 
 
 def test_one_bf16_tensor_over_2_to_the_31_elements():
@@ -83,9 +86,9 @@ def test_one_bf16_tensor_over_2_to_the_31_elements():
         assert not torch.equal(param.detach()[w], ref.detach() * 0)
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+@pytest.mark.parametrize("name", NAMES)
 def test_cuda_graph_capture_and_replay_equal_eager(name):
-    kwargs = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2, weight_decay=0.1)
+    kwargs = BY_NAME[name].typical
     cls = getattr(fastopt, name)
     gen = torch.Generator(device="cuda").manual_seed(0)
     init = [torch.randn(s, device="cuda", generator=gen) for s in [(4097,), (33, 7), ()]]
@@ -125,13 +128,13 @@ def test_cuda_graph_capture_and_replay_equal_eager(name):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+@pytest.mark.parametrize("name", NAMES)
 def test_fresh_grads_read_through_the_address_table_equal_eager_and_capture(name):
     """The default loop on CUDA: fresh grads are read where they lie through the bucket's
     address table (one launch, no gather), bit for bit what the flat route computes; a graph
     captured over grads assigned before the capture (static grads at the addresses the table
     already holds) replays equal to eager steps."""
-    kwargs = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2, weight_decay=0.1)
+    kwargs = BY_NAME[name].typical
     cls = getattr(fastopt, name)
     gen = torch.Generator(device="cuda").manual_seed(1)
     shapes = [(4097,), (33, 7), (), (2048,), (1,)]
@@ -176,7 +179,7 @@ def test_fresh_grads_read_through_the_address_table_equal_eager_and_capture(name
         assert torch.equal(p, q) and torch.equal(p, r)
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("name", [n for n in NAMES if BY_NAME[n].declaration.grad_scaling])
 def test_grad_scaler_with_an_injected_inf_on_cuda(name):
     check_grad_scaler_with_injected_inf(name, "triton", "cuda")
 
@@ -208,16 +211,22 @@ def test_saga_kernel_matches_the_reference_on_cuda():
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
-@pytest.mark.parametrize("name,kwargs", [("adamw", {}), ("adam", dict(amsgrad=True)),
-                                         ("sgd", dict(lr=0.1, momentum=0.9))])
+MEMORY = [("AdamW", {}), ("Adam", dict(amsgrad=True))] + \
+    [(info.name, {**info.typical, **info.configs[-1][0]}) for info in OPTIM_DB
+     if info.name not in ("Adam", "AdamW")]
+
+
+@pytest.mark.parametrize("name,kwargs", MEMORY, ids=[f"{n}-{k}" for n, k in MEMORY])
 def test_memory_estimate_bounds_what_a_step_allocates_on_cuda(name, kwargs):
     from fastopt import memory
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 513)).cuda()
     report = memory.estimate(model, name, **kwargs).devices["cuda:0"]
-    cls = {"adamw": fastopt.AdamW, "adam": fastopt.Adam, "sgd": fastopt.SGD}[name]
+    cls = getattr(fastopt, name)
     opt = cls(model.parameters(), **kwargs)
+    made = sum(t.numel() * t.element_size() for b in opt._buckets[0]
+               for t in b.state.tensors.values())  # Adagrad's, made at construction
     for p in model.parameters():
         p.grad = torch.randn_like(p)  # plain grads, as autograd leaves them
     torch.cuda.synchronize()
@@ -227,7 +236,7 @@ def test_memory_estimate_bounds_what_a_step_allocates_on_cuda(name, kwargs):
     torch.cuda.synchronize()
     allocated_by_step = torch.cuda.max_memory_allocated() - start
     slack = 64 * 1024  # the caching allocator rounds each block up to 512 bytes
-    assert report.state_bytes <= allocated_by_step <= report.new_bytes + slack
+    assert report.state_bytes - made <= allocated_by_step <= report.new_bytes + slack
 
 
 LEAN_OPTIONS = [
@@ -240,8 +249,14 @@ LEAN_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("dtype,options", LEAN_OPTIONS, ids=[str(o) for _, o in LEAN_OPTIONS])
-def test_lean_variants_kernel_matches_the_torch_path_on_cuda(dtype, options):
+LEAN = [("AdamW", dtype, options) for dtype, options in LEAN_OPTIONS] + \
+    [(info.name, dtype, options) for info in OPTIM_DB if info.name not in ("Adam", "AdamW")
+     for dtype, options in LEAN_OPTIONS
+     if all(info.takes(k) for k in options) and options.get("state_dtype") != "int8"]
+
+
+@pytest.mark.parametrize("name,dtype,options", LEAN, ids=[f"{n}-{o}" for n, _, o in LEAN])
+def test_lean_variants_kernel_matches_the_torch_path_on_cuda(name, dtype, options):
     """Each option's Triton kernel against fastopt's own torch path (fp32 math on widened
     copies) on CUDA: params within fp32 tolerance after rounding to their dtype, except where
     a value sits on a rounding (or 8-bit code) boundary and an ulp tips it (0.1 % at most)."""
@@ -251,7 +266,8 @@ def test_lean_variants_kernel_matches_the_torch_path_on_cuda(dtype, options):
     runs = {}
     for backend in ("triton", "torch"):
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = fastopt.AdamW(params, lr=1e-3, backend=backend, **options)
+        opt = getattr(fastopt, name)(params, backend=backend,
+                                     **{**BY_NAME[name].typical, "lr": 1e-3, **options})
         grads = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(6):
             for p in params:

@@ -7,11 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import BACKENDS, TOLERANCES
+from optim_db import OPTIM_DB
 
 import fastopt
 from fastopt import in_backward
 
-CONFIGS = {
+# Every optimizer that takes in_backward, in its richest configuration (tests/optim_db.py),
+# and the variants below.
+CONFIGS = {f"{info.name.lower()}-richest": (info.cls, {**info.typical, **info.configs[-1][0]})
+           for info in OPTIM_DB if info.takes("in_backward")
+           and info.name not in ("Adam", "AdamW", "SGD")}
+CONFIGS |= {
     "adamw": (fastopt.AdamW, dict(lr=0.01, weight_decay=0.1)),
     "adam-amsgrad-maximize": (fastopt.Adam, dict(lr=0.01, amsgrad=True, maximize=True,
                                                  weight_decay=0.01)),

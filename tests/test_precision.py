@@ -5,18 +5,19 @@ import io
 
 import pytest
 import torch
-from helpers import BACKENDS, TOLERANCES, make_params
+from helpers import BACKENDS, PAIRS, TOLERANCES, make_params, reference_step
+from optim_db import BY_NAME, NAMES
 
 import fastopt
 
 FP32 = TOLERANCES[torch.float32]
 SHAPES = [(129,), (4, 5), (), (0,), (4097,)]
 HALF = [torch.bfloat16, torch.float16]
-CASES = {
-    "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1)),
-    "Adam": (fastopt.Adam, torch.optim.Adam, dict(lr=1e-3, amsgrad=True, weight_decay=0.1)),
-    "SGD": (fastopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
-}
+# name -> (fastopt class, reference, options): every optimizer that takes the lean options,
+# in its richest configuration (tests/optim_db.py)
+CASES = {name: (*PAIRS[name], {**BY_NAME[name].typical, **BY_NAME[name].configs[-1][0]})
+         for name in NAMES if BY_NAME[name].takes("master_weights")}
+ROUNDING = [name for name in CASES if BY_NAME[name].takes("stochastic_rounding")]
 
 
 def grads_for(params, gen, dtype):
@@ -34,7 +35,7 @@ def test_master_weights_follow_an_fp32_torch_run(name, dtype, backend):
     params = [torch.nn.Parameter(t.clone()) for t in init]
     fp32 = [torch.nn.Parameter(t.float()) for t in init]
     ours = ours_cls(params, master_weights=True, backend=backend, **kwargs)
-    ref = ref_cls(fp32, foreach=False, **kwargs)
+    ref = ref_cls(fp32, **kwargs)
     gen = torch.Generator().manual_seed(0)
     for step in range(8):
         for i, (p, q, g) in enumerate(zip(params, fp32, grads_for(params, gen, dtype))):
@@ -43,7 +44,7 @@ def test_master_weights_follow_an_fp32_torch_run(name, dtype, backend):
             else:
                 p.grad, q.grad = g, g.float()
         ours.step()
-        ref.step()
+        reference_step(ref, backend)
         for p, q in zip(params, fp32):
             if p in ours.state:
                 master = ours.state[p]["master_param"]
@@ -60,28 +61,32 @@ def test_master_weights_follow_an_fp32_torch_run(name, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_bf16_state_is_fp32_math_on_bf16_stored_state(name, backend):
-    """state_dtype=bf16 = torch.optim's fused fp32 step with the state rounded to bf16 after
-    every step (the same math, the same storage)."""
+    """state_dtype=bf16 = torch.optim's fp32 step with the state rounded to bf16 after every
+    step (the same math, the same storage). A state that starts from the learning rate (Rprop's
+    step sizes) starts from it in bf16: that lr is one bf16 holds exactly, so both agree."""
     ours_cls, ref_cls, kwargs = CASES[name]
+    if any(b.init == "lr" for b in ours_cls.declaration.buffers):
+        kwargs = dict(kwargs, lr=2.0**-7)
     init = make_params(SHAPES, seed=4)
     params = [torch.nn.Parameter(t.clone()) for t in init]
     twins = [torch.nn.Parameter(t.clone()) for t in init]
     ours = ours_cls(params, state_dtype=torch.bfloat16, backend=backend, **kwargs)
-    ref = ref_cls(twins, fused=True, **kwargs)
+    ref = ref_cls(twins, **kwargs)
+    scalars = ("step", *ours.declaration.scalar_names)
     gen = torch.Generator().manual_seed(1)
     mismatched = total = 0
     for _ in range(6):
         for p, q, g in zip(params, twins, grads_for(params, gen, torch.float32)):
             p.grad, q.grad = g, g.clone()
         ours.step()
-        ref.step()
+        reference_step(ref, backend)
         for q in twins:
             for key, value in ref.state[q].items():
-                if key != "step":
+                if key not in scalars:
                     value.copy_(value.to(torch.bfloat16))
         for p, q in zip(params, twins):
             for key, value in ref.state[q].items():
-                if key == "step":
+                if key in scalars:
                     continue
                 assert ours.state[p][key].dtype == torch.bfloat16
                 close = torch.isclose(ours.state[p][key].float(), value, rtol=0, atol=0)
@@ -96,9 +101,9 @@ def test_bf16_state_is_fp32_math_on_bf16_stored_state(name, backend):
         assert mismatched == 0
 
 
-def adam_run(params, backend, steps, gen, opt=None, **kwargs):
-    opt = opt or fastopt.AdamW(params, lr=1e-3, stochastic_rounding=True, rounding_seed=7,
-                               backend=backend, **kwargs)
+def rounding_run(params, backend, steps, gen, opt=None, name="AdamW", **kwargs):
+    opt = opt or getattr(fastopt, name)(params, stochastic_rounding=True, rounding_seed=7,
+                                        backend=backend, **{**CASES[name][2], **kwargs})
     for _ in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
@@ -107,25 +112,43 @@ def adam_run(params, backend, steps, gen, opt=None, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stochastic_rounding_resume_is_bit_identical_and_ignores_the_global_rng(backend):
+@pytest.mark.parametrize("name", ROUNDING)
+def test_stochastic_rounding_resume_is_bit_identical_and_ignores_the_global_rng(name, backend):
     init = [t.bfloat16() for t in make_params([(4097,), (3, 5)], seed=5)]
     straight = [torch.nn.Parameter(t.clone()) for t in init]
     torch.manual_seed(123)
-    adam_run(straight, backend, 6, torch.Generator().manual_seed(0))
+    rounding_run(straight, backend, 6, torch.Generator().manual_seed(0), name=name)
     resumed = [torch.nn.Parameter(t.clone()) for t in init]
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(999)  # a different global RNG state changes nothing
-    first = adam_run(resumed, backend, 3, gen)
+    first = rounding_run(resumed, backend, 3, gen, name=name)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     copies = [torch.nn.Parameter(p.detach().clone()) for p in resumed]
-    second = fastopt.AdamW(copies, lr=1e-3, stochastic_rounding=True, rounding_seed=7,
-                           backend=backend)
+    second = getattr(fastopt, name)(copies, stochastic_rounding=True, rounding_seed=7,
+                                    backend=backend, **CASES[name][2])
     second.load_state_dict(torch.load(buffer, weights_only=True))
-    adam_run(copies, backend, 3, gen, opt=second)
+    rounding_run(copies, backend, 3, gen, opt=second, name=name)
     for p, q in zip(straight, copies):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ROUNDING)
+def test_stochastic_rounding_of_every_optimizer_is_the_same_on_both_backends(name):
+    """The same hash of (seed, step, element) on the torch path and in the kernels: bf16
+    params equal bit for bit (where their fp32 results agree, which they do here)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton interpreter")
+    init = [t.bfloat16() for t in make_params([(4097,), (3, 5)], seed=8)]
+    results = []
+    for backend in ("torch", "triton"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        rounding_run(params, backend, 4, torch.Generator().manual_seed(0), name=name)
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        mismatched = int((a != b).sum())
+        assert mismatched <= a.numel() * 1e-3, (mismatched, a.numel())
 
 
 def test_stochastic_rounding_is_the_same_on_both_backends_and_keeps_small_updates():
@@ -164,7 +187,7 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(name, backend):
     groups = [{"params": params[:2]}, {"params": params[2:], "lr": 2e-3}]
     ref_groups = [{"params": twins[:2]}, {"params": twins[2:], "lr": 2e-3}]
     ours = ours_cls(groups, max_grad_norm=5.0, backend=backend, **kwargs)
-    ref = ref_cls(ref_groups, foreach=False, **kwargs)
+    ref = ref_cls(ref_groups, **kwargs)
     gen = torch.Generator().manual_seed(2)
     for step in range(6):
         scale = 10.0 if step % 2 else 0.01  # clipped on odd steps only
@@ -173,7 +196,7 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(name, backend):
             p.grad, q.grad = g, g.clone()
         norm = ours.step()
         expected = torch.nn.utils.clip_grad_norm_(twins, 5.0)
-        ref.step()
+        reference_step(ref, backend)
         torch.testing.assert_close(norm, expected, **FP32)
         assert ours.grad_norm is norm
         for p, q in zip(params, twins):
@@ -227,7 +250,7 @@ def test_master_weights_state_dict_round_trip_and_torch_checkpoints(backend):
     params = [torch.nn.Parameter(t.clone()) for t in init]
     opt = fastopt.AdamW(params, master_weights=True, backend=backend)
     gen = torch.Generator().manual_seed(3)
-    adam_run(params, backend, 3, gen, opt=opt)
+    rounding_run(params, backend, 3, gen, opt=opt)
     saved = opt.state_dict()
     assert saved["state"][0]["master_param"].dtype == torch.float32
     assert saved["param_groups"][0]["master_weights"] is True
@@ -240,8 +263,8 @@ def test_master_weights_state_dict_round_trip_and_torch_checkpoints(backend):
     for p, q in zip(params, copies):  # the fp32 master survives loading (not cast to bf16)
         assert torch.equal(opt.state[p]["master_param"], again.state[q]["master_param"])
     gen_a, gen_b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-    adam_run(params, backend, 2, gen_a, opt=opt)
-    adam_run(copies, backend, 2, gen_b, opt=again)
+    rounding_run(params, backend, 2, gen_a, opt=opt)
+    rounding_run(copies, backend, 2, gen_b, opt=again)
     for p, q in zip(params, copies):
         assert torch.equal(p, q)
     # A torch.optim checkpoint (no masters, options it does not know) into a master_weights
@@ -340,7 +363,7 @@ def test_int8_state_tracks_fp32_adamw(backend):
         for i, q in enumerate(twins):
             g = torch.randn(q.shape, generator=gen)
             q.grad = None if (step + i) % 6 == 4 else g
-        ref.step()
+        reference_step(ref, backend)
     for p, q, start in zip(params, twins, init):
         if p.numel() == 0:
             continue
@@ -478,7 +501,7 @@ def test_int8_resume_is_bit_identical_and_loads_fp32_checkpoints(backend):
     ref = torch.optim.AdamW(twins, lr=1e-3)
     for q in twins:
         q.grad = torch.randn_like(q)
-    ref.step()
+    reference_step(ref, backend)
     ours = fastopt.AdamW([torch.nn.Parameter(q.detach().clone()) for q in twins], lr=1e-3,
                          state_dtype="int8", backend=backend)
     ours.load_state_dict(ref.state_dict())

@@ -7,28 +7,56 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from helpers import BACKENDS, compare_runs
+from optim_db import OPTIM_DB
 
 shapes = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
                   min_size=1, max_size=5)
 unit = st.floats(0.0, 0.999)
 
 
+def _unit():
+    return st.floats(0.0, 0.999)
+
+
+# Each torch.optim option and the values a user may give it (hypothesis draws from these).
+OPTION_VALUES = {
+    "lr": lambda: st.floats(0.0, 0.5),
+    "betas": lambda: st.tuples(_unit(), _unit()),
+    "eps": lambda: st.floats(1e-10, 1e-2),
+    "weight_decay": lambda: st.sampled_from([0.0, 0.01, 0.3]),
+    "amsgrad": st.booleans,
+    "maximize": st.booleans,
+    "decoupled_weight_decay": st.booleans,
+    "centered": st.booleans,
+    "momentum": lambda: st.sampled_from([0.0, 0.5, 0.9]),
+    "dampening": lambda: st.sampled_from([0.0, 0.3]),
+    "momentum_decay": lambda: st.floats(0.0, 0.05),
+    "alpha": lambda: st.floats(0.1, 0.999),
+    "rho": lambda: st.floats(0.0, 1.0),
+    "lambd": lambda: st.floats(0.0, 0.05),
+    "t0": lambda: st.sampled_from([0.0, 3.0, 1e6]),
+    "lr_decay": lambda: st.floats(0.0, 0.1),
+    "initial_accumulator_value": lambda: st.floats(0.0, 1.0),
+    "etas": lambda: st.tuples(st.floats(0.1, 0.9), st.floats(1.1, 2.0)),
+    "step_sizes": lambda: st.tuples(st.floats(1e-6, 1e-3), st.floats(1.0, 50.0)),
+}
+
+
 @st.composite
 def configurations(draw):
-    name = draw(st.sampled_from(["SGD", "Adam", "AdamW"]))
-    lr = draw(st.floats(0.0, 0.5))
-    decay = draw(st.sampled_from([0.0, draw(st.floats(0.0, 0.5))]))
-    maximize = draw(st.booleans())
-    if name == "SGD":
-        momentum = draw(st.sampled_from([0.0, draw(unit)]))
-        nesterov = momentum > 0 and draw(st.booleans())
-        dampening = 0.0 if nesterov else draw(st.sampled_from([0.0, draw(unit)]))
-        kwargs = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=decay,
-                      nesterov=nesterov, maximize=maximize)
-    else:
-        kwargs = dict(lr=lr, betas=(draw(unit), draw(unit)), eps=draw(st.floats(1e-10, 1e-2)),
-                      weight_decay=decay, amsgrad=draw(st.booleans()), maximize=maximize)
-    return name, kwargs
+    """Any optimizer of tests/optim_db.py with random values for its options."""
+    info = draw(st.sampled_from(OPTIM_DB))
+    kwargs = {}
+    for option in info.cls._option_defaults():
+        if option in OPTION_VALUES and option not in info.constructor_only:
+            kwargs[option] = draw(OPTION_VALUES[option]())
+    if info.name == "SGD" and draw(st.booleans()):  # Nesterov needs momentum, no dampening
+        kwargs.update(nesterov=True, momentum=0.9, dampening=0.0)
+    if info.name == "Lion":  # lion-pytorch reads this from its constructor only
+        kwargs["decoupled_weight_decay"] = kwargs["lr"] > 0 and draw(st.booleans())
+    if info.name == "ASGD":  # t0 and the averaging: every step count is a float
+        kwargs["alpha"] = draw(st.floats(0.0, 1.0))
+    return info.name, kwargs
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,17 +75,16 @@ def test_random_configurations_match_torch(config, shapes, steps, dtype, skip_ma
 # ---------------------------------------------------------------------- lean options
 @st.composite
 def lean_configurations(draw):
-    """Any mix of the mixed-precision options, on any param dtype: it must either be refused
-    at construction with a ValueError/TypeError, or train, save, load and resume exactly."""
-    name = draw(st.sampled_from(["SGD", "Adam", "AdamW"]))
-    kwargs = dict(lr=draw(st.sampled_from([1e-3, 0.1])))
-    if name == "SGD":
-        kwargs["momentum"] = draw(st.sampled_from([0.0, 0.9]))
-    else:
-        kwargs["amsgrad"] = draw(st.booleans())
-        if draw(st.booleans()):
-            kwargs["stochastic_rounding"] = True
-            kwargs["rounding_seed"] = draw(st.integers(0, 2**32 - 1))
+    """Any mix of the mixed-precision options, on any param dtype, for any optimizer: it must
+    either be refused at construction with a ValueError/TypeError, or train, save, load and
+    resume exactly."""
+    info = draw(st.sampled_from(OPTIM_DB))
+    name = info.name
+    kwargs = {**draw(st.sampled_from([kwargs for kwargs, _ in info.configs])),
+              "lr": draw(st.sampled_from([1e-3, 0.1]))}
+    if draw(st.booleans()):
+        kwargs["stochastic_rounding"] = True
+        kwargs["rounding_seed"] = draw(st.integers(0, 2**32 - 1))
     if draw(st.booleans()):
         kwargs["master_weights"] = True
     state_dtype = draw(st.sampled_from([None, torch.float32, torch.bfloat16, "int8"]))

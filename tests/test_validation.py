@@ -7,61 +7,48 @@ import torch
 
 import fastopt
 from helpers import PAIRS, assert_unchanged, clone_params, make_params, snapshot
+from optim_db import BY_NAME, NAMES, OPTIM_DB
 
 
 def one_param():
     return [torch.nn.Parameter(torch.randn(3))]
 
 
-# (optimizer, args, kwargs, exception, message regex, does torch.optim raise the same?)
-BAD_INPUT = [
-    ("Adam", (), dict(lr=-0.1), ValueError, r"^Invalid learning rate: -0\.1$", True),
-    ("AdamW", (), dict(lr=-1e-3), ValueError, r"^Invalid learning rate: -0\.001$", True),
-    ("SGD", (), dict(lr=-0.1), ValueError, r"^Invalid learning rate: -0\.1$", True),
-    ("Adam", (), dict(eps=-1e-8), ValueError, r"^Invalid epsilon value: -1e-08$", True),
-    ("Adam", (), dict(betas=(1.0, 0.999)), ValueError,
-     r"^Invalid beta parameter at index 0: 1\.0$", True),
-    ("AdamW", (), dict(betas=(-0.1, 0.999)), ValueError,
-     r"^Invalid beta parameter at index 0: -0\.1$", True),
-    ("Adam", (), dict(betas=(0.9, 1.5)), ValueError,
-     r"^Invalid beta parameter at index 1: 1\.5$", True),
-    ("Adam", (), dict(weight_decay=-0.1), ValueError, r"^Invalid weight_decay value: -0\.1$",
-     True),
-    ("SGD", (), dict(weight_decay=-0.1), ValueError, r"^Invalid weight_decay value: -0\.1$",
-     True),
-    ("SGD", (), dict(momentum=-0.5), ValueError, r"^Invalid momentum value: -0\.5$", True),
-    ("SGD", (), dict(nesterov=True), ValueError,
-     r"^Nesterov momentum requires a momentum and zero dampening$", True),
-    ("SGD", (), dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError,
-     r"^Nesterov momentum requires a momentum and zero dampening$", True),
-    ("Adam", (), dict(lr=torch.tensor([0.1, 0.2])), ValueError, r"^Tensor lr must be 1-element$",
-     True),
-    ("Adam", (), dict(betas=(0.9, torch.tensor(0.99))), ValueError,
-     r"^betas must be either both floats or both Tensors$", True),
-    ("AdamW", (), dict(fused=True, foreach=True), RuntimeError,
-     r"^`fused` and `foreach` cannot be `True` together\.$", True),
-    ("Adam", (), dict(lr=torch.tensor(1e-3), foreach=True), ValueError,
-     r"^lr as a Tensor is not supported for capturable=False and foreach=True$", True),
-    ("AdamW", (), dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), ValueError,
-     r"^betas\[0\] as a Tensor is not supported for capturable=False and foreach=True$", True),
-    ("Adam", (), dict(differentiable=True, fused=True), RuntimeError,
-     r"^`fused` does not support `differentiable`$", True),
-    ("AdamW", (), dict(differentiable=True, master_weights=True), ValueError,
-     r"^differentiable=True runs torch.optim's own algorithm", False),
-    ("Adam", (), dict(backend="cuda"), ValueError, r"^Invalid backend: 'cuda'", False),
+# (optimizer, kwargs, exception, message regex): every optimizer's bad inputs (tests/optim_db.py)
+# and fastopt's own options
+BAD_INPUT = [(info.name, kwargs, exc, message) for info in OPTIM_DB
+             for kwargs, exc, message in info.errors] + [
+    ("AdamW", dict(differentiable=True, master_weights=True), ValueError,
+     r"^differentiable=True runs torch.optim's own algorithm"),
+    ("Adam", dict(backend="cuda"), ValueError, r"^Invalid backend: 'cuda'"),
+    ("Lion", dict(stochastic_rounding=True), TypeError,
+     r"got an unexpected keyword argument 'stochastic_rounding'"),
+    ("NAdam", dict(state_dtype="int8"), ValueError, r"^state_dtype='int8' .* is available for"),
+    ("Lion", dict(differentiable=True), TypeError, r"unexpected keyword argument"),
 ]
 
 
-@pytest.mark.parametrize("name,args,kwargs,exc,message,torch_agrees", BAD_INPUT,
-                         ids=[f"{r[0]}-{list(r[2])}" for r in BAD_INPUT])
-def test_bad_hyperparameters(name, args, kwargs, exc, message, torch_agrees):
-    ours_cls, ref_cls = PAIRS[name]
+@pytest.mark.parametrize("name,kwargs,exc,message", BAD_INPUT,
+                         ids=[f"{r[0]}-{list(r[1])}" for r in BAD_INPUT])
+def test_bad_hyperparameters(name, kwargs, exc, message):
+    """torch.optim's exception type and message; the same as torch.optim's own where it has
+    the optimizer and the option."""
+    ours_cls, reference = PAIRS[name]
     with pytest.raises(exc, match=message):
-        ours_cls(one_param(), *args, **kwargs)
-    if torch_agrees:
+        ours_cls(one_param(), **kwargs)
+    own = {"master_weights", "backend", "stochastic_rounding", "state_dtype"}
+    if name != "Lion" and not own.intersection(kwargs) and "differentiable" not in kwargs:
         with pytest.raises(exc) as ref_error:
-            ref_cls(one_param(), *args, **kwargs)
+            reference(one_param(), **kwargs)
         assert re.search(message, str(ref_error.value))
+
+
+def test_hyperparameters_are_checked_before_params():
+    """torch's error inputs pass ``params=None``: the hyperparameter error comes first."""
+    for info in OPTIM_DB:
+        kwargs, exc, message = info.errors[0]
+        with pytest.raises(exc, match=message):
+            info.cls(None, **kwargs)
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
@@ -95,11 +82,14 @@ def test_environment_variable_overrides_and_is_checked(monkeypatch):
         fastopt.AdamW(one_param())
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+REFUSE_SPARSE = [n for n in NAMES if BY_NAME[n].declaration.sparse_error is not None]
+
+
+@pytest.mark.parametrize("name", REFUSE_SPARSE)
 def test_sparse_grads_refused_like_torch_and_nothing_changes(name):
-    ours_cls, ref_cls = PAIRS[name]
+    ours_cls, reference = PAIRS[name]
     params = clone_params(make_params([(4,), (5,)]))
-    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.1)
+    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **BY_NAME[name].typical)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
@@ -110,31 +100,43 @@ def test_sparse_grads_refused_like_torch_and_nothing_changes(name):
         opt.step()
     ref_param = torch.nn.Parameter(torch.zeros(5))
     ref_param.grad = torch.ones(5).to_sparse()
-    with pytest.raises(RuntimeError) as ref_error:
-        ref_cls([ref_param], foreach=False).step()
-    assert str(ours_error.value) == str(ref_error.value)
-    assert "SparseAdam" in str(ours_error.value)
+    if name != "Lion":  # lion-pytorch has no check: its sign() fails on a sparse tensor
+        with pytest.raises(RuntimeError) as ref_error:
+            reference([ref_param]).step()
+        assert str(ours_error.value) == str(ref_error.value)
+    assert "does not support sparse gradients" in str(ours_error.value)
     assert_unchanged(opt, params, before)
 
 
-def test_sgd_accepts_sparse_grads_as_torch_does():
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in REFUSE_SPARSE])
+def test_sparse_grads_taken_where_torch_takes_them(name):
     init = make_params([(6,)])
     a, b = clone_params(init), clone_params(init)
-    ours = fastopt.SGD(a, lr=0.1)
-    ref = torch.optim.SGD(b, lr=0.1, foreach=False)
-    g = torch.tensor([0.0, 1.0, 0.0, -2.0, 0.0, 0.5])
-    a[0].grad, b[0].grad = g.to_sparse(), g.to_sparse()
-    ours.step()
-    ref.step()
-    torch.testing.assert_close(a[0], b[0])
+    ours, ref = PAIRS[name][0](a, lr=0.1), PAIRS[name][1](b, lr=0.1)
+    for g in (torch.tensor([0.0, 1.0, 0.0, -2.0, 0.0, 0.5]), torch.tensor([0.5, 0, 0, 1, 0, 0])):
+        a[0].grad, b[0].grad = g.to_sparse(), g.to_sparse()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(a[0], b[0])
+
+
+def test_adagrad_refuses_sparse_grads_with_weight_decay_as_torch():
+    errors = []
+    for cls in (fastopt.Adagrad, torch.optim.Adagrad):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = cls([p], lr=0.1, weight_decay=0.1)
+        p.grad = torch.ones(4).to_sparse()
+        with pytest.raises(RuntimeError) as error:
+            opt.step()
+        errors.append(str(error.value))
+    assert errors[0] == errors[1] == "weight_decay option is not compatible with sparse gradients"
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_grad_of_the_wrong_shape_or_dtype_fails_and_changes_nothing(name):
     ours_cls, _ = PAIRS[name]
     params = clone_params(make_params([(4,), (5,)]))
-    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
-    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **kwargs)
+    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **BY_NAME[name].typical)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()

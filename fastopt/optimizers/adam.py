@@ -102,6 +102,7 @@ ADAM = Declaration(
     update=_update,
     options=ELEMENTWISE | {INT8},
     error_name="Adam",
+    sparse_error="{name} does not support sparse gradients, please consider SparseAdam instead",
     reference=torch.optim.Adam,
     group_keys=("lr", "betas", "eps", "weight_decay"),
     cost="adam",

@@ -96,6 +96,9 @@ class Lion(FlatOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if decoupled_weight_decay and not float(lr) > 0.0:
+            raise ValueError("decoupled_weight_decay=True divides the weight decay by the "
+                             f"initial learning rate, which must be positive: got lr={lr}")
         self._init_lr = float(lr)
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,

@@ -51,7 +51,7 @@ SGD_DECLARATION = Declaration(
     buffers=(Buffer("momentum_buffer", when=lambda g: g["momentum"] != 0),),
     update=_update,
     options=frozenset({"master_weights", "state_dtype", "max_grad_norm", "in_backward"}),
-    sparse="densify",
+    sparse_error=None,  # densified
     reference=torch.optim.SGD,
     group_keys=("lr", "momentum", "dampening", "weight_decay"),
     cost="sgd",

@@ -55,6 +55,9 @@ KERNELS = {  # short name -> (module, kernel)
     "sgd": ("fastopt.kernels.sgd", "_sgd_kernel"),
     "adam_int8": ("fastopt.kernels.adam_int8", "_adam_int8_kernel"),
     "saga": ("fastopt.kernels.saga", "_saga_kernel"),
+    # every declared elementwise optimizer: the skeleton with its per-element function (the
+    # constexpr MATH, recorded as "module:function")
+    "elementwise": ("fastopt.kernels.elementwise", "_elementwise_kernel"),
 }
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 
@@ -79,6 +82,9 @@ def streams(kernel: str, constexprs: dict) -> list:
                ("v_codes_ptr", "LS")]
     elif kernel == "saga":
         out = [("param_ptr", "LS"), ("grad_ptr", "L"), ("row_ptr", "LS"), ("mean_ptr", "LS")]
+    elif kernel == "elementwise":
+        out = [("param_ptr", "LS"), ("grad_ptr", "L")]
+        out += [(f"b{k}_ptr", "LS") for k in range(4) if c.get("BUFFERS", 0) >> k & 1]
     else:
         return []
     if c.get("HAS_MASTER"):
@@ -138,7 +144,7 @@ def spec_of(kernel: str, fn, args: tuple, kwargs: dict) -> dict:
     signature, constexprs, divisible = {}, {}, []
     for name, value in bound.arguments.items():
         if "constexpr" in annotations.get(name, ""):
-            constexprs[name] = _gpu_constant(name, value)
+            constexprs[name] = _gpu_constant(name, function_name(value))
             continue
         kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
         if kind == "constexpr":
@@ -148,7 +154,24 @@ def spec_of(kernel: str, fn, args: tuple, kwargs: dict) -> dict:
         if attr == "D":
             divisible.append(name)
     return {"kernel": kernel, "signature": signature, "constexprs": constexprs,
-            "divisible": divisible, "num_warps": options.get("num_warps", 4)}
+            "divisible": divisible, "num_warps": options.get("num_warps", 4),
+            "enable_fp_fusion": options.get("enable_fp_fusion", True)}
+
+
+def function_name(value):
+    """A ``@triton.jit`` function passed as a constexpr, as "module:function" (JSON holds it)."""
+    fn = getattr(value, "fn", None)
+    if fn is not None and callable(fn):
+        return f"{fn.__module__}:{fn.__name__}"
+    return value
+
+
+def function_of(value):
+    """The ``@triton.jit`` function a "module:function" constexpr names (others unchanged)."""
+    if isinstance(value, str) and ":" in value:
+        module, name = value.split(":")
+        return getattr(importlib.import_module(module), name)
+    return value
 
 
 def key_of(spec: dict) -> str:
@@ -188,10 +211,11 @@ def recording(into: dict = RECORDED):
 
 _INTS = {"adam": {"n_elements": "i32", "base_offset": "i32", "seed_word": "i32"},
          "sgd": {"n_elements": "i32"},
-         "adam_int8": {"n_blocks": "i32", "base": "i32", "seed_word": "i32"}}
+         "adam_int8": {"n_blocks": "i32", "base": "i32", "seed_word": "i32"},
+         "elementwise": {"n_elements": "i32", "base_offset": "i32", "seed_word": "i32"}}
 _TABLE_TYPES = {"grad_table_ptr": "*i64", "param_table_ptr": "*i64", "block_param_ptr": "*i32",
                 "block_offset_ptr": "*i64", "slot_start_ptr": "*i64", "slot_size_ptr": "*i64",
-                "betas_ptr": "*fp64"}
+                "betas_ptr": "*fp64", "row_ptr": "*fp32"}
 
 
 def _variant(kernel: str, dtypes: dict, constexprs: dict, ints: dict = (), num_warps: int = 4) -> dict:
@@ -214,7 +238,77 @@ def _variant(kernel: str, dtypes: dict, constexprs: dict, ints: dict = (), num_w
         else:
             signature[arg] = "fp32"
     return {"kernel": kernel, "signature": signature, "constexprs": dict(constexprs),
-            "divisible": divisible, "num_warps": num_warps}
+            "divisible": divisible, "num_warps": num_warps, "enable_fp_fusion": True}
+
+
+def _declared_groups(cls) -> list:
+    """An optimizer built on one element with its defaults, and with every option on (flags
+    True, a weight decay and a momentum): its first param group each, with the optimizer."""
+    import torch
+
+    on = {}
+    for option, default in cls._option_defaults().items():
+        if option in ("foreach", "fused", "capturable", "differentiable", "use_triton"):
+            continue
+        if isinstance(default, bool):
+            on[option] = True
+        elif option in ("weight_decay", "momentum"):
+            on[option] = 0.1 if option == "weight_decay" else 0.9
+    out = []
+    for options in ({}, on):
+        try:
+            opt = cls([torch.zeros(1, requires_grad=True)], **options)
+        except (ValueError, TypeError, RuntimeError):
+            continue
+        out.append((opt, opt.param_groups[0]))
+    return out
+
+
+def elementwise_variants() -> list:
+    """Every registered elementwise optimizer's kernel (fastopt.registry): its defaults in fp32
+    on the grad-table route (the default loop's); with every option on, in each storage a GPU
+    run takes (fp32, bf16 state, bf16 params with fp32 masters or stochastic rounding) on that
+    route, and in fp32 on the flat buffer and by address (params left where their owner keeps
+    them)."""
+    from fastopt import registry
+    from fastopt.kernels import launch
+    from fastopt.kernels.elementwise import LR_ON_DEVICE_FLAG
+
+    out, seen = [], set()
+    for cls in registry.classes().values():
+        declared = cls.declaration
+        if declared.kernel is None or declared.update is not None or id(declared) in seen:
+            continue
+        seen.add(id(declared))
+        math = function_name(getattr(importlib.import_module(
+            f"fastopt.kernels.{declared.kernel}"), declared.kernel))
+        for number, (opt, group) in enumerate(_declared_groups(cls)):
+            _, flags = declared.hyper(opt, group)
+            present = sum(1 << k for k, b in enumerate(declared.buffers) if b.present(group))
+            storages = [("fp32", "fp32", False, False)]
+            if number:  # every option on: the storages too
+                storages += [("fp32", "bf16", False, False), ("bf16", "fp32", True, False)]
+                if cls._takes("stochastic_rounding"):
+                    storages.append(("bf16", "bf16", False, True))
+            for param, state, master, rounding in storages:
+                routes = [(True, False)]  # the default loop's route: fresh grads by address
+                if number and param == "fp32" and state == "fp32":
+                    routes += [(False, False), (True, True)]  # the flat buffer, by address
+                for table, by_address in routes:
+                    dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param,
+                              **{f"b{k}_ptr": "*" + state for k in range(4)}}
+                    spec = _variant("elementwise", dtypes, dict(
+                        MATH=math, FLAGS=flags, BUFFERS=present,
+                        STEP_COLUMN=declared.scalar_names.index("step")
+                        if declared.counts_steps else 0,
+                        MAXIMIZE=bool(group.get("maximize")), LR_ON_DEVICE=False,
+                        HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=master,
+                        STOCHASTIC_ROUNDING=rounding, GRAD_TABLE=table, PARAM_TABLE=by_address,
+                        BLOCK_SIZE=launch.BLOCK_SIZE), _INTS["elementwise"])
+                    spec["enable_fp_fusion"] = False
+                    out.append(spec)
+        assert LR_ON_DEVICE_FLAG  # (the flag bit is set per launch, never here)
+    return out
 
 
 def gpu_variants() -> list:
@@ -256,13 +350,15 @@ def gpu_variants() -> list:
                 HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=master,
                 STOCHASTIC_ROUNDING=rounding, ROWS_PER_PROGRAM=adam_int8.ROWS,
                 QBLOCK=BLOCK), _INTS["adam_int8"], adam_int8.NUM_WARPS))
-    return out
+    return out + elementwise_variants()
 
 
 # ---------------------------------------------------------------------------------------------
 # Compiling one specialization and reading what the compiler made of it.
 
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+_PTX_FP64 = re.compile(r"^\s*(?:@%p\d+\s+)?(?:add|sub|mul|fma|div|sqrt|rcp|max|min|setp\.\w+)"
+                       r"(?:\.\w+)*\.f64\b", re.MULTILINE)
 _FP64 = re.compile(r"^\s*(?:@!?P\d+\s+)?(DADD|DMUL|DFMA|DSETP|DMNMX|MUFU\.\w*64H|F2F\.F64|"
                    r"F2F\.F32\.F64|I2F\.F64|F2I\.\w*F64)")
 
@@ -275,8 +371,10 @@ def _access_width(qualifiers: str) -> int:
     return lanes * bits // 8
 
 
-def compile_spec(spec: dict, arch: int) -> dict:
-    """Compile ``spec`` for ``sm_{arch}`` with Triton's real compiler and report on it."""
+def compile_spec(spec: dict, arch: int, sass: bool = True) -> dict:
+    """Compile ``spec`` for ``sm_{arch}`` with Triton's real compiler and report on it
+    (``sass``: disassemble it too, for the instruction counts of the cost model; without it
+    local memory and fp64 are read from the PTX)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -288,7 +386,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
     for i, arg in enumerate(kernel.arg_names):
         if arg in spec["constexprs"]:
             signature[arg] = "constexpr"
-            constexprs[(i,)] = spec["constexprs"][arg]
+            constexprs[(i,)] = function_of(spec["constexprs"][arg])
         else:
             signature[arg] = spec["signature"][arg]
             if arg in spec["divisible"]:
@@ -297,7 +395,9 @@ def compile_spec(spec: dict, arch: int) -> dict:
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                             attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec["num_warps"]})
+                                  options={"num_warps": spec["num_warps"],
+                                           "enable_fp_fusion": spec.get("enable_fp_fusion",
+                                                                        True)})
     except Exception as error:  # reported, and failed on, by the caller
         result["error"] = f"{type(error).__name__}: {str(error)[-2000:]}"
         return result
@@ -316,7 +416,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
                              capture_output=True, text=True)
         report = log.stdout + log.stderr
         sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c",
-                               cubin_file], capture_output=True, text=True).stdout
+                               cubin_file], capture_output=True, text=True).stdout if sass else ""
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else -1  # noqa
     instructions = [line.split("*/", 1)[1] for line in sass.splitlines()
                     if re.match(r"\s*/\*[0-9a-f]{4,6}\*/", line)]
@@ -334,7 +434,8 @@ def compile_spec(spec: dict, arch: int) -> dict:
         loads=loads, stores=stores,
         sass=len(instructions),
         path=common_path_length(sass),
-        fp64=sum(1 for line in instructions if _FP64.match(line)),
+        fp64=sum(1 for line in instructions if _FP64.match(line)) if sass
+        else len(_PTX_FP64.findall(ptx)),
     )
     return result
 
@@ -398,15 +499,26 @@ def common_path_length(sass: str) -> int:
 
 
 def _compile_all(specs: list, archs=ARCHS, workers: int | None = None) -> list:
-    jobs = [(spec, arch) for spec in specs for arch in archs]
+    return _compile_jobs([(spec, arch) for spec in specs for arch in archs], workers)
+
+
+def _compile_jobs(jobs: list, workers: int | None = None, sass: bool = True) -> list:
+    """Compile each (spec, arch) job, on as many processes as there are cores."""
+    if not jobs:
+        return []
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    job = _compile_job if sass else _compile_job_without_sass
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(_compile_job, jobs, chunksize=4))
+        results = list(pool.map(job, jobs, chunksize=4))
     return [dict(r, spec=spec) for r, (spec, _) in zip(results, jobs)]
 
 
 def _compile_job(job):
     return compile_spec(*job)
+
+
+def _compile_job_without_sass(job):
+    return compile_spec(*job, sass=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +565,9 @@ def analyse(result: dict, machine: dict = H100) -> dict:
         out["problems"].append(f"{result['fp64']} fp64 instructions per thread")
     bytes_per_element = sum(element_size(sig[p]) * len(how) for p, how in stream_list) \
         + extra_bytes_per_element(kernel, c)
+    if not result["sass"]:  # compiled without its SASS: no instruction counts to model
+        out.update(aligned=aligned, bytes_per_element=bytes_per_element)
+        return out
     sass_per_element = result["path"] / per_thread
     bandwidth = machine["bandwidth_gbs"] * 1e9
     issue_rate = machine["sms"] * ISSUE_LANES_PER_SM * machine["clock_ghz"] * 1e9
@@ -472,13 +587,17 @@ def describe(spec: dict) -> str:
     """A short name for a variant: kernel, storage types, the flags that are set, the route."""
     c, sig = spec["constexprs"], spec["signature"]
     parts = [spec["kernel"]]
+    if isinstance(c.get("MATH"), str):  # an elementwise optimizer's function
+        parts = [c["MATH"].split(":")[1]]
+        if c.get("FLAGS"):
+            parts.append(f"flags={c['FLAGS']}")
     types = [sig.get(p, "").lstrip("*") for p, _ in streams(spec["kernel"], c)]
     if len(types) > 2:
         parts.append(f"{types[0]}, state {types[2]}")
     elif types:
         parts.append(types[0])
     parts += [k.lower() for k, v in sorted(c.items())
-              if v is True and k not in ("GRAD_TABLE", "PARAM_TABLE")]
+              if v is True and k not in ("GRAD_TABLE", "PARAM_TABLE") and k != "MATH"]
     parts.append("param-table" if c.get("PARAM_TABLE") else
                  "grad-table" if c.get("GRAD_TABLE") else "flat")
     if spec["kernel"] in ("adam_steps",):
@@ -503,7 +622,7 @@ def report(results: list, machine: dict = H100) -> tuple:
             continue
         wide = f"{result['loads'].get(16, 0)}/{result['stores'].get(16, 0)}"
         model = ("| {bytes_per_element:.2f} | {sass_per_element:.1f} | {issue_share:.2f} | "
-                 "{predicted_fraction:.2f} |".format(**a)) if "bytes_per_element" in a \
+                 "{predicted_fraction:.2f} |".format(**a)) if "sass_per_element" in a \
             else "| | | | |"
         rows.append(f"| {name} | {result['arch']} | {result['registers']} | "
                     f"{result['spill_bytes']} | {wide} | {result['sass']} ({result['path']}) | "
@@ -536,7 +655,7 @@ def model(results: list) -> dict:
     for result in results:
         key = model_key(result["spec"])
         a = analyse(result)
-        if key and result["arch"] == 90 and "bytes_per_element" in a:
+        if key and result["arch"] == 90 and "sass_per_element" in a:
             out[key] = {"bytes_per_element": a["bytes_per_element"],
                         "sass_per_element": a["sass_per_element"]}
     return out
@@ -554,6 +673,18 @@ def unique(specs: list) -> list:
     return list({key_of(s): s for s in specs}.values())
 
 
+def distinct(specs: list) -> list:
+    """One spec per (kernel, constexprs, argument types): of launches that differ only in which
+    pointers and ints were 16-divisible, the most aligned (the layout's common case, which the
+    128-bit check applies to)."""
+    best: dict = {}
+    for spec in specs:
+        key = json.dumps([spec["kernel"], spec["constexprs"], spec["signature"]], sort_keys=True)
+        if key not in best or len(spec["divisible"]) > len(best[key]["divisible"]):
+            best[key] = spec
+    return list(best.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", action="store_true", help="print the table")
@@ -561,6 +692,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-variants", action="store_true",
                         help="only the recorded specializations, not gpu_variants()")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--workers", type=int, help="compiling processes (default: one per core)")
+    parser.add_argument("--specs-arch", type=int, nargs="+",
+                        help="targets for the --specs launches (default: --arch); the GPU "
+                             "variants are compiled for every --arch")
     parser.add_argument("--bandwidth", type=float, default=H100["bandwidth_gbs"],
                         help="copy bandwidth in GB/s for the model (default: an H100's)")
     parser.add_argument("--kernel", nargs="+", choices=list(KERNELS), help="only these kernels")
@@ -569,13 +704,22 @@ def main(argv=None) -> int:
                         "reads benchmarks/results/kernel-model.json)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    specs = [] if args.no_variants else gpu_variants()
+    variants = [] if args.no_variants else unique(gpu_variants())
+    recorded = []
     if args.specs:
         with open(args.specs) as f:
-            specs += json.load(f)
+            known = {key_of(s) for s in gpu_variants()}  # compiled as variants (maybe apart)
+            recorded = [s for s in distinct(json.load(f)) if key_of(s) not in known]
     if args.kernel:
-        specs = [s for s in specs if s["kernel"] in args.kernel]
-    results = _compile_all(unique(specs), tuple(args.arch))
+        variants = [s for s in variants if s["kernel"] in args.kernel]
+        recorded = [s for s in recorded if s["kernel"] in args.kernel]
+    # the recorded launches are checked for what they are (they compile, no local memory, no
+    # spills, 128-bit accesses, no fp64): the cost model's instruction counts, which need the
+    # SASS, are the GPU variants'
+    results = _compile_jobs([(s, arch) for s in variants for arch in args.arch],
+                            args.workers) + \
+        _compile_jobs([(s, arch) for s in recorded for arch in (args.specs_arch or args.arch)],
+                      args.workers, sass=False)
     machine = dict(H100, bandwidth_gbs=args.bandwidth)
     table, problems = report(results, machine)
     if args.json:
@@ -585,8 +729,8 @@ def main(argv=None) -> int:
         with open(args.model, "w") as f:
             json.dump(model(results), f, indent=1, sort_keys=True)
     if args.report:
-        print(f"{len(results)} compiles ({len(unique(specs))} specializations x "
-              f"{len(args.arch)} targets); model: {machine} (a prediction)\n")
+        print(f"{len(results)} compiles ({len(variants)} GPU variants, {len(recorded)} "
+              f"recorded launches); model: {machine} (a prediction)\n")
         print(table)
     for problem in problems:
         print("PROBLEM", problem)

@@ -9,11 +9,11 @@ from .ops import WEIGHT_DECAY
 
 
 @triton.jit
-def adagrad(param, grad, state_sum, b1, b2, b3, row_ptr, lr, weight_decay, eps, h2, h3, h4,
+def adagrad(param, grad, sum_, b1, b2, b3, row_ptr, lr, weight_decay, eps, h2, h3, h4,
             h5, h6, h7, FLAGS: tl.constexpr):
     if (FLAGS & WEIGHT_DECAY.value) != 0:
         grad = tl.fma(param, weight_decay, grad)
-    state_sum = tl.fma(grad, grad, state_sum)  # addcmul_
-    std = tl.sqrt_rn(state_sum) + eps
+    sum_ = tl.fma(grad, grad, sum_)  # addcmul_
+    std = tl.sqrt_rn(sum_) + eps
     param = param + tl.div_rn(-tl.load(row_ptr + 1) * grad, std)
-    return param, state_sum, b1, b2, b3
+    return param, sum_, b1, b2, b3

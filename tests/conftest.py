@@ -86,6 +86,20 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The compile check runs last, when every other test has launched its kernels."""
+    """The compile check runs last, when every other test has launched its kernels; the GPU
+    variants it also checks do not depend on the suite, so they compile meanwhile, in a child
+    process on a core the (mostly single-threaded) interpreter tests leave idle."""
     last = [item for item in items if item.nodeid.startswith("tests/test_kernels_compile.py")]
     items[:] = [item for item in items if item not in last] + last
+    if last and os.environ.get("TRITON_INTERPRET") == "1":
+        import subprocess
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="fastopt-variants-")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        out = os.path.join(folder, "variants.json")
+        config._gpu_variants = (out, subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.kernel_report", "--json", out, "--workers", "1"],
+            cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: os.nice(5)))

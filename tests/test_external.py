@@ -6,14 +6,12 @@ import pickle
 import pytest
 import torch
 from helpers import BACKENDS, PAIRS, TOLERANCES, assert_state_close, lives_in, make_params
+from optim_db import BY_NAME, NAMES
 
 import fastopt
 
-OPTIONS = {
-    "SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1),
-    "AdamW": dict(lr=1e-2, weight_decay=0.1),
-}
+# every optimizer of tests/optim_db.py, in its richest configuration
+OPTIONS = {name: {**BY_NAME[name].typical, **BY_NAME[name].configs[-1][0]} for name in NAMES}
 SHAPES = [(129,), (), (0,), (4, 5), (1,)]
 
 
@@ -59,7 +57,7 @@ def test_views_of_a_foreign_buffer_stay_in_place_and_match_torch(name, transpose
     pointers = [p.data_ptr() for p in ours_params]
     ours_cls, ref_cls = PAIRS[name]
     ours = ours_cls(ours_params, backend=backend, **OPTIONS[name])
-    ref = ref_cls(ref_params, foreach=False, **OPTIONS[name])
+    ref = ref_cls(ref_params, **OPTIONS[name])
     step_against_torch(ours, ref, ours_params, ref_params, steps=6)
     # The owner's buffer holds the updated values: nothing was moved out of it.
     assert [p.data_ptr() for p in ours_params] == pointers
@@ -249,7 +247,7 @@ def test_aligned_views_of_a_foreign_buffer_are_updated_by_address_in_one_launch(
     pointers = [p.data_ptr() for p in ours_params]
     ours_cls, ref_cls = PAIRS[name]
     ours = ours_cls(ours_params, backend="triton", **OPTIONS[name])
-    ref = ref_cls(ref_params, foreach=False, **OPTIONS[name])
+    ref = ref_cls(ref_params, **OPTIONS[name])
     routes = []
     update = ours.update
     ours.update = lambda g, b, plan, *a: (routes.append(plan.route), update(g, b, plan, *a))

@@ -190,6 +190,21 @@ def test_trainer_optimizer_cls_and_kwargs_matches_torch_adamw(tmp_path):
     assert_gpt2_close(model, twin, TRAINER_STEPS)
 
 
+@pytest.mark.parametrize("name,kwargs", [("NAdam", dict(lr=LR)), ("Adagrad", dict(lr=LR))])
+def test_trainer_builds_other_fastopt_optimizers_and_matches_torch(tmp_path, name, kwargs):
+    """Trainer(optimizer_cls_and_kwargs=(fastopt.<name>, ...)) for 6 steps over Trainer's decay
+    / no-decay groups equals torch.optim.<name> (foreach=False) over the same groups."""
+    model, twin = gpt2(), gpt2()
+    trainer = run_trainer(model, tmp_path / "fastopt",
+                          optimizer_cls_and_kwargs=(getattr(fastopt, name), kwargs))
+    ours = inner_optimizer(trainer)
+    assert type(ours) is getattr(fastopt, name)
+    reference = getattr(torch.optim, name)(same_groups(ours, model, twin), foreach=False,
+                                           **kwargs)
+    run_trainer(twin, tmp_path / "torch", optimizers=(reference, None))
+    assert_gpt2_close(model, twin, TRAINER_STEPS)
+
+
 def test_trainer_given_a_fastopt_optimizer_matches_torch_adamw(tmp_path):
     """Trainer(optimizers=(fastopt.AdamW(model.parameters(), lr=1e-3), None)) for 6 steps equals
     Trainer(optimizers=(torch.optim.AdamW(..., foreach=False), None))."""
@@ -352,6 +367,8 @@ COMPILE_PAIRS = {
     "SGD": (fastopt.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9)),
     "Adam": (fastopt.Adam, torch.optim.Adam, dict(lr=1e-2)),
     "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
+    "NAdam": (fastopt.NAdam, torch.optim.NAdam, dict(lr=1e-2)),
+    "RMSprop": (fastopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9)),
 }
 
 

@@ -32,13 +32,13 @@ def _scalars(s, group: dict) -> None:
     s.clr = group["lr"] / (1 + (s.step.double() - 1) * group["lr_decay"])
 
 
-def adagrad(param, grad, state_sum, b1, b2, b3, row, lr, weight_decay, eps, h2, h3, h4, h5,
+def adagrad(param, grad, sum_, b1, b2, b3, row, lr, weight_decay, eps, h2, h3, h4, h5,
             h6, h7, flags) -> None:
     """One flat slice, in place (the signature of ``kernels/adagrad.py``'s)."""
     if flags & WEIGHT_DECAY:
         grad = grad.add(param, alpha=weight_decay)
-    state_sum.addcmul_(grad, grad, value=1)
-    std = state_sum.sqrt().add_(eps)
+    sum_.addcmul_(grad, grad, value=1)
+    std = sum_.sqrt().add_(eps)
     param.addcdiv_(grad, std, value=-row.clr)
 
 

@@ -43,6 +43,14 @@ OPTIMIZERS = {
     "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
     "Adam-amsgrad": (fastopt.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
     "SGD": (fastopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    # the declared elementwise optimizers: scalars beside the step (NAdam's mu_product, ASGD's
+    # eta and mu), optional buffers (RMSprop), state made at construction (Adagrad)
+    "NAdam": (fastopt.NAdam, torch.optim.NAdam, dict(lr=1e-2, weight_decay=0.1,
+                                                     decoupled_weight_decay=True)),
+    "ASGD": (fastopt.ASGD, torch.optim.ASGD, dict(lr=1e-2, t0=2)),
+    "RMSprop": (fastopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9,
+                                                           centered=True)),
+    "Adagrad": (fastopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-2, initial_accumulator_value=0.1)),
 }
 
 
@@ -125,10 +133,10 @@ def fsdp2(rank, opt_name, backend="auto"):
             ours = opt.state[p][key]
             assert type(ours) is type(value), (key, type(ours), type(value))
             torch.testing.assert_close(full(ours), full(value), **TOL, check_dtype=key != "step")
-    flat = opt._buckets[0][0].state.tensors["exp_avg" if "exp_avg" in opt._buckets[0][0].state
-                                            else "momentum_buffer"]
+    first = opt.declaration.buffers[0].name  # exp_avg, momentum_buffer, ax...
+    flat = opt._buckets[0][0].state.tensors[first]
     for p in model.parameters():
-        state = next(v for k, v in opt.state[p].items() if k != "step")
+        state = opt.state[p][first]
         local = state.to_local()
         if local.numel():  # a slot of the flat state buffer
             start = flat.data_ptr()
@@ -254,6 +262,15 @@ SCENARIOS = {
     "zero-bucket-view-SGD": lambda rank, workdir: zero(rank, "SGD", bucket_view=True),
     "dcp-fsdp2-AdamW": lambda rank, workdir: checkpoint(rank, "AdamW", workdir),
     "dcp-fsdp2-SGD": lambda rank, workdir: checkpoint(rank, "SGD", workdir),
+    "ddp-bucket-view-NAdam": lambda rank, workdir: ddp(rank, "NAdam", bucket_view=True),
+    "ddp-RMSprop-triton": lambda rank, workdir: ddp(rank, "RMSprop", False, "triton"),
+    "fsdp2-NAdam": lambda rank, workdir: fsdp2(rank, "NAdam"),
+    "fsdp2-ASGD": lambda rank, workdir: fsdp2(rank, "ASGD"),
+    "fsdp2-Adagrad": lambda rank, workdir: fsdp2(rank, "Adagrad"),
+    "fsdp2-NAdam-triton": lambda rank, workdir: fsdp2(rank, "NAdam", "triton"),
+    "zero-bucket-view-RMSprop": lambda rank, workdir: zero(rank, "RMSprop", bucket_view=True),
+    "dcp-fsdp2-NAdam": lambda rank, workdir: checkpoint(rank, "NAdam", workdir),
+    "dcp-fsdp2-ASGD": lambda rank, workdir: checkpoint(rank, "ASGD", workdir),
 }
 # The Triton kernels run on CPU tensors only through Triton's interpreter.
 NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}

@@ -6,17 +6,17 @@ kernel report, the benchmarks and the tests) reads everything else from it:
 
 - ``buffers``: the state tensors shaped like their param (``exp_avg``, ``square_avg``...), each
   one flat buffer per bucket, with its initial value (a number, or the group option holding it,
-  as Adagrad's ``initial_accumulator_value``) and, for optional ones, the group option that
+  as Rprop's ``step_size`` from ``lr``) and, for optional ones, the group option that
   switches it on (``amsgrad``, ``centered``);
 - ``scalars``: per-param scalars kept in the state (``step``, NAdam's ``mu_product``, ASGD's
-  ``eta`` and ``mu``), columns of one small table per bucket; ``derived`` names the values the
-  scalar math computes from them each step (bias corrections, step sizes), columns of a second
-  table the kernels read;
+  ``eta`` and ``mu``), the first columns of one small table per bucket; ``derived`` names the
+  values the scalar math computes from them each step (bias corrections, step sizes), the
+  columns after them, which the kernels read;
 - the math, written once per backend with one signature: ``math`` (the torch twin, on single
   flat tensors, in ``fastopt/optimizers/<name>.py``) and ``kernel`` (the per-element Triton
-  function ``fastopt.kernels.<kernel>``), plus ``scalar_math`` (torch ops on the scalar columns,
-  shared by both backends) and ``hyper`` (the group's options as the kernel's scalars and
-  flags). An optimizer whose step is not elementwise (Adam's fused ops, SAGA's table) gives its
+  function ``fastopt.kernels.<kernel>``), plus ``scalar_math`` (written once for both: Python
+  floats on the torch path, the table's columns on the GPU, see ``Columns``) and ``hyper`` (the
+  group's options as the kernel's scalars and flags). An optimizer whose step is not elementwise (Adam's fused ops, SAGA's table) gives its
   own ``update`` instead.
 
 ``options`` lists fastopt's own keywords that mean something for the optimizer; any other is
@@ -25,6 +25,8 @@ refused at construction with a clear error.
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,7 +79,7 @@ class Declaration:
     buffers: tuple = ()
     scalars: tuple = ()
     derived: tuple = ()  # names of the values scalar_math derives each step
-    scalar_math: Callable | None = None  # (Columns, group) -> None: advance scalars, set derived
+    scalar_math: Callable | None = None  # (Columns, group, ops): advance scalars, set derived
     math: Callable | None = None  # torch twin: (param, grad, buffers: list, values, group)
     kernel: str | None = None  # the per-element function in fastopt.kernels
     hyper: Callable | None = None  # (opt, group) -> (hyperparameters, FLAGS int) for the kernel
@@ -115,16 +117,70 @@ class Declaration:
 
 
 class Columns:
-    """The scalar table's columns for rows ``lo:hi`` as attributes: the kept scalars (float32
-    views, updated in place by ``scalar_math``) and the derived values it sets (float64
-    tensors). ``scalar_math`` is torch ops on these columns, so it runs unchanged on a CPU table
-    (the torch path) and on a GPU table (the Triton path, no host sync)."""
+    """A run's scalars as attributes, for the declaration's ``scalar_math(s, group, ops)``: the
+    kept scalars (``s.step``...), which it updates, and the derived values it sets.
+
+    The same function runs on two kinds of values, through ``ops``: Python floats on the torch
+    path (a run's first row, every row of a run holding the same; rounded to float32 where torch
+    keeps a float32 tensor, so the numbers are torch.optim's), and float32 columns of the table
+    on the GPU for the Triton path (``TensorOps``, no host sync). Write it with arithmetic
+    operators and ``ops``: ``ops.double(x)`` (torch reads a scalar tensor as a Python float),
+    ``ops.float32(x)`` (stored as a float32 tensor), ``ops.where(c, a, b)``, ``ops.maximum(a, b)``,
+    ``ops.sqrt(x)``."""
 
     def __init__(self, kept: dict) -> None:
         self.__dict__.update(kept)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+class FloatOps:
+    """``Columns`` ops on Python floats (the torch path)."""
+
+    @staticmethod
+    def double(x):
+        return float(x)
+
+    @staticmethod
+    def float32(x) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    @staticmethod
+    def where(condition, a, b):
+        return a if condition else b
+
+    @staticmethod
+    def maximum(a, b):
+        return max(a, b)
+
+    @staticmethod
+    def sqrt(x) -> float:
+        return math.sqrt(x)
+
+
+class TensorOps:
+    """``Columns`` ops on tensors: the scalar table's columns, on the GPU (the Triton path)."""
+
+    @staticmethod
+    def double(x):
+        return x.double()
+
+    @staticmethod
+    def float32(x):
+        return x.float() if isinstance(x, torch.Tensor) else FloatOps.float32(x)
+
+    @staticmethod
+    def where(condition, a, b):
+        return torch.where(condition, a, b)
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.clamp(a, min=b) if isinstance(a, torch.Tensor) else max(a, b)
+
+    @staticmethod
+    def sqrt(x):
+        return x.sqrt()
 
 
 def decay_factor(lr, weight_decay: float) -> float:

@@ -3,9 +3,9 @@
 For one bucket and its step plan (``fastopt.plan``):
 
 1. the scalar math advances each run's kept scalars (``step``, ``mu_product``...) and derives
-   this step's values from them (bias corrections, step sizes): torch ops on the run's columns
-   of the scalar table, on the CPU for the torch path (as torch.optim keeps ``step``), on the
-   GPU for the Triton path (no host sync);
+   this step's values from them (bias corrections, step sizes): in Python floats for the torch
+   path (the table lives on the CPU, as torch.optim keeps ``step``: no sync, no tiny ops), on
+   the table's columns on the GPU for the Triton path (no host sync);
 2. one call updates the plan's entries: ``fastopt.kernels.elementwise_update`` with the
    optimizer's per-element Triton function, or ``fastopt.torch_path.elementwise_update`` with
    its torch twin (the same signature);
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastopt import dispatch
-from fastopt.declaration import Columns
+from fastopt.declaration import Columns, FloatOps, TensorOps
 
 
 def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
@@ -38,20 +38,13 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
                                                          plan.step_runs]
     values, before = [], []
     if table is not None:
-        kept = len(declared.scalars)
         for lo, hi in runs:
-            if triton and found_inf is not None:
-                before.append(table[lo:hi].clone())
-            columns = Columns({name: table[lo:hi, k]
-                               for k, name in enumerate(declared.scalar_names)})
-            declared.scalar_math(columns, group)
-            derived = [getattr(columns, name) for name in declared.derived]
-            if triton and derived:
-                table[lo:hi, kept:] = torch.stack(
-                    [torch.as_tensor(d, dtype=torch.float64, device=table.device).expand(hi - lo)
-                     for d in derived], dim=1).to(torch.float32)
-            elif not triton:
-                values.append(_floats(columns, declared))
+            if triton:
+                if found_inf is not None:
+                    before.append(table[lo:hi].clone())
+                _advance_columns(declared, group, table, lo, hi)
+            else:
+                values.append(_advance_floats(declared, group, table, lo, hi))
     starts = [lo for lo, _ in runs]
     rows = []
     for first in plan.rows:
@@ -85,6 +78,36 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         opt.renumber(bucket, plan)
 
 
+def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> None:
+    """The scalar math on the table's rows ``lo:hi`` (tensor columns, on the GPU): the kept
+    scalars advanced in place, the derived values written beside them (float32, as the
+    kernels read them)."""
+    names = declared.scalar_names
+    columns = Columns({name: table[lo:hi, k] for k, name in enumerate(names)})
+    declared.scalar_math(columns, group, TensorOps)
+    for k, name in enumerate(names):
+        value = getattr(columns, name)
+        if value is not table[lo:hi, k]:
+            table[lo:hi, k] = value
+    derived = [getattr(columns, name) for name in declared.derived]
+    if derived:
+        table[lo:hi, len(names):] = torch.stack(
+            [torch.as_tensor(d, dtype=torch.float64, device=table.device).expand(hi - lo)
+             for d in derived], dim=1).to(torch.float32)
+
+
+def _advance_floats(declared, group: dict, table: Tensor, lo: int, hi: int) -> Columns:
+    """The scalar math on Python floats (the torch path: the table is on the CPU and every row
+    of a run holds the same): the kept scalars written back to rows ``lo:hi``; returns the
+    run's values, kept and derived."""
+    names = declared.scalar_names
+    rows = table.numpy()  # the CPU table's memory, without torch's per-op cost
+    columns = Columns(dict(zip(names, rows[lo].tolist())))
+    declared.scalar_math(columns, group, FloatOps)
+    rows[lo:hi, : len(names)] = [getattr(columns, n) for n in names]
+    return columns
+
+
 def _math(declared, backend: str):
     """The optimizer's per-element function for ``backend``: the Triton kernel's or its torch
     twin."""
@@ -92,14 +115,6 @@ def _math(declared, backend: str):
         return getattr(importlib.import_module(f"fastopt.kernels.{declared.kernel}"),
                        declared.kernel)
     return declared.math
-
-
-def _floats(columns: Columns, declared) -> Columns:
-    """A run's scalars as Python floats (its first row: every row of a run holds the same)."""
-    out = {}
-    for name, value in columns.as_dict().items():
-        out[name] = float(value[0]) if isinstance(value, Tensor) and value.dim() else float(value)
-    return Columns(out)
 
 
 def _on(value, device: torch.device):

@@ -1,6 +1,6 @@
 """Adagrad's per-element math (Duchi et al., 2011), run by ``kernels/elementwise.py``: the
 twin of ``fastopt.optimizers.adagrad.adagrad`` (same arguments; see its module for the math).
-The row holds (step, clr)."""
+The row holds (step, clr): the step size decayed by ``lr_decay`` already."""
 
 import triton
 import triton.language as tl
@@ -9,7 +9,7 @@ from .ops import WEIGHT_DECAY
 
 
 @triton.jit
-def adagrad(param, grad, sum_, b1, b2, b3, row_ptr, lr, weight_decay, eps, h2, h3, h4,
+def adagrad(param, grad, sum_, b1, b2, b3, row_ptr, lr, weight_decay, eps, lr_decay, h3, h4,
             h5, h6, h7, FLAGS: tl.constexpr):
     if (FLAGS & WEIGHT_DECAY.value) != 0:
         grad = tl.fma(param, weight_decay, grad)

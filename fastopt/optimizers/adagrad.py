@@ -26,15 +26,22 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_with
 
 
-def _scalars(s, group: dict) -> None:
+def _scalars(s, group: dict, ops) -> None:
     """Advance ``step``; derive the decayed step size ``clr``."""
     s.step += 1
-    s.clr = group["lr"] / (1 + (s.step.double() - 1) * group["lr_decay"])
+    s.clr = group["lr"] / (1 + (ops.double(s.step) - 1) * group["lr_decay"])
 
 
-def adagrad(param, grad, sum_, b1, b2, b3, row, lr, weight_decay, eps, h2, h3, h4, h5,
+def adagrad(param, grad, sum_, b1, b2, b3, row, lr, weight_decay, eps, lr_decay, h3, h4, h5,
             h6, h7, flags) -> None:
-    """One flat slice, in place (the signature of ``kernels/adagrad.py``'s)."""
+    """One flat slice, in place (the signature of ``kernels/adagrad.py``'s). fp32 and fp64 on
+    CPUs and GPUs take torch's own fused Adagrad (one pass; torch's fused-vs-for-loop tests hold
+    it to the for-loop, as ours do); other dtypes and devices the for-loop's ops."""
+    if param.dtype in (torch.float32, torch.float64) and param.device.type in ("cpu", "cuda"):
+        step = torch.tensor(row.step, dtype=torch.float32)  # already advanced for this step
+        torch._fused_adagrad_([param], [grad], [sum_], [step], lr=lr, lr_decay=lr_decay,
+                              weight_decay=weight_decay, eps=eps, maximize=False)
+        return
     if flags & WEIGHT_DECAY:
         grad = grad.add(param, alpha=weight_decay)
     sum_.addcmul_(grad, grad, value=1)
@@ -44,7 +51,8 @@ def adagrad(param, grad, sum_, b1, b2, b3, row, lr, weight_decay, eps, h2, h3, h
 
 def _hyper(opt, group: dict) -> tuple:
     weight_decay = group["weight_decay"]
-    return (weight_decay, group["eps"]), WEIGHT_DECAY if weight_decay != 0 else 0
+    return (weight_decay, group["eps"], group["lr_decay"]), \
+        WEIGHT_DECAY if weight_decay != 0 else 0
 
 
 DECLARATION = Declaration(

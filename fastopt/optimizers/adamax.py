@@ -22,11 +22,11 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_with
 
 
-def _scalars(s, group: dict) -> None:
+def _scalars(s, group: dict, ops) -> None:
     """Advance ``step``; derive the step size ``clr = lr / (1 - beta1^t)``."""
     beta1, _ = group["betas"]
     s.step += 1
-    s.clr = group["lr"] / (1 - beta1 ** s.step.double())
+    s.clr = group["lr"] / (1 - beta1 ** ops.double(s.step))
 
 
 def adamax(param, grad, exp_avg, exp_inf, b2, b3, row, lr, one_minus_beta1, beta2,

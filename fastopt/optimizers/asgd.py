@@ -25,18 +25,18 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_with
 
 
-def _scalars(s, group: dict) -> None:
+def _scalars(s, group: dict, ops) -> None:
     """This step's ``eta`` and ``mu`` (as the update reads them), then the next ones."""
     lr, lambd = group["lr"], group["lambd"]
     s.step += 1
-    eta = s.eta.double()
+    eta = ops.double(s.eta)
     s.decay = 1 - lambd * eta
     s.neg_eta = -eta
-    s.mu_now = s.mu.double()
-    step = s.step.double()
+    s.mu_now = ops.double(s.mu)
+    step = ops.double(s.step)
     # torch.optim stores both through float32 tensors (torch.as_tensor of a Python float)
-    s.eta.copy_(lr / ((1 + lambd * lr * step) ** group["alpha"]))
-    s.mu.copy_(1 / torch.clamp(step - group["t0"], min=1))
+    s.eta = ops.float32(lr / ((1 + lambd * lr * step) ** group["alpha"]))
+    s.mu = ops.float32(1 / ops.maximum(step - group["t0"], 1.0))
 
 
 def asgd(param, grad, ax, b1, b2, b3, row, lr, weight_decay, h1, h2, h3, h4, h5, h6, h7,

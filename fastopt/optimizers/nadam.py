@@ -32,17 +32,18 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_with
 
 
-def _scalars(s, group: dict) -> None:
+def _scalars(s, group: dict, ops) -> None:
     """Advance ``step`` and ``mu_product``; derive the bias correction and the coefficients
     of the two ``addcdiv`` (as torch.optim computes them, in double from float32 state)."""
     beta1, beta2 = group["betas"]
     psi = group["momentum_decay"]
     s.step += 1
-    step = s.step.double()
+    step = ops.double(s.step)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-    s.mu_product *= mu.float()  # a float32 tensor times a Python float: float32 math
-    product = s.mu_product.double()
+    # a float32 tensor times a Python float: float32 math
+    s.mu_product = ops.float32(s.mu_product * ops.float32(mu))
+    product = ops.double(s.mu_product)
     lr = group["lr"]
     s.bias_correction2 = 1 - beta2 ** step
     s.grad_coef = -lr * (1.0 - mu) / (1.0 - product)

@@ -30,18 +30,20 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_with
 
 
-def _scalars(s, group: dict) -> None:
+def _scalars(s, group: dict, ops) -> None:
     """Advance ``step``; derive the bias corrections and the rectification (``rect`` is 0
     while the variance is not yet tractable, rho_t <= 5)."""
     beta1, beta2 = group["betas"]
     s.step += 1
-    step = s.step.double()
+    step = ops.double(s.step)
     s.bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
-    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-    s.rect = torch.where(rho_t > 5.0, rect.clamp(min=0) ** 0.5, 0.0)
+    tractable = rho_t > 5.0  # (then rho_inf > rho_t > 5: the denominator is positive)
+    denominator = ops.where(tractable, (rho_inf - 4) * (rho_inf - 2) * rho_t, 1.0)
+    rect = (rho_t - 4) * (rho_t - 2) * rho_inf / denominator
+    s.rect = ops.where(tractable, ops.maximum(rect, 0.0) ** 0.5, 0.0)
     s.bias_correction2_sqrt = bias_correction2 ** 0.5
 
 

@@ -23,7 +23,7 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.validation import check_with
 
 
-def _scalars(s, group: dict) -> None:
+def _scalars(s, group: dict, ops) -> None:
     s.step += 1  # kept for the state_dict, as torch.optim keeps it: the math does not use it
 
 

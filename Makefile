@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fastopt.demo
+	$(PY) -m examples.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -23,7 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_cpu.py -q --benchmark-only \
 		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu-bench.json
-	$(PY) -m fastopt.bench --json benchmarks/results/cpu-ratios.json
+	$(PY) -m benchmarks.bench --json benchmarks/results/cpu-ratios.json
 
 # gpu-check: the GPU tests and microbenchmark (needs CUDA); see benchmarks/gpu_check.sh.
 gpu-check:

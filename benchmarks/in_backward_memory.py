@@ -41,8 +41,8 @@ def gpt2_small(tied: bool = True):
 
 
 def demo_cnn():
-    """The demo's CNN (``fastopt.demo.DigitsCNN``) on a batch of 64 8x8 digits."""
-    from fastopt.demo import DigitsCNN
+    """The demo's CNN (``examples/demo.py``'s ``DigitsCNN``) on a batch of 64 8x8 digits."""
+    from examples.demo import DigitsCNN
 
     model = DigitsCNN()
     images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -4,13 +4,13 @@ torch.optim's for-loop, foreach and fused variants (``make bench``; not part of 
 Each benchmark group holds one (optimizer, mode, case) so pytest-benchmark's comparison table
 puts the four implementations side by side; ``extra_info`` carries params/s and, for ``step``,
 the GB/s of the bytes a fused step must move. The torch baselines are built directly
-(fastopt.bench.Setup), never imported from the tests.
+(benchmarks/bench.py's Setup), never imported from the tests.
 """
 
 import pytest
 import torch
 
-from fastopt.bench import BYTES_PER_ELEMENT, VARIANTS, Setup
+from benchmarks.bench import BYTES_PER_ELEMENT, VARIANTS, Setup
 from fastopt.shapes import CASES, numel
 
 OPTIMIZERS = ["AdamW", "Adam", "SGD"]

@@ -43,7 +43,7 @@ def resnet18_head() -> list:
 
 
 def demo_cnn() -> list:
-    """The demo's DigitsCNN (``fastopt.demo``): two 3x3 convolutions and two linear layers,
+    """The demo's DigitsCNN (``examples/demo.py``): two 3x3 convolutions and two linear layers,
     8 tensors, 38,282 elements."""
     return [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (64, 512), (64,), (10, 64), (10,)]
 

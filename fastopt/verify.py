@@ -6,8 +6,8 @@
 
 ``loss_fn(model, batch)`` returns the scalar loss of ``model`` on one batch; ``batches`` is a
 list (or any iterable, cycled) of batches. Two deep copies of ``model`` start from the same
-state; one is trained ``steps`` steps with the fastopt optimizer, the other with the
-``torch.optim`` class of the same name (``foreach=False``, the reference), on the same batches and
+state; one is trained ``steps`` steps with the fastopt optimizer, the other with its reference
+(the ``torch.optim`` class of its declaration, ``foreach=False``), on the same batches and
 with the same RNG seed before every step (so dropout draws the same masks). After every step
 each parameter of the two copies is compared; the report keeps the worst error per parameter.
 
@@ -16,9 +16,10 @@ Rounding differences can grow through training: they are checked after every ste
 model whose training amplifies them strongly may need fewer ``steps``.
 
 Command line (a model of your own through a factory ``module:function`` that returns
-``(model, loss_fn, batches)``; without ``--model``, the demo's CNN on scikit-learn digits)::
+``(model, loss_fn, batches)``; from the repository root, ``examples.demo:digits_spec`` is the
+main job's CNN on scikit-learn's digits)::
 
-    python -m fastopt.verify [--model pkg.mod:make] [--optimizer AdamW] [--lr 1e-3] [--steps 10]
+    python -m fastopt.verify --model pkg.mod:make [--optimizer AdamW] [--lr 1e-3] [--steps 10]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import fastopt
+from fastopt import registry
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
@@ -69,7 +70,7 @@ class VerifyReport:
         return max((abs(a - b) for a, b in self.losses), default=0.0)
 
     def __str__(self) -> str:
-        lines = [f"fastopt.{self.optimizer} vs torch.optim.{self.optimizer} (foreach=False), "
+        lines = [f"fastopt.{self.optimizer} vs its reference (torch.optim's for-loop), "
                  f"{self.steps} steps: {'OK' if self.ok else 'MISMATCH'}; "
                  f"max |loss difference| {self.max_loss_diff:.3g}",
                  f"{'parameter':<32} {'shape':<16} {'dtype':<9} {'max abs':>10} {'max rel':>10}"
@@ -81,13 +82,19 @@ class VerifyReport:
 
 
 def verify(model, loss_fn, batches, optimizer_cls, *, steps: int = 10, seed: int = 0,
-           **optimizer_kwargs) -> VerifyReport:
-    """Train copies of ``model`` with ``optimizer_cls`` and its torch.optim twin; compare."""
+           reference=None, **optimizer_kwargs) -> VerifyReport:
+    """Train copies of ``model`` with ``optimizer_cls`` and its reference (its torch.optim
+    twin, from its declaration; ``reference``: another class taking the same arguments, e.g.
+    ``lion_pytorch.Lion``); compare."""
     name = optimizer_cls.__name__
-    reference_cls = getattr(torch.optim, name)
+    reference_cls = reference or optimizer_cls.declaration.reference
+    if reference_cls is None:
+        raise ValueError(f"{name} has no torch.optim twin: pass reference=, a class taking "
+                         "the same arguments")
     ours_model, ref_model = copy.deepcopy(model), copy.deepcopy(model)
     ours = optimizer_cls(ours_model.parameters(), **optimizer_kwargs)
-    ref = reference_cls(ref_model.parameters(), foreach=False, **optimizer_kwargs)
+    extra = {"foreach": False} if reference is None else {}
+    ref = reference_cls(ref_model.parameters(), **extra, **optimizer_kwargs)
     names = [n for n, _ in ours_model.named_parameters()]
     report = VerifyReport(name, steps, [
         ParamError(n, tuple(p.shape), p.dtype) for n, p in ours_model.named_parameters()])
@@ -116,38 +123,22 @@ def verify(model, loss_fn, batches, optimizer_cls, *, steps: int = 10, seed: int
     return report
 
 
-def digits_spec(batch_size: int = 32, seed: int = 0):
-    """The demo's CNN on scikit-learn's digits: (model, loss_fn, batches)."""
-    from fastopt.demo import DigitsCNN, load_digits_split
-
-    torch.manual_seed(seed)
-    (x_train, y_train), _ = load_digits_split(seed)
-    batches = [(x_train[i : i + batch_size], y_train[i : i + batch_size])
-               for i in range(0, len(x_train), batch_size)]
-
-    def loss_fn(net, batch):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(net(x), y)
-
-    return DigitsCNN(), loss_fn, batches
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Train a model k steps with fastopt and torch.optim from the same state and "
                     "report per-parameter errors.")
-    parser.add_argument("--model", help="module:function returning (model, loss_fn, batches); "
-                                        "default: the demo's CNN on scikit-learn digits")
-    parser.add_argument("--optimizer", default="AdamW", choices=["SGD", "Adam", "AdamW"])
+    parser.add_argument("--model", required=True,
+                        help="module:function returning (model, loss_fn, batches), e.g. "
+                             "examples.demo:digits_spec (run from the repository root)")
+    parser.add_argument("--optimizer", default="AdamW",
+                        choices=[n for n, c in registry.classes().items()
+                                 if c.declaration.reference is not None])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    if args.model:
-        module, _, function = args.model.partition(":")
-        model, loss_fn, batches = getattr(importlib.import_module(module), function)()
-    else:
-        model, loss_fn, batches = digits_spec()
-    report = verify(model, loss_fn, batches, getattr(fastopt, args.optimizer), lr=args.lr,
+    module, _, function = args.model.partition(":")
+    model, loss_fn, batches = getattr(importlib.import_module(module), function)()
+    report = verify(model, loss_fn, batches, registry.get(args.optimizer), lr=args.lr,
                     steps=args.steps)
     print(report)
     return 0 if report.ok else 1

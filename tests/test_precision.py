@@ -569,9 +569,9 @@ def test_int8_refuses_what_it_cannot_hold():
 # ---------------------------------------------------------------------- convergence
 def test_lean_variants_train_as_well_as_fp32():
     """The demo CNN on digits and a tiny transformer learning to reverse sequences
-    (fastopt.precision_demo): master weights, stochastic rounding, bf16 state and 8-bit state
+    (examples/precision.py): master weights, stochastic rounding, bf16 state and 8-bit state
     end within 10 % (digits) and 25 % + 0.002 (reversal) of the fp32 run's final loss."""
-    from fastopt import precision_demo as demo
+    from examples import precision as demo
 
     reference_digits = demo.train_digits(torch.float32, {}, epochs=3)[-1]
     reference_reversal = demo.tail_mean(demo.train_reverser(torch.float32, {}, steps=150))

@@ -9,7 +9,8 @@ import torch
 from helpers import BACKENDS, TOLERANCES, make_params
 
 import fastopt
-from fastopt import memory, saga_demo, shapes
+from examples import saga_digits as saga_demo
+from fastopt import memory, shapes
 
 SHAPES = [(129,), (), (0,), (4, 5), (1,), (3, 7)]
 

@@ -1,9 +1,12 @@
 """fastopt.verify on a user's model, and the demo end to end (one short epoch)."""
 
+import pytest
 import torch
 
 import fastopt
-from fastopt.verify import digits_spec, verify
+from examples.demo import digits_spec
+from fastopt.verify import verify
+from optim_db import NAMES
 
 
 def test_verify_passes_for_fastopt_and_reports_every_parameter():
@@ -23,6 +26,17 @@ class DriftingAdamW(fastopt.AdamW):
 
 
 DriftingAdamW.__name__ = "AdamW"
+
+
+def test_verify_takes_any_reference_and_refuses_without_one():
+    model, loss_fn, batches = digits_spec()
+    import lion_pytorch
+
+    report = verify(model, loss_fn, batches[:3], fastopt.Lion, lr=1e-3, steps=3,
+                    reference=lion_pytorch.Lion)
+    assert report.ok, str(report)
+    with pytest.raises(ValueError, match="no torch.optim twin"):
+        verify(model, loss_fn, batches[:3], fastopt.Lion, lr=1e-3, steps=3)
 
 
 def test_verify_catches_a_wrong_optimizer():
@@ -47,12 +61,20 @@ def test_verify_dropout_models_see_the_same_masks():
 
 
 def test_demo_runs_and_matches_torch(tmp_path, capsys):
-    from fastopt.demo import main
+    from examples.demo import main
 
-    assert main(["--epochs", "1", "--optimizers", "Adam", "--results", str(tmp_path)]) == 0
+    assert main(["--epochs", "1", "--optimizers", "Adam", "NAdam", "--results",
+                 str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "adam.png").stat().st_size > 10_000
-    rows = [line.split() for line in out.splitlines() if line.startswith("Adam ")]
+    rows = [line.split() for line in out.splitlines() if line.startswith("Adam ")][-3:]
     assert len(rows) == 3  # torch.optim, fastopt, torch.optim fused
-    max_dloss = float(rows[1][-4])
-    assert max_dloss < 1e-4, out
+    assert float(rows[1][-4]) < 1e-4, out  # max |dloss| from torch's run
+    rows = [line.split() for line in out.splitlines() if line.startswith("NAdam ")][-2:]
+    assert len(rows) == 2 and float(rows[1][-4]) < 1e-4, out
+
+
+def test_the_demo_trains_every_optimizer():
+    from examples.demo import SETTINGS
+
+    assert set(NAMES) - {"AdamW8bit", "SAGA"} <= set(SETTINGS)

@@ -1,6 +1,6 @@
 """Step and whole-iteration throughput of fastopt against torch.optim, as ratios from one run.
 
-    python -m fastopt.bench [--cases 1x16M 1000x16K gpt2-small] [--optimizers AdamW SGD]
+    python -m benchmarks.bench [--cases 1x16M 1000x16K gpt2-small] [--optimizers AdamW SGD]
                             [--repeats 7] [--device cpu|cuda] [--json out.json]
 
 Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,

@@ -9,7 +9,7 @@ Two small jobs, each trained with the same seed and batches under every variant:
 Variants: fp32 params and state (the reference); bf16 params with torch.optim's behaviour
 (bf16 state, rounding to nearest); bf16 params with fp32 ``master_weights``; bf16 params with
 ``stochastic_rounding``; fp32 params with ``state_dtype=torch.bfloat16``; fp32 params with
-``state_dtype="int8"``. ``python -m fastopt.precision_demo`` prints the final losses.
+``state_dtype="int8"``. ``python -m examples.precision`` prints the final losses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fastopt
-from fastopt.demo import DigitsCNN, load_digits_split
+from examples.demo import DigitsCNN, load_digits_split
 
 VARIANTS = {
     "fp32": (torch.float32, {}),
@@ -99,7 +99,7 @@ def tail_mean(values: list, n: int = 20) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastopt.precision_demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m examples.precision", description=__doc__)
     parser.add_argument("--steps", type=int, default=200, help="reversal-task steps")
     parser.add_argument("--epochs", type=int, default=4, help="digits epochs")
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ The objective is a finite sum, SAGA's home ground:
 batch in fp64; then SAGA and plain SGD take one sample per step with the same learning rate, and
 the table shows how far each is from the optimum after every epoch.
 
-``python -m fastopt.saga_demo`` (a few seconds on a CPU).
+``python -m examples.saga_digits`` (a few seconds on a CPU).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def train(name: str, x, y, lr: float, epochs: int, seed: int = 0, l2: float = L2
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastopt.saga_demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m examples.saga_digits", description=__doc__)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.1)
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ fraction of this device's measured streaming bandwidth (see ``bandwidth``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -25,23 +26,61 @@ import time
 import torch
 
 import fastopt
+from fastopt import registry
 from fastopt.shapes import CASES, numel
+
+
+def _reference(name: str):
+    """The class a fastopt optimizer is timed against: torch.optim's, or lion-pytorch's."""
+    if name == "Lion":
+        import lion_pytorch
+
+        return lion_pytorch.Lion
+    return getattr(torch.optim, name)
+
 
 VARIANTS = {
     "fastopt": lambda cls, params, kw: getattr(fastopt, cls)(params, **kw),
     "fastopt-apart": lambda cls, params, kw: getattr(fastopt, cls)(params, flatten_params=False,
                                                                    **kw),
-    "torch-loop": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=False, **kw),
+    "torch-loop": lambda cls, params, kw: _reference(cls)(
+        params, **({} if cls == "Lion" else {"foreach": False}), **kw),
     "torch-foreach": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=True, **kw),
     "torch-fused": lambda cls, params, kw: getattr(torch.optim, cls)(params, fused=True, **kw),
 }
-OPTIONS = {
+# Every registered optimizer with a reference to time it against, with its usual options.
+OPTIONS = {name: dict(lr=1e-3) for name, cls in registry.classes().items()
+           if hasattr(torch.optim, name) or name == "Lion"} | {
     "AdamW": dict(lr=1e-3, weight_decay=1e-2),
-    "Adam": dict(lr=1e-3),
     "SGD": dict(lr=1e-3, momentum=0.9),
+    "RMSprop": dict(lr=1e-3, momentum=0.9),
+    "Lion": dict(lr=1e-4, weight_decay=1e-2),
 }
-# Bytes a fused step reads + writes per element, for 4-byte params, grads and state.
-BYTES_PER_ELEMENT = {"AdamW": 28, "Adam": 28, "SGD": 20}
+
+
+def variants_of(name: str, wanted) -> tuple:
+    """Of ``wanted``, the variants ``name`` has (torch's fused only where torch has one,
+    foreach only where the reference is torch.optim's)."""
+    out = []
+    for variant in wanted:
+        if variant == "torch-fused" and (name == "Lion" or "fused" not in inspect.signature(
+                _reference(name)).parameters):
+            continue
+        if variant == "torch-foreach" and name == "Lion":
+            continue
+        out.append(variant)
+    return tuple(out)
+
+
+def bytes_per_element(name: str, element_size: int = 4) -> int:
+    """Bytes a fused step must move per element: read param and grad, write the param, read
+    and write each state buffer (fp32 AdamW: 28)."""
+    cls = registry.get(name)
+    group = {**cls._option_defaults(), **OPTIONS[name]}
+    return element_size * (3 + 2 * len(cls.declaration.buffer_names(group)))
+
+
+BYTES_PER_ELEMENT = {name: bytes_per_element(name) for name in OPTIONS}
 
 
 def synchronize(device: torch.device) -> None:
@@ -147,7 +186,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--optimizers", nargs="+", default=["AdamW", "SGD"], choices=list(OPTIONS))
+    parser.add_argument("--optimizers", nargs="+", default=["AdamW", "SGD"],
+                        choices=[*OPTIONS, "all"],
+                        help="default: AdamW and SGD; 'all' for every optimizer")
     parser.add_argument("--modes", nargs="+", default=["step", "iteration"],
                         choices=["step", "fresh-step", "iteration"],
                         help="step: grads in the flat buffer; fresh-step: grads as separate "
@@ -165,29 +206,36 @@ def main(argv=None) -> dict:
           f"bandwidth: copy {measured['copy']:.1f} GB/s, in-place {measured['inplace']:.1f} GB/s "
           f"('of peak' below is against the larger)")
     rows = []
-    header = (f"{'optimizer':<7} {'mode':<10} {'case':<10} {'variant':<17} {'ms':>9} "
-              f"{'GB/s':>7} {'of peak':>7} {'vs fused':>8} {'vs foreach':>10} {'vs loop':>8}")
+    header = (f"{'optimizer':<9} {'mode':<10} {'case':<10} {'variant':<17} {'ms':>9} "
+              f"{'GB/s':>7} {'of peak':>7} {'vs fastest':>10} {'vs fused':>8} {'vs foreach':>10} "
+              f"{'vs loop':>8}")
     print(header)
-    for optimizer in args.optimizers:
+    for optimizer in (list(OPTIONS) if "all" in args.optimizers else args.optimizers):
         for mode in args.modes:
             for case in args.cases:
-                variants = tuple(dict.fromkeys(args.variants + ["torch-fused"]))
+                variants = variants_of(optimizer, dict.fromkeys(
+                    args.variants + ["torch-fused", "torch-foreach", "torch-loop"]))
                 seconds, n, tensors = measure(case, optimizer, mode, device, args.repeats,
                                               variants)
                 moved = BYTES_PER_ELEMENT[optimizer] * n
+                torch_times = [seconds[v] for v in ("torch-fused", "torch-foreach", "torch-loop")
+                               if v in seconds]
+                fastest = min(torch_times[:2] or torch_times)  # fused or foreach where they exist
                 for variant, t in seconds.items():
                     row = dict(optimizer=optimizer, mode=mode, case=case, variant=variant,
                                numel=n, tensors=tensors, ms=t * 1e3,
                                gbps=moved / t / 1e9 if mode != "iteration" else None,
-                               vs_fused=seconds["torch-fused"] / t,
+                               vs_fastest=fastest / t,
+                               vs_fused=_ratio(seconds, "torch-fused", t),
                                vs_foreach=_ratio(seconds, "torch-foreach", t),
                                vs_loop=_ratio(seconds, "torch-loop", t))
                     row["of_peak"] = row["gbps"] / ceiling if row["gbps"] else None
                     rows.append(row)
                     gbps = f"{row['gbps']:7.1f}" if row["gbps"] else f"{'-':>7}"
                     frac = f"{row['of_peak']:7.0%}" if row["of_peak"] else f"{'-':>7}"
-                    print(f"{optimizer:<7} {mode:<10} {case:<10} {variant:<17} {t * 1e3:9.2f} "
-                          f"{gbps} {frac} {row['vs_fused']:7.2f}x {_fmt(row['vs_foreach']):>10} "
+                    print(f"{optimizer:<9} {mode:<10} {case:<10} {variant:<17} {t * 1e3:9.2f} "
+                          f"{gbps} {frac} {row['vs_fastest']:9.2f}x "
+                          f"{_fmt(row['vs_fused']):>8} {_fmt(row['vs_foreach']):>10} "
                           f"{_fmt(row['vs_loop']):>8}", flush=True)
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                   copy_gbps=measured["copy"], inplace_gbps=measured["inplace"],

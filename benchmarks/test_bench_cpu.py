@@ -10,10 +10,13 @@ the GB/s of the bytes a fused step must move. The torch baselines are built dire
 import pytest
 import torch
 
-from benchmarks.bench import BYTES_PER_ELEMENT, VARIANTS, Setup
+from benchmarks.bench import BYTES_PER_ELEMENT, OPTIONS, VARIANTS, Setup, variants_of
 from fastopt.shapes import CASES, numel
 
 OPTIMIZERS = ["AdamW", "Adam", "SGD"]
+# The default loop of every optimizer, against torch's fastest variant of it (fused where torch
+# has one, else foreach): many small tensors, many mid-sized ones, the demo's CNN.
+DEFAULT_LOOP_CASES = ["1000x64", "400x4K", "demo-cnn"]
 
 
 def _run(benchmark, optimizer, mode, case, variant):
@@ -36,6 +39,16 @@ def _run(benchmark, optimizer, mode, case, variant):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_step(benchmark, optimizer, case, variant):
     _run(benchmark, optimizer, "step", case, variant)
+
+
+@pytest.mark.parametrize("variant", ["fastopt", "torch-foreach", "torch-fused", "torch-loop"])
+@pytest.mark.parametrize("case", DEFAULT_LOOP_CASES)
+@pytest.mark.parametrize("optimizer", list(OPTIONS))
+def test_default_loop_of_every_optimizer(benchmark, optimizer, case, variant):
+    """step() on fresh grads, every optimizer: fastopt against torch's variants of it."""
+    if variant not in variants_of(optimizer, [variant]):
+        pytest.skip(f"torch has no {variant} {optimizer}")
+    _run(benchmark, optimizer, "fresh-step", case, variant)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -12,8 +12,9 @@ layout will hold for a given set of params, optimizer and options:
   each slot aligned to 64 elements and the buffer padded to 128 (``flat.aligned_offsets``)
   (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
   SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) in its stored dtype
-  (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32 ``master_param`` of bf16/fp16 params (``master_weights``), plus
-  Adam's float32 step counts, one per param, each with its step's two bias corrections;
+  (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32
+  ``master_param`` of bf16/fp16 params (``master_weights``), plus the scalar table: 4 bytes per
+  param for each scalar the declaration keeps (``step``...) and each value derived from them;
 - ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
   are copied into (by ``zero_grad(set_to_none=False)``; every step on the Triton path after
   ``zero_grad()`` set the grads to None), the temporaries of the CPU torch path where it has
@@ -323,18 +324,22 @@ def _describe(options: dict) -> str:
     return f" ({', '.join(shown)})" if shown else ""
 
 
-VARIANTS = {
-    "sgd": ("sgd", {}),
-    "sgd-momentum": ("sgd", {"momentum": 0.9}),
-    "adam": ("adam", {}),
-    "adam-amsgrad": ("adam", {"amsgrad": True}),
-    "adamw": ("adamw", {}),
-    "adamw-master": ("adamw", {"master_weights": True}),
-    "adamw-bf16-state": ("adamw", {"state_dtype": torch.bfloat16}),
-    "adamw-8bit": ("adamw", {"state_dtype": "int8"}),
-    "adamw-8bit-master": ("adamw", {"state_dtype": "int8", "master_weights": True}),
-    "saga": ("saga", {}),
-}
+def variants() -> dict:
+    """The command line's optimizers: every registered one with its defaults (SGD also with
+    momentum, Adam with amsgrad), and AdamW's lean variants."""
+    out = {}
+    for name in registry.classes():
+        out[name.lower()] = (name, {})
+        if name == "SGD":
+            out["sgd-momentum"] = (name, {"momentum": 0.9})
+        if name == "Adam":
+            out["adam-amsgrad"] = (name, {"amsgrad": True})
+    out.update({
+        "adamw-master": ("AdamW", {"master_weights": True}),
+        "adamw-bf16-state": ("AdamW", {"state_dtype": torch.bfloat16}),
+        "adamw-8bit-master": ("AdamW", {"state_dtype": "int8", "master_weights": True}),
+    })
+    return out
 
 
 def _positive_int(text: str) -> int:
@@ -351,8 +356,9 @@ def main(argv=None) -> None:
         prog="python -m fastopt.memory",
         description="The memory fastopt's optimizers need for a named model, before allocating.")
     parser.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
+    known = variants()
     parser.add_argument("--optimizer", default="adamw",
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (or 'all')")
+                        help=f"comma-separated, from {', '.join(known)} (or 'all')")
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
                         default="float32")
     parser.add_argument("--device", default="cpu", help="where the params would live (cpu, cuda)")
@@ -362,13 +368,13 @@ def main(argv=None) -> None:
     shapes = MODELS[args.model]()
     dtype = getattr(torch, args.dtype)
     params = [torch.empty(s, dtype=dtype, device="meta", requires_grad=True) for s in shapes]
-    names = list(VARIANTS) if args.optimizer == "all" else args.optimizer.split(",")
+    names = list(known) if args.optimizer == "all" else args.optimizer.split(",")
     reports = []
     for name in names:
-        if name not in VARIANTS:
-            parser.error(f"unknown optimizer {name!r}: choose from {', '.join(VARIANTS)}")
-        optimizer, options = VARIANTS[name]
-        if optimizer == "saga":
+        if name not in known:
+            parser.error(f"unknown optimizer {name!r}: choose from {', '.join(known)}")
+        optimizer, options = known[name]
+        if optimizer == "SAGA":
             options = dict(options, num_samples=args.num_samples)
         reports.append(estimate(params, optimizer, device=args.device, **options))
     print(f"{args.model}: {len(shapes)} tensors, {numel(shapes):,} elements, {args.dtype}")

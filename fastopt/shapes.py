@@ -55,6 +55,7 @@ CASES = {
     # The default loop's cases (many small tensors, a few large, an odd size).
     "demo-cnn": demo_cnn,
     "1000x64": lambda: [(64,)] * 1000,
+    "400x4K": lambda: [(4 * 1024,)] * 400,
     "1000x4K": lambda: [(4 * 1024,)] * 1000,
     "1x4M-odd": lambda: [(4 * 1024 * 1024 + 3,)],
 }

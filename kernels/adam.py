@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .ops import fma
 from .rounding import load_param, seed_word, store_param, to_storage
 from .table import flat_block, grad_arguments, table_block
 
@@ -73,12 +74,12 @@ def adam_moments(param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_fac
                 decay_factor = 1.0 - lr * weight_decay
             param = param * decay_factor
         else:
-            grad = tl.fma(param, weight_decay, grad)
+            grad = fma(param, weight_decay, grad)
     weight = 1.0 - beta1  # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form
     if weight < 0.5:
-        exp_avg = tl.fma(grad - exp_avg, weight, exp_avg)
+        exp_avg = fma(grad - exp_avg, weight, exp_avg)
     else:
-        exp_avg = tl.fma(grad - exp_avg, weight - 1.0, grad)
+        exp_avg = fma(grad - exp_avg, weight - 1.0, grad)
     exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
     return param, exp_avg, exp_avg_sq
 

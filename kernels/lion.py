@@ -8,7 +8,7 @@ as lion-pytorch's torch ops round them (``add(x, alpha=a)`` is a fused multiply-
 import triton
 import triton.language as tl
 
-from .ops import decay_factor, sign
+from .ops import decay_factor, fma, sign
 
 
 @triton.jit
@@ -16,6 +16,6 @@ def lion(param, grad, exp_avg, b1, b2, b3, row_ptr, lr, beta1, one_minus_beta1, 
          one_minus_beta2, weight_decay, decay, h6, h7, FLAGS: tl.constexpr):
     if weight_decay != 0.0:
         param = param * decay_factor(lr, weight_decay, decay, FLAGS)
-    param = tl.fma(sign(tl.fma(grad, one_minus_beta1, exp_avg * beta1)), -lr, param)
-    exp_avg = tl.fma(grad, one_minus_beta2, exp_avg * beta2)
+    param = fma(sign(fma(grad, one_minus_beta1, exp_avg * beta1)), -lr, param)
+    exp_avg = fma(grad, one_minus_beta2, exp_avg * beta2)
     return param, exp_avg, b1, b2, b3

@@ -11,6 +11,8 @@ fp fusion off, so nothing else is fused) and so round as the reference does.
 import triton
 import triton.language as tl
 
+from .rounding import INTERPRETED
+
 # The variant bits of a math function's FLAGS, as fastopt.declaration numbers them (test one
 # with ``(FLAGS & BIT.value) != 0``: the interpreter's FLAGS is a plain int).
 WEIGHT_DECAY = tl.constexpr(1)
@@ -24,12 +26,24 @@ LR_ON_DEVICE = tl.constexpr(1 << 16)
 
 
 @triton.jit
+def fma(a, b, c):
+    """``a * b + c`` rounded once: the GPU's fused multiply-add. Triton's interpreter before 3.9
+    rounds ``tl.fma`` twice; under it the product is taken exactly in fp64 (two fp32 factors
+    need 48 bits) and the sum rounded from there."""
+    if INTERPRETED:
+        product = tl.cast(a, tl.float64) * tl.cast(b, tl.float64)
+        return (product + tl.cast(c, tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
 def lerp(start, end, weight):
     """``start.lerp_(end, weight)`` (torch's two-sided form, each side one fused multiply-add)."""
     if weight < 0.5:
-        return tl.fma(end - start, weight, start)
+        return fma(end - start, weight, start)
     else:
-        return tl.fma(end - start, weight - 1.0, end)
+        return fma(end - start, weight - 1.0, end)
 
 
 @triton.jit

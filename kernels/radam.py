@@ -6,7 +6,7 @@ rectification starts."""
 import triton
 import triton.language as tl
 
-from .ops import DECOUPLED, WEIGHT_DECAY, decay_factor, lerp
+from .ops import DECOUPLED, WEIGHT_DECAY, decay_factor, fma, lerp
 
 
 @triton.jit
@@ -16,9 +16,9 @@ def radam(param, grad, exp_avg, exp_avg_sq, b2, b3, row_ptr, lr, one_minus_beta1
         if (FLAGS & DECOUPLED.value) != 0:
             param = param * decay_factor(lr, weight_decay, decay, FLAGS)
         else:
-            grad = tl.fma(param, weight_decay, grad)
+            grad = fma(param, weight_decay, grad)
     exp_avg = lerp(exp_avg, grad, one_minus_beta1)
-    exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2)  # addcmul_
+    exp_avg_sq = fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2)  # addcmul_
     update = tl.div_rn(exp_avg, tl.load(row_ptr + 1)) * lr
     rect = tl.load(row_ptr + 2)
     if rect > 0.0:

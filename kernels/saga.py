@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .ops import fma
 from .rounding import to_storage
 
 
@@ -48,9 +49,9 @@ def _saga_kernel(
     delta = grad - row
     update = delta + mean
     if HAS_WEIGHT_DECAY:
-        update = tl.fma(param, weight_decay, update)  # add_(param, alpha=wd) fuses the same way
-    param = tl.fma(update, -lr, param)
-    mean = tl.fma(delta, inv_num_samples, mean)
+        update = fma(param, weight_decay, update)  # add_(param, alpha=wd) fuses the same way
+    param = fma(update, -lr, param)
+    mean = fma(delta, inv_num_samples, mean)
     tl.store(param_ptr + offsets, to_storage(param, param_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + offsets, to_storage(mean, mean_ptr.dtype.element_ty), mask=mask)
     tl.store(row_ptr + offsets, to_storage(grad, row_ptr.dtype.element_ty), mask=mask)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .ops import fma
 from .rounding import load_param, store_param, to_storage
 from .table import flat_block, grad_arguments, table_block
 
@@ -103,20 +104,20 @@ def _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scal
     # Multiply-adds are fused (one rounding) where torch.optim's own ops fuse them
     # (add_(x, alpha=a) is an fma on CPU and GPU), so the results round as the reference's do.
     if HAS_WEIGHT_DECAY:
-        grad = tl.fma(param, weight_decay, grad)
+        grad = fma(param, weight_decay, grad)
     if HAS_MOMENTUM:
         if FIRST_STEP:
             buf = grad
         else:
             buf = tl.load(momentum_buffer_ptr + offsets, mask=mask).to(tl.float32)
-            buf = tl.fma(grad, 1.0 - dampening, buf * momentum)
+            buf = fma(grad, 1.0 - dampening, buf * momentum)
         tl.store(momentum_buffer_ptr + offsets,
                  to_storage(buf, momentum_buffer_ptr.dtype.element_ty), mask=mask)
         if NESTEROV:
-            grad = tl.fma(buf, momentum, grad)
+            grad = fma(buf, momentum, grad)
         else:
             grad = buf
-    param = tl.fma(grad, -lr, param)
+    param = fma(grad, -lr, param)
     store_param(param_ptrs, master_ptr + offsets, mask, param, offsets, 0.0, 0, HAS_MASTER,
                 False)
 

@@ -97,12 +97,12 @@ class CheckedGrads(NamedTuple):
 
 
 def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
-                fused: bool) -> CheckedGrads | None:
+                fused: list | None) -> CheckedGrads | None:
     """Read and check every grad of ``bucket`` (None if no param has one), a bucket of param
     group ``index``; ``name`` words the errors as torch.optim does, ``sparse_error`` is its
-    error for a sparse grad (None: sparse grads are taken); ``fused``: the group asked
-    for ``fused=True`` (params stepped for the first time must be ones torch's fused kernels
-    take).
+    error for a sparse grad (None: sparse grads are taken); ``fused``: None, or the group
+    asked for ``fused=True`` and these are the device types whose params torch's fused kernels
+    take (checked on params stepped for the first time).
 
     The common cases cost a few attribute reads per param: every grad in the flat buffer
     (pointers compared), or every grad a fresh dense tensor of its param's shape, dtype and
@@ -138,7 +138,7 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
     for j, (i, g) in enumerate(zip(participants, grads)):
         p = params[i]
         if fused and not bucket.state.stepped[i]:
-            check_fused_param(p)
+            check_fused_param(p, fused)
         if in_place[j] and g.shape == p.shape and g.dtype == p.dtype and not g.is_sparse:
             continue
         in_place[j] = False

@@ -27,7 +27,7 @@ from fastopt import clipping, layout
 from fastopt.flat import as_real
 from fastopt.plan import CheckedGrads, check_grads, make_plan
 from fastopt.state import State, add_state_buffer, create_state
-from fastopt.validation import check_precision
+from fastopt.validation import check_precision, fused_devices
 
 _EAGER_STEP = None
 MIXED = object()  # ``uniform_key``'s answer when a bucket's params do not share one run key
@@ -109,7 +109,8 @@ def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     declared = opt.declaration
     name = declared.error_name or type(opt).__name__
     refusal = declared.sparse_error.format(name=name) if declared.sparse_error else None
-    checked = check_grads(bucket, index, name, refusal, group.get("fused"))
+    fused = fused_devices(declared.reference) if group.get("fused") else None
+    checked = check_grads(bucket, index, name, refusal, fused)
     if checked is not None and not declared.sparse_weight_decay \
             and group.get("weight_decay", 0) != 0 and any(g.is_sparse for g in checked.grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")

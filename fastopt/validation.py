@@ -7,6 +7,8 @@ so code that catches or matches them keeps working. The optimizers call these be
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 
 import torch
@@ -149,9 +151,9 @@ def check_grad(param: Tensor, grad: Tensor, where: str, sparse_error: str | None
         )
 
 
-def check_fused_param(param: Tensor) -> None:
-    """torch.optim's check when a param first gets state in a ``fused=True`` group."""
-    devices = _fused_devices()
+def check_fused_param(param: Tensor, devices: list) -> None:
+    """torch.optim's check when a param first gets state in a ``fused=True`` group: ``devices``
+    are those ``fused_devices`` gives for the optimizer's torch class."""
     if not (param.device.type in devices and torch.is_floating_point(param)):
         raise RuntimeError(
             "`fused=True` requires all the params to be floating point Tensors of "
@@ -167,11 +169,21 @@ def check_param(param: Tensor) -> None:
         raise ValueError(f"fastopt can only optimize floating-point or complex tensors, got {param.dtype}")
 
 
-def _fused_devices() -> list:
-    """The device types torch's fused optimizer kernels support (torch's own list)."""
+@functools.cache
+def fused_devices(reference: type | None) -> list:
+    """The device types on which torch.optim's class ``reference`` takes ``fused=True``: torch's
+    list of devices with fused kernels, less CUDA where the installed torch's class checks
+    its params with ``cuda_unsupported=True`` (Adagrad up to torch 2.11 fused on CPU only)."""
     get = getattr(_torch_optimizer, "_get_fused_kernels_supported_devices", None)
-    return get() if get is not None else ["mps", "cuda", "xpu", "hpu", "cpu", "mtia",
-                                          "privateuseone"]
+    devices = list(get()) if get is not None else ["mps", "cuda", "xpu", "hpu", "cpu", "mtia",
+                                                   "privateuseone"]
+    try:
+        source = inspect.getsource(reference) if reference is not None else ""
+    except (OSError, TypeError):  # no source shipped: torch's list as it is
+        source = ""
+    if "cuda_unsupported=True" in source and "cuda" in devices:
+        devices.remove("cuda")
+    return devices
 
 
 def check_with(reference: type, options: dict) -> None:

@@ -207,23 +207,25 @@ def _adam_int8_elements(
     store_param(param_ptr + offsets, master_ptr + offsets, mask, param, base + offsets, step,
                 seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
 
+    # exp_avg's codes, then exp_avg_sq's: one moment's encoding live at a time
     magnitude = tl.abs(exp_avg)
-    root = tl.sqrt_rn(exp_avg_sq)
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
-        root = tl.where(mask, root, 0.0)
     m_row_scale, m_scale = _block_max(magnitude, ROWS_PER_PROGRAM, QBLOCK)
-    v_row_scale, v_scale = _block_max(root, ROWS_PER_PROGRAM, QBLOCK)
     m_code = _nearest(tl.div_rn(exp_avg, tl.where(m_scale > 0, m_scale, 1.0)),
                       tl.load(signed_midpoints_ptr + entries),
                       tl.load(signed_guesses_ptr + tl.arange(0, GUESSES)), True)
+    tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
+    tl.store(m_scales_ptr + rows, m_row_scale, mask=rows_ok)
+
+    root = tl.sqrt_rn(exp_avg_sq)
+    if mask is not None:
+        root = tl.where(mask, root, 0.0)
+    v_row_scale, v_scale = _block_max(root, ROWS_PER_PROGRAM, QBLOCK)
     v_code = _nearest(tl.div_rn(root, tl.where(v_scale > 0, v_scale, 1.0)),
                       tl.load(unsigned_midpoints_ptr + entries),
                       tl.load(unsigned_guesses_ptr + tl.arange(0, GUESSES)), False)
-
-    tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
     tl.store(v_codes_ptr + offsets, v_code.to(tl.uint8), mask=mask)
-    tl.store(m_scales_ptr + rows, m_row_scale, mask=rows_ok)
     tl.store(v_scales_ptr + rows, v_row_scale, mask=rows_ok)
 
 

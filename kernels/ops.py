@@ -39,11 +39,13 @@ def fma(a, b, c):
 
 @triton.jit
 def lerp(start, end, weight):
-    """``start.lerp_(end, weight)`` (torch's two-sided form, each side one fused multiply-add)."""
+    """``start.lerp_(end, weight)`` (torch's two-sided form, each side one fused multiply-add).
+    One return: Triton 3.6 cannot lower a return in each branch of a runtime ``if``."""
     if weight < 0.5:
-        return fma(end - start, weight, start)
+        result = fma(end - start, weight, start)
     else:
-        return fma(end - start, weight - 1.0, end)
+        result = fma(end - start, weight - 1.0, end)
+    return result
 
 
 @triton.jit

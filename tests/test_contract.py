@@ -425,7 +425,9 @@ def swapped_in_step(cls, trace: bool):
     params and the ops the trace recorded."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.nn.utils import stateless
-    from torch.optim._stateless import swap_in_optimizer_params_and_state
+    swap_in_optimizer_params_and_state = pytest.importorskip(
+        "torch.optim._stateless",
+        reason="torch.optim._stateless came after torch 2.11").swap_in_optimizer_params_and_state
 
     model = mlp()
     opt = cls(model.parameters(), lr=0.1, momentum=0.9)

@@ -39,13 +39,12 @@ def fma(a, b, c):
 
 @triton.jit
 def lerp(start, end, weight):
-    """``start.lerp_(end, weight)`` (torch's two-sided form, each side one fused multiply-add).
-    One return: Triton 3.6 cannot lower a return in each branch of a runtime ``if``."""
-    if weight < 0.5:
-        result = fma(end - start, weight, start)
-    else:
-        result = fma(end - start, weight - 1.0, end)
-    return result
+    """``start.lerp_(end, weight)`` (torch's two-sided form, each side one fused multiply-add):
+    ``start + weight * (end - start)`` for weight < 0.5, else ``end + (weight - 1) *
+    (end - start)``. Selected without a branch (Triton 3.6 cannot lower a return in each
+    branch of a runtime ``if``, and a merged branch costs registers)."""
+    small = weight < 0.5
+    return fma(end - start, tl.where(small, weight, weight - 1.0), tl.where(small, start, end))
 
 
 @triton.jit

@@ -1,16 +1,21 @@
 # make demo: create .venv, install, run the main job.
-# make test: create .venv, install, run the test suite.
+# make test: create .venv, install, run the test suite (the newest torch and Triton claimed).
+# make test-oldest: the same in .venv-oldest with the oldest pair claimed (the GPU machine's).
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# torch 2.13.0 is a CPU build these machines hold on local disk; 2.11.0 comes from PyPI.
+TORCH  ?= torch==2.13.0
+TRITON ?= triton==3.9.0
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test test-oldest bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt '$(TORCH)' '$(TRITON)' -e '.[dev]'
+	$(PY) -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest TORCH=torch==2.11.0 TRITON=triton==3.6.0
 
 # make bench: pytest-benchmark tables (CPU), JSON in benchmarks/results/; then the ratio table.
 bench: $(STAMP)
@@ -33,4 +41,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf .venv .venv-oldest *.egg-info .pytest_cache .hypothesis

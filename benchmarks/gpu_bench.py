@@ -1,7 +1,7 @@
 """GPU microbenchmark: fastopt's Triton kernels against torch.optim's for-loop, foreach and fused
 steps, timed with ``triton.testing.do_bench`` (medians) in one run on one GPU.
 
-    python benchmarks/gpu_bench.py [--out DIR] [--quick]
+    python3 benchmarks/gpu_bench.py [--out DIR] [--quick] [--budget SECONDS]
 
 Cases: one tensor of 1e6, 1e7, 1e8 and 4e8 elements; 1000 tensors of 16K; GPT-2 small's 148
 parameter shapes (124M); fp32 and bf16; AdamW, Adam and SGD with momentum, grads kept in place.
@@ -12,8 +12,14 @@ on 1e8 elements against torch's fused fp32 AdamW (``LEAN``). The device copy
 bandwidth is measured in the same run (a large ``copy_``, bytes read + written); each case
 reports the GB/s its fastopt step reaches, counting the bytes a fused step must move (fp32
 AdamW: read param, grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq = 28 per
-element; bf16 halves it), as a fraction of that bandwidth. Writes
-``DIR/<gpu-name>.json`` (schema in the issue and below) and prints a table last.
+element; bf16 halves it), as a fraction of that bandwidth. Every other registered optimizer
+(``benchmarks.bench.OPTIONS``) gets rows too (``EVERY``), against torch's fused and foreach
+steps where torch has them.
+
+``DIR/<gpu-name>.json`` is rewritten after every row, the most telling rows first (AdamW's
+default loop on GPT-2 small, then every optimizer, then the rest), and no section starts once
+``--budget`` seconds have passed: a run cut short keeps what it measured. A table is printed
+last.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 import triton
@@ -33,6 +40,8 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fastopt  # noqa: E402
+from benchmarks.bench import OPTIONS as EVERY_OPTIONS  # noqa: E402
+from benchmarks.bench import bytes_per_element  # noqa: E402
 from fastopt.shapes import gpt2_small, numel  # noqa: E402
 
 CASES = {
@@ -78,7 +87,8 @@ def step_ms(variant: str, optimizer: str, shapes: list, dtype: torch.dtype,
               for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device="cuda", dtype=dtype, generator=gen)
-    opt = VARIANTS[variant](optimizer, params, {**OPTIMIZERS[optimizer], **(options or {})})
+    defaults = OPTIMIZERS.get(optimizer, EVERY_OPTIONS.get(optimizer, {}))
+    opt = VARIANTS[variant](optimizer, params, {**defaults, **(options or {})})
     opt.step()
     ms = do_bench(opt.step, warmup=10, rep=60)
     del opt, params
@@ -87,17 +97,22 @@ def step_ms(variant: str, optimizer: str, shapes: list, dtype: torch.dtype,
     return ms
 
 
-def run(cases: list, dtypes: list, optimizers: list) -> dict:
-    props = torch.cuda.get_device_properties(0)
-    bandwidth = copy_bandwidth()
-    results = {
-        "device": props.name,
+def header() -> dict:
+    """The run's device, versions, date and measured copy bandwidth."""
+    return {
+        "device": torch.cuda.get_device_properties(0).name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_gbps": bandwidth,
+        "copy_gbps": copy_bandwidth(),
         "cases": [],
     }
+
+
+def run(results: dict, cases: list, dtypes: list, optimizers: list, save) -> None:
+    """Kept-grads rows: fastopt against torch fused, foreach and for-loop (``save()`` after
+    each)."""
+    bandwidth = results["copy_gbps"]
     for optimizer in optimizers:
         for dtype in dtypes:
             for case in cases:
@@ -124,7 +139,7 @@ def run(cases: list, dtypes: list, optimizers: list) -> dict:
                 print(f"{optimizer:<6} {row['dtype']:<9} {case:<11} fastopt {times['fastopt']:8.3f} ms"
                       f"  fused {times['torch_fused']:8.3f}  foreach {times['torch_foreach']:8.3f}"
                       f"  loop {times['torch_loop']:8.3f}  {gbps:7.0f} GB/s", flush=True)
-    return results
+                save()
 
 
 # Lean variants of AdamW on one tensor of 1e8 elements, each against torch's fused fp32 AdamW
@@ -144,7 +159,7 @@ LEAN = {
 }
 
 
-def run_lean(results: dict, n: int = 10**8) -> None:
+def run_lean(results: dict, save, n: int = 10**8) -> None:
     """Rows for the lean variants, ratios against torch fused fp32 AdamW in the same run."""
     fused = step_ms("torch_fused", "AdamW", [(n,)], torch.float32)
     results["lean"] = []
@@ -157,6 +172,7 @@ def run_lean(results: dict, n: int = 10**8) -> None:
         results["lean"].append(row)
         print(f"AdamW {name:<27} {ms:8.3f} ms  torch fused fp32 {fused:8.3f} ms  "
               f"{fused / ms:5.2f}x  {gbps:7.0f} GB/s", flush=True)
+        save()
 
 
 # The default loop (issue 10): zero_grad() between steps, so each step gets fresh grad tensors.
@@ -175,7 +191,8 @@ def default_loop_ms(variant: str, optimizer: str, shapes: list, mode: str) -> fl
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
     weights = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
-    opt = VARIANTS[variant](optimizer, params, dict(OPTIMIZERS[optimizer]))
+    opt = VARIANTS[variant](optimizer, params,
+                            dict(OPTIMIZERS.get(optimizer, EVERY_OPTIONS.get(optimizer, {}))))
     grad_sets = [[w.clone() for w in weights] for _ in range(2)]
 
     def fresh_step():
@@ -198,13 +215,19 @@ def default_loop_ms(variant: str, optimizer: str, shapes: list, mode: str) -> fl
     return ms
 
 
-def run_default_loop(results: dict, optimizers: list) -> None:
+def run_default_loop(results: dict, optimizers: list, save, cases=tuple(DEFAULT_LOOP_CASES),
+                     modes=("fresh-step", "iteration")) -> None:
     """Default-loop rows: fastopt against torch fused and foreach, same run; GB/s counts the
-    bytes a fused step must move (fp32 AdamW 28 per element, SGD 20), fresh-step only."""
-    results["default_loop"] = []
+    bytes a fused step must move (fp32 AdamW 28 per element, SGD 20), fresh-step only. Rows
+    already measured are not measured again."""
+    rows = results.setdefault("default_loop", [])
     for optimizer in optimizers:
-        for mode in ("fresh-step", "iteration"):
-            for case, shapes in DEFAULT_LOOP_CASES.items():
+        for mode in modes:
+            for case in cases:
+                if any((r["optimizer"], r["mode"], r["shape"]) == (optimizer, mode, case)
+                       for r in rows):
+                    continue
+                shapes = DEFAULT_LOOP_CASES[case]
                 n = numel(shapes)
                 times = {v: default_loop_ms(v, optimizer, shapes, mode)
                          for v in ("fastopt", "torch_fused", "torch_foreach")}
@@ -217,10 +240,60 @@ def run_default_loop(results: dict, optimizers: list) -> None:
                        "vs_foreach": times["torch_foreach"] / times["fastopt"]}
                 if mode == "fresh-step":
                     row.update(fastopt_gbps=gbps, fraction_of_copy=gbps / results["copy_gbps"])
-                results["default_loop"].append(row)
+                rows.append(row)
                 print(f"{optimizer:<6} {mode:<10} {case:<11} fastopt {times['fastopt']:8.3f} ms"
                       f"  fused {times['torch_fused']:8.3f}  foreach {times['torch_foreach']:8.3f}"
                       f"  {row['vs_fused']:5.2f}x fused", flush=True)
+                save()
+
+
+# Every registered optimizer, fp32: one tensor of 1e8 elements with grads kept (the kernel's
+# bandwidth) and GPT-2 small's shapes with fresh grads (the default loop), against torch's
+# fused step where torch has one on CUDA and its foreach step.
+EVERY = {"1x1e8": ("step", [(10**8,)]), "gpt2-small": ("fresh-step", gpt2_small())}
+
+
+def _timed(measure):
+    """``measure()``, or None where the variant refuses (torch's fused Adagrad on CUDA before
+    torch 2.12, an optimizer torch.optim does not have)."""
+    try:
+        return measure()
+    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
+        print(f"  ({type(error).__name__}: {str(error)[:80]})", flush=True)
+        return None
+
+
+def run_every_optimizer(results: dict, save, deadline: float) -> None:
+    rows = results.setdefault("every_optimizer", [])
+    for case, (mode, shapes) in EVERY.items():
+        n = numel(shapes)
+        for optimizer in EVERY_OPTIONS:
+            if time.monotonic() > deadline:
+                return
+            times = {}
+            for variant in ("fastopt", "torch_fused", "torch_foreach"):
+                if variant != "fastopt" and not hasattr(torch.optim, optimizer):
+                    times[variant] = None
+                elif mode == "step":
+                    times[variant] = _timed(lambda: step_ms(variant, optimizer, shapes,
+                                                            torch.float32))
+                else:
+                    times[variant] = _timed(lambda: default_loop_ms(variant, optimizer, shapes,
+                                                                    mode))
+            if times["fastopt"] is None:
+                continue
+            moved = bytes_per_element(optimizer)
+            gbps = moved * n / (times["fastopt"] * 1e-3) / 1e9
+            peers = [t for v, t in times.items() if v != "fastopt" and t is not None]
+            row = {"optimizer": optimizer, "mode": mode, "shape": case, "numel": n,
+                   "bytes_per_element": moved, **{f"{v}_ms": t for v, t in times.items()},
+                   "vs_fastest_torch": min(peers) / times["fastopt"] if peers else None,
+                   "fastopt_gbps": gbps, "fraction_of_copy": gbps / results["copy_gbps"]}
+            rows.append(row)
+            versus = f"{row['vs_fastest_torch']:5.2f}x fastest torch" if peers else ""
+            print(f"{optimizer:<9} {mode:<10} {case:<11} fastopt {times['fastopt']:8.3f} ms "
+                  f"{gbps:7.0f} GB/s {gbps / results['copy_gbps']:5.0%}  {versus}", flush=True)
+            save()
 
 
 # The static cost model (python -m benchmarks.kernel_report --model ...): bytes and SASS
@@ -243,14 +316,15 @@ def row_key(row: dict) -> str | None:
     return f"{kernel} {dtype}/{dtype} {route}"
 
 
-def add_predictions(results: dict, path: str = MODEL) -> None:
+def add_predictions(results: dict, path: str = MODEL, quiet: bool = False) -> None:
     """``predicted_fraction`` on every row the model covers, at the copy bandwidth measured."""
     try:
         from benchmarks.kernel_report import predicted_fraction
         with open(path) as f:
             entries = json.load(f)
     except (ImportError, OSError) as error:
-        print(f"no cost model ({error}): predictions left out")
+        if not quiet:
+            print(f"no cost model ({error}): predictions left out")
         return
     for row in results["cases"] + results.get("default_loop", []) + results.get("lean", []):
         entry = entries.get(row_key(row) or "")
@@ -280,6 +354,12 @@ def table(results: dict) -> str:
         lines.append(f"{r['optimizer']:<6} default loop {r['mode']:<10} {r['shape']:<11} "
                      f"{r['fastopt_ms']:10.3f} ms {share} {r['vs_fused']:7.2f}x fused "
                      f"{r['vs_foreach']:7.2f}x foreach")
+    for r in results.get("every_optimizer", []):
+        versus = (f"{r['vs_fastest_torch']:7.2f}x fastest torch"
+                  if r["vs_fastest_torch"] is not None else "")
+        lines.append(f"{r['optimizer']:<9} {r['mode']:<10} {r['shape']:<11} "
+                     f"{r['fastopt_ms']:10.3f} ms {r['fastopt_gbps']:7.0f} GB/s "
+                     f"{r['fraction_of_copy']:7.0%} {versus}")
     for r in results.get("lean", []):
         lines.append(f"AdamW {r['variant']:<27} 1e8 {r['fastopt_ms']:10.3f} ms "
                      f"{r['fastopt_gbps']:7.0f} GB/s {r['fraction_of_copy']:7.0%} "
@@ -292,19 +372,42 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="AdamW fp32 only")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds after which no further section starts")
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.budget
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     optimizers = ["AdamW"] if args.quick else list(OPTIMIZERS)
-    results = run(args.cases, dtypes, optimizers)
-    run_default_loop(results, ["AdamW"] if args.quick else ["AdamW", "SGD"])
-    if not args.quick:
-        run_lean(results)
-    add_predictions(results)
+    results = header()
     os.makedirs(args.out, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9]+", "-", results["device"]).strip("-")
     path = os.path.join(args.out, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+
+    def save():  # after every row: a run cut short keeps what it measured
+        add_predictions(results, quiet=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    sections = [  # the most telling first
+        lambda: run_default_loop(results, ["AdamW"], save, cases=["gpt2-small"],
+                                 modes=["fresh-step"]),
+        lambda: run(results, ["1x1e8"], [torch.float32], ["AdamW"], save),
+        lambda: run_every_optimizer(results, save, deadline),
+        lambda: run_default_loop(results, ["AdamW"] if args.quick else ["AdamW", "SGD"], save),
+        lambda: run(results, [c for c in args.cases if c != "1x1e8"], dtypes, optimizers, save),
+        lambda: run(results, ["1x1e8"], [d for d in dtypes if d != torch.float32],
+                    optimizers, save),
+        lambda: run(results, ["1x1e8"], [torch.float32], [o for o in optimizers if o != "AdamW"],
+                    save),
+        lambda: None if args.quick else run_lean(results, save),
+    ]
+    for section in sections:
+        if time.monotonic() > deadline:
+            print(f"budget of {args.budget:.0f} s spent: the remaining sections are left out")
+            break
+        section()
+    save()
     print(f"wrote {path}")
     print(table(results))
 

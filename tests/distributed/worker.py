@@ -300,6 +300,11 @@ def main() -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
     dist.destroy_process_group()
+    # Leave without interpreter finalization: gloo's worker threads can still hold tensors
+    # there and abort the process (SIGABRT, "terminate called without an active exception";
+    # pytorch/pytorch#179291) after every result above is written.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

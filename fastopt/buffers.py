@@ -34,6 +34,7 @@ class Buffers:
         self.scalars: Tensor | None = None  # float32 [params, width] (see the module docstring)
         self.scalar_names: tuple = ()  # the kept columns
         self.views: dict = {}  # kept scalar name -> its 0-d view per param
+        self._host = None  # host_scalars' cache: (array, the table it covers)
         self.ids: list = [None] * n  # host-side: equal ids => equal kept scalars
         self.has_state: list = [False] * n
         self.stepped: list = [False] * n  # updated at least once (torch's fused checks before)
@@ -69,6 +70,17 @@ class Buffers:
             self.views = {name: list(self.scalars[:, k].unbind())
                           for k, name in enumerate(names)}
         return self.scalars
+
+    def host_scalars(self):
+        """The CPU scalar table as a numpy array over the same memory (made once: reading and
+        writing a few Python floats through it costs far less than torch ops)."""
+        if self._host is None or self._host[1] is not self.scalars:
+            self._host = (self.scalars.numpy(), self.scalars)
+        return self._host[0]
+
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) makes its own ``host_scalars`` over its own table."""
+        return {**self.__dict__, "_host": None}
 
     def column(self, name: str) -> Tensor:
         return self.scalars[:, self.scalar_names.index(name)]

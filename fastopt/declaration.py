@@ -25,6 +25,7 @@ refused at construction with a clear error.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class Declaration:
     derived: tuple = ()  # names of the values scalar_math derives each step
     scalar_math: Callable | None = None  # (Columns, group, ops): advance scalars, set derived
     math: Callable | None = None  # torch twin: (param, grad, buffers: list, values, group)
+    # the torch twin is one fused torch op (Adagrad's): it takes whole entries, where a chain
+    # of ops takes chunks whose temporaries stay in cache (``fastopt.torch_path.CHUNK``)
+    fused_twin: bool = False
     kernel: str | None = None  # the per-element function in fastopt.kernels
     hyper: Callable | None = None  # (opt, group) -> (hyperparameters, FLAGS int) for the kernel
     update: Callable | None = None  # (optimizer, group, bucket, plan, grad_scale, found_inf)
@@ -107,13 +111,18 @@ class Declaration:
     def buffer(self, name: str) -> Buffer | None:
         return next((b for b in self.buffers if b.name == name), None)
 
-    @property
+    @functools.cached_property
     def scalar_names(self) -> tuple:
         return tuple(s.name for s in self.scalars)
 
-    @property
+    @functools.cached_property
     def counts_steps(self) -> bool:
         return "step" in self.scalar_names
+
+    @functools.cached_property
+    def step_column(self) -> int:
+        """The scalar table's column of ``step`` (0 when none is kept)."""
+        return self.scalar_names.index("step") if self.counts_steps else 0
 
 
 class Columns:

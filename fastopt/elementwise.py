@@ -34,27 +34,26 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         return  # torch path: nothing changes (see torch_path.elementwise_update)
     if not triton and isinstance(group["lr"], Tensor):  # torch.optim's _to_scalar(lr)
         group = dict(group, lr=float(group["lr"]))
-    runs = [(0, len(bucket.params))] if plan.whole else [(lo, hi) for lo, hi, _ in
-                                                         plan.step_runs]
-    values, before = [], []
-    if table is not None:
-        for lo, hi in runs:
-            if triton:
-                if found_inf is not None:
-                    before.append(table[lo:hi].clone())
-                _advance_columns(declared, group, table, lo, hi)
-            else:
-                values.append(_advance_floats(declared, group, table, lo, hi))
-    starts = [lo for lo, _ in runs]
-    rows = []
-    for first in plan.rows:
-        if table is None:
-            rows.append(None)
-        elif triton:
-            rows.append(table[first])
-        else:
-            rows.append(values[bisect.bisect_right(starts, first) - 1])
+    runs = plan.step_runs
+    before = []
+    entries = plan.rows
+    if table is None:
+        rows = [None] * len(entries)
+    elif triton:
+        for lo, hi, _ in runs:
+            if found_inf is not None:
+                before.append(table[lo:hi].clone())
+            _advance_columns(declared, group, table, lo, hi)
+        rows = [table[first] for first in entries]
+    elif len(runs) == 1:  # every entry in one run (the common step): one set of values
+        rows = [_advance_floats(declared, group, bucket.state, runs[0][0], runs[0][1])] \
+            * len(entries)
+    else:
+        values = [_advance_floats(declared, group, bucket.state, lo, hi) for lo, hi, _ in runs]
+        starts = [lo for lo, _, _ in runs]
+        rows = [values[bisect.bisect_right(starts, first) - 1] for first in entries]
     hyper = declared.hyper(opt, group)
+    chunk = {} if triton or not declared.fused_twin else {"chunk": 1 << 62}
     dispatch.implementation("elementwise_update", bucket.backend)(
         _math(declared, bucket.backend),
         plan.pieces("param"),
@@ -67,12 +66,13 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         maximize=bool(group.get("maximize", False)),
         grad_scale=_on(grad_scale, bucket.device),
         found_inf=_on(found_inf, bucket.device),
-        step_column=declared.scalar_names.index("step") if declared.counts_steps else 0,
+        step_column=declared.step_column,
+        **chunk,
         **opt.precision_options(group, bucket, plan),
     )
     if before:
         skip = found_inf.to(table.device) != 0
-        for (lo, hi), old in zip(runs, before):
+        for (lo, hi, _), old in zip(runs, before):
             table[lo:hi] = torch.where(skip, old, table[lo:hi])
     if table is not None:
         opt.renumber(bucket, plan)
@@ -96,15 +96,16 @@ def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> 
              for d in derived], dim=1).to(torch.float32)
 
 
-def _advance_floats(declared, group: dict, table: Tensor, lo: int, hi: int) -> Columns:
+def _advance_floats(declared, group: dict, state, lo: int, hi: int) -> Columns:
     """The scalar math on Python floats (the torch path: the table is on the CPU and every row
-    of a run holds the same): the kept scalars written back to rows ``lo:hi``; returns the
-    run's values, kept and derived."""
+    of a run holds the same): the kept scalars written back to rows ``lo:hi`` of ``state``'s
+    table; returns the run's values, kept and derived."""
     names = declared.scalar_names
-    rows = table.numpy()  # the CPU table's memory, without torch's per-op cost
+    rows = state.host_scalars()  # the CPU table's memory, without torch's per-op cost
     columns = Columns(dict(zip(names, rows[lo].tolist())))
     declared.scalar_math(columns, group, FloatOps)
-    rows[lo:hi, : len(names)] = [getattr(columns, n) for n in names]
+    for k, name in enumerate(names):
+        rows[lo:hi, k] = getattr(columns, name)
     return columns
 
 

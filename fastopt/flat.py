@@ -244,11 +244,21 @@ class Bucket:
             ]
         return views
 
+    def whole_piece(self, name: str) -> Tensor:
+        """Buffer ``name`` over every slot (its trailing padding left out): made once."""
+        key = (name, "whole")
+        view = self.real_views.get(key)
+        if view is None:
+            view = self.real_views[key] = self._buffer(name)[: self.numel]
+        return view
+
     def pieces(self, name: str, chunks: list) -> list:
         """The part of buffer ``name`` ("param", "grad" or a state name) each chunk covers (a
         chunk of one param: its cached view, see ``param_pieces``)."""
         if name == "param" and self.external:
             return [self._external_param(c.lo) for c in chunks]
+        if len(chunks) == 1 and chunks[0].end - chunks[0].start == self.numel:
+            return [self.whole_piece(name)]
         views = self.param_pieces(name)
         buffer = None
         out = []
@@ -290,6 +300,7 @@ class Bucket:
         """Drop the flat grad buffer (``fastopt.grads.Grads.release``) and its cached views."""
         self.grads.release()
         self.real_views.pop("grad", None)
+        self.real_views.pop(("grad", "whole"), None)
 
 
 def build_bucket(params: list, backend: str, external: bool = False, variant=None) -> Bucket:

@@ -25,6 +25,7 @@ entry's part of buffer ``name``, ``grads`` their grads, ``rows`` their scalar ro
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from typing import NamedTuple
@@ -55,6 +56,7 @@ CPU_COSTS = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and asked every step
 def gather_pays(op: str, device: torch.device, tensors: int, elements: int,
                 dtype: torch.dtype = torch.float32) -> bool:
     """Is one gather of ``tensors`` fresh grads (``elements`` in all) plus one fused call over

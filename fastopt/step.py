@@ -18,6 +18,7 @@ swapped in from outside; else the fused step, which
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 
 import torch
@@ -105,10 +106,17 @@ def _update_all(opt, closure, loss):
     return loss
 
 
+@functools.cache
+def _wording(cls) -> tuple:
+    """How torch.optim's errors name ``cls``'s optimizer, and its sparse-grad refusal."""
+    declared = cls.declaration
+    name = declared.error_name or cls.__name__
+    return name, declared.sparse_error.format(name=name) if declared.sparse_error else None
+
+
 def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     declared = opt.declaration
-    name = declared.error_name or type(opt).__name__
-    refusal = declared.sparse_error.format(name=name) if declared.sparse_error else None
+    name, refusal = _wording(type(opt))
     fused = fused_devices(declared.reference) if group.get("fused") else None
     checked = check_grads(bucket, index, name, refusal, fused)
     if checked is not None and not declared.sparse_weight_decay \
@@ -148,20 +156,23 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
     participants = checked.participants
     key = opt.uniform_key(bucket)  # run keys before this step's state is made
     keys = None if key is not MIXED else [opt.run_key(bucket, i) for i in participants]
-    fresh = [i for i in participants if not has_state[i]]
-    if fresh:
-        create_state(opt, group, bucket, fresh)
     stepped = bucket.state.stepped
-    for i in participants:
-        stepped[i] = True
-    # Triton launches (and the address table's upload) go to the current device.
-    on_device = torch.cuda.device(bucket.device) if bucket.backend == "triton" \
-        and bucket.device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
-        by_address = bucket.backend == "triton" and opt.declaration.by_address \
-            and bucket.variant is None and not bucket.params[0].is_complex()
-        plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, by_address)
+    if not (all(has_state) and all(stepped)):
+        fresh = [i for i in participants if not has_state[i]]
+        if fresh:
+            create_state(opt, group, bucket, fresh)
+        for i in participants:
+            stepped[i] = True
+    if bucket.backend == "torch":
+        plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, False)
         opt.update(group, bucket, plan, grad_scale, found_inf)
+    else:  # Triton launches (and the address table's upload) go to the bucket's device
+        with torch.cuda.device(bucket.device) if bucket.device.type == "cuda" \
+                else contextlib.nullcontext():
+            by_address = opt.declaration.by_address and bucket.variant is None \
+                and not bucket.params[0].is_complex()
+            plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, by_address)
+            opt.update(group, bucket, plan, grad_scale, found_inf)
     bucket.finish()
 
 

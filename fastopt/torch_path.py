@@ -273,10 +273,11 @@ CHUNK = 1 << 16
 def elementwise_update(math, params: list, grads: list, buffers: list, rows: list, *, lr,
                        hyper: tuple, flags: int, maximize: bool, grad_scale=None,
                        found_inf=None, masters=None, rounding_seed=None, offsets=None,
-                       step_column: int = 0) -> None:
+                       step_column: int = 0, chunk: int = CHUNK) -> None:
     """Any declared elementwise optimizer (``fastopt.declaration``) on the torch path: for each
     entry, ``math(param, grad, b0, b1, b2, b3, row, lr, h0..h7, flags)`` (the optimizer's torch
-    twin of its kernel, the same signature) on chunks of ``CHUNK`` elements, in place.
+    twin of its kernel, the same signature) on chunks of ``chunk`` elements, in place (an entry
+    no larger than a chunk as it is).
 
     ``buffers``: per declared buffer, the list of entries (None when absent); ``rows``: per
     entry, the scalar values of its params (``fastopt.declaration.Columns`` of floats, or
@@ -292,20 +293,27 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
     scale = grad_scale.to(params[0].device) if grad_scale is not None else None
 
     def prepared(grad):  # a chunk of a grad as the math takes it: unscaled, negated
+        if scale is None and not maximize:
+            return grad
         if scale is not None:
             grad = grad / scale
         return -grad if maximize else grad
 
+    buffers = list(buffers) + [None] * (4 - len(buffers))
+    dtype = params[0].dtype  # one bucket's entries: one dtype per buffer
+    narrow = any(b is not None and b[0].dtype != dtype for b in buffers)
+    widened = masters is not None or narrow or (rounding_seed is not None
+                                                 and dtype == torch.bfloat16)
     for i, param in enumerate(params):
         slots = [b[i] if b is not None else None for b in buffers]
-        slots += [None] * (4 - len(slots))
-        narrow = any(s is not None and s.dtype != param.dtype for s in slots)
-        if masters is None and not narrow and (rounding_seed is None
-                                                or param.dtype != torch.bfloat16):
+        if not widened:
+            if param.numel() <= chunk:
+                math(param, prepared(grads[i]), *slots, rows[i], lr, *hyper, flags)
+                continue
             p, g = param.reshape(-1), grads[i].reshape(-1)
             s = [x.reshape(-1) if x is not None else None for x in slots]
-            for lo in range(0, p.numel(), CHUNK):
-                part = slice(lo, lo + CHUNK)
+            for lo in range(0, p.numel(), chunk):
+                part = slice(lo, lo + chunk)
                 math(p[part], prepared(g[part]), *[x[part] if x is not None else None for x in s],
                      rows[i], lr, *hyper, flags)
             continue

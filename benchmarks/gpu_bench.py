@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fastopt  # noqa: E402
 from benchmarks.bench import OPTIONS as EVERY_OPTIONS  # noqa: E402
 from benchmarks.bench import bytes_per_element  # noqa: E402
+from fastopt import registry  # noqa: E402
 from fastopt.shapes import gpt2_small, numel  # noqa: E402
 
 CASES = {
@@ -310,9 +311,10 @@ def row_key(row: dict) -> str | None:
     """The cost model's key for a results row (see benchmarks/kernel_report.model_key)."""
     if "variant" in row:
         return LEAN_KEYS.get(row["variant"])
-    kernel = "sgd" if row["optimizer"] == "SGD" else "adam"
+    kernel = {"SGD": "sgd"}.get(row["optimizer"]) \
+        or registry.get(row["optimizer"]).declaration.kernel or "adam"
     dtype = "bf16" if row.get("dtype") == "bfloat16" else "fp32"
-    route = "grad-table" if "mode" in row else "flat"
+    route = "grad-table" if row.get("mode", "step") != "step" else "flat"
     return f"{kernel} {dtype}/{dtype} {route}"
 
 
@@ -326,7 +328,8 @@ def add_predictions(results: dict, path: str = MODEL, quiet: bool = False) -> No
         if not quiet:
             print(f"no cost model ({error}): predictions left out")
         return
-    for row in results["cases"] + results.get("default_loop", []) + results.get("lean", []):
+    for row in results["cases"] + results.get("default_loop", []) + results.get("lean", []) \
+            + results.get("every_optimizer", []):
         entry = entries.get(row_key(row) or "")
         if entry is not None and "fraction_of_copy" in row:
             row["predicted_fraction"] = predicted_fraction(entry, results["copy_gbps"])

@@ -635,8 +635,10 @@ def model_key(spec: dict) -> str | None:
     """The key ``benchmarks/gpu_bench.py`` looks a measured row up by: kernel, param and state
     storage, master / stochastic rounding, route (None for kernels without element streams)."""
     c, sig, kernel = spec["constexprs"], spec["signature"], spec["kernel"]
+    if isinstance(c.get("MATH"), str):  # an elementwise optimizer: its function's name
+        kernel = c["MATH"].split(":")[1]
     state = {"adam": "exp_avg_ptr", "sgd": "momentum_buffer_ptr",
-             "adam_int8": "m_codes_ptr"}.get(kernel)
+             "adam_int8": "m_codes_ptr"}.get(kernel, "b0_ptr" if "b0_ptr" in sig else None)
     if state is None:
         return None
     route = ("param-table" if c.get("PARAM_TABLE") else "grad-table" if c.get("GRAD_TABLE")

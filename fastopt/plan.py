@@ -48,6 +48,9 @@ _CONTIGUOUS = Tensor.is_contiguous
 # tensor entry and a cost per element (fp32, torch 2.13, 2 threads, 2-core machine; measured by
 # ``python benchmarks/route_costs.py``, which prints this table). The route only depends on
 # their ratios: gathering pays below about 3600 elements per tensor for Adam, 1700 for SGD.
+# "elementwise" (every declared optimizer's torch twin) is not fitted: a twin is a chain of 4 to
+# 12 torch ops per entry (30 us is the order of such a chain's fixed cost on a small tensor), so
+# one call over the gathered bucket pays whenever a bucket has more than a few tensors.
 CPU_COSTS = {
     "adam": {"per_tensor": 3.7e-6, "per_element": 0.97e-9, "flat_per_element": 0.88e-9},
     "elementwise": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},

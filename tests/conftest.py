@@ -83,6 +83,9 @@ def pytest_unconfigure(config):
     recording = getattr(config, "_kernel_recording", None)
     if recording is not None:
         recording.__exit__(None, None, None)
+    started = getattr(config, "_gpu_variants", None)
+    if started is not None and started[1].poll() is None:  # a run that stopped before the
+        started[1].kill()  # compile check (-x, -k, Ctrl-C) leaves no compiler behind
 
 
 def pytest_collection_modifyitems(config, items):
@@ -91,7 +94,7 @@ def pytest_collection_modifyitems(config, items):
     process on a core the (mostly single-threaded) interpreter tests leave idle."""
     last = [item for item in items if item.nodeid.startswith("tests/test_kernels_compile.py")]
     items[:] = [item for item in items if item not in last] + last
-    if last and os.environ.get("TRITON_INTERPRET") == "1":
+    if last and os.environ.get("TRITON_INTERPRET") == "1" and not config.option.collectonly:
         import subprocess
         import tempfile
 

@@ -82,9 +82,10 @@ class Declaration:
     derived: tuple = ()  # names of the values scalar_math derives each step
     scalar_math: Callable | None = None  # (Columns, group, ops): advance scalars, set derived
     math: Callable | None = None  # torch twin: (param, grad, buffers: list, values, group)
-    # the torch twin is one fused torch op (Adagrad's): it takes whole entries, where a chain
-    # of ops takes chunks whose temporaries stay in cache (``fastopt.torch_path.CHUNK``)
-    fused_twin: bool = False
+    # torch's own fused CPU op for the same math, if it has one (Adagrad's), run on a whole
+    # plan at once where nothing is widened: (params, grads, buffers: a list of entries per
+    # buffer, steps: each entry's 0-d step count, lr, hyper, maximize, grad_scale)
+    fused: Callable | None = None
     kernel: str | None = None  # the per-element function in fastopt.kernels
     hyper: Callable | None = None  # (opt, group) -> (hyperparameters, FLAGS int) for the kernel
     update: Callable | None = None  # (optimizer, group, bucket, plan, grad_scale, found_inf)

@@ -53,7 +53,13 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         starts = [lo for lo, _, _ in runs]
         rows = [values[bisect.bisect_right(starts, first) - 1] for first in entries]
     hyper = declared.hyper(opt, group)
-    chunk = {} if triton or not declared.fused_twin else {"chunk": 1 << 62}
+    if not triton and declared.fused is not None and _fused_serves(opt, group, bucket, plan):
+        declared.fused(plan.pieces("param"), plan.grads,
+                       [plan.pieces(b.name) for b in declared.buffers if b.name in bucket.state],
+                       plan.scalar_views("step"), group["lr"], hyper[0],
+                       bool(group.get("maximize", False)), grad_scale)
+        opt.renumber(bucket, plan)
+        return
     dispatch.implementation("elementwise_update", bucket.backend)(
         _math(declared, bucket.backend),
         plan.pieces("param"),
@@ -67,7 +73,6 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         grad_scale=_on(grad_scale, bucket.device),
         found_inf=_on(found_inf, bucket.device),
         step_column=declared.step_column,
-        **chunk,
         **opt.precision_options(group, bucket, plan),
     )
     if before:
@@ -76,6 +81,14 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
             table[lo:hi] = torch.where(skip, old, table[lo:hi])
     if table is not None:
         opt.renumber(bucket, plan)
+
+
+def _fused_serves(opt, group: dict, bucket, plan) -> bool:
+    """Can the declaration's ``fused`` op (torch's own, CPU) run this plan: fp32 or fp64 params,
+    state in their dtype, no masters or stochastic rounding?"""
+    return bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64) \
+        and not opt.precision_options(group, bucket, plan) \
+        and all(t.dtype == bucket.dtype for t in bucket.state.tensors.values())
 
 
 def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> None:

@@ -218,9 +218,10 @@ class Bucket:
         """What ``Tensor.get_device()`` returns for tensors on this bucket's device."""
         return torch.empty(0, device=self.device).get_device()
 
-    @property
+    @functools.cached_property
     def plain(self) -> bool:
-        """Are the params laid out here and real (each grad is then used as it is)?"""
+        """Are the params laid out here and real (each grad is then used as it is)? (A param
+        whose dtype changes is laid out again, in a new bucket.)"""
         return not self.external and not self.params[0].is_complex()
 
     def _buffer(self, name: str) -> Tensor:
@@ -257,8 +258,9 @@ class Bucket:
         chunk of one param: its cached view, see ``param_pieces``)."""
         if name == "param" and self.external:
             return [self._external_param(c.lo) for c in chunks]
-        if len(chunks) == 1 and chunks[0].end - chunks[0].start == self.numel:
-            return [self.whole_piece(name)]
+        whole = chunks[0] if len(chunks) == 1 else None
+        if whole is not None and whole.hi - whole.lo > 1 and whole.end - whole.start == self.numel:
+            return [self.whole_piece(name)]  # (a chunk of one param: its view, shaped as its grad)
         views = self.param_pieces(name)
         buffer = None
         out = []

@@ -43,13 +43,15 @@ def step_body(opt, closure=None):
         while getattr(step, "hooked", False):  # torch wraps it to run hooks: ours already ran
             step = step.__wrapped__
         return step(opt, closure)
-    return _EAGER_STEP(opt, closure)
+    if torch.compiler.is_compiling():  # dynamo traces this call: break the graph here
+        return _EAGER_STEP(opt, closure)
+    return fused_step(opt, closure)  # eager: no wrapper to pay for (a few us a step)
 
 
 def make_eager_step() -> None:
-    """``fused_step`` behind ``torch._dynamo.disable``: a function compiled with
-    ``torch.compile`` that calls ``optimizer.step()`` (torch's documented recipe) gets a clean
-    graph break and runs the eager fused step, instead of inductor tracing torch's fused ops on
+    """``fused_step`` behind ``torch._dynamo.disable``, for steps dynamo traces: a function
+    compiled with ``torch.compile`` that calls ``optimizer.step()`` (torch's documented recipe)
+    gets a clean graph break and runs the eager fused step, instead of inductor tracing torch's fused ops on
     views of flat buffers (which it refuses). Made at the first construction, outside any
     compiled region (importing dynamo takes a second; torch.optim's own step imports it too)."""
     global _EAGER_STEP

@@ -273,10 +273,10 @@ CHUNK = 1 << 16
 def elementwise_update(math, params: list, grads: list, buffers: list, rows: list, *, lr,
                        hyper: tuple, flags: int, maximize: bool, grad_scale=None,
                        found_inf=None, masters=None, rounding_seed=None, offsets=None,
-                       step_column: int = 0, chunk: int = CHUNK) -> None:
+                       step_column: int = 0) -> None:
     """Any declared elementwise optimizer (``fastopt.declaration``) on the torch path: for each
     entry, ``math(param, grad, b0, b1, b2, b3, row, lr, h0..h7, flags)`` (the optimizer's torch
-    twin of its kernel, the same signature) on chunks of ``chunk`` elements, in place (an entry
+    twin of its kernel, the same signature) on chunks of ``CHUNK`` elements, in place (an entry
     no larger than a chunk as it is).
 
     ``buffers``: per declared buffer, the list of entries (None when absent); ``rows``: per
@@ -307,13 +307,13 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
     for i, param in enumerate(params):
         slots = [b[i] if b is not None else None for b in buffers]
         if not widened:
-            if param.numel() <= chunk:
+            if param.numel() <= CHUNK:
                 math(param, prepared(grads[i]), *slots, rows[i], lr, *hyper, flags)
                 continue
             p, g = param.reshape(-1), grads[i].reshape(-1)
             s = [x.reshape(-1) if x is not None else None for x in slots]
-            for lo in range(0, p.numel(), chunk):
-                part = slice(lo, lo + chunk)
+            for lo in range(0, p.numel(), CHUNK):
+                part = slice(lo, lo + CHUNK)
                 math(p[part], prepared(g[part]), *[x[part] if x is not None else None for x in s],
                      rows[i], lr, *hyper, flags)
             continue

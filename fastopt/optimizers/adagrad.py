@@ -34,19 +34,23 @@ def _scalars(s, group: dict, ops) -> None:
 
 def adagrad(param, grad, sum_, b1, b2, b3, row, lr, weight_decay, eps, lr_decay, h3, h4, h5,
             h6, h7, flags) -> None:
-    """One flat slice, in place (the signature of ``kernels/adagrad.py``'s). fp32 and fp64 on
-    CPUs and GPUs take torch's own fused Adagrad (one pass; torch's fused-vs-for-loop tests hold
-    it to the for-loop, as ours do); other dtypes and devices the for-loop's ops."""
-    if param.dtype in (torch.float32, torch.float64) and param.device.type in ("cpu", "cuda"):
-        step = torch.tensor(row.step, dtype=torch.float32)  # already advanced for this step
-        torch._fused_adagrad_([param], [grad], [sum_], [step], lr=lr, lr_decay=lr_decay,
-                              weight_decay=weight_decay, eps=eps, maximize=False)
-        return
+    """One flat slice, in place (the signature of ``kernels/adagrad.py``'s): torch.optim's
+    for-loop ops (fp32 and fp64 CPU buckets take ``fused`` below instead)."""
     if flags & WEIGHT_DECAY:
         grad = grad.add(param, alpha=weight_decay)
     sum_.addcmul_(grad, grad, value=1)
     std = sum_.sqrt().add_(eps)
     param.addcdiv_(grad, std, value=-row.clr)
+
+
+def fused(params, grads, buffers, steps, lr, hyper, maximize, grad_scale) -> None:
+    """A whole plan through torch's own fused CPU Adagrad (one pass per entry, each entry's
+    step count read from the scalar table, already advanced; torch's fused-vs-for-loop tests
+    hold it to the for-loop, as ours do)."""
+    weight_decay, eps, lr_decay = hyper
+    torch._fused_adagrad_(params, grads, buffers[0], steps, lr=lr, lr_decay=lr_decay,
+                          weight_decay=weight_decay, eps=eps, maximize=maximize,
+                          grad_scale=grad_scale)
 
 
 def _hyper(opt, group: dict) -> tuple:
@@ -61,6 +65,7 @@ DECLARATION = Declaration(
     derived=("clr",),
     scalar_math=_scalars,
     math=adagrad,
+    fused=fused,
     kernel="adagrad",
     hyper=_hyper,
     sparse_error=None,  # densified

@@ -34,16 +34,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastopt import dispatch, elementwise, hooks, layout
+from fastopt import elementwise, hooks, layout
 from fastopt import step as stepper
 from fastopt import in_backward as backward_steps
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket, is_movable, mark_laid_out
 from fastopt.plan import StepPlan
-from fastopt.precision import HALF_DTYPES
+from fastopt.precision import has_master, update_options
 from fastopt.state import MASTER, Entry, keep_saved_dtypes, make_reference_state
-from fastopt.validation import check_param, check_precision
+from fastopt.validation import check_bucket_options, check_group_params, check_options
 
 class FlatOptimizer(Optimizer):
     """Base class of fastopt's optimizers (see the module docstring)."""
@@ -72,30 +72,11 @@ class FlatOptimizer(Optimizer):
         return option in cls.declaration.options
 
     def __init__(self, params, defaults: dict, **options) -> None:
-        name = type(self).__name__
-        for option in options:
-            if option not in PRECISION_OPTIONS and option not in BACKEND_OPTIONS \
-                    or not self._takes(option):
-                raise TypeError(f"{name}.__init__() got an unexpected keyword argument "
-                                f"'{option}'")
-        backend = options.get("backend", "auto")
-        dispatch.check_backend(backend)
-        flatten = options.get("flatten_params", True)
-        if not isinstance(flatten, bool):
-            raise TypeError(f"flatten_params must be a bool, got {flatten!r}")
-        precision = {k: options.get(k, v) for k, v in PRECISION_OPTIONS.items()}
-        check_precision(**precision, int8_ok="int8" in self.declaration.options,
-                        amsgrad=defaults.get("amsgrad", False))
-        chosen = {k: v for k, v in precision.items() if v != PRECISION_OPTIONS[k]}
+        backend, flatten, chosen = check_options(type(self).__name__, self.declaration,
+                                                 self._takes, options, defaults)
         # differentiable=True: params stay where they are and torch.optim's own differentiable
         # algorithm runs (per-param state, autograd through the update); nothing is laid out.
         self._reference = bool(defaults.get("differentiable"))
-        if self._reference and chosen:
-            raise ValueError("differentiable=True runs torch.optim's own algorithm; it does not "
-                             "take " + ", ".join(sorted(chosen)))
-        if self._reference and not self.declaration.differentiable:
-            raise ValueError(f"{name} has no differentiable algorithm in torch.optim; "
-                             "use differentiable=False")
         self.backend = backend
         self.flatten_params = flatten  # False: params stay where they are (state still flat)
         stepper.make_eager_step()
@@ -129,7 +110,7 @@ class FlatOptimizer(Optimizer):
             return torch.float32
         if group.get("state_dtype") is not None:
             return group["state_dtype"]
-        if self._has_master(group, bucket):
+        if has_master(group, bucket.dtype):
             return torch.float32
         return bucket.dtype
 
@@ -149,38 +130,18 @@ class FlatOptimizer(Optimizer):
             return bucket.device
         return torch.device("cpu")
 
-    @staticmethod
-    def _has_master(group: dict, bucket: Bucket) -> bool:
-        return bool(group.get("master_weights")) and bucket.dtype in HALF_DTYPES
-
     def precision_names(self, group: dict, bucket: Bucket) -> list:
         """``["master_param"]`` where the group keeps fp32 masters for this bucket's params."""
-        return [MASTER] if self._has_master(group, bucket) else []
+        return [MASTER] if has_master(group, bucket.dtype) else []
 
     def precision_options(self, group: dict, bucket: Bucket, plan: StepPlan) -> dict:
         """The keywords an update function takes for masters and stochastic rounding."""
-        options = {}
-        if MASTER in bucket.state:
-            options["masters"] = plan.pieces(MASTER)
-        if group.get("stochastic_rounding") and bucket.dtype == torch.bfloat16:
-            options["rounding_seed"] = int(group.get("rounding_seed", 0))
-            options["offsets"] = plan.starts
-        return options
+        masters = plan.pieces(MASTER) if MASTER in bucket.state else None
+        return update_options(group, bucket.dtype, masters, plan.starts)
 
     def prepare_bucket(self, group: dict, bucket: Bucket) -> None:
         """Refuse params or a group option this bucket cannot take (clear error, at layout)."""
-        if not self.declaration.complex and bucket.params[0].is_complex():
-            raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-        state_dtype = group.get("state_dtype")
-        if state_dtype is not None and state_dtype != bucket.dtype \
-                and any(p.is_complex() for p in bucket.params):
-            raise ValueError(
-                f"state_dtype={state_dtype!r} applies to real params; complex params keep their "
-                "state in their own dtype (put them in a param group without state_dtype)")
-        if group.get("stochastic_rounding") and bucket.dtype == torch.float16:
-            raise ValueError(
-                "stochastic_rounding=True supports bfloat16 params (fp32 bits truncated to 16); "
-                "for float16 params use master_weights=True")
+        check_bucket_options(type(self).__name__, self.declaration, group, bucket)
 
     def bucket_variant(self, group: dict, p: Tensor):
         """Params with different variants never share a bucket (Adam: 8-bit state or not)."""
@@ -238,13 +199,7 @@ class FlatOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            for p in group["params"]:
-                check_param(p)
-            unsupported = sorted(k for k in set(group) & set(PRECISION_OPTIONS)
-                                 if not self._takes(k))
-            if unsupported:
-                raise ValueError(f"{type(self).__name__} does not take {', '.join(unsupported)}"
-                                 " (param group options)")
+            check_group_params(type(self).__name__, group, self._takes)
             stepper.check_group_options(self, group)
             stepper.max_grad_norm(self)
             if self._step_groups is not None:

@@ -15,6 +15,9 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
+from fastopt import dispatch
+from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS
+
 
 def check_lr(lr) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -191,3 +194,57 @@ def check_with(reference: type, options: dict) -> None:
     exception type and message (whatever torch version is installed): the class is built
     once on a one-element tensor, before fastopt allocates anything."""
     reference([torch.zeros(1, requires_grad=True)], **options)
+
+
+def check_options(name: str, declaration, takes, options: dict, defaults: dict) -> tuple:
+    """fastopt's keyword ``options`` given to optimizer ``name`` (``takes(option)``: does it
+    take that one?), before anything is built: ``(backend, flatten_params, chosen)``, where
+    ``chosen`` are the precision options set to other than their defaults."""
+    for option in options:
+        if option not in PRECISION_OPTIONS and option not in BACKEND_OPTIONS \
+                or not takes(option):
+            raise TypeError(f"{name}.__init__() got an unexpected keyword argument '{option}'")
+    backend = options.get("backend", "auto")
+    dispatch.check_backend(backend)
+    flatten = options.get("flatten_params", True)
+    if not isinstance(flatten, bool):
+        raise TypeError(f"flatten_params must be a bool, got {flatten!r}")
+    precision = {k: options.get(k, v) for k, v in PRECISION_OPTIONS.items()}
+    check_precision(**precision, int8_ok="int8" in declaration.options,
+                    amsgrad=defaults.get("amsgrad", False))
+    chosen = {k: v for k, v in precision.items() if v != PRECISION_OPTIONS[k]}
+    if defaults.get("differentiable"):
+        if chosen:
+            raise ValueError("differentiable=True runs torch.optim's own algorithm; it does not "
+                             "take " + ", ".join(sorted(chosen)))
+        if not declaration.differentiable:
+            raise ValueError(f"{name} has no differentiable algorithm in torch.optim; "
+                             "use differentiable=False")
+    return backend, flatten, chosen
+
+
+def check_group_params(name: str, group: dict, takes) -> None:
+    """A param group added to optimizer ``name``: params a flat buffer can hold, and only
+    the fastopt options it takes (``takes(option)``)."""
+    for p in group["params"]:
+        check_param(p)
+    unsupported = sorted(k for k in set(group) & set(PRECISION_OPTIONS) if not takes(k))
+    if unsupported:
+        raise ValueError(f"{name} does not take {', '.join(unsupported)} (param group options)")
+
+
+def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:
+    """Params or a group option ``bucket`` (params of one device and dtype) cannot take,
+    refused when it is laid out."""
+    if not declaration.complex and bucket.params[0].is_complex():
+        raise RuntimeError(f"{name} does not support complex parameters")
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None and state_dtype != bucket.dtype \
+            and any(p.is_complex() for p in bucket.params):
+        raise ValueError(
+            f"state_dtype={state_dtype!r} applies to real params; complex params keep their "
+            "state in their own dtype (put them in a param group without state_dtype)")
+    if group.get("stochastic_rounding") and bucket.dtype == torch.float16:
+        raise ValueError(
+            "stochastic_rounding=True supports bfloat16 params (fp32 bits truncated to 16); "
+            "for float16 params use master_weights=True")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 __all__ = ["Lion"]
 
-import torch
 from torch import Tensor
 
 from fastopt.declaration import ELEMENTWISE, Buffer, Declaration, decay_factor

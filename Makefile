@@ -34,7 +34,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench --json benchmarks/results/cpu-ratios.json
 	$(PY) -m benchmarks.bench --optimizers all --cases 1000x64 400x4K demo-cnn \
 		--modes fresh-step --variants fastopt --repeats 21 \
-		--json benchmarks/results/cpu-every-optimizer.json | tee benchmarks/results/cpu-every-optimizer.txt
+		--json benchmarks/results/cpu-every-optimizer.json > benchmarks/results/cpu-every-optimizer.txt
+	cat benchmarks/results/cpu-every-optimizer.txt
 
 # gpu-check: the GPU tests and microbenchmark (needs CUDA); see benchmarks/gpu_check.sh.
 gpu-check:

@@ -41,7 +41,7 @@ from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket, is_movable, mark_laid_out
 from fastopt.plan import StepPlan
-from fastopt.precision import has_master, update_options
+from fastopt.precision import has_master
 from fastopt.state import MASTER, Entry, keep_saved_dtypes, make_reference_state
 from fastopt.validation import check_bucket_options, check_group_params, check_options
 
@@ -136,8 +136,13 @@ class FlatOptimizer(Optimizer):
 
     def precision_options(self, group: dict, bucket: Bucket, plan: StepPlan) -> dict:
         """The keywords an update function takes for masters and stochastic rounding."""
-        masters = plan.pieces(MASTER) if MASTER in bucket.state else None
-        return update_options(group, bucket.dtype, masters, plan.starts)
+        options = {}
+        if MASTER in bucket.state:
+            options["masters"] = plan.pieces(MASTER)
+        if group.get("stochastic_rounding") and bucket.dtype == torch.bfloat16:
+            options["rounding_seed"] = int(group.get("rounding_seed", 0))
+            options["offsets"] = plan.starts  # computed only where rounding needs them
+        return options
 
     def prepare_bucket(self, group: dict, bucket: Bucket) -> None:
         """Refuse params or a group option this bucket cannot take (clear error, at layout)."""

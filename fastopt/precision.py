@@ -151,15 +151,3 @@ def has_master(group: dict, dtype: torch.dtype) -> bool:
     """Does ``group`` keep fp32 master copies of its params of ``dtype``?"""
     return bool(group.get("master_weights")) and dtype in HALF_DTYPES
 
-
-def update_options(group: dict, dtype: torch.dtype, masters: list | None, starts) -> dict:
-    """The keywords an update function takes for master weights (``masters``: each entry's
-    fp32 master, or None) and stochastic rounding (bf16 params; ``starts``: each entry's offset
-    in the flat layout, which seeds its rounding)."""
-    options = {}
-    if masters is not None:
-        options["masters"] = masters
-    if group.get("stochastic_rounding") and dtype == torch.bfloat16:
-        options["rounding_seed"] = int(group.get("rounding_seed", 0))
-        options["offsets"] = starts
-    return options

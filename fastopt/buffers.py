@@ -2,7 +2,10 @@
 
 - ``tensors``: one flat buffer per state name (``exp_avg``, ``square_avg``...), with the
   bucket's slots, or ``rows`` rows of them (a per-sample table, SAGA's), or one entry per block
-  of a param (``blockwise``: 8-bit state's scales, with ``block_table``/``block_starts``);
+  of a param (``blockwise``: 8-bit state's scales, with ``block_table``/``block_starts``), or
+  ``packed``: shapes of their own per param (Adafactor's ``row_var``), each piece in an aligned
+  slot of its own (laid out as the params are, so a run of params that all keep a
+  param-shaped packed state spans one range of it with the params' own spacing);
 - ``scalars``: float32 ``[params, width]``: per param the scalars its declaration keeps
   (``step``, ``mu_product``...) and then the values the scalar math derives from them each step
   (the kernels read a param's row); ``ids`` are equal for params whose kept scalars are equal,
@@ -14,10 +17,12 @@ module only holds them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from fastopt.flat import DTensor, is_dtensor, own_storage_view
+from fastopt.flat import DTensor, aligned_offsets, is_dtensor, own_storage_view
 
 
 class Buffers:
@@ -28,6 +33,7 @@ class Buffers:
         n = len(bucket.params)
         self.tensors: dict = {}  # name -> flat buffer
         self.rows: dict = {}  # name -> rows, for table buffers (SAGA)
+        self.packed: dict = {}  # name -> per param (start, end, shape), or None: keeps none
         self.blockwise: set = set()  # names with one entry per block (8-bit state's scales)
         self.block_table: Tensor | None = None  # int64 [blocks, 2]: flat [start, end) of each
         self.block_starts: list = []  # param i's blocks: [block_starts[i], block_starts[i + 1])
@@ -43,23 +49,35 @@ class Buffers:
         return name in self.tensors
 
     def ensure(self, name: str, rows: int | None = None, dtype: torch.dtype | None = None,
-               fill: float = 0.0) -> Tensor:
+               fill: float = 0.0, shapes: list | None = None) -> Tensor:
         """The flat state buffer ``name`` (``fill`` when new): the bucket's slots, or ``rows``
-        rows of them, or one per block for a blockwise name (``*_absmax``), in ``dtype``
+        rows of them, or one per block for a blockwise name (``*_absmax``), or packed pieces
+        of ``shapes`` (one per param, None for a param that keeps none), in ``dtype``
         (default: the params')."""
         if name not in self.tensors:
             b = self.bucket
             size = b.numel * (1 if rows is None else rows)
-            if name.endswith("_absmax") and self.block_table is not None:
+            if shapes is not None:
+                size = self._pack(name, shapes)
+            elif name.endswith("_absmax") and self.block_table is not None:
                 self.blockwise.add(name)
                 size = self.block_starts[-1]
             self.tensors[name] = torch.full((size,), fill, dtype=dtype or b.dtype,
                                             device=b.device)
-            if fill != 0.0 and rows is None and name not in self.blockwise:
+            if fill != 0.0 and rows is None and name not in self.blockwise \
+                    and name not in self.packed:
                 _zero_padding(b, self.tensors[name])
             if rows is not None:
                 self.rows[name] = rows
         return self.tensors[name]
+
+    def _pack(self, name: str, shapes: list) -> int:
+        """Lay out packed buffer ``name``: a slot per param that keeps it; its size."""
+        kept = [shape for shape in shapes if shape is not None]
+        starts, ends, size = aligned_offsets([math.prod(shape) for shape in kept])
+        slots = iter(zip(starts, ends, kept))
+        self.packed[name] = [None if shape is None else next(slots) for shape in shapes]
+        return size
 
     def ensure_scalars(self, names: tuple, width: int, device: torch.device) -> Tensor:
         """The scalar table: ``names`` kept per param, ``width`` columns in all."""
@@ -97,19 +115,26 @@ class Buffers:
         self.block_table = torch.cat(rows).to(b.device)
         self.block_starts = starts
 
-    def local_view(self, name: str, i: int) -> Tensor:
+    def local_view(self, name: str, i: int) -> Tensor | None:
         """Param i's part of buffer ``name``: param-shaped, ``[rows, *shape]`` for a table, its
-        run of block scales for a blockwise buffer (8-bit state)."""
+        run of block scales for a blockwise buffer (8-bit state), its own shape for a packed
+        one (None where param i keeps none)."""
         buffer = self.tensors[name]
+        if name in self.packed:
+            slot = self.packed[name][i]
+            return None if slot is None else buffer[slot[0] : slot[1]].view(slot[2])
         if name in self.blockwise:
             return buffer[self.block_starts[i] : self.block_starts[i + 1]]
         return self.bucket.view(buffer, i, self.rows.get(name))
 
-    def state_view(self, name: str, i: int) -> Tensor:
+    def state_view(self, name: str, i: int) -> Tensor | None:
         """What ``optimizer.state`` holds for param i: its view of buffer ``name`` (with a
         storage of its own), as a DTensor laid out like the param when the param is one (as
         torch.optim's would be)."""
-        view = own_storage_view(self.local_view(name, i))
+        view = self.local_view(name, i)
+        if view is None:
+            return None
+        view = own_storage_view(view)
         p = self.bucket.params[i]
         if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise:
             return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,

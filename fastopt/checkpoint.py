@@ -48,7 +48,7 @@ def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> N
     if not isinstance(entry, dict):
         raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state of "
                          f"{where}; expected a dict")
-    required, known = optimizer.saved_state_names(group)
+    required, known = optimizer.saved_state_names(group, p)
     scalars = list(optimizer.declaration.scalar_names)
     absent = [n for n in scalars + list(required) if n not in entry]
     if absent:
@@ -68,7 +68,11 @@ def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> N
         if not isinstance(value, Tensor):
             raise ValueError(f"loaded state dict has '{name}' of type {type(value).__name__} "
                              f"for {where}; expected a Tensor")
-        expected = tuple(optimizer.saved_state_shape(group, p, name))
+        expected = optimizer.saved_state_shape(group, p, name)
+        if expected is None:
+            raise ValueError(f"loaded state dict has '{name}' for a parameter of shape "
+                             f"{tuple(p.shape)}, which keeps no '{name}'")
+        expected = tuple(expected)
         if tuple(value.shape) != expected:
             raise ValueError(
                 f"loaded state dict has '{name}' of shape {tuple(value.shape)} for a parameter "

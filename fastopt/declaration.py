@@ -7,7 +7,9 @@ kernel report, the benchmarks and the tests) reads everything else from it:
 - ``buffers``: the state tensors shaped like their param (``exp_avg``, ``square_avg``...), each
   one flat buffer per bucket, with its initial value (a number, or the group option holding it,
   as Rprop's ``step_size`` from ``lr``) and, for optional ones, the group option that
-  switches it on (``amsgrad``, ``centered``);
+  switches it on (``amsgrad``, ``centered``); a buffer with a ``shape`` rule is shaped by it
+  instead (Adafactor's factored ``row_var`` and ``col_var``), its pieces packed back to back
+  in aligned slots, and kept only by the params the rule gives a shape;
 - ``scalars``: per-param scalars kept in the state (``step``, NAdam's ``mu_product``, ASGD's
   ``eta`` and ``mu``), the first columns of one small table per bucket; ``derived`` names the
   values the scalar math computes from them each step (bias corrections, step sizes), the
@@ -52,9 +54,16 @@ class Buffer:
     name: str
     init: float | str = 0.0  # initial value, or the name of the group option holding it
     when: Callable | None = None  # group -> present? (None: always)
+    # param shape -> this state's shape for that param, or None where the param keeps none
+    # (None: the param's own shape, for every param)
+    shape: Callable | None = None
 
     def present(self, group: dict) -> bool:
         return self.when is None or bool(self.when(group))
+
+    def shape_for(self, param_shape: tuple) -> tuple | None:
+        """The shape this state has for a param of ``param_shape`` (None: it keeps none)."""
+        return tuple(param_shape) if self.shape is None else self.shape(tuple(param_shape))
 
     def initial(self, group: dict) -> float:
         value = group[self.init] if isinstance(self.init, str) else self.init
@@ -103,6 +112,7 @@ class Declaration:
     cost: str = "elementwise"  # which row of fastopt.plan.CPU_COSTS prices its step
     by_address: bool = True  # its kernels read fresh grads through an address table
     differentiable: bool = True  # differentiable=True runs ``reference``'s own algorithm
+    whole_params: bool = False  # its math reduces over whole params: DTensor shards refused
     extra: dict = field(default_factory=dict)  # anything an optimizer's own update needs
 
     def buffer_names(self, group: dict) -> list:

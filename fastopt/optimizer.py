@@ -118,6 +118,14 @@ class FlatOptimizer(Optimizer):
         """Rows of a table buffer (one per sample, SAGA's); None for one shaped like a param."""
         return None
 
+    def buffer_shapes(self, bucket: Bucket, name: str) -> list | None:
+        """Per param, the shape of packed state ``name`` (None where it keeps none), for a
+        buffer declared with a shape rule; None for a buffer shaped like the params."""
+        declared = self.declaration.buffer(name)
+        if declared is None or declared.shape is None:
+            return None
+        return [declared.shape_for(shape) for shape in bucket.param_shapes]
+
     def buffer_init(self, group: dict, name: str) -> float:
         declared = self.declaration.buffer(name)
         return declared.initial(group) if declared is not None else 0.0
@@ -188,14 +196,18 @@ class FlatOptimizer(Optimizer):
         view = bucket.state.local_view(name, i)
         view.copy_(value.to(device=view.device, dtype=view.dtype))
 
-    def saved_state_names(self, group: dict) -> tuple:
-        """(required, known) names of a param's saved state tensors: those a saved param
+    def saved_state_names(self, group: dict, p: Tensor) -> tuple:
+        """(required, known) names of param ``p``'s saved state tensors: those a saved param
         state must hold, and those it may hold (checked when present)."""
-        return self.declaration.buffer_names(group), [b.name for b in self.declaration.buffers
-                                                      ] + [MASTER]
+        declared = self.declaration
+        kept = [b.name for b in declared.buffers if b.shape_for(p.shape) is not None]
+        return [n for n in declared.buffer_names(group) if n in kept], kept + [MASTER]
 
     def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
         """The shape state ``name`` of param ``p`` has in a state_dict."""
+        declared = self.declaration.buffer(name)
+        if declared is not None and declared.shape is not None:
+            return declared.shape_for(p.shape)
         rows = self.buffer_rows(group, name)
         return tuple(p.shape) if rows is None else (rows, *p.shape)
 

@@ -51,9 +51,12 @@ _CONTIGUOUS = Tensor.is_contiguous
 # "elementwise" (every declared optimizer's torch twin) is not fitted: a twin is a chain of 4 to
 # 12 torch ops per entry (30 us is the order of such a chain's fixed cost on a small tensor), so
 # one call over the gathered bucket pays whenever a bucket has more than a few tensors.
+# "adafactor" is priced the same: a param alone is a dozen ops, a run of vectors in the
+# gathered buffer a dozen ops in all.
 CPU_COSTS = {
     "adam": {"per_tensor": 3.7e-6, "per_element": 0.97e-9, "flat_per_element": 0.88e-9},
     "elementwise": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
+    "adafactor": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
     "sgd": {"per_tensor": 2.4e-6, "per_element": 0.69e-9, "flat_per_element": 0.64e-9},
     "copy": {"per_tensor": 1.1e-6, "per_element": 0.81e-9},
 }

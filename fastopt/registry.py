@@ -23,6 +23,7 @@ MODULES = (
     "adadelta",
     "asgd",
     "rprop",
+    "adafactor",
 )
 
 

@@ -34,7 +34,7 @@ def ensure_buffer(opt, group: dict, bucket: Bucket, name: str) -> Tensor:
     optimizer stores it in."""
     return bucket.state.ensure(name, opt.buffer_rows(group, name),
                                opt.buffer_dtype(group, bucket, name),
-                               opt.buffer_init(group, name))
+                               opt.buffer_init(group, name), opt.buffer_shapes(bucket, name))
 
 
 def ensure_scalars(opt, bucket: Bucket) -> Tensor | None:
@@ -63,10 +63,13 @@ def flat_extra(bucket: Bucket, i: int, value) -> bool:
 
 
 def state_views(opt, bucket: Bucket, i: int, names: list) -> dict:
-    """Param i's state as ``optimizer.state`` shows it: its scalars and a view per name."""
+    """Param i's state as ``optimizer.state`` shows it: its scalars and a view per name it
+    keeps (a packed buffer's shape rule may give it none)."""
     views = {name: column[i] for name, column in bucket.state.views.items()}
     for name in names:
-        views[name] = bucket.state.state_view(name, i)
+        view = bucket.state.state_view(name, i)
+        if view is not None:
+            views[name] = view
     return views
 
 
@@ -103,6 +106,8 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
             state = opt.state[bucket.params[i]]
             for name in names:
                 value = state.get(name)
+                if bucket.state.local_view(name, i) is None:
+                    continue  # a packed state this param does not keep
                 if isinstance(value, Tensor):
                     opt.adopt_value(bucket, i, name, local_value(value, bucket.params[i]))
                 elif name == MASTER:  # state saved without masters: start from the param
@@ -149,10 +154,11 @@ def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
     (an option switched on mid-run: amsgrad, master_weights, momentum)."""
     ensure_buffer(opt, group, bucket, name)
     for i, p in enumerate(bucket.params):
-        if bucket.state.has_state[i]:
+        view = bucket.state.state_view(name, i)
+        if bucket.state.has_state[i] and view is not None:
             if name == MASTER:
                 bucket.state.local_view(name, i).copy_(local_value(p.detach(), p))
-            dict.__setitem__(opt.state[p], name, bucket.state.state_view(name, i))
+            dict.__setitem__(opt.state[p], name, view)
 
 
 def keep_saved_dtypes(opt, state_dict: dict) -> None:

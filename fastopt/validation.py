@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastopt import dispatch
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS
+from fastopt.flat import is_dtensor
 
 
 def check_lr(lr) -> None:
@@ -238,6 +239,11 @@ def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:
     refused when it is laid out."""
     if not declaration.complex and bucket.params[0].is_complex():
         raise RuntimeError(f"{name} does not support complex parameters")
+    if declaration.whole_params and bucket.external \
+            and any(is_dtensor(p) for p in bucket.params):
+        raise ValueError(
+            f"{name} reduces over whole params (per-param norms, row and column statistics); "
+            "DTensor params (FSDP2, tensor parallel) hold only a shard of each")
     state_dtype = group.get("state_dtype")
     if state_dtype is not None and state_dtype != bucket.dtype \
             and any(p.is_complex() for p in bucket.params):

@@ -60,6 +60,9 @@ class OptimInfo:
     reference_name: str | None = None  # the reference class's name (default: ``name``)
     # options the reference reads from its constructor only (never from a param group)
     constructor_only: tuple = ()
+    # does the reference step empty params? (torch's Adafactor divides by their size: a
+    # ZeroDivisionError; fastopt's leaves them as they are, tests/test_behaviour.py)
+    empty_params: bool = True
 
     @property
     def cls(self) -> type:
@@ -323,6 +326,29 @@ OPTIM_DB = [
         typical=dict(lr=1e-2),
         half=[dict(lr=1e-3, weight_decay=0.1)],
         constructor_only=("decoupled_weight_decay",),
+    ),
+    OptimInfo(
+        "Adafactor",
+        [
+            ({}, "defaults"),
+            (dict(lr=0.05, beta2_decay=-0.5, eps=(1e-3, 1e-2), d=1.5), "custom decay, eps, d"),
+            (dict(lr=0.05, weight_decay=0.1, maximize=True), "weight decay and maximize"),
+            (dict(lr=0.02, eps=(1e-30, 1e-3), d=1.0, weight_decay=0.05),
+             "tiny eps1, every update clipped"),
+        ],
+        errors=[
+            (dict(lr=-0.1), ValueError, r"^Learning rate should be >= 0 but is: -0\.1$"),
+            (dict(beta2_decay=0.5), ValueError, r"^beta2_decay should be <= 0 but is: 0\.5$"),
+            (dict(eps=(-1.0, 1e-3)), ValueError, r"^epsilon1 should be >= 0 but is: -1\.0$"),
+            (dict(eps=(None, -1.0)), ValueError, r"^epsilon2 should be >= 0 but is: -1\.0$"),
+            (dict(d=0.5), ValueError, r"^Clipping threshold d should be >= 1 but is: 0\.5$"),
+            (dict(weight_decay=-0.1), ValueError,
+             r"^weight_decay should be >= 0 but is: -0\.1$"),
+            (dict(lr=torch.tensor([0.1, 0.2])), ValueError, TENSOR_LR),
+        ],
+        typical=dict(lr=0.05),
+        half=[dict(lr=1e-2, eps=(1e-3, 1e-3))],
+        empty_params=False,
     ),
 ]
 

@@ -223,7 +223,7 @@ class Adam(FlatOptimizer):
             return
         super().adopt_value(bucket, i, name, value)
 
-    def saved_state_names(self, group: dict) -> tuple:
+    def saved_state_names(self, group: dict, p: Tensor) -> tuple:
         required = ["exp_avg", "exp_avg_sq"]
         if group.get("amsgrad") and group.get("state_dtype") != INT8:
             required.append("max_exp_avg_sq")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -47,6 +48,7 @@ from fastopt.quantization import num_blocks
 from fastopt.torch_path import CHUNK
 
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
+ADAFACTOR_RUN_TEMPORARIES = 4  # g*g, the update, its squares, the per-element coefficient
 CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk-sized temporaries
 # Temporaries per element of a widened slice on the CPU torch path (measured: ~36 bytes for
 # 8-bit state, ~36 for bf16 state, in slices of fastopt.precision.SLICE elements).
@@ -155,10 +157,11 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, variant,
                    p.is_complex(), movable)
             bucket = buckets.setdefault(key, dict(bytes=0, count=0, largest=0, blocks=0,
-                                                  sizes=[], movable=movable))
+                                                  sizes=[], shapes=[], movable=movable))
             real_elements = local(p).numel() * (2 if p.is_complex() else 1)
             bucket["blocks"] += num_blocks(real_elements)
             bucket["sizes"].append(real_elements)
+            bucket["shapes"].append(tuple(local(p).shape))
             bucket["bytes"] += size
             bucket["count"] += 1
             bucket["largest"] = max(bucket["largest"], size)
@@ -190,17 +193,23 @@ def _largest_step_group(sizes: list, itemsize: int) -> int:
 def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
     """The state buffers the optimizer's rules give this bucket (``buffer_names``), each in its
     stored dtype (``buffer_dtype``: ``state_dtype``, fp32 beside fp32 masters, 8-bit codes),
-    ``buffer_rows`` rows of the flat layout (SAGA's table) or one fp32 scale per block
-    (8-bit state's ``*_absmax``), plus the scalar table: 4 bytes per kept scalar and derived
-    value per param."""
+    ``buffer_rows`` rows of the flat layout (SAGA's table), one fp32 scale per block
+    (8-bit state's ``*_absmax``) or packed pieces of the declared shapes (Adafactor's), plus
+    the scalar table: 4 bytes per kept scalar and derived value per param."""
     elements = bucket["elements"]  # of each flat buffer, alignment padding included
     total = 0
     for name in rules.buffer_names(options, shape):
+        itemsize = rules.buffer_dtype(options, shape, name).itemsize
         if name.endswith("_absmax") and shape.variant is not None:
             total += 4 * bucket["blocks"]
             continue
+        declared = rules.declaration.buffer(name)
+        if declared is not None and declared.shape is not None:
+            pieces = [declared.shape_for(s) for s in bucket["shapes"]]
+            total += padded_size([math.prod(p) for p in pieces if p is not None]) * itemsize
+            continue
         rows = rules.buffer_rows(options, name) or 1
-        total += rows * elements * rules.buffer_dtype(options, shape, name).itemsize
+        total += rows * elements * itemsize
     declared = rules.declaration
     if declared.scalars:
         total += 4 * (len(declared.scalars) + len(declared.derived)) * bucket["count"]
@@ -216,6 +225,14 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> in
         scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries
     if on_cpu and cost == "saga":
         scratch += 2 * bucket["bytes"]  # g - table_i and the update, on the torch path
+    if cost == "adafactor":  # torch ops on either device: a run of vectors' few temporaries,
+        # a matrix's estimate and scaled update, and the grads divided by a clip
+        vectors = sum(math.prod(s) for s in bucket["shapes"] if len(s) <= 1)
+        matrices = [math.prod(s) for s in bucket["shapes"] if len(s) > 1]
+        scratch += ADAFACTOR_RUN_TEMPORARIES * padded_size([vectors]) * max(dtype.itemsize, 4)
+        scratch += 2 * max(matrices, default=0) * dtype.itemsize
+        if options.get("max_grad_norm") is not None:
+            scratch += bucket["elements"] * dtype.itemsize
     if on_cpu and cost == "elementwise":
         # the torch twin's temporaries, a chunk at a time
         largest = bucket["largest"] // dtype.itemsize

@@ -10,7 +10,7 @@ import torch
 
 import fastopt
 from helpers import (BACKENDS, PAIRS, assert_state_close, clone_params, lives_in, make_params,
-                     owns_storage)
+                     owns_storage, steppable)
 from optim_db import BY_NAME, NAMES
 
 SHAPES = [(0,), (129,), (), (4, 5), (1,)]
@@ -51,7 +51,7 @@ def roundtrip(sd):
 @pytest.mark.parametrize("name", NAMES)
 def test_format_is_torch_per_param(name):
     ours_cls, reference = PAIRS[name]
-    init = make_params(SHAPES)
+    init = make_params(steppable(name, SHAPES))
     ours_params, ref_params = clone_params(init), clone_params(init)
     ours, ref = ours_cls(ours_params, **OPTIONS[name]), reference(ref_params, **OPTIONS[name])
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +86,7 @@ def test_format_is_torch_per_param(name):
 def test_torch_to_fastopt_mid_run(name, variant, backend):
     """State saved by torch's for-loop, foreach and fused variants continues identically."""
     ours_cls, reference = PAIRS[name]
-    init = make_params(SHAPES)
+    init = make_params(steppable(name, SHAPES))
     ref_params, twin_params = clone_params(init), clone_params(init)
     ref = reference(ref_params, **OPTIONS[name], **variant)
     twin = reference(twin_params, **OPTIONS[name])
@@ -110,7 +110,7 @@ def test_torch_to_fastopt_mid_run(name, variant, backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_fastopt_to_torch_mid_run(name):
     ours_cls, reference = PAIRS[name]
-    init = make_params(SHAPES)
+    init = make_params(steppable(name, SHAPES))
     ours_params, twin_params = clone_params(init), clone_params(init)
     ours = ours_cls(ours_params, **OPTIONS[name])
     twin = reference(twin_params, **OPTIONS[name])
@@ -134,7 +134,7 @@ def test_fastopt_to_torch_mid_run(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_is_bit_identical(name, backend):
     ours_cls, _ = PAIRS[name]
-    init = make_params(SHAPES)
+    init = make_params(steppable(name, SHAPES))
     straight_params, first_params = clone_params(init), clone_params(init)
     straight = ours_cls(straight_params, backend=backend, **OPTIONS[name])
     first = ours_cls(first_params, backend=backend, **OPTIONS[name])

@@ -133,8 +133,6 @@ def _update_entry(bucket, chunk, s: _Settings, step) -> None:
     grads = chunk.grad.reshape(-1)
     if s.grad_scale is not None:
         grads = grads / s.grad_scale.to(grads.device)
-    if s.maximize:
-        grads = -grads
     vectors = [_param(bucket, chunk, unit) for unit in plan.vectors]
     matrices = [_param(bucket, chunk, unit) for unit in plan.matrices]
     # alpha per param, from the params before the weight decay
@@ -145,7 +143,7 @@ def _update_entry(bucket, chunk, s: _Settings, step) -> None:
         norms = torch.stack(torch._foreach_norm(matrices)).to(s.acc)
         matrix_alphas = (torch.clamp(norms / plan.matrix_sizes(norms.device, s.acc).sqrt(),
                                      min=s.eps2) * rho).unbind()
-    if s.weight_decay != 0:
+    if s.weight_decay != 0 and (vectors or matrices):
         torch._foreach_mul_(vectors + matrices, 1 - s.lr * s.weight_decay)
     state = bucket.state
     for p, unit, alpha in zip(vectors, plan.vectors, alphas):
@@ -208,8 +206,15 @@ def _vector_step(p: Tensor, g: Tensor, variance: Tensor, unit, alpha: Tensor,
     if padding is not None:
         update.masked_fill_(padding, 0)
     rms = _rms(update, unit.lengths, unit.numels, s.acc)
-    coef = -alpha / torch.clamp(rms / s.d, min=1.0)
+    coef = _coef(alpha, rms, s)
     p.add_(update * _expand(coef, unit.lengths, p.numel()).to(p.dtype))
+
+
+def _coef(alpha: Tensor, rms: Tensor, s: _Settings) -> Tensor:
+    """The update's coefficient, :math:`-\\alpha / \\max(1, \\operatorname{RMS}(U)/d)`, for
+    :math:`U` computed from the grad as it is (``maximize`` flips its sign here)."""
+    coef = alpha / torch.clamp(rms / s.d, min=1.0)
+    return coef if s.maximize else -coef
 
 
 def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: Tensor,
@@ -224,7 +229,7 @@ def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: 
     estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=s.eps1))
     update = estimate.clamp_(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
     rms = torch.linalg.vector_norm(update).to(s.acc) / math.sqrt(update.numel())
-    coef = -alpha / torch.clamp(rms / s.d, min=1.0)
+    coef = _coef(alpha, rms, s)
     p.add_(update * coef.to(p.dtype))
 
 
@@ -277,11 +282,11 @@ class _EntryPlan:
     def padding(self, bucket, unit: _Unit) -> Tensor | None:
         """A run's padding between its params, as a mask (None if it has none)."""
         if unit.start not in self._padding:
-            base = bucket.starts[unit.index] - unit.start
-            mask = torch.ones(unit.end - unit.start, dtype=torch.bool, device=bucket.device)
+            first, size = bucket.starts[unit.index], unit.end - unit.start
+            mask = torch.ones(size, dtype=torch.bool, device=bucket.device)
             k = unit.index
-            while k < len(bucket.starts) and bucket.ends[k] - base <= unit.end:
-                mask[bucket.starts[k] - base : bucket.ends[k] - base] = False
+            while k < len(bucket.starts) and bucket.ends[k] - first <= size:
+                mask[bucket.starts[k] - first : bucket.ends[k] - first] = False
                 k += 1
             self._padding[unit.start] = mask if bool(mask.any()) else None
         return self._padding[unit.start]

@@ -121,6 +121,8 @@ def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     name, refusal = _wording(type(opt))
     fused = fused_devices(declared.reference) if group.get("fused") else None
     checked = check_grads(bucket, index, name, refusal, fused)
+    if checked is not None and not declared.complex and bucket.params[0].is_complex():
+        raise RuntimeError(f"{name} does not support complex parameters")  # at the step, as torch
     if checked is not None and not declared.sparse_weight_decay \
             and group.get("weight_decay", 0) != 0 and any(g.is_sparse for g in checked.grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")

@@ -237,8 +237,6 @@ def check_group_params(name: str, group: dict, takes) -> None:
 def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:
     """Params or a group option ``bucket`` (params of one device and dtype) cannot take,
     refused when it is laid out."""
-    if not declaration.complex and bucket.params[0].is_complex():
-        raise RuntimeError(f"{name} does not support complex parameters")
     if declaration.whole_params and bucket.external \
             and any(is_dtensor(p) for p in bucket.params):
         raise ValueError(

@@ -65,7 +65,7 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     entry (params sharing a step count) updated, vectors in flat runs, matrices one by one.
     ``grad_scale`` is the grad divisor ``max_grad_norm`` folds in (GradScaler's is refused)."""
     table = bucket.state.scalars
-    host = bucket.device.type == "cpu"
+    host = _on_host(bucket)
     if found_inf is not None and host and bool(found_inf):
         return  # the CPU reads it: nothing changes
     saved = None
@@ -83,6 +83,11 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         for old, new in zip(saved, _written(bucket)):
             new.copy_(torch.where(skip, old, new))
     opt.renumber(bucket, plan)
+
+
+def _on_host(bucket) -> bool:
+    """Are the bucket's scalars read as Python numbers (CPU), or kept as tensors (no sync)?"""
+    return bucket.device.type == "cpu"
 
 
 def _written(bucket) -> list:

@@ -1,0 +1,108 @@
+"""Adafactor beyond the table-driven tests: its factored state, params torch's cannot step
+(empty ones), complex params refused at the step as torch refuses them, and the device-tensor
+scalars the GPU path keeps (run here on CPU tensors)."""
+
+import pytest
+import torch
+from helpers import compare_runs, make_params
+
+import fastopt
+from fastopt.optimizers import adafactor
+
+SHAPES = [(129,), (), (1,), (4, 5), (2, 3, 7), (65,), (64, 3)]
+
+
+def test_state_is_factored_for_matrices_and_packed():
+    params = [torch.nn.Parameter(t) for t in make_params([(64, 32), (10,), (2, 3, 5), ()])]
+    opt = fastopt.Adafactor(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = [opt.state[p] for p in params]
+    assert set(state[0]) == {"step", "row_var", "col_var"}
+    assert state[0]["row_var"].shape == (64, 1) and state[0]["col_var"].shape == (1, 32)
+    assert set(state[1]) == {"step", "variance"} and state[1]["variance"].shape == (10,)
+    assert state[2]["row_var"].shape == (2, 3, 1) and state[2]["col_var"].shape == (2, 1, 5)
+    assert state[3]["variance"].shape == ()
+    tensors = opt._buckets[0][0].state.tensors
+    # 64 + 6 rows (two 64-element slots), 32 + 10 columns (two slots), 10 + 1 variances
+    assert {k: v.numel() for k, v in tensors.items()} == {"row_var": 128, "col_var": 128,
+                                                          "variance": 128}
+    estimate = fastopt.memory.estimate(params, "adafactor")
+    assert estimate["cpu"].state_bytes == 4 * 3 * 128 + 4 * 4  # buffers and the step column
+
+
+def test_empty_params_are_left_as_they_are():
+    # torch.optim.Adafactor divides by an empty param's size (ZeroDivisionError); fastopt's
+    # counts its steps and updates the others exactly as torch updates them without it
+    init = make_params([(0,), (4, 5), (0, 3), (7,)], seed=3)
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init[1::2]]
+    opt = fastopt.Adafactor(ours, lr=0.05, weight_decay=0.1)
+    ref_opt = torch.optim.Adafactor(ref, lr=0.05, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for p in ours:
+            p.grad = torch.randn(p.shape, generator=gen)
+        for p, q in zip(ours[1::2], ref):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert ours[0].shape == (0,) and ours[2].shape == (0, 3)
+    assert opt.state[ours[0]]["step"].item() == 3.0
+    assert opt.state[ours[2]]["row_var"].shape == (0, 1)
+    for p, q in zip(ours[1::2], ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("cls", [fastopt.Adafactor, fastopt.Lion])
+def test_complex_params_are_refused_at_the_step_and_nothing_changes(cls):
+    real = torch.nn.Parameter(torch.randn(3))
+    z = torch.nn.Parameter(torch.randn(2, 3, dtype=torch.complex64))
+    opt = cls([real, z])  # constructed, as torch's: the step refuses them
+    real.grad, z.grad = torch.randn(3), torch.randn(2, 3, dtype=torch.complex64)
+    before = real.detach().clone()
+    with pytest.raises(RuntimeError, match=f"^{cls.__name__} does not support complex "
+                                           "parameters$"):
+        opt.step()
+    assert torch.equal(real.detach(), before) and not opt.state
+
+
+@pytest.fixture
+def device_scalars(monkeypatch):
+    """The GPU path's scalars (tensors, never read back) on CPU tensors."""
+    monkeypatch.setattr(adafactor, "_on_host", lambda bucket: False)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.05, weight_decay=0.1, maximize=True),
+                                    dict(lr=torch.tensor(0.02), eps=(1e-30, 1e-3))],
+                         ids=["defaults", "decay-maximize", "tensor-lr-tiny-eps"])
+def test_device_scalars_equal_torch(device_scalars, kwargs):
+    compare_runs("Adafactor", kwargs, SHAPES, steps=8)
+    compare_runs("Adafactor", kwargs, SHAPES, steps=6, skip=lambda step, i: (step + i) % 3 == 0)
+
+
+def test_device_scalars_skip_a_non_finite_step_without_reading_it(device_scalars):
+    init = make_params(SHAPES, seed=5)
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fastopt.Adafactor(ours, lr=0.05, max_grad_norm=1.0)
+    ref = torch.optim.Adafactor(twins, lr=0.05, foreach=False)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        if step == 2:
+            grads[3][0, 0] = float("nan")
+        before = [p.detach().clone() for p in ours]
+        state = {k: v.clone() for k, v in opt.state[ours[3]].items()} if step else None
+        for p, q, g in zip(ours, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        if step == 2:  # nothing changed, the step count included
+            assert all(torch.equal(p.detach(), b) for p, b in zip(ours, before))
+            assert all(torch.equal(opt.state[ours[3]][k], v) for k, v in state.items())
+            continue
+        torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        ref.step()
+        for p, q in zip(ours, twins):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7)

@@ -74,10 +74,13 @@ def variants_of(name: str, wanted) -> tuple:
 
 def bytes_per_element(name: str, element_size: int = 4) -> int:
     """Bytes a fused step must move per element: read param and grad, write the param, read
-    and write each state buffer (fp32 AdamW: 28)."""
+    and write each state buffer shaped like the params (fp32 AdamW: 28; Adafactor's factored
+    state is a few numbers per row and column of a matrix, not counted: 12)."""
     cls = registry.get(name)
     group = {**cls._option_defaults(), **OPTIONS[name]}
-    return element_size * (3 + 2 * len(cls.declaration.buffer_names(group)))
+    declared = cls.declaration
+    shaped = [n for n in declared.buffer_names(group) if declared.buffer(n).shape is None]
+    return element_size * (3 + 2 * len(shaped))
 
 
 BYTES_PER_ELEMENT = {name: bytes_per_element(name) for name in OPTIONS}

@@ -47,6 +47,7 @@ SETTINGS = {
     "ASGD": dict(lr=0.2),
     "Rprop": dict(lr=1e-3, step_sizes=(1e-6, 1e-2)),
     "Lion": dict(lr=1e-3, weight_decay=0.1),
+    "Adafactor": dict(lr=1e-2),
 }
 
 

@@ -236,7 +236,10 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
         step_runs = runs(participants, keys)
 
     def whole(route: str, grad) -> StepPlan:  # one entry: the whole bucket
-        return StepPlan(bucket, route, step_runs, key, [Chunk(0, n, 0, bucket.numel, grad, key)])
+        chunk = Chunk(0, n, 0, bucket.numel, grad, key)
+        if n == 1 and route != "table":  # shaped as the param's piece (Bucket.pieces' rule)
+            chunk = chunk._replace(grad=bucket.pieces("grad", [chunk])[0])
+        return StepPlan(bucket, route, step_runs, key, [chunk])
 
     if keys is not None or len(participants) != n:
         return StepPlan(bucket, "chunks", step_runs, key,

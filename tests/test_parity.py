@@ -189,3 +189,14 @@ def test_late_starters_share_a_flat_buffer_with_older_params(name, kwargs, desc,
     # buffer, but the step counts (and SGD's first-step buffers) differ between neighbours.
     compare_runs(name, kwargs, SHAPES, steps=9, skip=lambda step, i: step < 3 and i % 2 == 0,
                  in_place=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh-grads", "flat-grads"])
+@pytest.mark.parametrize("shape", [(2, 64), (0, 1)], ids=["fills-its-buffer", "empty-2d"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_lone_param_of_rank_two(name, shape, in_place, backend):
+    # One param whose slot is its whole bucket (128 elements, or none): its grad is seen in the
+    # param's shape, whichever route the step takes (found by the property test)
+    compare_runs(name, BY_NAME[name].typical, [shape], steps=3, in_place=in_place,
+                 backend=backend)

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -39,6 +40,8 @@ OPTION_VALUES = {
     "initial_accumulator_value": lambda: st.floats(0.0, 1.0),
     "etas": lambda: st.tuples(st.floats(0.1, 0.9), st.floats(1.1, 2.0)),
     "step_sizes": lambda: st.tuples(st.floats(1e-6, 1e-3), st.floats(1.0, 50.0)),
+    "beta2_decay": lambda: st.floats(-1.0, 0.0),
+    "d": lambda: st.floats(1.0, 3.0),
 }
 
 
@@ -56,6 +59,8 @@ def configurations(draw):
         kwargs["decoupled_weight_decay"] = kwargs["lr"] > 0 and draw(st.booleans())
     if info.name == "ASGD":  # t0 and the averaging: every step count is a float
         kwargs["alpha"] = draw(st.floats(0.0, 1.0))
+    if info.name == "Adafactor":  # eps is (eps1 or None, eps2)
+        kwargs["eps"] = (draw(st.one_of(st.none(), st.floats(0.0, 1e-2))), draw(st.floats(0.0, 1e-2)))
     return info.name, kwargs
 
 
@@ -128,7 +133,6 @@ def test_lean_options_refuse_clearly_or_train_and_resume_exactly(config, dtype, 
     except (ValueError, TypeError) as error:
         event(f"refused: {type(error).__name__}: {str(error)[:60]}")
         return  # a documented refusal (e.g. stochastic rounding on SGD or fp16)
-    event("trained")
 
     def run(opt, params, first, steps, gen):
         for step in range(first, first + steps):
@@ -137,6 +141,14 @@ def test_lean_options_refuse_clearly_or_train_and_resume_exactly(config, dtype, 
                 p.grad = None if (skip_mask >> ((step * 3 + i) % 12)) & 1 else g
             opt.step()
 
+    if dtype.is_complex and not cls.declaration.complex:  # refused at the step, as torch does
+        for p in params:
+            p.grad = randn(p.shape, gen)
+        with pytest.raises(RuntimeError, match=f"^{name} does not support complex parameters$"):
+            opt.step()
+        event("refused at the step: complex")
+        return
+    event("trained")
     run(opt, params, 0, 3, torch.Generator().manual_seed(1))
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)

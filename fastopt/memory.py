@@ -226,18 +226,20 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> in
     if on_cpu and cost == "saga":
         scratch += 2 * bucket["bytes"]  # g - table_i and the update, on the torch path
     if cost == "adafactor":  # torch ops on either device: a run of vectors' few temporaries,
-        # a matrix's estimate and scaled update, and the grads divided by a clip
+        # a matrix's second-moment estimate, and the grads divided by a clip
         vectors = sum(math.prod(s) for s in bucket["shapes"] if len(s) <= 1)
         matrices = [math.prod(s) for s in bucket["shapes"] if len(s) > 1]
         scratch += ADAFACTOR_RUN_TEMPORARIES * padded_size([vectors]) * max(dtype.itemsize, 4)
-        scratch += 2 * max(matrices, default=0) * dtype.itemsize
+        scratch += max(matrices, default=0) * dtype.itemsize
         if options.get("max_grad_norm") is not None:
             scratch += bucket["elements"] * dtype.itemsize
+        if options.get("master_weights") and dtype in HALF_DTYPES:  # the grads in fp32
+            scratch += bucket["elements"] * 4
     if on_cpu and cost == "elementwise":
         # the torch twin's temporaries, a chunk at a time
         largest = bucket["largest"] // dtype.itemsize
         scratch += CHUNK_TEMPORARIES * min(CHUNK, largest) * max(dtype.itemsize, 4)
-    if on_cpu and _widens(options, dtype):
+    if on_cpu and _widens(options, dtype) and cost != "adafactor":
         # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
         largest = bucket["largest"] // dtype.itemsize
         scratch += SLICE_SCRATCH_PER_ELEMENT * min(SLICE, largest)

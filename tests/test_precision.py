@@ -33,7 +33,7 @@ def test_master_weights_follow_an_fp32_torch_run(name, dtype, backend):
     """Half-precision params with fp32 masters = torch.optim on fp32 params fed the same
     (half-precision) grads: the master equals the fp32 run, the param is the master rounded."""
     ours_cls, ref_cls, kwargs = CASES[name]
-    init = [t.to(dtype) for t in make_params(SHAPES, seed=3)]
+    init = [t.to(dtype) for t in make_params(steppable(name, SHAPES), seed=3)]
     params = [torch.nn.Parameter(t.clone()) for t in init]
     fp32 = [torch.nn.Parameter(t.float()) for t in init]
     ours = ours_cls(params, master_weights=True, backend=backend, **kwargs)
@@ -69,7 +69,7 @@ def test_bf16_state_is_fp32_math_on_bf16_stored_state(name, backend):
     ours_cls, ref_cls, kwargs = CASES[name]
     if any(b.init == "lr" for b in ours_cls.declaration.buffers):
         kwargs = dict(kwargs, lr=2.0**-7)
-    init = make_params(SHAPES, seed=4)
+    init = make_params(steppable(name, SHAPES), seed=4)
     params = [torch.nn.Parameter(t.clone()) for t in init]
     twins = [torch.nn.Parameter(t.clone()) for t in init]
     ours = ours_cls(params, state_dtype=torch.bfloat16, backend=backend, **kwargs)

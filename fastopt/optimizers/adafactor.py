@@ -35,6 +35,7 @@ from __future__ import annotations
 
 __all__ = ["Adafactor"]
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from fastopt.declaration import Buffer, Declaration, Scalar
 from fastopt.optimizer import FlatOptimizer
+from fastopt.state import MASTER
 from fastopt.validation import check_with
 
 BLOCK = 64  # the flat layout's slot alignment (fastopt.flat.SLOT_ALIGN): block sums per param
@@ -74,10 +76,16 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     for lo, hi, _ in plan.step_runs:
         table[lo:hi, 0] += 1
     steps = bucket.state.host_scalars()[:, 0] if host else table[:, 0]
-    settings = _Settings(group, bucket.dtype, grad_scale, host)
+    masters = bucket.state.tensors.get(MASTER)
+    settings = _Settings(group, bucket.dtype if masters is None else masters.dtype, grad_scale,
+                         host)
     for chunk in plan.chunks:
         step = float(steps[chunk.lo]) if host else steps[chunk.lo]
-        _update_entry(bucket, chunk, settings, step)
+        _update_entry(bucket, chunk, settings, step, masters)
+        if masters is not None:  # each param: its master rounded to nearest
+            for piece, master in zip(bucket.pieces("param", [chunk]),
+                                     bucket.pieces(MASTER, [chunk])):
+                piece.copy_(master)
     if saved is not None:
         skip = found_inf.to(bucket.device) != 0
         for old, new in zip(saved, _written(bucket)):
@@ -124,9 +132,10 @@ class _Settings:
         self.masks_padding = float(torch.tensor(self.eps1 * self.eps1, dtype=dtype)) == 0
 
 
-def _update_entry(bucket, chunk, s: _Settings, step) -> None:
+def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> None:
     """Params ``chunk.lo:chunk.hi`` (one step count ``step``: a float on the CPU, a 0-d tensor
-    on the GPU), their grads ``chunk.grad`` (one flat piece, or one param's grad)."""
+    on the GPU), their grads ``chunk.grad`` (one flat piece, or one param's grad); with fp32
+    ``masters`` (the flat master buffer), the math updates those, in fp32."""
     if isinstance(step, Tensor):
         one_minus_beta2 = (step.to(s.acc) ** s.beta2_decay).to(bucket.dtype)
         rho = torch.clamp(step.to(s.acc).rsqrt(), max=s.lr) if not isinstance(s.lr, Tensor) \
@@ -136,10 +145,12 @@ def _update_entry(bucket, chunk, s: _Settings, step) -> None:
         rho = min(s.lr, 1 / step ** 0.5)
     plan = _entry_plan(bucket, chunk)
     grads = chunk.grad.reshape(-1)
+    if masters is not None:
+        grads = grads.to(masters.dtype)
     if s.grad_scale is not None:
         grads = grads / s.grad_scale.to(grads.device)
-    vectors = [_param(bucket, chunk, unit) for unit in plan.vectors]
-    matrices = [_param(bucket, chunk, unit) for unit in plan.matrices]
+    vectors = [_param(bucket, chunk, unit, masters) for unit in plan.vectors]
+    matrices = [_param(bucket, chunk, unit, masters) for unit in plan.matrices]
     # alpha per param, from the params before the weight decay
     alphas = [torch.clamp(_rms(p, unit.lengths, unit.numels, s.acc), min=s.eps2) * rho
               for p, unit in zip(vectors, plan.vectors)]
@@ -162,13 +173,14 @@ def _update_entry(bucket, chunk, s: _Settings, step) -> None:
                      state.local_view("col_var", unit.index), alpha, one_minus_beta2, s)
 
 
-def _param(bucket, chunk, unit) -> Tensor:
-    """A unit's params: a slice of the flat param buffer (a run of vectors, flat; a matrix,
-    shaped), or an external param where it lies."""
-    if bucket.external:
+def _param(bucket, chunk, unit, masters: Tensor | None) -> Tensor:
+    """A unit's params: a slice of the flat param (or master) buffer (a run of vectors, flat; a
+    matrix, shaped), or an external param where it lies."""
+    if bucket.external and masters is None:
         p = bucket.pieces("param", [chunk._replace(lo=unit.index, hi=unit.index + 1)])[0]
         return p.reshape(-1) if unit.shape is None else p
-    piece = bucket.flat[chunk.start + unit.start : chunk.start + unit.end]
+    flat = bucket.flat if masters is None else masters
+    piece = flat[chunk.start + unit.start : chunk.start + unit.end]
     return piece if unit.shape is None else piece.view(unit.shape)
 
 
@@ -192,7 +204,8 @@ def _block_sums(x: Tensor, lengths: Tensor) -> Tensor:
     if whole < n:
         blocks = torch.cat([blocks, x[whole:].sum().reshape(1)])
     counts = torch.div(lengths + BLOCK - 1, BLOCK, rounding_mode="floor")
-    return torch.segment_reduce(blocks, "sum", lengths=counts)
+    # unsafe: no check that the lengths add up (they do), which would read them on the host
+    return torch.segment_reduce(blocks, "sum", lengths=counts, unsafe=True)
 
 
 def _expand(values: Tensor, lengths: Tensor, n: int) -> Tensor:
@@ -206,13 +219,26 @@ def _vector_step(p: Tensor, g: Tensor, variance: Tensor, unit, alpha: Tensor,
                  one_minus_beta2, s: _Settings, padding: Tensor | None) -> None:
     """A run of params of rank one or zero, flat: second moment, update, its RMS clip
     (``padding``: where the run's zero padding is, to keep out of the update)."""
-    variance.lerp_(g * g, one_minus_beta2)
-    update = variance.clamp(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
+    with _widened(variance, p.dtype) as variance:
+        variance.lerp_(g * g, one_minus_beta2)
+        update = variance.clamp(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
     if padding is not None:
         update.masked_fill_(padding, 0)
     rms = _rms(update, unit.lengths, unit.numels, s.acc)
     coef = _coef(alpha, rms, s)
-    p.add_(update * _expand(coef, unit.lengths, p.numel()).to(p.dtype))
+    p.addcmul_(update, _expand(coef, unit.lengths, p.numel()).to(p.dtype))
+
+
+@contextlib.contextmanager
+def _widened(state: Tensor, dtype: torch.dtype):
+    """``state`` in the math's ``dtype``: itself, or (``state_dtype`` narrower than the math) a
+    widened copy, stored back rounded when the block ends."""
+    if state.dtype == dtype:
+        yield state
+        return
+    wide = state.to(dtype)
+    yield wide
+    state.copy_(wide)
 
 
 def _coef(alpha: Tensor, rms: Tensor, s: _Settings) -> Tensor:
@@ -227,15 +253,16 @@ def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: 
     """One param of rank two or more: factored second moment (torch.optim's ops), update,
     its RMS clip."""
     row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1))
-    row_var.lerp_(row_mean, one_minus_beta2)
     col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2))
-    col_var.lerp_(col_mean, one_minus_beta2)
+    with _widened(row_var, p.dtype) as row_var, _widened(col_var, p.dtype) as col_var:
+        row_var.lerp_(row_mean, one_minus_beta2)
+        col_var.lerp_(col_mean, one_minus_beta2)
     estimate = row_var @ col_var
     estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=s.eps1))
     update = estimate.clamp_(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
     rms = torch.linalg.vector_norm(update).to(s.acc) / math.sqrt(update.numel())
     coef = _coef(alpha, rms, s)
-    p.add_(update * coef.to(p.dtype))
+    p.addcmul_(update, coef.to(p.dtype))  # no temporary of the param's size
 
 
 class _Unit(NamedTuple):
@@ -317,7 +344,7 @@ DECLARATION = Declaration(
              Buffer("variance", shape=_vector_shape)),
     scalars=(Scalar("step"),),
     update=_update,
-    options=frozenset({"max_grad_norm", "in_backward"}),
+    options=frozenset({"master_weights", "state_dtype", "max_grad_norm", "in_backward"}),
     complex=False,
     grad_scaling=False,  # GradScaler unscales the grads itself first, as for torch's
     reference=torch.optim.Adafactor,
@@ -335,7 +362,10 @@ class Adafactor(FlatOptimizer):
 
     Args are torch.optim.Adafactor's; ``foreach`` is accepted and changes nothing (every step is
     a few flat passes per bucket, and no host sync on the GPU). fastopt's keyword options:
-    ``max_grad_norm``, ``in_backward``, ``backend``, ``flatten_params``.
+    ``master_weights`` (the math on fp32 copies of bf16/fp16 params, ``eps1`` defaulting to
+    fp32's epsilon, as an fp32 run), ``state_dtype`` (state stored narrow, math in the params'
+    or masters' dtype), ``max_grad_norm``, ``in_backward``, ``backend``,
+    ``flatten_params``.
     """
 
     declaration = DECLARATION

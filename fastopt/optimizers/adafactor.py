@@ -152,7 +152,7 @@ def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> 
     vectors = [_param(bucket, chunk, unit, masters) for unit in plan.vectors]
     matrices = [_param(bucket, chunk, unit, masters) for unit in plan.matrices]
     # alpha per param, from the params before the weight decay
-    alphas = [torch.clamp(_rms(p, unit.lengths, unit.numels, s.acc), min=s.eps2) * rho
+    alphas = [torch.clamp(_rms(p, unit, s.acc), min=s.eps2) * rho
               for p, unit in zip(vectors, plan.vectors)]
     matrix_alphas = []
     if matrices:
@@ -188,24 +188,25 @@ def _wide(x: Tensor, acc: torch.dtype) -> Tensor:
     return x if x.dtype == acc else x.to(acc)
 
 
-def _rms(x: Tensor, lengths: Tensor, numels: Tensor, acc: torch.dtype) -> Tensor:
+def _rms(x: Tensor, unit, acc: torch.dtype) -> Tensor:
     """Per param of a run, :math:`\\|x\\|_2 / \\sqrt n`."""
-    return (_block_sums(_wide(x, acc).square(), lengths) / numels).sqrt()
+    return (_block_sums(_wide(x, acc).square(), unit) / unit.numels).sqrt()
 
 
-def _block_sums(x: Tensor, lengths: Tensor) -> Tensor:
-    """Sums of consecutive pieces of ``x`` of ``lengths`` elements (multiples of BLOCK but
-    the last), through its sums over BLOCK-element blocks."""
-    if lengths.numel() == 1:
+def _block_sums(x: Tensor, unit) -> Tensor:
+    """Sums of a run's params' pieces of ``x`` (its slots: multiples of BLOCK elements but the
+    last), through its sums over BLOCK-element blocks."""
+    if unit.lengths.numel() == 1:
         return x.sum().reshape(1)
     n = x.numel()
     whole = n // BLOCK * BLOCK
     blocks = x[:whole].view(-1, BLOCK).sum(1)
     if whole < n:
         blocks = torch.cat([blocks, x[whole:].sum().reshape(1)])
-    counts = torch.div(lengths + BLOCK - 1, BLOCK, rounding_mode="floor")
+    if unit.blocks is None:  # one block per param
+        return blocks
     # unsafe: no check that the lengths add up (they do), which would read them on the host
-    return torch.segment_reduce(blocks, "sum", lengths=counts, unsafe=True)
+    return torch.segment_reduce(blocks, "sum", lengths=unit.blocks, unsafe=True)
 
 
 def _expand(values: Tensor, lengths: Tensor, n: int) -> Tensor:
@@ -224,7 +225,7 @@ def _vector_step(p: Tensor, g: Tensor, variance: Tensor, unit, alpha: Tensor,
         update = variance.clamp(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
     if padding is not None:
         update.masked_fill_(padding, 0)
-    rms = _rms(update, unit.lengths, unit.numels, s.acc)
+    rms = _rms(update, unit, s.acc)
     coef = _coef(alpha, rms, s)
     p.addcmul_(update, _expand(coef, unit.lengths, p.numel()).to(p.dtype))
 
@@ -268,7 +269,8 @@ def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: 
 class _Unit(NamedTuple):
     """Elements ``start:end`` of an entry (from its first param's slot): a run of vectors
     (``shape`` None; ``state``: its offset in the packed ``variance``; ``lengths``: the slots'
-    lengths, the last one's up to its end; ``numels``: their sizes) or one matrix (``shape``)
+    lengths, the last one's up to its end; ``blocks``: how many BLOCKs each covers, None for one
+    each; ``numels``: their sizes) or one matrix (``shape``)
     of param ``index``."""
 
     start: int
@@ -277,6 +279,7 @@ class _Unit(NamedTuple):
     shape: tuple | None = None
     state: int = 0
     lengths: Tensor | None = None
+    blocks: Tensor | None = None
     numels: Tensor | None = None
 
 
@@ -302,6 +305,8 @@ class _EntryPlan:
                     starts[run[0]] - base, ends[run[-1]] - base, run[0],
                     state=variance[run[0]][0],
                     lengths=torch.tensor(lengths, device=bucket.device),
+                    blocks=None if all(n <= BLOCK for n in lengths) else torch.tensor(
+                        [-(-n // BLOCK) for n in lengths], device=bucket.device),
                     numels=torch.tensor(numels, dtype=torch.float64, device=bucket.device)))
                 run = []
             if vector:

@@ -23,11 +23,12 @@ State per param: ``step``, and ``row_var`` (shape ``[..., R, 1]``) and ``col_var
 rank one or zero: packed buffers per bucket (``fastopt.buffers``), so a matrix keeps
 :math:`R + C` numbers, not :math:`RC`.
 
-The step: the per-param norms of a run of vectors (biases, norms' weights) are sums over
-64-element blocks of the flat buffers (slots and their zero padding are 64-aligned) and the
-vectors' whole update is a handful of flat ops; each matrix takes its row and column
-statistics as torch.optim computes them. No value is read back to the host on the GPU (the
-scalars stay tensors). GradScaler unscales the grads itself (``_step_supports_amp_scaling`` is
+The step: a run of vectors (biases, norms' weights) is updated with a handful of flat ops,
+in cache-sized runs, its per-param norms from norms of 64-element blocks (slots and their zero
+padding are 64-aligned); each matrix takes its row statistics as torch.optim computes them and
+its column statistics as summed squares (the same sums, several times faster than torch's norm
+over the second-last dimension on CPUs). On the CPU a matrix's scalars are Python floats, as
+torch.optim's; on the GPU no value is read back to the host (the scalars stay tensors). GradScaler unscales the grads itself (``_step_supports_amp_scaling`` is
 False, as torch's); ``max_grad_norm`` clips inside the step.
 """
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 __all__ = ["Adafactor"]
 
-import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ from fastopt.state import MASTER
 from fastopt.validation import check_with
 
 BLOCK = 64  # the flat layout's slot alignment (fastopt.flat.SLOT_ALIGN): block sums per param
+SPAN = 1 << 18  # the elements of a run of vectors the step goes over at once (in cache)
 
 
 def _row_shape(shape: tuple) -> tuple | None:
@@ -129,7 +131,12 @@ class _Settings:
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         # eps1**2 rounds to 0 in the params' dtype: the zero padding between params would
         # compute 0 * rsqrt(0) (nan), so it is masked out
-        self.masks_padding = float(torch.tensor(self.eps1 * self.eps1, dtype=dtype)) == 0
+        self.masks_padding = _underflows(self.eps1 * self.eps1, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _underflows(value: float, dtype: torch.dtype) -> bool:
+    return float(torch.tensor(value, dtype=dtype)) == 0
 
 
 def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> None:
@@ -149,28 +156,25 @@ def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> 
         grads = grads.to(masters.dtype)
     if s.grad_scale is not None:
         grads = grads / s.grad_scale.to(grads.device)
-    vectors = [_param(bucket, chunk, unit, masters) for unit in plan.vectors]
-    matrices = [_param(bucket, chunk, unit, masters) for unit in plan.matrices]
-    # alpha per param, from the params before the weight decay
-    alphas = [torch.clamp(_rms(p, unit, s.acc), min=s.eps2) * rho
-              for p, unit in zip(vectors, plan.vectors)]
-    matrix_alphas = []
-    if matrices:
-        norms = torch.stack(torch._foreach_norm(matrices)).to(s.acc)
-        matrix_alphas = (torch.clamp(norms / plan.matrix_sizes(norms.device, s.acc).sqrt(),
-                                     min=s.eps2) * rho).unbind()
-    if s.weight_decay != 0 and (vectors or matrices):
-        torch._foreach_mul_(vectors + matrices, 1 - s.lr * s.weight_decay)
+    decay = 1 - s.lr * s.weight_decay if s.weight_decay != 0 else None
     state = bucket.state
-    for p, unit, alpha in zip(vectors, plan.vectors, alphas):
+    host = not isinstance(step, Tensor)
+    for unit in plan.vectors:  # alpha from the params before the weight decay
+        p = _param(bucket, chunk, unit, masters)
+        alpha = _alpha(_rms(p, unit, s.acc, host), rho, s)
+        if decay is not None:
+            p.mul_(decay)
         variance = state.tensors["variance"][unit.state : unit.state + p.numel()]
         padding = plan.padding(bucket, unit) if s.masks_padding else None
         _vector_step(p, grads[unit.start : unit.end], variance, unit, alpha, one_minus_beta2,
                      s, padding)
-    for p, unit, alpha in zip(matrices, plan.matrices, matrix_alphas):
+    for unit in plan.matrices:
+        p = _param(bucket, chunk, unit, masters)
+        alpha = _alpha(_rms(p, unit, s.acc, host), rho, s)
+        if decay is not None:
+            p.mul_(decay)
         _matrix_step(p, grads[unit.start : unit.end].view(unit.shape),
-                     state.local_view("row_var", unit.index),
-                     state.local_view("col_var", unit.index), alpha, one_minus_beta2, s)
+                     *plan.factors(state, unit), alpha, one_minus_beta2, s)
 
 
 def _param(bucket, chunk, unit, masters: Tensor | None) -> Tensor:
@@ -188,64 +192,69 @@ def _wide(x: Tensor, acc: torch.dtype) -> Tensor:
     return x if x.dtype == acc else x.to(acc)
 
 
-def _rms(x: Tensor, unit, acc: torch.dtype) -> Tensor:
-    """Per param of a run, :math:`\\|x\\|_2 / \\sqrt n`."""
-    return (_block_sums(_wide(x, acc).square(), unit) / unit.numels).sqrt()
-
-
-def _block_sums(x: Tensor, unit) -> Tensor:
-    """Sums of a run's params' pieces of ``x`` (its slots: multiples of BLOCK elements but the
-    last), through its sums over BLOCK-element blocks."""
-    if unit.lengths.numel() == 1:
-        return x.sum().reshape(1)
-    n = x.numel()
-    whole = n // BLOCK * BLOCK
-    blocks = x[:whole].view(-1, BLOCK).sum(1)
-    if whole < n:
-        blocks = torch.cat([blocks, x[whole:].sum().reshape(1)])
+def _rms(x: Tensor, unit, acc: torch.dtype, host: bool):
+    """Per param of a run, :math:`\\|x\\|_2 / \\sqrt n`: norms of BLOCK-element blocks (a run
+    of several params spans whole blocks, its padding included; one pass, no temporary), then
+    per param. One param's (a matrix, a vector alone) is a Python float on the host (the CPU
+    reads it as torch.optim does), a tensor on the GPU."""
+    if unit.lengths is None:  # one param
+        norm = torch.linalg.vector_norm(x)
+        if host:
+            return norm.item() / math.sqrt(x.numel())
+        return norm.to(acc) / math.sqrt(x.numel())
+    x = _wide(x, acc)
+    blocks = torch.linalg.vector_norm(x.view(-1, BLOCK), dim=1)
     if unit.blocks is None:  # one block per param
-        return blocks
+        return blocks / unit.numels.sqrt()
     # unsafe: no check that the lengths add up (they do), which would read them on the host
-    return torch.segment_reduce(blocks, "sum", lengths=unit.blocks, unsafe=True)
+    squares = torch.segment_reduce(blocks.square(), "sum", lengths=unit.blocks, unsafe=True)
+    return (squares / unit.numels).sqrt()
 
 
-def _expand(values: Tensor, lengths: Tensor, n: int) -> Tensor:
-    """Per param values, one per element of a run of ``lengths``."""
-    if values.numel() == 1:
-        return values
-    return values.repeat_interleave(lengths, output_size=n)
+def _alpha(rms, rho, s: _Settings):
+    """:math:`\\max(\\epsilon_2, \\operatorname{RMS}(\\theta))\\,\\rho_t` (floats, or tensors)."""
+    if isinstance(rms, float):
+        return max(s.eps2, rms) * rho
+    return torch.clamp(rms, min=s.eps2) * rho
+
+
+def _scaled_add(p: Tensor, update: Tensor, coef, unit) -> None:
+    """``p += coef * update`` with each param's coefficient (per block of a run)."""
+    if isinstance(coef, float):
+        p.add_(update, alpha=coef)
+        return
+    coef = coef.to(update.dtype)
+    if unit.lengths is None:
+        p.addcmul_(update, coef)
+        return
+    if unit.blocks is not None:
+        coef = coef.repeat_interleave(unit.blocks, output_size=update.numel() // BLOCK)
+    p.view(-1, BLOCK).addcmul_(update.view(-1, BLOCK), coef.unsqueeze(1))
 
 
 def _vector_step(p: Tensor, g: Tensor, variance: Tensor, unit, alpha: Tensor,
                  one_minus_beta2, s: _Settings, padding: Tensor | None) -> None:
     """A run of params of rank one or zero, flat: second moment, update, its RMS clip
     (``padding``: where the run's zero padding is, to keep out of the update)."""
-    with _widened(variance, p.dtype) as variance:
-        variance.lerp_(g * g, one_minus_beta2)
-        update = variance.clamp(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
+    wide = _wide(variance, p.dtype)  # state_dtype narrower than the math: a widened copy
+    wide.lerp_(g * g, one_minus_beta2)
+    update = wide.clamp(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
+    if wide is not variance:
+        variance.copy_(wide)
     if padding is not None:
         update.masked_fill_(padding, 0)
-    rms = _rms(update, unit, s.acc)
-    coef = _coef(alpha, rms, s)
-    p.addcmul_(update, _expand(coef, unit.lengths, p.numel()).to(p.dtype))
+    rms = _rms(update, unit, s.acc, isinstance(alpha, float))
+    _scaled_add(p, update, _coef(alpha, rms, s), unit)
 
 
-@contextlib.contextmanager
-def _widened(state: Tensor, dtype: torch.dtype):
-    """``state`` in the math's ``dtype``: itself, or (``state_dtype`` narrower than the math) a
-    widened copy, stored back rounded when the block ends."""
-    if state.dtype == dtype:
-        yield state
-        return
-    wide = state.to(dtype)
-    yield wide
-    state.copy_(wide)
-
-
-def _coef(alpha: Tensor, rms: Tensor, s: _Settings) -> Tensor:
+def _coef(alpha, rms, s: _Settings):
     """The update's coefficient, :math:`-\\alpha / \\max(1, \\operatorname{RMS}(U)/d)`, for
-    :math:`U` computed from the grad as it is (``maximize`` flips its sign here)."""
-    coef = alpha / torch.clamp(rms / s.d, min=1.0)
+    :math:`U` computed from the grad as it is (``maximize`` flips its sign here); floats, or
+    tensors."""
+    if isinstance(rms, float):
+        coef = alpha / max(1.0, rms / s.d)
+    else:
+        coef = alpha / torch.clamp(rms / s.d, min=1.0)
     return coef if s.maximize else -coef
 
 
@@ -254,24 +263,30 @@ def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: 
     """One param of rank two or more: factored second moment (torch.optim's ops), update,
     its RMS clip."""
     row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1))
-    col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2))
-    with _widened(row_var, p.dtype) as row_var, _widened(col_var, p.dtype) as col_var:
-        row_var.lerp_(row_mean, one_minus_beta2)
-        col_var.lerp_(col_mean, one_minus_beta2)
+    # the column sums as squares summed (torch's norm over dim -2, a strided reduction, takes
+    # several times longer on CPUs); in fp32 for half types, as the norm accumulates
+    col_mean = _wide(g, s.acc).square().sum(dim=-2, keepdim=True).div_(g.size(-2)).to(g.dtype)
+    rows, cols = _wide(row_var, p.dtype), _wide(col_var, p.dtype)  # see _vector_step
+    rows.lerp_(row_mean, one_minus_beta2)
+    cols.lerp_(col_mean, one_minus_beta2)
+    if rows is not row_var:
+        row_var.copy_(rows)
+        col_var.copy_(cols)
+    row_var, col_var = rows, cols
     estimate = row_var @ col_var
     estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=s.eps1))
     update = estimate.clamp_(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
-    rms = torch.linalg.vector_norm(update).to(s.acc) / math.sqrt(update.numel())
-    coef = _coef(alpha, rms, s)
-    p.addcmul_(update, coef.to(p.dtype))  # no temporary of the param's size
+    unit = _Unit(0, update.numel(), 0)  # one param
+    rms = _rms(update, unit, s.acc, isinstance(alpha, float))
+    _scaled_add(p, update, _coef(alpha, rms, s), unit)  # no temporary of the param's size
 
 
 class _Unit(NamedTuple):
     """Elements ``start:end`` of an entry (from its first param's slot): a run of vectors
-    (``shape`` None; ``state``: its offset in the packed ``variance``; ``lengths``: the slots'
-    lengths, the last one's up to its end; ``blocks``: how many BLOCKs each covers, None for one
-    each; ``numels``: their sizes) or one matrix (``shape``)
-    of param ``index``."""
+    (``shape`` None; ``state``: its offset in the packed ``variance``; for a run of several,
+    which then ends on a BLOCK boundary (into padding), ``lengths``: the slots' lengths,
+    ``blocks``: how many BLOCKs each spans (None: one each); ``numels``: the params' sizes) or
+    one matrix (``shape``) of param ``index``."""
 
     start: int
     end: int
@@ -284,37 +299,54 @@ class _Unit(NamedTuple):
 
 
 class _EntryPlan:
-    """An entry's params as units (see ``_Unit``): maximal runs of consecutive nonempty
-    params of rank one or zero (each alone in an external bucket, whose params are apart),
-    and the nonempty params of higher rank."""
+    """An entry's params as units (see ``_Unit``): runs of consecutive nonempty params of rank
+    one or zero, each up to SPAN elements (cache-sized: every op of the step goes over a run
+    while it is in cache; alone in an external bucket, whose params are apart), and the
+    nonempty params of higher rank."""
 
     def __init__(self, bucket, lo: int, hi: int) -> None:
         base, starts, ends = bucket.starts[lo], bucket.starts, bucket.ends
-        variance = bucket.state.packed.get("variance")
         self.vectors: list = []
         self.matrices: list = []
         run: list = []
         for i in range(lo, hi + 1):
             shape = bucket.param_shapes[i] if i < hi else None
             vector = i < hi and len(shape) <= 1 and ends[i] > starts[i]
-            if run and (not vector or bucket.external):
-                lengths = [starts[k + 1] - starts[k] for k in run[:-1]]
-                lengths.append(ends[run[-1]] - starts[run[-1]])
-                numels = [ends[k] - starts[k] for k in run]
-                self.vectors.append(_Unit(
-                    starts[run[0]] - base, ends[run[-1]] - base, run[0],
-                    state=variance[run[0]][0],
-                    lengths=torch.tensor(lengths, device=bucket.device),
-                    blocks=None if all(n <= BLOCK for n in lengths) else torch.tensor(
-                        [-(-n // BLOCK) for n in lengths], device=bucket.device),
-                    numels=torch.tensor(numels, dtype=torch.float64, device=bucket.device)))
+            if run and (not vector or bucket.external or ends[i] - starts[run[0]] > SPAN):
+                self.vectors.append(self._run(bucket, run, base))
                 run = []
             if vector:
                 run.append(i)
             elif i < hi and ends[i] > starts[i]:
                 self.matrices.append(_Unit(starts[i] - base, ends[i] - base, i, shape))
-        self._sizes = None
         self._padding: dict = {}
+        self._factors: dict = {}
+
+    @staticmethod
+    def _run(bucket, run: list, base: int) -> _Unit:
+        starts, ends, device = bucket.starts, bucket.ends, bucket.device
+        first, last = run[0], run[-1]
+        offset = bucket.state.packed["variance"][first][0]
+        if len(run) == 1:
+            return _Unit(starts[first] - base, ends[first] - base, first, state=offset,
+                         numels=torch.tensor([float(ends[first] - starts[first])],
+                                             dtype=torch.float64, device=device))
+        end = -(-ends[last] // BLOCK) * BLOCK  # into the padding: whole blocks
+        lengths = [starts[k + 1] - starts[k] for k in run[:-1]] + [end - starts[last]]
+        blocks = [n // BLOCK for n in lengths]
+        return _Unit(starts[first] - base, end - base, first, state=offset,
+                     lengths=torch.tensor(lengths, device=device),
+                     blocks=None if max(blocks) == 1 else torch.tensor(blocks, device=device),
+                     numels=torch.tensor([float(ends[k] - starts[k]) for k in run],
+                                         dtype=torch.float64, device=device))
+
+    def factors(self, state, unit: _Unit) -> tuple:
+        """A matrix's ``row_var`` and ``col_var`` views (made once)."""
+        views = self._factors.get(unit.index)
+        if views is None or views[0]._base is not state.tensors["row_var"]:
+            views = self._factors[unit.index] = (state.local_view("row_var", unit.index),
+                                                 state.local_view("col_var", unit.index))
+        return views
 
     def padding(self, bucket, unit: _Unit) -> Tensor | None:
         """A run's padding between its params, as a mask (None if it has none)."""
@@ -327,12 +359,6 @@ class _EntryPlan:
                 k += 1
             self._padding[unit.start] = mask if bool(mask.any()) else None
         return self._padding[unit.start]
-
-    def matrix_sizes(self, device, dtype) -> Tensor:
-        if self._sizes is None:
-            self._sizes = torch.tensor([m.end - m.start for m in self.matrices],
-                                       dtype=torch.float64, device=device)
-        return self._sizes.to(dtype)
 
 
 def _entry_plan(bucket, chunk) -> _EntryPlan:

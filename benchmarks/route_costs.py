@@ -7,7 +7,8 @@ fused call with an entry per tensor, or ``torch._foreach_copy_`` of every grad i
 grad buffer and one fused call over it. This times (fp32, ``time.perf_counter``, medians of
 rounds that each run every variant once, shuffled, so a noisy neighbour slows all alike)
 ``torch._fused_adamw_`` and ``torch._fused_sgd_`` on K tensors of E elements and on one flat
-tensor of K*E, and ``_foreach_copy_`` of K tensors into views of one flat buffer; then fits
+tensor of K*E, ``_foreach_copy_`` of K tensors into views of one flat buffer and ``torch.cat``
+of K 1-D tensors into it (the gather of a bucket of gapless vectors); then fits
 ``seconds = per_tensor * K + per_element * K*E`` (per-tensor calls, copy) and ``seconds =
 per_call + flat_per_element * K*E`` (flat calls) by least squares.
 """
@@ -25,7 +26,7 @@ import torch
 
 # (K tensors, E elements each): K=200, 1000 give the slope per tensor, E=64, 16384 per element.
 CASES = [(200, 64), (1000, 64), (100, 64), (100, 16384)]
-VARIANTS = ["adam tensors", "adam flat", "sgd tensors", "sgd flat", "copy"]
+VARIANTS = ["adam tensors", "adam flat", "sgd tensors", "sgd flat", "copy", "cat"]
 MIN_SAMPLE_SECONDS = 2e-4  # each job's calls per sample make a sample last at least this
 
 
@@ -53,6 +54,8 @@ def make_calls(tensors: int, elements_each: int) -> dict:
     sources = [torch.randn(elements_each) for _ in range(tensors)]
     views = list(torch.empty(tensors * elements_each).split(elements_each))
     calls["copy"] = lambda: torch._foreach_copy_(views, sources)
+    flat = torch.empty(tensors * elements_each)
+    calls["cat"] = lambda: torch.cat(sources, out=flat)  # 1-D grads, no gaps between slots
     return calls
 
 
@@ -110,9 +113,11 @@ def fit_costs(medians: dict) -> tuple:
         costs[op] = {"per_tensor": per_tensor, "per_element": per_element,
                      "flat_per_element": flat_per_element}
         misfits.append(misfit)
-    (per_tensor, per_element), misfit = fit("copy", tensors)
-    costs["copy"] = {"per_tensor": per_tensor, "per_element": per_element}
-    return costs, max(misfits + [misfit])
+    for variant in ("copy", "cat"):
+        (per_tensor, per_element), misfit = fit(variant, tensors)
+        costs[variant] = {"per_tensor": per_tensor, "per_element": per_element}
+        misfits.append(misfit)
+    return costs, max(misfits)
 
 
 def literal(name: str, seconds: float) -> str:

@@ -59,23 +59,25 @@ CPU_COSTS = {
     "adafactor": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
     "sgd": {"per_tensor": 2.4e-6, "per_element": 0.69e-9, "flat_per_element": 0.64e-9},
     "copy": {"per_tensor": 1.1e-6, "per_element": 0.81e-9},
+    "cat": {"per_tensor": 0.41e-6, "per_element": 0.82e-9},  # the gather of gapless vectors
 }
 
 
 @functools.lru_cache(maxsize=4096)  # pure, and asked every step
 def gather_pays(op: str, device: torch.device, tensors: int, elements: int,
-                dtype: torch.dtype = torch.float32) -> bool:
+                dtype: torch.dtype = torch.float32, gapless: bool = False) -> bool:
     """Is one gather of ``tensors`` fresh grads (``elements`` in all) plus one fused call over
     the flat buffer cheaper than one fused call with an entry per tensor (``op``: ``"adam"`` or
     ``"sgd"``)? Only on CPUs and for fp32 (the costs measured): on GPUs a fused call's cost per
     tensor is small, and the gather is a whole extra pass over the grads; CPU bf16/fp16 math
     rounds differently in torch's vectorized loop and its scalar tail, so those keep one entry
-    per tensor, as torch.optim computes them. Deterministic: the same shapes always take the
+    per tensor, as torch.optim computes them. ``gapless``: a bucket of gapless vectors, gathered
+    with one ``torch.cat`` (see ``gather``). Deterministic: the same shapes always take the
     same route."""
     costs = CPU_COSTS.get(op)
     if device.type != "cpu" or costs is None or dtype != torch.float32:
         return False
-    copy = CPU_COSTS["copy"]
+    copy = CPU_COSTS["cat" if gapless else "copy"]
     per_tensor = tensors * costs["per_tensor"] + elements * costs["per_element"]
     gathered = tensors * copy["per_tensor"] + elements * (copy["per_element"]
                                                            + costs["flat_per_element"])
@@ -253,7 +255,8 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
         if table is not None:
             return whole("table", table)
     if in_place is False and (bucket.backend == "triton"
-                              or gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype)):
+                              or gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype,
+                                             bucket.gapless_vectors)):
         gather(bucket, grads)
         return whole("gather", bucket.grads.buffer)
     if in_place is False:
@@ -264,9 +267,13 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
 
 def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:
     """Copy ``grads`` (of params ``slots``, default all) into the flat grad buffer with one
-    multi-tensor copy."""
+    multi-tensor copy (one ``torch.cat`` for every grad of a bucket of gapless vectors: the
+    grads were checked to match their params, so their sizes fill the slots exactly)."""
     bucket.grads.ensure()
     bucket.grads.gathers = slots is None  # a whole-bucket gather: keep the buffer for the next step
+    if slots is None and bucket.gapless_vectors:
+        torch.cat(grads, out=bucket.whole_piece("grad")[: bucket.ends[-1]])
+        return
     views = bucket.param_pieces("grad")
     if slots is not None:
         views = [views[i] for i in slots]

@@ -322,3 +322,29 @@ def test_a_table_a_cuda_graph_reads_is_never_written_again(monkeypatch):
     assert later.addresses is not captured.addresses
     assert later.addresses.tolist() == [g.data_ptr() for g in other]
     assert captured.addresses.tolist() == [g.data_ptr() for g in static]  # the graph's, intact
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "Adafactor"])
+def test_gapless_vectors_gather_with_one_cat_and_match_torch(name, monkeypatch):
+    """1-D params whose sizes are multiples of the slot alignment sit back to back: their fresh
+    grads gather with one torch.cat (no gaps to skip), and the steps equal torch.optim's."""
+    shapes = [(64,)] * 30 + [(128,), (192,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = getattr(fastopt, name)(params, lr=0.1)
+    bucket = opt._buckets[0][0]
+    assert bucket.gapless_vectors
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
+    routes = record_routes(opt)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert routes == ["gather"] and len(cats) == 1
+    monkeypatch.undo()
+    compare_runs(name, dict(lr=0.1), shapes, steps=4)
+    # one size off the alignment, or a matrix: a gap, or a shape a cat cannot take
+    assert not fastopt.SGD([torch.nn.Parameter(torch.zeros(s)) for s in [(64,), (65,), (64,)]],
+                           lr=0.1)._buckets[0][0].gapless_vectors
+    assert not fastopt.SGD([torch.nn.Parameter(torch.zeros(s)) for s in [(64,), (2, 64)]],
+                           lr=0.1)._buckets[0][0].gapless_vectors

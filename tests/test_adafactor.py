@@ -106,3 +106,27 @@ def test_device_scalars_skip_a_non_finite_step_without_reading_it(device_scalars
         ref.step()
         for p, q in zip(ours, twins):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("options", [dict(master_weights=True), dict(state_dtype=torch.bfloat16),
+                                     dict(eps=(0.0, 1e-3), weight_decay=0.1)],
+                         ids=["bf16-masters", "bf16-state", "eps1-zero"])
+def test_device_scalars_equal_the_host_path(options, monkeypatch):
+    # the GPU path's tensor scalars (run on CPU tensors) against the CPU path's floats, over
+    # lean options and a zero eps1 (whose padding is masked): the same step within rounding
+    dtype = torch.bfloat16 if "master_weights" in options else torch.float32
+    init = [t.to(dtype) for t in make_params(SHAPES + [(64,)] * 5, seed=7)]
+    runs = []
+    for on_host in (True, False):
+        monkeypatch.setattr(adafactor, "_on_host", lambda bucket, on_host=on_host: on_host)
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = fastopt.Adafactor(params, lr=0.05, **options)
+        gen = torch.Generator().manual_seed(8)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        runs.append(params)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=2e-7)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p.detach(), q.detach(), **tol)

@@ -128,6 +128,7 @@ class _Settings:
         self.weight_decay = group["weight_decay"]
         self.maximize = group["maximize"]
         self.grad_scale = grad_scale
+        self.dtype = dtype  # of the math: the params', or the masters'
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         # eps1**2 rounds to 0 in the params' dtype: the zero padding between params would
         # compute 0 * rsqrt(0) (nan), so it is masked out
@@ -144,7 +145,7 @@ def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> 
     on the GPU), their grads ``chunk.grad`` (one flat piece, or one param's grad); with fp32
     ``masters`` (the flat master buffer), the math updates those, in fp32."""
     if isinstance(step, Tensor):
-        one_minus_beta2 = (step.to(s.acc) ** s.beta2_decay).to(bucket.dtype)
+        one_minus_beta2 = (step.to(s.acc) ** s.beta2_decay).to(s.dtype)
         rho = torch.clamp(step.to(s.acc).rsqrt(), max=s.lr) if not isinstance(s.lr, Tensor) \
             else torch.minimum(s.lr.to(step.device, s.acc), step.to(s.acc).rsqrt())
     else:
@@ -349,15 +350,21 @@ class _EntryPlan:
         return views
 
     def padding(self, bucket, unit: _Unit) -> Tensor | None:
-        """A run's padding between its params, as a mask (None if it has none)."""
+        """A run's padding between its params and after the last, as a mask (None if it has
+        none; from the layout, not read back from the device)."""
         if unit.start not in self._padding:
             first, size = bucket.starts[unit.index], unit.end - unit.start
-            mask = torch.ones(size, dtype=torch.bool, device=bucket.device)
-            k = unit.index
+            mask, k, covered = None, unit.index, 0
+            pieces = []
             while k < len(bucket.starts) and bucket.ends[k] - first <= size:
-                mask[bucket.starts[k] - first : bucket.ends[k] - first] = False
+                pieces.append((bucket.starts[k] - first, bucket.ends[k] - first))
+                covered += bucket.ends[k] - bucket.starts[k]
                 k += 1
-            self._padding[unit.start] = mask if bool(mask.any()) else None
+            if covered < size:
+                mask = torch.ones(size, dtype=torch.bool, device=bucket.device)
+                for lo, hi in pieces:
+                    mask[lo:hi] = False
+            self._padding[unit.start] = mask
         return self._padding[unit.start]
 
 

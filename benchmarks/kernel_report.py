@@ -267,8 +267,8 @@ def _declared_groups(cls) -> list:
 def elementwise_variants() -> list:
     """Every registered elementwise optimizer's kernel (fastopt.registry): its defaults in fp32
     on the grad-table route (the default loop's); with every option on, in each storage a GPU
-    run takes (fp32, bf16 state, bf16 params with fp32 masters or stochastic rounding) on that
-    route, and in fp32 on the flat buffer and by address (params left where their owner keeps
+    run takes (fp32, bf16 state, bf16 params with fp32 masters or stochastic rounding, fp16
+    params with fp32 masters and a clip's grad divisor and skip flag) on that route, and in fp32 on the flat buffer and by address (params left where their owner keeps
     them)."""
     from fastopt import registry
     from fastopt.kernels import launch
@@ -285,12 +285,16 @@ def elementwise_variants() -> list:
         for number, (opt, group) in enumerate(_declared_groups(cls)):
             _, flags = declared.hyper(opt, group)
             present = sum(1 << k for k, b in enumerate(declared.buffers) if b.present(group))
-            storages = [("fp32", "fp32", False, False)]
+            storages = [("fp32", "fp32", False, False, False)]
             if number:  # every option on: the storages too
-                storages += [("fp32", "bf16", False, False), ("bf16", "fp32", True, False)]
+                storages += [("fp32", "bf16", False, False, False),
+                             ("bf16", "fp32", True, False, False),
+                             # fp16 masters with a clip's grad divisor and skip flag: the
+                             # heaviest combination (it spilled under Triton 3.6)
+                             ("fp16", "fp32", True, False, True)]
                 if cls._takes("stochastic_rounding"):
-                    storages.append(("bf16", "bf16", False, True))
-            for param, state, master, rounding in storages:
+                    storages.append(("bf16", "bf16", False, True, False))
+            for param, state, master, rounding, clipped in storages:
                 routes = [(True, False)]  # the default loop's route: fresh grads by address
                 if number and param == "fp32" and state == "fp32":
                     routes += [(False, False), (True, True)]  # the flat buffer, by address
@@ -302,7 +306,7 @@ def elementwise_variants() -> list:
                         STEP_COLUMN=declared.scalar_names.index("step")
                         if declared.counts_steps else 0,
                         MAXIMIZE=bool(group.get("maximize")), LR_ON_DEVICE=False,
-                        HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=master,
+                        HAS_GRAD_SCALE=clipped, HAS_FOUND_INF=clipped, HAS_MASTER=master,
                         STOCHASTIC_ROUNDING=rounding, GRAD_TABLE=table, PARAM_TABLE=by_address,
                         BLOCK_SIZE=launch.BLOCK_SIZE), _INTS["elementwise"])
                     spec["enable_fp_fusion"] = False
@@ -371,6 +375,20 @@ def _access_width(qualifiers: str) -> int:
     return lanes * bits // 8
 
 
+def _triton_ptxas_flags(spec: dict) -> list:
+    """The flags Triton's own ``make_cubin`` gives ptxas for this launch, so that registers and
+    spills are those of the binary a GPU would run: ``--fmad=false`` unless fp fusion is on,
+    and the register allocation level newer Tritons set (``--regAllocOptLevel=2``)."""
+    import inspect
+
+    from triton.backends.nvidia import compiler
+
+    flags = [] if spec.get("enable_fp_fusion", True) else ["--fmad=false"]
+    if "--regAllocOptLevel=2" in inspect.getsource(compiler.CUDABackend.make_cubin):
+        flags.append("--regAllocOptLevel=2")
+    return flags
+
+
 def compile_spec(spec: dict, arch: int, sass: bool = True) -> dict:
     """Compile ``spec`` for ``sm_{arch}`` with Triton's real compiler and report on it
     (``sass``: disassemble it too, for the instruction counts of the cost model; without it
@@ -412,8 +430,8 @@ def compile_spec(spec: dict, arch: int, sass: bool = True) -> dict:
         cubin_file = os.path.join(folder, "kernel.cubin")
         with open(ptx_file, "w") as f:
             f.write(ptx)
-        log = subprocess.run([ptxas, f"-arch={target}", "-v", ptx_file, "-o", cubin_file],
-                             capture_output=True, text=True)
+        log = subprocess.run([ptxas, f"-arch={target}", "-v", *_triton_ptxas_flags(spec),
+                              ptx_file, "-o", cubin_file], capture_output=True, text=True)
         report = log.stdout + log.stderr
         sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c",
                                cubin_file], capture_output=True, text=True).stdout if sass else ""

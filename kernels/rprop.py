@@ -15,6 +15,6 @@ def rprop(param, grad, prev, step_size, b2, b3, row_ptr, lr, etaminus, etaplus, 
     step_size = tl.minimum(tl.maximum(step_size * factor, step_size_min,
                                       propagate_nan=tl.PropagateNan.ALL),
                            step_size_max, propagate_nan=tl.PropagateNan.ALL)  # torch.clamp
-    grad = tl.where(factor == etaminus, 0.0, grad)
+    grad = tl.where(direction < 0.0, 0.0, grad)  # factor == etaminus (etaminus < 1 < etaplus)
     param = param - sign(grad) * step_size
     return param, grad, step_size, b2, b3

@@ -54,17 +54,20 @@ def table_block(
     PARAM_TABLE: tl.constexpr,  # params left where their owner keeps them, read by address
     BLOCK_SIZE: tl.constexpr,
 ):
-    """(offsets into the flat buffers, offsets within the param, the param's size (0 when
-    found_inf is set), pointers to the params, pointers to the grads, the block's first
-    element within the param)."""
+    """(offsets into the flat buffers, offsets within the param, the param's size, pointers
+    to the params, pointers to the grads, the block's first element within the param: past
+    its end when found_inf is set)."""
     pid = tl.program_id(0).to(tl.int64)
     param = tl.load(block_param_ptr + pid)
     first = tl.multiple_of(tl.load(block_offset_ptr + pid), 16)  # a multiple of BLOCK_SIZE
-    local = first + tl.arange(0, BLOCK_SIZE)
     start = tl.multiple_of(tl.load(slot_start_ptr + param), 64)
     size = tl.load(slot_size_ptr + param)
-    if HAS_FOUND_INF:  # an inf/nan grad this step: every lane masked off, nothing written
-        size = tl.where(tl.load(found_inf_ptr) == 0.0, size, 0)
+    if HAS_FOUND_INF:  # an inf/nan grad this step: the block starts past the param's end, so
+        # every lane is masked off and nothing is written (moving the start, not the size,
+        # keeps ptxas from spilling the fp16-master variants under Triton 3.6)
+        first = tl.multiple_of(tl.where(tl.load(found_inf_ptr) == 0.0, first,
+                                        (size + BLOCK_SIZE) // BLOCK_SIZE * BLOCK_SIZE), 16)
+    local = first + tl.arange(0, BLOCK_SIZE)
     address = tl.load(grad_table_ptr + param).to(grad_ptr.dtype, bitcast=True)
     if PARAM_TABLE:
         param_address = tl.load(param_table_ptr + param).to(param_ptr.dtype, bitcast=True)

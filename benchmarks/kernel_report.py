@@ -14,8 +14,8 @@ replaced by the GPU's. ``gpu_variants()`` adds the variants a GPU launches that 
 does not reach (bf16/fp16 params, masters, stochastic rounding, lower-precision state).
 
 **Compile.** ``compile_spec`` runs Triton's real compiler (``triton.compile`` of an
-``ASTSource``) for ``sm_90``/``sm_80``; Triton's own ptxas (``get_ptxas``) reports registers,
-spills and stack; nvdisasm gives the SASS. Per kernel it checks: every element stream moves in
+``ASTSource``) for ``sm_90``/``sm_80``; Triton's own ptxas (``get_ptxas``), with the flags
+Triton's ``make_cubin`` passes, reports registers, spills and stack; nvdisasm gives the SASS. Per kernel it checks: every element stream moves in
 the widest global accesses its bytes per thread allow (128-bit from 16 bytes up), no local memory, no spills on sm_90, no fp64 per element.
 
 **Cost model (a prediction, not a measurement).** Per element: the bytes a step must move

@@ -56,11 +56,11 @@ _CONTIGUOUS = Tensor.is_contiguous
 CPU_COSTS = {
     "adam": {"per_tensor": 3.7e-6, "per_element": 0.97e-9, "flat_per_element": 0.88e-9},
     "elementwise": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
-    "adafactor": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
     "sgd": {"per_tensor": 2.4e-6, "per_element": 0.69e-9, "flat_per_element": 0.64e-9},
     "copy": {"per_tensor": 1.1e-6, "per_element": 0.81e-9},
     "cat": {"per_tensor": 0.41e-6, "per_element": 0.82e-9},  # the gather of gapless vectors
 }
+CPU_COSTS["adafactor"] = CPU_COSTS["elementwise"]
 
 
 @functools.lru_cache(maxsize=4096)  # pure, and asked every step

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from fastopt.declaration import Buffer, Declaration, Scalar
+from fastopt.flat import local
 from fastopt.optimizer import FlatOptimizer
 from fastopt.state import MASTER
 from fastopt.validation import check_with
@@ -101,17 +102,10 @@ def _on_host(bucket) -> bool:
 
 
 def _written(bucket) -> list:
-    """What a step writes: params (flat, or each external one), the scalar table, the state."""
-    params = [bucket.flat] if not bucket.external else \
-        [bucket.pieces("param", [c])[0] for c in _param_chunks(bucket)]
+    """What a step writes: params (flat, or each external one where it lies), the scalar
+    table, the state."""
+    params = [bucket.flat] if not bucket.external else [local(p) for p in bucket.params]
     return [*params, bucket.state.scalars, *bucket.state.tensors.values()]
-
-
-def _param_chunks(bucket) -> list:
-    from fastopt.plan import Chunk
-
-    return [Chunk(i, i + 1, s, e, None, None)
-            for i, (s, e) in enumerate(zip(bucket.starts, bucket.ends))]
 
 
 class _Settings:
@@ -198,7 +192,7 @@ def _rms(x: Tensor, unit, acc: torch.dtype, host: bool):
     of several params spans whole blocks, its padding included; one pass, no temporary), then
     per param. One param's (a matrix, a vector alone) is a Python float on the host (the CPU
     reads it as torch.optim does), a tensor on the GPU."""
-    if unit.lengths is None:  # one param
+    if not unit.several:  # one param
         norm = torch.linalg.vector_norm(x)
         if host:
             return norm.item() / math.sqrt(x.numel())
@@ -225,7 +219,7 @@ def _scaled_add(p: Tensor, update: Tensor, coef, unit) -> None:
         p.add_(update, alpha=coef)
         return
     coef = coef.to(update.dtype)
-    if unit.lengths is None:
+    if not unit.several:
         p.addcmul_(update, coef)
         return
     if unit.blocks is not None:
@@ -277,26 +271,28 @@ def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: 
     estimate = row_var @ col_var
     estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=s.eps1))
     update = estimate.clamp_(min=s.eps1 * s.eps1).rsqrt_().mul_(g)
-    unit = _Unit(0, update.numel(), 0)  # one param
-    rms = _rms(update, unit, s.acc, isinstance(alpha, float))
-    _scaled_add(p, update, _coef(alpha, rms, s), unit)  # no temporary of the param's size
+    rms = _rms(update, _ONE, s.acc, isinstance(alpha, float))
+    _scaled_add(p, update, _coef(alpha, rms, s), _ONE)  # no temporary of the param's size
 
 
 class _Unit(NamedTuple):
     """Elements ``start:end`` of an entry (from its first param's slot): a run of vectors
-    (``shape`` None; ``state``: its offset in the packed ``variance``; for a run of several,
-    which then ends on a BLOCK boundary (into padding), ``lengths``: the slots' lengths,
-    ``blocks``: how many BLOCKs each spans (None: one each); ``numels``: the params' sizes) or
-    one matrix (``shape``) of param ``index``."""
+    (``shape`` None; ``state``: its offset in the packed ``variance``; ``several`` params, the
+    run then ending on a BLOCK boundary (into padding), with ``blocks``: how many BLOCKs each
+    slot spans (None: one each); ``numels``: the params' sizes) or one matrix (``shape``) of
+    param ``index``."""
 
     start: int
     end: int
     index: int
     shape: tuple | None = None
     state: int = 0
-    lengths: Tensor | None = None
+    several: bool = False
     blocks: Tensor | None = None
     numels: Tensor | None = None
+
+
+_ONE = _Unit(0, 0, 0)  # one param (a matrix): its scalars need no per-param expansion
 
 
 class _EntryPlan:
@@ -335,8 +331,7 @@ class _EntryPlan:
         end = -(-ends[last] // BLOCK) * BLOCK  # into the padding: whole blocks
         lengths = [starts[k + 1] - starts[k] for k in run[:-1]] + [end - starts[last]]
         blocks = [n // BLOCK for n in lengths]
-        return _Unit(starts[first] - base, end - base, first, state=offset,
-                     lengths=torch.tensor(lengths, device=device),
+        return _Unit(starts[first] - base, end - base, first, state=offset, several=True,
                      blocks=None if max(blocks) == 1 else torch.tensor(blocks, device=device),
                      numels=torch.tensor([float(ends[k] - starts[k]) for k in run],
                                          dtype=torch.float64, device=device))

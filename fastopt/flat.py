@@ -378,6 +378,34 @@ def group_params(params: list, variant=None, own: set | None = None,
     return [(key[3], members) for key, members in groups.items()]
 
 
+# Moving params into a flat buffer holds the bucket's params twice until each original is
+# freed: a bucket holds at most max(LAYOUT_MIN_BYTES, 1/LAYOUT_PARTS of its params' bytes), so
+# laying a group out holds at most that much twice (and a step makes at most about LAYOUT_PARTS
+# calls per device and dtype). A param larger than that is a bucket of its own.
+LAYOUT_MIN_BYTES = 64 << 20
+LAYOUT_PARTS = 8
+
+
+def layout_parts(nbytes: list) -> list:
+    """``[lo, hi)`` ranges of consecutive params of ``nbytes`` bytes, one per bucket (see
+    ``LAYOUT_MIN_BYTES``)."""
+    return bounded_runs(nbytes, max(LAYOUT_MIN_BYTES, -(-sum(nbytes) // LAYOUT_PARTS)))
+
+
+def bounded_runs(nbytes: list, cap: int) -> list:
+    """``[lo, hi)`` ranges of consecutive items of ``nbytes`` bytes, each at most ``cap`` bytes
+    (an item larger than that is a range of its own)."""
+    parts, lo, size = [], 0, 0
+    for i, n in enumerate(nbytes):
+        if i > lo and size + n > cap:
+            parts.append((lo, i))
+            lo, size = i, 0
+        size += n
+    if lo < len(nbytes):
+        parts.append((lo, len(nbytes)))
+    return parts
+
+
 def runs(indices: list, keys: list) -> list:
     """Maximal runs of consecutive param indices sharing a key, as ``[first, last + 1, key]``."""
     out: list = []

@@ -9,9 +9,11 @@ a group has a grad in this backward, one fused update runs for the group (the sa
 then updates whatever is left (params whose grad came but whose group did not complete, e.g. a
 sibling in an unused branch) and starts the count again; so does ``zero_grad()``.
 
-Until ``step()`` has laid the params out (the first step, and again after the model moved or
-the state was replaced), grads wait for ``step()``: a layout is never made inside a backward,
-whose saved tensors still refer to the params.
+The params are laid out when the optimizer is built, so the first backward already updates
+and releases as it goes (its state is made in the hook, as ``step()`` makes it), and saves as
+much memory as every later one. After the model moved or the state was replaced, grads wait
+for ``step()`` to lay the params out again: a layout is never made inside a backward, whose
+saved tensors still refer to the params.
 
 What cannot run inside the backward is refused or handled:
 
@@ -43,21 +45,16 @@ import weakref
 import torch
 from torch import Tensor
 
-STEP_GROUP_BYTES = 4 << 20  # params per step group, about
+STEP_GROUP_BYTES = 1 << 20  # params per step group, about: the grads held at once, beside the
+# largest param's (a group of its own); each group is one update call (tens of microseconds)
 
 
 def group_bounds(sizes: list) -> list:
     """Step groups of consecutive params of ``sizes`` bytes: ``[lo, hi)`` index ranges of about
     ``STEP_GROUP_BYTES`` each (a larger param is a group of its own)."""
-    bounds, lo, size = [], 0, 0
-    for i, nbytes in enumerate(sizes):
-        if i > lo and size + nbytes > STEP_GROUP_BYTES:
-            bounds.append((lo, i))
-            lo, size = i, 0
-        size += nbytes
-    if lo < len(sizes):
-        bounds.append((lo, len(sizes)))
-    return bounds
+    from fastopt.flat import bounded_runs
+
+    return bounded_runs(sizes, STEP_GROUP_BYTES)
 
 
 class StepGroups:

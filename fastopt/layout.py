@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch.nn.parameter import is_lazy
 
 from fastopt import dispatch, grad_table
-from fastopt.flat import build_bucket, group_params, local, real_dtype
+from fastopt.flat import build_bucket, group_params, layout_parts, local, real_dtype
 from fastopt.state import State, adopt_state, create_state
 
 
@@ -37,24 +37,38 @@ def build_group(opt, index: int, own: set | None = None) -> None:
     buckets = []
     for external, params in group_params(members, lambda p: opt.bucket_variant(group, p),
                                          own, opt.flatten_params):
-        # Params left where they are take the kernels only if they can be updated by
-        # address in one launch (grad_table.py); else torch's multi-tensor ops.
-        by_address = external and opt.declaration.by_address \
-            and opt.bucket_variant(group, params[0]) is None \
-            and grad_table.addressable(params, real_dtype(params[0]))
-        backend = dispatch.resolve(opt.backend, params[0].device, real_dtype(params[0]),
-                                   external=external and not by_address)
-        bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]))
-        opt.prepare_bucket(group, bucket)
-        adopt_state(opt, group, bucket)
-        if opt.declaration.eager_state:  # state for every param now, as torch's Adagrad makes
-            fresh = [i for i, made in enumerate(bucket.state.has_state) if not made]
-            if fresh:
-                create_state(opt, group, bucket, fresh)
-        buckets.append(bucket)
+        for part in ([params] if external else split_for_layout(params)):
+            buckets.append(_build_bucket(opt, group, part, external))
     opt._buckets[index] = buckets
     opt._outsiders[index] = outsiders
     opt._group_ids[index] = [id(p) for p in group["params"]]
+
+
+def split_for_layout(params: list) -> list:
+    """The buckets params of one device and dtype are laid out in (``flat.layout_parts``):
+    one after another, so that each one's originals are freed before the next is allocated."""
+    nbytes = [local(p).numel() * p.element_size() for p in params]
+    return [params[lo:hi] for lo, hi in layout_parts(nbytes)]
+
+
+def _build_bucket(opt, group: dict, params: list, external: bool):
+    """One bucket of ``params``: built, its options checked, its state adopted (and made
+    now for an optimizer that makes state eagerly)."""
+    # Params left where they are take the kernels only if they can be updated by
+    # address in one launch (grad_table.py); else torch's multi-tensor ops.
+    by_address = external and opt.declaration.by_address \
+        and opt.bucket_variant(group, params[0]) is None \
+        and grad_table.addressable(params, real_dtype(params[0]))
+    backend = dispatch.resolve(opt.backend, params[0].device, real_dtype(params[0]),
+                               external=external and not by_address)
+    bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]))
+    opt.prepare_bucket(group, bucket)
+    adopt_state(opt, group, bucket)
+    if opt.declaration.eager_state:  # state for every param now, as torch's Adagrad makes
+        fresh = [i for i, made in enumerate(bucket.state.has_state) if not made]
+        if fresh:
+            create_state(opt, group, bucket, fresh)
+    return bucket
 
 
 def ensure_layout(opt) -> None:

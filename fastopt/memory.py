@@ -15,12 +15,16 @@ layout will hold for a given set of params, optimizer and options:
   (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32
   ``master_param`` of bf16/fp16 params (``master_weights``), plus the scalar table: 4 bytes per
   param for each scalar the declaration keeps (``step``...) and each value derived from them;
-- ``scratch_bytes``: what a step allocates on top, at most: the flat grad buffer plain grads
-  are copied into (by ``zero_grad(set_to_none=False)``; every step on the Triton path after
-  ``zero_grad()`` set the grads to None), the temporaries of the CPU torch path where it has
-  some (fp16/bf16 SGD, SAGA, widened slices for master weights / narrow or 8-bit state) and
-  8-bit state's block table (16 bytes per block of 256);
-- ``peak_bytes`` = params + grads + state + scratch, the most a step holds at once;
+- ``scratch_bytes``: what a step of the default loop (``zero_grad()`` between steps) adds:
+  the flat grad buffer where fresh grads are gathered into one and it is kept (the Triton path
+  of an optimizer whose kernels cannot read grads by address; many small fp32 tensors on a
+  CPU, ``fastopt.plan.gather_pays``), 8-bit state's block table (16 bytes per block of 256),
+  and the largest bucket's temporaries on the CPU torch path (fp16/bf16 SGD, SAGA, widened
+  slices for master weights / narrow or 8-bit state, measured per element: ``SLICE_SCRATCH``);
+- ``layout_bytes``: what building the optimizer holds twice, the largest bucket's params (they
+  move into flat buffers bucket by bucket, ``fastopt.flat.layout_parts``);
+- ``step_bytes`` = params + grads + state + scratch, the most an iteration holds, and
+  ``peak_bytes``, the cold peak: the larger of that and params + ``layout_bytes``;
 - ``free_bytes``: free memory on the device now (CUDA: ``torch.cuda.mem_get_info``; CPU:
   available RAM), and ``fits``: whether what the optimizer still has to allocate (state and
   scratch) fits in it.
@@ -42,7 +46,8 @@ import psutil
 import torch
 
 from fastopt import registry
-from fastopt.flat import is_movable, local, padded_size
+from fastopt.flat import SLOT_ALIGN, is_movable, layout_parts, local, padded_size
+from fastopt.plan import gather_pays
 from fastopt.precision import HALF_DTYPES, SLICE
 from fastopt.quantization import num_blocks
 from fastopt.torch_path import CHUNK
@@ -50,9 +55,11 @@ from fastopt.torch_path import CHUNK
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
 ADAFACTOR_RUN_TEMPORARIES = 4  # g*g, the update, its squares, the per-element coefficient
 CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk-sized temporaries
-# Temporaries per element of a widened slice on the CPU torch path (measured: ~36 bytes for
-# 8-bit state, ~36 for bf16 state, in slices of fastopt.precision.SLICE elements).
-SLICE_SCRATCH_PER_ELEMENT = 40
+# Temporaries per element of a widened slice on the CPU torch path, in slices of
+# fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
+# 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters; 22-26 for 8-bit
+# state's decoding and encoding; 38 with stochastic rounding's hashed noise).
+SLICE_SCRATCH = {"widened": 16, "master": 13, "int8": 26, "stochastic_rounding": 38}
 
 
 @dataclass
@@ -64,12 +71,19 @@ class DeviceMemory:
     grad_bytes: int = 0
     state_bytes: int = 0
     scratch_bytes: int = 0
+    layout_bytes: int = 0  # params held twice while the largest bucket is laid out
     free_bytes: int | None = None
     num_elements: int = 0  # trainable elements
 
     @property
-    def peak_bytes(self) -> int:
+    def step_bytes(self) -> int:
+        """The most an iteration holds: params, grads, state and the step's scratch."""
         return self.param_bytes + self.grad_bytes + self.state_bytes + self.scratch_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The cold peak: the optimizer's construction or an iteration, whichever holds more."""
+        return max(self.param_bytes + self.layout_bytes, self.step_bytes)
 
     @property
     def new_bytes(self) -> int:
@@ -134,6 +148,8 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
     rules = cls.__new__(cls)  # the class's own layout rules, without building the optimizer
     groups = _param_groups(params_or_model)
     report = MemoryReport(cls.__name__, {**defaults, **options})
+    held: dict = {}  # in_backward: per device, the largest step group's grads
+    transient: dict = {}  # per device, the most one bucket's step allocates and frees
     for group in groups:
         group_options = {**defaults, **options, **{k: v for k, v in group.items() if k != "params"}}
         buckets: dict = {}
@@ -156,29 +172,53 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             # One key per bucket fastopt makes: complex and external params get their own.
             key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, variant,
                    p.is_complex(), movable)
-            bucket = buckets.setdefault(key, dict(bytes=0, count=0, largest=0, blocks=0,
-                                                  sizes=[], shapes=[], movable=movable))
             real_elements = local(p).numel() * (2 if p.is_complex() else 1)
-            bucket["blocks"] += num_blocks(real_elements)
-            bucket["sizes"].append(real_elements)
-            bucket["shapes"].append(tuple(local(p).shape))
-            bucket["bytes"] += size
-            bucket["count"] += 1
-            bucket["largest"] = max(bucket["largest"], size)
-        for (where, dtype, variant, *_), bucket in buckets.items():
-            bucket["elements"] = padded_size(bucket["sizes"])  # slots and their padding
-            entry = report.devices[where]
-            if group_options.get("in_backward"):
-                held = _largest_step_group(bucket["sizes"], dtype.itemsize)
-                entry.grad_bytes -= bucket["bytes"] - held
-            shape = SimpleNamespace(dtype=dtype, variant=variant)
-            entry.state_bytes += _state_bytes(rules, group_options, bucket, shape)
-            entry.scratch_bytes += _scratch_bytes(rules, group_options, bucket, where, dtype)
-            if variant is not None:
-                entry.scratch_bytes += 16 * bucket["blocks"]  # the int64 block table
+            buckets.setdefault(key, []).append((real_elements, tuple(local(p).shape), size))
+        for (where, dtype, variant, *_, movable), items in buckets.items():
+            for bucket in _laid_out(items, movable):
+                entry = report.devices[where]
+                if movable:  # laid out bucket by bucket: one's originals and its flat buffer
+                    entry.layout_bytes = max(entry.layout_bytes,
+                                             padded_size(bucket["sizes"]) * dtype.itemsize)
+                step_scratch = _count_bucket(entry, rules, group_options, bucket, where,
+                                             dtype, variant)
+                transient[where] = max(transient.get(where, 0), step_scratch)
+                if group_options.get("in_backward"):
+                    entry.grad_bytes -= bucket["bytes"]
+                    held[where] = max(held.get(where, 0),
+                                      _largest_step_group(bucket["sizes"], dtype.itemsize))
+    for where, nbytes in held.items():
+        report.devices[where].grad_bytes += nbytes
+    for where, nbytes in transient.items():
+        report.devices[where].scratch_bytes += nbytes
     for entry in report.devices.values():
         entry.free_bytes = free_bytes(entry.device)
     return report
+
+
+def _laid_out(items: list, movable: bool) -> list:
+    """The buckets fastopt lays params of one key out in (``flat.layout_parts``; external
+    params stay in one), from each param's (real elements, local shape, bytes)."""
+    parts = layout_parts([size for *_, size in items]) if movable else [(0, len(items))]
+    return [dict(sizes=[n for n, *_ in items[lo:hi]], shapes=[s for _, s, _ in items[lo:hi]],
+                 bytes=sum(b for *_, b in items[lo:hi]), count=hi - lo,
+                 largest=max(b for *_, b in items[lo:hi]),
+                 blocks=sum(num_blocks(n) for n, *_ in items[lo:hi]), movable=movable)
+            for lo, hi in parts]
+
+
+def _count_bucket(entry: DeviceMemory, rules, group_options: dict, bucket: dict, where: str,
+                  dtype, variant) -> int:
+    """Add one bucket's state and kept scratch to ``entry``; return the temporaries its step
+    allocates and frees (buckets step one after another: the device holds the largest)."""
+    bucket["elements"] = padded_size(bucket["sizes"])  # slots and their padding
+    shape = SimpleNamespace(dtype=dtype, variant=variant)
+    entry.state_bytes += _state_bytes(rules, group_options, bucket, shape)
+    kept, step_scratch = _scratch_bytes(rules, group_options, bucket, where, dtype)
+    entry.scratch_bytes += kept
+    if variant is not None:
+        entry.scratch_bytes += 16 * bucket["blocks"]  # the int64 block table
+    return step_scratch
 
 
 def _largest_step_group(sizes: list, itemsize: int) -> int:
@@ -216,9 +256,12 @@ def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
     return total
 
 
-def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> int:
-    # The flat grad buffer (kept grads are laid out into it while autograd's still live).
-    scratch = bucket["elements"] * dtype.itemsize if bucket["movable"] else 0
+def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tuple:
+    """(kept, temporaries) of one bucket's step: the flat grad buffer (kept grads are laid
+    out into it while autograd's are still live), and what the update allocates and frees."""
+    kept = bucket["elements"] * dtype.itemsize if _keeps_grad_buffer(rules, bucket, device,
+                                                                      dtype) else 0
+    scratch = 0
     on_cpu = torch.device(device).type == "cpu"
     cost = rules.declaration.cost
     if on_cpu and cost == "sgd" and dtype in (torch.float16, torch.bfloat16):
@@ -242,8 +285,30 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> in
     if on_cpu and _widens(options, dtype) and cost != "adafactor":
         # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
         largest = bucket["largest"] // dtype.itemsize
-        scratch += SLICE_SCRATCH_PER_ELEMENT * min(SLICE, largest)
-    return scratch
+        if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
+            largest = min(CHUNK, largest)
+        rounding = options.get("stochastic_rounding") and dtype == torch.bfloat16 \
+            and not options.get("master_weights")
+        per_element = SLICE_SCRATCH["stochastic_rounding" if rounding else
+                                    "int8" if options.get("state_dtype") == "int8" else
+                                    "master" if options.get("master_weights") else "widened"]
+        scratch += per_element * min(SLICE, largest)
+    return kept, scratch
+
+
+def _keeps_grad_buffer(rules, bucket: dict, device: str, dtype) -> bool:
+    """Does a step after ``zero_grad()`` gather the fresh grads into the bucket's flat grad
+    buffer, and keep it (``fastopt.plan``)? On a GPU where the kernels cannot read them by
+    address; on a CPU where the cost model finds gathering cheaper (many small fp32 tensors)."""
+    if not bucket["movable"]:
+        return False
+    device = torch.device(device)
+    if device.type != "cpu":
+        return not rules.declaration.by_address
+    gapless = all(len(s) == 1 for s in bucket["shapes"]) \
+        and all(n % SLOT_ALIGN == 0 for n in bucket["sizes"][:-1])
+    return gather_pays(rules.declaration.cost, device, bucket["count"], bucket["elements"],
+                       dtype, gapless)
 
 
 def _widens(options: dict, dtype: torch.dtype) -> bool:

@@ -42,7 +42,7 @@ from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket, is_movable, mark_laid_out
 from fastopt.plan import StepPlan
 from fastopt.precision import has_master
-from fastopt.state import MASTER, Entry, keep_saved_dtypes, make_reference_state
+from fastopt.state import MASTER, Entry, State, keep_saved_dtypes, make_reference_state
 from fastopt.validation import check_bucket_options, check_group_params, check_options
 
 class FlatOptimizer(Optimizer):
@@ -228,6 +228,11 @@ class FlatOptimizer(Optimizer):
             self._step_groups.hook_params(group["params"])
         if self._reference:
             return
+        if type(self.state) is not State and not self.state:
+            # torch.optim.Optimizer.__init__'s empty state: the layout made here is kept (no
+            # second one at the first step), so in_backward=True steps from the first backward.
+            self.state = State()
+            self.state.changed = False
         if self._buckets is not None:
             self._buckets.append(None)
             self._outsiders.append(None)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SLICE = 1 << 20  # elements widened to fp32 at a time (bounds the temporaries: 4 MiB each)
+SLICE = 1 << 18  # elements widened to fp32 at a time (bounds the temporaries: 1 MiB each)
 MASK32 = 0xFFFFFFFF
 OFFSET_MIX, STEP_MIX, SEED_MIX = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 HASH_MUL1, HASH_MUL2 = 0x7FEB352D, 0x846CA68B
@@ -40,32 +40,46 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def mul32(x: Tensor, constant: int) -> Tensor:
-    """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & MASK32
+    """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow, in
+    place (one temporary)."""
+    high = x * (constant >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    x *= constant & 0xFFFF
+    x += high
+    x &= MASK32
+    return x
 
 
 def rounding_noise(seed: int, step: Tensor, start: int, n: int, device) -> Tensor:
-    """16 random bits per element ``start .. start + n`` of a flat buffer, for step ``step``."""
-    offsets = torch.arange(start, start + n, dtype=torch.int64, device=device) & MASK32
+    """16 random bits per element ``start .. start + n`` of a flat buffer, for step ``step``
+    (int64, computed in place: two int64 temporaries per element at most)."""
+    x = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    x &= MASK32
+    mul32(x, OFFSET_MIX)
     step_word = step.to(torch.int64) & MASK32
-    x = mul32(offsets, OFFSET_MIX)
-    x = (x + mul32(step_word, STEP_MIX) + (seed * SEED_MIX & MASK32)) & MASK32
-    x = x ^ (x >> 16)
-    x = mul32(x, HASH_MUL1)
-    x = x ^ (x >> 15)
-    x = mul32(x, HASH_MUL2)
-    x = x ^ (x >> 16)
-    return x & 0xFFFF
+    x += mul32(step_word, STEP_MIX) + (seed * SEED_MIX & MASK32)
+    x &= MASK32
+    for shift, multiplier in ((16, HASH_MUL1), (15, HASH_MUL2)):
+        x ^= x >> shift
+        mul32(x, multiplier)
+    x ^= x >> 16
+    x &= 0xFFFF
+    return x
 
 
 def round_stochastic(value: Tensor, noise: Tensor) -> Tensor:
-    """fp32 ``value`` to bf16, rounding up or down with the given 16-bit noise."""
-    bits = value.view(torch.int32).to(torch.int64) & MASK32
-    bits = ((bits + noise) & 0xFFFF0000).to(torch.int64)
-    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
-    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+    """fp32 ``value`` to bf16, rounding up or down with the given 16-bit noise: the top 16
+    bits of (value's bits + noise), a bf16's bits."""
+    bits = value.view(torch.int32).to(torch.int64)
+    bits &= MASK32
+    bits += noise
+    bits >>= 16
+    bits &= 0xFFFF  # the bf16's bits, as an unsigned 16-bit number
+    sign = bits >> 15
+    sign <<= 16
+    bits -= sign  # ... as a signed one
+    return bits.to(torch.int16).view(torch.bfloat16)
 
 
 def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0) -> None:

@@ -73,14 +73,14 @@ def quantize(values: Tensor, signed: bool) -> tuple:
     scales = padded.abs().amax(dim=1)
     normalized = padded / torch.where(scales > 0, scales, 1.0)[:, None]
     _, midpoints = tables(signed, values.device)
-    codes = torch.bucketize(normalized, midpoints).to(CODES)
+    codes = torch.bucketize(normalized, midpoints, out_int32=True).to(CODES)
     return codes.view(-1)[:n].view(values.shape), scales
 
 
 def dequantize(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
     """codes (one param) and their block scales -> fp32 values of the codes' shape."""
     code_values, _ = tables(signed, codes.device)
-    flat = code_values[codes.reshape(-1).long()]
+    flat = code_values[codes.reshape(-1).int()]
     n = flat.numel()
     padded = torch.nn.functional.pad(flat, (0, num_blocks(n) * BLOCK - n)).view(-1, BLOCK)
     return (padded * scales[:, None]).view(-1)[:n].view(codes.shape)

@@ -326,7 +326,8 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
 
 def _widened(math, param, grad, slots, master, row, lr, hyper, flags, seed, start,
              prepared) -> None:
-    """One entry of ``elementwise_update`` computed in fp32 slices and stored back rounded."""
+    """One entry of ``elementwise_update`` computed in fp32 slices of ``CHUNK`` elements and
+    stored back rounded."""
     source = master if master is not None else param
     math_dtype = precision.math_dtype(source.dtype)
     flat = {"param": param.reshape(-1), "grad": grad.reshape(-1), "source": source.reshape(-1)}
@@ -334,8 +335,8 @@ def _widened(math, param, grad, slots, master, row, lr, hyper, flags, seed, star
     step = None
     if seed is not None:
         step = torch.tensor(getattr(row, "step", 0.0))
-    for lo in range(0, flat["param"].numel(), precision.SLICE):
-        part = slice(lo, lo + precision.SLICE)
+    for lo in range(0, flat["param"].numel(), CHUNK):  # the math's temporaries stay in cache
+        part = slice(lo, lo + CHUNK)
         if master is not None:
             p32 = precision.follow_param(flat["source"][part], flat["param"][part])
         else:

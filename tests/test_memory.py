@@ -77,7 +77,10 @@ def test_state_bytes_equal_what_exists_after_the_first_step(name, cls, kwargs, d
     assert cpu.param_bytes == sum(p.numel() * p.element_size() for p in params)
     assert cpu.grad_bytes == sum(p.grad.numel() * p.grad.element_size()
                                  for p in params if p.grad is not None)
-    assert cpu.peak_bytes == cpu.param_bytes + cpu.grad_bytes + cpu.state_bytes + cpu.scratch_bytes
+    assert cpu.step_bytes == cpu.param_bytes + cpu.grad_bytes + cpu.state_bytes + cpu.scratch_bytes
+    largest = max(b.numel * b.dtype.itemsize for b in opt._buckets[0] if not b.external)
+    assert cpu.layout_bytes == largest  # laid out bucket by bucket
+    assert cpu.peak_bytes == max(cpu.param_bytes + cpu.layout_bytes, cpu.step_bytes)
     assert report.state_bytes == cpu.state_bytes
 
 

@@ -294,25 +294,35 @@ def elementwise_variants() -> list:
                              ("fp16", "fp32", True, False, True)]
                 if cls._takes("stochastic_rounding"):
                     storages.append(("bf16", "bf16", False, True, False))
+                # masters as remainders beside bf16 state (2 or 1 bytes a param)
+                storages += [("bf16", "bf16", "i16", False, False),
+                             ("bf16", "bf16", "i8", False, False)]
             for param, state, master, rounding, clipped in storages:
                 routes = [(True, False)]  # the default loop's route: fresh grads by address
                 if number and param == "fp32" and state == "fp32":
                     routes += [(False, False), (True, True)]  # the flat buffer, by address
                 for table, by_address in routes:
                     dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param,
+                              "master_ptr": "*" + master_type(master),
                               **{f"b{k}_ptr": "*" + state for k in range(4)}}
                     spec = _variant("elementwise", dtypes, dict(
                         MATH=math, FLAGS=flags, BUFFERS=present,
                         STEP_COLUMN=declared.scalar_names.index("step")
                         if declared.counts_steps else 0,
                         MAXIMIZE=bool(group.get("maximize")), LR_ON_DEVICE=False,
-                        HAS_GRAD_SCALE=clipped, HAS_FOUND_INF=clipped, HAS_MASTER=master,
+                        HAS_GRAD_SCALE=clipped, HAS_FOUND_INF=clipped, HAS_MASTER=bool(master),
                         STOCHASTIC_ROUNDING=rounding, GRAD_TABLE=table, PARAM_TABLE=by_address,
                         BLOCK_SIZE=launch.BLOCK_SIZE), _INTS["elementwise"])
                     spec["enable_fp_fusion"] = False
                     out.append(spec)
         assert LR_ON_DEVICE_FLAG  # (the flag bit is set per launch, never here)
     return out
+
+
+def master_type(master) -> str:
+    """The master pointer's element type: fp32 masters (``True``), their remainders ("i16",
+    "i8"); without masters the pointer is unused (fp32)."""
+    return master if isinstance(master, str) else "fp32"
 
 
 def gpu_variants() -> list:
@@ -327,31 +337,36 @@ def gpu_variants() -> list:
                 ("fp32", "fp32", False, False), ("fp32", "bf16", False, False),
                 ("bf16", "fp32", True, False),
                 ("bf16", "bf16", False, False), ("bf16", "bf16", False, True),
-                ("bf16", "bf16", True, False), ("fp16", "fp32", True, False)):
+                ("bf16", "bf16", True, False), ("fp16", "fp32", True, False),
+                ("bf16", "fp32", "i16", False), ("bf16", "bf16", "i16", False),
+                ("bf16", "bf16", "i8", False)):
             dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param,
+                      "master_ptr": "*" + master_type(master),
                       "exp_avg_ptr": "*" + state, "exp_avg_sq_ptr": "*" + state,
                       "max_exp_avg_sq_ptr": "*" + state, "momentum_buffer_ptr": "*" + state}
             for amsgrad in (False, True):
                 out.append(_variant("adam", dtypes, dict(
                     AMSGRAD=amsgrad, HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=False,
                     LR_ON_DEVICE=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
-                    HAS_MASTER=master, STOCHASTIC_ROUNDING=rounding, GRAD_TABLE=table,
+                    HAS_MASTER=bool(master), STOCHASTIC_ROUNDING=rounding, GRAD_TABLE=table,
                     PARAM_TABLE=by_address, BLOCK_SIZE=launch.BLOCK_SIZE), adam_ints))
             if rounding:
                 continue
             out.append(_variant("sgd", dtypes, dict(
                 HAS_MOMENTUM=True, FIRST_STEP=False, NESTEROV=False, HAS_WEIGHT_DECAY=True,
                 MAXIMIZE=False, LR_ON_DEVICE=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
-                HAS_MASTER=master, GRAD_TABLE=table, PARAM_TABLE=by_address,
+                HAS_MASTER=bool(master), GRAD_TABLE=table, PARAM_TABLE=by_address,
                 BLOCK_SIZE=launch.BLOCK_SIZE), _INTS["sgd"]))
     for param, master, rounding in (("fp32", False, False), ("bf16", True, False),
-                                    ("bf16", False, True)):
+                                    ("bf16", False, True), ("bf16", "i16", False),
+                                    ("bf16", "i8", False)):
         out.append(_variant("adam_int8", {
             "param_ptr": "*" + param, "grad_ptr": "*" + param, "m_codes_ptr": "*u8",
+            "master_ptr": "*" + master_type(master),
             "v_codes_ptr": "*u8", "block_table_ptr": "*i64", "signed_guesses_ptr": "*u8",
             "unsigned_guesses_ptr": "*u8"}, dict(
                 HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=False, LR_ON_DEVICE=False,
-                HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=master,
+                HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=bool(master),
                 STOCHASTIC_ROUNDING=rounding, ROWS_PER_PROGRAM=adam_int8.ROWS,
                 QBLOCK=BLOCK), _INTS["adam_int8"], adam_int8.NUM_WARPS))
     return out + elementwise_variants()
@@ -616,6 +631,8 @@ def describe(spec: dict) -> str:
         parts.append(types[0])
     parts += [k.lower() for k, v in sorted(c.items())
               if v is True and k not in ("GRAD_TABLE", "PARAM_TABLE") and k != "MATH"]
+    if c.get("HAS_MASTER") and sig.get("master_ptr", "*fp32") != "*fp32":
+        parts.append(f"master {sig['master_ptr'].lstrip('*')}")
     parts.append("param-table" if c.get("PARAM_TABLE") else
                  "grad-table" if c.get("GRAD_TABLE") else "flat")
     if spec["kernel"] in ("adam_steps",):
@@ -661,7 +678,9 @@ def model_key(spec: dict) -> str | None:
         return None
     route = ("param-table" if c.get("PARAM_TABLE") else "grad-table" if c.get("GRAD_TABLE")
              else "flat")
-    extra = "+master" if c.get("HAS_MASTER") else "+sr" if c.get("STOCHASTIC_ROUNDING") else ""
+    remainder = {"*i16": "+remainder", "*i8": "+remainder8"}.get(sig.get("master_ptr"))
+    extra = (remainder or "+master") if c.get("HAS_MASTER") else \
+        "+sr" if c.get("STOCHASTIC_ROUNDING") else ""
     if c.get("AMSGRAD"):
         extra += "+amsgrad"
     return (f"{kernel} {sig['param_ptr'].lstrip('*')}/{sig[state].lstrip('*')}{extra} "

@@ -7,8 +7,10 @@ Two small jobs, each trained with the same seed and batches under every variant:
   tokens from a vocabulary of 16 (the answer needs attention across the whole sequence).
 
 Variants: fp32 params and state (the reference); bf16 params with torch.optim's behaviour
-(bf16 state, rounding to nearest); bf16 params with fp32 ``master_weights``; bf16 params with
-``stochastic_rounding``; fp32 params with ``state_dtype=torch.bfloat16``; fp32 params with
+(bf16 state, rounding to nearest); bf16 params with fp32 ``master_weights``, with their
+remainders (``master_weights="remainder"``: the same fp32 master in 2 bytes a param;
+``"remainder8"``: a 24-bit one in 1 byte; and the remainder beside 8-bit state); bf16 params
+with ``stochastic_rounding``; fp32 params with ``state_dtype=torch.bfloat16``; fp32 params with
 ``state_dtype="int8"``. ``python -m examples.precision`` prints the final losses.
 """
 
@@ -26,6 +28,10 @@ VARIANTS = {
     "fp32": (torch.float32, {}),
     "bf16 params": (torch.bfloat16, {}),
     "bf16 + master_weights": (torch.bfloat16, {"master_weights": True}),
+    "bf16 + remainder": (torch.bfloat16, {"master_weights": "remainder"}),
+    "bf16 + remainder8": (torch.bfloat16, {"master_weights": "remainder8"}),
+    "bf16 + remainder + int8 state": (torch.bfloat16, {"master_weights": "remainder",
+                                                       "state_dtype": "int8"}),
     "bf16 + stochastic_rounding": (torch.bfloat16, {"stochastic_rounding": True}),
     "fp32 + bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
     "fp32 + int8 state": (torch.float32, {"state_dtype": "int8"}),

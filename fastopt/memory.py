@@ -48,7 +48,7 @@ import torch
 from fastopt import registry
 from fastopt.flat import SLOT_ALIGN, is_movable, layout_parts, local, padded_size
 from fastopt.plan import gather_pays
-from fastopt.precision import HALF_DTYPES, SLICE
+from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
 from fastopt.quantization import num_blocks
 from fastopt.torch_path import CHUNK
 
@@ -57,9 +57,11 @@ ADAFACTOR_RUN_TEMPORARIES = 4  # g*g, the update, its squares, the per-element c
 CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk-sized temporaries
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
-# 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters; 22-26 for 8-bit
-# state's decoding and encoding; 38 with stochastic rounding's hashed noise).
-SLICE_SCRATCH = {"widened": 16, "master": 13, "int8": 26, "stochastic_rounding": 38}
+# 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
+# them from remainders (26 beside narrow state); 22-26 for 8-bit state's decoding and encoding;
+# 38 with stochastic rounding's hashed noise).
+SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
+                 "int8": 26, "stochastic_rounding": 38}
 
 
 @dataclass
@@ -287,13 +289,21 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tu
         largest = bucket["largest"] // dtype.itemsize
         if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
             largest = min(CHUNK, largest)
-        rounding = options.get("stochastic_rounding") and dtype == torch.bfloat16 \
-            and not options.get("master_weights")
-        per_element = SLICE_SCRATCH["stochastic_rounding" if rounding else
-                                    "int8" if options.get("state_dtype") == "int8" else
-                                    "master" if options.get("master_weights") else "widened"]
-        scratch += per_element * min(SLICE, largest)
+        scratch += SLICE_SCRATCH[_slice_kind(options, dtype)] * min(SLICE, largest)
     return kept, scratch
+
+
+def _slice_kind(options: dict, dtype) -> str:
+    """Which row of ``SLICE_SCRATCH`` a widened slice's temporaries take."""
+    master, state_dtype = options.get("master_weights"), options.get("state_dtype")
+    if options.get("stochastic_rounding") and dtype == torch.bfloat16 and not master:
+        return "stochastic_rounding"
+    if state_dtype == "int8":
+        return "int8"
+    if master in REMAINDERS:
+        narrow = state_dtype is not None and state_dtype.itemsize < 4
+        return "remainder, narrow state" if narrow else "remainder"
+    return "master" if master else "widened"
 
 
 def _keeps_grad_buffer(rules, bucket: dict, device: str, dtype) -> bool:

@@ -41,8 +41,9 @@ from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket, is_movable, mark_laid_out
 from fastopt.plan import StepPlan
-from fastopt.precision import has_master
-from fastopt.state import MASTER, Entry, State, keep_saved_dtypes, make_reference_state
+from fastopt.precision import REMAINDER, REMAINDERS, has_master, master_name
+from fastopt.state import (MASTER, Entry, State, keep_saved_dtypes, make_reference_state,
+                           saved_masters)
 from fastopt.validation import check_bucket_options, check_group_params, check_options
 
 class FlatOptimizer(Optimizer):
@@ -108,6 +109,8 @@ class FlatOptimizer(Optimizer):
         param's dtype as torch.optim keeps it."""
         if name == MASTER:
             return torch.float32
+        if name == REMAINDER:
+            return REMAINDERS[group["master_weights"]]
         if group.get("state_dtype") is not None:
             return group["state_dtype"]
         if has_master(group, bucket.dtype):
@@ -139,14 +142,17 @@ class FlatOptimizer(Optimizer):
         return torch.device("cpu")
 
     def precision_names(self, group: dict, bucket: Bucket) -> list:
-        """``["master_param"]`` where the group keeps fp32 masters for this bucket's params."""
-        return [MASTER] if has_master(group, bucket.dtype) else []
+        """``["master_param"]`` where the group keeps fp32 masters for this bucket's params
+        (``["master_remainder"]`` for their remainders, ``master_weights="remainder"``)."""
+        return [master_name(group)] if has_master(group, bucket.dtype) else []
 
     def precision_options(self, group: dict, bucket: Bucket, plan: StepPlan) -> dict:
-        """The keywords an update function takes for masters and stochastic rounding."""
+        """The keywords an update function takes for masters and stochastic rounding
+        (``masters``: fp32 masters, or int16/int8 remainders: see ``fastopt.precision``)."""
         options = {}
-        if MASTER in bucket.state:
-            options["masters"] = plan.pieces(MASTER)
+        name = master_name(group)
+        if has_master(group, bucket.dtype) and name in bucket.state:
+            options["masters"] = plan.pieces(name)
         if group.get("stochastic_rounding") and bucket.dtype == torch.bfloat16:
             options["rounding_seed"] = int(group.get("rounding_seed", 0))
             options["offsets"] = plan.starts  # computed only where rounding needs them
@@ -295,6 +301,7 @@ class FlatOptimizer(Optimizer):
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) if isinstance(v, Entry) else v
                                for k, v in state_dict["state"].items()}
+        saved_masters(self, state_dict)
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -7,6 +7,15 @@ Three options change what is stored, never the math (always fp32):
   equals its master rounded (changed outside the optimizer), the param's value is taken.
 - ``state_dtype=torch.bfloat16`` (or float16): the moments are stored in that dtype, widened to
   fp32 for the update and rounded to nearest on the way back.
+- ``master_weights="remainder"`` (bf16 params): the master is the param and the 16 bits it
+  lacks (state ``master_remainder``, int16): together exactly an fp32 master, in 2 bytes per
+  param instead of 4 (Apex's and Transformer Engine's "param remainders").
+  ``master_weights="remainder8"`` keeps the top 8 of those bits (int8, 1 byte per param): a
+  24-bit master. Each step rebuilds the master, updates it in fp32 and splits it again: the
+  param is the master rounded to nearest (ties away from zero: the one rounding whose remainder
+  always fits 16 signed bits), the remainder the signed difference, see ``rebuild_master`` and
+  ``split_master``. ``state_dict`` saves the fp32 master as ``master_param``, as
+  ``master_weights=True`` does.
 - ``stochastic_rounding=True`` (bf16 params without master weights): the param is rounded up
   or down at random, with probability given by its distance to each neighbour, so small updates
   survive on average. The randomness is a counter-based hash of (seed, step, element offset in
@@ -94,6 +103,66 @@ def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0
         target.copy_(value)
 
 
+REMAINDER = "master_remainder"  # the bits a bf16 param lacks of its master (see the docstring)
+REMAINDERS = {"remainder": torch.int16, "remainder8": torch.int8}
+REMAINDER_SHIFT = {torch.int16: 0, torch.int8: 8}  # where the remainder's lowest bit sits
+
+
+def rebuild_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """The fp32 master of a bf16 ``param`` and its ``remainder`` (int16, or int8 for a 24-bit
+    master): the param's bits on top, plus the remainder as a signed offset of the fp32 bits.
+    In int32 (the param's bits as a signed 16-bit number, shifted): no sum overflows for a
+    remainder ``split_master`` made."""
+    bits = param.view(torch.int16).to(torch.int32)
+    bits <<= 16
+    if REMAINDER_SHIFT[remainder.dtype]:
+        bits += remainder.to(torch.int32) << REMAINDER_SHIFT[remainder.dtype]
+    else:
+        bits += remainder
+    return bits.view(torch.float32)
+
+
+def split_master(value: Tensor, param: Tensor, remainder: Tensor) -> None:
+    """Store fp32 ``value`` as a bf16 ``param`` (``value`` rounded to nearest, ties away from
+    zero) and its ``remainder`` (the rest of its bits, int16; int8: rounded to nearest to the
+    top 8 of them). ``rebuild_master`` gives ``value`` back (int16), or within 255 units of
+    its last bit, under 2**-8 of the param's (int8). In int32, on the bits as signed numbers
+    (the arithmetic shift keeps the sign bit where a bf16 has it)."""
+    bits = value.view(torch.int32)
+    high = bits >> 16
+    up = bits >> 15
+    up &= 1
+    up.masked_fill_(value.isnan(), 0)  # a nan keeps its top bits (rounding could carry it out)
+    high += up
+    offset = high << 16
+    torch.sub(bits, offset, out=offset)  # the bits below the param's, signed
+    shift = REMAINDER_SHIFT[remainder.dtype]
+    if shift:
+        offset += 1 << (shift - 1)
+        offset >>= shift
+    info = torch.iinfo(remainder.dtype)
+    remainder.copy_(offset.clamp_(info.min, info.max))
+    param.copy_(high.to(torch.int16).view(torch.bfloat16))
+
+
+def load_master(master: Tensor, param: Tensor) -> Tensor:
+    """The fp32 value an update starts from, with ``master`` the param's fp32 master (see
+    ``follow_param``) or its remainder (``rebuild_master``)."""
+    if master.dtype in REMAINDER_SHIFT:
+        return rebuild_master(param, master)
+    return follow_param(master, param)
+
+
+def store_master(master: Tensor, param: Tensor, value: Tensor) -> None:
+    """Store the updated fp32 ``value`` into the master and the param (rounded to nearest), or
+    split it into the param and its remainder."""
+    if master.dtype in REMAINDER_SHIFT:
+        split_master(value, param, master)
+        return
+    store(master, value)
+    store(param, value)
+
+
 def follow_param(master: Tensor, param: Tensor) -> Tensor:
     """The fp32 master, except where the param is no longer the master rounded to its dtype:
     something outside the optimizer changed it (a clamp, a loaded checkpoint, another
@@ -118,7 +187,8 @@ def run_fp32(fused, params, grads, states, steps, *, masters=None, seed=None, of
              **kwargs) -> None:
     """Call ``fused(params32, grads32, *states32, steps, **kwargs)`` (a torch fused fp32 op, its
     tensor lists first) on fp32 copies of at most SLICE elements at a time, then store the
-    results back: into ``masters`` and (rounded) into ``params`` when masters are given, else
+    results back: into ``masters`` and (rounded) into ``params`` when masters are given (or
+    split into ``params`` and their remainders, see ``store_master``), else
     into ``params``; state lists back into their own dtypes.
 
     ``states`` is a list of tensor lists (each aligned with ``params``; an empty list stays
@@ -133,15 +203,14 @@ def run_fp32(fused, params, grads, states, steps, *, masters=None, seed=None, of
         math = math_dtype(source.dtype)
         for k, (piece, start) in enumerate(sources):
             if masters is not None:
-                p32 = follow_param(piece, param_pieces[k][0])
+                p32 = load_master(piece, param_pieces[k][0])
             else:
                 p32 = piece.to(math)
             s32 = [[s[k][0].to(math)] if s is not None else [] for s in state_pieces]
             step = [] if steps is None else [[steps[j]]]
             fused([p32], [grad_pieces[k][0].to(math)], *s32, *step, **kwargs)
             if masters is not None:
-                store(piece, p32)  # the fp32 master (p32 is the master itself: no copy)
-                store(param_pieces[k][0], p32)
+                store_master(piece, param_pieces[k][0], p32)
             else:
                 rounding = {} if seed is None else dict(seed=seed, step=steps[j], start=start)
                 store(piece, p32, **rounding)
@@ -162,6 +231,11 @@ def needs_fp32(params: list, states: list, masters, seed) -> bool:
 
 
 def has_master(group: dict, dtype: torch.dtype) -> bool:
-    """Does ``group`` keep fp32 master copies of its params of ``dtype``?"""
+    """Does ``group`` keep fp32 masters (or their remainders) of its params of ``dtype``?"""
     return bool(group.get("master_weights")) and dtype in HALF_DTYPES
+
+
+def master_name(group: dict) -> str:
+    """The state holding ``group``'s masters: ``master_param`` (fp32) or ``master_remainder``."""
+    return REMAINDER if group.get("master_weights") in REMAINDERS else "master_param"
 

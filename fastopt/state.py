@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 from fastopt.flat import Bucket, local_value
+from fastopt.precision import REMAINDER, rebuild_master, split_master
 
 MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
+MASTERS = (MASTER, REMAINDER)  # the two forms a master is kept in (fastopt.precision)
 
 
 def ensure_buffer(opt, group: dict, bucket: Bucket, name: str) -> Tensor:
@@ -88,7 +90,7 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
     for i in stated:
         for key, value in opt.state[bucket.params[i]].items():
             if key not in names and key not in opt.declaration.scalar_names \
-                    and flat_extra(bucket, i, value):
+                    and key not in MASTERS and flat_extra(bucket, i, value):
                 names.append(key)  # e.g. max_exp_avg_sq kept from an amsgrad run
     for name in names:
         ensure_buffer(opt, group, bucket, name)
@@ -110,13 +112,45 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
                     continue  # a packed state this param does not keep
                 if isinstance(value, Tensor):
                     opt.adopt_value(bucket, i, name, local_value(value, bucket.params[i]))
-                elif name == MASTER:  # state saved without masters: start from the param
-                    bucket.state.local_view(name, i).copy_(
-                        local_value(bucket.params[i].detach(), bucket.params[i]))
+                elif name in MASTERS:  # the master in its other form, or none: from the param
+                    _adopt_master(bucket, i, name, state)
             extras = {k: v for k, v in state.items()
-                      if k not in names and k not in opt.declaration.scalar_names}
+                      if k not in names and k not in opt.declaration.scalar_names
+                      and not (k in MASTERS and any(m in names for m in MASTERS))}
             set_state(opt, bucket.params[i], {**state_views(opt, bucket, i, names), **extras})
             bucket.state.has_state[i] = True
+
+
+def _adopt_master(bucket: Bucket, i: int, name: str, state: dict) -> None:
+    """Param i's master ``name`` (``master_param`` or ``master_remainder``) from the other
+    form in its saved ``state``, or from the param where it has neither."""
+    p = bucket.params[i]
+    view = bucket.state.local_view(name, i)
+    other = state.get(REMAINDER if name == MASTER else MASTER)
+    with torch.no_grad():
+        if name == MASTER:
+            value = local_value(p.detach(), p)
+            if isinstance(other, Tensor):  # the param and its remainder
+                value = rebuild_master(value, other.to(view.device))
+            view.copy_(value)
+        elif isinstance(other, Tensor):  # the fp32 master's bits below its rounding
+            master = local_value(other, p).to(device=view.device, dtype=torch.float32)
+            split_master(master, torch.empty_like(master, dtype=torch.bfloat16), view)
+        else:
+            view.zero_()  # the param is the master
+
+
+def saved_masters(opt, state_dict: dict) -> None:
+    """``state_dict()``'s form of remainders: each param's fp32 master as ``master_param``
+    (loadable into ``master_weights=True``, and back), rebuilt from the param and its
+    ``master_remainder``."""
+    saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = itertools.chain.from_iterable(g["params"] for g in opt.param_groups)
+    for key, p in zip(saved_ids, params):
+        entry = state_dict["state"].get(key)
+        if isinstance(entry, dict) and isinstance(entry.get(REMAINDER), Tensor):
+            remainder = entry.pop(REMAINDER)
+            entry[MASTER] = rebuild_master(p.detach(), remainder)
 
 
 def _scalar(value, default: float) -> float:
@@ -134,7 +168,7 @@ def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
         return  # SGD without momentum keeps no state at all, as torch's does
     for name in names:
         ensure_buffer(opt, group, bucket, name)
-        if name == MASTER:  # the fp32 copy starts as the param
+        if name == MASTER:  # the fp32 copy starts as the param (a remainder as zero)
             for i in fresh:
                 bucket.state.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
                                                                    bucket.params[i]))
@@ -153,12 +187,19 @@ def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
     """A new state tensor (its initial value) for every param of ``bucket`` that has state
     (an option switched on mid-run: amsgrad, master_weights, momentum)."""
     ensure_buffer(opt, group, bucket, name)
+    other = REMAINDER if name == MASTER else MASTER if name == REMAINDER else None
+    replaced = other is not None and other in bucket.state  # master_weights changed its form
     for i, p in enumerate(bucket.params):
         view = bucket.state.state_view(name, i)
         if bucket.state.has_state[i] and view is not None:
-            if name == MASTER:
-                bucket.state.local_view(name, i).copy_(local_value(p.detach(), p))
+            if name in MASTERS:
+                _adopt_master(bucket, i, name, opt.state[p])
             dict.__setitem__(opt.state[p], name, view)
+            if replaced:
+                dict.pop(opt.state[p], other, None)
+    if replaced:
+        del bucket.state.tensors[other]
+        bucket.real_views.pop(other, None)
 
 
 def keep_saved_dtypes(opt, state_dict: dict) -> None:

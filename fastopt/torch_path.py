@@ -247,13 +247,14 @@ def _adam_int8_slice(op, flat, scales, span, blocks, step, has_master, rounding_
     root = dequantize(flat["v"][span], scales["v"][blocks], signed=False)
     v = (root * root).to(math)
     del root
-    p32 = precision.follow_param(source, flat["param"][span]) if has_master else source.to(math)
+    p32 = precision.load_master(source, flat["param"][span]) if has_master else source.to(math)
     op([p32], [flat["grad"][span].to(math)], [m], [v], [], [step], **options)
     if has_master:
-        precision.store(flat["param"][span], p32)
-    rounding = {} if rounding_seed is None or has_master else dict(
-        seed=rounding_seed, step=step, start=start)
-    precision.store(source, p32, **rounding)
+        precision.store_master(source, flat["param"][span], p32)
+    else:
+        rounding = {} if rounding_seed is None else dict(seed=rounding_seed, step=step,
+                                                         start=start)
+        precision.store(source, p32, **rounding)
     found_inf = options["found_inf"]
     for name, values, signed in (("m", m, True), ("v", v.sqrt_(), False)):
         codes, new_scales = quantize(values, signed)
@@ -338,14 +339,13 @@ def _widened(math, param, grad, slots, master, row, lr, hyper, flags, seed, star
     for lo in range(0, flat["param"].numel(), CHUNK):  # the math's temporaries stay in cache
         part = slice(lo, lo + CHUNK)
         if master is not None:
-            p32 = precision.follow_param(flat["source"][part], flat["param"][part])
+            p32 = precision.load_master(flat["source"][part], flat["param"][part])
         else:
             p32 = flat["param"][part].to(math_dtype)
         s32 = [s[part].to(math_dtype) if s is not None else None for s in states]
         math(p32, prepared(flat["grad"][part].to(math_dtype)), *s32, row, lr, *hyper, flags)
         if master is not None:
-            precision.store(flat["source"][part], p32)
-            precision.store(flat["param"][part], p32)
+            precision.store_master(flat["source"][part], flat["param"][part], p32)
         else:
             rounding = {} if seed is None else dict(seed=seed, step=step, start=start + lo)
             precision.store(flat["param"][part], p32, **rounding)

@@ -18,6 +18,7 @@ from torch import Tensor
 from fastopt import dispatch
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS
 from fastopt.flat import is_dtensor
+from fastopt.precision import REMAINDERS
 
 
 def check_lr(lr) -> None:
@@ -73,8 +74,9 @@ def check_precision(master_weights, state_dtype, stochastic_rounding, rounding_s
                     max_grad_norm, *, int8_ok: bool = False, amsgrad: bool = False) -> None:
     """The mixed-precision options (see fastopt.precision); ``int8_ok`` where blockwise 8-bit
     state exists (Adam, AdamW)."""
-    if not isinstance(master_weights, bool):
-        raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
+    if not isinstance(master_weights, bool) and master_weights not in REMAINDERS:
+        raise ValueError(f"Invalid master_weights: {master_weights!r} (expected True, False, "
+                         "'remainder' or 'remainder8')")
     if state_dtype == "int8":
         if not int8_ok:
             raise ValueError("state_dtype='int8' (blockwise 8-bit moments) is available for "
@@ -248,6 +250,10 @@ def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:
         raise ValueError(
             f"state_dtype={state_dtype!r} applies to real params; complex params keep their "
             "state in their own dtype (put them in a param group without state_dtype)")
+    if group.get("master_weights") in REMAINDERS and bucket.dtype == torch.float16:
+        raise ValueError(
+            f"master_weights={group['master_weights']!r} keeps the bits a bfloat16 param lacks "
+            "of its fp32 master; for float16 params use master_weights=True")
     if group.get("stochastic_rounding") and bucket.dtype == torch.float16:
         raise ValueError(
             "stochastic_rounding=True supports bfloat16 params (fp32 bits truncated to 16); "

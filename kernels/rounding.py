@@ -1,6 +1,7 @@
 """Rounding fp32 values for storage: to nearest (``to_storage``) or, for bf16, stochastically
 with noise from a counter-based hash (``round_bf16_stochastic``); and the param round trip every
-kernel shares (``load_param`` / ``store_param``: fp32 masters, outside edits, rounding).
+kernel shares (``load_param`` / ``store_param``: fp32 masters or their remainders, outside
+edits, rounding).
 
 bf16 round-to-nearest-even is the GPU's own conversion (one instruction). Triton's CPU
 interpreter truncates instead, so under it (``INTERPRETED``, a compile-time constant) the
@@ -63,15 +64,48 @@ def to_storage(value, dtype: tl.constexpr):
 
 
 @triton.jit
+def rebuild_master(param, remainder):
+    """The fp32 master of bf16 ``param`` and its ``remainder`` (int16; int8: the top 8 of those
+    bits): the param's bits on top, the remainder added as a signed offset (mod 2**32)."""
+    high = param.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    offset = remainder.to(tl.int32)
+    if remainder.dtype == tl.int8:
+        offset = offset << 8
+    return (high + offset.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_master(value, remainder_ty: tl.constexpr):
+    """fp32 ``value`` as (the bf16 param: ``value`` rounded to nearest, ties away from zero;
+    its remainder in ``remainder_ty``: the signed rest of the bits, int8 rounded to its top 8)."""
+    bits = value.to(tl.int32, bitcast=True)
+    up = tl.where(value != value, 0, (bits >> 15) & 1)  # a nan keeps its top bits
+    high = (bits >> 16) + up  # the bf16's bits as a signed 16-bit number (arithmetic shift)
+    offset = bits - (high << 16)
+    # offset is in [-2**15, 2**15) ([0, 2**16) for a nan): only the top can overflow
+    if remainder_ty == tl.int8:
+        offset = tl.minimum((offset + 128) >> 8, 127)
+    else:
+        offset = tl.minimum(offset, 32767)
+    param = high.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return param, offset.to(tl.int16).to(remainder_ty)
+
+
+@triton.jit
 def load_param(param_ptrs, master_ptrs, mask, HAS_MASTER: tl.constexpr):
     """The fp32 value an update starts from: the param widened, or its fp32 master, except
     where the param is no longer the master rounded: something outside the optimizer changed
-    it (a clamp, a loaded checkpoint, another optimizer), and the param's value wins there."""
-    current = tl.load(param_ptrs, mask=mask).to(tl.float32)
+    it (a clamp, a loaded checkpoint, another optimizer), and the param's value wins there.
+    A master kept as a remainder (int16 / int8 ``master_ptrs``) is rebuilt from the param."""
+    stored = tl.load(param_ptrs, mask=mask)
+    current = stored.to(tl.float32)
     if HAS_MASTER:
         master = tl.load(master_ptrs, mask=mask)
-        rounded = to_storage(master, param_ptrs.dtype.element_ty).to(tl.float32)
-        current = tl.where(rounded == current, master, current)
+        if master_ptrs.dtype.element_ty == tl.float32:
+            rounded = to_storage(master, param_ptrs.dtype.element_ty).to(tl.float32)
+            current = tl.where(rounded == current, master, current)
+        else:
+            current = rebuild_master(stored, master)
     return current
 
 
@@ -79,11 +113,17 @@ def load_param(param_ptrs, master_ptrs, mask, HAS_MASTER: tl.constexpr):
 def store_param(param_ptrs, master_ptrs, mask, param, flat_offsets, step, seed_word,
                 HAS_MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr):
     """Store an updated fp32 param: into the master (kept whole) and the param rounded to
-    nearest, or stochastically (bf16, with hashed noise at ``flat_offsets`` and ``step``)."""
-    if HAS_MASTER:
-        tl.store(master_ptrs, param, mask=mask)
-    if STOCHASTIC_ROUNDING:
-        rounded = round_bf16_stochastic(param, flat_offsets, step, seed_word)
+    nearest, or split into the param and its remainder, or the param rounded stochastically
+    (bf16, with hashed noise at ``flat_offsets`` and ``step``)."""
+    if HAS_MASTER and master_ptrs.dtype.element_ty != tl.float32:
+        rounded, remainder = split_master(param, master_ptrs.dtype.element_ty)
         tl.store(param_ptrs, rounded, mask=mask)
+        tl.store(master_ptrs, remainder, mask=mask)
     else:
-        tl.store(param_ptrs, to_storage(param, param_ptrs.dtype.element_ty), mask=mask)
+        if HAS_MASTER:
+            tl.store(master_ptrs, param, mask=mask)
+        if STOCHASTIC_ROUNDING:
+            rounded = round_bf16_stochastic(param, flat_offsets, step, seed_word)
+            tl.store(param_ptrs, rounded, mask=mask)
+        else:
+            tl.store(param_ptrs, to_storage(param, param_ptrs.dtype.element_ty), mask=mask)

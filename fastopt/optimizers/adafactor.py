@@ -46,6 +46,7 @@ from torch import Tensor
 from fastopt.declaration import Buffer, Declaration, Scalar
 from fastopt.flat import local
 from fastopt.optimizer import FlatOptimizer
+from fastopt.precision import REMAINDERS
 from fastopt.state import MASTER
 from fastopt.validation import check_with
 
@@ -420,3 +421,10 @@ class Adafactor(FlatOptimizer):
                     "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize}
         check_with(torch.optim.Adafactor, defaults)
         super().__init__(params, defaults, **options)
+
+    def prepare_bucket(self, group: dict, bucket) -> None:
+        super().prepare_bucket(group, bucket)
+        if group.get("master_weights") in REMAINDERS:
+            raise ValueError(
+                f"Adafactor reduces over whole fp32 masters; master_weights="
+                f"{group['master_weights']!r} keeps remainders: use master_weights=True")

@@ -18,7 +18,7 @@ from fastopt.declaration import ELEMENTWISE, Buffer, Declaration, Scalar
 from fastopt.elementwise import _on
 from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
-from fastopt.state import MASTER
+from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
 INT8 = "int8"
@@ -188,7 +188,7 @@ class Adam(FlatOptimizer):
                 *self.precision_names(group, bucket)]
 
     def buffer_dtype(self, group: dict, bucket: Bucket, name: str) -> torch.dtype:
-        if group.get("state_dtype") != INT8 or name == MASTER:
+        if group.get("state_dtype") != INT8 or name in MASTERS:
             return super().buffer_dtype(group, bucket, name)
         if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq"):
             return quantization.CODES

@@ -150,12 +150,18 @@ def run(results: dict, cases: list, dtypes: list, optimizers: list, save) -> Non
 #   bf16 + master: param r/w 4 (read: has it changed outside?), master r/w 8, grad 2,
 #                  fp32 moments r/w 16                                                = 30
 #   bf16 + stochastic rounding: param r/w 4, grad 2, bf16 moments r/w 8               = 14
+#   bf16 + remainder, bf16 state: param r/w 4, remainder r/w 4, grad 2, moments r/w 8 = 18
+#   bf16 + remainder8, int8 state: param r/w 4, remainder r/w 2, grad 2, codes r/w 4  ~ 12
 #   fp32 + max_grad_norm: the norm pass reads the grads once more: 28 + 4             = 32
 LEAN = {
     "bf16 state": (torch.float32, dict(state_dtype=torch.bfloat16), 20),
     "int8 state": (torch.float32, dict(state_dtype="int8"), 16 + 2 * 4 / 256),
     "bf16 + master_weights": (torch.bfloat16, dict(master_weights=True), 30),
     "bf16 + stochastic_rounding": (torch.bfloat16, dict(stochastic_rounding=True), 14),
+    "bf16 + remainder, bf16 state": (torch.bfloat16, dict(
+        master_weights="remainder", state_dtype=torch.bfloat16), 18),
+    "bf16 + remainder8, int8 state": (torch.bfloat16, dict(
+        master_weights="remainder8", state_dtype="int8"), 12 + 2 * 4 / 256),
     "fp32 + max_grad_norm": (torch.float32, dict(max_grad_norm=1.0), 32),
 }
 
@@ -304,6 +310,8 @@ MODEL = os.path.join(os.path.dirname(__file__), "results", "kernel-model.json")
 LEAN_KEYS = {"bf16 state": "adam fp32/bf16 flat", "int8 state": "adam_int8 fp32/u8 flat",
              "bf16 + master_weights": "adam bf16/fp32+master flat",
              "bf16 + stochastic_rounding": "adam bf16/bf16+sr flat",
+             "bf16 + remainder, bf16 state": "adam bf16/bf16+remainder flat",
+             "bf16 + remainder8, int8 state": "adam_int8 bf16/u8+remainder8 flat",
              "fp32 + max_grad_norm": None}
 
 

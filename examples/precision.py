@@ -32,6 +32,10 @@ VARIANTS = {
     "bf16 + remainder8": (torch.bfloat16, {"master_weights": "remainder8"}),
     "bf16 + remainder + int8 state": (torch.bfloat16, {"master_weights": "remainder",
                                                        "state_dtype": "int8"}),
+    "bf16 + remainder8 + bf16 state": (torch.bfloat16, {"master_weights": "remainder8",
+                                                        "state_dtype": torch.bfloat16}),
+    "bf16 + int8 state + stochastic_rounding": (torch.bfloat16, {
+        "state_dtype": "int8", "stochastic_rounding": True}),
     "bf16 + stochastic_rounding": (torch.bfloat16, {"stochastic_rounding": True}),
     "fp32 + bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
     "fp32 + int8 state": (torch.float32, {"state_dtype": "int8"}),
@@ -111,11 +115,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"digits: AdamW lr 3e-3, mean training loss of epoch {args.epochs}; reversal: AdamW "
           f"lr 1e-3, mean loss over all {args.steps} steps and over the last 20")
-    print(f"{'variant':<28} {'digits':>8} {'reversal (all)':>15} {'reversal (last 20)':>19}")
+    print(f"{'variant':<40} {'digits':>8} {'reversal (all)':>15} {'reversal (last 20)':>19}")
     for name, (dtype, options) in VARIANTS.items():
         digits = train_digits(dtype, options, epochs=args.epochs)[-1]
         reversal = train_reverser(dtype, options, steps=args.steps)
-        print(f"{name:<28} {digits:8.4f} {sum(reversal) / len(reversal):15.4f} "
+        print(f"{name:<40} {digits:8.4f} {sum(reversal) / len(reversal):15.4f} "
               f"{tail_mean(reversal):19.4f}", flush=True)
 
 

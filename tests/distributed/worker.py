@@ -247,6 +247,50 @@ def checkpoint(rank, opt_name, workdir):
                                        rtol=0, atol=0, check_dtype=False)
 
 
+def fsdp2_remainder(rank, workdir):
+    """bf16 FSDP2 shards with masters as remainders: the same masters as master_weights=True
+    (get_optimizer_state_dict gives both as fp32 ``master_param`` DTensors), and a DCP save and
+    load into a fresh remainder run that continues bit for bit."""
+    def build(form):
+        model = make_model().to(torch.bfloat16)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, fastopt.AdamW(model.parameters(), lr=1e-2, master_weights=form)
+
+    def bf16_train(model, opt, steps, first=0):
+        for step in range(first, first + steps):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x.bfloat16()).float(), y)
+            loss.backward()
+            opt.step()
+
+    runs = {}
+    for form in (True, "remainder"):
+        runs[form] = build(form)
+        bf16_train(*runs[form], STEPS)
+    saved = {form: get_optimizer_state_dict(*runs[form]) for form in runs}
+    for key, entry in saved[True]["state"].items():
+        ours = saved["remainder"]["state"][key]
+        assert "master_remainder" not in ours
+        assert torch.equal(full(entry["master_param"]), full(ours["master_param"])), key
+    model, opt = runs["remainder"]
+    dcp.save({"model": get_model_state_dict(model), "optim": saved["remainder"]},
+             checkpoint_id=workdir)
+    bf16_train(model, opt, 3, first=STEPS)
+    fresh, fresh_opt = build("remainder")
+    loaded = {"model": get_model_state_dict(fresh),
+              "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(loaded, checkpoint_id=workdir)
+    set_model_state_dict(fresh, loaded["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
+    bf16_train(fresh, fresh_opt, 3, first=STEPS)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+
+
 SCENARIOS = {
     "ddp-AdamW": lambda rank, workdir: ddp(rank, "AdamW", bucket_view=False),
     "ddp-bucket-view-AdamW": lambda rank, workdir: ddp(rank, "AdamW", bucket_view=True),
@@ -271,6 +315,7 @@ SCENARIOS = {
     "zero-bucket-view-RMSprop": lambda rank, workdir: zero(rank, "RMSprop", bucket_view=True),
     "dcp-fsdp2-NAdam": lambda rank, workdir: checkpoint(rank, "NAdam", workdir),
     "dcp-fsdp2-ASGD": lambda rank, workdir: checkpoint(rank, "ASGD", workdir),
+    "dcp-fsdp2-bf16-remainder": fsdp2_remainder,
 }
 # The Triton kernels run on CPU tensors only through Triton's interpreter.
 NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}

@@ -27,7 +27,8 @@ test: $(STAMP)
 test-oldest:
 	$(MAKE) test VENV=.venv-oldest TORCH=torch==2.11.0 TRITON=triton==3.6.0
 
-# make bench: pytest-benchmark tables (CPU), JSON in benchmarks/results/; then the ratio table.
+# make bench: pytest-benchmark tables (CPU), JSON in benchmarks/results/; then the ratio table;
+# then the other libraries' CPU optimizers (the bench extra: DeepSpeed, bitsandbytes).
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_cpu.py -q --benchmark-only \
 		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu-bench.json
@@ -36,6 +37,9 @@ bench: $(STAMP)
 		--modes fresh-step --variants fastopt --repeats 21 \
 		--json benchmarks/results/cpu-every-optimizer.json > benchmarks/results/cpu-every-optimizer.txt
 	cat benchmarks/results/cpu-every-optimizer.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m benchmarks.peers --json benchmarks/results/cpu-peers.json \
+		| tee benchmarks/results/cpu-peers.md
 
 # gpu-check: the GPU tests and microbenchmark (needs CUDA); see benchmarks/gpu_check.sh.
 gpu-check:

@@ -48,6 +48,28 @@ VARIANTS = {
     "torch-foreach": lambda cls, params, kw: getattr(torch.optim, cls)(params, foreach=True, **kw),
     "torch-fused": lambda cls, params, kw: getattr(torch.optim, cls)(params, fused=True, **kw),
 }
+
+
+def _deepspeed_cpu_adam(cls, params, kw):
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, adamw_mode=cls == "AdamW", **kw)
+
+
+def _bitsandbytes_8bit(cls, params, kw):
+    import bitsandbytes
+
+    return getattr(bitsandbytes.optim, f"{cls}8bit")(params, **kw)
+
+
+# Other libraries' optimizers (the bench extra installs them: pip install -e .[bench]), timed
+# only when asked for (``--variants``, benchmarks/peers.py).
+PEERS = {
+    "deepspeed-cpu-adam": _deepspeed_cpu_adam,  # DeepSpeed's C++ CPU Adam (AVX, OpenMP)
+    "bitsandbytes-8bit": _bitsandbytes_8bit,  # bitsandbytes' blockwise 8-bit Adam/AdamW
+    "fastopt-8bit": lambda cls, params, kw: getattr(fastopt, cls)(params, state_dtype="int8",
+                                                                  **kw),
+}
 # Every registered optimizer with a reference to time it against, with its usual options.
 OPTIONS = {name: dict(lr=1e-3) for name, cls in registry.classes().items()
            if hasattr(torch.optim, name) or name == "Lion"} | {
@@ -123,7 +145,8 @@ class Setup:
         gen = torch.Generator().manual_seed(seed)
         self.params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
         self.weights = [torch.randn(s, generator=gen).to(device) for s in shapes]
-        self.opt = VARIANTS[variant](optimizer, self.params, dict(OPTIONS[optimizer]))
+        make = VARIANTS.get(variant) or PEERS[variant]
+        self.opt = make(optimizer, self.params, dict(OPTIONS[optimizer]))
         for p, w in zip(self.params, self.weights):
             p.grad = w.clone()
         # A loop that keeps its grads: zero_grad(set_to_none=False) lays fastopt's out flat.
@@ -197,7 +220,8 @@ def main(argv=None) -> dict:
                         help="step: grads in the flat buffer; fresh-step: grads as separate "
                              "tensors; iteration: zero_grad + backward + step")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=[*VARIANTS, *PEERS],
                         help="which implementations to time (torch-fused is always included)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this file")

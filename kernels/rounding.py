@@ -68,9 +68,11 @@ def rebuild_master(param, remainder):
     """The fp32 master of bf16 ``param`` and its ``remainder`` (int16; int8: the top 8 of those
     bits): the param's bits on top, the remainder added as a signed offset (mod 2**32)."""
     high = param.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-    offset = remainder.to(tl.int32)
+    # the remainder's bits zero-extended, then sign-extended by shifts (no byte conversions)
     if remainder.dtype == tl.int8:
-        offset = offset << 8
+        offset = (remainder.to(tl.uint8, bitcast=True).to(tl.int32) << 24) >> 16
+    else:
+        offset = (remainder.to(tl.uint16, bitcast=True).to(tl.int32) << 16) >> 16
     return (high + offset.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
 
 
@@ -88,7 +90,11 @@ def split_master(value, remainder_ty: tl.constexpr):
     else:
         offset = tl.minimum(offset, 32767)
     param = high.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return param, offset.to(tl.int16).to(remainder_ty)
+    if remainder_ty == tl.int8:  # truncated to the low byte, then read as signed
+        remainder = offset.to(tl.uint8).to(tl.int8, bitcast=True)
+    else:
+        remainder = offset.to(tl.uint16).to(tl.int16, bitcast=True)
+    return param, remainder
 
 
 @triton.jit

@@ -1,0 +1,79 @@
+"""fastopt's AdamW against the CPU optimizers of other libraries, in one run: fp32 against
+torch's fused AdamW and DeepSpeed's C++ ``DeepSpeedCPUAdam``; 8-bit state against
+bitsandbytes' ``AdamW8bit``.
+
+    python -m benchmarks.peers [--cases 1000x64 400x4K demo-cnn 1x16M gpt2-small]
+                               [--modes fresh-step iteration] [--repeats 7] [--json out.json]
+
+Each row times every variant on the same shapes in interleaved rounds (``benchmarks.bench``'s
+``measure``): ``fresh-step`` is the default loop's step (grads handed over as autograd leaves
+them after ``zero_grad()``), ``iteration`` adds ``zero_grad`` and a backward. Ratios are the
+peer's median time over fastopt's (above 1: fastopt is faster). The peers are in the ``bench``
+extra (``pip install -e .[bench]``); one that is not installed is left out of its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import torch
+
+from benchmarks.bench import measure
+from fastopt.shapes import CASES
+
+# (what is compared, fastopt's variant, its peers); the peers' modules
+GROUPS = {
+    "fp32": ("fastopt", ["torch-fused", "deepspeed-cpu-adam"]),
+    "8-bit state": ("fastopt-8bit", ["bitsandbytes-8bit", "torch-fused"]),
+}
+NEEDS = {"deepspeed-cpu-adam": "deepspeed", "bitsandbytes-8bit": "bitsandbytes"}
+# 8-bit state on the CPU is far slower than fp32 (see docs/performance.md): its rows skip the
+# largest model so that the run stays minutes long.
+EIGHT_BIT_CASES = ("1000x64", "400x4K", "demo-cnn", "1x16M")
+
+
+def available(variant: str) -> bool:
+    module = NEEDS.get(variant)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES),
+                        default=["1000x64", "400x4K", "demo-cnn", "1x16M", "gpt2-small"])
+    parser.add_argument("--modes", nargs="+", default=["fresh-step", "iteration"],
+                        choices=["fresh-step", "iteration"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    rows = []
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| state | mode | case | fastopt ms | peer | peer ms | peer / fastopt |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: |")
+    for group, (ours, peers) in GROUPS.items():
+        peers = [p for p in peers if available(p)]
+        for mode in args.modes:
+            for case in args.cases:
+                if group == "8-bit state" and case not in EIGHT_BIT_CASES:
+                    continue
+                seconds, n, tensors = measure(case, "AdamW", mode, device, args.repeats,
+                                              (ours, *peers))
+                for peer in peers:
+                    row = dict(state=group, mode=mode, case=case, numel=n, tensors=tensors,
+                               fastopt_ms=seconds[ours] * 1e3, peer=peer,
+                               peer_ms=seconds[peer] * 1e3,
+                               ratio=seconds[peer] / seconds[ours])
+                    rows.append(row)
+                    print(f"| {group} | {mode} | {case} | {row['fastopt_ms']:.2f} | {peer} | "
+                          f"{row['peer_ms']:.2f} | {row['ratio']:.2f}x |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -61,19 +61,11 @@ def iteration(loss_fn, opt) -> None:
 
 
 def peak_bytes(fn) -> int:
-    """The most memory ``fn()`` holds at once beyond what was allocated when it started."""
-    from torch.profiler import ProfilerActivity, profile
+    """The most memory ``fn()`` holds at once beyond what was allocated when it started
+    (``benchmarks.cold_memory.phase_peaks``)."""
+    from benchmarks.cold_memory import phase_peaks
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Every allocation (+) and free (-) the profiler saw, in time order.
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
+    return phase_peaks(lambda phase: fn())["peak"]
 
 
 def measure(name: str, repeats: int) -> dict:

@@ -46,7 +46,7 @@ import psutil
 import torch
 
 from fastopt import registry
-from fastopt.flat import SLOT_ALIGN, is_movable, layout_parts, local, padded_size
+from fastopt.flat import gapless, is_movable, layout_parts, local, padded_size
 from fastopt.plan import gather_pays
 from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
 from fastopt.quantization import num_blocks
@@ -181,7 +181,7 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
                 entry = report.devices[where]
                 if movable:  # laid out bucket by bucket: one's originals and its flat buffer
                     entry.layout_bytes = max(entry.layout_bytes,
-                                             padded_size(bucket["sizes"]) * dtype.itemsize)
+                                             bucket["elements"] * dtype.itemsize)
                 step_scratch = _count_bucket(entry, rules, group_options, bucket, where,
                                              dtype, variant)
                 transient[where] = max(transient.get(where, 0), step_scratch)
@@ -205,7 +205,8 @@ def _laid_out(items: list, movable: bool) -> list:
     return [dict(sizes=[n for n, *_ in items[lo:hi]], shapes=[s for _, s, _ in items[lo:hi]],
                  bytes=sum(b for *_, b in items[lo:hi]), count=hi - lo,
                  largest=max(b for *_, b in items[lo:hi]),
-                 blocks=sum(num_blocks(n) for n, *_ in items[lo:hi]), movable=movable)
+                 blocks=sum(num_blocks(n) for n, *_ in items[lo:hi]), movable=movable,
+                 elements=padded_size([n for n, *_ in items[lo:hi]]))  # slots and padding
             for lo, hi in parts]
 
 
@@ -213,7 +214,6 @@ def _count_bucket(entry: DeviceMemory, rules, group_options: dict, bucket: dict,
                   dtype, variant) -> int:
     """Add one bucket's state and kept scratch to ``entry``; return the temporaries its step
     allocates and frees (buckets step one after another: the device holds the largest)."""
-    bucket["elements"] = padded_size(bucket["sizes"])  # slots and their padding
     shape = SimpleNamespace(dtype=dtype, variant=variant)
     entry.state_bytes += _state_bytes(rules, group_options, bucket, shape)
     kept, step_scratch = _scratch_bytes(rules, group_options, bucket, where, dtype)
@@ -315,10 +315,8 @@ def _keeps_grad_buffer(rules, bucket: dict, device: str, dtype) -> bool:
     device = torch.device(device)
     if device.type != "cpu":
         return not rules.declaration.by_address
-    gapless = all(len(s) == 1 for s in bucket["shapes"]) \
-        and all(n % SLOT_ALIGN == 0 for n in bucket["sizes"][:-1])
     return gather_pays(rules.declaration.cost, device, bucket["count"], bucket["elements"],
-                       dtype, gapless)
+                       dtype, gapless(bucket["shapes"]))
 
 
 def _widens(options: dict, dtype: torch.dtype) -> bool:

@@ -103,6 +103,7 @@ def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0
         target.copy_(value)
 
 
+MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
 REMAINDER = "master_remainder"  # the bits a bf16 param lacks of its master (see the docstring)
 REMAINDERS = {"remainder": torch.int16, "remainder8": torch.int8}
 REMAINDER_SHIFT = {torch.int16: 0, torch.int8: 8}  # where the remainder's lowest bit sits
@@ -237,5 +238,5 @@ def has_master(group: dict, dtype: torch.dtype) -> bool:
 
 def master_name(group: dict) -> str:
     """The state holding ``group``'s masters: ``master_param`` (fp32) or ``master_remainder``."""
-    return REMAINDER if group.get("master_weights") in REMAINDERS else "master_param"
+    return REMAINDER if group.get("master_weights") in REMAINDERS else MASTER
 

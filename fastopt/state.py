@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 
 from fastopt.flat import Bucket, local_value
-from fastopt.precision import REMAINDER, rebuild_master, split_master
+from fastopt.precision import MASTER, REMAINDER, rebuild_master, split_master
 
-MASTER = "master_param"  # the fp32 master copy of a bf16/fp16 param (master_weights=True)
 MASTERS = (MASTER, REMAINDER)  # the two forms a master is kept in (fastopt.precision)
 
 

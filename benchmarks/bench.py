@@ -70,9 +70,10 @@ PEERS = {
     "fastopt-8bit": lambda cls, params, kw: getattr(fastopt, cls)(params, state_dtype="int8",
                                                                   **kw),
 }
-# Every registered optimizer with a reference to time it against, with its usual options.
+# Every registered optimizer with a reference to time it against, with its usual options
+# (Muon takes matrices only, and these cases are mostly vectors: benchmarks/muon_bench.py).
 OPTIONS = {name: dict(lr=1e-3) for name, cls in registry.classes().items()
-           if hasattr(torch.optim, name) or name == "Lion"} | {
+           if (hasattr(torch.optim, name) or name == "Lion") and name != "Muon"} | {
     "AdamW": dict(lr=1e-3, weight_decay=1e-2),
     "SGD": dict(lr=1e-3, momentum=0.9),
     "RMSprop": dict(lr=1e-3, momentum=0.9),

@@ -49,7 +49,7 @@ def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> N
         raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state of "
                          f"{where}; expected a dict")
     required, known = optimizer.saved_state_names(group, p)
-    scalars = list(optimizer.declaration.scalar_names)
+    scalars = [s.name for s in optimizer.declaration.scalars_in(group)]
     absent = [n for n in scalars + list(required) if n not in entry]
     if absent:
         raise ValueError(

@@ -11,7 +11,9 @@ kernel report, the benchmarks and the tests) reads everything else from it:
   instead (Adafactor's factored ``row_var`` and ``col_var``), its pieces packed back to back
   in aligned slots, and kept only by the params the rule gives a shape;
 - ``scalars``: per-param scalars kept in the state (``step``, NAdam's ``mu_product``, ASGD's
-  ``eta`` and ``mu``), the first columns of one small table per bucket; ``derived`` names the
+  ``eta`` and ``mu``), the first columns of one small table per bucket (a scalar with a
+  ``when`` is kept only by the groups it holds for: Muon's AdamW groups count steps, its Muon
+  groups keep none); ``derived`` names the
   values the scalar math computes from them each step (bias corrections, step sizes), the
   columns after them, which the kernels read;
 - the math, written once per backend with one signature: ``math`` (the torch twin, on single
@@ -76,6 +78,10 @@ class Scalar:
 
     name: str
     init: float | str = 0.0  # initial value, or the name of the group option holding it
+    when: Callable | None = None  # group -> kept? (None: always; Muon's AdamW groups count steps)
+
+    def present(self, group: dict) -> bool:
+        return self.when is None or bool(self.when(group))
 
     def initial(self, group: dict) -> float:
         value = group[self.init] if isinstance(self.init, str) else self.init
@@ -113,6 +119,9 @@ class Declaration:
     by_address: bool = True  # its kernels read fresh grads through an address table
     differentiable: bool = True  # differentiable=True runs ``reference``'s own algorithm
     whole_params: bool = False  # its math reduces over whole params: DTensor shards refused
+    # the temporaries its own update allocates for one bucket, in bytes, for fastopt.memory:
+    # (options, bucket: a dict of sizes, shapes, elements..., dtype, device type) -> bytes
+    scratch: Callable | None = None
     extra: dict = field(default_factory=dict)  # anything an optimizer's own update needs
 
     def buffer_names(self, group: dict) -> list:
@@ -121,6 +130,15 @@ class Declaration:
 
     def buffer(self, name: str) -> Buffer | None:
         return next((b for b in self.buffers if b.name == name), None)
+
+    def scalars_in(self, group: dict) -> tuple:
+        """The scalars a param of ``group`` keeps (every declared one whose ``when`` holds)."""
+        return tuple(s for s in self.scalars if s.present(group))
+
+    def table_width(self, group: dict) -> int:
+        """Columns of the scalar table of a bucket of ``group`` (0: it keeps none)."""
+        kept = len(self.scalars_in(group))
+        return kept + len(self.derived) if kept else 0
 
     @functools.cached_property
     def scalar_names(self) -> tuple:

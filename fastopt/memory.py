@@ -252,10 +252,7 @@ def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
             continue
         rows = rules.buffer_rows(options, name) or 1
         total += rows * elements * itemsize
-    declared = rules.declaration
-    if declared.scalars:
-        total += 4 * (len(declared.scalars) + len(declared.derived)) * bucket["count"]
-    return total
+    return total + 4 * rules.declaration.table_width(options) * bucket["count"]
 
 
 def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tuple:
@@ -266,6 +263,8 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tu
     scratch = 0
     on_cpu = torch.device(device).type == "cpu"
     cost = rules.declaration.cost
+    if rules.declaration.scratch is not None:  # an optimizer's own update (Muon's)
+        scratch += rules.declaration.scratch(options, bucket, dtype, torch.device(device).type)
     if on_cpu and cost == "sgd" and dtype in (torch.float16, torch.bfloat16):
         scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries
     if on_cpu and cost == "saga":

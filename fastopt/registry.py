@@ -24,6 +24,7 @@ MODULES = (
     "asgd",
     "rprop",
     "adafactor",
+    "muon",
 )
 
 

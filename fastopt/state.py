@@ -38,14 +38,14 @@ def ensure_buffer(opt, group: dict, bucket: Bucket, name: str) -> Tensor:
                                opt.buffer_init(group, name), opt.buffer_shapes(bucket, name))
 
 
-def ensure_scalars(opt, bucket: Bucket) -> Tensor | None:
-    """Bucket's scalar table (``fastopt.buffers``), when the optimizer keeps scalars."""
+def ensure_scalars(opt, group: dict, bucket: Bucket) -> Tensor | None:
+    """Bucket's scalar table (``fastopt.buffers``), when params of ``group`` keep scalars."""
     declared = opt.declaration
-    if not declared.scalars:
+    width = declared.table_width(group)
+    if not width:
         return None
-    return bucket.state.ensure_scalars(declared.scalar_names,
-                                       len(declared.scalars) + len(declared.derived),
-                                       opt.scalar_device(bucket))
+    names = tuple(s.name for s in declared.scalars_in(group))
+    return bucket.state.ensure_scalars(names, width, opt.scalar_device(bucket))
 
 
 def live_state(opt, p) -> bool:
@@ -84,7 +84,7 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
     stated = [i for i, p in enumerate(bucket.params) if live_state(opt, p)]
     if not stated:
         return
-    scalars = opt.declaration.scalars
+    scalars = opt.declaration.scalars_in(group)
     names = list(opt.buffer_names(group, bucket))
     for i in stated:
         for key, value in opt.state[bucket.params[i]].items():
@@ -95,7 +95,7 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
         ensure_buffer(opt, group, bucket, name)
     with torch.no_grad():
         if scalars:
-            table = ensure_scalars(opt, bucket)
+            table = ensure_scalars(opt, group, bucket)
             rows = [[_scalar(opt.state[bucket.params[i]].get(s.name), s.initial(group))
                      for s in scalars] for i in stated]
             table[stated, : len(scalars)] = torch.tensor(rows, dtype=torch.float32).to(
@@ -162,7 +162,7 @@ def _scalar(value, default: float) -> float:
 def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
     """Initial state (and masters copied from the params) for params ``fresh`` of ``bucket``."""
     names = opt.buffer_names(group, bucket)
-    scalars = opt.declaration.scalars
+    scalars = opt.declaration.scalars_in(group)
     if not names and not scalars:
         return  # SGD without momentum keeps no state at all, as torch's does
     for name in names:
@@ -172,7 +172,7 @@ def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
                 bucket.state.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
                                                                    bucket.params[i]))
     if scalars:
-        table = ensure_scalars(opt, bucket)
+        table = ensure_scalars(opt, group, bucket)
         initial = [s.initial(group) for s in scalars]
         if any(initial):
             table[fresh, : len(scalars)] = torch.tensor(initial, dtype=torch.float32).to(
@@ -335,7 +335,7 @@ def make_reference_state(opt) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             entry = {s.name: torch.tensor(s.initial(group), dtype=torch.float32)
-                     for s in declared.scalars}
+                     for s in declared.scalars_in(group)}
             for b in declared.buffers:
                 if b.present(group):
                     value = b.initial(group)

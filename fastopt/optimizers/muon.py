@@ -1,0 +1,299 @@
+"""Muon (Jordan et al., 2024; Liu et al., 2025, arXiv 2502.16982): momentum orthogonalized by
+Newton–Schulz iterations, with ``torch.optim.Muon``'s signature, defaults, errors and state,
+and AdamW for the params Muon is not meant for, in the same optimizer.
+
+For a param :math:`\\theta` seen as the matrix :math:`W` of shape :math:`(A, B)` (its first
+dimension by the product of the others: a conv weight is ``(out, in*kh*kw)``), grad :math:`G`
+and momentum buffer :math:`M`:
+
+.. math::
+    M &\\leftarrow \\mu M + (1-\\mu) G \\qquad
+        U = (1-\\mu) G + \\mu M \\text{ (nesterov) or } M \\\\
+    X_0 &= U / \\max(\\|U\\|_F, \\epsilon) \\text{ (bf16, transposed when } A > B) \\\\
+    X_{k+1} &= a X_k + (b\\,S_k + c\\,S_k^2) X_k, \\quad S_k = X_k X_k^\\top
+        \\qquad (k < \\text{ns\\_steps}) \\\\
+    \\theta &\\leftarrow \\theta (1 - \\gamma\\lambda) - \\gamma\\,r(A, B)\\, X_{\\text{ns\\_steps}}
+
+with :math:`r = \\sqrt{\\max(1, A/B)}` (``adjust_lr_fn=None`` or ``"original"``) or
+:math:`0.2\\sqrt{\\max(A, B)}` (``"match_rms_adamw"``). The momentum, Nesterov's update and the
+weight decay run over a bucket's flat buffers in a few multi-tensor calls; the Newton–Schulz
+iterations run once per matrix shape, batched over every matrix of that shape in the bucket
+(``torch.baddbmm``, in bf16 as torch.optim.Muon computes them, on every device: bf16 matmuls
+are also the fastest on CPUs with bf16 instructions). A lone matrix of its shape takes the
+same 2-D ops as torch.optim.Muon, so its numbers are torch's.
+
+A param group with ``use_muon=False`` is an AdamW group: fastopt's fused AdamW step (the
+options it does not set take ``torch.optim.AdamW``'s defaults, not Muon's), its state
+``step``, ``exp_avg`` and ``exp_avg_sq`` as torch's AdamW keeps them. One optimizer, one
+``state_dict``, schedulers over both kinds of group.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Muon"]
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastopt.declaration import Buffer, Declaration, Scalar
+from fastopt.optimizer import FlatOptimizer
+from fastopt.optimizers import adam
+from fastopt.state import MASTER
+from fastopt.validation import check_adam
+
+DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's)
+# What an AdamW group (use_muon=False) does not set: torch.optim.AdamW's defaults.
+ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
+                  "amsgrad": False, "maximize": False}
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def _muon(group: dict) -> bool:
+    return group.get("use_muon", True)
+
+
+def _adamw(group: dict) -> bool:
+    return not group.get("use_muon", True)
+
+
+def matrix_shape(shape) -> tuple:
+    """The matrix Muon sees a param of ``shape`` (rank two or more) as: (first dim, the rest)."""
+    rows = shape[0]
+    return rows, math.prod(shape[1:])
+
+
+def adjusted_lr(lr, adjust_lr_fn: str | None, rows: int, cols: int):
+    """torch.optim.Muon's lr adjustment for a ``rows`` x ``cols`` matrix (``_adjust_lr``)."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        ratio = math.sqrt(max(1, rows / cols))
+    elif adjust_lr_fn == "match_rms_adamw":
+        ratio = 0.2 * math.sqrt(max(rows, cols))
+    else:
+        ratio = 1.0
+    return lr * ratio
+
+
+def newton_schulz(x: Tensor, coefficients: tuple, steps: int, eps: float) -> Tensor:
+    """The quintic Newton–Schulz iteration on ``x``: one matrix ``(m, n)`` or a batch
+    ``(k, m, n)`` of them, bf16, ``m <= n``; each normalized by its own Frobenius norm first.
+    A single matrix takes torch.optim.Muon's own ops (``addmm``), a batch their batched form."""
+    a, b, c = coefficients
+    if x.dim() == 2:
+        x = x.div_(x.norm().clamp(min=eps))
+        for _ in range(steps):
+            gram = x @ x.T
+            gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, gram_update, x, beta=a)
+        return x
+    x = x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps))
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x
+
+
+def check_muon_group(group: dict) -> None:
+    """What torch.optim.Muon checks at the step (``_zeropower_via_newtonschulz``), checked here
+    before anything is written."""
+    if group["ns_steps"] >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(group["ns_coefficients"]) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+
+
+def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
+    """A Muon group's step (see the module docstring), or an AdamW group's (Adam's update)."""
+    if _adamw(group):
+        return adam.ADAM.update(opt, group, bucket, plan, grad_scale, found_inf)
+    check_muon_group(group)
+    if found_inf is not None and bucket.device.type == "cpu" and bool(found_inf):
+        return  # a non-finite grad norm (max_grad_norm): the CPU reads it, nothing changes
+    saved = None
+    if found_inf is not None:  # on a GPU, written and then put back where found_inf says
+        saved = [t.clone() for t in _written(bucket)]
+    _muon_step(group, bucket, plan, grad_scale)
+    if saved is not None:
+        skip = found_inf.to(bucket.device) != 0
+        for old, new in zip(saved, _written(bucket)):
+            new.copy_(torch.where(skip, old, new))
+
+
+def _written(bucket) -> list:
+    params = [bucket.flat] if not bucket.external else [p.data for p in bucket.params]
+    return [*params, *bucket.state.tensors.values()]
+
+
+def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
+    chunks = plan.chunks
+    masters = MASTER in bucket.state.tensors
+    params = bucket.pieces("param", chunks)
+    work = bucket.pieces(MASTER, chunks) if masters else params  # what the math updates
+    dtype = work[0].dtype
+    grads = [c.grad if c.grad.dtype == dtype else c.grad.to(dtype) for c in chunks]
+    if grad_scale is not None:  # max_grad_norm's divisor
+        grads = torch._foreach_div(grads, grad_scale.to(bucket.device, dtype))
+    momentum = group["momentum"]
+    buffers = bucket.pieces("momentum_buffer", chunks)
+    wide = buffers if buffers[0].dtype == dtype else [b.to(dtype) for b in buffers]
+    torch._foreach_lerp_(wide, grads, 1 - momentum)
+    if wide is not buffers:  # state_dtype narrower than the math
+        torch._foreach_copy_(buffers, wide)
+    updates = torch._foreach_lerp(grads, wide, momentum) if group["nesterov"] else wide
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and bucket.device.type == "cpu":
+        lr = lr.item()  # torch's _to_scalar (a CPU tensor: no device sync)
+    weight_decay = group["weight_decay"]
+    if weight_decay != 0:
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    batches: dict = {}
+    for chunk, piece, update in zip(chunks, work, updates):
+        piece, update = piece.view(-1), update.view(-1)
+        for k in range(chunk.lo, chunk.hi):
+            size = bucket.ends[k] - bucket.starts[k]
+            if size == 0:
+                continue
+            offset = bucket.starts[k] - chunk.start
+            rows, cols = matrix_shape(bucket.param_shapes[k])
+            matrix = update[offset : offset + size].view(rows, cols)
+            target = piece[offset : offset + size].view(rows, cols)
+            tall = rows > cols
+            batches.setdefault((min(rows, cols), max(rows, cols)), []).append(
+                (matrix.T if tall else matrix, target, tall))
+    coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+    for (m, n), members in batches.items():
+        if len(members) == 1:
+            x = members[0][0].bfloat16()
+        else:
+            x = torch.empty(len(members), m, n, dtype=torch.bfloat16, device=bucket.device)
+            torch._foreach_copy_(list(x.unbind(0)), [matrix for matrix, _, _ in members])
+        x = newton_schulz(x, coefficients, steps, eps)
+        for i, (_, target, tall) in enumerate(members):
+            out = x if len(members) == 1 else x[i]
+            out = out.T if tall else out
+            step = adjusted_lr(lr, group["adjust_lr_fn"], *target.shape)
+            if isinstance(step, Tensor):  # a device lr: no sync
+                target.sub_(out.to(target.dtype).mul_(step.to(target.device, target.dtype)))
+            else:
+                target.add_(out, alpha=-step)
+    if masters:  # each param: its master rounded to nearest
+        torch._foreach_copy_(params, work)
+
+
+def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) -> int:
+    """Bytes a Muon group's step allocates and frees (``fastopt.memory``): the Nesterov update
+    and the clipped grads (the math's dtype), widened momentum, and the Newton–Schulz workspace
+    of the largest shape batch (in bf16: the batch, its Gram matrices, the next iterate)."""
+    if _adamw(options):
+        return 0
+    wide = 4 if options.get("master_weights") or dtype == torch.float64 else dtype.itemsize
+    flat = bucket["elements"] * wide
+    total = flat if options.get("nesterov", True) else 0
+    if options.get("max_grad_norm") is not None:
+        total += flat
+    state_dtype = options.get("state_dtype")
+    if state_dtype is not None and state_dtype.itemsize < wide:
+        total += flat
+    batches: dict = {}
+    for shape in bucket["shapes"]:
+        rows, cols = matrix_shape(shape)
+        key = (min(rows, cols), max(rows, cols))
+        batches[key] = batches.get(key, 0) + 1
+    total += max((count * (2 * m * n + 2 * m * m) * 2 for (m, n), count in batches.items()),
+                 default=0)
+    return total
+
+
+MUON = Declaration(
+    buffers=(Buffer("momentum_buffer", when=_muon), Buffer("exp_avg", when=_adamw),
+             Buffer("exp_avg_sq", when=_adamw),
+             Buffer("max_exp_avg_sq", when=lambda g: _adamw(g) and g.get("amsgrad", False))),
+    scalars=(Scalar("step", when=_adamw),),  # AdamW groups' (Muon's state is its momentum)
+    derived=adam.ADAM.derived,
+    update=_update,
+    options=frozenset({"master_weights", "state_dtype", "max_grad_norm", "in_backward"}),
+    complex=False,
+    grad_scaling=False,  # GradScaler unscales the grads itself first, as for torch's Muon
+    reference=torch.optim.Muon,
+    differentiable=False,  # torch.optim.Muon has no differentiable mode
+    group_keys=("lr", "weight_decay"),
+    cost="adam",
+    by_address=False,  # the Newton–Schulz batches read each grad as a matrix: gathered on GPUs
+    whole_params=True,  # a matrix is orthogonalized whole: DTensor shards are refused
+    scratch=_scratch,
+)
+
+
+class Muon(FlatOptimizer):
+    r"""Muon, a drop-in for ``torch.optim.Muon`` (see the module docstring for the math), plus
+    AdamW groups.
+
+    Args are torch.optim.Muon's: ``lr`` (default 1e-3), ``weight_decay`` (0.1), ``momentum``
+    (0.95), ``nesterov`` (True), ``ns_coefficients``, ``eps`` (1e-7), ``ns_steps`` (5) and
+    ``adjust_lr_fn`` (None, ``"original"`` or ``"match_rms_adamw"``); plus fastopt's keyword
+    options (``master_weights``, ``state_dtype``, ``max_grad_norm``, ``in_backward``,
+    ``backend``, ``flatten_params``).
+
+    What differs from torch.optim.Muon: params of any rank of two or more (a conv weight is
+    orthogonalized as ``(out, in*kh*kw)``, and its lr adjusted for that matrix), while torch's
+    takes only matrices; every matrix of one shape in a bucket goes through one batched
+    Newton–Schulz chain; and a group with ``use_muon=False`` takes AdamW's step, options and
+    state (``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``; unset ones
+    are ``torch.optim.AdamW``'s defaults).
+    """
+
+    declaration = MUON
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple = DEFAULT_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        **options,
+    ) -> None:
+        check_lr_muon(lr)
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                    "nesterov": nesterov, "ns_coefficients": ns_coefficients, "eps": eps,
+                    "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "use_muon": True}
+        super().__init__(params, defaults, **options)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, with the checks of each kind of group: a Muon group's params have rank two
+        or more; an AdamW group (``use_muon=False``) takes AdamW's defaults and checks."""
+        group = dict(param_group)
+        if not group.get("use_muon", True):
+            for key, value in ADAMW_DEFAULTS.items():
+                group.setdefault(key, value)
+            group["betas"] = check_adam(group["lr"], group["betas"], group["eps"],
+                                        group["weight_decay"])
+            group["decoupled_weight_decay"] = True
+        else:
+            params = group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            for p in params:
+                if p.ndim < 2:
+                    raise ValueError("Muon only supports 2D parameters whereas we found a "
+                                     f"parameter with size: {p.size()}")
+        super().add_param_group(group)
+
+
+def check_lr_muon(lr) -> None:
+    """torch.optim.Muon's lr check (its own wording)."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")

@@ -1,0 +1,316 @@
+"""Muon against torch.optim.Muon (and its AdamW groups against torch.optim.AdamW).
+
+Tolerance: Muon's update is the bf16 output of its Newton–Schulz iterations, so a batched
+matmul that sums in another order than torch's per-matrix ``addmm`` may move it by a few bf16
+units (2**-8 relative). A param's step is compared to torch's within 2 % of the step's largest
+element (a few bf16 units of the update) plus fp32 rounding of the param (rtol 2e-6, atol
+2e-7); a matrix alone of its shape runs torch's own ops and equals torch bit for bit, as does,
+on CPUs, every batch (asserted apart, ``test_batched_newton_schulz_equals_torch_per_matrix``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import memory
+from fastopt.optimizers.muon import newton_schulz
+
+# Same shapes twice (batched), tall and wide (transposed), one of a kind, an empty one.
+SHAPES = [(24, 16), (16, 24), (24, 16), (20, 20), (8, 40), (40, 8), (20, 20), (0, 4)]
+CONFIGS = [  # torch's own test configurations (common_optimizers.py), then the rest
+    ({}, "default"),
+    ({"lr": 0.01}, "non-default lr"),
+    ({"lr": torch.tensor(0.001)}, "tensor lr"),
+    ({"weight_decay": 0.2}, "weight decay"),
+    ({"momentum": 0.8}, "momentum"),
+    ({"ns_steps": 6}, "ns_steps"),
+    ({"ns_coefficients": (3.4, -4.7, 2.0)}, "ns_coefficients"),
+    ({"nesterov": False, "lr": 0.02}, "no nesterov"),
+    ({"adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.0}, "match_rms_adamw"),
+    ({"adjust_lr_fn": "original", "momentum": 0.0}, "original, no momentum"),
+]
+
+
+def _params(shapes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+
+
+def _grads(params, step: int, skip=()):
+    gen = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = None if i in skip else g
+
+
+def assert_step_close(ours, ref, before):
+    """``ours`` and ``ref`` (params after a step from ``before``) agree within the bf16
+    Newton–Schulz tolerance of the module docstring."""
+    for p, q, b in zip(ours, ref, before):
+        if p.numel() == 0:
+            continue
+        delta = (q.detach() - b).abs().max().item()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7 + 0.02 * delta)
+
+
+@pytest.mark.parametrize("kwargs,desc", CONFIGS, ids=[d for _, d in CONFIGS])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_equals_torch_muon(kwargs, desc, backend):
+    ours_params, ref_params = _params(SHAPES), _params(SHAPES)
+    ours = fastopt.Muon(ours_params, backend=backend, **copy.deepcopy(kwargs))
+    ref = torch.optim.Muon(ref_params, **copy.deepcopy(kwargs))
+    for step in range(6):
+        skip = {1} if step in (2, 3) else set()  # a param without a grad for two steps
+        before = [p.detach().clone() for p in ref_params]
+        _grads(ours_params, step, skip)
+        _grads(ref_params, step, skip)
+        ours.step()
+        ref.step()
+        assert_step_close(ours_params, ref_params, before)
+        for p, q in zip(ours_params, ref_params):
+            if q in ref.state:
+                torch.testing.assert_close(ours.state[p]["momentum_buffer"],
+                                           ref.state[q]["momentum_buffer"], rtol=2e-6, atol=2e-7)
+                assert set(ours.state[p]) == {"momentum_buffer"}
+            else:
+                assert p not in ours.state
+
+
+def test_batched_newton_schulz_equals_torch_per_matrix():
+    """On CPUs the batch is torch's per-matrix result bit for bit (tall ones transposed)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(16, 48, generator=gen) for _ in range(5)]
+    batch = torch.stack(mats).bfloat16()
+    ours = newton_schulz(batch, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    for m, o in zip(mats, ours):
+        assert torch.equal(o, _zeropower_via_newtonschulz(m, (3.4445, -4.775, 2.0315), 5, 1e-7))
+
+
+def test_a_conv_weight_is_its_matrix():
+    """A param of rank four is orthogonalized as (out, in*kh*kw), as torch.optim.Muon would
+    update that matrix (torch's own refuses the conv weight)."""
+    conv = _params([(6, 3, 3, 3), (6, 3, 3, 3)])
+    flat = [torch.nn.Parameter(p.detach().reshape(6, 27).clone()) for p in conv]
+    ours = fastopt.Muon(conv, lr=0.02)
+    ref = torch.optim.Muon(flat, lr=0.02)
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        torch.optim.Muon(_params([(6, 3, 3, 3)]))
+    for step in range(4):
+        before = [p.detach().clone() for p in flat]
+        _grads(conv, step)
+        for p, q in zip(conv, flat):
+            q.grad = p.grad.reshape(6, 27).clone()
+        ours.step()
+        ref.step()
+        assert_step_close([p.reshape(6, 27) for p in conv], flat, before)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+
+def _split(model):
+    hidden = [p for p in model.parameters() if p.ndim == 2]
+    other = [p for p in model.parameters() if p.ndim != 2]
+    return hidden, other
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adamw_groups_take_adamw_step_and_defaults(backend):
+    """One optimizer for the whole model: Muon's groups equal torch.optim.Muon, its
+    ``use_muon=False`` group torch.optim.AdamW (its defaults where unset), schedulers over
+    both, one state_dict with each kind's state."""
+    ours_model, ref_model = _model(), _model()
+    hidden, other = _split(ours_model)
+    ours = fastopt.Muon([{"params": hidden},
+                         {"params": other, "use_muon": False, "betas": (0.9, 0.95)}],
+                        lr=0.02, backend=backend)
+    ref_hidden, ref_other = _split(ref_model)
+    refs = [torch.optim.Muon(ref_hidden, lr=0.02),
+            torch.optim.AdamW(ref_other, betas=(0.9, 0.95), foreach=False)]
+    assert ours.param_groups[1]["lr"] == 1e-3 and ours.param_groups[1]["weight_decay"] == 1e-2
+    schedulers = [torch.optim.lr_scheduler.StepLR(ours, 2, gamma=0.5)] + \
+        [torch.optim.lr_scheduler.StepLR(r, 2, gamma=0.5) for r in refs]
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        before = [p.detach().clone() for p in ref_model.parameters()]
+        for model, opts in ((ours_model, [ours]), (ref_model, refs)):
+            for opt in opts:
+                opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            for opt in opts:
+                opt.step()
+        for s in schedulers:
+            s.step()
+        assert_step_close(list(ours_model.parameters()), list(ref_model.parameters()), before)
+    assert [g["lr"] for g in ours.param_groups] == [refs[0].param_groups[0]["lr"],
+                                                     refs[1].param_groups[0]["lr"]]
+    saved = ours.state_dict()["state"]
+    kinds = [sorted(saved[i]) for i in range(len(hidden) + len(other))]
+    assert kinds == [["momentum_buffer"]] * len(hidden) + \
+        [["exp_avg", "exp_avg_sq", "step"]] * len(other)
+    for p, q in zip(other, ref_other):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ours.state[p][name], refs[1].state[q][name])
+
+
+def test_state_dict_both_ways_with_torch_muon():
+    params = _params(SHAPES[:4])
+    ref = torch.optim.Muon(params, lr=0.02)
+    for step in range(3):
+        _grads(params, step)
+        ref.step()
+    ours_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = fastopt.Muon(ours_params, lr=0.02)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for step in range(3, 6):
+        before = [p.detach().clone() for p in params]
+        _grads(params, step)
+        _grads(ours_params, step)
+        ref.step()
+        ours.step()
+        assert_step_close(ours_params, params, before)
+    back = torch.optim.Muon([torch.nn.Parameter(p.detach().clone()) for p in ours_params],
+                            lr=0.02)
+    back.load_state_dict(ours.state_dict())
+    for p, q in zip(back.param_groups[0]["params"], ours_params):
+        assert torch.equal(back.state[p]["momentum_buffer"], ours.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"lr": -0.1}, ValueError, r"^Learning rate should be >= 0 but is: -0\.1$"),
+    ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "^Tensor lr must be 1-element$"),
+    ({"momentum": -0.5}, ValueError, r"^momentum should be >= 0 but is: -0\.5$"),
+    ({"weight_decay": -0.1}, ValueError, r"^weight decay should be >= 0 but is: -0\.1$"),
+    ({"adjust_lr_fn": "rms"}, ValueError, "^Adjust learning rate function rms is not supported$"),
+])
+def test_constructor_errors_are_torchs(kwargs, error, message):
+    for cls in (torch.optim.Muon, fastopt.Muon):
+        with pytest.raises(error, match=message):
+            cls(_params([(4, 4)]), **kwargs)
+
+
+def test_vectors_are_refused_in_muon_groups_and_taken_in_adamw_groups():
+    with pytest.raises(ValueError, match=r"Muon only supports 2D parameters whereas we found a "
+                                         r"parameter with size: torch.Size\(\[4\]\)"):
+        fastopt.Muon(_params([(4, 4), (4,)]))
+    opt = fastopt.Muon([{"params": _params([(4, 4)])},
+                        {"params": _params([(4,)]), "use_muon": False}])
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        opt.add_param_group({"params": _params([(3,)])})
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.5"):
+        opt.add_param_group({"params": _params([(3,)]), "use_muon": False, "betas": (0.9, 1.5)})
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"ns_steps": 100}, ValueError, "^Number of steps must be less than 100"),
+    ({"ns_coefficients": (1.0, 2.0)}, ValueError, "^Coefficients must be a tuple of exactly 3"),
+])
+def test_step_errors_change_nothing(change, error, message):
+    params = _params(SHAPES[:3])
+    opt = fastopt.Muon(params, lr=0.02)
+    _grads(params, 0)
+    opt.step()
+    opt.param_groups[0].update(change)
+    before = [p.detach().clone() for p in params]
+    state = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    _grads(params, 1)
+    with pytest.raises(error, match=message):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], s) for p, s in zip(params, state))
+
+
+def test_complex_and_sparse_are_refused_as_torch_does():
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
+        fastopt.Muon([p]).step()
+    q = torch.nn.Parameter(torch.randn(4, 4))
+    q.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="Muon does not support sparse gradients"):
+        fastopt.Muon([q]).step()
+
+
+@pytest.mark.parametrize("options", [{"in_backward": True}, {"max_grad_norm": 0.5}])
+def test_options_match_the_default_loop(options):
+    """``in_backward`` updates as the default loop does; ``max_grad_norm`` as torch's clip
+    followed by torch.optim.Muon."""
+    ours_model, ref_model = _model(), _model()
+    hidden, other = _split(ours_model)
+    ours = fastopt.Muon([{"params": hidden}, {"params": other, "use_muon": False}], lr=0.02,
+                        **options)
+    ref_hidden, ref_other = _split(ref_model)
+    refs = [torch.optim.Muon(ref_hidden, lr=0.02), torch.optim.AdamW(ref_other, foreach=False)]
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    for _ in range(4):
+        before = [p.detach().clone() for p in ref_model.parameters()]
+        ours.zero_grad()
+        torch.nn.functional.cross_entropy(ours_model(x), y).backward()
+        ours.step()
+        for opt in refs:
+            opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+        if "max_grad_norm" in options:
+            torch.nn.utils.clip_grad_norm_(ref_model.parameters(), options["max_grad_norm"])
+        for opt in refs:
+            opt.step()
+        assert_step_close(list(ours_model.parameters()), list(ref_model.parameters()), before)
+
+
+def test_master_weights_update_fp32_masters_as_torch_updates_fp32_params():
+    shapes = SHAPES[:4]
+    ours_params = _params(shapes, torch.bfloat16)
+    ref_params = [torch.nn.Parameter(p.detach().float()) for p in ours_params]
+    ours = fastopt.Muon(ours_params, lr=0.02, master_weights=True)
+    ref = torch.optim.Muon(ref_params, lr=0.02)
+    for step in range(4):
+        before = [p.detach().clone() for p in ref_params]
+        _grads(ours_params, step)
+        for p, q in zip(ours_params, ref_params):
+            q.grad = p.grad.float()
+        ours.step()
+        ref.step()
+        masters = [ours.state[p]["master_param"] for p in ours_params]
+        assert_step_close(masters, ref_params, before)
+        for p, m in zip(ours_params, masters):
+            assert torch.equal(p, m.bfloat16())
+
+
+def test_bf16_state_keeps_momentum_narrow():
+    params = _params(SHAPES[:3])
+    opt = fastopt.Muon(params, lr=0.02, state_dtype=torch.bfloat16)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.Muon(ref_params, lr=0.02)
+    _grads(params, 0)
+    _grads(ref_params, 0)
+    opt.step()
+    ref.step()
+    for p, q in zip(params, ref_params):
+        assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"],
+                                   ref.state[q]["momentum_buffer"].bfloat16())
+
+
+def test_estimate_counts_momentum_and_adamw_state():
+    model = _model()
+    hidden, other = _split(model)
+    groups = [{"params": hidden}, {"params": other, "use_muon": False}]
+    report = memory.estimate(groups, "muon")
+    opt = fastopt.Muon([dict(g) for g in groups], lr=0.02)
+    x = torch.randn(4, 12)
+    model(x).sum().backward()
+    opt.step()
+    held = sum(t.numel() * t.element_size() for b in opt._buckets for bucket in b
+               for t in [*bucket.state.tensors.values(),
+                         *([bucket.state.scalars] if bucket.state.scalars is not None else [])])
+    assert report.state_bytes == held
+    assert report.scratch_bytes > 0  # the Newton–Schulz workspace

@@ -37,7 +37,9 @@ import math
 import torch
 from torch import Tensor
 
+from fastopt import whole_matrices
 from fastopt.declaration import Buffer, Declaration, Scalar
+from fastopt.flat import is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
 from fastopt.optimizers import adam
 from fastopt.state import MASTER
@@ -109,6 +111,12 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     if _adamw(group):
         return adam.ADAM.update(opt, group, bucket, plan, grad_scale, found_inf)
     check_muon_group(group)
+    if bucket.external:  # DTensors this update can take whole (one mesh), before any write
+        meshes = [p.device_mesh for p in bucket.params
+                  if is_dtensor(p) and whole_matrices.placement(p) == "rows"]
+        if any(mesh != meshes[0] for mesh in meshes):
+            raise ValueError("Muon gathers the shards of a param group's matrices over one "
+                             "device mesh; these params are sharded over several")
     if found_inf is not None and bucket.device.type == "cpu" and bool(found_inf):
         return  # a non-finite grad norm (max_grad_norm): the CPU reads it, nothing changes
     saved = None
@@ -122,7 +130,7 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
 
 
 def _written(bucket) -> list:
-    params = [bucket.flat] if not bucket.external else [p.data for p in bucket.params]
+    params = [bucket.flat] if not bucket.external else [local(p) for p in bucket.params]
     return [*params, *bucket.state.tensors.values()]
 
 
@@ -148,38 +156,77 @@ def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
     weight_decay = group["weight_decay"]
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
-    batches: dict = {}
+    matrices, sharded = [], []  # (update, target): as matrices, or their local rows
     for chunk, piece, update in zip(chunks, work, updates):
         piece, update = piece.view(-1), update.view(-1)
         for k in range(chunk.lo, chunk.hi):
-            size = bucket.ends[k] - bucket.starts[k]
-            if size == 0:
+            p = bucket.params[k]
+            rows, cols = matrix_shape(p.shape)  # the whole matrix, for a DTensor too
+            if rows * cols == 0:
                 continue
             offset = bucket.starts[k] - chunk.start
-            rows, cols = matrix_shape(bucket.param_shapes[k])
-            matrix = update[offset : offset + size].view(rows, cols)
-            target = piece[offset : offset + size].view(rows, cols)
-            tall = rows > cols
-            batches.setdefault((min(rows, cols), max(rows, cols)), []).append(
-                (matrix.T if tall else matrix, target, tall))
-    coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
-    for (m, n), members in batches.items():
-        if len(members) == 1:
-            x = members[0][0].bfloat16()
-        else:
-            x = torch.empty(len(members), m, n, dtype=torch.bfloat16, device=bucket.device)
-            torch._foreach_copy_(list(x.unbind(0)), [matrix for matrix, _, _ in members])
-        x = newton_schulz(x, coefficients, steps, eps)
-        for i, (_, target, tall) in enumerate(members):
-            out = x if len(members) == 1 else x[i]
-            out = out.T if tall else out
-            step = adjusted_lr(lr, group["adjust_lr_fn"], *target.shape)
-            if isinstance(step, Tensor):  # a device lr: no sync
-                target.sub_(out.to(target.dtype).mul_(step.to(target.device, target.dtype)))
+            size = bucket.ends[k] - bucket.starts[k]
+            local_rows = size // cols
+            pair = (update[offset : offset + size].view(local_rows, cols),
+                    piece[offset : offset + size].view(local_rows, cols))
+            if is_dtensor(p) and whole_matrices.placement(p) == "rows":
+                sharded.append((*pair, p))
             else:
-                target.add_(out, alpha=-step)
+                matrices.append(pair)
+    coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+
+    def orthogonalize(batch: list) -> list:
+        return _orthogonalize(batch, coefficients, steps, eps, bucket.device)
+
+    outs = orthogonalize([update for update, _ in matrices])
+    targets = [target for _, target in matrices]
+    shapes = [target.shape for target in targets]
+    if sharded:
+        mesh = sharded[0][2].device_mesh
+        exchange = whole_matrices.Exchange(
+            mesh, [update for update, _, _ in sharded], [p.shape[0] for *_, p in sharded],
+            whole_matrices.owners([_oriented(matrix_shape(p.shape)) for *_, p in sharded],
+                                  mesh.size()), torch.bfloat16)
+        owned = exchange.gather()
+        results = dict(zip(owned, orthogonalize(list(owned.values()))))
+        outs += exchange.scatter(results)
+        targets += [target for _, target, _ in sharded]
+        shapes += [matrix_shape(p.shape) for *_, p in sharded]
+    for out, target, (rows, cols) in zip(outs, targets, shapes):
+        step = adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
+        if isinstance(step, Tensor):  # a device lr: no sync
+            target.sub_(out.to(target.dtype).mul_(step.to(target.device, target.dtype)))
+        else:
+            target.add_(out, alpha=-step)
     if masters:  # each param: its master rounded to nearest
         torch._foreach_copy_(params, work)
+
+
+def _oriented(shape: tuple) -> tuple:
+    return min(shape), max(shape)
+
+
+def _orthogonalize(matrices: list, coefficients: tuple, steps: int, eps: float,
+                   device) -> list:
+    """Newton–Schulz on each matrix of ``matrices`` (as torch.optim.Muon: in bf16, a tall one
+    transposed), batched over the matrices of each shape; the results in bf16, in order."""
+    batches: dict = {}
+    for i, matrix in enumerate(matrices):
+        batches.setdefault(_oriented(matrix.shape), []).append(i)
+    outs: list = [None] * len(matrices)
+    for (m, n), members in batches.items():
+        oriented = [matrices[i].T if matrices[i].shape[0] > matrices[i].shape[1] else matrices[i]
+                    for i in members]
+        if len(members) == 1:
+            x = oriented[0].bfloat16()
+        else:
+            x = torch.empty(len(members), m, n, dtype=torch.bfloat16, device=device)
+            torch._foreach_copy_(list(x.unbind(0)), oriented)
+        x = newton_schulz(x, coefficients, steps, eps)
+        for j, i in enumerate(members):
+            out = x if len(members) == 1 else x[j]
+            outs[i] = out.T if matrices[i].shape[0] > matrices[i].shape[1] else out
+    return outs
 
 
 def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) -> int:
@@ -198,8 +245,7 @@ def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) 
         total += flat
     batches: dict = {}
     for shape in bucket["shapes"]:
-        rows, cols = matrix_shape(shape)
-        key = (min(rows, cols), max(rows, cols))
+        key = _oriented(matrix_shape(shape))
         batches[key] = batches.get(key, 0) + 1
     total += max((count * (2 * m * n + 2 * m * m) * 2 for (m, n), count in batches.items()),
                  default=0)
@@ -221,7 +267,7 @@ MUON = Declaration(
     group_keys=("lr", "weight_decay"),
     cost="adam",
     by_address=False,  # the Newton–Schulz batches read each grad as a matrix: gathered on GPUs
-    whole_params=True,  # a matrix is orthogonalized whole: DTensor shards are refused
+    # DTensor shards taken: each matrix is gathered whole to one rank (fastopt.whole_matrices)
     scratch=_scratch,
 )
 

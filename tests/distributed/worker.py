@@ -291,6 +291,95 @@ def fsdp2_remainder(rank, workdir):
         assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
 
 
+def muon_model() -> torch.nn.Module:
+    """Matrices of several shapes for Muon: two of one shape, tall and wide ones, 5 rows (3 + 2
+    on two ranks) and 1 row (rank 1 holds an empty shard); biases for its AdamW group."""
+    torch.manual_seed(0)
+    sizes = [13, 5, 5, 5, 16, 1]
+    layers = []
+    for n_in, n_out in zip(sizes, sizes[1:]):
+        layers += [torch.nn.Linear(n_in, n_out), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1]).to(DEVICE)
+
+
+def muon_groups(model) -> list:
+    return [{"params": [p for p in model.parameters() if p.ndim == 2]},
+            {"params": [p for p in model.parameters() if p.ndim != 2], "use_muon": False,
+             "lr": 1e-2}]
+
+
+def muon_reference(model) -> list:
+    hidden, other = (g["params"] for g in muon_groups(model))
+    return [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(other, lr=1e-2, foreach=False)]
+
+
+def close_to_step(ours, ref, before) -> None:
+    """Muon's tolerance (tests/test_muon.py): fp32 rounding plus 2 % of the step's largest
+    element, for its bf16 Newton–Schulz output."""
+    for (name, a), b, c in zip(ours.named_parameters(), ref.parameters(), before):
+        delta = (b.detach() - c).abs().max().item()
+        torch.testing.assert_close(full(a), full(b), rtol=2e-6, atol=2e-7 + 0.02 * delta,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def reference_step(ref, ref_opts, step: int) -> list:
+    """One step of the single-process reference on every rank's batch (the mean of the ranks'
+    losses: the grads FSDP2 and DDP average); the params before it."""
+    before = [p.detach().clone() for p in ref.parameters()]
+    for o in ref_opts:
+        o.zero_grad()
+    world = dist.get_world_size()
+    loss = sum(torch.nn.functional.mse_loss(ref(batch(r, step)[0]), batch(r, step)[1])
+               for r in range(world)) / world
+    loss.backward()
+    for o in ref_opts:
+        o.step()
+    return before
+
+
+def muon_distributed(rank, workdir, wrap: str):
+    """Muon with its AdamW group under DDP or FSDP2 (each matrix gathered whole to one rank,
+    orthogonalized there, its rows sent back): equal, step by step, to a single-process run of
+    torch.optim.Muon and AdamW on the same global batch; under FSDP2 a DCP save and load into
+    a fresh model and optimizer continues bit for bit."""
+    def build():
+        model = muon_model()
+        if wrap == "ddp":
+            model = DistributedDataParallel(model)
+        else:
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+        return model, fastopt.Muon(muon_groups(model), lr=0.02)
+
+    model, opt = build()
+    ref = muon_model()
+    ref_opts = muon_reference(ref)
+    for step in range(STEPS):
+        train(model, opt, rank, 1, first=step)
+        close_to_step(model, ref, reference_step(ref, ref_opts, step))
+    if wrap == "ddp":
+        check_ranks_agree(model)
+        return
+    last = model[-1].weight  # 1 x 16: rank 1 holds no row of it
+    assert isinstance(last, DTensor) and last.to_local().numel() == (16 if rank == 0 else 0)
+    saved = get_optimizer_state_dict(model, opt)
+    kinds = sorted(tuple(sorted(entry)) for entry in saved["state"].values())
+    assert kinds == sorted([("momentum_buffer",)] * 5 + [("exp_avg", "exp_avg_sq", "step")] * 5)
+    dcp.save({"model": get_model_state_dict(model), "optim": saved}, checkpoint_id=workdir)
+    train(model, opt, rank, 3, first=STEPS)
+    fresh, fresh_opt = build()
+    loaded = {"model": get_model_state_dict(fresh),
+              "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(loaded, checkpoint_id=workdir)
+    set_model_state_dict(fresh, loaded["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
+    train(fresh, fresh_opt, rank, 3, first=STEPS)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+
+
 SCENARIOS = {
     "ddp-AdamW": lambda rank, workdir: ddp(rank, "AdamW", bucket_view=False),
     "ddp-bucket-view-AdamW": lambda rank, workdir: ddp(rank, "AdamW", bucket_view=True),
@@ -316,6 +405,8 @@ SCENARIOS = {
     "dcp-fsdp2-NAdam": lambda rank, workdir: checkpoint(rank, "NAdam", workdir),
     "dcp-fsdp2-ASGD": lambda rank, workdir: checkpoint(rank, "ASGD", workdir),
     "dcp-fsdp2-bf16-remainder": fsdp2_remainder,
+    "ddp-Muon": lambda rank, workdir: muon_distributed(rank, workdir, "ddp"),
+    "dcp-fsdp2-Muon": lambda rank, workdir: muon_distributed(rank, workdir, "fsdp2"),
 }
 # The Triton kernels run on CPU tensors only through Triton's interpreter.
 NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}

@@ -314,3 +314,41 @@ def test_estimate_counts_momentum_and_adamw_state():
                          *([bucket.state.scalars] if bucket.state.scalars is not None else [])])
     assert report.state_bytes == held
     assert report.scratch_bytes > 0  # the Newton–Schulz workspace
+
+
+def test_a_device_lr_multiplies_the_updates_as_a_float_lr_adds_them():
+    """On a GPU a tensor lr stays on the device (no sync): the updates are scaled by it and
+    subtracted; the same numbers as ``add_`` with the float, within fp32 rounding."""
+    from fastopt.optimizers.muon import _apply
+
+    gen = torch.Generator().manual_seed(0)
+    outs = [torch.randn(4, 6, generator=gen).bfloat16() for _ in range(3)]
+    shapes = [(4, 6), (4, 6), (6, 4)]
+    by_float = [torch.randn(s, generator=gen) for s in shapes]
+    by_tensor = [t.clone() for t in by_float]
+    outs[2] = outs[2].T
+    _apply(outs, by_float, shapes, 0.02, None)
+    _apply(outs, by_tensor, shapes, torch.tensor(0.02), None)
+    for a, b in zip(by_float, by_tensor):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7)
+
+
+def test_shards_are_dealt_to_owners_by_shape_and_placements_checked():
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    from fastopt import whole_matrices
+
+    shapes = [(8, 8), (4, 16), (8, 8), (8, 8), (4, 16)]
+    assert whole_matrices.owners(shapes, 2) == [0, 1, 1, 0, 0]
+    assert whole_matrices.rows_per_rank(5, 2) == 3 and whole_matrices.rows_per_rank(1, 2) == 1
+
+    def dtensor(placements, ndim=1):
+        return SimpleNamespace(placements=placements, device_mesh=SimpleNamespace(ndim=ndim))
+
+    assert whole_matrices.placement(dtensor((Shard(0),))) == "rows"
+    assert whole_matrices.placement(dtensor((Replicate(),))) == "replicate"
+    for refused in (dtensor((Shard(1),)), dtensor((Shard(0), Shard(0)), ndim=2)):
+        with pytest.raises(ValueError, match="Muon orthogonalizes each matrix whole"):
+            whole_matrices.placement(refused)

@@ -192,14 +192,29 @@ def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
         outs += exchange.scatter(results)
         targets += [target for _, target, _ in sharded]
         shapes += [matrix_shape(p.shape) for *_, p in sharded]
-    for out, target, (rows, cols) in zip(outs, targets, shapes):
-        step = adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
-        if isinstance(step, Tensor):  # a device lr: no sync
-            target.sub_(out.to(target.dtype).mul_(step.to(target.device, target.dtype)))
-        else:
-            target.add_(out, alpha=-step)
+    _apply(outs, targets, shapes, lr, group["adjust_lr_fn"])
     if masters:  # each param: its master rounded to nearest
         torch._foreach_copy_(params, work)
+
+
+def _apply(outs: list, targets: list, shapes: list, lr, adjust_lr_fn) -> None:
+    """``target -= adjusted_lr * out`` for each matrix: one multi-tensor call per adjusted lr
+    (per shape), each update widened to the target's dtype first (exactly, as ``add_`` would
+    widen it); a device lr multiplies the updates instead (no sync)."""
+    by_step: dict = {}
+    for out, target, (rows, cols) in zip(outs, targets, shapes):
+        step = adjusted_lr(lr, adjust_lr_fn, rows, cols)
+        key = (rows, cols) if isinstance(step, Tensor) else step
+        entry = by_step.setdefault(key, (step, [], []))
+        entry[1].append(out)
+        entry[2].append(target)
+    for step, outs, targets in by_step.values():
+        wide = [out.to(targets[0].dtype, memory_format=torch.contiguous_format) for out in outs]
+        if isinstance(step, Tensor):
+            torch._foreach_mul_(wide, step.to(targets[0].device, targets[0].dtype))
+            torch._foreach_sub_(targets, wide)
+        else:
+            torch._foreach_add_(targets, wide, alpha=-step)
 
 
 def _oriented(shape: tuple) -> tuple:

@@ -120,7 +120,8 @@ class Declaration:
     differentiable: bool = True  # differentiable=True runs ``reference``'s own algorithm
     whole_params: bool = False  # its math reduces over whole params: DTensor shards refused
     # the temporaries its own update allocates for one bucket, in bytes, for fastopt.memory:
-    # (options, bucket: a dict of sizes, shapes, elements..., dtype, device type) -> bytes
+    # (options, bucket: a dict of sizes, shapes, elements..., dtype, device type) -> bytes, or
+    # None where fastopt's rules for its ``cost`` apply (Muon's AdamW groups)
     scratch: Callable | None = None
     extra: dict = field(default_factory=dict)  # anything an optimizer's own update needs
 

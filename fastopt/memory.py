@@ -263,8 +263,10 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tu
     scratch = 0
     on_cpu = torch.device(device).type == "cpu"
     cost = rules.declaration.cost
-    if rules.declaration.scratch is not None:  # an optimizer's own update (Muon's)
-        scratch += rules.declaration.scratch(options, bucket, dtype, torch.device(device).type)
+    if rules.declaration.scratch is not None:  # an optimizer's own rule (Muon's groups)
+        own = rules.declaration.scratch(options, bucket, dtype, torch.device(device).type)
+        if own is not None:
+            return kept, own
     if on_cpu and cost == "sgd" and dtype in (torch.float16, torch.bfloat16):
         scratch += 2 * bucket["largest"]  # the for-loop path's per-param temporaries
     if on_cpu and cost == "saga":

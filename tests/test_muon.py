@@ -198,6 +198,18 @@ def test_constructor_errors_are_torchs(kwargs, error, message):
             cls(_params([(4, 4)]), **kwargs)
 
 
+def test_named_params_and_ranks():
+    """(name, param) pairs as torch takes them; rank 3 refused as torch refuses it (it may be
+    a stack of matrices), ranks 4 and 5 (conv weights) taken."""
+    named = [("w", torch.nn.Parameter(torch.randn(4, 4)))]
+    opt = fastopt.Muon(named)
+    assert opt.param_groups[0]["param_names"] == ["w"]
+    for cls in (torch.optim.Muon, fastopt.Muon):
+        with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+            cls(_params([(2, 3, 4)]))
+    fastopt.Muon(_params([(4, 2, 3, 3), (4, 2, 1, 3, 3)]))
+
+
 def test_vectors_are_refused_in_muon_groups_and_taken_in_adamw_groups():
     with pytest.raises(ValueError, match=r"Muon only supports 2D parameters whereas we found a "
                                          r"parameter with size: torch.Size\(\[4\]\)"):
@@ -285,6 +297,13 @@ def test_master_weights_update_fp32_masters_as_torch_updates_fp32_params():
             assert torch.equal(p, m.bfloat16())
 
 
+def test_remainders_are_refused_in_muon_groups():
+    with pytest.raises(ValueError, match="Muon updates whole fp32 masters"):
+        fastopt.Muon(_params([(4, 4)], torch.bfloat16), master_weights="remainder")
+    with pytest.raises(TypeError, match="unexpected keyword argument .stochastic_rounding."):
+        fastopt.Muon(_params([(4, 4)], torch.bfloat16), stochastic_rounding=True)
+
+
 def test_bf16_state_keeps_momentum_narrow():
     params = _params(SHAPES[:3])
     opt = fastopt.Muon(params, lr=0.02, state_dtype=torch.bfloat16)
@@ -352,3 +371,38 @@ def test_shards_are_dealt_to_owners_by_shape_and_placements_checked():
     for refused in (dtensor((Shard(1),)), dtensor((Shard(0), Shard(0)), ndim=2)):
         with pytest.raises(ValueError, match="Muon orthogonalizes each matrix whole"):
             whole_matrices.placement(refused)
+
+
+MEMORY_CONFIGS = {
+    "fp32": (torch.float32, {}),
+    "bf16 + master_weights": (torch.bfloat16, {"master_weights": True}),
+    "fp32 + in_backward": (torch.float32, {"in_backward": True}),
+    "fp32, bf16 state, no nesterov": (torch.float32, {"nesterov": False,
+                                                      "state_dtype": torch.bfloat16}),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CONFIGS))
+def test_the_estimate_holds_to_the_cold_peak(name):
+    """``memory.estimate`` against torch.profiler's cold peak (the model, the optimizer's
+    construction and three iterations) of six 512 x 512 layers (Muon) and their biases (an
+    AdamW group): at least the measured peak less the model's own temporaries (measured in the
+    same loop without an optimizer), to 2 % (in_backward: the next step group's grad arriving
+    beside a step's temporaries), and at most 5 % over it."""
+    from benchmarks.cold_memory import cold_run, mlp
+    from test_cold_memory import NoStep
+
+    dtype, options = MEMORY_CONFIGS[name]
+
+    def groups(model):
+        hidden, other = _split(model)
+        return [{"params": hidden}, {"params": other, "use_muon": False}]
+
+    make_model, loss_fn = mlp(dtype, width=512, depth=6)
+    peaks = cold_run(make_model, lambda m: fastopt.Muon(groups(m), lr=0.02, **options), loss_fn)
+    bare = cold_run(make_model, NoStep, loss_fn)
+    params = sum(p.numel() * p.element_size() for p in make_model().parameters())
+    own = bare["cold"] - 2 * params
+    assert 0 <= own < 0.1 * params
+    estimated = memory.estimate(groups(make_model()), "muon", **options).peak_bytes
+    assert 0.98 * (peaks["cold"] - own) <= estimated <= 1.05 * peaks["cold"], (peaks, estimated)

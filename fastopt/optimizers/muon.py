@@ -3,7 +3,7 @@ Newton–Schulz iterations, with ``torch.optim.Muon``'s signature, defaults, err
 and AdamW for the params Muon is not meant for, in the same optimizer.
 
 For a param :math:`\\theta` seen as the matrix :math:`W` of shape :math:`(A, B)` (its first
-dimension by the product of the others: a conv weight is ``(out, in*kh*kw)``), grad :math:`G`
+dimension by the product of the others: a conv2d or conv3d weight is ``(out, in*kh*kw...)``), grad :math:`G`
 and momentum buffer :math:`M`:
 
 .. math::
@@ -42,6 +42,7 @@ from fastopt.declaration import Buffer, Declaration, Scalar
 from fastopt.flat import is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
 from fastopt.optimizers import adam
+from fastopt.precision import REMAINDERS
 from fastopt.state import MASTER
 from fastopt.validation import check_adam
 
@@ -50,6 +51,10 @@ DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller J
 ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
                   "amsgrad": False, "maximize": False}
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+# A Muon group's params: matrices, and conv2d/conv3d weights seen as (out, in*kh*kw...). A
+# rank-3 param may be a conv1d weight or a stack of matrices (MoE experts, each to be
+# orthogonalized on its own): refused, as torch.optim.Muon refuses it.
+TAKEN_RANKS = (2, 4, 5)
 
 
 def _muon(group: dict) -> bool:
@@ -244,27 +249,50 @@ def _orthogonalize(matrices: list, coefficients: tuple, steps: int, eps: float,
     return outs
 
 
-def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) -> int:
-    """Bytes a Muon group's step allocates and frees (``fastopt.memory``): the Nesterov update
-    and the clipped grads (the math's dtype), widened momentum, and the Newton–Schulz workspace
-    of the largest shape batch (in bf16: the batch, its Gram matrices, the next iterate)."""
+# Newton–Schulz's buffers per matrix (m x n, m <= n), in bf16 elements at their most: the
+# iterate, the next one, the Gram matrix and its update; on CPUs also baddbmm's product before
+# it is added (measured with torch.profiler: 3mn + 2m^2 on a CPU, 2mn + 2m^2 with cuBLAS,
+# which adds in place).
+def _newton_schulz_elements(m: int, n: int, device_type: str) -> int:
+    return (3 if device_type == "cpu" else 2) * m * n + 2 * m * m
+
+
+def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) -> int | None:
+    """Bytes a Muon group's step allocates and frees (``fastopt.memory``): the grads widened
+    for fp32 masters, the clipped grads, widened momentum and the Nesterov update (each the
+    size of the params in the math's dtype), and the Newton–Schulz buffers of the largest
+    shape batch. With ``in_backward=True`` a step covers one step group (``group_bounds``):
+    the largest group's."""
     if _adamw(options):
-        return 0
-    wide = 4 if options.get("master_weights") or dtype == torch.float64 else dtype.itemsize
-    flat = bucket["elements"] * wide
-    total = flat if options.get("nesterov", True) else 0
-    if options.get("max_grad_norm") is not None:
-        total += flat
+        return None  # Adam's rules
+    shapes = bucket["shapes"]
+    if options.get("in_backward"):
+        from fastopt.in_backward import group_bounds
+
+        sizes = [math.prod(s) * dtype.itemsize for s in shapes]
+        return max((_step_scratch(options, shapes[lo:hi], dtype, device_type)
+                    for lo, hi in group_bounds(sizes)), default=0)
+    return _step_scratch(options, shapes, dtype, device_type, bucket["elements"])
+
+
+def _step_scratch(options: dict, shapes: list, dtype: torch.dtype, device_type: str,
+                  elements: int | None = None) -> int:
+    if elements is None:
+        elements = sum(math.prod(s) for s in shapes)
+    masters = bool(options.get("master_weights")) and dtype in (torch.bfloat16, torch.float16)
+    wide = 4 if masters else dtype.itemsize
+    copies = int(masters)  # the grads in fp32
+    copies += options.get("max_grad_norm") is not None
     state_dtype = options.get("state_dtype")
-    if state_dtype is not None and state_dtype.itemsize < wide:
-        total += flat
+    copies += state_dtype is not None and state_dtype.itemsize < wide
+    copies += options.get("nesterov", True)
     batches: dict = {}
-    for shape in bucket["shapes"]:
+    for shape in shapes:
         key = _oriented(matrix_shape(shape))
         batches[key] = batches.get(key, 0) + 1
-    total += max((count * (2 * m * n + 2 * m * m) * 2 for (m, n), count in batches.items()),
-                 default=0)
-    return total
+    workspace = max((count * _newton_schulz_elements(m, n, device_type) * 2
+                     for (m, n), count in batches.items()), default=0)
+    return copies * elements * wide + workspace
 
 
 MUON = Declaration(
@@ -297,9 +325,10 @@ class Muon(FlatOptimizer):
     options (``master_weights``, ``state_dtype``, ``max_grad_norm``, ``in_backward``,
     ``backend``, ``flatten_params``).
 
-    What differs from torch.optim.Muon: params of any rank of two or more (a conv weight is
-    orthogonalized as ``(out, in*kh*kw)``, and its lr adjusted for that matrix), while torch's
-    takes only matrices; every matrix of one shape in a bucket goes through one batched
+    What differs from torch.optim.Muon: conv weights of rank 4 or 5 are taken too (a conv
+    weight is orthogonalized as ``(out, in*kh*kw)``, and its lr adjusted for that matrix),
+    while torch's takes only matrices (a rank-3 param stays refused: it may be a stack of
+    matrices); every matrix of one shape in a bucket goes through one batched
     Newton–Schulz chain; and a group with ``use_muon=False`` takes AdamW's step, options and
     state (``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``; unset ones
     are ``torch.optim.AdamW``'s defaults).
@@ -346,10 +375,21 @@ class Muon(FlatOptimizer):
             params = group["params"]
             params = [params] if isinstance(params, Tensor) else list(params)
             for p in params:
-                if p.ndim < 2:
+                p = p[1] if isinstance(p, tuple) else p  # a named param: (name, tensor)
+                if isinstance(p, Tensor) and p.ndim not in TAKEN_RANKS:
                     raise ValueError("Muon only supports 2D parameters whereas we found a "
-                                     f"parameter with size: {p.size()}")
+                                     f"parameter with size: {p.size()} (fastopt's also takes "
+                                     "conv weights of rank 4 or 5 as (out, in*k*k...); a "
+                                     "rank-3 param may be a stack of matrices, so it is "
+                                     "refused, as torch refuses it)")
         super().add_param_group(group)
+
+    def prepare_bucket(self, group: dict, bucket) -> None:
+        super().prepare_bucket(group, bucket)
+        if _muon(group) and group.get("master_weights") in REMAINDERS:
+            raise ValueError(
+                f"Muon updates whole fp32 masters; master_weights={group['master_weights']!r} "
+                "keeps remainders: use master_weights=True")
 
 
 def check_lr_muon(lr) -> None:

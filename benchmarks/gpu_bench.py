@@ -14,7 +14,8 @@ reports the GB/s its fastopt step reaches, counting the bytes a fused step must 
 AdamW: read param, grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq = 28 per
 element; bf16 halves it), as a fraction of that bandwidth. Every other registered optimizer
 (``benchmarks.bench.OPTIONS``) gets rows too (``EVERY``), against torch's fused and foreach
-steps where torch has them.
+steps where torch has them, and Muon against torch.optim.Muon on transformers' hidden matrices
+(``run_muon``, ``benchmarks/muon_bench.py``).
 
 ``DIR/<gpu-name>.json`` is rewritten after every row, the most telling rows first (AdamW's
 default loop on GPT-2 small, then every optimizer, then the rest), and no section starts once
@@ -303,6 +304,22 @@ def run_every_optimizer(results: dict, save, deadline: float) -> None:
             save()
 
 
+def run_muon(results: dict, save) -> None:
+    """Muon against torch.optim.Muon on transformers' hidden matrices (benchmarks/muon_bench.py):
+    the default loop, same run, with each step's FLOP rate and kernel-launching ops."""
+    from benchmarks import muon_bench
+
+    rows = results.setdefault("muon", [])
+    for case in muon_bench.CASES:
+        row = muon_bench.measure(case, torch.device("cuda"), repeats=7)
+        rows.append(row)
+        print(f"Muon      fresh-step {case:<18} fastopt {row['fastopt_ms']:8.3f} ms  torch "
+              f"{row['torch_ms']:8.3f} ms  {row['ratio']:5.2f}x  "
+              f"{row['fastopt_tflops']:6.1f} TFLOPS (model predicted {row['predicted_gpu_ratio']:.2f}x)",
+              flush=True)
+        save()
+
+
 # The static cost model (python -m benchmarks.kernel_report --model ...): bytes and SASS
 # instructions per element of each kernel variant, from which each row's fraction of the copy
 # bandwidth measured here is predicted, so a GPU run tests the model too.
@@ -405,6 +422,7 @@ def main(argv=None) -> None:
                                  modes=["fresh-step"]),
         lambda: run(results, ["1x1e8"], [torch.float32], ["AdamW"], save),
         lambda: run_every_optimizer(results, save, deadline),
+        lambda: run_muon(results, save),
         lambda: run_default_loop(results, ["AdamW"] if args.quick else ["AdamW", "SGD"], save),
         lambda: run(results, [c for c in args.cases if c != "1x1e8"], dtypes, optimizers, save),
         lambda: run(results, ["1x1e8"], [d for d in dtypes if d != torch.float32],

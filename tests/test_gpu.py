@@ -284,3 +284,82 @@ def test_lean_variants_kernel_matches_the_torch_path_on_cuda(name, dtype, option
         differing, total = differing + int((~close).sum()), total + close.numel()
         torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=2e-2)
     assert differing <= 1e-3 * total, (differing, total)
+
+
+MUON_SHAPES = [(64, 48), (48, 64), (64, 48), (96, 96), (1, 40), (0, 8), (32, 4, 3, 3)]
+
+
+def _muon_params(seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in MUON_SHAPES]
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.02), dict(lr=torch.tensor(0.01), nesterov=False,
+                                                        adjust_lr_fn="match_rms_adamw")])
+def test_muon_equals_torch_muon_on_cuda(kwargs):
+    """Batched Newton–Schulz (bf16 bmm) against torch.optim.Muon's per-matrix addmm, on the
+    same CUDA inputs (the conv weight against torch's Muon on its (out, rest) matrix): each
+    step within 2 % of its largest element plus the GPU fp32 tolerance (tests/test_muon.py)."""
+    ours = _muon_params()
+    ref = [torch.nn.Parameter(p.detach().reshape(p.shape[0], -1).clone()) if p.ndim > 2
+           else torch.nn.Parameter(p.detach().clone()) for p in ours]
+    ours_opt = fastopt.Muon(ours, **kwargs)
+    ref_opt = torch.optim.Muon(ref, **{k: v.clone() if isinstance(v, torch.Tensor) else v
+                                       for k, v in kwargs.items()})
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(4):
+        before = [q.detach().clone() for q in ref]
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            q.grad = p.grad.reshape(q.shape).clone()
+        ours_opt.step()
+        ref_opt.step()
+        for p, q, b in zip(ours, ref, before):
+            if q.numel():
+                delta = (q.detach() - b).abs().max().item()
+                torch.testing.assert_close(p.detach().reshape(q.shape), q.detach(),
+                                           rtol=GPU_FP32["rtol"],
+                                           atol=GPU_FP32["atol"] + 0.02 * delta)
+
+
+def test_muon_step_captured_in_a_cuda_graph_equals_eager():
+    """No host sync in Muon's step (a device lr, the AdamW group's kernels): it captures, and
+    replays equal eager steps."""
+    def build():
+        params = _muon_params()
+        vectors = [torch.nn.Parameter(torch.randn(33, device="cuda"))]
+        opt = fastopt.Muon([{"params": params}, {"params": vectors, "use_muon": False}],
+                           lr=torch.tensor(0.02, device="cuda"))
+        return params + vectors, opt
+
+    (graphed, graphed_opt), (eager, eager_opt) = build(), build()
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) for p in graphed]
+             for _ in range(6)]
+    for p, g in zip(graphed, grads[0]):
+        p.grad = g.clone()
+    graphed_opt.step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for p, g in zip(graphed, grads[1]):
+            p.grad.copy_(g)
+        graphed_opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for step_grads in grads[:2]:
+        for p, g in zip(eager, step_grads):
+            p.grad = g.clone()
+        eager_opt.step()
+    for step_grads in grads[2:]:
+        for p, g in zip(graphed, step_grads):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(eager, step_grads):
+            p.grad = g.clone()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)

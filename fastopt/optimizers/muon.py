@@ -156,7 +156,7 @@ def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
         torch._foreach_copy_(buffers, wide)
     updates = torch._foreach_lerp(grads, wide, momentum) if group["nesterov"] else wide
     lr = group["lr"]
-    if isinstance(lr, Tensor) and bucket.device.type == "cpu":
+    if isinstance(lr, Tensor) and lr.device.type == "cpu":
         lr = lr.item()  # torch's _to_scalar (a CPU tensor: no device sync)
     weight_decay = group["weight_decay"]
     if weight_decay != 0:

@@ -37,6 +37,8 @@ bench: $(STAMP)
 		--modes fresh-step --variants fastopt --repeats 21 \
 		--json benchmarks/results/cpu-every-optimizer.json > benchmarks/results/cpu-every-optimizer.txt
 	cat benchmarks/results/cpu-every-optimizer.txt
+	$(PY) -m benchmarks.muon_bench --repeats 21 --json benchmarks/results/cpu-muon.json \
+		| tee benchmarks/results/cpu-muon.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	$(PY) -m benchmarks.peers --json benchmarks/results/cpu-peers.json \
 		| tee benchmarks/results/cpu-peers.md

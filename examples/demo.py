@@ -3,7 +3,8 @@ side by side.
 
 The 2019 monograph trained one network with PyTorch's SGD and Adam and compared loss and
 accuracy curves. Here the same network, data order and settings are trained with each of
-fastopt's optimizers and with its reference (torch.optim's for-loop; lion-pytorch for Lion),
+fastopt's optimizers and with its reference (torch.optim's for-loop; lion-pytorch for Lion;
+torch.optim.Muon with torch.optim.AdamW for Muon and its AdamW group),
 and the two runs must agree at every iteration up to float rounding. Nothing can be downloaded
 on these machines, so instead of the seed's pretrained ResNet-18 on Kaggle's cats and dogs it
 uses real images that ship with scikit-learn (the 1,797 8x8 handwritten digits) and a small CNN.
@@ -48,7 +49,40 @@ SETTINGS = {
     "Rprop": dict(lr=1e-3, step_sizes=(1e-6, 1e-2)),
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "Adafactor": dict(lr=1e-2),
+    "Muon": dict(lr=0.02),  # its matrices; the rest in an AdamW group (param_groups)
 }
+
+
+def param_groups(name: str, model: nn.Module):
+    """What the optimizer is given: the model's params, or for Muon its two linear layers'
+    matrices and, in an AdamW group (lr 1e-3), the conv weights and every bias (torch's Muon,
+    the reference, takes matrices only)."""
+    if name != "Muon":
+        return model.parameters()
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim != 2]
+    return [{"params": matrices}, {"params": rest, "use_muon": False, "lr": 1e-3}]
+
+
+class TorchMuonWithAdamW:
+    """The reference for fastopt.Muon with an AdamW group: torch.optim.Muon on the Muon group
+    and torch.optim.AdamW (for-loop, or ``fused``) on the ``use_muon=False`` group, stepped
+    together."""
+
+    def __init__(self, groups, lr: float, fused: bool = False) -> None:
+        muon = [g for g in groups if g.get("use_muon", True)]
+        adamw = [{k: v for k, v in g.items() if k != "use_muon"} for g in groups
+                 if not g.get("use_muon", True)]
+        self.optimizers = [torch.optim.Muon(muon, lr=lr),
+                           torch.optim.AdamW(adamw, foreach=False, fused=fused or None)]
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad()
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
 
 
 def reference(name: str):
@@ -61,6 +95,8 @@ def reference(name: str):
         return lion_pytorch.Lion
     if name == "AdamW8bit":  # AdamW with 8-bit moments: its losses follow fp32 AdamW's
         return torch.optim.AdamW
+    if name == "Muon":
+        return TorchMuonWithAdamW
     return getattr(torch.optim, name)
 
 
@@ -112,7 +148,7 @@ def train(cls, optimizer_name: str, label: str, data, args, device: torch.device
         settings["lr"] = args.lr
     if cls is not getattr(fastopt, optimizer_name) and cls.__module__.startswith("torch."):
         options.setdefault("foreach", False)
-    optimizer = cls(model.parameters(), **settings, **options)
+    optimizer = cls(param_groups(optimizer_name, model), **settings, **options)
     order_gen = torch.Generator().manual_seed(args.seed)
     history = dict(train_loss=[], val_loss=[], val_acc=[], epoch_time=[], step_time=[])
     for _ in tqdm(range(args.epochs), desc=f"{label:<20}", leave=False):
@@ -208,7 +244,8 @@ def main(argv=None) -> int:
         runs, labels = {}, {}
         ref_cls = reference(name)
         if ref_cls is not None:
-            labels["reference"] = f"{ref_cls.__module__.split('.')[0]}.{ref_cls.__name__}"
+            labels["reference"] = ("torch.optim.Muon+AdamW" if ref_cls is TorchMuonWithAdamW
+                                   else f"{ref_cls.__module__.split('.')[0]}.{ref_cls.__name__}")
             runs["reference"] = train(ref_cls, name, labels["reference"], data, args, device)
         labels["fastopt"] = f"fastopt.{name}"
         runs["fastopt"] = train(getattr(fastopt, name), name, labels["fastopt"], data, args,

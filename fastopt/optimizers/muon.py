@@ -202,6 +202,13 @@ def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
         torch._foreach_copy_(params, work)
 
 
+# ATen's CPU bmm takes a plain loop, summing in another order than its matmul library, when a
+# product is this small (m^3 < 400 for the m x m Gram products): a batch of such tiny matrices
+# would round otherwise than torch.optim.Muon's per-matrix addmm, and gains nothing, so on a
+# CPU they go one by one. Larger batches equal torch's per-matrix results bit for bit there.
+TINY = 400
+
+
 def _apply(outs: list, targets: list, shapes: list, lr, adjust_lr_fn) -> None:
     """``target -= adjusted_lr * out`` for each matrix: one multi-tensor call per adjusted lr
     (per shape), each update widened to the target's dtype first (exactly, as ``add_`` would
@@ -234,7 +241,12 @@ def _orthogonalize(matrices: list, coefficients: tuple, steps: int, eps: float,
     for i, matrix in enumerate(matrices):
         batches.setdefault(_oriented(matrix.shape), []).append(i)
     outs: list = [None] * len(matrices)
-    for (m, n), members in batches.items():
+    for (m, n), members in list(batches.items()):
+        if len(members) > 1 and torch.device(device).type == "cpu" and m ** 3 < TINY:
+            for i in members[1:]:  # one at a time, as torch computes them (see TINY)
+                batches[(m, n, i)] = [i]
+            del members[1:]
+    for (m, n, *_), members in batches.items():
         oriented = [matrices[i].T if matrices[i].shape[0] > matrices[i].shape[1] else matrices[i]
                     for i in members]
         if len(members) == 1:

@@ -173,9 +173,20 @@ def same_groups(optimizer, model, twin) -> list:
              "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
 
 
+def muon_groups(model) -> list:
+    """Muon for GPT-2's hidden matrices, AdamW (a ``use_muon=False`` group) for embeddings,
+    biases and norms."""
+    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in f".{n}"]
+    other = [p for n, p in model.named_parameters() if not (p.ndim == 2 and ".h." in f".{n}")]
+    assert hidden and other
+    return [{"params": hidden}, {"params": other, "use_muon": False, "lr": LR}]
+
+
 def fastopt_trainer_kwargs(how: str, model) -> dict:
     if how == "optimizer_cls_and_kwargs":
         return dict(optimizer_cls_and_kwargs=(fastopt.AdamW, {"lr": LR}))
+    if how == "muon":  # one optimizer for the whole model: Muon and its AdamW group
+        return dict(optimizers=(fastopt.Muon(muon_groups(model), lr=0.02), None))
     return dict(optimizers=(fastopt.AdamW(model.parameters(), lr=LR), None))
 
 
@@ -219,9 +230,9 @@ def test_trainer_given_a_fastopt_optimizer_matches_torch_adamw(tmp_path):
     assert_gpt2_close(model, twin, TRAINER_STEPS)
 
 
-@pytest.mark.parametrize("how", ["optimizer_cls_and_kwargs", "optimizers"])
+@pytest.mark.parametrize("how", ["optimizer_cls_and_kwargs", "optimizers", "muon"])
 def test_trainer_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path, how):
-    """A Trainer run with fastopt.AdamW saves checkpoint-3 (model.safetensors, optimizer.pt,
+    """A Trainer run with fastopt.AdamW (or fastopt.Muon with an AdamW group) saves checkpoint-3 (model.safetensors, optimizer.pt,
     scheduler.pt) and goes on to step 6; a second Trainer (fresh model, differently initialised,
     fresh fastopt.AdamW) resumes from checkpoint-3 to step 6: its params equal the
     uninterrupted run's, bit for bit."""
@@ -368,12 +379,33 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+class TorchMuonWithAdamW:
+    """torch.optim.Muon on ``groups[0]`` and torch.optim.AdamW (for-loop) on ``groups[1]``."""
+
+    def __init__(self, groups, lr, **_):
+        self.parts = [torch.optim.Muon(groups[0]["params"], lr=lr),
+                      torch.optim.AdamW(groups[1]["params"], lr=lr, foreach=False)]
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+
+def _muon(params, lr, foreach=None):
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim == 2]},
+            {"params": [p for p in params if p.ndim != 2], "use_muon": False, "lr": lr}]
+
+
 COMPILE_PAIRS = {
     "SGD": (fastopt.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9)),
     "Adam": (fastopt.Adam, torch.optim.Adam, dict(lr=1e-2)),
     "AdamW": (fastopt.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
     "NAdam": (fastopt.NAdam, torch.optim.NAdam, dict(lr=1e-2)),
     "RMSprop": (fastopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9)),
+    "Muon": (lambda params, **kw: fastopt.Muon(_muon(params, kw["lr"]), **kw),
+             lambda params, foreach, **kw: TorchMuonWithAdamW(_muon(params, kw["lr"]), **kw),
+             dict(lr=1e-2)),
 }
 
 

@@ -463,3 +463,30 @@ def test_random_runs_equal_torch_muon(run, backend):
                 torch.testing.assert_close(ours_opt.state[p]["momentum_buffer"].reshape(q.shape),
                                            ref_opt.state[q]["momentum_buffer"],
                                            rtol=2e-6, atol=2e-7)
+
+
+HALF_AND_DOUBLE = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),  # torch.testing's defaults
+                   torch.float16: dict(rtol=1e-3, atol=1e-5),
+                   torch.float64: dict(rtol=1e-12, atol=1e-14)}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_AND_DOUBLE))
+def test_half_and_double_params_follow_torch_muon(dtype):
+    """Params kept in their own dtype, as torch.optim.Muon keeps them: the same ops in the same
+    dtypes (the weight decay as torch's mul_, a bf16 update added to an fp16 param in fp32, as
+    torch's add_ promotes it). Each step within the dtype's tolerance plus the bf16
+    Newton–Schulz one (on the CPU this was written on, bf16 and fp64 equal torch bit for bit,
+    fp16 within one fp16 unit)."""
+    shapes = SHAPES[:4]
+    ours, ref = _params(shapes, dtype), _params(shapes, dtype)
+    ours_opt, ref_opt = fastopt.Muon(ours, lr=0.02), torch.optim.Muon(ref, lr=0.02)
+    for step in range(4):
+        before = [q.detach().clone() for q in ref]
+        _grads(ours, step)
+        _grads(ref, step)
+        ours_opt.step()
+        ref_opt.step()
+        for p, q, b in zip(ours, ref, before):
+            delta = (q.detach() - b).abs().max().item()
+            tol = HALF_AND_DOUBLE[dtype]
+            torch.testing.assert_close(p, q, rtol=tol["rtol"], atol=tol["atol"] + 0.02 * delta)

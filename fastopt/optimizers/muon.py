@@ -159,8 +159,10 @@ def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
     if isinstance(lr, Tensor) and lr.device.type == "cpu":
         lr = lr.item()  # torch's _to_scalar (a CPU tensor: no device sync)
     weight_decay = group["weight_decay"]
-    if weight_decay != 0:
-        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    if weight_decay != 0:  # mul_ as torch's (a multi-tensor mul rounds half types otherwise)
+        factor = 1 - lr * weight_decay
+        for piece in work:
+            piece.mul_(factor)
     matrices, sharded = [], []  # (update, target): as matrices, or their local rows
     for chunk, piece, update in zip(chunks, work, updates):
         piece, update = piece.view(-1), update.view(-1)
@@ -211,8 +213,8 @@ TINY = 400
 
 def _apply(outs: list, targets: list, shapes: list, lr, adjust_lr_fn) -> None:
     """``target -= adjusted_lr * out`` for each matrix: one multi-tensor call per adjusted lr
-    (per shape), each update widened to the target's dtype first (exactly, as ``add_`` would
-    widen it); a device lr multiplies the updates instead (no sync)."""
+    (per shape), each bf16 update widened first (exactly) as torch's ``add_`` promotes it; a
+    device lr multiplies the updates instead (no sync)."""
     by_step: dict = {}
     for out, target, (rows, cols) in zip(outs, targets, shapes):
         step = adjusted_lr(lr, adjust_lr_fn, rows, cols)
@@ -221,7 +223,10 @@ def _apply(outs: list, targets: list, shapes: list, lr, adjust_lr_fn) -> None:
         entry[1].append(out)
         entry[2].append(target)
     for step, outs, targets in by_step.values():
-        wide = [out.to(targets[0].dtype, memory_format=torch.contiguous_format) for out in outs]
+        # bf16 goes exactly into fp32, fp64 and bf16; fp16 targets add it as fp32, as torch's
+        # add_ of a bf16 tensor into an fp16 one promotes
+        dtype = torch.float32 if targets[0].dtype == torch.float16 else targets[0].dtype
+        wide = [out.to(dtype, memory_format=torch.contiguous_format) for out in outs]
         if isinstance(step, Tensor):
             torch._foreach_mul_(wide, step.to(targets[0].device, targets[0].dtype))
             torch._foreach_sub_(targets, wide)

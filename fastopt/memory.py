@@ -258,8 +258,8 @@ def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
 def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tuple:
     """(kept, temporaries) of one bucket's step: the flat grad buffer (kept grads are laid
     out into it while autograd's are still live), and what the update allocates and frees."""
-    kept = bucket["elements"] * dtype.itemsize if _keeps_grad_buffer(rules, bucket, device,
-                                                                      dtype) else 0
+    kept = bucket["elements"] * dtype.itemsize if _keeps_grad_buffer(rules, options, bucket,
+                                                                      device, dtype) else 0
     scratch = 0
     on_cpu = torch.device(device).type == "cpu"
     cost = rules.declaration.cost
@@ -307,7 +307,7 @@ def _slice_kind(options: dict, dtype) -> str:
     return "master" if master else "widened"
 
 
-def _keeps_grad_buffer(rules, bucket: dict, device: str, dtype) -> bool:
+def _keeps_grad_buffer(rules, options: dict, bucket: dict, device: str, dtype) -> bool:
     """Does a step after ``zero_grad()`` gather the fresh grads into the bucket's flat grad
     buffer, and keep it (``fastopt.plan``)? On a GPU where the kernels cannot read them by
     address; on a CPU where the cost model finds gathering cheaper (many small fp32 tensors)."""
@@ -315,7 +315,7 @@ def _keeps_grad_buffer(rules, bucket: dict, device: str, dtype) -> bool:
         return False
     device = torch.device(device)
     if device.type != "cpu":
-        return not rules.declaration.by_address
+        return not rules.reads_by_address(options)
     return gather_pays(rules.declaration.cost, device, bucket["count"], bucket["elements"],
                        dtype, gapless(bucket["shapes"]))
 

@@ -162,6 +162,12 @@ class FlatOptimizer(Optimizer):
         """Refuse params or a group option this bucket cannot take (clear error, at layout)."""
         check_bucket_options(type(self).__name__, self.declaration, group, bucket)
 
+    def reads_by_address(self, group: dict) -> bool:
+        """Can this group's kernels read fresh grads (and external params) where they lie,
+        through an address table (``fastopt.grad_table``)? The declaration says, for every
+        group but Muon's mixed kinds."""
+        return self.declaration.by_address
+
     def bucket_variant(self, group: dict, p: Tensor):
         """Params with different variants never share a bucket (Adam: 8-bit state or not)."""
         return None

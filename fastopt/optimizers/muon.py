@@ -326,7 +326,9 @@ MUON = Declaration(
     differentiable=False,  # torch.optim.Muon has no differentiable mode
     group_keys=("lr", "weight_decay"),
     cost="adam",
-    by_address=False,  # the Newton–Schulz batches read each grad as a matrix: gathered on GPUs
+    # Muon groups gather their grads on GPUs (Newton–Schulz reads each as a matrix); AdamW
+    # groups read them by address as fastopt.AdamW does (Muon.reads_by_address)
+    by_address=False,
     # DTensor shards taken: each matrix is gathered whole to one rank (fastopt.whole_matrices)
     scratch=_scratch,
 )
@@ -400,6 +402,9 @@ class Muon(FlatOptimizer):
                                      "rank-3 param may be a stack of matrices, so it is "
                                      "refused, as torch refuses it)")
         super().add_param_group(group)
+
+    def reads_by_address(self, group: dict) -> bool:
+        return _adamw(group)
 
     def prepare_bucket(self, group: dict, bucket) -> None:
         super().prepare_bucket(group, bucket)

@@ -159,10 +159,13 @@ def _muon_step(group: dict, bucket, plan, grad_scale) -> None:
     if isinstance(lr, Tensor) and lr.device.type == "cpu":
         lr = lr.item()  # torch's _to_scalar (a CPU tensor: no device sync)
     weight_decay = group["weight_decay"]
-    if weight_decay != 0:  # mul_ as torch's (a multi-tensor mul rounds half types otherwise)
+    if weight_decay != 0:
         factor = 1 - lr * weight_decay
-        for piece in work:
-            piece.mul_(factor)
+        if dtype in (torch.bfloat16, torch.float16):  # a multi-tensor mul rounds these otherwise
+            for piece in work:
+                piece.mul_(factor)
+        else:
+            torch._foreach_mul_(work, factor)
     matrices, sharded = [], []  # (update, target): as matrices, or their local rows
     for chunk, piece, update in zip(chunks, work, updates):
         piece, update = piece.view(-1), update.view(-1)

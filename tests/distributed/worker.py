@@ -337,7 +337,7 @@ def reference_step(ref, ref_opts, step: int) -> list:
     return before
 
 
-def muon_distributed(rank, workdir, wrap: str):
+def muon_distributed(rank, workdir, wrap: str, backend: str = "auto"):
     """Muon with its AdamW group under DDP or FSDP2 (each matrix gathered whole to one rank,
     orthogonalized there, its rows sent back): equal, step by step, to a single-process run of
     torch.optim.Muon and AdamW on the same global batch; under FSDP2 a DCP save and load into
@@ -351,7 +351,7 @@ def muon_distributed(rank, workdir, wrap: str):
                 if isinstance(layer, torch.nn.Linear):
                     fully_shard(layer)
             fully_shard(model)
-        return model, fastopt.Muon(muon_groups(model), lr=0.02)
+        return model, fastopt.Muon(muon_groups(model), lr=0.02, backend=backend)
 
     model, opt = build()
     ref = muon_model()
@@ -407,6 +407,9 @@ SCENARIOS = {
     "dcp-fsdp2-bf16-remainder": fsdp2_remainder,
     "ddp-Muon": lambda rank, workdir: muon_distributed(rank, workdir, "ddp"),
     "dcp-fsdp2-Muon": lambda rank, workdir: muon_distributed(rank, workdir, "fsdp2"),
+    # the AdamW group's shards updated by the kernels (Triton's interpreter)
+    "dcp-fsdp2-Muon-triton": lambda rank, workdir: muon_distributed(rank, workdir, "fsdp2",
+                                                                    "triton"),
 }
 # The Triton kernels run on CPU tensors only through Triton's interpreter.
 NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}

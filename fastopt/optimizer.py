@@ -162,6 +162,10 @@ class FlatOptimizer(Optimizer):
         """Refuse params or a group option this bucket cannot take (clear error, at layout)."""
         check_bucket_options(type(self).__name__, self.declaration, group, bucket)
 
+    def check_step(self, group: dict) -> None:
+        """What torch.optim checks of ``group`` only when it steps (Muon's ``ns_steps``),
+        checked for every group before any is updated."""
+
     def reads_by_address(self, group: dict) -> bool:
         """Can this group's kernels read fresh grads (and external params) where they lie,
         through an address table (``fastopt.grad_table``)? The declaration says, for every

@@ -79,6 +79,7 @@ def _update_all(opt, closure, loss):
     """``fused_step`` after the closure, with autograd off."""
     for group in opt.param_groups:  # options may have been changed since (a scheduler)
         check_group_options(opt, group)
+        opt.check_step(group)
     layout.ensure_layout(opt)
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
@@ -137,6 +138,7 @@ def step_group(opt, index: int, bucket, params: list) -> None:
     for q, _ in waiting:
         q.grad = None
     group = opt.param_groups[index]
+    opt.check_step(group)
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     try:

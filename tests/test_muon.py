@@ -234,11 +234,13 @@ def test_vectors_are_refused_in_muon_groups_and_taken_in_adamw_groups():
     ({"ns_coefficients": (1.0, 2.0)}, ValueError, "^Coefficients must be a tuple of exactly 3"),
 ])
 def test_step_errors_change_nothing(change, error, message):
+    """A bad option in the last group: no group is updated (torch's Muon would have updated
+    the groups before it)."""
     params = _params(SHAPES[:3])
-    opt = fastopt.Muon(params, lr=0.02)
+    opt = fastopt.Muon([{"params": params[:2]}, {"params": params[2:]}], lr=0.02)
     _grads(params, 0)
     opt.step()
-    opt.param_groups[0].update(change)
+    opt.param_groups[1].update(change)
     before = [p.detach().clone() for p in params]
     state = [opt.state[p]["momentum_buffer"].clone() for p in params]
     _grads(params, 1)

@@ -104,7 +104,7 @@ def newton_schulz(x: Tensor, coefficients: tuple, steps: int, eps: float) -> Ten
 
 def check_muon_group(group: dict) -> None:
     """What torch.optim.Muon checks at the step (``_zeropower_via_newtonschulz``), checked here
-    before anything is written."""
+    for every group before any is updated (``Muon.check_step``)."""
     if group["ns_steps"] >= 100:
         raise ValueError("Number of steps must be less than 100 for computational efficiency")
     if len(group["ns_coefficients"]) != 3:
@@ -115,7 +115,6 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     """A Muon group's step (see the module docstring), or an AdamW group's (Adam's update)."""
     if _adamw(group):
         return adam.ADAM.update(opt, group, bucket, plan, grad_scale, found_inf)
-    check_muon_group(group)
     if bucket.external:  # DTensors this update can take whole (one mesh), before any write
         meshes = [p.device_mesh for p in bucket.params
                   if is_dtensor(p) and whole_matrices.placement(p) == "rows"]
@@ -408,6 +407,10 @@ class Muon(FlatOptimizer):
 
     def reads_by_address(self, group: dict) -> bool:
         return _adamw(group)
+
+    def check_step(self, group: dict) -> None:
+        if _muon(group):
+            check_muon_group(group)
 
     def prepare_bucket(self, group: dict, bucket) -> None:
         super().prepare_bucket(group, bucket)

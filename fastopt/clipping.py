@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastopt.flat import as_real, is_dtensor
+from fastopt.flat import as_real, is_dtensor, local
 
 
 def global_norm(grads: list) -> Tensor:
@@ -76,3 +76,20 @@ def fold(grads: list, max_norm: float, grad_scale, found_inf) -> Clip | None:
     if found_inf is not None:
         nonfinite = torch.maximum(found_inf.to(norm.device), nonfinite)
     return Clip(norm, factor, divisor, nonfinite)
+
+
+def kept_where_found_inf(bucket, found_inf: Tensor, update) -> None:
+    """Run ``update()`` on ``bucket``, then put back, where ``found_inf`` is set, everything a
+    step writes (its params, where they lie for an external bucket, its scalar table and
+    state): for an update of torch ops that cannot skip itself on the device (no sync)."""
+    saved = [t.clone() for t in _written(bucket)]
+    update()
+    skip = found_inf.to(bucket.device) != 0
+    for old, new in zip(saved, _written(bucket)):
+        new.copy_(torch.where(skip, old, new))
+
+
+def _written(bucket) -> list:
+    params = [bucket.flat] if not bucket.external else [local(p) for p in bucket.params]
+    table = [bucket.state.scalars] if bucket.state.scalars is not None else []
+    return [*params, *table, *bucket.state.tensors.values()]

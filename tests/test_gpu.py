@@ -96,6 +96,13 @@ def test_cuda_graph_capture_and_replay_equal_eager(name):
     graphed_opt, eager_opt = cls(graphed, **kwargs), cls(eager, **kwargs)
     grad_values = [[torch.randn(p.shape, device="cuda", generator=gen) for p in graphed]
                    for _ in range(8)]
+    assert_graph_replays_equal_eager(graphed, graphed_opt, eager, eager_opt, grad_values)
+
+
+def assert_graph_replays_equal_eager(graphed, graphed_opt, eager, eager_opt, grad_values):
+    """Two steps of ``graphed_opt`` (the second a warm-up on a side stream), one captured in a
+    CUDA graph over its flat grads, then replays with ``grad_values[2:]`` copied in: the params
+    equal ``eager_opt``'s stepped on each set of grads in turn, bit for bit."""
     for p, g in zip(graphed, grad_values[0]):
         p.grad = g.clone()
     graphed_opt.step()  # first step: state and the flat grad buffer exist from here on
@@ -110,12 +117,10 @@ def test_cuda_graph_capture_and_replay_equal_eager(name):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graphed_opt.step()
-    for p, g in zip(eager, grad_values[0]):
-        p.grad = g.clone()
-    eager_opt.step()
-    for p, g in zip(eager, grad_values[1]):
-        p.grad = g.clone()
-    eager_opt.step()
+    for grads in grad_values[:2]:
+        for p, g in zip(eager, grads):
+            p.grad = g.clone()
+        eager_opt.step()
     for grads in grad_values[2:]:
         for p, g in zip(graphed, grads):
             p.grad.copy_(g)
@@ -336,30 +341,4 @@ def test_muon_step_captured_in_a_cuda_graph_equals_eager():
     gen = torch.Generator(device="cuda").manual_seed(2)
     grads = [[torch.randn(p.shape, device="cuda", generator=gen) for p in graphed]
              for _ in range(6)]
-    for p, g in zip(graphed, grads[0]):
-        p.grad = g.clone()
-    graphed_opt.step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for p, g in zip(graphed, grads[1]):
-            p.grad.copy_(g)
-        graphed_opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed_opt.step()
-    for step_grads in grads[:2]:
-        for p, g in zip(eager, step_grads):
-            p.grad = g.clone()
-        eager_opt.step()
-    for step_grads in grads[2:]:
-        for p, g in zip(graphed, step_grads):
-            p.grad.copy_(g)
-        graph.replay()
-        for p, g in zip(eager, step_grads):
-            p.grad = g.clone()
-        eager_opt.step()
-    torch.cuda.synchronize()
-    for p, q in zip(graphed, eager):
-        assert torch.equal(p, q)
+    assert_graph_replays_equal_eager(graphed, graphed_opt, eager, eager_opt, grads)

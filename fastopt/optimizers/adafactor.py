@@ -43,8 +43,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastopt.clipping import kept_where_found_inf
 from fastopt.declaration import Buffer, Declaration, Scalar
-from fastopt.flat import local
 from fastopt.optimizer import FlatOptimizer
 from fastopt.precision import REMAINDERS
 from fastopt.state import MASTER
@@ -70,13 +70,20 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     """Adafactor's step for ``plan``'s entries of ``bucket``: the steps advanced, then each
     entry (params sharing a step count) updated, vectors in flat runs, matrices one by one.
     ``grad_scale`` is the grad divisor ``max_grad_norm`` folds in (GradScaler's is refused)."""
-    table = bucket.state.scalars
     host = _on_host(bucket)
     if found_inf is not None and host and bool(found_inf):
         return  # the CPU reads it: nothing changes
-    saved = None
-    if found_inf is not None:  # GPU: write, then put back where found_inf says (no sync)
-        saved = [t.clone() for t in _written(bucket)]
+    if found_inf is not None and not host:  # written, then put back where found_inf says
+        kept_where_found_inf(bucket, found_inf, lambda: _update_all(group, bucket, plan,
+                                                                    grad_scale, host))
+    else:
+        _update_all(group, bucket, plan, grad_scale, host)
+    opt.renumber(bucket, plan)
+
+
+def _update_all(group: dict, bucket, plan, grad_scale, host: bool) -> None:
+    """The steps advanced, then every entry of ``plan`` updated (``_update``)."""
+    table = bucket.state.scalars
     for lo, hi, _ in plan.step_runs:
         table[lo:hi, 0] += 1
     steps = bucket.state.host_scalars()[:, 0] if host else table[:, 0]
@@ -90,23 +97,11 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
             for piece, master in zip(bucket.pieces("param", [chunk]),
                                      bucket.pieces(MASTER, [chunk])):
                 piece.copy_(master)
-    if saved is not None:
-        skip = found_inf.to(bucket.device) != 0
-        for old, new in zip(saved, _written(bucket)):
-            new.copy_(torch.where(skip, old, new))
-    opt.renumber(bucket, plan)
 
 
 def _on_host(bucket) -> bool:
     """Are the bucket's scalars read as Python numbers (CPU), or kept as tensors (no sync)?"""
     return bucket.device.type == "cpu"
-
-
-def _written(bucket) -> list:
-    """What a step writes: params (flat, or each external one where it lies), the scalar
-    table, the state."""
-    params = [bucket.flat] if not bucket.external else [local(p) for p in bucket.params]
-    return [*params, bucket.state.scalars, *bucket.state.tensors.values()]
 
 
 class _Settings:

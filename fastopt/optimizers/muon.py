@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from fastopt import whole_matrices
+from fastopt.clipping import kept_where_found_inf
 from fastopt.declaration import Buffer, Declaration, Scalar
-from fastopt.flat import is_dtensor, local
+from fastopt.flat import is_dtensor
 from fastopt.optimizer import FlatOptimizer
 from fastopt.optimizers import adam
 from fastopt.precision import REMAINDERS
@@ -123,19 +124,11 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
                              "device mesh; these params are sharded over several")
     if found_inf is not None and bucket.device.type == "cpu" and bool(found_inf):
         return  # a non-finite grad norm (max_grad_norm): the CPU reads it, nothing changes
-    saved = None
-    if found_inf is not None:  # on a GPU, written and then put back where found_inf says
-        saved = [t.clone() for t in _written(bucket)]
-    _muon_step(group, bucket, plan, grad_scale)
-    if saved is not None:
-        skip = found_inf.to(bucket.device) != 0
-        for old, new in zip(saved, _written(bucket)):
-            new.copy_(torch.where(skip, old, new))
-
-
-def _written(bucket) -> list:
-    params = [bucket.flat] if not bucket.external else [local(p) for p in bucket.params]
-    return [*params, *bucket.state.tensors.values()]
+    if found_inf is not None:  # on a GPU: written, then put back where found_inf says
+        kept_where_found_inf(bucket, found_inf,
+                             lambda: _muon_step(group, bucket, plan, grad_scale))
+    else:
+        _muon_step(group, bucket, plan, grad_scale)
 
 
 def _muon_step(group: dict, bucket, plan, grad_scale) -> None:

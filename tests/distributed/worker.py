@@ -202,6 +202,24 @@ def zero(rank, opt_name, bucket_view):
         assert torch.equal(a, b), "a resumed ZeRO run must continue bit-identically"
 
 
+def resumes_bit_for_bit(model, build, workdir, more_steps, perturb: bool = False) -> None:
+    """A fresh ``build()`` loaded from the DCP checkpoint in ``workdir`` and run for
+    ``more_steps(model, opt)`` ends where ``model`` (already run as far) did, bit for bit;
+    ``perturb``: the fresh params start elsewhere, so a load that does nothing is caught."""
+    fresh, fresh_opt = build()
+    if perturb:
+        for p in fresh.parameters():
+            p.data.add_(1.0)
+    loaded = {"model": get_model_state_dict(fresh),
+              "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(loaded, checkpoint_id=workdir)
+    set_model_state_dict(fresh, loaded["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
+    more_steps(fresh, fresh_opt)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+
+
 def checkpoint(rank, opt_name, workdir):
     """FSDP2 + DCP: save after some steps, load into a fresh model and optimizer, continue:
     identical to the uninterrupted run. Also: get/set_optimizer_state_dict round trip."""
@@ -221,18 +239,11 @@ def checkpoint(rank, opt_name, workdir):
     dcp.save(state, checkpoint_id=workdir)
     # A full (unsharded) optimizer state dict, compared with the sharded one.
     full_osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-    train(model, opt, rank, 3, first=STEPS)
+    def more_steps(m, o):
+        train(m, o, rank, 3, first=STEPS)
 
-    fresh, fresh_opt = build()
-    for p in fresh.parameters():  # a different start, so a load that does nothing is caught
-        p.data.add_(1.0)
-    loaded = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
-    dcp.load(loaded, checkpoint_id=workdir)
-    set_model_state_dict(fresh, loaded["model"])
-    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
-    train(fresh, fresh_opt, rank, 3, first=STEPS)
-    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
-        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+    more_steps(model, opt)
+    resumes_bit_for_bit(model, build, workdir, more_steps, perturb=True)
 
     # Full state dict into yet another fresh optimizer: same state as the saved one.
     other, other_opt = build()
@@ -279,16 +290,11 @@ def fsdp2_remainder(rank, workdir):
     model, opt = runs["remainder"]
     dcp.save({"model": get_model_state_dict(model), "optim": saved["remainder"]},
              checkpoint_id=workdir)
-    bf16_train(model, opt, 3, first=STEPS)
-    fresh, fresh_opt = build("remainder")
-    loaded = {"model": get_model_state_dict(fresh),
-              "optim": get_optimizer_state_dict(fresh, fresh_opt)}
-    dcp.load(loaded, checkpoint_id=workdir)
-    set_model_state_dict(fresh, loaded["model"])
-    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
-    bf16_train(fresh, fresh_opt, 3, first=STEPS)
-    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
-        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+    def more_steps(m, o):
+        bf16_train(m, o, 3, first=STEPS)
+
+    more_steps(model, opt)
+    resumes_bit_for_bit(model, lambda: build("remainder"), workdir, more_steps)
 
 
 def muon_model() -> torch.nn.Module:
@@ -368,16 +374,11 @@ def muon_distributed(rank, workdir, wrap: str, backend: str = "auto"):
     kinds = sorted(tuple(sorted(entry)) for entry in saved["state"].values())
     assert kinds == sorted([("momentum_buffer",)] * 5 + [("exp_avg", "exp_avg_sq", "step")] * 5)
     dcp.save({"model": get_model_state_dict(model), "optim": saved}, checkpoint_id=workdir)
-    train(model, opt, rank, 3, first=STEPS)
-    fresh, fresh_opt = build()
-    loaded = {"model": get_model_state_dict(fresh),
-              "optim": get_optimizer_state_dict(fresh, fresh_opt)}
-    dcp.load(loaded, checkpoint_id=workdir)
-    set_model_state_dict(fresh, loaded["model"])
-    set_optimizer_state_dict(fresh, fresh_opt, loaded["optim"])
-    train(fresh, fresh_opt, rank, 3, first=STEPS)
-    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
-        assert torch.equal(full(a), full(b)), f"{name}: DCP resume differs"
+    def more_steps(m, o):
+        train(m, o, rank, 3, first=STEPS)
+
+    more_steps(model, opt)
+    resumes_bit_for_bit(model, build, workdir, more_steps, perturb=True)
 
 
 SCENARIOS = {

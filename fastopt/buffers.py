@@ -2,7 +2,9 @@
 
 - ``tensors``: one flat buffer per state name (``exp_avg``, ``square_avg``...), with the
   bucket's slots, or ``rows`` rows of them (a per-sample table, SAGA's), or one entry per block
-  of a param (``blockwise``: 8-bit state's scales, with ``block_table``/``block_starts``), or
+  of a param (``blockwise``: quantized state's scales, with ``block_table``/``block_starts``),
+  or ``nibbles``: two elements to a byte (4-bit codes: param i's are bytes
+  ``[start // 2, start // 2 + ceil(numel / 2))``, slots being even), or
   ``packed``: shapes of their own per param (Adafactor's ``row_var``), each piece in an aligned
   slot of its own (laid out as the params are, so a run of params that all keep a
   param-shaped packed state spans one range of it with the params' own spacing);
@@ -34,7 +36,8 @@ class Buffers:
         self.tensors: dict = {}  # name -> flat buffer
         self.rows: dict = {}  # name -> rows, for table buffers (SAGA)
         self.packed: dict = {}  # name -> per param (start, end, shape), or None: keeps none
-        self.blockwise: set = set()  # names with one entry per block (8-bit state's scales)
+        self.blockwise: set = set()  # names with one entry per block (quantized state's scales)
+        self.nibbles: set = set()  # names holding two elements to a byte (4-bit codes)
         self.block_table: Tensor | None = None  # int64 [blocks, 2]: flat [start, end) of each
         self.block_starts: list = []  # param i's blocks: [block_starts[i], block_starts[i + 1])
         self.scalars: Tensor | None = None  # float32 [params, width] (see the module docstring)
@@ -59,6 +62,8 @@ class Buffers:
             size = b.numel * (1 if rows is None else rows)
             if shapes is not None:
                 size = self._pack(name, shapes)
+            elif name in self.nibbles:
+                size = b.numel // 2
             elif name.endswith("_absmax") and self.block_table is not None:
                 self.blockwise.add(name)
                 size = self.block_starts[-1]
@@ -118,13 +123,16 @@ class Buffers:
     def local_view(self, name: str, i: int) -> Tensor | None:
         """Param i's part of buffer ``name``: param-shaped, ``[rows, *shape]`` for a table, its
         run of block scales for a blockwise buffer (8-bit state), its own shape for a packed
-        one (None where param i keeps none)."""
+        one (None where param i keeps none), its bytes for 4-bit codes."""
         buffer = self.tensors[name]
         if name in self.packed:
             slot = self.packed[name][i]
             return None if slot is None else buffer[slot[0] : slot[1]].view(slot[2])
         if name in self.blockwise:
             return buffer[self.block_starts[i] : self.block_starts[i + 1]]
+        if name in self.nibbles:
+            start, end = self.bucket.starts[i], self.bucket.ends[i]
+            return buffer[start // 2 : (end + 1) // 2]
         return self.bucket.view(buffer, i, self.rows.get(name))
 
     def state_view(self, name: str, i: int) -> Tensor | None:
@@ -136,7 +144,8 @@ class Buffers:
             return None
         view = own_storage_view(view)
         p = self.bucket.params[i]
-        if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise:
+        if is_dtensor(p) and self.rows.get(name) is None and name not in self.blockwise \
+                and name not in self.nibbles:
             return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
         return view

@@ -48,7 +48,7 @@ def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> N
     if not isinstance(entry, dict):
         raise ValueError(f"loaded state dict has a {type(entry).__name__} as the state of "
                          f"{where}; expected a dict")
-    required, known = optimizer.saved_state_names(group, p)
+    required, known = optimizer.saved_state_names(group, p, entry)
     scalars = [s.name for s in optimizer.declaration.scalars_in(group)]
     absent = [n for n in scalars + list(required) if n not in entry]
     if absent:
@@ -68,7 +68,7 @@ def check_param_state(optimizer, group: dict, p: Tensor, entry, where: str) -> N
         if not isinstance(value, Tensor):
             raise ValueError(f"loaded state dict has '{name}' of type {type(value).__name__} "
                              f"for {where}; expected a Tensor")
-        expected = optimizer.saved_state_shape(group, p, name)
+        expected = optimizer.saved_state_shape(group, p, name, entry)
         if expected is None:
             raise ValueError(f"loaded state dict has '{name}' for a parameter of shape "
                              f"{tuple(p.shape)}, which keeps no '{name}'")

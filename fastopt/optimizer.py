@@ -212,15 +212,16 @@ class FlatOptimizer(Optimizer):
         view = bucket.state.local_view(name, i)
         view.copy_(value.to(device=view.device, dtype=view.dtype))
 
-    def saved_state_names(self, group: dict, p: Tensor) -> tuple:
+    def saved_state_names(self, group: dict, p: Tensor, entry=None) -> tuple:
         """(required, known) names of param ``p``'s saved state tensors: those a saved param
         state must hold, and those it may hold (checked when present)."""
         declared = self.declaration
         kept = [b.name for b in declared.buffers if b.shape_for(p.shape) is not None]
         return [n for n in declared.buffer_names(group) if n in kept], kept + [MASTER]
 
-    def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
-        """The shape state ``name`` of param ``p`` has in a state_dict."""
+    def saved_state_shape(self, group: dict, p: Tensor, name: str, entry=None) -> tuple:
+        """The shape state ``name`` of param ``p`` has in a state_dict (``entry``: the param's
+        saved state, where its other entries tell the form)."""
         declared = self.declaration.buffer(name)
         if declared is not None and declared.shape is not None:
             return declared.shape_for(p.shape)

@@ -1,21 +1,41 @@
-"""Blockwise 8-bit state (``state_dtype="int8"``), after Dettmers et al. 2021 (arXiv 2110.02861).
+"""Blockwise quantized state: ``state_dtype="int8"`` (after Dettmers et al. 2021, arXiv
+2110.02861) and ``state_dtype="int4"`` (after Li et al. 2023, arXiv 2309.01507).
 
-Each block of ``BLOCK`` consecutive elements of a param is stored as one byte per element (the
-index of the nearest entry of a 256-value code table) and one fp32 scale, the block's largest
-magnitude. Decoding is ``table[code] * scale``.
+Each block of ``Format.block`` consecutive elements of a param is stored as one code per
+element (the index of the nearest entry of a code table) and one fp32 scale, the block's
+largest magnitude. Decoding is ``table[code] * scale``.
 
 The tables are dynamic (non-linear): after the sign, the position of the first 1 bit picks a
 decade, the remaining bits a linear step within it, so small values keep their relative
 precision instead of rounding to zero. Built here from that description:
 
-- signed (``exp_avg``): for decade ``k = 0..6``, ``2**(6-k)`` values evenly spaced over
-  ``(0.1, 1] * 10**-k`` (the top one of each decade included), their negatives, and zero
-  (twice, to fill 256 entries);
-- unsigned (``exp_avg_sq``): decades ``k = 0..7`` with ``2**(7-k)`` values each, and zero.
+- 8-bit, blocks of 256, a byte per element:
+
+  - signed (``exp_avg``): for decade ``k = 0..6``, ``2**(6-k)`` values evenly spaced over
+    ``(0.1, 1] * 10**-k`` (the top one of each decade included), their negatives, and zero
+    (twice, to fill 256 entries);
+  - unsigned (``exp_avg_sq``): decades ``k = 0..7`` with ``2**(7-k)`` values each, and zero.
+
+- 4-bit, blocks of 128, two elements per byte (element ``2j`` in the low nibble of byte
+  ``j``, ``2j + 1`` in the high one; a param's odd last element leaves a zero nibble):
+
+  - signed: decades ``k = 0..2`` with ``2**(2-k)`` values each, at the centres of their
+    steps (0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875), their negatives, zero and
+    1 (bitsandbytes' dynamic map of 3 exponent bits, which torchao's 4-bit AdamW uses: on
+    noise-like moments its top decade's even steps beat ending each step at its top);
+  - unsigned: decades ``k = 0..3`` with ``2**(3-k)`` values each (15), and ``1e-4`` where the
+    8-bit table has zero. Four bits cannot reach the decades where 8 round to zero, and a
+    root of ``exp_avg_sq`` decoded as zero would divide its element's ``exp_avg`` by ``eps``
+    alone (Li et al.'s zero-point problem): the smallest entry is not zero, so a tiny
+    ``exp_avg_sq`` decodes too large and its element's step is smaller, never larger. A
+    block that is all zero has scale zero and still decodes to zero.
 
 ``exp_avg_sq`` is stored as its square root: the update only uses ``sqrt(v)``, and the square
 root halves the dynamic range a block must span, so an element far below its block's largest
 does not round to zero (which would divide its ``exp_avg`` by ``eps`` alone).
+
+Codes are the count of midpoints between neighbouring entries that lie below the value
+(``torch.bucketize``: a value on a midpoint takes the lower entry).
 
 Tensors under ``MIN_SIZE`` elements keep fp32 state, as bitsandbytes does: their state costs
 little and they are often the sensitive ones (norms, biases).
@@ -24,63 +44,134 @@ little and they are often the sensitive ones (norms, biases).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-BLOCK = 256
 MIN_SIZE = 4096
-CODES = torch.uint8
+CODES = torch.uint8  # the stored dtype of both formats' codes (4-bit: two to a byte)
 
 
-def _decades(levels: int, top_bits: int) -> list:
+@dataclass(frozen=True)
+class Format:
+    """A blockwise format: its ``state_dtype`` name, bits per code, elements per block."""
+
+    name: str
+    bits: int
+    block: int
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    def code_bytes(self, numel: int) -> int:
+        """Bytes of codes ``numel`` elements take."""
+        return -(-numel // self.per_byte)
+
+    def num_blocks(self, numel: int) -> int:
+        return -(-numel // self.block)
+
+
+INT8 = Format("int8", 8, 256)
+INT4 = Format("int4", 4, 128)
+FORMATS = {f.name: f for f in (INT8, INT4)}
+BLOCK = INT8.block  # the 8-bit block (kept for callers that mean it)
+
+
+def _decades(levels: int, top_bits: int, centres: bool = False) -> list:
+    """Decade ``k < levels`` split into ``2**(top_bits - k)`` equal steps over
+    ``(0.1, 1] * 10**-k``: each step's top (or its centre)."""
     values = []
     for k in range(levels):
         count = 2 ** (top_bits - k)
         scale = 10.0**-k
-        values += [scale * (0.1 + 0.9 * (j + 1) / count) for j in range(count)]
+        values += [scale * (0.1 + 0.9 * (j + (0.5 if centres else 1)) / count)
+                   for j in range(count)]
     return values
 
 
 @functools.lru_cache(maxsize=None)
-def code_table(signed: bool) -> tuple:
-    """The 256 code values, ascending."""
-    if signed:
-        positive = _decades(7, 6)  # 127 values
-        values = positive + [-v for v in positive] + [0.0, 0.0]
+def code_table(signed: bool, fmt: Format = INT8) -> tuple:
+    """The code values (256 or 16), ascending."""
+    if fmt.bits == 8:
+        if signed:
+            positive = _decades(7, 6)  # 127 values
+            values = positive + [-v for v in positive] + [0.0, 0.0]
+        else:
+            values = _decades(8, 7) + [0.0]  # 255 values and zero
+    elif signed:
+        positive = _decades(3, 2, centres=True)  # 7 values
+        values = positive + [-v for v in positive] + [0.0, 1.0]
     else:
-        values = _decades(8, 7) + [0.0]  # 255 values and zero
-    assert len(values) == 256
+        values = _decades(4, 3) + [1e-4]  # 15 values and the smallest, not zero
+    assert len(values) == 2**fmt.bits
     return tuple(sorted(values))
 
 
-@functools.lru_cache(maxsize=16)
-def tables(signed: bool, device: torch.device) -> tuple:
-    """(code values [256], midpoints between neighbours [255]) as fp32 tensors on ``device``."""
-    values = torch.tensor(code_table(signed), dtype=torch.float32, device=device)
+@functools.lru_cache(maxsize=32)
+def tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple:
+    """(code values, midpoints between neighbours) as fp32 tensors on ``device``."""
+    values = torch.tensor(code_table(signed, fmt), dtype=torch.float32, device=device)
     return values, (values[1:] + values[:-1]) / 2
 
 
-def num_blocks(numel: int) -> int:
-    return (numel + BLOCK - 1) // BLOCK
+def num_blocks(numel: int, fmt: Format = INT8) -> int:
+    return fmt.num_blocks(numel)
 
 
-def quantize(values: Tensor, signed: bool) -> tuple:
-    """``values`` (one param, any shape) -> (codes of the same shape, fp32 scales [blocks])."""
-    flat = values.reshape(-1).float()
+def _blocks(flat: Tensor, fmt: Format) -> Tensor:
+    """``flat`` zero-padded to whole blocks, one row per block."""
     n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, num_blocks(n) * BLOCK - n)).view(-1, BLOCK)
+    return torch.nn.functional.pad(flat, (0, fmt.num_blocks(n) * fmt.block - n)).view(
+        -1, fmt.block)
+
+
+def pack(codes: Tensor, fmt: Format) -> Tensor:
+    """Codes (int32 or uint8, flat, one per element) as stored: 4-bit ones two to a byte."""
+    if fmt.bits == 8:
+        return codes.to(CODES)
+    pairs = torch.nn.functional.pad(codes, (0, codes.numel() % 2)).view(-1, 2).to(torch.int32)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(CODES)
+
+
+def unpack(stored: Tensor, numel: int, fmt: Format) -> Tensor:
+    """Stored codes -> int64 codes, one per element (``numel`` of them)."""
+    flat = stored.reshape(-1).long()
+    if fmt.bits == 8:
+        return flat
+    return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel]
+
+
+def quantize(values: Tensor, signed: bool, fmt: Format = INT8) -> tuple:
+    """``values`` (one param, any shape) -> (codes, fp32 scales [blocks]). 8-bit codes have the
+    values' shape; 4-bit ones are flat, ``code_bytes(numel)`` bytes."""
+    flat = values.reshape(-1).float()
+    padded = _blocks(flat, fmt)
     scales = padded.abs().amax(dim=1)
     normalized = padded / torch.where(scales > 0, scales, 1.0)[:, None]
-    _, midpoints = tables(signed, values.device)
-    codes = torch.bucketize(normalized, midpoints, out_int32=True).to(CODES)
-    return codes.view(-1)[:n].view(values.shape), scales
+    _, midpoints = tables(signed, values.device, fmt)
+    codes = torch.bucketize(normalized, midpoints, out_int32=True).view(-1)[: flat.numel()]
+    stored = pack(codes, fmt)
+    return (stored.view(values.shape) if fmt.bits == 8 else stored), scales
 
 
-def dequantize(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
-    """codes (one param) and their block scales -> fp32 values of the codes' shape."""
-    code_values, _ = tables(signed, codes.device)
-    flat = code_values[codes.reshape(-1).int()]
-    n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, num_blocks(n) * BLOCK - n)).view(-1, BLOCK)
-    return (padded * scales[:, None]).view(-1)[:n].view(codes.shape)
+def dequantize(codes: Tensor, scales: Tensor, signed: bool, fmt: Format = INT8,
+               shape=None) -> Tensor:
+    """codes (one param) and their block scales -> fp32 values of ``shape`` (default: the
+    codes' own shape, which is the param's for 8-bit codes)."""
+    shape = codes.shape if shape is None else shape
+    numel = 1
+    for size in shape:
+        numel *= size
+    code_values, _ = tables(signed, codes.device, fmt)
+    flat = code_values[unpack(codes, numel, fmt)]
+    return (_blocks(flat, fmt) * scales[:, None]).view(-1)[:numel].view(shape)
+
+
+def saved_format(codes: Tensor, numel: int) -> Format | None:
+    """The format of saved codes of a param of ``numel`` elements, from their size."""
+    for fmt in FORMATS.values():
+        if codes.dtype == CODES and codes.numel() == fmt.code_bytes(numel):
+            return fmt
+    return None

@@ -190,7 +190,7 @@ def check_group_options(opt, group: dict) -> None:
         return
     check_precision(group.get("master_weights", False), group.get("state_dtype"),
                     group.get("stochastic_rounding", False), group.get("rounding_seed", 0),
-                    group.get("max_grad_norm"), int8_ok="int8" in opt.declaration.options,
+                    group.get("max_grad_norm"), quantized_ok="int8" in opt.declaration.options,
                     amsgrad=group.get("amsgrad", False))
 
 

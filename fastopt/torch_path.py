@@ -13,7 +13,7 @@ The Triton launchers in ``fastopt.kernels`` have exactly these signatures. ``ste
 
 Mixed precision (``masters``: fp32 master copies; state stored in another dtype;
 ``rounding_seed``: stochastic rounding of bf16 params at flat ``offsets``) runs the same fused
-ops on widened copies of slices (``fastopt.precision.run_fp32``); 8-bit state has its own
+ops on widened copies of slices (``fastopt.precision.run_fp32``); quantized state has its own
 update (``adam_int8_update``), and SAGA's is ``saga_update``.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastopt import precision
-from fastopt.quantization import BLOCK, dequantize, num_blocks, quantize
+from fastopt.quantization import FORMATS, dequantize, quantize
 
 
 def count_adam_steps(step_rows: list, *, lr, beta1: float, beta2: float) -> None:
@@ -212,12 +212,14 @@ def saga_update(params: list, grads: list, rows: list, means: list, *, lr: float
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
                      steps, *, block_tables, bases, spans, lr, beta1, beta2, weight_decay, eps,
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
-                     rounding_seed=None, offsets=None) -> None:
-    """Adam / AdamW with blockwise 8-bit moments (``fastopt.quantization``): for each param of
-    each chunk (``spans``: each param's offset in the chunk and its size), in slices of
-    ``precision.SLICE`` elements (whole blocks), decode the
-    moments to fp32, run torch's fused step, encode them again. ``exp_avg_sqs`` hold the codes
-    of sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host)."""
+                     rounding_seed=None, offsets=None, code_bits=8) -> None:
+    """Adam / AdamW with blockwise quantized moments (``fastopt.quantization``, ``code_bits``
+    8 or 4): for each param of each chunk (``spans``: each param's offset in the chunk and its
+    size), in slices of ``precision.SLICE`` elements (whole blocks), decode the moments to
+    fp32, run torch's fused step, encode them again. ``exp_avgs``/``exp_avg_sqs`` hold each
+    chunk's codes (4-bit: two to a byte, from the chunk's start), ``exp_avg_sqs`` those of
+    sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host)."""
+    fmt = FORMATS["int8" if code_bits == 8 else "int4"]
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     for j, param in enumerate(params):
         flat = {"param": param.reshape(-1), "grad": grads[j].reshape(-1),
@@ -229,22 +231,27 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
             for lo in range(0, size, precision.SLICE):  # SLICE is a whole number of blocks
                 n = min(precision.SLICE, size - lo)
                 span = slice(element + lo, element + lo + n)
-                blocks = slice(block + lo // BLOCK, block + lo // BLOCK + num_blocks(n))
-                _adam_int8_slice(op, flat, scales, span, blocks, steps[j], masters is not None,
-                                 rounding_seed, offsets[j] + element + lo if offsets else 0,
+                blocks = slice(block + lo // fmt.block, block + lo // fmt.block
+                               + fmt.num_blocks(n))
+                _adam_int8_slice(op, fmt, flat, scales, span, blocks, steps[j],
+                                 masters is not None, rounding_seed,
+                                 offsets[j] + element + lo if offsets else 0,
                                  dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                                       eps=eps, amsgrad=False, maximize=maximize,
                                       grad_scale=grad_scale, found_inf=found_inf))
-            block += num_blocks(size)
+            block += fmt.num_blocks(size)
 
 
-def _adam_int8_slice(op, flat, scales, span, blocks, step, has_master, rounding_seed, start,
-                     options) -> None:
-    """One slice of whole blocks of one param: decode, step, encode."""
+def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, rounding_seed,
+                     start, options) -> None:
+    """One slice of whole blocks of one param: decode, step, encode. ``span`` starts at an
+    even element (a param's start, or a whole number of blocks past it)."""
     source = flat["master"][span] if has_master else flat["param"][span]
+    n = source.numel()
+    codes = slice(span.start // fmt.per_byte, span.start // fmt.per_byte + fmt.code_bytes(n))
     math = precision.math_dtype(source.dtype)
-    m = dequantize(flat["m"][span], scales["m"][blocks], signed=True).to(math)
-    root = dequantize(flat["v"][span], scales["v"][blocks], signed=False)
+    m = dequantize(flat["m"][codes], scales["m"][blocks], True, fmt, (n,)).to(math)
+    root = dequantize(flat["v"][codes], scales["v"][blocks], False, fmt, (n,))
     v = (root * root).to(math)
     del root
     p32 = precision.load_master(source, flat["param"][span]) if has_master else source.to(math)
@@ -257,12 +264,12 @@ def _adam_int8_slice(op, flat, scales, span, blocks, step, has_master, rounding_
         precision.store(source, p32, **rounding)
     found_inf = options["found_inf"]
     for name, values, signed in (("m", m, True), ("v", v.sqrt_(), False)):
-        codes, new_scales = quantize(values, signed)
+        new_codes, new_scales = quantize(values, signed, fmt)
         if found_inf is not None:  # keep the old encoding bit for bit
-            skip = found_inf.to(codes.device) != 0
-            codes = torch.where(skip, flat[name][span], codes)
+            skip = found_inf.to(new_codes.device) != 0
+            new_codes = torch.where(skip, flat[name][codes], new_codes)
             new_scales = torch.where(skip, scales[name][blocks], new_scales)
-        flat[name][span].copy_(codes)
+        flat[name][codes].copy_(new_codes)
         scales[name][blocks].copy_(new_scales)
 
 

@@ -19,6 +19,7 @@ from fastopt import dispatch
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS
 from fastopt.flat import is_dtensor
 from fastopt.precision import REMAINDERS
+from fastopt.quantization import FORMATS
 
 
 def check_lr(lr) -> None:
@@ -71,22 +72,24 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_precision(master_weights, state_dtype, stochastic_rounding, rounding_seed,
-                    max_grad_norm, *, int8_ok: bool = False, amsgrad: bool = False) -> None:
-    """The mixed-precision options (see fastopt.precision); ``int8_ok`` where blockwise 8-bit
-    state exists (Adam, AdamW)."""
+                    max_grad_norm, *, quantized_ok: bool = False, amsgrad: bool = False) -> None:
+    """The mixed-precision options (see fastopt.precision); ``quantized_ok`` where blockwise
+    quantized state (``"int8"``, ``"int4"``: ``fastopt.quantization``) exists (Adam, AdamW)."""
     if not isinstance(master_weights, bool) and master_weights not in REMAINDERS:
         raise ValueError(f"Invalid master_weights: {master_weights!r} (expected True, False, "
                          "'remainder' or 'remainder8')")
-    if state_dtype == "int8":
-        if not int8_ok:
-            raise ValueError("state_dtype='int8' (blockwise 8-bit moments) is available for "
-                             "Adam and AdamW; use torch.bfloat16 here")
+    if isinstance(state_dtype, str) and state_dtype in FORMATS:
+        bits = FORMATS[state_dtype].bits
+        if not quantized_ok:
+            raise ValueError(f"state_dtype={state_dtype!r} (blockwise {bits}-bit moments) is "
+                             "available for Adam and AdamW; use torch.bfloat16 here")
         if amsgrad:
-            raise ValueError("amsgrad=True keeps a running max of exp_avg_sq that 8-bit state "
-                             "does not hold; use state_dtype=torch.bfloat16 with amsgrad")
+            raise ValueError(f"amsgrad=True keeps a running max of exp_avg_sq that {bits}-bit "
+                             "state does not hold; use state_dtype=torch.bfloat16 with amsgrad")
     elif state_dtype not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, "
-                         "torch.bfloat16, torch.float16" + (" or 'int8')" if int8_ok else ")"))
+                         "torch.bfloat16, torch.float16"
+                         + (", 'int8' or 'int4')" if quantized_ok else ")"))
     if stochastic_rounding and master_weights:
         raise ValueError("stochastic_rounding=True rounds the params themselves; with "
                          "master_weights=True the fp32 master copy already keeps every bit of "
@@ -213,7 +216,7 @@ def check_options(name: str, declaration, takes, options: dict, defaults: dict) 
     if not isinstance(flatten, bool):
         raise TypeError(f"flatten_params must be a bool, got {flatten!r}")
     precision = {k: options.get(k, v) for k, v in PRECISION_OPTIONS.items()}
-    check_precision(**precision, int8_ok="int8" in declaration.options,
+    check_precision(**precision, quantized_ok="int8" in declaration.options,
                     amsgrad=defaults.get("amsgrad", False))
     chosen = {k: v for k, v in precision.items() if v != PRECISION_OPTIONS[k]}
     if defaults.get("differentiable"):

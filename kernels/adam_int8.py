@@ -1,4 +1,5 @@
-"""Adam / AdamW with blockwise 8-bit moments, in one pass (Dettmers et al. 2021).
+"""Adam / AdamW with blockwise quantized moments, 8-bit (Dettmers et al. 2021) or 4-bit (Li et
+al. 2023), in one pass.
 
 Each program updates ``ROWS`` consecutive quantization blocks of up to ``QBLOCK`` elements (a
 block table gives each block's flat range; blocks start at every param's start). Per block, in
@@ -9,15 +10,18 @@ fp32:
     m_scale = max |m|;  m_code = nearest(signed_table, m / m_scale)
     v_scale = max sqrt(v); v_code = nearest(unsigned_table, sqrt(v) / v_scale)
 
-``nearest`` counts the 255 midpoints between table entries that lie below the value: the
-table's formula gives the index within one, two midpoints settle it. The code tables and
-midpoints are loaded once per program and read with ``tl.gather`` (shared memory): no global
-load depends on an element's value.
+``nearest`` counts the midpoints between table entries that lie below the value. 8-bit: the
+table's formula gives the index within one, two of the 255 midpoints settle it; 4-bit: the 15
+midpoints are compared one by one (uniform scalar loads). The code tables are loaded once per
+program and read with ``tl.gather`` (shared memory): no global load depends on an element's
+value. 4-bit codes are two to a byte (element ``2j`` in the low nibble of byte ``j``): a
+program loads its bytes and interleaves their nibbles, and splits its codes into pairs to
+store them; a param's odd last element leaves its byte's high nibble zero.
 
 When a program's blocks are all whole and back to back in the flat buffers (no param's short
 last block, no slot padding among them), its elements are one contiguous, 64-element-aligned
 range: loads and stores are unmasked vector accesses (8 elements per thread: two 16-byte fp32
-vectors, 8 bytes of codes). Other programs (a param's last block, the buffer's end) place each
+vectors, 8 bytes of 8-bit codes or 4 of 4-bit ones). Other programs (a param's last block, the buffer's end) place each
 element by its block's row, masked.
 Tables and layout: ``fastopt.quantization``.
 """
@@ -34,7 +38,7 @@ import triton.language as tl
 from .adam import adam_arguments, adam_flags, adam_moments, adam_step, step_row
 from .rounding import load_param, seed_word, store_param
 
-ROWS = 8  # quantization blocks per program: 2048 elements, 8 per thread of 8 warps
+ROWS = 8  # 8-bit blocks per program: 2048 elements, 8 per thread of 8 warps (4-bit: 16 blocks)
 NUM_WARPS = 8
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
 GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 1 by their top 15 bits
@@ -86,6 +90,40 @@ def _load(pointers, mask, other):
 
 
 @triton.jit
+def _nearest16(x, midpoints_ptr):
+    """Index of the 16-entry table's entry nearest to x: how many of its 15 midpoints are
+    below x (ties go to the lower entry, as ``torch.bucketize`` does)."""
+    code = tl.zeros(x.shape, tl.int32)
+    for k in tl.static_range(15):
+        code += (x > tl.load(midpoints_ptr + k)).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _load_codes(codes_ptr, code_offsets, code_mask, CODE_BITS: tl.constexpr):
+    """Each element's code (int32); 4-bit: each byte's two nibbles, low one first."""
+    stored = _load(codes_ptr + code_offsets, code_mask, 0).to(tl.int32)
+    if CODE_BITS == 8:
+        return stored
+    else:
+        return tl.interleave(stored & 15, stored >> 4)
+
+
+@triton.jit
+def _store_codes(codes_ptr, code_offsets, code_mask, codes, mask, CODE_BITS: tl.constexpr,
+                 ELEMENTS: tl.constexpr):
+    """Store each element's code; 4-bit: pairs of them to a byte (a masked-off element's
+    nibble zero)."""
+    if CODE_BITS == 8:
+        tl.store(codes_ptr + code_offsets, codes.to(tl.uint8), mask=code_mask)
+    else:
+        if mask is not None:
+            codes = tl.where(mask, codes, 0)
+        low, high = tl.split(tl.reshape(codes, (ELEMENTS // 2, 2)))
+        tl.store(codes_ptr + code_offsets, (low | (high << 4)).to(tl.uint8), mask=code_mask)
+
+
+@triton.jit
 def _adam_int8_kernel(
     param_ptr,  # params of this chunk (flat from the chunk's start), updated in place
     grad_ptr,  # their grads
@@ -124,6 +162,7 @@ def _adam_int8_kernel(
     STOCHASTIC_ROUNDING: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
     QBLOCK: tl.constexpr,
+    CODE_BITS: tl.constexpr,  # 8: a byte per element; 4: two elements to a byte
 ):
     first_row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM
     if HAS_FOUND_INF:  # an inf/nan grad this step: every block masked off, nothing written
@@ -140,29 +179,42 @@ def _adam_int8_kernel(
     span = tl.max(ends, axis=0) - base - start
     if (whole == ROWS_PER_PROGRAM) and (span == ROWS_PER_PROGRAM * QBLOCK):
         offsets = tl.multiple_of(start, 64) + element
+        if CODE_BITS == 8:
+            code_offsets = offsets
+        else:
+            code_offsets = tl.multiple_of(start // 2, 32) + tl.arange(
+                0, ROWS_PER_PROGRAM * QBLOCK // 2)
         _adam_int8_elements(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
             unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
-            grad_scale_ptr, master_ptr, offsets, None, first_row, n_blocks, lr, decay_factor,
-            beta1, beta2, weight_decay, eps, base, seed_word, HAS_WEIGHT_DECAY, DECOUPLED,
-            MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
-            STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK)
+            grad_scale_ptr, master_ptr, offsets, None, code_offsets, None, first_row, n_blocks,
+            lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
+            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
+            STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK, CODE_BITS)
     else:  # each element placed by its block's row, masked at the block's end
         row = first_row + element // QBLOCK  # (the blocks need not be whole or back to back)
         in_rows = row < n_blocks
         row_start = tl.load(block_table_ptr + row * 2, mask=in_rows, other=0) - base
         row_end = tl.load(block_table_ptr + row * 2 + 1, mask=in_rows, other=0) - base
         offsets = row_start + element % QBLOCK
+        mask = in_rows & (offsets < row_end)
+        if CODE_BITS == 8:
+            code_offsets = offsets
+            code_mask = mask
+        else:  # a pair of elements to a byte: blocks start at even offsets
+            pairs = (ROWS_PER_PROGRAM * QBLOCK // 2, 2)
+            code_offsets = tl.split(tl.reshape(offsets, pairs))[0] // 2
+            code_mask = tl.split(tl.reshape(mask.to(tl.int32), pairs))[0] != 0
         _adam_int8_elements(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
             unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
-            grad_scale_ptr, master_ptr, offsets, in_rows & (offsets < row_end), first_row,
+            grad_scale_ptr, master_ptr, offsets, mask, code_offsets, code_mask, first_row,
             n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
             HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
             LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM,
-            QBLOCK)
+            QBLOCK, CODE_BITS)
 
 
 @triton.jit
@@ -170,18 +222,19 @@ def _adam_int8_elements(
         param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
         signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr, unsigned_midpoints_ptr,
         signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr,
-        offsets, mask, first_row, n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps,
-        base, seed_word,
+        offsets, mask, code_offsets, code_mask, first_row, n_blocks, lr, decay_factor, beta1,
+        beta2, weight_decay, eps, base, seed_word,
         HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
         LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
         STOCHASTIC_ROUNDING: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-        QBLOCK: tl.constexpr):
+        QBLOCK: tl.constexpr, CODE_BITS: tl.constexpr):
     """Decode, update and encode the elements at ``offsets`` (``mask``: None when every one is
-    there, and every block ``first_row + [0, ROWS_PER_PROGRAM)`` below ``n_blocks``)."""
+    there, and every block ``first_row + [0, ROWS_PER_PROGRAM)`` below ``n_blocks``), their
+    codes at ``code_offsets`` (4-bit: one byte per pair of elements; ``code_mask``)."""
     step, step_size, bias_correction2_sqrt = step_row(step_ptr)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
-    entries = tl.arange(0, 256)
+    entries = tl.arange(0, 1 << CODE_BITS)
     signed_values = tl.load(signed_values_ptr + entries)
     unsigned_values = tl.load(unsigned_values_ptr + entries)
     rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
@@ -192,8 +245,8 @@ def _adam_int8_elements(
 
     param = load_param(param_ptr + offsets, master_ptr + offsets, mask, HAS_MASTER)
     grad = _load(grad_ptr + offsets, mask, 0.0).to(tl.float32)
-    m_code = _load(m_codes_ptr + offsets, mask, 0).to(tl.int32)
-    v_code = _load(v_codes_ptr + offsets, mask, 0).to(tl.int32)
+    m_code = _load_codes(m_codes_ptr, code_offsets, code_mask, CODE_BITS)
+    v_code = _load_codes(v_codes_ptr, code_offsets, code_mask, CODE_BITS)
     m_scale = _per_element(_load(m_scales_ptr + rows, rows_ok, 0.0), ROWS_PER_PROGRAM, QBLOCK)
     v_scale = _per_element(_load(v_scales_ptr + rows, rows_ok, 0.0), ROWS_PER_PROGRAM, QBLOCK)
     exp_avg = tl.gather(signed_values, m_code, 0) * m_scale
@@ -212,39 +265,49 @@ def _adam_int8_elements(
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
     m_row_scale, m_scale = _block_max(magnitude, ROWS_PER_PROGRAM, QBLOCK)
-    m_code = _nearest(tl.div_rn(exp_avg, tl.where(m_scale > 0, m_scale, 1.0)),
-                      tl.load(signed_midpoints_ptr + entries),
-                      tl.load(signed_guesses_ptr + tl.arange(0, GUESSES)), True)
-    tl.store(m_codes_ptr + offsets, m_code.to(tl.uint8), mask=mask)
+    normalized = tl.div_rn(exp_avg, tl.where(m_scale > 0, m_scale, 1.0))
+    if CODE_BITS == 8:
+        m_code = _nearest(normalized, tl.load(signed_midpoints_ptr + entries),
+                          tl.load(signed_guesses_ptr + tl.arange(0, GUESSES)), True)
+    else:
+        m_code = _nearest16(normalized, signed_midpoints_ptr)
+    _store_codes(m_codes_ptr, code_offsets, code_mask, m_code, mask, CODE_BITS,
+                 ROWS_PER_PROGRAM * QBLOCK)
     tl.store(m_scales_ptr + rows, m_row_scale, mask=rows_ok)
 
     root = tl.sqrt_rn(exp_avg_sq)
     if mask is not None:
         root = tl.where(mask, root, 0.0)
     v_row_scale, v_scale = _block_max(root, ROWS_PER_PROGRAM, QBLOCK)
-    v_code = _nearest(tl.div_rn(root, tl.where(v_scale > 0, v_scale, 1.0)),
-                      tl.load(unsigned_midpoints_ptr + entries),
-                      tl.load(unsigned_guesses_ptr + tl.arange(0, GUESSES)), False)
-    tl.store(v_codes_ptr + offsets, v_code.to(tl.uint8), mask=mask)
+    normalized = tl.div_rn(root, tl.where(v_scale > 0, v_scale, 1.0))
+    if CODE_BITS == 8:
+        v_code = _nearest(normalized, tl.load(unsigned_midpoints_ptr + entries),
+                          tl.load(unsigned_guesses_ptr + tl.arange(0, GUESSES)), False)
+    else:
+        v_code = _nearest16(normalized, unsigned_midpoints_ptr)
+    _store_codes(v_codes_ptr, code_offsets, code_mask, v_code, mask, CODE_BITS,
+                 ROWS_PER_PROGRAM * QBLOCK)
     tl.store(v_scales_ptr + rows, v_row_scale, mask=rows_ok)
 
 
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
                      steps, *, block_tables, bases, spans, lr, beta1, beta2, weight_decay, eps,
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
-                     rounding_seed=None, offsets=None) -> None:
+                     rounding_seed=None, offsets=None, code_bits=8) -> None:
     """One launch per chunk; the signature of ``fastopt.torch_path.adam_int8_update``."""
-    from fastopt.quantization import BLOCK
+    from fastopt.quantization import FORMATS, INT8
 
+    fmt = FORMATS["int8" if code_bits == 8 else "int4"]
     stochastic = rounding_seed is not None and masters is None
     rows = INTERPRETER_ROWS if os.environ.get("TRITON_INTERPRET") == "1" else ROWS
+    rows = rows * INT8.block // fmt.block  # as many elements per program in either format
     for i, param in enumerate(params):
         n_blocks = block_tables[i].shape[0]
         if n_blocks == 0:
             continue
-        signed_values, signed_midpoints, signed_guesses = kernel_tables(True, param.device)
-        unsigned_values, unsigned_midpoints, unsigned_guesses = kernel_tables(False,
-                                                                              param.device)
+        signed_values, signed_midpoints, signed_guesses = kernel_tables(True, param.device, fmt)
+        unsigned_values, unsigned_midpoints, unsigned_guesses = kernel_tables(
+            False, param.device, fmt)
         _adam_int8_kernel[(triton.cdiv(n_blocks, rows),)](
             param, grads[i], exp_avgs[i], exp_avg_scales[i], exp_avg_sqs[i],
             exp_avg_sq_scales[i], block_tables[i], signed_values, signed_midpoints,
@@ -255,20 +318,23 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
             **adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf,
                          masters, stochastic),
             ROWS_PER_PROGRAM=rows,
-            QBLOCK=BLOCK,
+            QBLOCK=fmt.block,
+            CODE_BITS=fmt.bits,
             num_warps=NUM_WARPS,
         )
 
 
 @functools.lru_cache(maxsize=16)
-def kernel_tables(signed: bool, device) -> tuple:
-    """(code values [256], midpoints [255] padded with +inf to 256, guess_table) on
-    ``device``."""
-    from fastopt.quantization import tables
+def kernel_tables(signed: bool, device, fmt=None) -> tuple:
+    """(code values, midpoints padded with +inf to as many entries, guess_table: 8-bit only)
+    on ``device``."""
+    from fastopt.quantization import INT8, tables
 
-    values, midpoints = tables(signed, device)
+    fmt = fmt or INT8
+    values, midpoints = tables(signed, device, fmt)
     padded = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])
-    return values, padded, guess_table(signed).to(device)
+    guesses = guess_table(signed).to(device) if fmt.bits == 8 else padded
+    return values, padded, guesses
 
 
 @functools.lru_cache(maxsize=2)

@@ -21,7 +21,7 @@ from fastopt.optimizer import FlatOptimizer
 from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
-INT8 = "int8"
+QUANTIZED = quantization.FORMATS  # state_dtype names of blockwise quantized moments
 
 
 def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
@@ -34,7 +34,7 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     beta1, beta2 = group["betas"]
     dispatch.implementation("count_adam_steps", bucket.backend)(
         counted, lr=_on(group["lr"], bucket.device), beta1=float(beta1), beta2=float(beta2))
-    if bucket.variant == INT8:
+    if bucket.variant in QUANTIZED:
         _update_int8(opt, group, bucket, plan, grad_scale, found_inf)
     else:
         dispatch.update_fn("adam", bucket.backend)(
@@ -63,16 +63,22 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
 
 
 def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
+    """Blockwise quantized moments (``fastopt.quantization``): the chunks' codes, block scales
+    and block tables, in their format."""
+    fmt = quantization.FORMATS[bucket.variant]
     chunks = plan.chunks
     state = bucket.state
     blocks = [slice(state.block_starts[c.lo], state.block_starts[c.hi]) for c in chunks]
+    codes = {name: [state.tensors[name][c.start // fmt.per_byte:
+                                        fmt.code_bytes(bucket.chunk_end(c.hi))] for c in chunks]
+             for name in ("exp_avg", "exp_avg_sq")}
     beta1, beta2 = group["betas"]
     dispatch.update_fn("adam_int8", bucket.backend)(
         bucket.pieces("param", chunks),
         [c.grad for c in chunks],
-        bucket.pieces("exp_avg", chunks),
+        codes["exp_avg"],
         [state.tensors["exp_avg_absmax"][b] for b in blocks],
-        bucket.pieces("exp_avg_sq", chunks),
+        codes["exp_avg_sq"],
         [state.tensors["exp_avg_sq_absmax"][b] for b in blocks],
         [state.views["step"][c.lo] for c in chunks],
         block_tables=[state.block_table[b] for b in blocks],
@@ -88,6 +94,7 @@ def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
         decoupled=group["decoupled_weight_decay"],
         grad_scale=_on(grad_scale, bucket.device),
         found_inf=found_inf,
+        code_bits=fmt.bits,
         **opt.precision_options(group, bucket, plan),
     )
 
@@ -100,7 +107,7 @@ ADAM = Declaration(
     scalars=(Scalar("step"),),
     derived=("step_size", "bias_correction2_sqrt"),
     update=_update,
-    options=ELEMENTWISE | {INT8},
+    options=ELEMENTWISE | set(quantization.FORMATS),
     error_name="Adam",
     sparse_error="{name} does not support sparse gradients, please consider SparseAdam instead",
     reference=torch.optim.Adam,
@@ -174,59 +181,104 @@ class Adam(FlatOptimizer):
         }
         super().__init__(params, defaults, **options)
 
-    # 8-bit state (state_dtype="int8"): params of MIN_SIZE elements or more get blockwise codes
-    # (uint8, param-shaped) and per-block scales (``*_absmax``); smaller ones keep fp32 state.
+    # Quantized state (state_dtype="int8" or "int4"): params of MIN_SIZE elements or more get
+    # blockwise codes (uint8: param-shaped; 4-bit: two to a byte, flat) and per-block scales
+    # (``*_absmax``); smaller ones keep fp32 state.
     def bucket_variant(self, group: dict, p: Tensor):
-        if group.get("state_dtype") == INT8 and local(p).numel() >= quantization.MIN_SIZE:
-            return INT8
+        if group.get("state_dtype") in QUANTIZED and local(p).numel() >= quantization.MIN_SIZE:
+            return group["state_dtype"]
         return None
 
     def buffer_names(self, group: dict, bucket: Bucket) -> list:
-        if bucket.variant != INT8:
+        if bucket.variant not in QUANTIZED:
             return super().buffer_names(group, bucket)
         return ["exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
                 *self.precision_names(group, bucket)]
 
     def buffer_dtype(self, group: dict, bucket: Bucket, name: str) -> torch.dtype:
-        if group.get("state_dtype") != INT8 or name in MASTERS:
+        if group.get("state_dtype") not in QUANTIZED or name in MASTERS:
             return super().buffer_dtype(group, bucket, name)
-        if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq"):
+        if bucket.variant in QUANTIZED and name in ("exp_avg", "exp_avg_sq"):
             return quantization.CODES
         return torch.float32
 
     def prepare_bucket(self, group: dict, bucket: Bucket) -> None:
         super().prepare_bucket(group, bucket)
-        if bucket.variant != INT8:
+        if bucket.variant not in QUANTIZED:
             return
         if any(is_dtensor(p) for p in bucket.params):
             raise ValueError(
-                "state_dtype='int8' on DTensor params (FSDP2, tensor parallel) is not supported: "
-                "its per-block scales have no DTensor layout for distributed checkpoints; use "
-                "state_dtype=torch.bfloat16 there"
+                f"state_dtype={bucket.variant!r} on DTensor params (FSDP2, tensor parallel) is "
+                "not supported: its per-block scales have no DTensor layout for distributed "
+                "checkpoints; use state_dtype=torch.bfloat16 there"
             )
-        bucket.state.add_block_table(quantization.BLOCK)
+        fmt = QUANTIZED[bucket.variant]
+        bucket.state.add_block_table(fmt.block)
+        if fmt.per_byte == 2:
+            bucket.state.nibbles.update(("exp_avg", "exp_avg_sq"))
 
-    def saved_state_shape(self, group: dict, p: Tensor, name: str) -> tuple:
+    def saved_state_shape(self, group: dict, p: Tensor, name: str, entry=None) -> tuple:
+        """Moments and their scales in the form the saved ``entry`` holds them (any is loaded:
+        ``adopt_value``): fp32 ones param-shaped, codes of either format as they are stored."""
+        n = local(p).numel()
+        fmt = QUANTIZED.get(group.get("state_dtype")) if n >= quantization.MIN_SIZE else None
+        moment = name.removesuffix("_absmax")
+        saved = entry.get(moment) if entry is not None else None
+        if moment in ("exp_avg", "exp_avg_sq") and isinstance(saved, Tensor):
+            fmt = quantization.saved_format(saved, n) or fmt if saved.dtype == \
+                quantization.CODES else None
+        if fmt is not None and name.endswith("_absmax"):
+            return (fmt.num_blocks(n),)
+        if fmt is not None and fmt.per_byte == 2 and name in ("exp_avg", "exp_avg_sq"):
+            return (fmt.code_bytes(n),)
         if name.endswith("_absmax"):
-            return (quantization.num_blocks(local(p).numel()),)
+            return None
         return super().saved_state_shape(group, p, name)
 
     def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
-        """Saved fp32 moments (torch.optim's, or fastopt's without 8-bit state) are encoded."""
-        if bucket.variant == INT8 and name in ("exp_avg", "exp_avg_sq") \
-                and value.is_floating_point():
-            signed = name == "exp_avg"
-            values = value.float() if signed else value.float().clamp(min=0).sqrt()
-            codes, scales = quantization.quantize(values.to(bucket.device), signed)
-            bucket.state.local_view(name, i).copy_(codes)
-            bucket.state.local_view(f"{name}_absmax", i).copy_(scales)
+        """Saved moments in any form are taken in the bucket's: fp32 ones (torch.optim's, or
+        fastopt's without quantized state) are encoded, codes of the other format decoded
+        (with their saved scales) and encoded again, codes into fp32 state decoded."""
+        if name not in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            return super().adopt_value(bucket, i, name, value)
+        p = bucket.params[i]
+        signed = name == "exp_avg"
+        fmt = QUANTIZED.get(bucket.variant)
+        if value.dtype == quantization.CODES:
+            saved = quantization.saved_format(value, local(p).numel())
+            scales = self.state[p].get(f"{name}_absmax") if saved is not None else None
+            if not isinstance(scales, Tensor):
+                raise ValueError(f"saved {name} of a param of shape {tuple(p.shape)} holds "
+                                 f"{value.numel()} codes and no {name}_absmax to decode them")
+            if saved == fmt:
+                return super().adopt_value(bucket, i, name, value)
+            root = quantization.dequantize(value, scales.to(value.device).float(), signed,
+                                           saved, shape=local(p).shape)
+            value = root if signed else root * root
+            if fmt is None:  # fp32 state keeps no scales
+                dict.pop(self.state[p], f"{name}_absmax")
+        elif name.endswith("_absmax"):  # kept as saved beside codes kept as saved
+            codes = self.state[p].get(name[: -len("_absmax")])
+            if fmt is not None and isinstance(codes, Tensor) \
+                    and quantization.saved_format(codes, local(p).numel()) == fmt:
+                super().adopt_value(bucket, i, name, value)
             return
-        super().adopt_value(bucket, i, name, value)
+        if fmt is None:
+            return super().adopt_value(bucket, i, name, value)
+        values = value.float() if signed else value.float().clamp(min=0).sqrt()
+        codes, scales = quantization.quantize(values.to(bucket.device), signed, fmt)
+        bucket.state.local_view(name, i).copy_(codes)
+        bucket.state.local_view(f"{name}_absmax", i).copy_(scales)
 
-    def saved_state_names(self, group: dict, p: Tensor) -> tuple:
+    def saved_state_names(self, group: dict, p: Tensor, entry=None) -> tuple:
+        """The moments; saved codes need their scales to be decoded."""
         required = ["exp_avg", "exp_avg_sq"]
-        if group.get("amsgrad") and group.get("state_dtype") != INT8:
+        if group.get("amsgrad") and group.get("state_dtype") not in QUANTIZED:
             required.append("max_exp_avg_sq")
+        for name in ("exp_avg", "exp_avg_sq"):
+            saved = entry.get(name) if entry is not None else None
+            if isinstance(saved, Tensor) and saved.dtype == quantization.CODES:
+                required.append(f"{name}_absmax")
         return required, ["max_exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", MASTER]
 
 

@@ -111,5 +111,5 @@ class SGD(FlatOptimizer):
         }
         super().__init__(params, defaults, **options)
 
-    def saved_state_names(self, group: dict, p: Tensor) -> tuple:
+    def saved_state_names(self, group: dict, p: Tensor, entry=None) -> tuple:
         return [], ["momentum_buffer", MASTER]  # momentum_buffer may be None (torch)

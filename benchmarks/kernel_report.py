@@ -113,6 +113,21 @@ def element_size(pointer_type: str) -> int:
     return _SIZES[pointer_type.lstrip("*k")]
 
 
+def stream_type(spec: dict, pointer: str) -> str:
+    """What one element of a stream is stored as: its pointer's type, or ``u4`` for 4-bit
+    codes (two to a byte)."""
+    if spec["kernel"] == "adam_int8" and spec["constexprs"].get("CODE_BITS") == 4 \
+            and pointer in ("m_codes_ptr", "v_codes_ptr"):
+        return "u4"
+    return spec["signature"].get(pointer, "").lstrip("*")
+
+
+def stream_bytes(spec: dict, pointer: str) -> float:
+    """Bytes of one element of a stream."""
+    kind = stream_type(spec, pointer)
+    return 0.5 if kind == "u4" else element_size(kind)
+
+
 # ---------------------------------------------------------------------------------------------
 # Recording the launches a run makes (under the interpreter) as GPU specializations.
 
@@ -125,8 +140,8 @@ def _gpu_constant(name: str, value):
 
     if name == "BLOCK_SIZE" and value == launch.INTERPRETER_BLOCK_SIZE:
         return launch.BLOCK_SIZE
-    if name == "ROWS_PER_PROGRAM" and value == adam_int8.INTERPRETER_ROWS:
-        return adam_int8.ROWS
+    if name == "ROWS_PER_PROGRAM" and value % adam_int8.INTERPRETER_ROWS == 0:
+        return adam_int8.ROWS * value // adam_int8.INTERPRETER_ROWS  # (4-bit: twice the rows)
     return value
 
 
@@ -328,7 +343,7 @@ def master_type(master) -> str:
 def gpu_variants() -> list:
     """Adam/AdamW, SGD and 8-bit Adam in every storage combination a GPU run takes."""
     from fastopt.kernels import adam_int8, launch
-    from fastopt.quantization import BLOCK
+    from fastopt.quantization import FORMATS, INT8
 
     out = []
     adam_ints = _INTS["adam"]
@@ -357,18 +372,23 @@ def gpu_variants() -> list:
                 MAXIMIZE=False, LR_ON_DEVICE=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
                 HAS_MASTER=bool(master), GRAD_TABLE=table, PARAM_TABLE=by_address,
                 BLOCK_SIZE=launch.BLOCK_SIZE), _INTS["sgd"]))
-    for param, master, rounding in (("fp32", False, False), ("bf16", True, False),
-                                    ("bf16", False, True), ("bf16", "i16", False),
-                                    ("bf16", "i8", False)):
-        out.append(_variant("adam_int8", {
-            "param_ptr": "*" + param, "grad_ptr": "*" + param, "m_codes_ptr": "*u8",
-            "master_ptr": "*" + master_type(master),
-            "v_codes_ptr": "*u8", "block_table_ptr": "*i64", "signed_guesses_ptr": "*u8",
-            "unsigned_guesses_ptr": "*u8"}, dict(
-                HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=False, LR_ON_DEVICE=False,
-                HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=bool(master),
-                STOCHASTIC_ROUNDING=rounding, ROWS_PER_PROGRAM=adam_int8.ROWS,
-                QBLOCK=BLOCK), _INTS["adam_int8"], adam_int8.NUM_WARPS))
+    for fmt in FORMATS.values():
+        for param, master, rounding in (("fp32", False, False), ("bf16", True, False),
+                                        ("bf16", False, True), ("bf16", "i16", False),
+                                        ("bf16", "i8", False)):
+            out.append(_variant("adam_int8", {
+                "param_ptr": "*" + param, "grad_ptr": "*" + param, "m_codes_ptr": "*u8",
+                "master_ptr": "*" + master_type(master),
+                "v_codes_ptr": "*u8", "block_table_ptr": "*i64",
+                # (4-bit has no guess table: its midpoints stand in)
+                "signed_guesses_ptr": "*u8" if fmt.bits == 8 else "*fp32",
+                "unsigned_guesses_ptr": "*u8" if fmt.bits == 8 else "*fp32"}, dict(
+                    HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=False, LR_ON_DEVICE=False,
+                    HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=bool(master),
+                    STOCHASTIC_ROUNDING=rounding,
+                    ROWS_PER_PROGRAM=adam_int8.rows_per_program(fmt, master),
+                    QBLOCK=fmt.block, CODE_BITS=fmt.bits), _INTS["adam_int8"],
+                adam_int8.NUM_WARPS))
     return out + elementwise_variants()
 
 
@@ -585,7 +605,7 @@ def analyse(result: dict, machine: dict = H100) -> dict:
             needed: dict = {}
             for p, how in stream_list:
                 if kind in how:
-                    size = per_thread * element_size(sig[p])
+                    size = per_thread * stream_bytes(spec, p)
                     width = int(min(16, size))
                     needed[width] = needed.get(width, 0) + int(size // width)
             for width, count in sorted(needed.items()):
@@ -596,7 +616,7 @@ def analyse(result: dict, machine: dict = H100) -> dict:
                                            f"{8 * width}-bit accesses per thread")
     if result["fp64"] > 8:
         out["problems"].append(f"{result['fp64']} fp64 instructions per thread")
-    bytes_per_element = sum(element_size(sig[p]) * len(how) for p, how in stream_list) \
+    bytes_per_element = sum(stream_bytes(spec, p) * len(how) for p, how in stream_list) \
         + extra_bytes_per_element(kernel, c)
     if not result["sass"]:  # compiled without its SASS: no instruction counts to model
         out.update(aligned=aligned, bytes_per_element=bytes_per_element)
@@ -624,7 +644,7 @@ def describe(spec: dict) -> str:
         parts = [c["MATH"].split(":")[1]]
         if c.get("FLAGS"):
             parts.append(f"flags={c['FLAGS']}")
-    types = [sig.get(p, "").lstrip("*") for p, _ in streams(spec["kernel"], c)]
+    types = [stream_type(spec, p) for p, _ in streams(spec["kernel"], c)]
     if len(types) > 2:
         parts.append(f"{types[0]}, state {types[2]}")
     elif types:
@@ -683,7 +703,7 @@ def model_key(spec: dict) -> str | None:
         "+sr" if c.get("STOCHASTIC_ROUNDING") else ""
     if c.get("AMSGRAD"):
         extra += "+amsgrad"
-    return (f"{kernel} {sig['param_ptr'].lstrip('*')}/{sig[state].lstrip('*')}{extra} "
+    return (f"{kernel} {sig['param_ptr'].lstrip('*')}/{stream_type(spec, state)}{extra} "
             f"{route}")
 
 

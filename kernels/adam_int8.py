@@ -12,7 +12,7 @@ fp32:
 
 ``nearest`` counts the midpoints between table entries that lie below the value. 8-bit: the
 table's formula gives the index within one, two of the 255 midpoints settle it; 4-bit: the 15
-midpoints are compared one by one (uniform scalar loads). The code tables are loaded once per
+midpoints by a binary search of four steps. The code tables are loaded once per
 program and read with ``tl.gather`` (shared memory): no global load depends on an element's
 value. 4-bit codes are two to a byte (element ``2j`` in the low nibble of byte ``j``): a
 program loads its bytes and interleaves their nibbles, and splits its codes into pairs to
@@ -38,7 +38,7 @@ import triton.language as tl
 from .adam import adam_arguments, adam_flags, adam_moments, adam_step, step_row
 from .rounding import load_param, seed_word, store_param
 
-ROWS = 8  # 8-bit blocks per program: 2048 elements, 8 per thread of 8 warps (4-bit: 16 blocks)
+ROWS = 8  # 8-bit blocks per program: 2048 elements, 8 per thread of 8 warps (see rows_per_program)
 NUM_WARPS = 8
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
 GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 1 by their top 15 bits
@@ -90,13 +90,14 @@ def _load(pointers, mask, other):
 
 
 @triton.jit
-def _nearest16(x, midpoints_ptr):
-    """Index of the 16-entry table's entry nearest to x: how many of its 15 midpoints are
-    below x (ties go to the lower entry, as ``torch.bucketize`` does)."""
-    code = tl.zeros(x.shape, tl.int32)
-    for k in tl.static_range(15):
-        code += (x > tl.load(midpoints_ptr + k)).to(tl.int32)
-    return code
+def _nearest16(x, midpoints):
+    """Index of the 16-entry table's entry nearest to x: how many of its 15 ``midpoints``
+    (padded with +inf to 16) are below x, by binary search (ties go to the lower entry, as
+    ``torch.bucketize`` does)."""
+    code = tl.where(x > tl.gather(midpoints, tl.full(x.shape, 7, tl.int32), 0), 8, 0)
+    code = tl.where(x > tl.gather(midpoints, code + 3, 0), code + 4, code)
+    code = tl.where(x > tl.gather(midpoints, code + 1, 0), code + 2, code)
+    return tl.where(x > tl.gather(midpoints, code, 0), code + 1, code)
 
 
 @triton.jit
@@ -203,9 +204,10 @@ def _adam_int8_kernel(
             code_offsets = offsets
             code_mask = mask
         else:  # a pair of elements to a byte: blocks start at even offsets
-            pairs = (ROWS_PER_PROGRAM * QBLOCK // 2, 2)
-            code_offsets = tl.split(tl.reshape(offsets, pairs))[0] // 2
-            code_mask = tl.split(tl.reshape(mask.to(tl.int32), pairs))[0] != 0
+            code_offsets = tl.split(tl.reshape(offsets, (ROWS_PER_PROGRAM * QBLOCK // 2, 2)))[0]
+            code_offsets = code_offsets // 2
+            code_mask = tl.split(tl.reshape(mask.to(tl.int32),
+                                            (ROWS_PER_PROGRAM * QBLOCK // 2, 2)))[0] != 0
         _adam_int8_elements(
             param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
@@ -270,7 +272,7 @@ def _adam_int8_elements(
         m_code = _nearest(normalized, tl.load(signed_midpoints_ptr + entries),
                           tl.load(signed_guesses_ptr + tl.arange(0, GUESSES)), True)
     else:
-        m_code = _nearest16(normalized, signed_midpoints_ptr)
+        m_code = _nearest16(normalized, tl.load(signed_midpoints_ptr + entries))
     _store_codes(m_codes_ptr, code_offsets, code_mask, m_code, mask, CODE_BITS,
                  ROWS_PER_PROGRAM * QBLOCK)
     tl.store(m_scales_ptr + rows, m_row_scale, mask=rows_ok)
@@ -284,7 +286,7 @@ def _adam_int8_elements(
         v_code = _nearest(normalized, tl.load(unsigned_midpoints_ptr + entries),
                           tl.load(unsigned_guesses_ptr + tl.arange(0, GUESSES)), False)
     else:
-        v_code = _nearest16(normalized, unsigned_midpoints_ptr)
+        v_code = _nearest16(normalized, tl.load(unsigned_midpoints_ptr + entries))
     _store_codes(v_codes_ptr, code_offsets, code_mask, v_code, mask, CODE_BITS,
                  ROWS_PER_PROGRAM * QBLOCK)
     tl.store(v_scales_ptr + rows, v_row_scale, mask=rows_ok)
@@ -295,12 +297,12 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
                      rounding_seed=None, offsets=None, code_bits=8) -> None:
     """One launch per chunk; the signature of ``fastopt.torch_path.adam_int8_update``."""
-    from fastopt.quantization import FORMATS, INT8
+    from fastopt.quantization import FORMATS
 
     fmt = FORMATS["int8" if code_bits == 8 else "int4"]
     stochastic = rounding_seed is not None and masters is None
-    rows = INTERPRETER_ROWS if os.environ.get("TRITON_INTERPRET") == "1" else ROWS
-    rows = rows * INT8.block // fmt.block  # as many elements per program in either format
+    rows = rows_per_program(fmt, masters[0].dtype if masters else None,
+                            os.environ.get("TRITON_INTERPRET") == "1")
     for i, param in enumerate(params):
         n_blocks = block_tables[i].shape[0]
         if n_blocks == 0:
@@ -322,6 +324,15 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
             CODE_BITS=fmt.bits,
             num_warps=NUM_WARPS,
         )
+
+
+def rows_per_program(fmt, master, interpreter: bool = False) -> int:
+    """Blocks per program: 2048 elements in either format; 1024 for 4-bit beside a remainder
+    master (int16/int8 ``master``), where 2048 spill registers on sm_90."""
+    rows = INTERPRETER_ROWS if interpreter else ROWS
+    if fmt.bits == 4 and master in ("i16", "i8", torch.int16, torch.int8):
+        return rows
+    return rows * 256 // fmt.block
 
 
 @functools.lru_cache(maxsize=16)

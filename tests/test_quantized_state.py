@@ -154,7 +154,7 @@ try:  # the kernel's encoders on their own (the interpreter reads this module's 
             guesses = tl.load(guesses_ptr + tl.arange(0, 4096))
             code = _nearest(x, midpoints, guesses, SIGNED)
         else:
-            code = _nearest16(x, midpoints_ptr)
+            code = _nearest16(x, tl.load(midpoints_ptr + tl.arange(0, 16)))
         tl.store(out_ptr + offsets, code, mask=offsets < n)
 except ImportError:
     _encode = None

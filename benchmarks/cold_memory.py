@@ -121,13 +121,20 @@ CONFIGS = {
     "int8 + stochastic rounding": dict(state_dtype="int8", stochastic_rounding=True),
     "int8 + stochastic rounding + in_backward": dict(state_dtype="int8",
                                                      stochastic_rounding=True, in_backward=True),
+    "int4 + stochastic rounding + in_backward": dict(state_dtype="int4",
+                                                     stochastic_rounding=True, in_backward=True),
+    "remainder8 + int4 + in_backward": dict(master_weights="remainder8", state_dtype="int4",
+                                            in_backward=True),
+    "remainder + int4": dict(master_weights="remainder", state_dtype="int4"),
 }
 
 
-def measure(model_name: str, iterations: int) -> list:
+def measure(model_name: str, iterations: int, only: str | None = None) -> list:
     make_model, loss_fn = MODELS[model_name]()
     rows = []
     for name, options in CONFIGS.items():
+        if only is not None and only not in name:
+            continue
         run = cold_run(make_model, lambda m: fastopt.AdamW(m.parameters(), lr=1e-3, **options),
                        loss_fn, iterations)
         estimate = fastopt.memory.estimate(make_model(), "adamw", **options)
@@ -141,8 +148,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="mlp", choices=list(MODELS))
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--only", help="the options whose name contains this (e.g. int4)")
     args = parser.parse_args(argv)
-    rows = measure(args.model, args.iterations)
+    rows = measure(args.model, args.iterations, args.only)
     print("| model | AdamW options | cold peak B/param | build | iteration 1 | later | "
           "estimated B/param |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")

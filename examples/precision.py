@@ -39,6 +39,11 @@ VARIANTS = {
     "bf16 + stochastic_rounding": (torch.bfloat16, {"stochastic_rounding": True}),
     "fp32 + bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
     "fp32 + int8 state": (torch.float32, {"state_dtype": "int8"}),
+    "fp32 + int4 state": (torch.float32, {"state_dtype": "int4"}),
+    "bf16 + int4 state + stochastic_rounding": (torch.bfloat16, {
+        "state_dtype": "int4", "stochastic_rounding": True}),
+    "bf16 + remainder8 + int4 state": (torch.bfloat16, {"master_weights": "remainder8",
+                                                        "state_dtype": "int4"}),
 }
 
 

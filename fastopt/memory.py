@@ -12,13 +12,14 @@ layout will hold for a given set of params, optimizer and options:
   each slot aligned to 64 elements and the buffer padded to 128 (``flat.aligned_offsets``)
   (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``;
   SAGA's ``gradient_table`` of ``num_samples`` rows and ``gradient_mean``) in its stored dtype
-  (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block), the fp32
+  (``state_dtype``; ``"int8"``: a byte per element and an fp32 scale per block of 256;
+  ``"int4"``: half a byte per element and an fp32 scale per block of 128), the fp32
   ``master_param`` of bf16/fp16 params (``master_weights``), plus the scalar table: 4 bytes per
   param for each scalar the declaration keeps (``step``...) and each value derived from them;
 - ``scratch_bytes``: what a step of the default loop (``zero_grad()`` between steps) adds:
   the flat grad buffer where fresh grads are gathered into one and it is kept (the Triton path
   of an optimizer whose kernels cannot read grads by address; many small fp32 tensors on a
-  CPU, ``fastopt.plan.gather_pays``), 8-bit state's block table (16 bytes per block of 256),
+  CPU, ``fastopt.plan.gather_pays``), quantized state's block table (16 bytes per block),
   and the largest bucket's temporaries on the CPU torch path (fp16/bf16 SGD, SAGA, widened
   slices for master weights / narrow or 8-bit state, measured per element: ``SLICE_SCRATCH``);
 - ``layout_bytes``: what building the optimizer holds twice, the largest bucket's params (they
@@ -49,7 +50,7 @@ from fastopt import registry
 from fastopt.flat import gapless, is_movable, layout_parts, local, padded_size
 from fastopt.plan import gather_pays
 from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
-from fastopt.quantization import num_blocks
+from fastopt.quantization import FORMATS
 from fastopt.torch_path import CHUNK
 
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
@@ -58,10 +59,11 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
-# them from remainders (26 beside narrow state); 22-26 for 8-bit state's decoding and encoding;
+# them from remainders (26 beside narrow state); 22-26 for 8-bit state's decoding and encoding,
+# 27-30 for 4-bit's (its codes unpacked to int32 first);
 # 38 with stochastic rounding's hashed noise).
 SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
-                 "int8": 26, "stochastic_rounding": 38}
+                 "int8": 26, "int4": 30, "stochastic_rounding": 38}
 
 
 @dataclass
@@ -205,7 +207,7 @@ def _laid_out(items: list, movable: bool) -> list:
     return [dict(sizes=[n for n, *_ in items[lo:hi]], shapes=[s for _, s, _ in items[lo:hi]],
                  bytes=sum(b for *_, b in items[lo:hi]), count=hi - lo,
                  largest=max(b for *_, b in items[lo:hi]),
-                 blocks=sum(num_blocks(n) for n, *_ in items[lo:hi]), movable=movable,
+                 movable=movable,
                  elements=padded_size([n for n, *_ in items[lo:hi]]))  # slots and padding
             for lo, hi in parts]
 
@@ -219,8 +221,13 @@ def _count_bucket(entry: DeviceMemory, rules, group_options: dict, bucket: dict,
     kept, step_scratch = _scratch_bytes(rules, group_options, bucket, where, dtype)
     entry.scratch_bytes += kept
     if variant is not None:
-        entry.scratch_bytes += 16 * bucket["blocks"]  # the int64 block table
+        entry.scratch_bytes += 16 * _blocks(bucket, variant)  # the int64 block table
     return step_scratch
+
+
+def _blocks(bucket: dict, variant: str) -> int:
+    """Quantization blocks of a bucket of quantized state (``variant``: its format)."""
+    return sum(FORMATS[variant].num_blocks(n) for n in bucket["sizes"])
 
 
 def _largest_step_group(sizes: list, itemsize: int) -> int:
@@ -243,7 +250,10 @@ def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
     for name in rules.buffer_names(options, shape):
         itemsize = rules.buffer_dtype(options, shape, name).itemsize
         if name.endswith("_absmax") and shape.variant is not None:
-            total += 4 * bucket["blocks"]
+            total += 4 * _blocks(bucket, shape.variant)
+            continue
+        if shape.variant is not None and itemsize == 1:  # codes: 4-bit ones two to a byte
+            total += elements // FORMATS[shape.variant].per_byte
             continue
         declared = rules.declaration.buffer(name)
         if declared is not None and declared.shape is not None:
@@ -299,8 +309,8 @@ def _slice_kind(options: dict, dtype) -> str:
     master, state_dtype = options.get("master_weights"), options.get("state_dtype")
     if options.get("stochastic_rounding") and dtype == torch.bfloat16 and not master:
         return "stochastic_rounding"
-    if state_dtype == "int8":
-        return "int8"
+    if isinstance(state_dtype, str):  # quantized state
+        return state_dtype
     if master in REMAINDERS:
         narrow = state_dtype is not None and state_dtype.itemsize < 4
         return "remainder, narrow state" if narrow else "remainder"

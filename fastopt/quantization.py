@@ -128,19 +128,20 @@ def _blocks(flat: Tensor, fmt: Format) -> Tensor:
 
 
 def pack(codes: Tensor, fmt: Format) -> Tensor:
-    """Codes (int32 or uint8, flat, one per element) as stored: 4-bit ones two to a byte."""
+    """Codes (flat, one per element) as stored: uint8, 4-bit ones two to a byte."""
+    codes = codes.to(CODES)
     if fmt.bits == 8:
-        return codes.to(CODES)
-    pairs = torch.nn.functional.pad(codes, (0, codes.numel() % 2)).view(-1, 2).to(torch.int32)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(CODES)
+        return codes
+    pairs = torch.nn.functional.pad(codes, (0, codes.numel() % 2)).view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
 
 
 def unpack(stored: Tensor, numel: int, fmt: Format) -> Tensor:
-    """Stored codes -> int64 codes, one per element (``numel`` of them)."""
-    flat = stored.reshape(-1).long()
+    """Stored codes -> int32 codes, one per element (``numel`` of them)."""
+    flat = stored.reshape(-1)
     if fmt.bits == 8:
-        return flat
-    return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel]
+        return flat.int()
+    return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel].int()
 
 
 def quantize(values: Tensor, signed: bool, fmt: Format = INT8) -> tuple:

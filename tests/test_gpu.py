@@ -253,13 +253,16 @@ LEAN_OPTIONS = [
     (torch.bfloat16, dict(master_weights=True, state_dtype="int8")),
     (torch.bfloat16, dict(master_weights="remainder", state_dtype=torch.bfloat16)),
     (torch.bfloat16, dict(master_weights="remainder8", state_dtype="int8")),
+    (torch.float32, dict(state_dtype="int4")),
+    (torch.bfloat16, dict(stochastic_rounding=True, state_dtype="int4")),
+    (torch.bfloat16, dict(master_weights="remainder8", state_dtype="int4")),
 ]
 
 
 LEAN = [("AdamW", dtype, options) for dtype, options in LEAN_OPTIONS] + \
     [(info.name, dtype, options) for info in OPTIM_DB if info.name not in ("Adam", "AdamW")
      for dtype, options in LEAN_OPTIONS
-     if all(info.takes(k) for k in options) and options.get("state_dtype") != "int8"
+     if all(info.takes(k) for k in options) and not isinstance(options.get("state_dtype"), str)
      and not (info.name == "Adafactor" and isinstance(options.get("master_weights"), str))]
 
 

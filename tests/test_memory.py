@@ -29,6 +29,9 @@ CONFIGS = [(f"{info.name}-{desc}", info.cls, {**info.typical, **kwargs, **lean})
     ("adam-bf16-state", fastopt.Adam, dict(state_dtype=torch.bfloat16, amsgrad=True)),
     ("adamw-int8", fastopt.AdamW, dict(state_dtype="int8")),
     ("adamw-int8-master", fastopt.AdamW, dict(state_dtype="int8", master_weights=True)),
+    ("adamw-int4", fastopt.AdamW, dict(state_dtype="int4")),
+    ("adamw-int4-remainder8", fastopt.AdamW, dict(state_dtype="int4",
+                                                   master_weights="remainder8")),
     ("adamw8bit", fastopt.AdamW8bit, dict(master_weights=True)),
     ("sgd-master-fp32-state", fastopt.SGD, dict(lr=0.1, momentum=0.9, master_weights=True,
                                                   state_dtype=torch.float32)),
@@ -144,7 +147,7 @@ def test_command_line_table(capsys):
 
 
 ALLOCATING = [("AdamW", {}), ("AdamW", dict(state_dtype=torch.bfloat16)),
-              ("AdamW", dict(state_dtype="int8"))] + \
+              ("AdamW", dict(state_dtype="int8")), ("AdamW", dict(state_dtype="int4"))] + \
     [(info.name, {**info.typical, **info.configs[-1][0], **lean}) for info in OPTIM_DB
      if info.name not in ("Adam", "AdamW")
      for lean in ({}, dict(state_dtype=torch.bfloat16)) if not lean or info.takes("state_dtype")]

@@ -317,14 +317,15 @@ def test_bad_combinations_get_clear_errors():
 def test_lean_variants_train_as_well_as_fp32():
     """The demo CNN on digits and a tiny transformer learning to reverse sequences
     (examples/precision.py): master weights (whole, 24-bit remainders, remainders beside 8-bit
-    state), stochastic rounding, bf16 state and 8-bit state end within 10 % (digits) and
-    25 % + 0.002 (reversal) of the fp32 run's final loss."""
+    or 4-bit state), stochastic rounding, bf16 state, 8-bit and 4-bit state end within 10 %
+    (digits) and 25 % + 0.002 (reversal) of the fp32 run's final loss."""
     from examples import precision as demo
 
     reference_digits = demo.train_digits(torch.float32, {}, epochs=3)[-1]
     reference_reversal = demo.tail_mean(demo.train_reverser(torch.float32, {}, steps=150))
     for name in ("bf16 + master_weights", "bf16 + stochastic_rounding", "fp32 + bf16 state",
-                 "fp32 + int8 state", "bf16 + remainder8", "bf16 + remainder + int8 state"):
+                 "fp32 + int8 state", "bf16 + remainder8", "bf16 + remainder + int8 state",
+                 "fp32 + int4 state", "bf16 + remainder8 + int4 state"):
         dtype, options = demo.VARIANTS[name]
         digits = demo.train_digits(dtype, options, epochs=3)[-1]
         reversal = demo.tail_mean(demo.train_reverser(dtype, options, steps=150))

@@ -92,7 +92,7 @@ def lean_configurations(draw):
         kwargs["rounding_seed"] = draw(st.integers(0, 2**32 - 1))
     if draw(st.booleans()):
         kwargs["master_weights"] = draw(st.sampled_from([True, "remainder", "remainder8"]))
-    state_dtype = draw(st.sampled_from([None, torch.float32, torch.bfloat16, "int8"]))
+    state_dtype = draw(st.sampled_from([None, torch.float32, torch.bfloat16, "int8", "int4"]))
     if state_dtype is not None:
         kwargs["state_dtype"] = state_dtype
     if draw(st.booleans()):

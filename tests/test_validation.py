@@ -24,6 +24,9 @@ BAD_INPUT = [(info.name, kwargs, exc, message) for info in OPTIM_DB
     ("Lion", dict(stochastic_rounding=True), TypeError,
      r"got an unexpected keyword argument 'stochastic_rounding'"),
     ("NAdam", dict(state_dtype="int8"), ValueError, r"^state_dtype='int8' .* is available for"),
+    ("RMSprop", dict(state_dtype="int4"), ValueError,
+     r"^state_dtype='int4' \(blockwise 4-bit moments\) is available for"),
+    ("AdamW", dict(state_dtype="int3"), ValueError, r"'int8' or 'int4'\)$"),
     ("Lion", dict(differentiable=True), TypeError, r"unexpected keyword argument"),
 ]
 

@@ -154,6 +154,9 @@ def run(results: dict, cases: list, dtypes: list, optimizers: list, save) -> Non
 #   bf16 + remainder, bf16 state: param r/w 4, remainder r/w 4, grad 2, moments r/w 8 = 18
 #   bf16 + remainder8, int8 state: param r/w 4, remainder r/w 2, grad 2, codes r/w 4  ~ 12
 #   fp32 + max_grad_norm: the norm pass reads the grads once more: 28 + 4             = 32
+#   int4 state:   param r/w 8, grad 4, codes r/w 1 + 1 (scales: 16 bytes per 128)     ~ 14
+#   bf16 + remainder8, int4 state: param r/w 4, remainder r/w 2, grad 2, codes r/w 2  ~ 10
+#   bf16 + stochastic rounding, int4 state: param r/w 4, grad 2, codes r/w 2          ~ 8
 LEAN = {
     "bf16 state": (torch.float32, dict(state_dtype=torch.bfloat16), 20),
     "int8 state": (torch.float32, dict(state_dtype="int8"), 16 + 2 * 4 / 256),
@@ -164,6 +167,11 @@ LEAN = {
     "bf16 + remainder8, int8 state": (torch.bfloat16, dict(
         master_weights="remainder8", state_dtype="int8"), 12 + 2 * 4 / 256),
     "fp32 + max_grad_norm": (torch.float32, dict(max_grad_norm=1.0), 32),
+    "int4 state": (torch.float32, dict(state_dtype="int4"), 14 + 2 * 4 / 128),
+    "bf16 + remainder8, int4 state": (torch.bfloat16, dict(
+        master_weights="remainder8", state_dtype="int4"), 10 + 2 * 4 / 128),
+    "bf16 + stochastic_rounding, int4 state": (torch.bfloat16, dict(
+        stochastic_rounding=True, state_dtype="int4"), 8 + 2 * 4 / 128),
 }
 
 
@@ -329,7 +337,9 @@ LEAN_KEYS = {"bf16 state": "adam fp32/bf16 flat", "int8 state": "adam_int8 fp32/
              "bf16 + stochastic_rounding": "adam bf16/bf16+sr flat",
              "bf16 + remainder, bf16 state": "adam bf16/bf16+remainder flat",
              "bf16 + remainder8, int8 state": "adam_int8 bf16/u8+remainder8 flat",
-             "fp32 + max_grad_norm": None}
+             "fp32 + max_grad_norm": None, "int4 state": "adam_int8 fp32/u4 flat",
+             "bf16 + remainder8, int4 state": "adam_int8 bf16/u4+remainder8 flat",
+             "bf16 + stochastic_rounding, int4 state": "adam_int8 bf16/u4+sr flat"}
 
 
 def row_key(row: dict) -> str | None:

@@ -11,7 +11,8 @@ Variants: fp32 params and state (the reference); bf16 params with torch.optim's 
 remainders (``master_weights="remainder"``: the same fp32 master in 2 bytes a param;
 ``"remainder8"``: a 24-bit one in 1 byte; and the remainder beside 8-bit state); bf16 params
 with ``stochastic_rounding``; fp32 params with ``state_dtype=torch.bfloat16``; fp32 params with
-``state_dtype="int8"``. ``python -m examples.precision`` prints the final losses.
+``state_dtype="int8"`` or ``"int4"`` (and 4-bit state beside remainders or stochastic
+rounding). ``python -m examples.precision`` prints the final losses.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ VARIANTS = {
         "state_dtype": "int4", "stochastic_rounding": True}),
     "bf16 + remainder8 + int4 state": (torch.bfloat16, {"master_weights": "remainder8",
                                                         "state_dtype": "int4"}),
+    "bf16 + remainder + int4 state": (torch.bfloat16, {"master_weights": "remainder",
+                                                       "state_dtype": "int4"}),
 }
 
 

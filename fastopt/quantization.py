@@ -35,7 +35,8 @@ root halves the dynamic range a block must span, so an element far below its blo
 does not round to zero (which would divide its ``exp_avg`` by ``eps`` alone).
 
 Codes are the count of midpoints between neighbouring entries that lie below the value
-(``torch.bucketize``: a value on a midpoint takes the lower entry).
+(``torch.bucketize``: a value on a midpoint takes the lower entry), found by the value's top 16
+bits in a table of 65536 cells and one comparison (``encode``).
 
 Tensors under ``MIN_SIZE`` elements keep fp32 state, as bitsandbytes does: their state costs
 little and they are often the sensitive ones (norms, biases).
@@ -116,6 +117,44 @@ def tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple:
     return values, (values[1:] + values[:-1]) / 2
 
 
+@functools.lru_cache(maxsize=32)
+def cell_tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple:
+    """The encoder's lookup tables, indexed by a float's top 16 bits (sign, exponent and 7
+    mantissa bits: 65536 cells): per cell, the code of its lowest value (uint8) and the first
+    midpoint at or above that value (+inf past the last). At most one midpoint lies in a cell
+    (checked here: the table's steps are wider than a cell), so a value's code is its cell's
+    code, plus one if it is above its cell's midpoint: ``torch.bucketize``'s code exactly."""
+    _, midpoints = tables(signed, torch.device("cpu"), fmt)
+    keys = torch.arange(1 << 16, dtype=torch.int32) << 16
+    ends = (keys | 0xFFFF).view(torch.float32)
+    lowest = torch.minimum(keys.view(torch.float32), ends)
+    highest = torch.maximum(keys.view(torch.float32), ends)
+    codes = torch.bucketize(lowest, midpoints)
+    finite = highest.isfinite() & lowest.isfinite()
+    assert int((torch.bucketize(highest, midpoints) - codes)[finite].max()) <= 1
+    padded = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])
+    return codes.to(CODES).to(device), padded[codes].to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def byte_pairs(signed: bool, device: torch.device) -> Tensor:
+    """fp32 [256, 2]: the values of a byte's two 4-bit codes, low nibble first."""
+    values, _ = tables(signed, device, INT4)
+    byte = torch.arange(256, device=device)
+    return torch.stack([values[byte & 15], values[byte >> 4]], dim=1)
+
+
+def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
+    """uint8 codes of fp32 values in [-1, 1] (unsigned: [0, 1]): the nearest table entry's
+    index, a midpoint taking the lower one (``torch.bucketize``), by two lookups of the
+    value's cell (``cell_tables``) and one comparison."""
+    codes, midpoints = cell_tables(signed, normalized.device, fmt)
+    flat = normalized.reshape(-1)
+    cells = (flat.view(torch.int32) >> 16) & 0xFFFF
+    code = torch.index_select(codes, 0, cells)
+    return code.add_(flat > torch.index_select(midpoints, 0, cells)).view(normalized.shape)
+
+
 def num_blocks(numel: int, fmt: Format = INT8) -> int:
     return fmt.num_blocks(numel)
 
@@ -151,8 +190,7 @@ def quantize(values: Tensor, signed: bool, fmt: Format = INT8) -> tuple:
     padded = _blocks(flat, fmt)
     scales = padded.abs().amax(dim=1)
     normalized = padded / torch.where(scales > 0, scales, 1.0)[:, None]
-    _, midpoints = tables(signed, values.device, fmt)
-    codes = torch.bucketize(normalized, midpoints, out_int32=True).view(-1)[: flat.numel()]
+    codes = encode(normalized, signed, fmt).view(-1)[: flat.numel()]
     stored = pack(codes, fmt)
     return (stored.view(values.shape) if fmt.bits == 8 else stored), scales
 
@@ -166,7 +204,11 @@ def dequantize(codes: Tensor, scales: Tensor, signed: bool, fmt: Format = INT8,
     for size in shape:
         numel *= size
     code_values, _ = tables(signed, codes.device, fmt)
-    flat = code_values[unpack(codes, numel, fmt)]
+    if fmt.bits == 8:
+        flat = torch.index_select(code_values, 0, unpack(codes, numel, fmt))
+    else:  # each byte's pair of values at once
+        flat = torch.index_select(byte_pairs(signed, codes.device), 0,
+                                  codes.reshape(-1).int()).view(-1)[:numel]
     return (_blocks(flat, fmt) * scales[:, None]).view(-1)[:numel].view(shape)
 
 

@@ -357,7 +357,7 @@ NAMES = list(BY_NAME)
 # Registered optimizers whose reference is not a torch.optim class run step for step: their
 # own tests hold them to one (tests/test_saga.py: a SAGA written out; tests/test_precision.py:
 # 8-bit AdamW against fp32 AdamW and bitsandbytes' code tables).
-TESTED_APART = {"SAGA": "test_saga.py", "AdamW8bit": "test_precision.py", "Muon": "test_muon.py"}
+TESTED_APART = {"SAGA": "test_saga.py", "AdamW8bit": "test_quantized_state.py", "Muon": "test_muon.py"}
 
 
 def config_ids(entries) -> list:

@@ -69,6 +69,8 @@ PEERS = {
     "bitsandbytes-8bit": _bitsandbytes_8bit,  # bitsandbytes' blockwise 8-bit Adam/AdamW
     "fastopt-8bit": lambda cls, params, kw: getattr(fastopt, cls)(params, state_dtype="int8",
                                                                   **kw),
+    "fastopt-4bit": lambda cls, params, kw: getattr(fastopt, cls)(params, state_dtype="int4",
+                                                                  **kw),
 }
 # Every registered optimizer with a reference to time it against, with its usual options
 # (Muon takes matrices only, and these cases are mostly vectors: benchmarks/muon_bench.py).

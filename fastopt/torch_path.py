@@ -227,7 +227,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                 "master": masters[j].reshape(-1) if masters is not None else None}
         scales = {"m": exp_avg_scales[j], "v": exp_avg_sq_scales[j]}
         block = 0
-        for element, size in spans[j]:
+        for element, size in _block_runs(spans[j], fmt.block):
             for lo in range(0, size, precision.SLICE):  # SLICE is a whole number of blocks
                 n = min(precision.SLICE, size - lo)
                 span = slice(element + lo, element + lo + n)
@@ -240,6 +240,19 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                                       eps=eps, amsgrad=False, maximize=maximize,
                                       grad_scale=grad_scale, found_inf=found_inf))
             block += fmt.num_blocks(size)
+
+
+def _block_runs(spans: list, block: int) -> list:
+    """Params (``(offset, size)`` in a chunk) merged into runs that are one grid of blocks: a
+    param joins the run before it when it starts where that ends and every param of the run
+    is a whole number of blocks (so a slice covers many small params at once)."""
+    runs = []
+    for element, size in spans:
+        if runs and runs[-1][0] + runs[-1][1] == element and runs[-1][1] % block == 0:
+            runs[-1][1] += size
+        else:
+            runs.append([element, size])
+    return runs
 
 
 def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, rounding_seed,

@@ -160,8 +160,10 @@ def num_blocks(numel: int, fmt: Format = INT8) -> int:
 
 
 def _blocks(flat: Tensor, fmt: Format) -> Tensor:
-    """``flat`` zero-padded to whole blocks, one row per block."""
+    """``flat`` zero-padded to whole blocks (a view when they are whole), one row per block."""
     n = flat.numel()
+    if n % fmt.block == 0:
+        return flat.view(-1, fmt.block)
     return torch.nn.functional.pad(flat, (0, fmt.num_blocks(n) * fmt.block - n)).view(
         -1, fmt.block)
 
@@ -209,7 +211,10 @@ def dequantize(codes: Tensor, scales: Tensor, signed: bool, fmt: Format = INT8,
     else:  # each byte's pair of values at once
         flat = torch.index_select(byte_pairs(signed, codes.device), 0,
                                   codes.reshape(-1).int()).view(-1)[:numel]
-    return (_blocks(flat, fmt) * scales[:, None]).view(-1)[:numel].view(shape)
+    blocks = _blocks(flat, fmt)
+    blocks = blocks.mul_(scales[:, None]) if blocks.data_ptr() == flat.data_ptr() \
+        else blocks * scales[:, None]
+    return blocks.view(-1)[:numel].view(shape)
 
 
 def saved_format(codes: Tensor, numel: int) -> Format | None:

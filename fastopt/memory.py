@@ -50,7 +50,7 @@ from fastopt import registry
 from fastopt.flat import gapless, is_movable, layout_parts, local, padded_size
 from fastopt.plan import gather_pays
 from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
-from fastopt.quantization import FORMATS
+from fastopt.quantization import CODES, FORMATS
 from fastopt.torch_path import CHUNK
 
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
@@ -59,11 +59,12 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
-# them from remainders (26 beside narrow state); 22-26 for 8-bit state's decoding and encoding,
-# 27-30 for 4-bit's (its codes unpacked to int32 first);
-# 38 with stochastic rounding's hashed noise).
+# them from remainders (26 beside narrow state); 30 (8-bit) and 26 (4-bit) for quantized
+# state's decoding and encoding (the encoder's cells, int32, and their midpoints, fp32); 38
+# with stochastic rounding's hashed noise, 40 beside 4-bit state).
 SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
-                 "int8": 26, "int4": 30, "stochastic_rounding": 38}
+                 "int8": 30, "int4": 26, "stochastic_rounding": 38,
+                 "stochastic_rounding, int4": 40}
 
 
 @dataclass
@@ -248,11 +249,12 @@ def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
     elements = bucket["elements"]  # of each flat buffer, alignment padding included
     total = 0
     for name in rules.buffer_names(options, shape):
-        itemsize = rules.buffer_dtype(options, shape, name).itemsize
+        dtype = rules.buffer_dtype(options, shape, name)
+        itemsize = dtype.itemsize
         if name.endswith("_absmax") and shape.variant is not None:
             total += 4 * _blocks(bucket, shape.variant)
             continue
-        if shape.variant is not None and itemsize == 1:  # codes: 4-bit ones two to a byte
+        if shape.variant is not None and dtype == CODES:  # 4-bit codes: two to a byte
             total += elements // FORMATS[shape.variant].per_byte
             continue
         declared = rules.declaration.buffer(name)
@@ -308,7 +310,7 @@ def _slice_kind(options: dict, dtype) -> str:
     """Which row of ``SLICE_SCRATCH`` a widened slice's temporaries take."""
     master, state_dtype = options.get("master_weights"), options.get("state_dtype")
     if options.get("stochastic_rounding") and dtype == torch.bfloat16 and not master:
-        return "stochastic_rounding"
+        return "stochastic_rounding" + (", int4" if state_dtype == "int4" else "")
     if isinstance(state_dtype, str):  # quantized state
         return state_dtype
     if master in REMAINDERS:

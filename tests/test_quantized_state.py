@@ -411,3 +411,27 @@ def test_quantized_state_refuses_what_it_cannot_hold(name):
         fastopt.SGD(params, lr=0.1, momentum=0.9, state_dtype=name)
     with pytest.raises(ValueError, match="'int8' or 'int4'"):
         fastopt.AdamW(params, state_dtype="int2")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_small_params_share_slices_bit_for_bit(name, monkeypatch):
+    """The torch path merges back-to-back params of whole blocks (their grads copied together)
+    into one slice: the same params and state, bit for bit, as a slice per param. Params
+    without grads now and then split the runs."""
+    from fastopt.optimizers import adam
+
+    init = make_params([(4096,)] * 6 + [(16, 256), (4352,), (5000,), (4096,), (8192,)], seed=3)
+
+    def run(**options):
+        opt, params = quantized_run("torch", name, steps=6, init=init, **options)
+        return params, [dict(opt.state[p]) for p in params]
+
+    merged_params, merged_state = run()
+    external_params, external_state = run(flatten_params=False)  # params in their storage
+    monkeypatch.setattr(adam, "MERGE_LIMIT", 0)
+    apart_params, apart_state = run()
+    for p, q, r, a, b, c in zip(merged_params, apart_params, external_params, merged_state,
+                                apart_state, external_state):
+        assert torch.equal(p, q) and torch.equal(r, q)
+        for key in a:
+            assert torch.equal(a[key], b[key]) and torch.equal(c[key], b[key]), key

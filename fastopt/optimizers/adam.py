@@ -18,6 +18,7 @@ from fastopt.declaration import ELEMENTWISE, Buffer, Declaration, Scalar
 from fastopt.elementwise import _on
 from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
+from fastopt.plan import Chunk
 from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
@@ -62,11 +63,47 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     opt.renumber(bucket, plan)
 
 
+# Elements of small back-to-back chunks whose grads the torch path copies together (bounds the
+# copy: 256 KiB of fp32), so that many small params share one slice's ops.
+MERGE_LIMIT = 1 << 16
+
+
+def _merge_small(bucket: Bucket, chunks: list, block: int) -> list:
+    """Runs of back-to-back chunks with equal run keys (so equal steps), each param a whole
+    number of blocks but a run's last, together at most ``MERGE_LIMIT`` elements, as one chunk
+    each (their grads concatenated): its params are one grid of blocks."""
+    out, run = [], []
+
+    def close() -> None:
+        if len(run) > 1:
+            grad = torch.cat([c.grad.reshape(-1) for c in run])
+            out.append(Chunk(run[0].lo, run[-1].hi, run[0].start, run[-1].end, grad, run[0].key))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for c in chunks:
+        exact = c.grad.numel() == c.end - c.start
+        if not (run and exact and run[-1].end == c.start and run[-1].key == c.key
+                and c.end - run[0].start <= MERGE_LIMIT):
+            close()
+        if exact and c.end - c.start <= MERGE_LIMIT:
+            run.append(c)
+        else:
+            out.append(c)
+        if any((bucket.ends[k] - bucket.starts[k]) % block for k in range(c.lo, c.hi)):
+            close()  # a short last block ends the grid
+    close()
+    return out
+
+
 def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     """Blockwise quantized moments (``fastopt.quantization``): the chunks' codes, block scales
-    and block tables, in their format."""
+    and block tables, in their format (on the torch path, small chunks merged)."""
     fmt = quantization.FORMATS[bucket.variant]
     chunks = plan.chunks
+    if bucket.backend == "torch" and len(chunks) > 1 and not bucket.external:
+        chunks = _merge_small(bucket, chunks, fmt.block)
     state = bucket.state
     blocks = [slice(state.block_starts[c.lo], state.block_starts[c.hi]) for c in chunks]
     codes = {name: [state.tensors[name][c.start // fmt.per_byte:

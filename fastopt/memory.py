@@ -59,11 +59,11 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
-# them from remainders (26 beside narrow state); 30 (8-bit) and 26 (4-bit) for quantized
+# them from remainders (26 beside narrow state); 28 (8-bit) and 26 (4-bit) for quantized
 # state's decoding and encoding (the encoder's cells, int32, and their midpoints, fp32); 38
 # with stochastic rounding's hashed noise, 40 beside 4-bit state).
 SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
-                 "int8": 30, "int4": 26, "stochastic_rounding": 38,
+                 "int8": 28, "int4": 26, "stochastic_rounding": 38,
                  "stochastic_rounding, int4": 40}
 
 

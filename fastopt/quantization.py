@@ -185,13 +185,16 @@ def unpack(stored: Tensor, numel: int, fmt: Format) -> Tensor:
     return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel].int()
 
 
-def quantize(values: Tensor, signed: bool, fmt: Format = INT8) -> tuple:
+def quantize(values: Tensor, signed: bool, fmt: Format = INT8, overwrite: bool = False) -> tuple:
     """``values`` (one param, any shape) -> (codes, fp32 scales [blocks]). 8-bit codes have the
-    values' shape; 4-bit ones are flat, ``code_bytes(numel)`` bytes."""
+    values' shape; 4-bit ones are flat, ``code_bytes(numel)`` bytes. ``overwrite``: fp32
+    ``values`` the caller no longer needs are normalized in place (no copy)."""
     flat = values.reshape(-1).float()
     padded = _blocks(flat, fmt)
     scales = padded.abs().amax(dim=1)
-    normalized = padded / torch.where(scales > 0, scales, 1.0)[:, None]
+    divisor = torch.where(scales > 0, scales, 1.0)[:, None]
+    in_place = overwrite and padded.data_ptr() == values.data_ptr() and padded.is_contiguous()
+    normalized = padded.div_(divisor) if in_place else padded / divisor
     codes = encode(normalized, signed, fmt).view(-1)[: flat.numel()]
     stored = pack(codes, fmt)
     return (stored.view(values.shape) if fmt.bits == 8 else stored), scales

@@ -277,7 +277,7 @@ def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, roun
         precision.store(source, p32, **rounding)
     found_inf = options["found_inf"]
     for name, values, signed in (("m", m, True), ("v", v.sqrt_(), False)):
-        new_codes, new_scales = quantize(values, signed, fmt)
+        new_codes, new_scales = quantize(values, signed, fmt, overwrite=True)
         if found_inf is not None:  # keep the old encoding bit for bit
             skip = found_inf.to(new_codes.device) != 0
             new_codes = torch.where(skip, flat[name][codes], new_codes)

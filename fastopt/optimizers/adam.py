@@ -262,8 +262,8 @@ class Adam(FlatOptimizer):
         moment = name.removesuffix("_absmax")
         saved = entry.get(moment) if entry is not None else None
         if moment in ("exp_avg", "exp_avg_sq") and isinstance(saved, Tensor):
-            fmt = quantization.saved_format(saved, n) or fmt if saved.dtype == \
-                quantization.CODES else None
+            codes = saved.dtype == quantization.CODES
+            fmt = (quantization.saved_format(saved, n) or fmt) if codes else None
         if fmt is not None and name.endswith("_absmax"):
             return (fmt.num_blocks(n),)
         if fmt is not None and fmt.per_byte == 2 and name in ("exp_avg", "exp_avg_sq"):

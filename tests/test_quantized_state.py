@@ -413,17 +413,27 @@ def test_quantized_state_refuses_what_it_cannot_hold(name):
         fastopt.AdamW(params, state_dtype="int2")
 
 
+LEAN = {"fp32": (torch.float32, {}),
+        "bf16 + remainder": (torch.bfloat16, dict(master_weights="remainder")),
+        "bf16 + master": (torch.bfloat16, dict(master_weights=True)),
+        "bf16 + stochastic rounding": (torch.bfloat16, dict(stochastic_rounding=True))}
+
+
+@pytest.mark.parametrize("lean", LEAN)
 @pytest.mark.parametrize("name", FORMATS)
-def test_small_params_share_slices_bit_for_bit(name, monkeypatch):
+def test_small_params_share_slices_bit_for_bit(name, lean, monkeypatch):
     """The torch path merges back-to-back params of whole blocks (their grads copied together)
-    into one slice: the same params and state, bit for bit, as a slice per param. Params
-    without grads now and then split the runs."""
+    into one slice: the same params and state, bit for bit, as a slice per param, with masters
+    and stochastic rounding too. Params without grads now and then split the runs."""
     from fastopt.optimizers import adam
 
-    init = make_params([(4096,)] * 6 + [(16, 256), (4352,), (5000,), (4096,), (8192,)], seed=3)
+    dtype, lean_options = LEAN[lean]
+    shapes = [(4096,)] * 6 + [(16, 256), (4352,), (5000,), (4096,), (8192,)]
+    init = [t.to(dtype) for t in make_params(shapes, seed=3)]
 
     def run(**options):
-        opt, params = quantized_run("torch", name, steps=6, init=init, **options)
+        opt, params = quantized_run("torch", name, steps=6, init=init, **lean_options,
+                                    **options)
         return params, [dict(opt.state[p]) for p in params]
 
     merged_params, merged_state = run()

@@ -18,7 +18,7 @@ from fastopt.declaration import ELEMENTWISE, Buffer, Declaration, Scalar
 from fastopt.elementwise import _on
 from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
-from fastopt.plan import Chunk
+from fastopt.plan import Chunk, StepPlan
 from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
@@ -101,9 +101,10 @@ def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     """Blockwise quantized moments (``fastopt.quantization``): the chunks' codes, block scales
     and block tables, in their format (on the torch path, small chunks merged)."""
     fmt = quantization.FORMATS[bucket.variant]
+    if bucket.backend == "torch" and len(plan.chunks) > 1 and not bucket.external:
+        plan = StepPlan(bucket, plan.route, plan.step_runs, plan.key,
+                        _merge_small(bucket, plan.chunks, fmt.block))
     chunks = plan.chunks
-    if bucket.backend == "torch" and len(chunks) > 1 and not bucket.external:
-        chunks = _merge_small(bucket, chunks, fmt.block)
     state = bucket.state
     blocks = [slice(state.block_starts[c.lo], state.block_starts[c.hi]) for c in chunks]
     codes = {name: [state.tensors[name][c.start // fmt.per_byte:

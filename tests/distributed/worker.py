@@ -202,6 +202,60 @@ def zero(rank, opt_name, bucket_view):
         assert torch.equal(a, b), "a resumed ZeRO run must continue bit-identically"
 
 
+def quantized_model() -> torch.nn.Module:
+    """A layer large enough for quantized state (5200 elements, a short last block of both
+    formats) beside small ones that keep fp32 moments."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 400), torch.nn.Tanh(),
+                                torch.nn.Linear(400, 13), torch.nn.Tanh(), torch.nn.Linear(13, 1))
+    return model.to(DEVICE)
+
+
+def quantized(rank, state_dtype: str, wrap: str):
+    """AdamW with quantized moments under DDP (against the same optimizer in one process on
+    the mean of the ranks' grads: bit for bit) or ZeRO (state sharded by param; ranks agree,
+    and a consolidated state_dict resumes bit for bit)."""
+    def build(model):
+        kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=state_dtype)
+        if wrap == "zero":
+            return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fastopt.AdamW,
+                                           **kw)
+        return fastopt.AdamW(model.parameters(), **kw)
+
+    model = DistributedDataParallel(quantized_model())
+    opt = build(model)
+    train(model, opt, rank, STEPS)
+    check_ranks_agree(model)
+    if wrap == "ddp":  # the single-process run on the ranks' mean grads
+        single = quantized_model()
+        single_opt = fastopt.AdamW(single.parameters(), lr=1e-2, weight_decay=0.1,
+                                   state_dtype=state_dtype)
+        for step in range(STEPS):
+            single_opt.zero_grad()
+            for other in range(dist.get_world_size()):
+                x, y = batch(other, step)
+                loss = torch.nn.functional.mse_loss(single(x), y) / dist.get_world_size()
+                loss.backward()
+            single_opt.step()
+        for a, b in zip(model.module.parameters(), single.parameters()):
+            torch.testing.assert_close(a.detach(), b.detach(), **TOL)
+        quantized_state = [v for state in opt.state.values() for k, v in state.items()
+                           if k == "exp_avg_absmax"]
+        assert quantized_state, "the large layer should keep quantized moments"
+        return
+    opt.consolidate_state_dict(to=0)
+    saved = [opt.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(saved, src=0)
+    resumed_model = DistributedDataParallel(quantized_model())
+    resumed_model.module.load_state_dict(model.module.state_dict())
+    resumed = build(resumed_model)
+    resumed.load_state_dict(copy.deepcopy(saved[0]))
+    train(model, opt, rank, 3, first=STEPS)
+    train(resumed_model, resumed, rank, 3, first=STEPS)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), "a resumed ZeRO run must continue bit-identically"
+
+
 def resumes_bit_for_bit(model, build, workdir, more_steps, perturb: bool = False) -> None:
     """A fresh ``build()`` loaded from the DCP checkpoint in ``workdir`` and run for
     ``more_steps(model, opt)`` ends where ``model`` (already run as far) did, bit for bit;
@@ -411,6 +465,9 @@ SCENARIOS = {
     # the AdamW group's shards updated by the kernels (Triton's interpreter)
     "dcp-fsdp2-Muon-triton": lambda rank, workdir: muon_distributed(rank, workdir, "fsdp2",
                                                                     "triton"),
+    "ddp-AdamW-int8": lambda rank, workdir: quantized(rank, "int8", "ddp"),
+    "zero-AdamW-int4": lambda rank, workdir: quantized(rank, "int4", "zero"),
+    "ddp-AdamW-int4": lambda rank, workdir: quantized(rank, "int4", "ddp"),
 }
 # The Triton kernels run on CPU tensors only through Triton's interpreter.
 NEEDS_INTERPRETER = {name for name in SCENARIOS if name.endswith("-triton")}

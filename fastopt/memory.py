@@ -51,6 +51,7 @@ from fastopt.flat import gapless, is_movable, layout_parts, local, padded_size
 from fastopt.plan import gather_pays
 from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
 from fastopt.quantization import CODES, FORMATS
+from fastopt.quantization import SLICE as QUANTIZED_SLICE
 from fastopt.torch_path import CHUNK
 
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
@@ -59,12 +60,14 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
-# them from remainders (26 beside narrow state); 28 (8-bit) and 26 (4-bit) for quantized
-# state's decoding and encoding (the encoder's cells, int32, and their midpoints, fp32); 38
-# with stochastic rounding's hashed noise, 40 beside 4-bit state).
+# them from remainders (26 beside narrow state); 38 with stochastic rounding's hashed noise.
+# Quantized state decodes, steps and encodes slices of quantization.SLICE elements (the
+# encoder's cells, int32, and their midpoints, fp32): 26 bytes for 4-bit, 43 beside stochastic
+# rounding; 40 for 8-bit beside remainders, where with in_backward the next grad arriving
+# overlaps a step's slice).
 SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
-                 "int8": 28, "int4": 26, "stochastic_rounding": 38,
-                 "stochastic_rounding, int4": 40}
+                 "int8": 40, "int4": 26, "stochastic_rounding": 38,
+                 "stochastic_rounding, int4": 43}
 
 
 @dataclass
@@ -219,7 +222,7 @@ def _count_bucket(entry: DeviceMemory, rules, group_options: dict, bucket: dict,
     allocates and frees (buckets step one after another: the device holds the largest)."""
     shape = SimpleNamespace(dtype=dtype, variant=variant)
     entry.state_bytes += _state_bytes(rules, group_options, bucket, shape)
-    kept, step_scratch = _scratch_bytes(rules, group_options, bucket, where, dtype)
+    kept, step_scratch = _scratch_bytes(rules, group_options, bucket, where, dtype, variant)
     entry.scratch_bytes += kept
     if variant is not None:
         entry.scratch_bytes += 16 * _blocks(bucket, variant)  # the int64 block table
@@ -267,7 +270,8 @@ def _state_bytes(rules, options: dict, bucket: dict, shape) -> int:
     return total + 4 * rules.declaration.table_width(options) * bucket["count"]
 
 
-def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tuple:
+def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype,
+                   variant=None) -> tuple:
     """(kept, temporaries) of one bucket's step: the flat grad buffer (kept grads are laid
     out into it while autograd's are still live), and what the update allocates and frees."""
     kept = bucket["elements"] * dtype.itemsize if _keeps_grad_buffer(rules, options, bucket,
@@ -302,7 +306,8 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype) -> tu
         largest = bucket["largest"] // dtype.itemsize
         if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
             largest = min(CHUNK, largest)
-        scratch += SLICE_SCRATCH[_slice_kind(options, dtype)] * min(SLICE, largest)
+        scratch += SLICE_SCRATCH[_slice_kind(options, dtype)] * min(
+            QUANTIZED_SLICE if variant is not None else SLICE, largest)
     return kept, scratch
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastopt import precision
-from fastopt.quantization import FORMATS, dequantize, quantize
+from fastopt.quantization import FORMATS, SLICE, dequantize, quantize
 
 
 def count_adam_steps(step_rows: list, *, lr, beta1: float, beta2: float) -> None:
@@ -215,7 +215,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
                      rounding_seed=None, offsets=None, code_bits=8) -> None:
     """Adam / AdamW with blockwise quantized moments (``fastopt.quantization``, ``code_bits``
     8 or 4): for each param of each chunk (``spans``: each param's offset in the chunk and its
-    size), in slices of ``precision.SLICE`` elements (whole blocks), decode the moments to
+    size), in slices of ``quantization.SLICE`` elements (whole blocks), decode the moments to
     fp32, run torch's fused step, encode them again. ``exp_avgs``/``exp_avg_sqs`` hold each
     chunk's codes (4-bit: two to a byte, from the chunk's start), ``exp_avg_sqs`` those of
     sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host)."""
@@ -228,8 +228,8 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
         scales = {"m": exp_avg_scales[j], "v": exp_avg_sq_scales[j]}
         block = 0
         for element, size in _block_runs(spans[j], fmt.block):
-            for lo in range(0, size, precision.SLICE):  # SLICE is a whole number of blocks
-                n = min(precision.SLICE, size - lo)
+            for lo in range(0, size, SLICE):  # SLICE is a whole number of blocks
+                n = min(SLICE, size - lo)
                 span = slice(element + lo, element + lo + n)
                 blocks = slice(block + lo // fmt.block, block + lo // fmt.block
                                + fmt.num_blocks(n))

@@ -19,7 +19,8 @@ layout will hold for a given set of params, optimizer and options:
 - ``scratch_bytes``: what a step of the default loop (``zero_grad()`` between steps) adds:
   the flat grad buffer where fresh grads are gathered into one and it is kept (the Triton path
   of an optimizer whose kernels cannot read grads by address; many small fp32 tensors on a
-  CPU, ``fastopt.plan.gather_pays``), quantized state's block table (16 bytes per block),
+  CPU, ``fastopt.plan.gather_pays``), quantized state's block table (16 bytes per block) and,
+  on a CPU, its encoder's tables (``quantization.TABLE_BYTES`` per sign),
   and the largest bucket's temporaries on the CPU torch path (fp16/bf16 SGD, SAGA, widened
   slices for master weights / narrow or 8-bit state, measured per element: ``SLICE_SCRATCH``);
 - ``layout_bytes``: what building the optimizer holds twice, the largest bucket's params (they
@@ -50,7 +51,7 @@ from fastopt import registry
 from fastopt.flat import gapless, is_movable, layout_parts, local, padded_size
 from fastopt.plan import gather_pays
 from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
-from fastopt.quantization import CODES, FORMATS
+from fastopt.quantization import CODES, FORMATS, TABLE_BYTES
 from fastopt.quantization import SLICE as QUANTIZED_SLICE
 from fastopt.torch_path import CHUNK
 
@@ -60,14 +61,10 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
-# them from remainders (26 beside narrow state); 38 with stochastic rounding's hashed noise.
-# Quantized state decodes, steps and encodes slices of quantization.SLICE elements (the
-# encoder's cells, int32, and their midpoints, fp32): 26 bytes for 4-bit, 43 beside stochastic
-# rounding; 40 for 8-bit beside remainders, where with in_backward the next grad arriving
-# overlaps a step's slice).
+# them from remainders (26 beside narrow state); 38 with stochastic rounding's hashed noise;
+# 26 for quantized state's decoding and encoding, in slices of quantization.SLICE elements).
 SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
-                 "int8": 40, "int4": 26, "stochastic_rounding": 38,
-                 "stochastic_rounding, int4": 43}
+                 "int8": 26, "int4": 26, "stochastic_rounding": 38}
 
 
 @dataclass
@@ -226,6 +223,8 @@ def _count_bucket(entry: DeviceMemory, rules, group_options: dict, bucket: dict,
     entry.scratch_bytes += kept
     if variant is not None:
         entry.scratch_bytes += 16 * _blocks(bucket, variant)  # the int64 block table
+        if torch.device(where).type == "cpu":  # the encoder's tables (built once per process)
+            step_scratch += 2 * TABLE_BYTES
     return step_scratch
 
 
@@ -315,7 +314,7 @@ def _slice_kind(options: dict, dtype) -> str:
     """Which row of ``SLICE_SCRATCH`` a widened slice's temporaries take."""
     master, state_dtype = options.get("master_weights"), options.get("state_dtype")
     if options.get("stochastic_rounding") and dtype == torch.bfloat16 and not master:
-        return "stochastic_rounding" + (", int4" if state_dtype == "int4" else "")
+        return "stochastic_rounding"
     if isinstance(state_dtype, str):  # quantized state
         return state_dtype
     if master in REMAINDERS:

@@ -81,7 +81,6 @@ class Format:
 INT8 = Format("int8", 8, 256)
 INT4 = Format("int4", 4, 128)
 FORMATS = {f.name: f for f in (INT8, INT4)}
-BLOCK = INT8.block  # the 8-bit block (kept for callers that mean it)
 
 
 def _decades(levels: int, top_bits: int, centres: bool = False) -> list:
@@ -148,6 +147,24 @@ def byte_pairs(signed: bool, device: torch.device) -> Tensor:
     return torch.stack([values[byte & 15], values[byte >> 4]], dim=1)
 
 
+TABLE_BYTES = (1 << 16) * 5  # one sign's cell_tables: a uint8 code and an fp32 midpoint a cell
+
+
+def build_tables(fmt: Format, device: torch.device) -> None:
+    """Make ``fmt``'s encoder tables on ``device`` now (the CPU path builds them when a bucket
+    is laid out, so that their build's temporaries never meet a step's)."""
+    for signed in (True, False):
+        cell_tables(signed, device, fmt)
+        if fmt.bits == 4:
+            byte_pairs(signed, device)
+
+
+def clear_tables() -> None:
+    """Forget every table made (a cold start: ``benchmarks/cold_memory.py``)."""
+    for cached in (cell_tables, tables, byte_pairs):
+        cached.cache_clear()
+
+
 def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
     """uint8 codes of fp32 values in [-1, 1] (unsigned: [0, 1]): the nearest table entry's
     index, a midpoint taking the lower one (``torch.bucketize``), by two lookups of the
@@ -157,10 +174,6 @@ def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
     cells = (flat.view(torch.int32) >> 16) & 0xFFFF
     code = torch.index_select(codes, 0, cells)
     return code.add_(flat > torch.index_select(midpoints, 0, cells)).view(normalized.shape)
-
-
-def num_blocks(numel: int, fmt: Format = INT8) -> int:
-    return fmt.num_blocks(numel)
 
 
 def _blocks(flat: Tensor, fmt: Format) -> Tensor:

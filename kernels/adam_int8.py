@@ -263,33 +263,34 @@ def _adam_int8_elements(
                 seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
 
     # exp_avg's codes, then exp_avg_sq's: one moment's encoding live at a time
-    magnitude = tl.abs(exp_avg)
+    _encode(exp_avg, m_codes_ptr, m_scales_ptr, signed_midpoints_ptr, signed_guesses_ptr,
+            code_offsets, code_mask, mask, rows, rows_ok, True, CODE_BITS, ROWS_PER_PROGRAM,
+            QBLOCK)
+    _encode(tl.sqrt_rn(exp_avg_sq), v_codes_ptr, v_scales_ptr, unsigned_midpoints_ptr,
+            unsigned_guesses_ptr, code_offsets, code_mask, mask, rows, rows_ok, False,
+            CODE_BITS, ROWS_PER_PROGRAM, QBLOCK)
+
+
+@triton.jit
+def _encode(values, codes_ptr, scales_ptr, midpoints_ptr, guesses_ptr, code_offsets, code_mask,
+            mask, rows, rows_ok, SIGNED: tl.constexpr, CODE_BITS: tl.constexpr,
+            ROWS_PER_PROGRAM: tl.constexpr, QBLOCK: tl.constexpr):
+    """Store one moment's block scales (largest magnitude of each block's elements at
+    ``mask``) and each element's code of ``values`` over its block's scale."""
+    magnitude = tl.abs(values)
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
-    m_row_scale, m_scale = _block_max(magnitude, ROWS_PER_PROGRAM, QBLOCK)
-    normalized = tl.div_rn(exp_avg, tl.where(m_scale > 0, m_scale, 1.0))
+    row_scale, scale = _block_max(magnitude, ROWS_PER_PROGRAM, QBLOCK)
+    normalized = tl.div_rn(values, tl.where(scale > 0, scale, 1.0))
+    midpoints = tl.load(midpoints_ptr + tl.arange(0, 1 << CODE_BITS))
     if CODE_BITS == 8:
-        m_code = _nearest(normalized, tl.load(signed_midpoints_ptr + entries),
-                          tl.load(signed_guesses_ptr + tl.arange(0, GUESSES)), True)
+        code = _nearest(normalized, midpoints, tl.load(guesses_ptr + tl.arange(0, GUESSES)),
+                        SIGNED)
     else:
-        m_code = _nearest16(normalized, tl.load(signed_midpoints_ptr + entries))
-    _store_codes(m_codes_ptr, code_offsets, code_mask, m_code, mask, CODE_BITS,
+        code = _nearest16(normalized, midpoints)
+    _store_codes(codes_ptr, code_offsets, code_mask, code, mask, CODE_BITS,
                  ROWS_PER_PROGRAM * QBLOCK)
-    tl.store(m_scales_ptr + rows, m_row_scale, mask=rows_ok)
-
-    root = tl.sqrt_rn(exp_avg_sq)
-    if mask is not None:
-        root = tl.where(mask, root, 0.0)
-    v_row_scale, v_scale = _block_max(root, ROWS_PER_PROGRAM, QBLOCK)
-    normalized = tl.div_rn(root, tl.where(v_scale > 0, v_scale, 1.0))
-    if CODE_BITS == 8:
-        v_code = _nearest(normalized, tl.load(unsigned_midpoints_ptr + entries),
-                          tl.load(unsigned_guesses_ptr + tl.arange(0, GUESSES)), False)
-    else:
-        v_code = _nearest16(normalized, tl.load(unsigned_midpoints_ptr + entries))
-    _store_codes(v_codes_ptr, code_offsets, code_mask, v_code, mask, CODE_BITS,
-                 ROWS_PER_PROGRAM * QBLOCK)
-    tl.store(v_scales_ptr + rows, v_row_scale, mask=rows_ok)
+    tl.store(scales_ptr + rows, row_scale, mask=rows_ok)
 
 
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,

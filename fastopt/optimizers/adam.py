@@ -251,6 +251,8 @@ class Adam(FlatOptimizer):
                 "checkpoints; use state_dtype=torch.bfloat16 there"
             )
         fmt = QUANTIZED[bucket.variant]
+        if bucket.device.type == "cpu":
+            quantization.build_tables(fmt, bucket.device)
         bucket.state.add_block_table(fmt.block)
         if fmt.per_byte == 2:
             bucket.state.nibbles.update(("exp_avg", "exp_avg_sq"))

@@ -58,7 +58,13 @@ KERNELS = {  # short name -> (module, kernel)
     # every declared elementwise optimizer: the skeleton with its per-element function (the
     # constexpr MATH, recorded as "module:function")
     "elementwise": ("fastopt.kernels.elementwise", "_elementwise_kernel"),
+    # Adafactor's passes (fastopt.kernels.adafactor): the tiles' and the per-param ones
+    "adafactor_stats": ("fastopt.kernels.adafactor", "_stats_kernel"),
+    "adafactor_factors": ("fastopt.kernels.adafactor", "_factors_kernel"),
+    "adafactor_tiles": ("fastopt.kernels.adafactor", "_tiles_kernel"),
+    "adafactor_coefficients": ("fastopt.kernels.adafactor", "_coefficients_kernel"),
 }
+TILE_KERNELS = ("adafactor_stats", "adafactor_tiles")  # a program per tile of a matrix
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 
 
@@ -85,6 +91,13 @@ def streams(kernel: str, constexprs: dict) -> list:
     elif kernel == "elementwise":
         out = [("param_ptr", "LS"), ("grad_ptr", "L")]
         out += [(f"b{k}_ptr", "LS") for k in range(4) if c.get("BUFFERS", 0) >> k & 1]
+    elif kernel == "adafactor_stats":  # a matrix's (a vector's: the param alone)
+        return [("param_ptr", "L"), ("grad_ptr", "L")] + (
+            [("master_ptr", "L")] if c.get("HAS_MASTER") else [])
+    elif kernel == "adafactor_tiles":
+        if not c.get("APPLY"):
+            return [("grad_ptr", "L")]
+        out = [("param_ptr", "LS"), ("grad_ptr", "L")]
     else:
         return []
     if c.get("HAS_MASTER"):
@@ -95,6 +108,9 @@ def streams(kernel: str, constexprs: dict) -> list:
 def elements_per_program(kernel: str, constexprs: dict) -> int:
     if kernel == "adam_int8":
         return constexprs["ROWS_PER_PROGRAM"] * constexprs["QBLOCK"]
+    if kernel in TILE_KERNELS:
+        from fastopt.kernels import adafactor
+        return adafactor.TILE_ROWS.value * adafactor.TILE_COLS.value
     return constexprs.get("BLOCK_SIZE", 0)
 
 
@@ -389,7 +405,29 @@ def gpu_variants() -> list:
                     ROWS_PER_PROGRAM=adam_int8.rows_per_program(fmt, master),
                     QBLOCK=fmt.block, CODE_BITS=fmt.bits), _INTS["adam_int8"],
                 adam_int8.NUM_WARPS))
-    return out + elementwise_variants()
+    return out + elementwise_variants() + adafactor_variants()
+
+
+def adafactor_variants() -> list:
+    """Adafactor's four kernels in each storage a GPU run takes: fp32; bf16 state; bf16 and
+    fp16 params with fp32 masters, a clip's grad divisor and a weight decay."""
+    out = []
+    for param, state, master in (("fp32", "fp32", False), ("fp32", "bf16", False),
+                                 ("bf16", "fp32", True), ("fp16", "bf16", True),
+                                 ("bf16", "bf16", False)):
+        dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param, "master_ptr": "*fp32",
+                  "row_var_ptr": "*" + state, "col_var_ptr": "*" + state,
+                  "variance_ptr": "*" + state, "info_ptr": "*i64", "tile_ptr": "*i32"}
+        flags = dict(HAS_MASTER=master, HAS_GRAD_SCALE=master)
+        out.append(_variant("adafactor_stats", dtypes, flags))
+        for apply in (False, True):
+            out.append(_variant("adafactor_tiles", dtypes, dict(
+                flags, HAS_DECAY=master, APPLY=apply), num_warps=8 if apply else 4))
+        out.append(_variant("adafactor_factors", dtypes, {}))
+    out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"}, dict(MAXIMIZE=False)))
+    for spec in out:
+        spec["enable_fp_fusion"] = False
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +636,8 @@ def analyse(result: dict, machine: dict = H100) -> dict:
     # The aligned layout: every stream 16-byte aligned and, for a flat launch, an element
     # count divisible by 16 (a table launch masks by the slot sizes in its tables instead).
     aligned = all(p in spec["divisible"] for p, _ in stream_list) and (
-        kernel == "adam_int8" or c.get("GRAD_TABLE") or "n_elements" in spec["divisible"])
+        kernel == "adam_int8" or kernel in TILE_KERNELS or c.get("GRAD_TABLE")
+        or "n_elements" in spec["divisible"])
     if aligned:  # each stream in the widest accesses its per-thread bytes allow (16 at most)
         for what, kind, counts in (("load", "L", result["loads"]),
                                    ("store", "S", result["stores"])):

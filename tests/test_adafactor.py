@@ -4,7 +4,7 @@ scalars the GPU path keeps (run here on CPU tensors)."""
 
 import pytest
 import torch
-from helpers import compare_runs, make_params
+from helpers import compare_runs, interpreter_ready, make_params
 
 import fastopt
 from fastopt.optimizers import adafactor
@@ -130,3 +130,112 @@ def test_device_scalars_equal_the_host_path(options, monkeypatch):
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=2e-7)
     for p, q in zip(*runs):
         torch.testing.assert_close(p.detach(), q.detach(), **tol)
+
+
+# The Triton kernels (fastopt.kernels.adafactor), run on CPU tensors under the interpreter:
+# matrices in whole tiles (64 x 128, a batch of two 64 x 64), in masked ones (70 x 130, a
+# conv's 3 x 3 matrices), vectors over several tiles, and a param on its own.
+KERNEL_SHAPES = [(64, 128), (70,), (2, 64, 64), (70, 130), (8, 2, 3, 3), (4097,), (), (1, 17)]
+needs_interpreter = pytest.mark.skipif(not interpreter_ready(),
+                                       reason="the kernels need TRITON_INTERPRET=1 and Triton")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The entries the kernels stepped (each a call of ``adafactor_update``)."""
+    from fastopt.kernels import adafactor as kernel
+
+    calls = []
+    launch = kernel.adafactor_update
+
+    def counted(*args, **kwargs):
+        calls.append(args[5].tiles)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "adafactor_update", counted)
+    return calls
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05), dict(lr=0.02, weight_decay=0.1, maximize=True,
+                                                          d=1.5, beta2_decay=-0.5),
+                                    dict(lr=torch.tensor(0.03), eps=(1e-30, 1e-3))],
+                         ids=["plain", "decay-maximize-d", "tensor-lr-tiny-eps1"])
+def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
+    compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton")
+    # one call an entry a step (params without grads split the entries)
+    tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1  # KERNEL_SHAPES in 64 x 64 tiles
+    assert kernel_calls == [tiles] * 6
+    compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton",
+                 skip=lambda step, i: (step + i) % 3 == 0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("options", [dict(master_weights=True), dict(state_dtype=torch.bfloat16),
+                                     dict(max_grad_norm=1.0, weight_decay=0.1)],
+                         ids=["bf16-masters", "bf16-state", "clipped"])
+def test_kernels_equal_the_torch_path_on_lean_options(options, kernel_calls):
+    dtype = torch.bfloat16 if "master_weights" in options else torch.float32
+    init = [t.to(dtype) for t in make_params(KERNEL_SHAPES, seed=9)]
+    runs = []
+    for backend in ("torch", "triton"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = fastopt.Adafactor(params, lr=0.05, backend=backend, **options)
+        gen = torch.Generator().manual_seed(10)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        runs.append((params, opt))
+    assert len(kernel_calls) == 4
+    # bf16 params: one bf16 rounding of the same fp32 master apart at most
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=2e-7)
+    (ours, ours_opt), (theirs, theirs_opt) = runs
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(q.detach(), p.detach(), **tol)
+        for name, value in ours_opt.state[p].items():
+            torch.testing.assert_close(theirs_opt.state[q][name].float(), value.float(),
+                                       rtol=1e-2 if value.dtype == torch.bfloat16 else 2e-6,
+                                       atol=1e-6)
+
+
+@needs_interpreter
+def test_kernels_follow_a_param_changed_outside_the_optimizer():
+    # bf16 params with fp32 masters: a param clamped between steps is taken as it is (its
+    # master is not the clamped value rounded any more), as the elementwise kernels take it
+    params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in make_params([(64, 64)], seed=2)]
+    opt = fastopt.Adafactor(params, lr=0.05, master_weights=True, backend="triton")
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    with torch.no_grad():
+        params[0].clamp_(-0.5, 0.5)
+    clamped = params[0].detach().float().clone()
+    opt.step()
+    master = opt.state[params[0]]["master_param"]
+    change = (master - clamped).abs().max()
+    assert change < 0.05 * 4  # one step of at most ~lr * RMS from the clamped values
+    assert params[0].detach().abs().max() < 0.5 + change + 1e-2
+
+
+def test_the_tiles_cover_every_element_once():
+    pytest.importorskip("triton")
+    from fastopt.kernels import adafactor as kernel
+
+    params = [(0, 70 * 130, (70, 130), 0, 0, None), (70 * 130 + 60, 4097, (4097,), None, None, 0),
+              (20000, 8 * 18, (8, 2, 3, 3), 128, 128, None)]
+    tiles = kernel.make_tiles(params, torch.device("cpu"))
+    info, table = tiles.info, tiles.tile
+    assert tiles.tiles == 2 * 3 + 2 + 8 * 2 and tiles.params == 3
+    assert (tiles.wide_rows, tiles.wide_cols, tiles.means) == (70 + 16 * 3, 130 + 16 * 3, 1 + 16)
+    covered = set()
+    for param, batch, row_tile, col_tile in table.tolist():
+        row = info[param].tolist()
+        start, numel, rows, cols = row[kernel.START], row[kernel.NUMEL], row[kernel.ROWS], \
+            row[kernel.COLS]
+        for r in range(row_tile * 64, min(rows, row_tile * 64 + 64)):
+            for c in range(col_tile * 64, min(cols, col_tile * 64 + 64)):
+                offset = batch * rows * cols + r * cols + c
+                if offset < numel:
+                    assert (param, offset) not in covered
+                    covered.add((param, offset))
+    assert len(covered) == 70 * 130 + 4097 + 8 * 18

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from fastopt.clipping import kept_where_found_inf
 from fastopt.declaration import Buffer, Declaration, Scalar
+from fastopt.dispatch import requested_backend
 from fastopt.optimizer import FlatOptimizer
 from fastopt.precision import REMAINDERS
 from fastopt.state import MASTER
@@ -90,13 +91,58 @@ def _update_all(group: dict, bucket, plan, grad_scale, host: bool) -> None:
     masters = bucket.state.tensors.get(MASTER)
     settings = _Settings(group, bucket.dtype if masters is None else masters.dtype, grad_scale,
                          host)
+    kernel = bucket.backend == "triton" and not bucket.external
     for chunk in plan.chunks:
         step = float(steps[chunk.lo]) if host else steps[chunk.lo]
+        if kernel:
+            _kernel_entry(bucket, chunk, settings, table[chunk.lo, 0], masters)
+            continue
         _update_entry(bucket, chunk, settings, step, masters)
         if masters is not None:  # each param: its master rounded to nearest
             for piece, master in zip(bucket.pieces("param", [chunk]),
                                      bucket.pieces(MASTER, [chunk])):
                 piece.copy_(master)
+
+
+def _kernel_entry(bucket, chunk, s: _Settings, step: Tensor, masters: Tensor | None) -> None:
+    """Params ``chunk.lo:chunk.hi`` in five launches (``fastopt.kernels.adafactor``), their
+    grads in the flat grad buffer, ``step`` their 0-d step count on the device."""
+    from fastopt.kernels import adafactor as kernel
+
+    key = ("adafactor-tiles", chunk.lo, chunk.hi)
+    tiles = bucket.real_views.get(key)
+    if tiles is None:
+        packed = bucket.state.packed
+
+        def offset(name: str, i: int):
+            slot = packed.get(name, [None] * (i + 1))[i]
+            return None if slot is None else slot[0]
+
+        tiles = bucket.real_views[key] = kernel.make_tiles(
+            [(bucket.starts[i] - chunk.start, bucket.ends[i] - bucket.starts[i],
+              tuple(bucket.param_shapes[i]), offset("row_var", i), offset("col_var", i),
+              offset("variance", i))
+             for i in range(chunk.lo, chunk.hi) if bucket.ends[i] > bucket.starts[i]],
+            bucket.device)
+    state = bucket.state.tensors
+    flat = bucket.flat[chunk.start :]
+    kernel.adafactor_update(
+        flat, chunk.grad.reshape(-1), state.get("row_var", flat), state.get("col_var", flat),
+        state.get("variance", flat), tiles, _device_scalars(step, s), eps1=s.eps1, eps2=s.eps2,
+        d=s.d, maximize=s.maximize, decay=s.weight_decay != 0, grad_scale=s.grad_scale,
+        master=None if masters is None else masters[chunk.start :])
+
+
+def _device_scalars(step: Tensor, s: _Settings) -> Tensor:
+    """fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` from the 0-d ``step`` on the
+    device, computed in double as torch.optim computes them from Python floats (no sync)."""
+    t = step.double()
+    lr = s.lr.to(t.device, torch.float64) if isinstance(s.lr, Tensor) else s.lr
+    rho = torch.minimum(lr, t.rsqrt()) if isinstance(lr, Tensor) else t.rsqrt().clamp_(max=lr)
+    decay = 1 - lr * s.weight_decay
+    if not isinstance(decay, Tensor):
+        decay = torch.tensor(decay, dtype=torch.float64, device=t.device)
+    return torch.stack([t ** s.beta2_decay, rho, decay]).float()
 
 
 def _on_host(bucket) -> bool:
@@ -368,6 +414,40 @@ def _entry_plan(bucket, chunk) -> _EntryPlan:
     return plan
 
 
+def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) -> int | None:
+    """Bytes a step on the Triton kernels allocates (``fastopt.memory``): the workspace of
+    ``fastopt.kernels.adafactor`` (with ``in_backward``, the largest step group's), its
+    tables and the step's scalars. None where the torch ops run (fastopt.memory's rules)."""
+    if device_type != "cuda" or dtype == torch.float64 \
+            or requested_backend(options.get("backend", "auto")) == "torch":
+        return None
+    try:
+        from fastopt.kernels import adafactor as kernel
+    except ImportError:  # no Triton: the torch ops
+        return None
+    shapes = [tuple(s) for s in bucket["shapes"] if math.prod(s)]
+    bounds = [(0, len(shapes))]
+    if options.get("in_backward"):
+        from fastopt.in_backward import group_bounds
+
+        bounds = group_bounds([math.prod(s) * dtype.itemsize for s in shapes])
+    return max((_kernel_bytes(kernel, shapes[lo:hi]) for lo, hi in bounds), default=0)
+
+
+def _kernel_bytes(kernel, shapes: list) -> int:
+    """The workspace, tables and scalars of one entry of params of ``shapes`` (nonempty)."""
+    tiles = sum(kernel.tile_count(math.prod(s), s) for s in shapes)
+    matrices = [(math.prod(s[:-2]), s[-2], s[-1]) for s in shapes if len(s) >= 2]
+    workspace = kernel.workspace_elements(tiles, len(shapes), sum(b * r for b, r, _ in matrices),
+                                          sum(b * c for b, _, c in matrices),
+                                          sum(b for b, _, _ in matrices))
+    tables = len(shapes) * kernel.INFO.value * 8 + tiles * 4 * 4
+    return 4 * workspace + tables + SCALAR_TEMPORARIES * 512
+
+
+SCALAR_TEMPORARIES = 8  # _device_scalars' small tensors (a 512-byte block each on a GPU)
+
+
 DECLARATION = Declaration(
     buffers=(Buffer("row_var", shape=_row_shape), Buffer("col_var", shape=_col_shape),
              Buffer("variance", shape=_vector_shape)),
@@ -382,6 +462,7 @@ DECLARATION = Declaration(
     cost="adafactor",
     by_address=False,
     whole_params=True,
+    scratch=_scratch,
 )
 
 

@@ -1,0 +1,403 @@
+"""Adafactor's step (``torch.optim.Adafactor``) in five launches per entry, whatever its params.
+
+Every param is seen as ``B`` matrices of ``R x C`` (a param of rank two or more: its last two
+dimensions; a vector: rows of ``TILE_COLS`` elements, ``B = 1``) cut into tiles of
+``TILE_ROWS x TILE_COLS``, and each tile is one program of the tile passes. Its math needs
+four reductions over a whole param or a whole row or column: the param's norm, the grad's
+squares per row and per column, the mean of the row statistics, and the update's norm. Each
+is summed per tile first, then the tiles' sums in a fixed order: no atomics, so the step is
+deterministic. With :math:`G` the grad (divided by ``grad_scale``), :math:`w = 1 - \\hat\\beta_t`
+and :math:`\\rho_t` (the host's ``scalars``):
+
+1. ``_stats``: per tile, :math:`\\sum \\theta^2`; for a matrix, the row and column sums of
+   :math:`G^2` over the tile.
+2. ``_factors`` (a program per param): :math:`\\alpha = \\max(\\epsilon_2,
+   \\operatorname{RMS}(\\theta))\\rho_t`; for each of its matrices
+   :math:`R \\leftarrow R + w(\\operatorname{mean}_{-1} G^2 - R)`, the same for :math:`C`, and
+   :math:`\\operatorname{mean}_{-2} R`. The updated statistics are stored in the state (in its
+   dtype) and in fp32 beside it, which the next passes read (as torch.optim's own math does).
+3. ``_tiles`` without ``APPLY``: per tile, :math:`\\sum U^2` of the update
+   :math:`U = G/\\sqrt{\\max(\\hat V, \\epsilon_1^2)}`, :math:`\\hat V = RC/\\max(\\operatorname
+   {mean}_{-2}R, \\epsilon_1)` (a vector: :math:`\\hat V = V + w(G^2 - V)`).
+4. ``_coefficients`` (a program per param): :math:`c = -\\alpha/\\max(1, \\operatorname{RMS}(U)
+   /d)` (positive for ``maximize``).
+5. ``_tiles`` with ``APPLY``: :math:`U` again, the same ops, then
+   :math:`\\theta \\leftarrow \\theta(1-\\gamma\\lambda) + cU` (a vector's :math:`V` stored).
+
+A step moves 24 bytes an fp32 element (the grad read three times, the param twice and written
+once) where one pass would move 12: the update's norm is needed before any element moves.
+Ops round as torch.optim's do (``kernels/ops.py``): ``lerp`` on either side, ``1/sqrt`` as
+two correctly rounded ops, ``add_(alpha=)`` as one fma. Kernels know pointers, sizes and
+scalars only: the host gives them a table per param (``INFO`` int64 columns) and the param of
+each tile.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+
+from .ops import fma, lerp
+from .rounding import load_param, store_param, to_storage
+
+TILE_ROWS = tl.constexpr(64)
+TILE_COLS = tl.constexpr(64)
+REDUCE = tl.constexpr(512)  # elements a per-param program sums at once
+# No multiply-add is fused but those the math spells out (``kernels/ops.py``).
+LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
+# A thread takes 32 elements of a tile, 16 in the pass that updates the params (its registers)
+APPLY_LAUNCH = dict(LAUNCH, num_warps=8)
+# The per-param table's int64 columns: the param's first element (from the entry's), its
+# elements, rows, columns and matrices (a vector: rows of TILE_COLS, one matrix), factored or
+# not, its packed state's offsets, its tiles, and its statistics' offsets in the workspace.
+COLUMNS = ("start", "numel", "rows", "cols", "batches", "factored", "row_var", "col_var",
+           "variance", "first_tile", "tiles", "col_tiles", "wide_rows", "wide_cols", "means")
+START, NUMEL, ROWS, COLS, BATCHES, FACTORED, ROW_VAR, COL_VAR, VARIANCE, FIRST_TILE, TILES, \
+    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS = (tl.constexpr(k) for k in range(len(COLUMNS)))
+INFO = tl.constexpr(16)
+# The fp32 scalars the host computes once per step (``scalars``): 1 - beta2_t, rho_t, and the
+# weight decay's factor 1 - lr * weight_decay.
+ONE_MINUS_BETA2, RHO, DECAY = (tl.constexpr(k) for k in range(3))
+
+
+@triton.jit
+def _tile(tile_ptr, info_ptr):
+    """This program's tile (its row of ``tile``): its param, that param's row of ``info``, the
+    tile's rows and columns, its elements' offsets from the param's start and their mask,
+    whether it is whole (every element inside, rows a multiple of 16 elements apart), its
+    matrix, and the matrix's rows and columns."""
+    tile = tile_ptr + tl.program_id(0) * 4
+    p = tl.load(tile).to(tl.int64)
+    info = info_ptr + p * INFO
+    n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
+    batch = tl.load(tile + 1).to(tl.int64)
+    row0 = tl.load(tile + 2).to(tl.int64) * TILE_ROWS
+    col0 = tl.load(tile + 3).to(tl.int64) * TILE_COLS
+    rows = row0 + tl.arange(0, TILE_ROWS)
+    cols = col0 + tl.arange(0, TILE_COLS)
+    first = batch * n_rows * n_cols
+    offsets = first + rows[:, None] * n_cols + cols[None, :]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols) & (offsets < tl.load(info + NUMEL))
+    whole = (row0 + TILE_ROWS <= n_rows) & (col0 + TILE_COLS <= n_cols) \
+        & (first + n_rows * n_cols <= tl.load(info + NUMEL)) & (n_cols % 16 == 0)
+    return p, info, rows, cols, offsets, mask, whole, batch, n_rows, n_cols
+
+
+@triton.jit
+def _aligned(info, offsets):
+    """A whole tile's offsets in the flat buffers (``offsets``: from its param's start), with
+    what the compiler may assume of them (rows of 64 contiguous elements, each starting on a
+    multiple of 16: the param's slot is 64-aligned, its columns a multiple of 16), so that
+    its accesses are 16-byte vectors."""
+    flat = tl.load(info + START) + offsets
+    return tl.max_contiguous(tl.multiple_of(flat, [16, 16]), [1, TILE_COLS])
+
+
+@triton.jit
+def _total(x):
+    """The sum of a tile (in an order of the compiler's, the same every run)."""
+    return tl.sum(tl.reshape(x, [TILE_ROWS * TILE_COLS]), axis=0)
+
+
+@triton.jit
+def _load(ptrs, mask, other):
+    """``ptrs``' values in fp32 (``other`` where ``mask`` is off; no mask: all of them)."""
+    if mask is None:
+        return tl.load(ptrs).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
+def _grad(grad_ptrs, grad_scale_ptr, mask, HAS_GRAD_SCALE: tl.constexpr):
+    grad = _load(grad_ptrs, mask, 0.0)
+    if HAS_GRAD_SCALE:  # times its reciprocal: a division a program (within an ulp of one
+        # an element)
+        grad = grad * tl.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+    return grad
+
+
+@triton.jit
+def _stats_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
+                  row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr):
+    p, info, rows, cols, offsets, mask, whole, batch, n_rows, n_cols = _tile(tile_ptr,
+                                                                             info_ptr)
+    if whole:
+        offsets = _aligned(info, offsets)
+        _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, offsets, None,
+               row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER, HAS_GRAD_SCALE)
+    else:
+        offsets += tl.load(info + START)
+        _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, offsets, mask,
+               row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER, HAS_GRAD_SCALE)
+
+
+@triton.jit
+def _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, offsets, mask, row_part_ptr,
+           col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    param = load_param(param_ptr + offsets, master_ptr + offsets, mask, HAS_MASTER)
+    if mask is not None:
+        param = tl.where(mask, param, 0.0)
+    tl.store(squares_ptr + t, _total(param * param))
+    if tl.load(info + FACTORED) != 0:
+        grad = _grad(grad_ptr + offsets, grad_scale_ptr, mask, HAS_GRAD_SCALE)
+        square = grad * grad
+        tl.store(row_part_ptr + t * TILE_ROWS + tl.arange(0, TILE_ROWS), tl.sum(square, axis=1))
+        tl.store(col_part_ptr + t * TILE_COLS + tl.arange(0, TILE_COLS), tl.sum(square, axis=0))
+
+
+@triton.jit
+def _factors_kernel(info_ptr, row_part_ptr, col_part_ptr, squares_ptr, row_var_ptr,
+                    col_var_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, alpha_ptr,
+                    scalars_ptr, eps2):
+    """One param: its ``alpha``; for each of its matrices, the row and column statistics and
+    the rows' mean (see the module docstring, pass 2)."""
+    p = tl.program_id(0).to(tl.int64)
+    info = info_ptr + p * INFO
+    first_tile, tiles = tl.load(info + FIRST_TILE), tl.load(info + TILES)
+    lanes = tl.arange(0, REDUCE)
+    total = tl.zeros([REDUCE], tl.float32)
+    for k in range(0, tiles, REDUCE):
+        total += tl.load(squares_ptr + first_tile + k + lanes, mask=k + lanes < tiles, other=0.0)
+    rms = tl.div_rn(tl.sqrt_rn(tl.sum(total, axis=0)),
+                    tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)))
+    tl.store(alpha_ptr + p, tl.maximum(rms, eps2) * tl.load(scalars_ptr + RHO))
+    if tl.load(info + FACTORED) != 0:
+        weight = tl.load(scalars_ptr + ONE_MINUS_BETA2)
+        n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
+        col_tiles = tl.load(info + COL_TILES)
+        row_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
+        for batch in range(0, tl.load(info + BATCHES)):
+            tile0 = first_tile + batch * row_tiles * col_tiles
+            row_sum = tl.zeros([REDUCE], tl.float32)
+            for r in range(0, n_rows, REDUCE):
+                rows = r + lanes
+                inside = rows < n_rows
+                parts = (tile0 + rows // TILE_ROWS * col_tiles) * TILE_ROWS + rows % TILE_ROWS
+                squares = tl.zeros([REDUCE], tl.float32)
+                for c in range(0, col_tiles):
+                    squares += tl.load(row_part_ptr + parts + c * TILE_ROWS, mask=inside,
+                                       other=0.0)
+                at = batch * n_rows + rows
+                rows_var = _moment(row_var_ptr + tl.load(info + ROW_VAR) + at,
+                                   wide_rows_ptr + tl.load(info + WIDE_ROWS) + at, inside,
+                                   tl.div_rn(squares, n_cols.to(tl.float32)), weight)
+                row_sum += tl.where(inside, rows_var, 0.0)
+            tl.store(means_ptr + tl.load(info + MEANS) + batch,
+                     tl.div_rn(tl.sum(row_sum, axis=0), n_rows.to(tl.float32)))
+            for c in range(0, n_cols, REDUCE):
+                cols = c + lanes
+                inside = cols < n_cols
+                parts = (tile0 + cols // TILE_COLS) * TILE_COLS + cols % TILE_COLS
+                squares = tl.zeros([REDUCE], tl.float32)
+                for r in range(0, row_tiles):
+                    squares += tl.load(col_part_ptr + parts + r * col_tiles * TILE_COLS,
+                                       mask=inside, other=0.0)
+                at = batch * n_cols + cols
+                _moment(col_var_ptr + tl.load(info + COL_VAR) + at,
+                        wide_cols_ptr + tl.load(info + WIDE_COLS) + at, inside,
+                        tl.div_rn(squares, n_rows.to(tl.float32)), weight)
+
+
+@triton.jit
+def _moment(state_ptrs, wide_ptrs, mask, mean, weight):
+    """``state.lerp_(mean, weight)``: stored in the state's dtype, and in fp32 at
+    ``wide_ptrs``; returned in fp32."""
+    value = lerp(tl.load(state_ptrs, mask=mask).to(tl.float32), mean, weight)
+    tl.store(state_ptrs, to_storage(value, state_ptrs.dtype.element_ty), mask=mask)
+    tl.store(wide_ptrs, value, mask=mask)
+    return value
+
+
+@triton.jit
+def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
+                  variance_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr,
+                  scalars_ptr, eps1, eps1_squared, HAS_MASTER: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr,
+                  APPLY: tl.constexpr):
+    """Passes 3 (the update's squares per tile) and 5 (``APPLY``: the params updated)."""
+    p, info, rows, cols, offsets, mask, whole, batch, n_rows, n_cols = _tile(tile_ptr,
+                                                                             info_ptr)
+    if whole:
+        flat = _aligned(info, offsets)
+        _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, flat,
+                offsets, None, rows, cols, batch, variance_ptr,
+                wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr, scalars_ptr,
+                eps1, eps1_squared, HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY)
+    else:
+        _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info,
+                offsets + tl.load(info + START), offsets, mask, rows, cols, batch, variance_ptr,
+                wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr, scalars_ptr,
+                eps1, eps1_squared, HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY)
+
+
+@triton.jit
+def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, flat, local, mask, rows,
+            cols, batch, variance_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr,
+            coef_ptr, scalars_ptr, eps1, eps1_squared, HAS_MASTER: tl.constexpr,
+            HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr, APPLY: tl.constexpr):
+    """A tile's update ``U`` (``flat``: its elements' offsets in the flat buffers, ``local``:
+    from its param's start), then its squares' sum, or (``APPLY``) the params updated."""
+    grad = _grad(grad_ptr + flat, grad_scale_ptr, mask, HAS_GRAD_SCALE)
+    if tl.load(info + FACTORED) != 0:
+        n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
+        row_mask = rows < n_rows if mask is not None else None
+        col_mask = cols < n_cols if mask is not None else None
+        rows_var = _load(wide_rows_ptr + tl.load(info + WIDE_ROWS) + batch * n_rows + rows,
+                         row_mask, 1.0)
+        cols_var = _load(wide_cols_ptr + tl.load(info + WIDE_COLS) + batch * n_cols + cols,
+                         col_mask, 1.0)
+        mean = tl.maximum(tl.load(means_ptr + tl.load(info + MEANS) + batch), eps1)
+        # the rows divided by the mean (a division a row, not an element; within an ulp of
+        # torch's product divided)
+        estimate = tl.div_rn(rows_var, mean)[:, None] * cols_var[None, :]
+    else:
+        variance_ptrs = variance_ptr + tl.load(info + VARIANCE) + local
+        estimate = lerp(_load(variance_ptrs, mask, 0.0), grad * grad, tl.load(scalars_ptr + ONE_MINUS_BETA2))
+        if APPLY:
+            tl.store(variance_ptrs, to_storage(estimate, variance_ptr.dtype.element_ty),
+                     mask=mask)
+    update = tl.math.rsqrt(tl.maximum(estimate, eps1_squared)) * grad  # within 2 ulp
+    if APPLY:
+        param = load_param(param_ptr + flat, master_ptr + flat, mask, HAS_MASTER)
+        if HAS_DECAY:
+            param = param * tl.load(scalars_ptr + DECAY)
+        param = fma(update, tl.load(coef_ptr + p), param)
+        store_param(param_ptr + flat, master_ptr + flat, mask, param, flat, 0.0, 0, HAS_MASTER,
+                    False)
+    else:
+        if mask is not None:
+            update = tl.where(mask, update, 0.0)
+        tl.store(squares_ptr + tl.program_id(0),
+                 _total(update * update))
+
+
+@triton.jit
+def _coefficients_kernel(info_ptr, squares_ptr, alpha_ptr, coef_ptr, d,
+                         MAXIMIZE: tl.constexpr):
+    """One param: :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 4)."""
+    p = tl.program_id(0).to(tl.int64)
+    info = info_ptr + p * INFO
+    first_tile, tiles = tl.load(info + FIRST_TILE), tl.load(info + TILES)
+    lanes = tl.arange(0, REDUCE)
+    total = tl.zeros([REDUCE], tl.float32)
+    for k in range(0, tiles, REDUCE):
+        total += tl.load(squares_ptr + first_tile + k + lanes, mask=k + lanes < tiles, other=0.0)
+    rms = tl.div_rn(tl.sqrt_rn(tl.sum(total, axis=0)),
+                    tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)) * d)
+    coef = tl.div_rn(tl.load(alpha_ptr + p), tl.maximum(rms, 1.0))
+    tl.store(coef_ptr + p, coef if MAXIMIZE else -coef)
+
+
+class Tiles(NamedTuple):
+    """An entry's tables (see the module docstring): ``info`` (int64 ``[params, INFO]``),
+    ``tile`` (int32 ``[tiles, 4]``: each tile's param, matrix, row and column tile) and the sizes of the fp32 workspace's
+    parts."""
+
+    info: Tensor
+    tile: Tensor
+    wide_rows: int  # fp32 row statistics of every matrix
+    wide_cols: int
+    means: int  # one per matrix
+
+    @property
+    def params(self) -> int:
+        return self.info.shape[0]
+
+    @property
+    def tiles(self) -> int:
+        return self.tile.shape[0]
+
+
+def workspace_elements(tiles: int, params: int, wide_rows: int, wide_cols: int,
+                       means: int) -> int:
+    """fp32 elements of one step's workspace: per tile its row and column sums and two sums
+    of squares, the fp32 statistics, and per param its alpha and coefficient."""
+    return tiles * (TILE_ROWS.value + TILE_COLS.value + 2) + wide_rows + wide_cols + means \
+        + 2 * params
+
+
+def tile_count(numel: int, shape: tuple) -> int:
+    """Tiles of a param of ``shape`` (``numel`` elements; none when empty)."""
+    if numel == 0:
+        return 0
+    if len(shape) >= 2:
+        rows, cols = shape[-2], shape[-1]
+        return numel // (rows * cols) * -(-rows // TILE_ROWS.value) * -(-cols // TILE_COLS.value)
+    return -(-numel // (TILE_ROWS.value * TILE_COLS.value))
+
+
+def make_tiles(params: list, device: torch.device) -> Tiles:
+    """The tables of an entry's nonempty ``params``: each ``(start, numel, shape, row_var,
+    col_var, variance)``, its offset from the entry's first element and its packed state's
+    offsets (None where it keeps none)."""
+    info, owners = [], []
+    wide_rows = wide_cols = means = first = 0
+    for k, (start, numel, shape, row_var, col_var, variance) in enumerate(params):
+        factored = len(shape) >= 2
+        rows, cols = (shape[-2], shape[-1]) if factored else (-(-numel // TILE_COLS.value),
+                                                              TILE_COLS.value)
+        batches = numel // (rows * cols) if factored else 1
+        tiles = tile_count(numel, shape)
+        row = dict(start=start, numel=numel, rows=rows, cols=cols, batches=batches,
+                   factored=int(factored), first_tile=first, tiles=tiles,
+                   col_tiles=-(-cols // TILE_COLS.value))
+        if factored:
+            row.update(row_var=row_var, col_var=col_var, wide_rows=wide_rows,
+                       wide_cols=wide_cols, means=means)
+            wide_rows += batches * rows
+            wide_cols += batches * cols
+            means += batches
+        else:
+            row.update(variance=variance)
+        info.append([row.get(name, 0) for name in COLUMNS] + [0] * (INFO.value - len(COLUMNS)))
+        row_tiles = -(-rows // TILE_ROWS.value)
+        owners += [(k, b, r, c) for b in range(batches) for r in range(row_tiles)
+                   for c in range(row["col_tiles"])]
+        first += tiles
+    return Tiles(torch.tensor(info, dtype=torch.int64, device=device),
+                 torch.tensor(owners, dtype=torch.int32, device=device).view(-1, 4),
+                 wide_rows, wide_cols, means)
+
+
+def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor,
+                     variance: Tensor, tiles: Tiles, scalars: Tensor, *, eps1: float,
+                     eps2: float, d: float, maximize: bool, decay: bool, grad_scale=None,
+                     master: Tensor | None = None) -> None:
+    """One entry's step: the five launches of the module docstring. ``param``, ``grad`` (and
+    ``master``) are flat from the entry's first element; ``row_var``, ``col_var`` and
+    ``variance`` the bucket's packed state buffers (any tensor where none is kept);
+    ``scalars`` fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` on the device."""
+    n_tiles, n_params = tiles.tiles, tiles.params
+    if n_tiles == 0:
+        return
+    work = torch.empty(workspace_elements(n_tiles, n_params, tiles.wide_rows, tiles.wide_cols,
+                                          tiles.means), dtype=torch.float32, device=param.device)
+    sizes = [n_tiles * TILE_ROWS.value, n_tiles * TILE_COLS.value, n_tiles, n_tiles,
+             tiles.wide_rows, tiles.wide_cols, tiles.means, n_params, n_params]
+    row_part, col_part, param_squares, update_squares, wide_rows, wide_cols, means, alpha, \
+        coef = work.split(sizes)
+    master = master if master is not None else param
+    grad_scale = grad_scale if grad_scale is not None else param
+    flags = dict(HAS_MASTER=master is not param, HAS_GRAD_SCALE=grad_scale is not param)
+    _stats_kernel[(n_tiles,)](param, master, grad, grad_scale, tiles.tile, tiles.info,
+                              row_part, col_part, param_squares, **flags, **LAUNCH)
+    _factors_kernel[(n_params,)](tiles.info, row_part, col_part, param_squares, row_var,
+                                 col_var, wide_rows, wide_cols, means, alpha, scalars,
+                                 float(eps2), **LAUNCH)
+    eps1_squared = float(torch.tensor(eps1 * eps1, dtype=torch.float32))  # 0 if it underflows
+    for apply in (False, True):
+        if apply:
+            _coefficients_kernel[(n_params,)](tiles.info, update_squares, alpha, coef,
+                                              float(d), MAXIMIZE=maximize, **LAUNCH)
+        _tiles_kernel[(n_tiles,)](param, master, grad, grad_scale, tiles.tile,
+                                  tiles.info, variance, wide_rows, wide_cols, means,
+                                  update_squares, coef, scalars, float(eps1), eps1_squared,
+                                  **flags, HAS_DECAY=decay, APPLY=apply,
+                                  **(APPLY_LAUNCH if apply else LAUNCH))

@@ -230,8 +230,7 @@ def test_the_tiles_cover_every_element_once():
     covered = set()
     for param, batch, row_tile, col_tile in table.tolist():
         row = info[param].tolist()
-        start, numel, rows, cols = row[kernel.START], row[kernel.NUMEL], row[kernel.ROWS], \
-            row[kernel.COLS]
+        numel, rows, cols = row[kernel.NUMEL], row[kernel.ROWS], row[kernel.COLS]
         for r in range(row_tile * 64, min(rows, row_tile * 64 + 64)):
             for c in range(col_tile * 64, min(cols, col_tile * 64 + 64)):
                 offset = batch * rows * cols + r * cols + c

@@ -140,8 +140,8 @@ def _device_scalars(step: Tensor, s: _Settings) -> Tensor:
     lr = s.lr.to(t.device, torch.float64) if isinstance(s.lr, Tensor) else s.lr
     rho = torch.minimum(lr, t.rsqrt()) if isinstance(lr, Tensor) else t.rsqrt().clamp_(max=lr)
     decay = 1 - lr * s.weight_decay
-    if not isinstance(decay, Tensor):
-        decay = torch.tensor(decay, dtype=torch.float64, device=t.device)
+    if not isinstance(decay, Tensor):  # filled on the device (no copy from the host: a CUDA
+        decay = torch.full_like(t, decay)  # graph can capture it)
     return torch.stack([t ** s.beta2_decay, rho, decay]).float()
 
 

@@ -46,10 +46,10 @@ from .rounding import load_param, store_param, to_storage
 
 TILE_ROWS = tl.constexpr(64)
 TILE_COLS = tl.constexpr(64)
-REDUCE = tl.constexpr(512)  # elements a per-param program sums at once
+REDUCE = tl.constexpr(256)  # elements a per-param program sums at once
 # No multiply-add is fused but those the math spells out (``kernels/ops.py``).
 LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
-# A thread takes 32 elements of a tile, 16 in the pass that updates the params (its registers)
+# A thread takes 32 elements of a tile, 16 in the pass that updates the params (registers)
 APPLY_LAUNCH = dict(LAUNCH, num_warps=8)
 # The per-param table's int64 columns: the param's first element (from the entry's), its
 # elements, rows, columns and matrices (a vector: rows of TILE_COLS, one matrix), factored or
@@ -66,10 +66,12 @@ ONE_MINUS_BETA2, RHO, DECAY = (tl.constexpr(k) for k in range(3))
 
 @triton.jit
 def _tile(tile_ptr, info_ptr):
-    """This program's tile (its row of ``tile``): its param, that param's row of ``info``, the
-    tile's rows and columns, its elements' offsets from the param's start and their mask,
-    whether it is whole (every element inside, rows a multiple of 16 elements apart), its
-    matrix, and the matrix's rows and columns."""
+    """This program's tile (its row of ``tile``): its param ``p`` and that param's row of
+    ``info``; ``corner``, the offset of the tile's first element from the param's start
+    (int64); ``local``, its elements' offsets from that corner (int32: a tile spans 64 rows
+    of its matrix) and their ``mask``; whether it is ``whole`` (every element inside, rows a
+    multiple of 16 elements apart); its matrix ``batch``, first row ``row0`` and column
+    ``col0``, and the matrix's rows and columns."""
     tile = tile_ptr + tl.program_id(0) * 4
     p = tl.load(tile).to(tl.int64)
     info = info_ptr + p * INFO
@@ -77,24 +79,28 @@ def _tile(tile_ptr, info_ptr):
     batch = tl.load(tile + 1).to(tl.int64)
     row0 = tl.load(tile + 2).to(tl.int64) * TILE_ROWS
     col0 = tl.load(tile + 3).to(tl.int64) * TILE_COLS
-    rows = row0 + tl.arange(0, TILE_ROWS)
-    cols = col0 + tl.arange(0, TILE_COLS)
-    first = batch * n_rows * n_cols
-    offsets = first + rows[:, None] * n_cols + cols[None, :]
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols) & (offsets < tl.load(info + NUMEL))
+    corner = (batch * n_rows + row0) * n_cols + col0
+    rows, cols = tl.arange(0, TILE_ROWS), tl.arange(0, TILE_COLS)
+    local = rows[:, None] * n_cols.to(tl.int32) + cols[None, :]
+    # the elements left in the param from the corner (a vector's last rows end inside a row)
+    left = tl.minimum(tl.load(info + NUMEL) - corner, TILE_ROWS * n_cols).to(tl.int32)
+    mask = (rows[:, None] < n_rows - row0) & (cols[None, :] < n_cols - col0) & (local < left)
     whole = (row0 + TILE_ROWS <= n_rows) & (col0 + TILE_COLS <= n_cols) \
-        & (first + n_rows * n_cols <= tl.load(info + NUMEL)) & (n_cols % 16 == 0)
-    return p, info, rows, cols, offsets, mask, whole, batch, n_rows, n_cols
+        & (TILE_ROWS * n_cols <= left) & (n_cols % 16 == 0)
+    return p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols
 
 
 @triton.jit
-def _aligned(info, offsets):
-    """A whole tile's offsets in the flat buffers (``offsets``: from its param's start), with
-    what the compiler may assume of them (rows of 64 contiguous elements, each starting on a
-    multiple of 16: the param's slot is 64-aligned, its columns a multiple of 16), so that
-    its accesses are 16-byte vectors."""
-    flat = tl.load(info + START) + offsets
-    return tl.max_contiguous(tl.multiple_of(flat, [16, 16]), [1, TILE_COLS])
+def _aligned(info, corner):
+    """A whole tile's corner (its flat offset) and its elements' offsets from it, with what
+    the compiler may assume of them (rows of 64 contiguous elements, each starting on a
+    multiple of 16: the param's slot is 64-aligned, its columns a multiple of 16, the corner on
+    a multiple of 64 columns), so that its accesses are 16-byte vectors. Made from fresh loads
+    of the table: hints on values the masked path shares would be merged away with them."""
+    base = tl.multiple_of(tl.load(info + START) + corner, 16)
+    n_cols = tl.multiple_of(tl.load(info + COLS).to(tl.int32), 16)
+    local = tl.arange(0, TILE_ROWS)[:, None] * n_cols + tl.arange(0, TILE_COLS)[None, :]
+    return base, tl.max_contiguous(tl.multiple_of(local, [16, 16]), [1, TILE_COLS])
 
 
 @triton.jit
@@ -125,31 +131,49 @@ def _grad(grad_ptrs, grad_scale_ptr, mask, HAS_GRAD_SCALE: tl.constexpr):
 def _stats_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
                   row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr,
                   HAS_GRAD_SCALE: tl.constexpr):
-    p, info, rows, cols, offsets, mask, whole, batch, n_rows, n_cols = _tile(tile_ptr,
-                                                                             info_ptr)
+    """Pass 1: a tile's sum of the param's squares; a matrix's row and column sums of the
+    grad's squares over the tile."""
+    p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols = _tile(tile_ptr,
+                                                                                  info_ptr)
     if whole:
-        offsets = _aligned(info, offsets)
-        _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, offsets, None,
-               row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER, HAS_GRAD_SCALE)
+        base, local = _aligned(info, corner)
+        _stats(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, info,
+               local, None, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
+               HAS_GRAD_SCALE)
     else:
-        offsets += tl.load(info + START)
-        _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, offsets, mask,
-               row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER, HAS_GRAD_SCALE)
+        base = tl.load(info + START) + corner
+        _stats(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, info,
+               local, mask, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
+               HAS_GRAD_SCALE)
 
 
 @triton.jit
-def _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, offsets, mask, row_part_ptr,
+def _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, local, mask, row_part_ptr,
            col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    param = load_param(param_ptr + offsets, master_ptr + offsets, mask, HAS_MASTER)
+    param = load_param(param_ptr + local, master_ptr + local, mask, HAS_MASTER)
     if mask is not None:
         param = tl.where(mask, param, 0.0)
     tl.store(squares_ptr + t, _total(param * param))
     if tl.load(info + FACTORED) != 0:
-        grad = _grad(grad_ptr + offsets, grad_scale_ptr, mask, HAS_GRAD_SCALE)
+        grad = _grad(grad_ptr + local, grad_scale_ptr, mask, HAS_GRAD_SCALE)
         square = grad * grad
         tl.store(row_part_ptr + t * TILE_ROWS + tl.arange(0, TILE_ROWS), tl.sum(square, axis=1))
         tl.store(col_part_ptr + t * TILE_COLS + tl.arange(0, TILE_COLS), tl.sum(square, axis=0))
+
+
+@triton.jit
+def _tile_sum(squares_ptr, info):
+    """The sum of a param's per-tile sums, REDUCE tiles at a time in tile order. (Its loops are
+    ``while`` loops: Triton 3.6's interpreter cannot take a loaded bound in ``range``.)"""
+    first_tile, tiles = tl.load(info + FIRST_TILE), tl.load(info + TILES)
+    lanes = tl.arange(0, REDUCE)
+    total = tl.zeros([REDUCE], tl.float32)
+    k = tiles * 0
+    while k < tiles:
+        total += tl.load(squares_ptr + first_tile + k + lanes, mask=k + lanes < tiles, other=0.0)
+        k += REDUCE
+    return tl.sum(total, axis=0)
 
 
 @triton.jit
@@ -160,12 +184,7 @@ def _factors_kernel(info_ptr, row_part_ptr, col_part_ptr, squares_ptr, row_var_p
     the rows' mean (see the module docstring, pass 2)."""
     p = tl.program_id(0).to(tl.int64)
     info = info_ptr + p * INFO
-    first_tile, tiles = tl.load(info + FIRST_TILE), tl.load(info + TILES)
-    lanes = tl.arange(0, REDUCE)
-    total = tl.zeros([REDUCE], tl.float32)
-    for k in range(0, tiles, REDUCE):
-        total += tl.load(squares_ptr + first_tile + k + lanes, mask=k + lanes < tiles, other=0.0)
-    rms = tl.div_rn(tl.sqrt_rn(tl.sum(total, axis=0)),
+    rms = tl.div_rn(tl.sqrt_rn(_tile_sum(squares_ptr, info)),
                     tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)))
     tl.store(alpha_ptr + p, tl.maximum(rms, eps2) * tl.load(scalars_ptr + RHO))
     if tl.load(info + FACTORED) != 0:
@@ -173,36 +192,46 @@ def _factors_kernel(info_ptr, row_part_ptr, col_part_ptr, squares_ptr, row_var_p
         n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
         col_tiles = tl.load(info + COL_TILES)
         row_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-        for batch in range(0, tl.load(info + BATCHES)):
-            tile0 = first_tile + batch * row_tiles * col_tiles
-            row_sum = tl.zeros([REDUCE], tl.float32)
-            for r in range(0, n_rows, REDUCE):
-                rows = r + lanes
-                inside = rows < n_rows
-                parts = (tile0 + rows // TILE_ROWS * col_tiles) * TILE_ROWS + rows % TILE_ROWS
-                squares = tl.zeros([REDUCE], tl.float32)
-                for c in range(0, col_tiles):
-                    squares += tl.load(row_part_ptr + parts + c * TILE_ROWS, mask=inside,
-                                       other=0.0)
-                at = batch * n_rows + rows
-                rows_var = _moment(row_var_ptr + tl.load(info + ROW_VAR) + at,
-                                   wide_rows_ptr + tl.load(info + WIDE_ROWS) + at, inside,
-                                   tl.div_rn(squares, n_cols.to(tl.float32)), weight)
-                row_sum += tl.where(inside, rows_var, 0.0)
-            tl.store(means_ptr + tl.load(info + MEANS) + batch,
-                     tl.div_rn(tl.sum(row_sum, axis=0), n_rows.to(tl.float32)))
-            for c in range(0, n_cols, REDUCE):
-                cols = c + lanes
-                inside = cols < n_cols
-                parts = (tile0 + cols // TILE_COLS) * TILE_COLS + cols % TILE_COLS
-                squares = tl.zeros([REDUCE], tl.float32)
-                for r in range(0, row_tiles):
-                    squares += tl.load(col_part_ptr + parts + r * col_tiles * TILE_COLS,
-                                       mask=inside, other=0.0)
-                at = batch * n_cols + cols
-                _moment(col_var_ptr + tl.load(info + COL_VAR) + at,
-                        wide_cols_ptr + tl.load(info + WIDE_COLS) + at, inside,
-                        tl.div_rn(squares, n_rows.to(tl.float32)), weight)
+        batch = n_rows * 0
+        while batch < tl.load(info + BATCHES):
+            tile0 = tl.load(info + FIRST_TILE) + batch * row_tiles * col_tiles
+            at = batch * n_rows
+            mean = _statistics(row_part_ptr, row_var_ptr + tl.load(info + ROW_VAR) + at,
+                               wide_rows_ptr + tl.load(info + WIDE_ROWS) + at, tile0, n_rows,
+                               n_cols, col_tiles, col_tiles, TILE_ROWS, weight, TILE_ROWS)
+            tl.store(means_ptr + tl.load(info + MEANS) + batch, mean)
+            at = batch * n_cols
+            _statistics(col_part_ptr, col_var_ptr + tl.load(info + COL_VAR) + at,
+                        wide_cols_ptr + tl.load(info + WIDE_COLS) + at, tile0, n_cols, n_rows,
+                        1, row_tiles, col_tiles * TILE_COLS, weight, TILE_COLS)
+            batch += 1
+
+
+@triton.jit
+def _statistics(part_ptr, state_ptr, wide_ptr, tile0, count, length, tile_step, parts,
+                part_stride, weight, TILE: tl.constexpr):
+    """A matrix's ``count`` row (column) statistics, each the mean of ``length`` squares,
+    from the sums its tiles left: its rows (columns) are ``TILE`` to a tile and ``tile_step``
+    tiles apart from the matrix's first tile ``tile0``, a tile's sums lie at ``part_ptr +
+    tile * TILE`` and each statistic has ``parts`` of them, ``part_stride`` apart. Each is
+    moved to its mean by ``weight`` (``_moment``); returns their mean."""
+    lanes = tl.arange(0, REDUCE)
+    kept = tl.zeros([REDUCE], tl.float32)
+    i = count * 0
+    while i < count:
+        index = i + lanes
+        inside = index < count
+        first = (tile0 + index // TILE * tile_step) * TILE + index % TILE
+        squares = tl.zeros([REDUCE], tl.float32)
+        j = parts * 0
+        while j < parts:
+            squares += tl.load(part_ptr + first + j * part_stride, mask=inside, other=0.0)
+            j += 1
+        value = _moment(state_ptr + index, wide_ptr + index, inside,
+                        tl.div_rn(squares, length.to(tl.float32)), weight)
+        kept += tl.where(inside, value, 0.0)
+        i += REDUCE
+    return tl.div_rn(tl.sum(kept, axis=0), count.to(tl.float32))
 
 
 @triton.jit
@@ -222,60 +251,60 @@ def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, inf
                   HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr,
                   APPLY: tl.constexpr):
     """Passes 3 (the update's squares per tile) and 5 (``APPLY``: the params updated)."""
-    p, info, rows, cols, offsets, mask, whole, batch, n_rows, n_cols = _tile(tile_ptr,
-                                                                             info_ptr)
+    p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols = _tile(tile_ptr,
+                                                                                  info_ptr)
+    # the tile's row statistics, its column statistics (matrices), its variance (vectors)
+    rows_at = wide_rows_ptr + tl.load(info + WIDE_ROWS) + batch * n_rows + row0
+    cols_at = wide_cols_ptr + tl.load(info + WIDE_COLS) + batch * n_cols + col0
+    variance_at = variance_ptr + tl.load(info + VARIANCE) + corner
     if whole:
-        flat = _aligned(info, offsets)
-        _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, flat,
-                offsets, None, rows, cols, batch, variance_ptr,
-                wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr, scalars_ptr,
-                eps1, eps1_squared, HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY)
+        base, local = _aligned(info, corner)
+        _update(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, p, info,
+                local, None, None, None, rows_at, cols_at, variance_at, batch,
+                means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1, eps1_squared, HAS_MASTER,
+                HAS_GRAD_SCALE, HAS_DECAY, APPLY)
     else:
-        _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info,
-                offsets + tl.load(info + START), offsets, mask, rows, cols, batch, variance_ptr,
-                wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr, scalars_ptr,
-                eps1, eps1_squared, HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY)
+        base = tl.load(info + START) + corner
+        rows, cols = tl.arange(0, TILE_ROWS), tl.arange(0, TILE_COLS)
+        _update(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, p, info,
+                local, mask, rows < n_rows - row0, cols < n_cols - col0, rows_at, cols_at,
+                variance_at, batch, means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1,
+                eps1_squared, HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY)
 
 
 @triton.jit
-def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, flat, local, mask, rows,
-            cols, batch, variance_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr,
-            coef_ptr, scalars_ptr, eps1, eps1_squared, HAS_MASTER: tl.constexpr,
+def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mask, row_mask,
+            col_mask, rows_at, cols_at, variance_at, batch, means_ptr, squares_ptr, coef_ptr,
+            scalars_ptr, eps1, eps1_squared, HAS_MASTER: tl.constexpr,
             HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr, APPLY: tl.constexpr):
-    """A tile's update ``U`` (``flat``: its elements' offsets in the flat buffers, ``local``:
-    from its param's start), then its squares' sum, or (``APPLY``) the params updated."""
-    grad = _grad(grad_ptr + flat, grad_scale_ptr, mask, HAS_GRAD_SCALE)
+    """A tile's update ``U`` (its elements at ``local`` from the pointers, which point at its
+    corner), then its squares' sum, or (``APPLY``) the params updated."""
+    grad = _grad(grad_ptr + local, grad_scale_ptr, mask, HAS_GRAD_SCALE)
     if tl.load(info + FACTORED) != 0:
-        n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
-        row_mask = rows < n_rows if mask is not None else None
-        col_mask = cols < n_cols if mask is not None else None
-        rows_var = _load(wide_rows_ptr + tl.load(info + WIDE_ROWS) + batch * n_rows + rows,
-                         row_mask, 1.0)
-        cols_var = _load(wide_cols_ptr + tl.load(info + WIDE_COLS) + batch * n_cols + cols,
-                         col_mask, 1.0)
+        rows_var = _load(rows_at + tl.arange(0, TILE_ROWS), row_mask, 1.0)
+        cols_var = _load(cols_at + tl.arange(0, TILE_COLS), col_mask, 1.0)
         mean = tl.maximum(tl.load(means_ptr + tl.load(info + MEANS) + batch), eps1)
         # the rows divided by the mean (a division a row, not an element; within an ulp of
         # torch's product divided)
         estimate = tl.div_rn(rows_var, mean)[:, None] * cols_var[None, :]
     else:
-        variance_ptrs = variance_ptr + tl.load(info + VARIANCE) + local
-        estimate = lerp(_load(variance_ptrs, mask, 0.0), grad * grad, tl.load(scalars_ptr + ONE_MINUS_BETA2))
+        estimate = lerp(_load(variance_at + local, mask, 0.0), grad * grad,
+                        tl.load(scalars_ptr + ONE_MINUS_BETA2))
         if APPLY:
-            tl.store(variance_ptrs, to_storage(estimate, variance_ptr.dtype.element_ty),
+            tl.store(variance_at + local, to_storage(estimate, variance_at.dtype.element_ty),
                      mask=mask)
     update = tl.math.rsqrt(tl.maximum(estimate, eps1_squared)) * grad  # within 2 ulp
     if APPLY:
-        param = load_param(param_ptr + flat, master_ptr + flat, mask, HAS_MASTER)
+        param = load_param(param_ptr + local, master_ptr + local, mask, HAS_MASTER)
         if HAS_DECAY:
             param = param * tl.load(scalars_ptr + DECAY)
         param = fma(update, tl.load(coef_ptr + p), param)
-        store_param(param_ptr + flat, master_ptr + flat, mask, param, flat, 0.0, 0, HAS_MASTER,
-                    False)
+        store_param(param_ptr + local, master_ptr + local, mask, param, local, 0.0, 0,
+                    HAS_MASTER, False)
     else:
         if mask is not None:
             update = tl.where(mask, update, 0.0)
-        tl.store(squares_ptr + tl.program_id(0),
-                 _total(update * update))
+        tl.store(squares_ptr + tl.program_id(0), _total(update * update))
 
 
 @triton.jit
@@ -284,12 +313,7 @@ def _coefficients_kernel(info_ptr, squares_ptr, alpha_ptr, coef_ptr, d,
     """One param: :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 4)."""
     p = tl.program_id(0).to(tl.int64)
     info = info_ptr + p * INFO
-    first_tile, tiles = tl.load(info + FIRST_TILE), tl.load(info + TILES)
-    lanes = tl.arange(0, REDUCE)
-    total = tl.zeros([REDUCE], tl.float32)
-    for k in range(0, tiles, REDUCE):
-        total += tl.load(squares_ptr + first_tile + k + lanes, mask=k + lanes < tiles, other=0.0)
-    rms = tl.div_rn(tl.sqrt_rn(tl.sum(total, axis=0)),
+    rms = tl.div_rn(tl.sqrt_rn(_tile_sum(squares_ptr, info)),
                     tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)) * d)
     coef = tl.div_rn(tl.load(alpha_ptr + p), tl.maximum(rms, 1.0))
     tl.store(coef_ptr + p, coef if MAXIMIZE else -coef)

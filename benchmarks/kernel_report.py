@@ -414,17 +414,20 @@ def adafactor_variants() -> list:
     out = []
     for param, state, master in (("fp32", "fp32", False), ("fp32", "bf16", False),
                                  ("bf16", "fp32", True), ("fp16", "bf16", True),
-                                 ("bf16", "bf16", False)):
+                                 ("bf16", "bf16", False), ("fp16", "fp16", False)):
         dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param, "master_ptr": "*fp32",
                   "row_var_ptr": "*" + state, "col_var_ptr": "*" + state,
                   "variance_ptr": "*" + state, "info_ptr": "*i64", "tile_ptr": "*i32"}
-        flags = dict(HAS_MASTER=master, HAS_GRAD_SCALE=master)
+        # half params without masters: torch's math op by op in their type (HALF)
+        half = 0 if master else {"bf16": 1, "fp16": 2}.get(param, 0)
+        flags = dict(HAS_MASTER=master, HAS_GRAD_SCALE=master, HALF=half)
         out.append(_variant("adafactor_stats", dtypes, flags))
         for apply in (False, True):
             out.append(_variant("adafactor_tiles", dtypes, dict(
                 flags, HAS_DECAY=master, APPLY=apply), num_warps=8 if apply else 4))
-        out.append(_variant("adafactor_factors", dtypes, {}))
-    out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"}, dict(MAXIMIZE=False)))
+        out.append(_variant("adafactor_factors", dtypes, dict(HALF=half)))
+        out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"},
+                            dict(MAXIMIZE=False, HALF=half)))
     for spec in out:
         spec["enable_fp_fusion"] = False
     return out

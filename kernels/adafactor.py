@@ -24,10 +24,16 @@ and :math:`\\rho_t` (the host's ``scalars``):
 5. ``_tiles`` with ``APPLY``: :math:`U` again, the same ops, then
    :math:`\\theta \\leftarrow \\theta(1-\\gamma\\lambda) + cU` (a vector's :math:`V` stored).
 
+bf16/fp16 params without fp32 masters take torch.optim's math op by op in their own type
+(``HALF``: every op's result rounded to it, as torch's for-loop rounds it), so that the kernels
+give torch's numbers there too; with masters, and for fp32, the math is fp32.
+
 A step moves 24 bytes an fp32 element (the grad read three times, the param twice and written
 once) where one pass would move 12: the update's norm is needed before any element moves.
-Ops round as torch.optim's do (``kernels/ops.py``): ``lerp`` on either side, ``1/sqrt`` as
-two correctly rounded ops, ``add_(alpha=)`` as one fma. Kernels know pointers, sizes and
+Ops round as torch.optim's do (``kernels/ops.py``): ``lerp`` on either side, ``add_(alpha=)``
+as one fma, ``1/sqrt`` as the GPU's reciprocal square root (as torch's CUDA ``rsqrt``); in
+fp32 the estimate :math:`RC/m` divides the rows by :math:`m` first (a division a row, within
+an ulp of torch's). Kernels know pointers, sizes and
 scalars only: the host gives them a table per param (``INFO`` int64 columns) and the param of
 each tile.
 """
@@ -119,18 +125,30 @@ def _load(ptrs, mask, other):
 
 
 @triton.jit
-def _grad(grad_ptrs, grad_scale_ptr, mask, HAS_GRAD_SCALE: tl.constexpr):
+def _r(x, HALF: tl.constexpr):
+    """``x`` rounded as torch.optim's op would leave it in the params' half type (``HALF``: 1
+    bf16, 2 fp16; 0: fp32 math, nothing rounded)."""
+    if HALF == 1:
+        return to_storage(x, tl.bfloat16).to(tl.float32)
+    elif HALF == 2:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _grad(grad_ptrs, grad_scale_ptr, mask, HAS_GRAD_SCALE: tl.constexpr, HALF: tl.constexpr):
     grad = _load(grad_ptrs, mask, 0.0)
     if HAS_GRAD_SCALE:  # times its reciprocal: a division a program (within an ulp of one
         # an element)
-        grad = grad * tl.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+        grad = _r(grad * tl.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32)), HALF)
     return grad
 
 
 @triton.jit
 def _stats_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
                   row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr,
-                  HAS_GRAD_SCALE: tl.constexpr):
+                  HAS_GRAD_SCALE: tl.constexpr, HALF: tl.constexpr):
     """Pass 1: a tile's sum of the param's squares; a matrix's row and column sums of the
     grad's squares over the tile."""
     p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols = _tile(tile_ptr,
@@ -139,24 +157,25 @@ def _stats_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, inf
         base, local = _aligned(info, corner)
         _stats(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, info,
                local, None, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
-               HAS_GRAD_SCALE)
+               HAS_GRAD_SCALE, HALF)
     else:
         base = tl.load(info + START) + corner
         _stats(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, info,
                local, mask, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
-               HAS_GRAD_SCALE)
+               HAS_GRAD_SCALE, HALF)
 
 
 @triton.jit
 def _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, local, mask, row_part_ptr,
-           col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+           col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+           HALF: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     param = load_param(param_ptr + local, master_ptr + local, mask, HAS_MASTER)
     if mask is not None:
         param = tl.where(mask, param, 0.0)
     tl.store(squares_ptr + t, _total(param * param))
     if tl.load(info + FACTORED) != 0:
-        grad = _grad(grad_ptr + local, grad_scale_ptr, mask, HAS_GRAD_SCALE)
+        grad = _grad(grad_ptr + local, grad_scale_ptr, mask, HAS_GRAD_SCALE, HALF)
         square = grad * grad
         tl.store(row_part_ptr + t * TILE_ROWS + tl.arange(0, TILE_ROWS), tl.sum(square, axis=1))
         tl.store(col_part_ptr + t * TILE_COLS + tl.arange(0, TILE_COLS), tl.sum(square, axis=0))
@@ -179,12 +198,12 @@ def _tile_sum(squares_ptr, info):
 @triton.jit
 def _factors_kernel(info_ptr, row_part_ptr, col_part_ptr, squares_ptr, row_var_ptr,
                     col_var_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, alpha_ptr,
-                    scalars_ptr, eps2):
+                    scalars_ptr, eps2, eps1, HALF: tl.constexpr):
     """One param: its ``alpha``; for each of its matrices, the row and column statistics and
     the rows' mean (see the module docstring, pass 2)."""
     p = tl.program_id(0).to(tl.int64)
     info = info_ptr + p * INFO
-    rms = tl.div_rn(tl.sqrt_rn(_tile_sum(squares_ptr, info)),
+    rms = tl.div_rn(_r(tl.sqrt_rn(_tile_sum(squares_ptr, info)), HALF),
                     tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)))
     tl.store(alpha_ptr + p, tl.maximum(rms, eps2) * tl.load(scalars_ptr + RHO))
     if tl.load(info + FACTORED) != 0:
@@ -198,18 +217,19 @@ def _factors_kernel(info_ptr, row_part_ptr, col_part_ptr, squares_ptr, row_var_p
             at = batch * n_rows
             mean = _statistics(row_part_ptr, row_var_ptr + tl.load(info + ROW_VAR) + at,
                                wide_rows_ptr + tl.load(info + WIDE_ROWS) + at, tile0, n_rows,
-                               n_cols, col_tiles, col_tiles, TILE_ROWS, weight, TILE_ROWS)
-            tl.store(means_ptr + tl.load(info + MEANS) + batch, mean)
+                               n_cols, col_tiles, col_tiles, TILE_ROWS, weight, TILE_ROWS, HALF)
+            # the mean, at least eps1 (the divisor of the estimate)
+            tl.store(means_ptr + tl.load(info + MEANS) + batch, _r(tl.maximum(mean, eps1), HALF))
             at = batch * n_cols
             _statistics(col_part_ptr, col_var_ptr + tl.load(info + COL_VAR) + at,
                         wide_cols_ptr + tl.load(info + WIDE_COLS) + at, tile0, n_cols, n_rows,
-                        1, row_tiles, col_tiles * TILE_COLS, weight, TILE_COLS)
+                        1, row_tiles, col_tiles * TILE_COLS, weight, TILE_COLS, HALF)
             batch += 1
 
 
 @triton.jit
 def _statistics(part_ptr, state_ptr, wide_ptr, tile0, count, length, tile_step, parts,
-                part_stride, weight, TILE: tl.constexpr):
+                part_stride, weight, TILE: tl.constexpr, HALF: tl.constexpr):
     """A matrix's ``count`` row (column) statistics, each the mean of ``length`` squares,
     from the sums its tiles left: its rows (columns) are ``TILE`` to a tile and ``tile_step``
     tiles apart from the matrix's first tile ``tile0``, a tile's sums lie at ``part_ptr +
@@ -227,18 +247,21 @@ def _statistics(part_ptr, state_ptr, wide_ptr, tile0, count, length, tile_step, 
         while j < parts:
             squares += tl.load(part_ptr + first + j * part_stride, mask=inside, other=0.0)
             j += 1
+        if HALF != 0:  # torch's norm over the row (column) in the half type, squared, divided
+            norm = _r(tl.sqrt_rn(squares), HALF)
+            squares = _r(norm * norm, HALF)
         value = _moment(state_ptr + index, wide_ptr + index, inside,
-                        tl.div_rn(squares, length.to(tl.float32)), weight)
+                        _r(tl.div_rn(squares, length.to(tl.float32)), HALF), weight, HALF)
         kept += tl.where(inside, value, 0.0)
         i += REDUCE
-    return tl.div_rn(tl.sum(kept, axis=0), count.to(tl.float32))
+    return _r(tl.div_rn(tl.sum(kept, axis=0), count.to(tl.float32)), HALF)
 
 
 @triton.jit
-def _moment(state_ptrs, wide_ptrs, mask, mean, weight):
+def _moment(state_ptrs, wide_ptrs, mask, mean, weight, HALF: tl.constexpr):
     """``state.lerp_(mean, weight)``: stored in the state's dtype, and in fp32 at
     ``wide_ptrs``; returned in fp32."""
-    value = lerp(tl.load(state_ptrs, mask=mask).to(tl.float32), mean, weight)
+    value = _r(lerp(_r(tl.load(state_ptrs, mask=mask).to(tl.float32), HALF), mean, weight), HALF)
     tl.store(state_ptrs, to_storage(value, state_ptrs.dtype.element_ty), mask=mask)
     tl.store(wide_ptrs, value, mask=mask)
     return value
@@ -247,9 +270,9 @@ def _moment(state_ptrs, wide_ptrs, mask, mean, weight):
 @triton.jit
 def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
                   variance_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr,
-                  scalars_ptr, eps1, eps1_squared, HAS_MASTER: tl.constexpr,
+                  scalars_ptr, eps1_squared, HAS_MASTER: tl.constexpr,
                   HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr,
-                  APPLY: tl.constexpr):
+                  APPLY: tl.constexpr, HALF: tl.constexpr):
     """Passes 3 (the update's squares per tile) and 5 (``APPLY``: the params updated)."""
     p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols = _tile(tile_ptr,
                                                                                   info_ptr)
@@ -261,43 +284,49 @@ def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, inf
         base, local = _aligned(info, corner)
         _update(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, p, info,
                 local, None, None, None, rows_at, cols_at, variance_at, batch,
-                means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1, eps1_squared, HAS_MASTER,
-                HAS_GRAD_SCALE, HAS_DECAY, APPLY)
+                means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1_squared, HAS_MASTER,
+                HAS_GRAD_SCALE, HAS_DECAY, APPLY, HALF)
     else:
         base = tl.load(info + START) + corner
         rows, cols = tl.arange(0, TILE_ROWS), tl.arange(0, TILE_COLS)
         _update(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, p, info,
                 local, mask, rows < n_rows - row0, cols < n_cols - col0, rows_at, cols_at,
-                variance_at, batch, means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1,
-                eps1_squared, HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY)
+                variance_at, batch, means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1_squared,
+                HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY, HALF)
 
 
 @triton.jit
 def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mask, row_mask,
             col_mask, rows_at, cols_at, variance_at, batch, means_ptr, squares_ptr, coef_ptr,
-            scalars_ptr, eps1, eps1_squared, HAS_MASTER: tl.constexpr,
-            HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr, APPLY: tl.constexpr):
+            scalars_ptr, eps1_squared, HAS_MASTER: tl.constexpr,
+            HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr, APPLY: tl.constexpr,
+            HALF: tl.constexpr):
     """A tile's update ``U`` (its elements at ``local`` from the pointers, which point at its
     corner), then its squares' sum, or (``APPLY``) the params updated."""
-    grad = _grad(grad_ptr + local, grad_scale_ptr, mask, HAS_GRAD_SCALE)
+    grad = _grad(grad_ptr + local, grad_scale_ptr, mask, HAS_GRAD_SCALE, HALF)
     if tl.load(info + FACTORED) != 0:
         rows_var = _load(rows_at + tl.arange(0, TILE_ROWS), row_mask, 1.0)
         cols_var = _load(cols_at + tl.arange(0, TILE_COLS), col_mask, 1.0)
-        mean = tl.maximum(tl.load(means_ptr + tl.load(info + MEANS) + batch), eps1)
-        # the rows divided by the mean (a division a row, not an element; within an ulp of
-        # torch's product divided)
-        estimate = tl.div_rn(rows_var, mean)[:, None] * cols_var[None, :]
+        mean = tl.load(means_ptr + tl.load(info + MEANS) + batch)
+        if HALF != 0:  # torch's ops, each rounded to the half type
+            estimate = _r(tl.div_rn(_r(rows_var[:, None] * cols_var[None, :], HALF), mean), HALF)
+        else:  # the rows divided by the mean (a division a row, not an element; within an
+            # ulp of torch's product divided)
+            estimate = tl.div_rn(rows_var, mean)[:, None] * cols_var[None, :]
     else:
-        estimate = lerp(_load(variance_at + local, mask, 0.0), grad * grad,
-                        tl.load(scalars_ptr + ONE_MINUS_BETA2))
+        estimate = _r(lerp(_r(_load(variance_at + local, mask, 0.0), HALF),
+                           _r(grad * grad, HALF), tl.load(scalars_ptr + ONE_MINUS_BETA2)), HALF)
         if APPLY:
             tl.store(variance_at + local, to_storage(estimate, variance_at.dtype.element_ty),
                      mask=mask)
-    update = tl.math.rsqrt(tl.maximum(estimate, eps1_squared)) * grad  # within 2 ulp
+    # 1/sqrt as the GPU's reciprocal square root, within 2 ulp, as torch's CUDA rsqrt (the
+    # interpreter's is correctly rounded, as torch's CPU one)
+    estimate = _r(tl.maximum(estimate, eps1_squared), HALF)
+    update = _r(_r(tl.math.rsqrt(estimate), HALF) * grad, HALF)
     if APPLY:
         param = load_param(param_ptr + local, master_ptr + local, mask, HAS_MASTER)
         if HAS_DECAY:
-            param = param * tl.load(scalars_ptr + DECAY)
+            param = _r(param * tl.load(scalars_ptr + DECAY), HALF)
         param = fma(update, tl.load(coef_ptr + p), param)
         store_param(param_ptr + local, master_ptr + local, mask, param, local, 0.0, 0,
                     HAS_MASTER, False)
@@ -309,11 +338,11 @@ def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mas
 
 @triton.jit
 def _coefficients_kernel(info_ptr, squares_ptr, alpha_ptr, coef_ptr, d,
-                         MAXIMIZE: tl.constexpr):
+                         MAXIMIZE: tl.constexpr, HALF: tl.constexpr):
     """One param: :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 4)."""
     p = tl.program_id(0).to(tl.int64)
     info = info_ptr + p * INFO
-    rms = tl.div_rn(tl.sqrt_rn(_tile_sum(squares_ptr, info)),
+    rms = tl.div_rn(_r(tl.sqrt_rn(_tile_sum(squares_ptr, info)), HALF),
                     tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)) * d)
     coef = tl.div_rn(tl.load(alpha_ptr + p), tl.maximum(rms, 1.0))
     tl.store(coef_ptr + p, coef if MAXIMIZE else -coef)
@@ -409,19 +438,23 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
         coef = work.split(sizes)
     master = master if master is not None else param
     grad_scale = grad_scale if grad_scale is not None else param
-    flags = dict(HAS_MASTER=master is not param, HAS_GRAD_SCALE=grad_scale is not param)
+    # bf16/fp16 params without masters: torch.optim's math in the half type, op by op
+    half = 0 if master is not param else {torch.bfloat16: 1, torch.float16: 2}.get(param.dtype, 0)
+    flags = dict(HAS_MASTER=master is not param, HAS_GRAD_SCALE=grad_scale is not param,
+                 HALF=half)
     _stats_kernel[(n_tiles,)](param, master, grad, grad_scale, tiles.tile, tiles.info,
                               row_part, col_part, param_squares, **flags, **LAUNCH)
     _factors_kernel[(n_params,)](tiles.info, row_part, col_part, param_squares, row_var,
                                  col_var, wide_rows, wide_cols, means, alpha, scalars,
-                                 float(eps2), **LAUNCH)
+                                 float(eps2), float(eps1), HALF=half, **LAUNCH)
     eps1_squared = float(torch.tensor(eps1 * eps1, dtype=torch.float32))  # 0 if it underflows
     for apply in (False, True):
         if apply:
             _coefficients_kernel[(n_params,)](tiles.info, update_squares, alpha, coef,
-                                              float(d), MAXIMIZE=maximize, **LAUNCH)
+                                              float(d), MAXIMIZE=maximize, HALF=half,
+                                              **LAUNCH)
         _tiles_kernel[(n_tiles,)](param, master, grad, grad_scale, tiles.tile,
                                   tiles.info, variance, wide_rows, wide_cols, means,
-                                  update_squares, coef, scalars, float(eps1), eps1_squared,
+                                  update_squares, coef, scalars, eps1_squared,
                                   **flags, HAS_DECAY=decay, APPLY=apply,
                                   **(APPLY_LAUNCH if apply else LAUNCH))

@@ -200,6 +200,34 @@ def test_kernels_equal_the_torch_path_on_lean_options(options, kernel_calls):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_on_half_params_round_each_op_as_torch(dtype):
+    # bf16/fp16 params without masters: torch.optim's math is op by op in the half type, and
+    # so is the kernels'. Bit for bit against torch.optim on the CPU, where the sizes leave its
+    # vectorized loops no scalar tail (whose rounding differs from theirs) and the update's
+    # coefficient is exact in the half type (the CPU rounds it there, CUDA does not)
+    shapes = [(64, 128), (64,), (2, 64, 64), (70, 128), (96, 96), (8, 2, 4, 8), (4096,), (1, 64)]
+    init = [(0.5 * t).to(dtype) for t in make_params(shapes, seed=3)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    # rms(param) < eps2 and d large: the coefficient is -lr, a power of two
+    kwargs = dict(lr=2**-6, eps=(1e-3, 1.0), d=1e6, weight_decay=0.25)
+    opt = fastopt.Adafactor(ours, backend="triton", **kwargs)
+    ref = torch.optim.Adafactor(twins, foreach=False, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        for p, q in zip(ours, twins):
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, twins):
+            assert torch.equal(p, q)
+            for name, value in ref.state[q].items():
+                assert torch.equal(opt.state[p][name], value), name
+
+
+@needs_interpreter
 def test_kernels_follow_a_param_changed_outside_the_optimizer():
     # bf16 params with fp32 masters: a param clamped between steps is taken as it is (its
     # master is not the clamped value rounded any more), as the elementwise kernels take it

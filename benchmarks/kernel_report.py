@@ -420,11 +420,13 @@ def adafactor_variants() -> list:
                   "variance_ptr": "*" + state, "info_ptr": "*i64", "tile_ptr": "*i32"}
         # half params without masters: torch's math op by op in their type (HALF)
         half = 0 if master else {"bf16": 1, "fp16": 2}.get(param, 0)
-        flags = dict(HAS_MASTER=master, HAS_GRAD_SCALE=master, HALF=half)
-        out.append(_variant("adafactor_stats", dtypes, flags))
-        for apply in (False, True):
-            out.append(_variant("adafactor_tiles", dtypes, dict(
-                flags, HAS_DECAY=master, APPLY=apply), num_warps=8 if apply else 4))
+        # fresh grads read where they lie (the default loop's); fp32 also from the flat buffer
+        for table in (True, False) if param == state == "fp32" else (True,):
+            flags = dict(HAS_MASTER=master, HAS_GRAD_SCALE=master, HALF=half, GRAD_TABLE=table)
+            out.append(_variant("adafactor_stats", dtypes, flags))
+            for apply in (False, True):
+                out.append(_variant("adafactor_tiles", dtypes, dict(
+                    flags, HAS_DECAY=master, APPLY=apply), num_warps=8 if apply else 4))
         out.append(_variant("adafactor_factors", dtypes, dict(HALF=half)))
         out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"},
                             dict(MAXIMIZE=False, HALF=half)))

@@ -56,7 +56,7 @@ def _build_bucket(opt, group: dict, params: list, external: bool):
     now for an optimizer that makes state eagerly)."""
     # Params left where they are take the kernels only if they can be updated by
     # address in one launch (grad_table.py); else torch's multi-tensor ops.
-    by_address = external and opt.reads_by_address(group) \
+    by_address = external and opt.reads_by_address(group, external=True) \
         and opt.bucket_variant(group, params[0]) is None \
         and grad_table.addressable(params, real_dtype(params[0]))
     backend = dispatch.resolve(opt.backend, params[0].device, real_dtype(params[0]),

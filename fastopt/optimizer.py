@@ -166,10 +166,11 @@ class FlatOptimizer(Optimizer):
         """What torch.optim checks of ``group`` only when it steps (Muon's ``ns_steps``),
         checked for every group before any is updated."""
 
-    def reads_by_address(self, group: dict) -> bool:
-        """Can this group's kernels read fresh grads (and external params) where they lie,
-        through an address table (``fastopt.grad_table``)? The declaration says, for every
-        group but Muon's mixed kinds."""
+    def reads_by_address(self, group: dict, external: bool = False) -> bool:
+        """Can this group's kernels read fresh grads (and, ``external``, params left where
+        their owner keeps them) where they lie, through an address table
+        (``fastopt.grad_table``)? The declaration says, for every group but Muon's mixed
+        kinds, and but Adafactor's external params."""
         return self.declaration.by_address
 
     def bucket_variant(self, group: dict, p: Tensor):

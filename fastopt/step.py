@@ -175,8 +175,8 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
     else:  # Triton launches (and the address table's upload) go to the bucket's device
         with torch.cuda.device(bucket.device) if bucket.device.type == "cuda" \
                 else contextlib.nullcontext():
-            by_address = opt.reads_by_address(group) and bucket.variant is None \
-                and not bucket.params[0].is_complex()
+            by_address = opt.reads_by_address(group, bucket.external) \
+                and bucket.variant is None and not bucket.params[0].is_complex()
             plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, by_address)
             opt.update(group, bucket, plan, grad_scale, found_inf)
     bucket.finish()

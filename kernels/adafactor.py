@@ -32,8 +32,10 @@ A step moves 24 bytes an fp32 element (the grad read three times, the param twic
 once) where one pass would move 12: the update's norm is needed before any element moves.
 Ops round as torch.optim's do (``kernels/ops.py``): ``lerp`` on either side, ``add_(alpha=)``
 as one fma, ``1/sqrt`` as the GPU's reciprocal square root (as torch's CUDA ``rsqrt``); in
-fp32 the estimate :math:`RC/m` divides the rows by :math:`m` first (a division a row, within
-an ulp of torch's). Kernels know pointers, sizes and
+fp32 the estimate :math:`RC/m` multiplies the rows by :math:`1/m` first, and a clip's grad
+divisor is taken as its reciprocal (each within 2 ulp: no IEEE division an element, whose
+slow path costs a stack frame). The grads are read from the flat grad buffer, or where
+autograd left them (``GRAD_TABLE``: the default loop's fresh grads, one address a param). Kernels know pointers, sizes and
 scalars only: the host gives them a table per param (``INFO`` int64 columns) and the param of
 each tile.
 """
@@ -60,10 +62,12 @@ APPLY_LAUNCH = dict(LAUNCH, num_warps=8)
 # The per-param table's int64 columns: the param's first element (from the entry's), its
 # elements, rows, columns and matrices (a vector: rows of TILE_COLS, one matrix), factored or
 # not, its packed state's offsets, its tiles, and its statistics' offsets in the workspace.
+# and its index in the bucket (its row of a grad table).
 COLUMNS = ("start", "numel", "rows", "cols", "batches", "factored", "row_var", "col_var",
-           "variance", "first_tile", "tiles", "col_tiles", "wide_rows", "wide_cols", "means")
+           "variance", "first_tile", "tiles", "col_tiles", "wide_rows", "wide_cols", "means",
+           "index")
 START, NUMEL, ROWS, COLS, BATCHES, FACTORED, ROW_VAR, COL_VAR, VARIANCE, FIRST_TILE, TILES, \
-    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS = (tl.constexpr(k) for k in range(len(COLUMNS)))
+    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS, INDEX = (tl.constexpr(k) for k in range(len(COLUMNS)))
 INFO = tl.constexpr(16)
 # The fp32 scalars the host computes once per step (``scalars``): 1 - beta2_t, rho_t, and the
 # weight decay's factor 1 - lr * weight_decay.
@@ -97,16 +101,30 @@ def _tile(tile_ptr, info_ptr):
 
 
 @triton.jit
-def _aligned(info, corner):
-    """A whole tile's corner (its flat offset) and its elements' offsets from it, with what
-    the compiler may assume of them (rows of 64 contiguous elements, each starting on a
-    multiple of 16: the param's slot is 64-aligned, its columns a multiple of 16, the corner on
-    a multiple of 64 columns), so that its accesses are 16-byte vectors. Made from fresh loads
-    of the table: hints on values the masked path shares would be merged away with them."""
+def _aligned(info, batch, row0, col0):
+    """A whole tile's corner (from its param's start), its flat offset and its elements'
+    offsets from it, with what the compiler may assume of them (rows of 64 contiguous
+    elements, each starting on a multiple of 16: the param's slot is 64-aligned, its columns a
+    multiple of 16, the corner on a multiple of 64 columns), so that its accesses are 16-byte
+    vectors. Made from fresh loads of the table: hints on values the masked path shares would
+    be merged away with them."""
+    n_cols = tl.multiple_of(tl.load(info + COLS), 16)
+    corner = tl.multiple_of((batch * tl.load(info + ROWS) + row0) * n_cols + col0, 16)
     base = tl.multiple_of(tl.load(info + START) + corner, 16)
-    n_cols = tl.multiple_of(tl.load(info + COLS).to(tl.int32), 16)
-    local = tl.arange(0, TILE_ROWS)[:, None] * n_cols + tl.arange(0, TILE_COLS)[None, :]
-    return base, tl.max_contiguous(tl.multiple_of(local, [16, 16]), [1, TILE_COLS])
+    local = tl.arange(0, TILE_ROWS)[:, None] * n_cols.to(tl.int32) \
+        + tl.arange(0, TILE_COLS)[None, :]
+    return corner, base, tl.max_contiguous(tl.multiple_of(local, [16, 16]), [1, TILE_COLS])
+
+
+@triton.jit
+def _grads(grad_ptr, grad_table_ptr, info, corner, base, GRAD_TABLE: tl.constexpr):
+    """Where a tile's grads start: in the flat grad buffer, or (``GRAD_TABLE``) in its
+    param's own grad, where autograd left it (16-byte aligned, ``fastopt.grad_table``)."""
+    if GRAD_TABLE:
+        address = tl.load(grad_table_ptr + tl.load(info + INDEX))
+        return tl.multiple_of(address.to(grad_ptr.dtype, bitcast=True), 16) + corner
+    else:
+        return grad_ptr + base
 
 
 @triton.jit
@@ -139,29 +157,31 @@ def _r(x, HALF: tl.constexpr):
 @triton.jit
 def _grad(grad_ptrs, grad_scale_ptr, mask, HAS_GRAD_SCALE: tl.constexpr, HALF: tl.constexpr):
     grad = _load(grad_ptrs, mask, 0.0)
-    if HAS_GRAD_SCALE:  # times its reciprocal: a division a program (within an ulp of one
-        # an element)
-        grad = _r(grad * tl.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32)), HALF)
+    if HAS_GRAD_SCALE:  # times its reciprocal (within 2 ulp of a division: no IEEE division's
+        # slow path, whose call takes a stack frame)
+        grad = _r(grad * tl.fdiv(1.0, tl.load(grad_scale_ptr).to(tl.float32)), HALF)
     return grad
 
 
 @triton.jit
-def _stats_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
-                  row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr,
-                  HAS_GRAD_SCALE: tl.constexpr, HALF: tl.constexpr):
+def _stats_kernel(param_ptr, master_ptr, grad_ptr, grad_table_ptr, grad_scale_ptr, tile_ptr,
+                  info_ptr, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, HALF: tl.constexpr, GRAD_TABLE: tl.constexpr):
     """Pass 1: a tile's sum of the param's squares; a matrix's row and column sums of the
     grad's squares over the tile."""
     p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols = _tile(tile_ptr,
                                                                                   info_ptr)
     if whole:
-        base, local = _aligned(info, corner)
-        _stats(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, info,
-               local, None, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
+        corner, base, local = _aligned(info, batch, row0, col0)
+        _stats(param_ptr + base, master_ptr + base,
+               _grads(grad_ptr, grad_table_ptr, info, corner, base, GRAD_TABLE), grad_scale_ptr,
+               info, local, None, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
                HAS_GRAD_SCALE, HALF)
     else:
         base = tl.load(info + START) + corner
-        _stats(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, info,
-               local, mask, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
+        _stats(param_ptr + base, master_ptr + base,
+               _grads(grad_ptr, grad_table_ptr, info, corner, base, GRAD_TABLE), grad_scale_ptr,
+               info, local, mask, row_part_ptr, col_part_ptr, squares_ptr, HAS_MASTER,
                HAS_GRAD_SCALE, HALF)
 
 
@@ -268,11 +288,12 @@ def _moment(state_ptrs, wide_ptrs, mask, mean, weight, HALF: tl.constexpr):
 
 
 @triton.jit
-def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, info_ptr,
+def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_table_ptr, grad_scale_ptr, tile_ptr,
+                  info_ptr,
                   variance_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, squares_ptr, coef_ptr,
                   scalars_ptr, eps1_squared, HAS_MASTER: tl.constexpr,
                   HAS_GRAD_SCALE: tl.constexpr, HAS_DECAY: tl.constexpr,
-                  APPLY: tl.constexpr, HALF: tl.constexpr):
+                  APPLY: tl.constexpr, HALF: tl.constexpr, GRAD_TABLE: tl.constexpr):
     """Passes 3 (the update's squares per tile) and 5 (``APPLY``: the params updated)."""
     p, info, corner, local, mask, whole, batch, row0, col0, n_rows, n_cols = _tile(tile_ptr,
                                                                                   info_ptr)
@@ -281,15 +302,19 @@ def _tiles_kernel(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, tile_ptr, inf
     cols_at = wide_cols_ptr + tl.load(info + WIDE_COLS) + batch * n_cols + col0
     variance_at = variance_ptr + tl.load(info + VARIANCE) + corner
     if whole:
-        base, local = _aligned(info, corner)
-        _update(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, p, info,
+        corner, base, local = _aligned(info, batch, row0, col0)
+        _update(param_ptr + base, master_ptr + base,
+                _grads(grad_ptr, grad_table_ptr, info, corner, base, GRAD_TABLE), grad_scale_ptr,
+                p, info,
                 local, None, None, None, rows_at, cols_at, variance_at, batch,
                 means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1_squared, HAS_MASTER,
                 HAS_GRAD_SCALE, HAS_DECAY, APPLY, HALF)
     else:
         base = tl.load(info + START) + corner
         rows, cols = tl.arange(0, TILE_ROWS), tl.arange(0, TILE_COLS)
-        _update(param_ptr + base, master_ptr + base, grad_ptr + base, grad_scale_ptr, p, info,
+        _update(param_ptr + base, master_ptr + base,
+                _grads(grad_ptr, grad_table_ptr, info, corner, base, GRAD_TABLE), grad_scale_ptr,
+                p, info,
                 local, mask, rows < n_rows - row0, cols < n_cols - col0, rows_at, cols_at,
                 variance_at, batch, means_ptr, squares_ptr, coef_ptr, scalars_ptr, eps1_squared,
                 HAS_MASTER, HAS_GRAD_SCALE, HAS_DECAY, APPLY, HALF)
@@ -310,9 +335,9 @@ def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mas
         mean = tl.load(means_ptr + tl.load(info + MEANS) + batch)
         if HALF != 0:  # torch's ops, each rounded to the half type
             estimate = _r(tl.div_rn(_r(rows_var[:, None] * cols_var[None, :], HALF), mean), HALF)
-        else:  # the rows divided by the mean (a division a row, not an element; within an
-            # ulp of torch's product divided)
-            estimate = tl.div_rn(rows_var, mean)[:, None] * cols_var[None, :]
+        else:  # the rows times the mean's reciprocal (within 2 ulp of torch's product divided,
+            # no division an element)
+            estimate = (rows_var * tl.fdiv(1.0, mean))[:, None] * cols_var[None, :]
     else:
         estimate = _r(lerp(_r(_load(variance_at + local, mask, 0.0), HALF),
                            _r(grad * grad, HALF), tl.load(scalars_ptr + ONE_MINUS_BETA2)), HALF)
@@ -387,18 +412,18 @@ def tile_count(numel: int, shape: tuple) -> int:
 
 
 def make_tiles(params: list, device: torch.device) -> Tiles:
-    """The tables of an entry's nonempty ``params``: each ``(start, numel, shape, row_var,
-    col_var, variance)``, its offset from the entry's first element and its packed state's
-    offsets (None where it keeps none)."""
+    """The tables of an entry's nonempty ``params``: each ``(index, start, numel, shape,
+    row_var, col_var, variance)``, its index in the bucket, its offset from the entry's first
+    element and its packed state's offsets (None where it keeps none)."""
     info, owners = [], []
     wide_rows = wide_cols = means = first = 0
-    for k, (start, numel, shape, row_var, col_var, variance) in enumerate(params):
+    for k, (index, start, numel, shape, row_var, col_var, variance) in enumerate(params):
         factored = len(shape) >= 2
         rows, cols = (shape[-2], shape[-1]) if factored else (-(-numel // TILE_COLS.value),
                                                               TILE_COLS.value)
         batches = numel // (rows * cols) if factored else 1
         tiles = tile_count(numel, shape)
-        row = dict(start=start, numel=numel, rows=rows, cols=cols, batches=batches,
+        row = dict(index=index, start=start, numel=numel, rows=rows, cols=cols, batches=batches,
                    factored=int(factored), first_tile=first, tiles=tiles,
                    col_tiles=-(-cols // TILE_COLS.value))
         if factored:
@@ -422,11 +447,14 @@ def make_tiles(params: list, device: torch.device) -> Tiles:
 def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor,
                      variance: Tensor, tiles: Tiles, scalars: Tensor, *, eps1: float,
                      eps2: float, d: float, maximize: bool, decay: bool, grad_scale=None,
+                     grad_table: Tensor | None = None,
                      master: Tensor | None = None) -> None:
     """One entry's step: the five launches of the module docstring. ``param``, ``grad`` (and
     ``master``) are flat from the entry's first element; ``row_var``, ``col_var`` and
     ``variance`` the bucket's packed state buffers (any tensor where none is kept);
-    ``scalars`` fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` on the device."""
+    ``scalars`` fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` on the device. With
+    ``grad_table`` (int64: the address of each param's grad, by its index in the bucket) the
+    grads are read where they lie and ``grad`` only gives their dtype."""
     n_tiles, n_params = tiles.tiles, tiles.params
     if n_tiles == 0:
         return
@@ -441,8 +469,10 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
     # bf16/fp16 params without masters: torch.optim's math in the half type, op by op
     half = 0 if master is not param else {torch.bfloat16: 1, torch.float16: 2}.get(param.dtype, 0)
     flags = dict(HAS_MASTER=master is not param, HAS_GRAD_SCALE=grad_scale is not param,
-                 HALF=half)
-    _stats_kernel[(n_tiles,)](param, master, grad, grad_scale, tiles.tile, tiles.info,
+                 HALF=half, GRAD_TABLE=grad_table is not None)
+    grad_table = grad_table if grad_table is not None else tiles.info
+    _stats_kernel[(n_tiles,)](param, master, grad, grad_table, grad_scale, tiles.tile,
+                              tiles.info,
                               row_part, col_part, param_squares, **flags, **LAUNCH)
     _factors_kernel[(n_params,)](tiles.info, row_part, col_part, param_squares, row_var,
                                  col_var, wide_rows, wide_cols, means, alpha, scalars,
@@ -453,7 +483,7 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
             _coefficients_kernel[(n_params,)](tiles.info, update_squares, alpha, coef,
                                               float(d), MAXIMIZE=maximize, HALF=half,
                                               **LAUNCH)
-        _tiles_kernel[(n_tiles,)](param, master, grad, grad_scale, tiles.tile,
+        _tiles_kernel[(n_tiles,)](param, master, grad, grad_table, grad_scale, tiles.tile,
                                   tiles.info, variance, wide_rows, wide_cols, means,
                                   update_squares, coef, scalars, eps1_squared,
                                   **flags, HAS_DECAY=decay, APPLY=apply,

@@ -149,7 +149,7 @@ def kernel_calls(monkeypatch):
     launch = kernel.adafactor_update
 
     def counted(*args, **kwargs):
-        calls.append(args[5].tiles)
+        calls.append((args[5].tiles, kwargs.get("grad_table") is not None))
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(kernel, "adafactor_update", counted)
@@ -163,11 +163,17 @@ def kernel_calls(monkeypatch):
                          ids=["plain", "decay-maximize-d", "tensor-lr-tiny-eps1"])
 def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton")
-    # one call an entry a step (params without grads split the entries)
+    # one call a step, every tile, the fresh grads read where they lie
     tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1  # KERNEL_SHAPES in 64 x 64 tiles
-    assert kernel_calls == [tiles] * 6
+    assert kernel_calls == [(tiles, True)] * 6
+    kernel_calls.clear()
+    # params without grads: entries of the others, their grads gathered into the flat buffer
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton",
                  skip=lambda step, i: (step + i) % 3 == 0)
+    assert len(kernel_calls) > 6 and not any(table for _, table in kernel_calls)
+    kernel_calls.clear()
+    compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=4, backend="triton", in_place=True)
+    assert kernel_calls[1:] == [(tiles, False)] * 3  # grads kept in the flat buffer
 
 
 @needs_interpreter
@@ -187,7 +193,7 @@ def test_kernels_equal_the_torch_path_on_lean_options(options, kernel_calls):
                 p.grad = torch.randn(p.shape, generator=gen).to(dtype)
             opt.step()
         runs.append((params, opt))
-    assert len(kernel_calls) == 4
+    assert [table for _, table in kernel_calls] == [True] * 4
     # bf16 params: one bf16 rounding of the same fp32 master apart at most
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=2e-7)
     (ours, ours_opt), (theirs, theirs_opt) = runs
@@ -249,11 +255,13 @@ def test_the_tiles_cover_every_element_once():
     pytest.importorskip("triton")
     from fastopt.kernels import adafactor as kernel
 
-    params = [(0, 70 * 130, (70, 130), 0, 0, None), (70 * 130 + 60, 4097, (4097,), None, None, 0),
-              (20000, 8 * 18, (8, 2, 3, 3), 128, 128, None)]
+    params = [(0, 0, 70 * 130, (70, 130), 0, 0, None),
+              (1, 70 * 130 + 60, 4097, (4097,), None, None, 0),
+              (3, 20000, 8 * 18, (8, 2, 3, 3), 128, 128, None)]
     tiles = kernel.make_tiles(params, torch.device("cpu"))
     info, table = tiles.info, tiles.tile
     assert tiles.tiles == 2 * 3 + 2 + 8 * 2 and tiles.params == 3
+    assert info[:, kernel.INDEX.value].tolist() == [0, 1, 3]  # their rows of a grad table
     assert (tiles.wide_rows, tiles.wide_cols, tiles.means) == (70 + 16 * 3, 130 + 16 * 3, 1 + 16)
     covered = set()
     for param, batch, row_tile, col_tile in table.tolist():

@@ -106,8 +106,10 @@ def _update_all(group: dict, bucket, plan, grad_scale, host: bool) -> None:
 
 def _kernel_entry(bucket, chunk, s: _Settings, step: Tensor, masters: Tensor | None) -> None:
     """Params ``chunk.lo:chunk.hi`` in five launches (``fastopt.kernels.adafactor``), their
-    grads in the flat grad buffer, ``step`` their 0-d step count on the device."""
+    grads in the flat grad buffer or read where they lie (a ``GradTable``), ``step`` their 0-d
+    step count on the device."""
     from fastopt.kernels import adafactor as kernel
+    from fastopt.kernels.table import GradTable
 
     key = ("adafactor-tiles", chunk.lo, chunk.hi)
     tiles = bucket.real_views.get(key)
@@ -119,18 +121,20 @@ def _kernel_entry(bucket, chunk, s: _Settings, step: Tensor, masters: Tensor | N
             return None if slot is None else slot[0]
 
         tiles = bucket.real_views[key] = kernel.make_tiles(
-            [(bucket.starts[i] - chunk.start, bucket.ends[i] - bucket.starts[i],
+            [(i, bucket.starts[i] - chunk.start, bucket.ends[i] - bucket.starts[i],
               tuple(bucket.param_shapes[i]), offset("row_var", i), offset("col_var", i),
               offset("variance", i))
              for i in range(chunk.lo, chunk.hi) if bucket.ends[i] > bucket.starts[i]],
             bucket.device)
     state = bucket.state.tensors
     flat = bucket.flat[chunk.start :]
+    table = chunk.grad.addresses if isinstance(chunk.grad, GradTable) else None  # by address
     kernel.adafactor_update(
-        flat, chunk.grad.reshape(-1), state.get("row_var", flat), state.get("col_var", flat),
+        flat, flat if table is not None else chunk.grad.reshape(-1),
+        state.get("row_var", flat), state.get("col_var", flat),
         state.get("variance", flat), tiles, _device_scalars(step, s), eps1=s.eps1, eps2=s.eps2,
         d=s.d, maximize=s.maximize, decay=s.weight_decay != 0, grad_scale=s.grad_scale,
-        master=None if masters is None else masters[chunk.start :])
+        grad_table=table, master=None if masters is None else masters[chunk.start :])
 
 
 def _device_scalars(step: Tensor, s: _Settings) -> Tensor:
@@ -460,7 +464,7 @@ DECLARATION = Declaration(
     differentiable=False,  # torch.optim.Adafactor has no differentiable mode
     group_keys=("lr", "beta2_decay", "eps", "d", "weight_decay"),
     cost="adafactor",
-    by_address=False,
+    by_address=True,  # fresh grads read where they lie (params in the flat buffer only)
     whole_params=True,
     scratch=_scratch,
 )
@@ -497,6 +501,11 @@ class Adafactor(FlatOptimizer):
                     "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize}
         check_with(torch.optim.Adafactor, defaults)
         super().__init__(params, defaults, **options)
+
+    def reads_by_address(self, group: dict, external: bool = False) -> bool:
+        """Fresh grads are read where they lie; params left where their owner keeps them take
+        the torch ops (the kernels update params in the flat buffer)."""
+        return not external
 
     def prepare_bucket(self, group: dict, bucket) -> None:
         super().prepare_bucket(group, bucket)

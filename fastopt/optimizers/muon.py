@@ -398,7 +398,7 @@ class Muon(FlatOptimizer):
                                      "refused, as torch refuses it)")
         super().add_param_group(group)
 
-    def reads_by_address(self, group: dict) -> bool:
+    def reads_by_address(self, group: dict, external: bool = False) -> bool:
         return _adamw(group)
 
     def check_step(self, group: dict) -> None:

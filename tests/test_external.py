@@ -257,6 +257,7 @@ def test_aligned_views_of_a_foreign_buffer_are_updated_by_address_in_one_launch(
     bucket = ours._buckets[0][0]
     assert bucket.external and bucket.backend == "triton"
     # SGD's momentum and Adam's step counts split the run after the step without a grad; an
-    # update that does not read grads by address (Adafactor's) takes each param apart
-    first = "table" if ours.declaration.by_address else "chunks"
+    # update that does not read external params by address (Adafactor's torch ops) takes
+    # each param apart
+    first = "table" if ours.reads_by_address(ours.param_groups[0], external=True) else "chunks"
     assert routes[:2] == [first, first] and routes[2] == "chunks"

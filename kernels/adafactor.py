@@ -35,9 +35,10 @@ as one fma, ``1/sqrt`` as the GPU's reciprocal square root (as torch's CUDA ``rs
 fp32 the estimate :math:`RC/m` multiplies the rows by :math:`1/m` first, and a clip's grad
 divisor is taken as its reciprocal (each within 2 ulp: no IEEE division an element, whose
 slow path costs a stack frame). The grads are read from the flat grad buffer, or where
-autograd left them (``GRAD_TABLE``: the default loop's fresh grads, one address a param). Kernels know pointers, sizes and
-scalars only: the host gives them a table per param (``INFO`` int64 columns) and the param of
-each tile.
+autograd left them (``GRAD_TABLE``: the default loop's fresh grads, one address a param).
+
+Kernels know pointers, sizes and scalars only: the host gives them a table per param (``INFO``
+int64 columns) and one per tile (its param, matrix, row and column tile).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .ops import fma, lerp
 from .rounding import load_param, store_param, to_storage
@@ -61,8 +62,8 @@ LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
 APPLY_LAUNCH = dict(LAUNCH, num_warps=8)
 # The per-param table's int64 columns: the param's first element (from the entry's), its
 # elements, rows, columns and matrices (a vector: rows of TILE_COLS, one matrix), factored or
-# not, its packed state's offsets, its tiles, and its statistics' offsets in the workspace.
-# and its index in the bucket (its row of a grad table).
+# not, its packed state's offsets, its tiles, its statistics' offsets in the workspace, and
+# its index in the bucket (its row of a grad table).
 COLUMNS = ("start", "numel", "rows", "cols", "batches", "factored", "row_var", "col_var",
            "variance", "first_tile", "tiles", "col_tiles", "wide_rows", "wide_cols", "means",
            "index")

@@ -93,10 +93,10 @@ def _update_all(group: dict, bucket, plan, grad_scale, host: bool) -> None:
                          host)
     kernel = bucket.backend == "triton" and not bucket.external
     for chunk in plan.chunks:
-        step = float(steps[chunk.lo]) if host else steps[chunk.lo]
-        if kernel:
+        if kernel:  # the step count read on the device, also under the interpreter
             _kernel_entry(bucket, chunk, settings, table[chunk.lo, 0], masters)
             continue
+        step = float(steps[chunk.lo]) if host else steps[chunk.lo]
         _update_entry(bucket, chunk, settings, step, masters)
         if masters is not None:  # each param: its master rounded to nearest
             for piece, master in zip(bucket.pieces("param", [chunk]),

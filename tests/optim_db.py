@@ -63,6 +63,10 @@ class OptimInfo:
     # does the reference step empty params? (torch's Adafactor divides by their size: a
     # ZeroDivisionError; fastopt's leaves them as they are, tests/test_behaviour.py)
     empty_params: bool = True
+    # how the Triton kernels round half-precision params without masters: "once" (fp32 math,
+    # one rounding per step, as torch's fused kernels) or "per_op" (every op rounded to the
+    # half type, as torch.optim's for-loop: Adafactor's, tests/test_adafactor.py)
+    half_kernel_rounding: str = "once"
 
     @property
     def cls(self) -> type:
@@ -349,6 +353,7 @@ OPTIM_DB = [
         typical=dict(lr=0.05),
         half=[dict(lr=1e-2, eps=(1e-3, 1e-3))],
         empty_params=False,
+        half_kernel_rounding="per_op",
     ),
 ]
 

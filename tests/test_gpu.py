@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastopt
-from helpers import PAIRS, check_grad_scaler_with_injected_inf, clone_params, compare_runs
+from helpers import (check_grad_scaler_with_injected_inf, clone_params, compare_rounded_once,
+                     compare_runs)
 from optim_db import BY_NAME, NAMES, OPTIM_DB, every_config
 
 pytestmark = [
@@ -20,15 +21,15 @@ pytestmark = [
 CONFIGS = [(info.name, kwargs) for info, kwargs, _ in every_config()]
 IDS = [f"{info.name}-{desc}" for info, _, desc in every_config()]
 SIZES = [(1,), (129,), (2**20 + 3,), (0,), (), (7, 13, 5)]
-# The tolerance of the CUDA parity tests is the one torch holds its own fused CUDA kernels to
-# against its for-loop (test_optim.py's test_fused_matches_forloop, common_optimizers.py):
-# torch.testing's float32 default, rtol 1.3e-6 and atol 1e-5, and 5e-3 for bf16/fp16. On a GPU
-# the reference itself rounds otherwise than IEEE op by op: ATen's CUDA kernels divide a
-# tensor by a Python scalar as a multiply by its reciprocal and nvcc contracts multiply-adds
-# inside ops, where the kernels here divide and round as the CPU reference does; an element
-# near zero then differs by more than the CPU tests' atol of 2e-7, by a few ulps of its
-# neighbours, as torch's fused kernels differ from its for-loop. The CPU tests (the torch path
-# and the kernels under the interpreter) keep 2e-6 / 2e-7.
+# The tolerance of the CUDA fp32 parity tests is the one torch holds its own fused CUDA kernels
+# to against its for-loop (test_optim.py's test_fused_matches_forloop, common_optimizers.py):
+# torch.testing's float32 default, rtol 1.3e-6 and atol 1e-5. On a GPU the reference itself
+# rounds otherwise than IEEE op by op: ATen's CUDA kernels divide a tensor by a Python scalar
+# as a multiply by its reciprocal and nvcc contracts multiply-adds inside ops, where the
+# kernels here divide and round as the CPU reference does; an element near zero then differs
+# by more than the CPU tests' atol of 2e-7, by a few ulps of its neighbours, as torch's fused
+# kernels differ from its for-loop. The CPU tests (the torch path and the kernels under the
+# interpreter) keep 2e-6 / 2e-7. Half-precision params: see test_half_precision_on_cuda.
 GPU_FP32 = dict(rtol=1.3e-6, atol=1e-5)
 HALF_TOL = dict(rtol=5e-3, atol=5e-3)
 
@@ -50,9 +51,23 @@ HALF = [(info.name, kwargs) for info in OPTIM_DB for kwargs in info.half]
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,kwargs", HALF, ids=[f"{n}-{k}" for n, k in HALF])
-def test_half_precision_parity_on_cuda(name, kwargs, dtype):
-    compare_runs(name, kwargs, [(1,), (129,), (2**20 + 3,)], device="cuda", backend="triton",
-                 dtype=dtype, steps=10, tol=HALF_TOL)
+def test_half_precision_on_cuda(name, kwargs, dtype):
+    """bf16/fp16 params without masters, on sizes where every rounding case occurs (2**20 + 3
+    elements). The kernels that compute in fp32 and round once per step, as torch's fused
+    kernels do, are held to exactly that: torch.optim's fp32 for-loop from the same values,
+    within half an ulp of the half type plus the fp32 tolerance (helpers.compare_rounded_once).
+    torch's own test tolerance against its half-precision for-loop (5e-3 absolute and
+    relative, common_optimizers.py) is less than one bf16 ulp for values just above 2, 4, ...:
+    torch's small test model never has them, a million random values do, and a correctly
+    rounded result there is an ulp from the for-loop's (which rounds after every op; on fp16
+    states among the subnormals, by many ulps). Kernels that round every op as the for-loop
+    does (Adafactor's) are compared with it at torch's tolerance."""
+    shapes = [(1,), (129,), (2**20 + 3,)]
+    if BY_NAME[name].half_kernel_rounding == "per_op":
+        compare_runs(name, kwargs, shapes, device="cuda", backend="triton", dtype=dtype,
+                     steps=10, tol=HALF_TOL)
+    else:
+        compare_rounded_once(name, kwargs, shapes, dtype=dtype, fp32_tol=GPU_FP32)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -186,7 +201,7 @@ def test_fresh_grads_read_through_the_address_table_equal_eager_and_capture(name
 
 @pytest.mark.parametrize("name", [n for n in NAMES if BY_NAME[n].declaration.grad_scaling])
 def test_grad_scaler_with_an_injected_inf_on_cuda(name):
-    check_grad_scaler_with_injected_inf(name, "triton", "cuda")
+    check_grad_scaler_with_injected_inf(name, "triton", "cuda", tol=GPU_FP32)
 
 
 def test_auto_backend_picks_triton_on_cuda_and_torch_for_fp64():
@@ -335,7 +350,8 @@ def test_muon_step_captured_in_a_cuda_graph_equals_eager():
     replays equal eager steps."""
     def build():
         params = _muon_params()
-        vectors = [torch.nn.Parameter(torch.randn(33, device="cuda"))]
+        vectors = [torch.nn.Parameter(torch.randn(33, device="cuda", generator=torch.Generator(
+            device="cuda").manual_seed(1)))]
         opt = fastopt.Muon([{"params": params}, {"params": vectors, "use_muon": False}],
                            lr=torch.tensor(0.02, device="cuda"))
         return params + vectors, opt

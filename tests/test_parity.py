@@ -6,7 +6,7 @@ Params and every state tensor are compared after every step (see helpers.compare
 import pytest
 import torch
 
-from helpers import BACKENDS, compare_runs
+from helpers import BACKENDS, TOLERANCES, compare_rounded_once, compare_runs, interpreter_ready
 from optim_db import BY_NAME, NAMES, OPTIM_DB, every_config
 
 # (optimizer, options, what the row checks): every configuration of tests/optim_db.py
@@ -69,6 +69,18 @@ HALF = [(info.name, kwargs) for info in OPTIM_DB for kwargs in info.half]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_params(name, kwargs, dtype):
     compare_runs(name, kwargs, [(1,), (129,), (4097,)], dtype=dtype, steps=10)
+
+
+ROUNDED_ONCE = [(n, k) for n, k in HALF if BY_NAME[n].half_kernel_rounding == "once"]
+
+
+@pytest.mark.skipif(not interpreter_ready(), reason="the Triton kernels under the interpreter")
+@pytest.mark.parametrize("name,kwargs", ROUNDED_ONCE, ids=[f"{n}-{k}" for n, k in ROUNDED_ONCE])
+def test_fp16_kernels_round_once(name, kwargs):
+    """The kernels on fp16 params compute torch.optim's math in fp32 and round once per step
+    (helpers.compare_rounded_once; bf16 runs on a GPU only, tests/test_gpu.py)."""
+    compare_rounded_once(name, kwargs, [(1,), (129,), (4097,)], dtype=torch.float16,
+                         fp32_tol=TOLERANCES[torch.float32], device="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

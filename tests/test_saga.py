@@ -21,7 +21,7 @@ class ReferenceSAGA:
 
     def __init__(self, groups):
         self.groups = groups
-        self.table = {id(p): torch.zeros(g["num_samples"], *p.shape) for g in groups
+        self.table = {id(p): p.new_zeros(g["num_samples"], *p.shape) for g in groups
                       for p in g["params"]}
         self.mean = {id(p): torch.zeros_like(p) for g in groups for p in g["params"]}
 

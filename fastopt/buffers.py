@@ -11,7 +11,10 @@
 - ``scalars``: float32 ``[params, width]``: per param the scalars its declaration keeps
   (``step``, ``mu_product``...) and then the values the scalar math derives from them each step
   (the kernels read a param's row); ``ids`` are equal for params whose kept scalars are equal,
-  so that they can share one call.
+  so that they can share one call. A Triton bucket's table also has a host mirror: its values
+  as the host last wrote them, valid while the table's version counter says no one else has
+  written it since (``host_mirror``), so that the scalar math can run on Python floats and
+  reach the device in one non-blocking copy (``fastopt.elementwise``).
 
 Which buffers and scalars exist is the optimizer's declaration (``fastopt.declaration``); this
 module only holds them.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -44,6 +48,7 @@ class Buffers:
         self.scalar_names: tuple = ()  # the kept columns
         self.views: dict = {}  # kept scalar name -> its 0-d view per param
         self._host = None  # host_scalars' cache: (array, the table it covers)
+        self._mirror = None  # host_mirror's (array, the table's version it matches)
         self.ids: list = [None] * n  # host-side: equal ids => equal kept scalars
         self.has_state: list = [False] * n
         self.stepped: list = [False] * n  # updated at least once (torch's fused checks before)
@@ -92,6 +97,9 @@ class Buffers:
             self.scalar_names = tuple(names)
             self.views = {name: list(self.scalars[:, k].unbind())
                           for k, name in enumerate(names)}
+            if self.bucket.backend == "triton":
+                self._mirror = (numpy.zeros(tuple(self.scalars.shape), dtype=numpy.float32),
+                                self.scalars._version)
         return self.scalars
 
     def host_scalars(self):
@@ -100,6 +108,34 @@ class Buffers:
         if self._host is None or self._host[1] is not self.scalars:
             self._host = (self.scalars.numpy(), self.scalars)
         return self._host[0]
+
+    def host_mirror(self):
+        """A Triton bucket's scalar table as the host last wrote it (a numpy array), or None
+        where the host does not know it without reading the device: something else has
+        written the table since (the scalar math on the device's columns, a ``found_inf``
+        restore, a user through ``state``), which its version counter tells."""
+        if self._mirror is None or self._mirror[1] != self.scalars._version:
+            return None
+        return self._mirror[0]
+
+    def write_scalars(self, index: list, rows: Tensor) -> None:
+        """Rows ``index`` of the kept columns set to ``rows`` (CPU float32), on the table and,
+        while it is valid, on its host mirror."""
+        mirror = self.host_mirror()
+        self.scalars[index, : rows.shape[1]] = rows.to(self.scalars.device)
+        if mirror is not None:
+            mirror[index, : rows.shape[1]] = rows.numpy()
+            self._mirror = (mirror, self.scalars._version)
+
+    def upload_mirror(self, mirror) -> None:
+        """The table set to ``mirror`` (from ``host_mirror``, updated by the host) without a
+        host sync: on CUDA a non-blocking copy from pinned memory (the caching host allocator
+        keeps it until the copy has run)."""
+        host = torch.from_numpy(mirror)
+        if self.scalars.device.type == "cuda":
+            host = host.pin_memory()
+        self.scalars.copy_(host, non_blocking=True)
+        self._mirror = (mirror, self.scalars._version)
 
     def __getstate__(self) -> dict:
         """A copy (deepcopy, pickle) makes its own ``host_scalars`` over its own table."""

@@ -4,8 +4,13 @@ For one bucket and its step plan (``fastopt.plan``):
 
 1. the scalar math advances each run's kept scalars (``step``, ``mu_product``...) and derives
    this step's values from them (bias corrections, step sizes): in Python floats for the torch
-   path (the table lives on the CPU, as torch.optim keeps ``step``: no sync, no tiny ops), on
-   the table's columns on the GPU for the Triton path (no host sync);
+   path (the table lives on the CPU, as torch.optim keeps ``step``: no sync, no tiny ops); for
+   the Triton path in Python floats too, on the host mirror of the device's table, which one
+   non-blocking copy then updates, wherever the host knows the table's values (no sync, one
+   copy instead of a dozen tiny ops per run), and else on the table's columns on the device
+   (with GradScaler's ``found_inf``, whose step may not count; inside a CUDA graph capture,
+   whose replays must advance the scalars themselves; with a hyperparameter on the device;
+   after anything else wrote the table);
 2. one call updates the plan's entries: ``fastopt.kernels.elementwise_update`` with the
    optimizer's per-element Triton function, or ``fastopt.torch_path.elementwise_update`` with
    its torch twin (the same signature);
@@ -40,10 +45,16 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     if table is None:
         rows = [None] * len(entries)
     elif triton:
-        for lo, hi, _ in runs:
-            if found_inf is not None:
-                before.append(table[lo:hi].clone())
-            _advance_columns(declared, group, table, lo, hi)
+        mirror = _host_mirror(declared, group, bucket, found_inf)
+        if mirror is not None:
+            for lo, hi, _ in runs:
+                _advance_mirror(declared, group, mirror, lo, hi)
+            bucket.state.upload_mirror(mirror)
+        else:
+            for lo, hi, _ in runs:
+                if found_inf is not None:
+                    before.append(table[lo:hi].clone())
+                _advance_columns(declared, group, table, lo, hi)
         rows = [table[first] for first in entries]
     elif len(runs) == 1:  # every entry in one run (the common step): one set of values
         rows = [_advance_floats(declared, group, bucket.state, runs[0][0], runs[0][1])] \
@@ -109,12 +120,44 @@ def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> 
              for d in derived], dim=1).to(torch.float32)
 
 
+def _host_mirror(declared, group: dict, bucket, found_inf):
+    """The host mirror of ``bucket``'s scalar table (``Buffers.host_mirror``) where the scalar
+    math can run on it: no ``found_inf`` (on the device: whether the step counts is not known
+    on the host), no CUDA graph capture (a replay must advance the table itself), no
+    hyperparameter on the device (reading it would sync). Else None."""
+    if found_inf is not None or (bucket.device.type == "cuda"
+                                 and torch.cuda.is_current_stream_capturing()):
+        return None
+    for key in declared.group_keys:
+        value = group.get(key)
+        if isinstance(value, Tensor) or (isinstance(value, tuple)
+                                         and any(isinstance(v, Tensor) for v in value)):
+            return None
+    return bucket.state.host_mirror()
+
+
+def _advance_mirror(declared, group: dict, mirror, lo: int, hi: int) -> None:
+    """The scalar math on Python floats for rows ``lo:hi`` of the host mirror (every row of a
+    run holds the same): the kept scalars advanced, the derived values written beside them
+    (rounded to float32, as ``_advance_columns`` stores them)."""
+    columns = _advance_rows(declared, group, mirror, lo, hi)
+    kept = len(declared.scalar_names)
+    for k, name in enumerate(declared.derived):
+        mirror[lo:hi, kept + k] = getattr(columns, name)
+
+
 def _advance_floats(declared, group: dict, state, lo: int, hi: int) -> Columns:
     """The scalar math on Python floats (the torch path: the table is on the CPU and every row
     of a run holds the same): the kept scalars written back to rows ``lo:hi`` of ``state``'s
     table; returns the run's values, kept and derived."""
+    # the CPU table's memory, without torch's per-op cost
+    return _advance_rows(declared, group, state.host_scalars(), lo, hi)
+
+
+def _advance_rows(declared, group: dict, rows, lo: int, hi: int) -> Columns:
+    """The scalar math on Python floats from row ``lo`` of ``rows`` (a numpy table); the kept
+    scalars written back to rows ``lo:hi``; returns the run's values, kept and derived."""
     names = declared.scalar_names
-    rows = state.host_scalars()  # the CPU table's memory, without torch's per-op cost
     columns = Columns(dict(zip(names, rows[lo].tolist())))
     declared.scalar_math(columns, group, FloatOps)
     for k, name in enumerate(names):

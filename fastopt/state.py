@@ -95,11 +95,10 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
         ensure_buffer(opt, group, bucket, name)
     with torch.no_grad():
         if scalars:
-            table = ensure_scalars(opt, group, bucket)
+            ensure_scalars(opt, group, bucket)
             rows = [[_scalar(opt.state[bucket.params[i]].get(s.name), s.initial(group))
                      for s in scalars] for i in stated]
-            table[stated, : len(scalars)] = torch.tensor(rows, dtype=torch.float32).to(
-                table.device)
+            bucket.state.write_scalars(stated, torch.tensor(rows, dtype=torch.float32))
             ids = {}
             for i, row in zip(stated, rows):
                 bucket.state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
@@ -172,11 +171,11 @@ def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
                 bucket.state.local_view(name, i).copy_(local_value(bucket.params[i].detach(),
                                                                    bucket.params[i]))
     if scalars:
-        table = ensure_scalars(opt, group, bucket)
+        ensure_scalars(opt, group, bucket)
         initial = [s.initial(group) for s in scalars]
         if any(initial):
-            table[fresh, : len(scalars)] = torch.tensor(initial, dtype=torch.float32).to(
-                table.device)
+            bucket.state.write_scalars(fresh, torch.tensor([initial] * len(fresh),
+                                                           dtype=torch.float32))
     for i in fresh:
         set_state(opt, bucket.params[i], state_views(opt, bucket, i, names))
         bucket.state.has_state[i] = True

@@ -45,7 +45,7 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     if table is None:
         rows = [None] * len(entries)
     elif triton:
-        mirror = _host_mirror(declared, group, bucket, found_inf)
+        mirror = host_mirror(declared, group, bucket, found_inf)
         if mirror is not None:
             for lo, hi, _ in runs:
                 _advance_mirror(declared, group, mirror, lo, hi)
@@ -120,7 +120,7 @@ def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> 
              for d in derived], dim=1).to(torch.float32)
 
 
-def _host_mirror(declared, group: dict, bucket, found_inf):
+def host_mirror(declared, group: dict, bucket, found_inf):
     """The host mirror of ``bucket``'s scalar table (``Buffers.host_mirror``) where the scalar
     math can run on it: no ``found_inf`` (on the device: whether the step counts is not known
     on the host), no CUDA graph capture (a replay must advance the table itself), no

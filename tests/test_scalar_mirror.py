@@ -111,3 +111,29 @@ def test_found_inf_and_a_tensor_lr_keep_the_math_on_the_device(monkeypatch):
     ours.step()
     assert calls["device"] == 2
     assert all(torch.equal(ours.state[p]["step"], b) for p, b in zip(ours_params, before))
+
+
+def test_adafactor_takes_its_step_scalars_from_the_host(monkeypatch):
+    """Adafactor's kernels get [1 - beta2_t, rho_t, decay] computed on the host from the
+    mirror in the default loop, and from the device's step counts after a write to them."""
+    from fastopt.optimizers import adafactor
+
+    calls = {"host": 0, "device": 0}
+    for route, name in (("host", "_host_scalars"), ("device", "_device_scalars")):
+        original = getattr(adafactor, name)
+
+        def counted(*args, _original=original, _route=route, **kwargs):
+            calls[_route] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(adafactor, name, counted)
+    ours, ref, ours_params, ref_params = pair("Adafactor", dict(lr=0.01, weight_decay=0.1))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        step_and_compare(ours, ref, ours_params, ref_params, gen)
+    assert calls["host"] > 0 and calls["device"] == 0
+    for p, q in zip(ours_params, ref_params):
+        ours.state[p]["step"].fill_(9.0)
+        ref.state[q]["step"].fill_(9.0)
+    step_and_compare(ours, ref, ours_params, ref_params, gen)
+    assert calls["device"] > 0

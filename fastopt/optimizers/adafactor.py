@@ -46,6 +46,7 @@ from torch import Tensor
 from fastopt.clipping import kept_where_found_inf
 from fastopt.declaration import Buffer, Declaration, Scalar
 from fastopt.dispatch import requested_backend
+from fastopt.elementwise import host_mirror
 from fastopt.optimizer import FlatOptimizer
 from fastopt.precision import REMAINDERS
 from fastopt.state import MASTER
@@ -75,26 +76,37 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     if found_inf is not None and host and bool(found_inf):
         return  # the CPU reads it: nothing changes
     if found_inf is not None and not host:  # written, then put back where found_inf says
-        kept_where_found_inf(bucket, found_inf, lambda: _update_all(group, bucket, plan,
-                                                                    grad_scale, host))
+        kept_where_found_inf(bucket, found_inf, lambda: _update_all(opt, group, bucket, plan,
+                                                                    grad_scale, host, found_inf))
     else:
-        _update_all(group, bucket, plan, grad_scale, host)
+        _update_all(opt, group, bucket, plan, grad_scale, host, found_inf)
     opt.renumber(bucket, plan)
 
 
-def _update_all(group: dict, bucket, plan, grad_scale, host: bool) -> None:
-    """The steps advanced, then every entry of ``plan`` updated (``_update``)."""
+def _update_all(opt, group: dict, bucket, plan, grad_scale, host: bool, found_inf) -> None:
+    """The steps advanced, then every entry of ``plan`` updated (``_update``). The kernels'
+    step scalars come from the host mirror of the step counts where the host knows them
+    (``fastopt.elementwise.host_mirror``: one copy to the device), else from the counts on the
+    device (a few tiny ops per entry, no sync)."""
     table = bucket.state.scalars
-    for lo, hi, _ in plan.step_runs:
-        table[lo:hi, 0] += 1
+    kernel = bucket.backend == "triton" and not bucket.external
+    mirror = host_mirror(opt.declaration, group, bucket, found_inf) if kernel else None
+    if mirror is not None:
+        for lo, hi, _ in plan.step_runs:
+            mirror[lo:hi, 0] += 1
+        bucket.state.upload_mirror(mirror)
+    else:
+        for lo, hi, _ in plan.step_runs:
+            table[lo:hi, 0] += 1
     steps = bucket.state.host_scalars()[:, 0] if host else table[:, 0]
     masters = bucket.state.tensors.get(MASTER)
     settings = _Settings(group, bucket.dtype if masters is None else masters.dtype, grad_scale,
                          host)
-    kernel = bucket.backend == "triton" and not bucket.external
     for chunk in plan.chunks:
         if kernel:  # the step count read on the device, also under the interpreter
-            _kernel_entry(bucket, chunk, settings, table[chunk.lo, 0], masters)
+            scalars = _device_scalars(table[chunk.lo, 0], settings) if mirror is None \
+                else _host_scalars(float(mirror[chunk.lo, 0]), settings, bucket.device)
+            _kernel_entry(bucket, chunk, settings, scalars, masters)
             continue
         step = float(steps[chunk.lo]) if host else steps[chunk.lo]
         _update_entry(bucket, chunk, settings, step, masters)
@@ -104,10 +116,11 @@ def _update_all(group: dict, bucket, plan, grad_scale, host: bool) -> None:
                 piece.copy_(master)
 
 
-def _kernel_entry(bucket, chunk, s: _Settings, step: Tensor, masters: Tensor | None) -> None:
+def _kernel_entry(bucket, chunk, s: _Settings, scalars: Tensor,
+                  masters: Tensor | None) -> None:
     """Params ``chunk.lo:chunk.hi`` in five launches (``fastopt.kernels.adafactor``), their
-    grads in the flat grad buffer or read where they lie (a ``GradTable``), ``step`` their 0-d
-    step count on the device."""
+    grads in the flat grad buffer or read where they lie (a ``GradTable``), ``scalars`` their
+    step's (``_device_scalars``, ``_host_scalars``) on the device."""
     from fastopt.kernels import adafactor as kernel
     from fastopt.kernels.table import GradTable
 
@@ -132,7 +145,7 @@ def _kernel_entry(bucket, chunk, s: _Settings, step: Tensor, masters: Tensor | N
     kernel.adafactor_update(
         flat, flat if table is not None else chunk.grad.reshape(-1),
         state.get("row_var", flat), state.get("col_var", flat),
-        state.get("variance", flat), tiles, _device_scalars(step, s), eps1=s.eps1, eps2=s.eps2,
+        state.get("variance", flat), tiles, scalars, eps1=s.eps1, eps2=s.eps2,
         d=s.d, maximize=s.maximize, decay=s.weight_decay != 0, grad_scale=s.grad_scale,
         grad_table=table, master=None if masters is None else masters[chunk.start :])
 
@@ -147,6 +160,16 @@ def _device_scalars(step: Tensor, s: _Settings) -> Tensor:
     if not isinstance(decay, Tensor):  # filled on the device (no copy from the host: a CUDA
         decay = torch.full_like(t, decay)  # graph can capture it)
     return torch.stack([t ** s.beta2_decay, rho, decay]).float()
+
+
+def _host_scalars(step: float, s: _Settings, device: torch.device) -> Tensor:
+    """``_device_scalars`` from a step count the host knows, as torch.optim computes them
+    from Python floats, copied to ``device`` without a sync (from pinned memory)."""
+    values = torch.tensor([step ** s.beta2_decay, min(s.lr, 1 / step ** 0.5),
+                           1 - s.lr * s.weight_decay], dtype=torch.float32)
+    if device.type != "cuda":
+        return values
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _on_host(bucket) -> bool:

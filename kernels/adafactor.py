@@ -56,6 +56,10 @@ from .rounding import load_param, store_param, to_storage
 TILE_ROWS = tl.constexpr(64)
 TILE_COLS = tl.constexpr(64)
 REDUCE = tl.constexpr(256)  # elements a per-param program sums at once
+# A statistic's partial sums (one per tile along its row or column) loaded PARTS at a time:
+# that many loads in flight per lane instead of a chain of dependent ones (a wide matrix's
+# column has hundreds of tiles)
+PARTS = tl.constexpr(16)
 # No multiply-add is fused but those the math spells out (``kernels/ops.py``).
 LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
 # A thread takes 32 elements of a tile, 16 in the pass that updates the params (registers)
@@ -257,6 +261,7 @@ def _statistics(part_ptr, state_ptr, wide_ptr, tile0, count, length, tile_step, 
     tile * TILE`` and each statistic has ``parts`` of them, ``part_stride`` apart. Each is
     moved to its mean by ``weight`` (``_moment``); returns their mean."""
     lanes = tl.arange(0, REDUCE)
+    block = tl.arange(0, PARTS)
     kept = tl.zeros([REDUCE], tl.float32)
     i = count * 0
     while i < count:
@@ -265,9 +270,12 @@ def _statistics(part_ptr, state_ptr, wide_ptr, tile0, count, length, tile_step, 
         first = (tile0 + index // TILE * tile_step) * TILE + index % TILE
         squares = tl.zeros([REDUCE], tl.float32)
         j = parts * 0
-        while j < parts:
-            squares += tl.load(part_ptr + first + j * part_stride, mask=inside, other=0.0)
-            j += 1
+        while j < parts:  # PARTS partial sums of each lane at once, added in a fixed order
+            at = j + block
+            sums = tl.load(part_ptr + first[None, :] + at[:, None] * part_stride,
+                           mask=inside[None, :] & (at < parts)[:, None], other=0.0)
+            squares += tl.sum(sums, axis=0)
+            j += PARTS
         if HALF != 0:  # torch's norm over the row (column) in the half type, squared, divided
             norm = _r(tl.sqrt_rn(squares), HALF)
             squares = _r(norm * norm, HALF)

@@ -134,8 +134,10 @@ def test_device_scalars_equal_the_host_path(options, monkeypatch):
 
 # The Triton kernels (fastopt.kernels.adafactor), run on CPU tensors under the interpreter:
 # matrices in whole tiles (64 x 128, a batch of two 64 x 64), in masked ones (70 x 130, a
-# conv's 3 x 3 matrices), vectors over several tiles, and a param on its own.
-KERNEL_SHAPES = [(64, 128), (70,), (2, 64, 64), (70, 130), (8, 2, 3, 3), (4097,), (), (1, 17)]
+# conv's 3 x 3 matrices), vectors over several tiles, and a param on its own; a row and a column
+# statistic over more tiles than the factors pass sums at once (2 x 1100, 1100 x 3: 18 > PARTS).
+KERNEL_SHAPES = [(64, 128), (70,), (2, 64, 64), (70, 130), (8, 2, 3, 3), (4097,), (), (1, 17),
+                 (2, 1100), (1100, 3)]
 needs_interpreter = pytest.mark.skipif(not interpreter_ready(),
                                        reason="the kernels need TRITON_INTERPRET=1 and Triton")
 
@@ -164,7 +166,7 @@ def kernel_calls(monkeypatch):
 def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton")
     # one call a step, every tile, the fresh grads read where they lie
-    tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1  # KERNEL_SHAPES in 64 x 64 tiles
+    tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1 + 18 + 18  # KERNEL_SHAPES in 64 x 64 tiles
     assert kernel_calls == [(tiles, True)] * 6
     kernel_calls.clear()
     # params without grads: entries of the others, their grads gathered into the flat buffer
@@ -211,7 +213,9 @@ def test_kernels_on_half_params_round_each_op_as_torch(dtype):
     # bf16/fp16 params without masters: torch.optim's math is op by op in the half type, and
     # so is the kernels'. Bit for bit against torch.optim on the CPU, where the sizes leave its
     # vectorized loops no scalar tail (whose rounding differs from theirs) and the update's
-    # coefficient is exact in the half type (the CPU rounds it there, CUDA does not)
+    # coefficient is exact in the half type (the CPU rounds it there, CUDA does not), and the
+    # rows and columns are short enough that torch's fp32 sums and the tiles' add up alike (over
+    # 1152 elements, fp16 norms come out an ulp apart somewhere: the order of an fp32 sum)
     shapes = [(64, 128), (64,), (2, 64, 64), (70, 128), (96, 96), (8, 2, 4, 8), (4096,), (1, 64)]
     init = [(0.5 * t).to(dtype) for t in make_params(shapes, seed=3)]
     ours = [torch.nn.Parameter(t.clone()) for t in init]

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU check, about 5 minutes at most, on the device machine as it is: nothing is
+# One prepared GPU check, about 6 minutes at most, on the device machine as it is: nothing is
 # installed or fetched (its Python is python3, with torch, Triton, pytest and hypothesis).
 #   1. the microbenchmark, most telling rows first (benchmarks/gpu_bench.py --budget): its
 #      JSON is rewritten after every row, so a run cut short keeps what it measured;
-#   2. the kernels' parity tests on CUDA (tests/test_gpu.py), one line per test as it ends.
-# Writes $OUT/<gpu>.json and $OUT/gpu_check.log (OUT defaults to benchmarks/results).
+#   2. the kernels' parity tests on CUDA (tests/test_gpu.py), one line per test as it ends;
+#   3. where the default loop's time goes (benchmarks/gpu_profile.py: host and device ms, launches
+#      per step, the top ops), rewritten after every optimizer.
+# Writes $OUT/<gpu>.json, $OUT/gpu_tests.xml, $OUT/gpu-profile.json and $OUT/gpu_check.log
+# (OUT defaults to benchmarks/results).
 # Usage from the repository root:  bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,9 @@ echo "== GPU tests" | tee -a "$LOG"
 timeout 150 $PY -m pytest -p no:cacheprovider tests/test_gpu.py -q -rfEs -o console_output_style=classic \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee -a "$LOG" | tail -60
 tests_rc=${PIPESTATUS[0]}
+
+echo "== where the default loop's time goes" | tee -a "$LOG"
+timeout 60 $PY benchmarks/gpu_profile.py --out "$OUT" 2>&1 | tee -a "$LOG" | grep -v "^    "
 
 echo "bench rc=$bench_rc tests rc=$tests_rc" | tee -a "$LOG"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -138,8 +138,15 @@ class Buffers:
         self._mirror = (mirror, self.scalars._version)
 
     def __getstate__(self) -> dict:
-        """A copy (deepcopy, pickle) makes its own ``host_scalars`` over its own table."""
-        return {**self.__dict__, "_host": None}
+        """A copy (deepcopy, pickle) makes its own ``host_scalars`` over its own table, and
+        keeps the host mirror where it is valid (its table's version counter starts anew)."""
+        mirror = self.host_mirror() if self.scalars is not None else None
+        return {**self.__dict__, "_host": None, "_mirror": mirror}
+
+    def __setstate__(self, state: dict) -> None:
+        mirror = state.pop("_mirror", None)
+        self.__dict__.update(state)
+        self._mirror = None if mirror is None else (mirror, self.scalars._version)
 
     def column(self, name: str) -> Tensor:
         return self.scalars[:, self.scalar_names.index(name)]

@@ -137,3 +137,18 @@ def test_adafactor_takes_its_step_scalars_from_the_host(monkeypatch):
         ref.state[q]["step"].fill_(9.0)
     step_and_compare(ours, ref, ours_params, ref_params, gen)
     assert calls["device"] > 0
+
+
+def test_a_deep_copy_keeps_the_host_mirror(monkeypatch):
+    import copy
+
+    ours, ref, ours_params, ref_params = pair("NAdam", dict(lr=0.01))
+    gen = torch.Generator().manual_seed(0)
+    step_and_compare(ours, ref, ours_params, ref_params, gen)
+    twin = copy.deepcopy(ours)
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    calls = counting(monkeypatch)
+    ref_twin = copy.deepcopy(ref)
+    ref_twin_params = [p for group in ref_twin.param_groups for p in group["params"]]
+    step_and_compare(twin, ref_twin, twin_params, ref_twin_params, gen)
+    assert calls == {"mirror": 1, "device": 0}

@@ -141,6 +141,19 @@ def bandwidth(device: torch.device, numel_: int = 64 * 1024 * 1024, repeats: int
     return result
 
 
+def fresh_steps(opt, params: list, grad_sets: list):
+    """A call that steps ``opt`` on grads that are tensors of their own, as autograd leaves
+    them after ``zero_grad()``: ``grad_sets`` (two lists of tensors shaped as ``params``)
+    swapped in turn, which costs nothing."""
+    def fresh_step():
+        grad_sets.reverse()
+        for p, g in zip(params, grad_sets[0]):
+            p.grad = g
+        opt.step()
+
+    return fresh_step
+
+
 class Setup:
     """One optimizer over its own params, with grads and the loss weights for a backward."""
 
@@ -165,12 +178,10 @@ class Setup:
     def fresh_step(self):
         """step() on grads that are tensors of their own (as autograd leaves them after
         zero_grad(set_to_none=True)), not views of a flat buffer; swapping them in is free."""
-        if not hasattr(self, "grad_sets"):
-            self.grad_sets = [[w.clone() for w in self.weights] for _ in range(2)]
-        self.grad_sets.reverse()
-        for p, g in zip(self.params, self.grad_sets[0]):
-            p.grad = g
-        self.opt.step()
+        if not hasattr(self, "_fresh_step"):
+            self._fresh_step = fresh_steps(self.opt, self.params, [
+                [w.clone() for w in self.weights] for _ in range(2)])
+        self._fresh_step()
 
     def iteration(self, set_to_none=True):
         self.opt.zero_grad(set_to_none=set_to_none)

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fastopt  # noqa: E402
 from benchmarks.bench import OPTIONS as EVERY_OPTIONS  # noqa: E402
-from benchmarks.bench import bytes_per_element  # noqa: E402
+from benchmarks.bench import bytes_per_element, fresh_steps  # noqa: E402
 from fastopt import registry  # noqa: E402
 from fastopt.shapes import gpt2_small, numel  # noqa: E402
 
@@ -209,13 +209,7 @@ def default_loop_ms(variant: str, optimizer: str, shapes: list, mode: str) -> fl
     weights = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
     opt = VARIANTS[variant](optimizer, params,
                             dict(OPTIMIZERS.get(optimizer, EVERY_OPTIONS.get(optimizer, {}))))
-    grad_sets = [[w.clone() for w in weights] for _ in range(2)]
-
-    def fresh_step():
-        grad_sets.reverse()
-        for p, g in zip(params, grad_sets[0]):
-            p.grad = g
-        opt.step()
+    fresh_step = fresh_steps(opt, params, [[w.clone() for w in weights] for _ in range(2)])
 
     def iteration():
         opt.zero_grad()
@@ -225,7 +219,7 @@ def default_loop_ms(variant: str, optimizer: str, shapes: list, mode: str) -> fl
     call = fresh_step if mode == "fresh-step" else iteration
     call()
     ms = do_bench(call, warmup=10, rep=60)
-    del opt, params, weights, grad_sets
+    del opt, params, weights, fresh_step
     gc.collect()
     torch.cuda.empty_cache()
     return ms

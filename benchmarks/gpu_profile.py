@@ -30,7 +30,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fastopt  # noqa: E402
-from benchmarks.bench import OPTIONS  # noqa: E402
+from benchmarks.bench import OPTIONS, fresh_steps  # noqa: E402
 from fastopt import step as stepper  # noqa: E402
 from fastopt.shapes import gpt2_small  # noqa: E402
 
@@ -57,15 +57,9 @@ def routes_taken(opt, call) -> list:
 def profile_fresh_step(name: str, shapes: list) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
-    grad_sets = [[torch.randn(s, device="cuda", generator=gen) for s in shapes]
-                 for _ in range(2)]
     opt = getattr(fastopt, name)(params, backend="triton", **OPTIONS.get(name, {}))
-
-    def fresh_step():
-        grad_sets.reverse()
-        for p, g in zip(params, grad_sets[0]):
-            p.grad = g
-        opt.step()
+    fresh_step = fresh_steps(opt, params, [
+        [torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(2)])
 
     for _ in range(3):
         fresh_step()

@@ -22,6 +22,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fastopt  # noqa: E402
+from benchmarks.bench import fresh_steps  # noqa: E402
 from fastopt import flat  # noqa: E402
 from fastopt.shapes import gpt2_small  # noqa: E402
 
@@ -30,14 +31,8 @@ DEFAULT = ["NAdam", "RAdam", "ASGD", "Adamax", "Adagrad", "SGD", "AdamW"]
 
 def host_us_per_step(name: str, shapes: list, steps: int = 50, repeats: int = 7) -> tuple:
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    grad_sets = [[torch.randn(s) for s in shapes] for _ in range(2)]
     opt = getattr(fastopt, name)(params, backend="triton", lr=1e-3)
-
-    def fresh_step():
-        grad_sets.reverse()
-        for p, g in zip(params, grad_sets[0]):
-            p.grad = g
-        opt.step()
+    fresh_step = fresh_steps(opt, params, [[torch.randn(s) for s in shapes] for _ in range(2)])
 
     for _ in range(5):
         fresh_step()

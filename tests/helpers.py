@@ -105,8 +105,9 @@ def clone_params(tensors):
     return [torch.nn.Parameter(t.detach().clone()) for t in tensors]
 
 
-def assert_state_close(ours, ref, ours_params, ref_params, tol):
-    """Every state tensor of every param, in torch's per-param layout."""
+def assert_state_close(ours, ref, ours_params, ref_params, tol, widen=False):
+    """Every state tensor of every param, in torch's per-param layout (``widen``: compared in
+    fp32, ours being in a half type where the reference's is fp32)."""
     for p, q in zip(ours_params, ref_params):
         s, r = ours.state.get(p, {}), ref.state.get(q, {})
         assert set(s) == set(r), (set(s), set(r))
@@ -116,6 +117,8 @@ def assert_state_close(ours, ref, ours_params, ref_params, tol):
                 continue
             actual = s[key]
             assert actual.shape == expected.shape, key
+            if widen:
+                actual, expected = actual.float(), expected.float()
             torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol, equal_nan=True,
                                        check_dtype=key != "step", msg=lambda m: f"{key}: {m}")
 
@@ -197,27 +200,13 @@ def compare_rounded_once(name, kwargs, shapes, *, dtype, fp32_tol, steps=10, see
             p.grad, q.grad = g.clone(), g.float()
         ours.step()
         ref.step()
-        for p, q in zip(ours_params if step else [], ref_params):
-            assert p.dtype == dtype
-            torch.testing.assert_close(p.detach().float().cpu(), q.detach().cpu(), **tol,
-                                       equal_nan=True, msg=lambda m: f"step {step}: {m}")
-            s, r = ours.state.get(p, {}), ref.state.get(q, {})
-            assert set(s) == set(r), (set(s), set(r))
-            for key, expected in r.items():
-                if expected is None:
-                    assert s[key] is None
-                    continue
-                exact = key == "step"
-                torch.testing.assert_close(
-                    s[key].float().cpu(), expected.float().cpu(), equal_nan=True,
-                    **(dict(rtol=0, atol=0) if exact else tol),
-                    msg=lambda m: f"step {step}, {key}: {m}")
-        with torch.no_grad():  # the next step starts from our rounded values
+        if step:
             for p, q in zip(ours_params, ref_params):
-                q.copy_(p)
-                for key, value in ref.state.get(q, {}).items():
-                    if key != "step" and isinstance(value, torch.Tensor):
-                        value.copy_(ours.state[p][key])
+                assert p.dtype == dtype
+                torch.testing.assert_close(p.detach().float().cpu(), q.detach().cpu(), **tol,
+                                           equal_nan=True, msg=lambda m: f"step {step}: {m}")
+            assert_state_close(ours, ref, ours_params, ref_params, tol, widen=True)
+        resync(ref, ours, ref_params, ours_params)  # the next step starts from our values
 
 
 def resync(ours, ref, ours_params, ref_params):

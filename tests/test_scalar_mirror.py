@@ -19,17 +19,19 @@ NAMES = ["NAdam", "RAdam", "ASGD", "Adagrad", "Adamax"]
 SHAPES = [(5,), (3, 4), (129,)]
 
 
-def counting(monkeypatch) -> dict:
-    """Counts of the scalar math's two routes from here on."""
-    calls = {"mirror": 0, "device": 0}
-    for route, name in (("mirror", "_advance_mirror"), ("device", "_advance_columns")):
-        original = getattr(elementwise, name)
+def counting(monkeypatch, module=elementwise,
+             routes=(("mirror", "_advance_mirror"), ("device", "_advance_columns"))) -> dict:
+    """Counts of the calls, from here on, of ``module``'s functions ``routes`` (route name,
+    function name): by default the scalar math's two routes."""
+    calls = {route: 0 for route, _ in routes}
+    for route, name in routes:
+        original = getattr(module, name)
 
         def counted(*args, _original=original, _route=route, **kwargs):
             calls[_route] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(elementwise, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -118,15 +120,8 @@ def test_adafactor_takes_its_step_scalars_from_the_host(monkeypatch):
     mirror in the default loop, and from the device's step counts after a write to them."""
     from fastopt.optimizers import adafactor
 
-    calls = {"host": 0, "device": 0}
-    for route, name in (("host", "_host_scalars"), ("device", "_device_scalars")):
-        original = getattr(adafactor, name)
-
-        def counted(*args, _original=original, _route=route, **kwargs):
-            calls[_route] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(adafactor, name, counted)
+    calls = counting(monkeypatch, adafactor,
+                     (("host", "_host_scalars"), ("device", "_device_scalars")))
     ours, ref, ours_params, ref_params = pair("Adafactor", dict(lr=0.01, weight_decay=0.1))
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):

@@ -4,8 +4,9 @@
                             [--repeats 7] [--device cpu|cuda] [--json out.json]
 
 Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,
-foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike; the table shows
-medians. ``step`` times ``optimizer.step()`` with grads kept in place (a loop calling
+foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike, each sample a
+run of calls at least 2 ms long (a small model's step alone is within the timer's noise); the
+table shows medians. ``step`` times ``optimizer.step()`` with grads kept in place (a loop calling
 ``zero_grad(set_to_none=False)``, which lays fastopt's grads out in its flat grad buffer);
 ``fresh-step`` hands every step grads that are tensors of their own, as autograd does after
 ``zero_grad()``; ``iteration`` times
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import statistics
 import time
 
@@ -190,8 +192,24 @@ class Setup:
         self.opt.step()
 
 
+# A sample times calls back to back for at least this long: a single call of a small model's
+# step (tens of microseconds) is within the timer's and the scheduler's noise.
+MIN_SAMPLE_SECONDS = 2e-3
+WARMUP_CALLS = 3
+
+
+def calls_per_sample(call, device) -> int:
+    """How many calls of ``call`` (warmed up) make a sample of ``MIN_SAMPLE_SECONDS``."""
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return max(1, math.ceil(MIN_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7)))
+
+
 def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
-    """Median seconds per call for each variant, timed in interleaved rounds."""
+    """Median seconds per call for each variant, timed in interleaved rounds: each round
+    times every variant once, in a rotating order, each sample ``calls_per_sample`` calls."""
     shapes = CASES[case]()
     setups = {v: Setup(v, optimizer, shapes, device) for v in variants}
     calls = {v: getattr(s, mode.replace("-", "_")) for v, s in setups.items()}
@@ -200,16 +218,19 @@ def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
         calls["fastopt-keepgrads"] = lambda: keep.iteration(set_to_none=False)
     times = {v: [] for v in calls}
     for call in calls.values():
-        call()  # warm-up
+        for _ in range(WARMUP_CALLS):
+            call()
+    counts = {v: calls_per_sample(call, device) for v, call in calls.items()}
     order = list(calls)
     for r in range(repeats):
         for v in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
-            call = calls[v]
+            call, count = calls[v], counts[v]
             synchronize(device)
             start = time.perf_counter()
-            call()
+            for _ in range(count):
+                call()
             synchronize(device)
-            times[v].append(time.perf_counter() - start)
+            times[v].append((time.perf_counter() - start) / count)
     del setups
     return {v: statistics.median(t) for v, t in times.items()}, numel(shapes), len(shapes)
 

@@ -107,16 +107,18 @@ class CheckedGrads(NamedTuple):
 
 
 def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
-                fused: list | None) -> CheckedGrads | None:
+                fused: list | None, any_strides: bool = False) -> CheckedGrads | None:
     """Read and check every grad of ``bucket`` (None if no param has one), a bucket of param
     group ``index``; ``name`` words the errors as torch.optim does, ``sparse_error`` is its
     error for a sparse grad (None: sparse grads are taken); ``fused``: None, or the group
     asked for ``fused=True`` and these are the device types whose params torch's fused kernels
-    take (checked on params stepped for the first time).
+    take (checked on params stepped for the first time); ``any_strides``: fresh grads are
+    copied into the flat grad buffer (``gathers_fresh``), which takes them in any strides.
 
     The common cases cost a few attribute reads per param: every grad in the flat buffer
     (pointers compared), or every grad a fresh dense tensor of its param's shape, dtype and
-    device (compared as lists). Anything else is checked grad by grad."""
+    device, contiguous unless ``any_strides`` (compared as lists). Anything else is checked
+    grad by grad."""
     params = bucket.params
     grads = list(map(_GRAD, params))
     if all(map(operator.is_not, grads, itertools.repeat(None))):
@@ -126,20 +128,23 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
         if not participants:
             return None
         grads = [grads[i] for i in participants]
+    dense = True
     try:
         grad_ptrs = list(map(_DATA_PTR, grads))
     except RuntimeError:  # a sparse grad has no data pointer
         grad_ptrs = [g.data_ptr() if g.layout == torch.strided else -1 for g in grads]
+        dense = False
     ptrs = bucket.grads.ptrs
     everyone = len(grads) == len(params)
     if everyone and ptrs and grad_ptrs == ptrs:
         return CheckedGrads(participants, grads, True)  # kept grads, all in the flat buffer
     held_apart = not ptrs or bucket.grads.ptr_set.isdisjoint(grad_ptrs)
-    if everyone and held_apart and bucket.plain and (not fused or all(bucket.state.stepped)) \
+    if everyone and held_apart and dense and bucket.plain \
+            and (not fused or all(bucket.state.stepped)) \
             and list(map(_SHAPE, grads)) == bucket.param_shapes \
             and set(map(_DTYPE, grads)) == {bucket.dtype} \
             and set(map(_DEVICE_INDEX, grads)) == {bucket.device_index} \
-            and all(map(_CONTIGUOUS, grads)):
+            and (any_strides or all(map(_CONTIGUOUS, grads))):
         return CheckedGrads(participants, grads, False)  # fresh grads, every one fine
     if held_apart:
         in_place = [False] * len(grads)
@@ -254,15 +259,22 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
         table = grad_table.attach(bucket, grads)  # one launch reads each grad where it lies
         if table is not None:
             return whole("table", table)
-    if in_place is False and (bucket.backend == "triton"
-                              or gather_pays(op, bucket.device, n, bucket.numel, bucket.dtype,
-                                             bucket.gapless_vectors)):
+    if in_place is False and (bucket.backend == "triton" or gathers_fresh(bucket, op)):
         gather(bucket, grads)
         return whole("gather", bucket.grads.buffer)
     if in_place is False:
         return StepPlan(bucket, "tensors", step_runs, key, grads=grads)
     return StepPlan(bucket, "chunks", step_runs, key,
                     _chunks(bucket, participants, grads, in_place, keys, key))
+
+
+def gathers_fresh(bucket: Bucket, op: str) -> bool:
+    """Does a torch-path step copy ``bucket``'s fresh grads, all of them present, into its
+    flat grad buffer (``gather``) before one call over it? (``gather_pays``, for this bucket's
+    shapes: the same every step.) The copy takes grads in any strides."""
+    return bucket.backend == "torch" and gather_pays(
+        op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
+        bucket.gapless_vectors)
 
 
 def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastopt import clipping, layout
 from fastopt.flat import as_real
-from fastopt.plan import CheckedGrads, check_grads, make_plan
+from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state
 from fastopt.validation import check_precision, fused_devices
 
@@ -121,7 +121,8 @@ def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     declared = opt.declaration
     name, refusal = _wording(type(opt))
     fused = fused_devices(declared.reference) if group.get("fused") else None
-    checked = check_grads(bucket, index, name, refusal, fused)
+    checked = check_grads(bucket, index, name, refusal, fused,
+                          gathers_fresh(bucket, declared.cost))
     if checked is not None and not declared.complex and bucket.params[0].is_complex():
         raise RuntimeError(f"{name} does not support complex parameters")  # at the step, as torch
     if checked is not None and not declared.sparse_weight_decay \

@@ -146,7 +146,9 @@ def test_a_bucket_reading_grads_where_they_lie_frees_its_grad_buffer():
 @pytest.mark.parametrize("shapes", [MANY_SMALL, FEW_LARGE], ids=["many-small", "few-large"])
 def test_fresh_grads_that_are_not_contiguous_are_read_correctly(shapes):
     """torch's CPU fused kernels read a non-contiguous grad as if it were contiguous (wrong
-    numbers); such grads take the checked path, which makes them contiguous first."""
+    numbers). Many small params gather their grads into the flat grad buffer, a copy that takes
+    any strides; few large ones, whose grads the fused kernels would read where they lie, take
+    the checked path, which makes them contiguous first."""
     shapes = [s for s in shapes if len(s) == 2]
     ours_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]

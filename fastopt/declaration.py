@@ -116,6 +116,9 @@ class Declaration:
     reference: type | None = None  # the torch.optim class (differentiable=True, verify, checks)
     group_keys: tuple = ("lr",)  # options every saved param group has (checkpoint check)
     cost: str = "elementwise"  # which row of fastopt.plan.CPU_COSTS prices its step
+    # the row that prices a CPU step its ``fused`` op serves: one torch fused kernel per entry,
+    # as torch's Adam (a chain of ops per entry costs far more: gathering pays sooner)
+    fused_cost: str = "adam"
     by_address: bool = True  # its kernels read fresh grads through an address table
     differentiable: bool = True  # differentiable=True runs ``reference``'s own algorithm
     whole_params: bool = False  # its math reduces over whole params: DTensor shards refused
@@ -124,6 +127,11 @@ class Declaration:
     # None where fastopt's rules for its ``cost`` apply (Muon's AdamW groups)
     scratch: Callable | None = None
     extra: dict = field(default_factory=dict)  # anything an optimizer's own update needs
+
+    def cpu_cost(self, fused_serves: bool) -> str:
+        """The row of ``fastopt.plan.CPU_COSTS`` that prices a step: ``fused_cost`` where
+        its torch ``fused`` op serves the bucket, else ``cost``."""
+        return self.fused_cost if self.fused is not None and fused_serves else self.cost
 
     def buffer_names(self, group: dict) -> list:
         """The names of the buffers a param of ``group`` keeps, in declared order."""

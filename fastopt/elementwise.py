@@ -64,7 +64,7 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         starts = [lo for lo, _, _ in runs]
         rows = [values[bisect.bisect_right(starts, first) - 1] for first in entries]
     hyper = declared.hyper(opt, group)
-    if not triton and declared.fused is not None and _fused_serves(opt, group, bucket, plan):
+    if not triton and declared.fused is not None and fused_serves(bucket):
         declared.fused(plan.pieces("param"), plan.grads,
                        [plan.pieces(b.name) for b in declared.buffers if b.name in bucket.state],
                        plan.scalar_views("step"), group["lr"], hyper[0],
@@ -94,12 +94,17 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         opt.renumber(bucket, plan)
 
 
-def _fused_serves(opt, group: dict, bucket, plan) -> bool:
-    """Can the declaration's ``fused`` op (torch's own, CPU) run this plan: fp32 or fp64 params,
-    state in their dtype, no masters or stochastic rounding?"""
+def fused_serves(bucket) -> bool:
+    """Can the declaration's ``fused`` op (torch's own, CPU) update ``bucket``: fp32 or fp64
+    params (so no masters or stochastic rounding, which only half-precision params take),
+    state in their dtype?"""
     return bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64) \
-        and not opt.precision_options(group, bucket, plan) \
         and all(t.dtype == bucket.dtype for t in bucket.state.tensors.values())
+
+
+def step_cost(opt, bucket) -> str:
+    """The row of ``fastopt.plan.CPU_COSTS`` that prices ``bucket``'s step."""
+    return opt.declaration.cpu_cost(opt.declaration.fused is not None and fused_serves(bucket))
 
 
 def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> None:

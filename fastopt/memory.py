@@ -332,8 +332,9 @@ def _keeps_grad_buffer(rules, options: dict, bucket: dict, device: str, dtype) -
     device = torch.device(device)
     if device.type != "cpu":
         return not rules.reads_by_address(options)
-    return gather_pays(rules.declaration.cost, device, bucket["count"], bucket["elements"],
-                       dtype, gapless(bucket["shapes"]))
+    fused_serves = dtype in (torch.float32, torch.float64) and not _widens(options, dtype)
+    return gather_pays(rules.declaration.cpu_cost(fused_serves), device, bucket["count"],
+                       bucket["elements"], dtype, gapless(bucket["shapes"]))
 
 
 def _widens(options: dict, dtype: torch.dtype) -> bool:

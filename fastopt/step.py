@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fastopt import clipping, layout
+from fastopt.elementwise import step_cost
 from fastopt.flat import as_real
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state
@@ -122,7 +123,7 @@ def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
     name, refusal = _wording(type(opt))
     fused = fused_devices(declared.reference) if group.get("fused") else None
     checked = check_grads(bucket, index, name, refusal, fused,
-                          gathers_fresh(bucket, declared.cost))
+                          gathers_fresh(bucket, step_cost(opt, bucket)))
     if checked is not None and not declared.complex and bucket.params[0].is_complex():
         raise RuntimeError(f"{name} does not support complex parameters")  # at the step, as torch
     if checked is not None and not declared.sparse_weight_decay \
@@ -171,14 +172,15 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
         for i in participants:
             stepped[i] = True
     if bucket.backend == "torch":
-        plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, False)
+        plan = make_plan(bucket, checked, keys, key, step_cost(opt, bucket), False)
         opt.update(group, bucket, plan, grad_scale, found_inf)
     else:  # Triton launches (and the address table's upload) go to the bucket's device
         with torch.cuda.device(bucket.device) if bucket.device.type == "cuda" \
                 else contextlib.nullcontext():
             by_address = opt.reads_by_address(group, bucket.external) \
                 and bucket.variant is None and not bucket.params[0].is_complex()
-            plan = make_plan(bucket, checked, keys, key, opt.declaration.cost, by_address)
+            plan = make_plan(bucket, checked, keys, key, step_cost(opt, bucket),
+                             by_address)
             opt.update(group, bucket, plan, grad_scale, found_inf)
     bucket.finish()
 

@@ -350,3 +350,43 @@ def test_gapless_vectors_gather_with_one_cat_and_match_torch(name, monkeypatch):
                            lr=0.1)._buckets[0][0].gapless_vectors
     assert not fastopt.SGD([torch.nn.Parameter(torch.zeros(s)) for s in [(64,), (2, 64)]],
                            lr=0.1)._buckets[0][0].gapless_vectors
+
+
+def _routes(opt, params) -> list:
+    """The routes of one step of ``opt`` on fresh grads."""
+    from fastopt import step
+
+    routes, make_plan = [], step.make_plan
+
+    def spy(*args, **kwargs):
+        plan = make_plan(*args, **kwargs)
+        routes.append(plan.route)
+        return plan
+
+    for p in params:
+        p.grad = torch.randn_like(p)
+    step.make_plan = spy
+    try:
+        opt.step()
+    finally:
+        step.make_plan = make_plan
+    return routes
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
+def test_a_step_torchs_fused_op_serves_is_priced_as_one(state_dtype):
+    """Adagrad's fp32 step on the CPU is torch's fused kernel: on a few large tensors an entry
+    per tensor costs less than gathering them (the demo's CNN), on many small ones gathering
+    pays. Where the kernel cannot serve (bf16 state: the torch twin's chain of ops per entry),
+    gathering pays on both; only a step that gathers keeps a flat grad buffer."""
+    from fastopt.shapes import demo_cnn
+
+    options = {} if state_dtype is None else {"state_dtype": state_dtype}
+    expected = {"few": "tensors" if state_dtype is None else "gather", "many": "gather"}
+    for shapes, which in ((demo_cnn(), "few"), ([(64,)] * 1000, "many")):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = fastopt.Adagrad(params, lr=0.1, backend="torch", **options)
+        assert _routes(opt, params) == [expected[which]], which
+        opt.zero_grad()
+        buffer = opt._buckets[0][0].grads.buffer
+        assert (buffer is not None) == (expected[which] == "gather"), which

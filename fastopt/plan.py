@@ -65,22 +65,24 @@ CPU_COSTS["adafactor"] = CPU_COSTS["elementwise"]
 
 @functools.lru_cache(maxsize=4096)  # pure, and asked every step
 def gather_pays(op: str, device: torch.device, tensors: int, elements: int,
-                dtype: torch.dtype = torch.float32, gapless: bool = False) -> bool:
+                dtype: torch.dtype = torch.float32, gapless: bool = False,
+                entries: int = 1) -> bool:
     """Is one gather of ``tensors`` fresh grads (``elements`` in all) plus one fused call over
     the flat buffer cheaper than one fused call with an entry per tensor (``op``: ``"adam"`` or
     ``"sgd"``)? Only on CPUs and for fp32 (the costs measured): on GPUs a fused call's cost per
     tensor is small, and the gather is a whole extra pass over the grads; CPU bf16/fp16 math
     rounds differently in torch's vectorized loop and its scalar tail, so those keep one entry
     per tensor, as torch.optim computes them. ``gapless``: a bucket of gapless vectors, gathered
-    with one ``torch.cat`` (see ``gather``). Deterministic: the same shapes always take the
-    same route."""
+    with one ``torch.cat`` (see ``gather``); ``entries``: the fused call over the flat buffer
+    has that many (runs of params whose grads are there, when not every param has one).
+    Deterministic: the same shapes always take the same route."""
     costs = CPU_COSTS.get(op)
     if device.type != "cpu" or costs is None or dtype != torch.float32:
         return False
     copy = CPU_COSTS["cat" if gapless else "copy"]
     per_tensor = tensors * costs["per_tensor"] + elements * costs["per_element"]
-    gathered = tensors * copy["per_tensor"] + elements * (copy["per_element"]
-                                                           + costs["flat_per_element"])
+    gathered = tensors * copy["per_tensor"] + (entries - 1) * costs["per_tensor"] \
+        + elements * (copy["per_element"] + costs["flat_per_element"])
     return gathered < per_tensor
 
 
@@ -116,9 +118,11 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
     copied into the flat grad buffer (``gathers_fresh``), which takes them in any strides.
 
     The common cases cost a few attribute reads per param: every grad in the flat buffer
-    (pointers compared), or every grad a fresh dense tensor of its param's shape, dtype and
-    device, contiguous unless ``any_strides`` (compared as lists). Anything else is checked
-    grad by grad."""
+    (pointers compared), or every grad (of the params that have one) a fresh dense tensor of
+    its param's shape, dtype and device, contiguous unless ``any_strides`` and every param has
+    one (compared as lists). Anything else is checked grad by grad. Shapes are compared one at a time: a list of a thousand ``torch.Size``
+    tuples would start a garbage collection on every step (each tuple counts towards
+    CPython's threshold of 700 new container objects)."""
     params = bucket.params
     grads = list(map(_GRAD, params))
     if all(map(operator.is_not, grads, itertools.repeat(None))):
@@ -139,12 +143,13 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
     if everyone and ptrs and grad_ptrs == ptrs:
         return CheckedGrads(participants, grads, True)  # kept grads, all in the flat buffer
     held_apart = not ptrs or bucket.grads.ptr_set.isdisjoint(grad_ptrs)
-    if everyone and held_apart and dense and bucket.plain \
-            and (not fused or all(bucket.state.stepped)) \
-            and list(map(_SHAPE, grads)) == bucket.param_shapes \
+    shapes = bucket.param_shapes if everyone else map(bucket.param_shapes.__getitem__,
+                                                       participants)
+    if held_apart and dense and bucket.plain and (not fused or all(bucket.state.stepped)) \
+            and all(map(operator.eq, map(_SHAPE, grads), shapes)) \
             and set(map(_DTYPE, grads)) == {bucket.dtype} \
             and set(map(_DEVICE_INDEX, grads)) == {bucket.device_index} \
-            and (any_strides or all(map(_CONTIGUOUS, grads))):
+            and ((any_strides and everyone) or all(map(_CONTIGUOUS, grads))):
         return CheckedGrads(participants, grads, False)  # fresh grads, every one fine
     if held_apart:
         in_place = [False] * len(grads)
@@ -229,11 +234,13 @@ class StepPlan:
 
 
 def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op: str,
-              by_address: bool) -> StepPlan:
+              by_address: bool, gather_runs: bool = True) -> StepPlan:
     """The plan for ``checked`` grads. ``keys``: each participant's run key (None when they
     all share ``key``); ``op``: the update (``"adam"``, ``"sgd"``...) the cost model prices;
     ``by_address``: the bucket's kernels can read fresh grads where they lie through an
-    address table (``fastopt.grad_table``)."""
+    address table (``fastopt.grad_table``); ``gather_runs``: a torch-path step of some params
+    may copy their fresh grads into the flat grad buffer, where it pays (``_gathers_runs``),
+    and update runs of them (not inside a backward: ``in_backward`` holds no such buffer)."""
     participants, grads, in_place = checked
     n = len(bucket.params)
     if keys is None:
@@ -249,8 +256,10 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
         return StepPlan(bucket, route, step_runs, key, [chunk])
 
     if keys is not None or len(participants) != n:
+        copy = gather_runs and _gathers_runs(bucket, op, participants, step_runs)
         return StepPlan(bucket, "chunks", step_runs, key,
-                        _chunks(bucket, participants, grads, in_place, keys, key))
+                        _chunks(bucket, participants, grads, in_place, keys, key, copy,
+                                step_runs))
     if in_place is True:
         return whole("flat", bucket.grads.buffer)
     # Fresh grads: checked in bulk (in_place False), or grad by grad for an external bucket.
@@ -268,6 +277,18 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
                     _chunks(bucket, participants, grads, in_place, keys, key))
 
 
+def _gathers_runs(bucket: Bucket, op: str, participants: list, step_runs: list) -> bool:
+    """A torch-path step of ``participants`` (some of the bucket's params, or params whose
+    run keys differ: ``step_runs``): does copying their grads into the flat grad buffer and
+    one entry per run cost less than an entry per param? (Their elements are counted as the
+    bucket's average: the per-tensor costs decide on small params.)"""
+    if bucket.backend != "torch" or bucket.external or len(step_runs) == len(participants):
+        return False
+    elements = bucket.numel * len(participants) // max(len(bucket.params), 1)
+    return gather_pays(op, bucket.device, len(participants), elements, bucket.dtype, False,
+                       len(step_runs))
+
+
 def gathers_fresh(bucket: Bucket, op: str) -> bool:
     """Does a torch-path step copy ``bucket``'s fresh grads, all of them present, into its
     flat grad buffer (``gather``) before one call over it? (``gather_pays``, for this bucket's
@@ -282,7 +303,9 @@ def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:
     multi-tensor copy (one ``torch.cat`` for every grad of a bucket of gapless vectors: the
     grads were checked to match their params, so their sizes fill the slots exactly)."""
     bucket.grads.ensure()
-    bucket.grads.gathers = slots is None  # a whole-bucket gather: keep the buffer for the next step
+    # keep the buffer for the next step after a whole-bucket gather, and on the torch path,
+    # which gathers only where every step of the default loop does (``gathers_fresh``)
+    bucket.grads.gathers = slots is None or bucket.backend == "torch"
     if slots is None and bucket.gapless_vectors:
         torch.cat(grads, out=bucket.whole_piece("grad")[: bucket.ends[-1]])
         return
@@ -292,20 +315,28 @@ def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:
     torch._foreach_copy_(views, grads)
 
 
-def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key) -> list:
+def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key,
+            copy: bool = False, step_runs: list | None = None) -> list:
     """Maximal runs of participants that share a run key and whose grads are all in the flat
-    buffer (one chunk each), and one chunk per param whose grad is held apart."""
+    buffer (one chunk each), and one chunk per param whose grad is held apart. Grads held
+    apart are first copied into the flat buffer on the Triton path (its kernels take runs)
+    and where ``copy`` says so; every grad is then there, and the chunks are ``step_runs``
+    (the participants' maximal runs by key) where the caller has them."""
+    checked_fresh = in_place is False  # checked in bulk: dense, contiguous, real if plain
     if in_place is True:
         in_place = [True] * len(grads)
     elif in_place is False:
         in_place = [False] * len(grads)
     if keys is None:
         keys = [key] * len(participants)
-    grads = [as_real(g) for g in grads]
-    if bucket.backend == "triton" and not bucket.external and not all(in_place):
+    if not (checked_fresh and bucket.plain):
+        grads = [as_real(g) for g in grads]
+    if (bucket.backend == "triton" or copy) and not bucket.external and not all(in_place):
         todo = [j for j, ok in enumerate(in_place) if not ok]  # the kernels see whole runs
         gather(bucket, [grads[j] for j in todo], [participants[j] for j in todo])
         in_place = [True] * len(grads)
+        if step_runs is not None:
+            return [_flat_chunk(bucket, lo, hi, k) for lo, hi, k in step_runs]
     starts, ends = bucket.starts, bucket.ends
     if not any(in_place):  # every grad held apart: one chunk each
         return [Chunk(i, i + 1, starts[i], ends[i], g, k)
@@ -315,13 +346,17 @@ def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key
                   for i, k, ok in zip(participants, keys, in_place)]
     grad_of = dict(zip(participants, grads))
     for lo, hi, (k, ok, *_) in runs(participants, split_keys):
-        # A run over the flat grad buffer ends on an aligned boundary (into padding).
-        chunk = Chunk(lo, hi, starts[lo], bucket.chunk_end(hi) if ok else ends[hi - 1], None, k)
-        if not ok:
-            grad = grad_of[lo]
-        elif hi - lo == 1:
-            grad = bucket.pieces("grad", [chunk])[0]
+        if ok:
+            chunks.append(_flat_chunk(bucket, lo, hi, k))
         else:
-            grad = bucket.grads.buffer[chunk.start : chunk.end]
-        chunks.append(chunk._replace(grad=grad))
+            chunks.append(Chunk(lo, hi, starts[lo], ends[hi - 1], grad_of[lo], k))
     return chunks
+
+
+def _flat_chunk(bucket: Bucket, lo: int, hi: int, key) -> Chunk:
+    """Params ``lo:hi`` of ``bucket``, whose grads are in its flat grad buffer, as one chunk:
+    a run ends on an aligned boundary (into padding)."""
+    chunk = Chunk(lo, hi, bucket.starts[lo], bucket.chunk_end(hi), None, key)
+    if hi - lo == 1:
+        return chunk._replace(grad=bucket.pieces("grad", [chunk])[0])
+    return chunk._replace(grad=bucket.grads.buffer[chunk.start : chunk.end])

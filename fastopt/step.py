@@ -146,7 +146,7 @@ def step_group(opt, index: int, bucket, params: list) -> None:
     try:
         checked = _check(opt, bucket, index, group)
         if checked is not None:
-            step_bucket(opt, group, bucket, checked, None, None)
+            step_bucket(opt, group, bucket, checked, None, None, in_backward=True)
     finally:
         torch.set_grad_enabled(grad_mode)
         for q, grad in waiting:
@@ -154,8 +154,9 @@ def step_group(opt, index: int, bucket, params: list) -> None:
 
 
 def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
-                found_inf) -> None:
-    """Make the state this step needs, plan the bucket's step (``fastopt.plan``), update."""
+                found_inf, in_backward: bool = False) -> None:
+    """Make the state this step needs, plan the bucket's step (``fastopt.plan``), update
+    (``in_backward``: a step group's, inside the backward)."""
     has_state = bucket.state.has_state
     if any(has_state):
         for name in opt.buffer_names(group, bucket):
@@ -172,7 +173,8 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
         for i in participants:
             stepped[i] = True
     if bucket.backend == "torch":
-        plan = make_plan(bucket, checked, keys, key, step_cost(opt, bucket), False)
+        plan = make_plan(bucket, checked, keys, key, step_cost(opt, bucket), False,
+                         not in_backward)
         opt.update(group, bucket, plan, grad_scale, found_inf)
     else:  # Triton launches (and the address table's upload) go to the bucket's device
         with torch.cuda.device(bucket.device) if bucket.device.type == "cuda" \

@@ -60,7 +60,7 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         rows = [_advance_floats(declared, group, bucket.state, runs[0][0], runs[0][1])] \
             * len(entries)
     else:
-        values = [_advance_floats(declared, group, bucket.state, lo, hi) for lo, hi, _ in runs]
+        values = _advance_runs(declared, group, bucket.state, runs)
         starts = [lo for lo, _, _ in runs]
         rows = [values[bisect.bisect_right(starts, first) - 1] for first in entries]
     hyper = declared.hyper(opt, group)
@@ -157,6 +157,25 @@ def _advance_floats(declared, group: dict, state, lo: int, hi: int) -> Columns:
     table; returns the run's values, kept and derived."""
     # the CPU table's memory, without torch's per-op cost
     return _advance_rows(declared, group, state.host_scalars(), lo, hi)
+
+
+def _advance_runs(declared, group: dict, state, runs: list) -> list:
+    """``_advance_floats`` for each of ``runs`` (the torch path), the scalar math done once
+    per distinct set of kept scalars: runs whose params' counts agree (most of them, when
+    params without grads split a bucket into hundreds of runs) only write the values."""
+    rows = state.host_scalars()
+    names = declared.scalar_names
+    done: dict = {}
+    values = []
+    for lo, hi, _ in runs:
+        kept = tuple(rows[lo, : len(names)].tolist())
+        columns = done.get(kept)
+        if columns is None:
+            columns = done[kept] = _advance_rows(declared, group, rows, lo, hi)
+        else:
+            rows[lo:hi, : len(names)] = [getattr(columns, name) for name in names]
+        values.append(columns)
+    return values
 
 
 def _advance_rows(declared, group: dict, rows, lo: int, hi: int) -> Columns:

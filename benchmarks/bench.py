@@ -208,14 +208,22 @@ def calls_per_sample(call, device) -> int:
 
 
 def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
-    """Median seconds per call for each variant, timed in interleaved rounds: each round
-    times every variant once, in a rotating order, each sample ``calls_per_sample`` calls."""
+    """Median seconds per call for each variant (``time_interleaved``)."""
     shapes = CASES[case]()
     setups = {v: Setup(v, optimizer, shapes, device) for v in variants}
     calls = {v: getattr(s, mode.replace("-", "_")) for v, s in setups.items()}
     if mode == "iteration" and "fastopt" in setups:  # its own params: no shared allocator state
         keep = setups["fastopt-keepgrads"] = Setup("fastopt", optimizer, shapes, device)
         calls["fastopt-keepgrads"] = lambda: keep.iteration(set_to_none=False)
+    seconds = time_interleaved(calls, device, repeats)
+    del setups
+    return seconds, numel(shapes), len(shapes)
+
+
+def time_interleaved(calls: dict, device, repeats: int) -> dict:
+    """Median seconds per call of each of ``calls`` (name -> call), timed in interleaved
+    rounds: each round times every call once, in a rotating order, each sample
+    ``calls_per_sample`` calls after ``WARMUP_CALLS`` warm-up calls."""
     times = {v: [] for v in calls}
     for call in calls.values():
         for _ in range(WARMUP_CALLS):
@@ -231,8 +239,7 @@ def measure(case, optimizer, mode, device, repeats, variants=tuple(VARIANTS)):
                 call()
             synchronize(device)
             times[v].append((time.perf_counter() - start) / count)
-    del setups
-    return {v: statistics.median(t) for v, t in times.items()}, numel(shapes), len(shapes)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def _ratio(seconds: dict, variant: str, t: float):

@@ -11,7 +11,7 @@
   then on their step counts trail the others' by one).
 
 Each step is timed in interleaved rounds, each sample at least 2 ms of back-to-back steps
-(``benchmarks.bench.calls_per_sample``); the table shows medians and torch's time over
+(``benchmarks.bench.time_interleaved``); the table shows medians and torch's time over
 fastopt's. The peer is torch's fused step, or its foreach step where the fused one raises
 (torch 2.13's fused SGD with momentum, when a param without a grad so far has no momentum
 buffer: ``expected Tensor as element ... but got NoneType``).
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 import fastopt
-from benchmarks.bench import OPTIONS, calls_per_sample
+from benchmarks.bench import OPTIONS, time_interleaved
 
 PATTERNS = {
     "rotating": lambda step, i: (7 * i + step) % 10 == 3,
@@ -35,7 +33,7 @@ PATTERNS = {
 }
 
 
-def stepper(cls, name: str, pattern, options: dict):
+def stepper(cls, pattern, options: dict):
     """One optimizer over its own 1000 params and a call that runs its next step."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, generator=gen)) for _ in range(1000)]
@@ -55,32 +53,19 @@ def stepper(cls, name: str, pattern, options: dict):
 
 def measure(name: str, pattern: str, repeats: int) -> dict:
     options = dict(OPTIONS[name])
-    calls = {"fastopt": stepper(getattr(fastopt, name), name, PATTERNS[pattern], options)}
+    calls = {"fastopt": stepper(getattr(fastopt, name), PATTERNS[pattern], options)}
     peer = "torch-fused"
     try:
-        calls[peer] = stepper(getattr(torch.optim, name), name, PATTERNS[pattern],
+        calls[peer] = stepper(getattr(torch.optim, name), PATTERNS[pattern],
                               {**options, "fused": True})
-        for _ in range(5):
+        for _ in range(3):  # the second step is where torch's fused SGD raises
             calls[peer]()
     except (RuntimeError, TypeError):
         del calls[peer]
         peer = "torch-foreach"
-        calls[peer] = stepper(getattr(torch.optim, name), name, PATTERNS[pattern],
+        calls[peer] = stepper(getattr(torch.optim, name), PATTERNS[pattern],
                               {**options, "foreach": True})
-        for _ in range(5):
-            calls[peer]()
-    for _ in range(5):
-        calls["fastopt"]()
-    counts = {v: calls_per_sample(call, torch.device("cpu")) for v, call in calls.items()}
-    times = {v: [] for v in calls}
-    order = list(calls)
-    for r in range(repeats):
-        for v in order[r % 2:] + order[: r % 2]:
-            start = time.perf_counter()
-            for _ in range(counts[v]):
-                calls[v]()
-            times[v].append((time.perf_counter() - start) / counts[v])
-    ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    ms = {v: s * 1e3 for v, s in time_interleaved(calls, torch.device("cpu"), repeats).items()}
     return dict(optimizer=name, pattern=pattern, fastopt_ms=ms["fastopt"], peer=peer,
                 peer_ms=ms[peer], ratio=ms[peer] / ms["fastopt"])
 

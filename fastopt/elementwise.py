@@ -104,7 +104,7 @@ def fused_serves(bucket) -> bool:
 
 def step_cost(opt, bucket) -> str:
     """The row of ``fastopt.plan.CPU_COSTS`` that prices ``bucket``'s step."""
-    return opt.declaration.cpu_cost(opt.declaration.fused is not None and fused_serves(bucket))
+    return opt.declaration.cpu_cost(fused_serves(bucket))
 
 
 def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> None:

@@ -120,9 +120,9 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
     The common cases cost a few attribute reads per param: every grad in the flat buffer
     (pointers compared), or every grad (of the params that have one) a fresh dense tensor of
     its param's shape, dtype and device, contiguous unless ``any_strides`` and every param has
-    one (compared as lists). Anything else is checked grad by grad. Shapes are compared one at a time: a list of a thousand ``torch.Size``
-    tuples would start a garbage collection on every step (each tuple counts towards
-    CPython's threshold of 700 new container objects)."""
+    one (compared as lists). Anything else is checked grad by grad. Shapes are compared one
+    at a time: a list of a thousand ``torch.Size`` tuples would start a garbage collection on
+    every step (each tuple counts towards CPython's threshold of 700 new container objects)."""
     params = bucket.params
     grads = list(map(_GRAD, params))
     if all(map(operator.is_not, grads, itertools.repeat(None))):
@@ -258,8 +258,8 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     if keys is not None or len(participants) != n:
         copy = gather_runs and _gathers_runs(bucket, op, participants, step_runs)
         return StepPlan(bucket, "chunks", step_runs, key,
-                        _chunks(bucket, participants, grads, in_place, keys, key, copy,
-                                step_runs))
+                        _chunks(bucket, participants, grads, in_place, keys, key, step_runs,
+                                copy))
     if in_place is True:
         return whole("flat", bucket.grads.buffer)
     # Fresh grads: checked in bulk (in_place False), or grad by grad for an external bucket.
@@ -274,7 +274,7 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     if in_place is False:
         return StepPlan(bucket, "tensors", step_runs, key, grads=grads)
     return StepPlan(bucket, "chunks", step_runs, key,
-                    _chunks(bucket, participants, grads, in_place, keys, key))
+                    _chunks(bucket, participants, grads, in_place, keys, key, step_runs))
 
 
 def _gathers_runs(bucket: Bucket, op: str, participants: list, step_runs: list) -> bool:
@@ -316,12 +316,12 @@ def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:
 
 
 def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key,
-            copy: bool = False, step_runs: list | None = None) -> list:
+            step_runs: list, copy: bool = False) -> list:
     """Maximal runs of participants that share a run key and whose grads are all in the flat
     buffer (one chunk each), and one chunk per param whose grad is held apart. Grads held
     apart are first copied into the flat buffer on the Triton path (its kernels take runs)
     and where ``copy`` says so; every grad is then there, and the chunks are ``step_runs``
-    (the participants' maximal runs by key) where the caller has them."""
+    (the participants' maximal runs by key)."""
     checked_fresh = in_place is False  # checked in bulk: dense, contiguous, real if plain
     if in_place is True:
         in_place = [True] * len(grads)
@@ -334,9 +334,7 @@ def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key
     if (bucket.backend == "triton" or copy) and not bucket.external and not all(in_place):
         todo = [j for j, ok in enumerate(in_place) if not ok]  # the kernels see whole runs
         gather(bucket, [grads[j] for j in todo], [participants[j] for j in todo])
-        in_place = [True] * len(grads)
-        if step_runs is not None:
-            return [_flat_chunk(bucket, lo, hi, k) for lo, hi, k in step_runs]
+        return [_flat_chunk(bucket, lo, hi, k) for lo, hi, k in step_runs]
     starts, ends = bucket.starts, bucket.ends
     if not any(in_place):  # every grad held apart: one chunk each
         return [Chunk(i, i + 1, starts[i], ends[i], g, k)

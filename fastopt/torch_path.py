@@ -19,6 +19,7 @@ update (``adam_int8_update``), and SAGA's is ``saga_update``.
 
 from __future__ import annotations
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -26,11 +27,27 @@ from fastopt import precision
 from fastopt.quantization import FORMATS, SLICE, dequantize, quantize
 
 
-def count_adam_steps(step_rows: list, *, lr, beta1: float, beta2: float) -> None:
-    """Add one to each param's step count: column 0 of each ``step_rows`` tensor (rows
-    ``(step, step_size, bias_correction2_sqrt)``; the torch path derives the rest itself)."""
-    for rows in step_rows:
-        rows[:, 0].add_(1)
+def count_adam_steps(table: Tensor, runs: list | None, *, lr, beta1: float,
+                     beta2: float) -> None:
+    """Add one to the step count (column 0 of ``table``, rows ``(step, step_size,
+    bias_correction2_sqrt)``; the torch path derives the rest itself) of every param in
+    ``runs`` (``[lo, hi, ...]`` each; None: every param). A CPU table is counted in a few
+    numpy ops over its memory however many runs there are: a torch op per run costs
+    microseconds, and params without grads in some steps split a bucket into hundreds."""
+    if table.device.type != "cpu":
+        for rows in [table] if runs is None else [table[r[0] : r[1]] for r in runs]:
+            rows[:, 0].add_(1)
+        return
+    counts = table.numpy()[:, 0]
+    if runs is None:
+        counts += 1
+        return
+    lo = numpy.fromiter((r[0] for r in runs), dtype=numpy.int64, count=len(runs))
+    lengths = numpy.fromiter((r[1] for r in runs), dtype=numpy.int64, count=len(runs)) - lo
+    # every row of every run: each run's first row, repeated, plus the position within it
+    within = numpy.arange(int(lengths.sum())) - numpy.repeat(numpy.cumsum(lengths) - lengths,
+                                                              lengths)
+    counts[numpy.repeat(lo, lengths) + within] += 1
 
 
 def adam_update(

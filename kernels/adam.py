@@ -128,11 +128,13 @@ def _adam_steps_kernel(
     tl.store(rows_ptr + rows * row_stride + 2, bias_correction2_sqrt, mask=mask)
 
 
-def count_adam_steps(step_rows: list, *, lr, beta1: float, beta2: float) -> None:
-    """Add one to each param's step count and write the step's bias corrections beside it
-    (``_adam_steps_kernel``); the signature of ``fastopt.torch_path.count_adam_steps``."""
+def count_adam_steps(table: torch.Tensor, runs: list | None, *, lr, beta1: float,
+                     beta2: float) -> None:
+    """Add one to the step count of every param in ``runs`` (``[lo, hi, ...]`` each; None:
+    every param) and write the step's bias corrections beside it (``_adam_steps_kernel``);
+    the signature of ``fastopt.torch_path.count_adam_steps``."""
     lr_on_device = isinstance(lr, torch.Tensor)
-    for rows in step_rows:
+    for rows in [table] if runs is None else [table[r[0] : r[1]] for r in runs]:
         n = rows.shape[0]
         if n == 0:
             continue

@@ -353,25 +353,22 @@ def test_gapless_vectors_gather_with_one_cat_and_match_torch(name, monkeypatch):
                            lr=0.1)._buckets[0][0].gapless_vectors
 
 
-def _routes(opt, params) -> list:
-    """The routes of one step of ``opt`` on fresh grads."""
+def _plans(call) -> list:
+    """The step plans ``call()`` makes."""
     from fastopt import step
 
-    routes, make_plan = [], step.make_plan
+    plans, make_plan = [], step.make_plan
 
-    def spy(*args, **kwargs):
-        plan = make_plan(*args, **kwargs)
-        routes.append(plan.route)
-        return plan
+    def recording(*args, **kwargs):
+        plans.append(make_plan(*args, **kwargs))
+        return plans[-1]
 
-    for p in params:
-        p.grad = torch.randn_like(p)
-    step.make_plan = spy
+    step.make_plan = recording
     try:
-        opt.step()
+        call()
     finally:
         step.make_plan = make_plan
-    return routes
+    return plans
 
 
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
@@ -387,7 +384,9 @@ def test_a_step_torchs_fused_op_serves_is_priced_as_one(state_dtype):
     for shapes, which in ((demo_cnn(), "few"), ([(64,)] * 1000, "many")):
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
         opt = fastopt.Adagrad(params, lr=0.1, backend="torch", **options)
-        assert _routes(opt, params) == [expected[which]], which
+        for p in params:
+            p.grad = torch.randn_like(p)
+        assert [plan.route for plan in _plans(opt.step)] == [expected[which]], which
         opt.zero_grad()
         buffer = opt._buckets[0][0].grads.buffer
         assert (buffer is not None) == (expected[which] == "gather"), which
@@ -427,29 +426,20 @@ def test_many_params_some_without_grads_are_updated_in_runs():
     """Many small params, some without a grad this step: the torch path copies the others'
     grads into the flat grad buffer and updates each run of them with one entry (not one
     entry per param, as torch's fused kernels do), with torch.optim's numbers."""
-    from fastopt import step
-
     ours = [torch.nn.Parameter(torch.randn(64)) for _ in range(1000)]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = fastopt.SGD(ours, lr=0.1, momentum=0.9, backend="torch")
     ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, foreach=False)
-    entries, make_plan = [], step.make_plan
 
-    def spy(*args, **kwargs):
-        plan = make_plan(*args, **kwargs)
-        entries.append(len(plan.pieces("param")))
-        return plan
-
-    step.make_plan = spy
-    try:
+    def steps():
         for k in range(4):
             for i, (p, q) in enumerate(zip(ours, theirs)):
                 g = None if (7 * i + k) % 10 == 3 else torch.randn(64)
                 p.grad, q.grad = g, None if g is None else g.clone()
             opt.step()
             ref.step()
-    finally:
-        step.make_plan = make_plan
+
+    entries = [len(plan.pieces("param")) for plan in _plans(steps)]
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     # 900 params with a grad a step, in about 100 runs between the gaps (more on the second

@@ -10,7 +10,6 @@ __all__ = ["Adam", "AdamW", "AdamW8bit"]
 
 from dataclasses import replace
 
-import numpy
 import torch
 from torch import Tensor
 
@@ -33,14 +32,9 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     found_inf = _on(found_inf, bucket.device)
     amsgrad = group["amsgrad"]
     beta1, beta2 = group["betas"]
-    if bucket.backend == "torch" and bucket.device.type == "cpu" and found_inf is None:
-        counted = []
-        _count_on_host(bucket.state.host_scalars(), plan)
-    else:
-        counted = [rows] if plan.whole else [rows[lo:hi] for lo, hi, _ in plan.step_runs]
-        dispatch.implementation("count_adam_steps", bucket.backend)(
-            counted, lr=_on(group["lr"], bucket.device), beta1=float(beta1),
-            beta2=float(beta2))
+    runs = None if plan.whole else plan.step_runs
+    dispatch.implementation("count_adam_steps", bucket.backend)(
+        rows, runs, lr=_on(group["lr"], bucket.device), beta1=float(beta1), beta2=float(beta2))
     if bucket.variant in QUANTIZED:
         _update_int8(opt, group, bucket, plan, grad_scale, found_inf)
     else:
@@ -64,27 +58,9 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
             **opt.precision_options(group, bucket, plan),
         )
     if found_inf is not None:
-        for count in counted:
+        for count in [rows] if runs is None else [rows[lo:hi] for lo, hi, _ in runs]:
             count[:, 0].sub_(found_inf)
     opt.renumber(bucket, plan)
-
-
-def _count_on_host(table, plan) -> None:
-    """The torch path's step counts (column 0 of the CPU scalar table, as a numpy array over
-    its memory): one added to every row the plan's runs cover, in a few numpy ops however
-    many runs there are (a torch op per run costs microseconds each when params' counts have
-    drifted apart)."""
-    if plan.whole:
-        table[:, 0] += 1
-        return
-    runs = plan.step_runs
-    lo = numpy.fromiter((r[0] for r in runs), dtype=numpy.int64, count=len(runs))
-    hi = numpy.fromiter((r[1] for r in runs), dtype=numpy.int64, count=len(runs))
-    lengths = hi - lo
-    # every index of every run: each run's start, repeated, plus the position within it
-    offsets = numpy.arange(int(lengths.sum())) - numpy.repeat(numpy.cumsum(lengths) - lengths,
-                                                               lengths)
-    table[numpy.repeat(lo, lengths) + offsets, 0] += 1
 
 
 # Elements of small back-to-back chunks whose grads the torch path copies together (bounds the

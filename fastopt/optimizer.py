@@ -149,6 +149,8 @@ class FlatOptimizer(Optimizer):
     def precision_options(self, group: dict, bucket: Bucket, plan: StepPlan) -> dict:
         """The keywords an update function takes for masters and stochastic rounding
         (``masters``: fp32 masters, or int16/int8 remainders: see ``fastopt.precision``)."""
+        if not (group.get("master_weights") or group.get("stochastic_rounding")):
+            return {}
         options = {}
         name = master_name(group)
         if has_master(group, bucket.dtype) and name in bucket.state:

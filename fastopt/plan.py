@@ -81,7 +81,9 @@ def gather_pays(op: str, device: torch.device, tensors: int, elements: int,
         return False
     copy = CPU_COSTS["cat" if gapless else "copy"]
     per_tensor = tensors * costs["per_tensor"] + elements * costs["per_element"]
-    gathered = tensors * copy["per_tensor"] + (entries - 1) * costs["per_tensor"] \
+    # the call over the flat buffer pays its own fixed cost per entry, as a call per tensor
+    # does (so a bucket of one param never gathers: the copy alone would be the difference)
+    gathered = tensors * copy["per_tensor"] + entries * costs["per_tensor"] \
         + elements * (copy["per_element"] + costs["flat_per_element"])
     return gathered < per_tensor
 
@@ -292,10 +294,14 @@ def _gathers_runs(bucket: Bucket, op: str, participants: list, step_runs: list) 
 def gathers_fresh(bucket: Bucket, op: str) -> bool:
     """Does a torch-path step copy ``bucket``'s fresh grads, all of them present, into its
     flat grad buffer (``gather``) before one call over it? (``gather_pays``, for this bucket's
-    shapes: the same every step.) The copy takes grads in any strides."""
-    return bucket.backend == "torch" and gather_pays(
-        op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
-        bucket.gapless_vectors)
+    shapes: the same every step, so asked once per op.) The copy takes grads in any
+    strides."""
+    known = bucket.fresh_routes.get(op)
+    if known is None:
+        known = bucket.fresh_routes[op] = bucket.backend == "torch" and gather_pays(
+            op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
+            bucket.gapless_vectors)
+    return known
 
 
 def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:

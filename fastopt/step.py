@@ -69,11 +69,11 @@ def fused_step(opt, closure=None):
         with torch.enable_grad():  # as torch.optim runs it
             loss = closure()
     grad_mode = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
+    torch._C._set_grad_enabled(False)  # no context object: a few us less a step
     try:
         return _update_all(opt, closure, loss)
     finally:
-        torch.set_grad_enabled(grad_mode)
+        torch._C._set_grad_enabled(grad_mode)
 
 
 def _update_all(opt, closure, loss):
@@ -87,24 +87,25 @@ def _update_all(opt, closure, loss):
     checked = []
     for index, group in enumerate(opt.param_groups):
         for bucket in opt._buckets[index]:
-            grads = _check(opt, bucket, index, group)
+            op = step_cost(opt, bucket)
+            grads = _check(opt, bucket, index, group, op)
             if grads is not None:
-                checked.append((group, bucket, grads))
+                checked.append((group, bucket, grads, op))
     max_norm = max_grad_norm(opt)
     clip = None
     if max_norm is not None:
-        grads = [g for _, _, bucket_grads in checked for g in bucket_grads.grads]
+        grads = [g for _, _, bucket_grads, _ in checked for g in bucket_grads.grads]
         clip = clipping.fold(grads, max_norm, grad_scale, found_inf)
         opt.grad_norm = clip.norm if clip is not None else None
-    for group, bucket, grads in checked:
+    for group, bucket, grads, op in checked:
         if clip is None:
-            step_bucket(opt, group, bucket, grads, grad_scale, found_inf)
+            step_bucket(opt, group, bucket, grads, grad_scale, found_inf, op)
         elif bucket.dtype == torch.float64:  # fp64: scale the grads themselves, in fp64
             factor = clip.factor.to(bucket.device, torch.float64)
             torch._foreach_mul_([as_real(g) for g in grads.grads], factor)
-            step_bucket(opt, group, bucket, grads, grad_scale, clip.found_inf)
+            step_bucket(opt, group, bucket, grads, grad_scale, clip.found_inf, op)
         else:
-            step_bucket(opt, group, bucket, grads, clip.divisor, clip.found_inf)
+            step_bucket(opt, group, bucket, grads, clip.divisor, clip.found_inf, op)
     if max_norm is not None and closure is None:
         return opt.grad_norm
     return loss
@@ -118,16 +119,21 @@ def _wording(cls) -> tuple:
     return name, declared.sparse_error.format(name=name) if declared.sparse_error else None
 
 
-def _check(opt, bucket, index: int, group: dict) -> CheckedGrads | None:
+def _check(opt, bucket, index: int, group: dict, op: str) -> CheckedGrads | None:
+    """``check_grads`` for one bucket (``op``: the row of ``fastopt.plan.CPU_COSTS`` that
+    prices its step), then what torch.optim refuses only at the step."""
     declared = opt.declaration
     name, refusal = _wording(type(opt))
     fused = fused_devices(declared.reference) if group.get("fused") else None
-    checked = check_grads(bucket, index, name, refusal, fused,
-                          gathers_fresh(bucket, step_cost(opt, bucket)))
-    if checked is not None and not declared.complex and bucket.params[0].is_complex():
+    checked = check_grads(bucket, index, name, refusal, fused, gathers_fresh(bucket, op))
+    if checked is None:
+        return None
+    if not declared.complex and bucket.params[0].is_complex():
         raise RuntimeError(f"{name} does not support complex parameters")  # at the step, as torch
-    if checked is not None and not declared.sparse_weight_decay \
-            and group.get("weight_decay", 0) != 0 and any(g.is_sparse for g in checked.grads):
+    # A sparse grad got past check_grads only where it is taken, and never in bulk (dense).
+    if refusal is None and isinstance(checked.in_place, list) \
+            and not declared.sparse_weight_decay and group.get("weight_decay", 0) != 0 \
+            and any(g.is_sparse for g in checked.grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")
     return checked
 
@@ -144,9 +150,10 @@ def step_group(opt, index: int, bucket, params: list) -> None:
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     try:
-        checked = _check(opt, bucket, index, group)
+        op = step_cost(opt, bucket)
+        checked = _check(opt, bucket, index, group, op)
         if checked is not None:
-            step_bucket(opt, group, bucket, checked, None, None, in_backward=True)
+            step_bucket(opt, group, bucket, checked, None, None, op, in_backward=True)
     finally:
         torch.set_grad_enabled(grad_mode)
         for q, grad in waiting:
@@ -154,9 +161,10 @@ def step_group(opt, index: int, bucket, params: list) -> None:
 
 
 def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
-                found_inf, in_backward: bool = False) -> None:
-    """Make the state this step needs, plan the bucket's step (``fastopt.plan``), update
-    (``in_backward``: a step group's, inside the backward)."""
+                found_inf, op: str, in_backward: bool = False) -> None:
+    """Make the state this step needs, plan the bucket's step (``fastopt.plan``; ``op``, the
+    row of ``CPU_COSTS`` that prices it), update (``in_backward``: a step group's, inside
+    the backward)."""
     has_state = bucket.state.has_state
     if any(has_state):
         for name in opt.buffer_names(group, bucket):
@@ -173,25 +181,26 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
         for i in participants:
             stepped[i] = True
     if bucket.backend == "torch":
-        plan = make_plan(bucket, checked, keys, key, step_cost(opt, bucket), False,
-                         not in_backward)
+        plan = make_plan(bucket, checked, keys, key, op, False, not in_backward)
         opt.update(group, bucket, plan, grad_scale, found_inf)
     else:  # Triton launches (and the address table's upload) go to the bucket's device
         with torch.cuda.device(bucket.device) if bucket.device.type == "cuda" \
                 else contextlib.nullcontext():
             by_address = opt.reads_by_address(group, bucket.external) \
                 and bucket.variant is None and not bucket.params[0].is_complex()
-            plan = make_plan(bucket, checked, keys, key, step_cost(opt, bucket),
-                             by_address)
+            plan = make_plan(bucket, checked, keys, key, op, by_address)
             opt.update(group, bucket, plan, grad_scale, found_inf)
     bucket.finish()
+
+
+_OWN_OPTIONS = frozenset(("master_weights", "state_dtype", "stochastic_rounding", "rounding_seed",
+                          "max_grad_norm"))
 
 
 def check_group_options(opt, group: dict) -> None:
     """fastopt's own group options (``fastopt.precision``), checked at construction and at
     every step (a scheduler or a user may change them)."""
-    if not any(k in group for k in ("master_weights", "state_dtype", "stochastic_rounding",
-                                    "rounding_seed", "max_grad_norm")):
+    if _OWN_OPTIONS.isdisjoint(group):
         return
     check_precision(group.get("master_weights", False), group.get("state_dtype"),
                     group.get("stochastic_rounding", False), group.get("rounding_seed", 0),

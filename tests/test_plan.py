@@ -41,6 +41,22 @@ def test_the_cost_model_sends_many_small_tensors_through_a_gather_on_cpu_only():
     assert not gather_pays("saga", cpu, 1000, 1000 * 64)  # no measured costs: as it was
     # CPU half-precision math rounds differently in torch's vectorized loop and scalar tail
     assert not gather_pays("sgd", cpu, 1000, 1000 * 64, torch.bfloat16)
+    # one tensor is one entry either way: the copy would only add its own cost
+    for op in ("adam", "sgd", "elementwise"):
+        assert not gather_pays(op, cpu, 1, 1)
+        assert not gather_pays(op, cpu, 1, 64)
+    assert gather_pays("elementwise", cpu, 2, 2 * 64)  # two entries of a chain of torch ops
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "Adagrad", "RMSprop"])
+def test_a_bucket_of_one_param_steps_on_its_fresh_grad_where_it_lies(name):
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = getattr(fastopt, name)(params, lr=0.1, backend="torch")
+    routes = record_routes(opt)
+    for _ in range(2):
+        params[0].grad = torch.randn(5)
+        opt.step()
+    assert routes == ["tensors", "tensors"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
 from .ops import fma, lerp
 from .rounding import load_param, store_param, to_storage
 
@@ -485,12 +486,12 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
                               row_part, col_part, param_squares, **flags, **LAUNCH)
     _factors_kernel[(n_params,)](tiles.info, row_part, col_part, param_squares, row_var,
                                  col_var, wide_rows, wide_cols, means, alpha, scalars,
-                                 float(eps2), float(eps1), HALF=half, **LAUNCH)
-    eps1_squared = float(torch.tensor(eps1 * eps1, dtype=torch.float32))  # 0 if it underflows
+                                 launch.fp32(eps2), launch.fp32(eps1), HALF=half, **LAUNCH)
+    eps1_squared = launch.fp32(eps1 * eps1)  # 0 if it underflows
     for apply in (False, True):
         if apply:
             _coefficients_kernel[(n_params,)](tiles.info, update_squares, alpha, coef,
-                                              float(d), MAXIMIZE=maximize, HALF=half,
+                                              launch.fp32(d), MAXIMIZE=maximize, HALF=half,
                                               **LAUNCH)
         _tiles_kernel[(n_tiles,)](param, master, grad, grad_table, grad_scale, tiles.tile,
                                   tiles.info, variance, wide_rows, wide_cols, means,

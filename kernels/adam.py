@@ -10,6 +10,9 @@ Per element, in fp32 (the param's dtype is only its storage):
     vm = max(vm, v)                   (AMSGRAD; vm is what the denominator uses)
     p  = p - lr / (1 - beta1^t) * m / (sqrt(vm) / sqrt(1 - beta2^t) + eps)
 
+``1 - beta1``, ``1 - beta2`` and ``1 - lr * wd`` come from the host, taken in fp64 and rounded
+once, as torch.optim's Python floats are (``adam_arguments``).
+
 With an fp32 master copy (HAS_MASTER) the update runs on the master, which is stored, and the
 param receives it rounded to nearest; with STOCHASTIC_ROUNDING (bf16 params) the param is
 rounded with hashed noise (kernels/rounding.py). Moments may be stored in any float dtype:
@@ -34,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .ops import fma
+from .ops import fma, lerp
 from .rounding import load_param, seed_word, store_param, to_storage
 from .table import flat_block, grad_arguments, table_block
 
@@ -58,8 +61,9 @@ def _betas(device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
 
 
 @triton.jit
-def adam_moments(param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1,
-                 beta2, weight_decay, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+def adam_moments(param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay,
+                 one_minus_beta1, beta2, one_minus_beta2,
+                 HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
                  LR_ON_DEVICE: tl.constexpr):
     """Unscale, weight decay and the moment updates, in fp32: (param, exp_avg, exp_avg_sq)."""
@@ -68,19 +72,18 @@ def adam_moments(param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_fac
     if MAXIMIZE:
         grad = -grad
     # Each line rounds as torch.optim's op for it does (add_ with alpha and lerp are fmas).
-    if HAS_WEIGHT_DECAY:
+    if HAS_WEIGHT_DECAY:  # decay: see adam_arguments
         if DECOUPLED:
             if LR_ON_DEVICE:
-                decay_factor = 1.0 - lr * weight_decay
-            param = param * decay_factor
+                decay = 1.0 - lr * decay
+            param = param * decay
         else:
-            grad = fma(param, weight_decay, grad)
-    weight = 1.0 - beta1  # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form
-    if weight < 0.5:
-        exp_avg = fma(grad - exp_avg, weight, exp_avg)
-    else:
-        exp_avg = fma(grad - exp_avg, weight - 1.0, grad)
-    exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+            grad = fma(param, decay, grad)
+    # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form; the complements come from
+    # the host, rounded from fp64 as torch.optim's Python floats are (1 - beta2 taken in fp32
+    # would be 1.3e-5 off at beta2 = 0.999)
+    exp_avg = lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     return param, exp_avg, exp_avg_sq
 
 
@@ -180,10 +183,10 @@ def _adam_kernel(
     found_inf_ptr,  # fp32 nonzero when a grad was inf/nan (HAS_FOUND_INF only)
     master_ptr,  # fp32 master copy of the params, updated in place (HAS_MASTER only)
     lr,  # learning rate (when not LR_ON_DEVICE)
-    decay_factor,  # 1 - lr * weight_decay, from the host (AdamW, when not LR_ON_DEVICE)
-    beta1,
+    decay,  # the weight decay, or AdamW's factor 1 - lr * weight_decay (see adam_arguments)
+    one_minus_beta1,  # 1 - beta1, beta2, 1 - beta2: from the host (adam_arguments)
     beta2,
-    weight_decay,
+    one_minus_beta2,
     eps,
     n_elements,  # elements in this flat buffer
     base_offset,  # offset of this buffer's first element in its flat layout (STOCHASTIC_ROUNDING)
@@ -209,30 +212,33 @@ def _adam_kernel(
         if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
             _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                            master_ptr, step_ptr, lr_ptr, grad_scale_ptr, offsets,
-                           None, grad_ptrs, lr, decay_factor, beta1, beta2, weight_decay, eps,
+                           None, grad_ptrs, lr, decay, one_minus_beta1, beta2,
+                           one_minus_beta2, eps,
                            base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED,
                            MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
                            STOCHASTIC_ROUNDING)
         else:  # a param's last block, masked at its end
             _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                            master_ptr, step_ptr, lr_ptr, grad_scale_ptr, offsets,
-                           local < size, grad_ptrs, lr, decay_factor, beta1, beta2,
-                           weight_decay, eps, base_offset, seed_word, AMSGRAD,
-                           HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE,
-                           HAS_MASTER, STOCHASTIC_ROUNDING)
+                           local < size, grad_ptrs, lr, decay, one_minus_beta1,
+                           beta2, one_minus_beta2, eps, base_offset, seed_word,
+                           AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE,
+                           HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING)
     else:
         offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
         _adam_elements(param_ptr + offsets, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                        master_ptr, step_ptr, lr_ptr, grad_scale_ptr, offsets, mask,
-                       grad_ptr + offsets, lr, decay_factor, beta1, beta2, weight_decay, eps,
-                       base_offset, seed_word, AMSGRAD, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
-                       LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING)
+                       grad_ptr + offsets, lr, decay, one_minus_beta1, beta2,
+                       one_minus_beta2, eps, base_offset, seed_word, AMSGRAD,
+                       HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE,
+                       HAS_MASTER, STOCHASTIC_ROUNDING)
 
 
 @triton.jit
 def _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
                    step_ptr, lr_ptr, grad_scale_ptr, offsets, mask, grad_ptrs, lr,
-                   decay_factor, beta1, beta2, weight_decay, eps, base_offset, seed_word,
+                   decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                   base_offset, seed_word,
                    AMSGRAD: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                    DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
                    HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
@@ -249,8 +255,9 @@ def _adam_elements(param_ptrs, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, 
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
     param, exp_avg, exp_avg_sq = adam_moments(
-        param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
-        weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
+        param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay, one_minus_beta1,
+        beta2, one_minus_beta2, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY,
+        DECOUPLED, LR_ON_DEVICE)
     # Where the moments are stored decides how many values live across the IEEE division's
     # slow-path call; these places keep every variant from spilling on sm_90 (see
     # benchmarks/kernel_report.py).
@@ -320,7 +327,8 @@ def adam_update(
             exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i],
             *adam_arguments(param, steps[i], masters[i] if masters is not None else None, lr,
-                            beta1, beta2, weight_decay, eps, grad_scale, found_inf),
+                            beta1, beta2, weight_decay, eps, grad_scale, found_inf,
+                            decoupled),
             n,
             offsets[i] if stochastic else 0,
             seed_word(rounding_seed) if stochastic else 0,
@@ -335,23 +343,31 @@ def adam_update(
 
 
 def adam_arguments(param, step, master, lr, beta1, beta2, weight_decay, eps, grad_scale,
-                   found_inf) -> tuple:
+                   found_inf, decoupled: bool) -> tuple:
     """The Adam kernels' arguments from ``step_ptr`` to ``eps`` (a tensor that is absent is
     stood in for by another: its constexpr flag keeps the kernel from reading it). ``step`` is
-    a step count in a row that ``count_adam_steps`` filled this step."""
+    a step count in a row that ``count_adam_steps`` filled this step. The scalars are taken
+    as torch.optim's Python floats are: computed in fp64, then rounded to fp32 (``1 - beta2``
+    taken in fp32 would be 1.3e-5 off at beta2 = 0.999); ``decay`` is AdamW's factor
+    ``1 - lr * weight_decay`` where the learning rate is on the host, else the weight decay
+    (an argument less keeps every variant's registers off the stack)."""
     lr_on_device = isinstance(lr, torch.Tensor)
+    if decoupled and not lr_on_device:
+        decay = 1.0 - float(lr) * float(weight_decay)
+    else:
+        decay = float(weight_decay)
     return (
         step,
         lr if lr_on_device else step,
         grad_scale if grad_scale is not None else step,
         found_inf if found_inf is not None else step,
         master if master is not None else param,
-        0.0 if lr_on_device else float(lr),
-        1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
-        float(beta1),
-        float(beta2),
-        float(weight_decay),
-        float(eps),
+        0.0 if lr_on_device else launch.fp32(lr),
+        launch.fp32(decay),
+        launch.fp32(1.0 - float(beta1)),
+        launch.fp32(beta2),
+        launch.fp32(1.0 - float(beta2)),
+        launch.fp32(eps),
     )
 
 

@@ -145,10 +145,10 @@ def _adam_int8_kernel(
     found_inf_ptr,
     master_ptr,
     lr,
-    decay_factor,
-    beta1,
+    decay,  # these five: see adam.adam_arguments
+    one_minus_beta1,
     beta2,
-    weight_decay,
+    one_minus_beta2,
     eps,
     n_blocks,
     base,  # the chunk's flat start: block ranges are relative to it
@@ -190,9 +190,9 @@ def _adam_int8_kernel(
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
             unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
             grad_scale_ptr, master_ptr, offsets, None, code_offsets, None, first_row, n_blocks,
-            lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
-            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER,
-            STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK, CODE_BITS)
+            lr, decay, one_minus_beta1, beta2, one_minus_beta2, eps, base,
+            seed_word, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE,
+            HAS_MASTER, STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM, QBLOCK, CODE_BITS)
     else:  # each element placed by its block's row, masked at the block's end
         row = first_row + element // QBLOCK  # (the blocks need not be whole or back to back)
         in_rows = row < n_blocks
@@ -213,8 +213,8 @@ def _adam_int8_kernel(
             signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr,
             unsigned_midpoints_ptr, signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr,
             grad_scale_ptr, master_ptr, offsets, mask, code_offsets, code_mask, first_row,
-            n_blocks, lr, decay_factor, beta1, beta2, weight_decay, eps, base, seed_word,
-            HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
+            n_blocks, lr, decay, one_minus_beta1, beta2, one_minus_beta2,
+            eps, base, seed_word, HAS_WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
             LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER, STOCHASTIC_ROUNDING, ROWS_PER_PROGRAM,
             QBLOCK, CODE_BITS)
 
@@ -224,8 +224,8 @@ def _adam_int8_elements(
         param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
         signed_values_ptr, signed_midpoints_ptr, unsigned_values_ptr, unsigned_midpoints_ptr,
         signed_guesses_ptr, unsigned_guesses_ptr, step_ptr, lr_ptr, grad_scale_ptr, master_ptr,
-        offsets, mask, code_offsets, code_mask, first_row, n_blocks, lr, decay_factor, beta1,
-        beta2, weight_decay, eps, base, seed_word,
+        offsets, mask, code_offsets, code_mask, first_row, n_blocks, lr, decay,
+        one_minus_beta1, beta2, one_minus_beta2, eps, base, seed_word,
         HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
         LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
         STOCHASTIC_ROUNDING: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
@@ -256,8 +256,9 @@ def _adam_int8_elements(
     exp_avg_sq = root * root
 
     param, exp_avg, exp_avg_sq = adam_moments(
-        param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay_factor, beta1, beta2,
-        weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, LR_ON_DEVICE)
+        param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay, one_minus_beta1,
+        beta2, one_minus_beta2, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY,
+        DECOUPLED, LR_ON_DEVICE)
     param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
     store_param(param_ptr + offsets, master_ptr + offsets, mask, param, base + offsets, step,
                 seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
@@ -316,7 +317,8 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
             exp_avg_sq_scales[i], block_tables[i], signed_values, signed_midpoints,
             unsigned_values, unsigned_midpoints, signed_guesses, unsigned_guesses,
             *adam_arguments(param, steps[i], masters[i] if masters is not None else None, lr,
-                            beta1, beta2, weight_decay, eps, grad_scale, found_inf),
+                            beta1, beta2, weight_decay, eps, grad_scale, found_inf,
+                            decoupled),
             n_blocks, bases[i], seed_word(rounding_seed) if stochastic else 0,
             **adam_flags(param, lr, weight_decay, decoupled, maximize, grad_scale, found_inf,
                          masters, stochastic),

@@ -164,7 +164,7 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
     stochastic = rounding_seed is not None and masters is None
     lr_on_device = isinstance(lr, torch.Tensor)
     present = sum(1 << k for k, b in enumerate(buffers) if b is not None)
-    hyper = tuple(float(h) for h in hyper) + (0.0,) * (HYPER_SLOTS - len(hyper))
+    hyper = tuple(launch.fp32(h) for h in hyper) + (0.0,) * (HYPER_SLOTS - len(hyper))
     block = launch.block_size()
     for i, param in enumerate(params):
         grad_args, grid, table, by_address = grad_arguments(grads, i, param)
@@ -182,7 +182,7 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
             grad_scale if grad_scale is not None else param,
             found_inf if found_inf is not None else param,
             masters[i] if masters is not None else param,
-            0.0 if lr_on_device else float(lr),
+            0.0 if lr_on_device else launch.fp32(lr),
             *hyper,
             param.numel(),
             offsets[i] if stochastic else 0,

@@ -9,7 +9,9 @@ starting point the GPU microbenchmark (benchmarks/gpu_bench.py) checks on real h
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -20,6 +22,17 @@ INTERPRETER_BLOCK_SIZE = 65536
 
 def block_size() -> int:
     return INTERPRETER_BLOCK_SIZE if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_SIZE
+
+
+def fp32(value) -> float:
+    """A float kernel argument as the kernel sees it on a GPU: rounded to fp32. Triton's
+    interpreter hands a kernel its float arguments as Python floats, so arithmetic between two
+    of them there (``1.0 - beta2``) would run in fp64 and hide what the GPU computes; rounded
+    here, both see the same fp32 value."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond fp32's range: infinite, as the GPU takes it
+        return math.copysign(math.inf, value)
 
 
 def grid(n: int, block: int) -> tuple:

@@ -45,7 +45,7 @@ def _sgd_kernel(
     master_ptr,  # fp32 master copy of the params, updated in place (HAS_MASTER only)
     lr,  # learning rate (when not LR_ON_DEVICE)
     momentum,
-    dampening,
+    one_minus_dampening,
     weight_decay,
     n_elements,  # elements in this flat buffer
     HAS_MOMENTUM: tl.constexpr,
@@ -68,25 +68,25 @@ def _sgd_kernel(
             PARAM_TABLE, BLOCK_SIZE)
         if first + BLOCK_SIZE <= size:  # a whole block: unmasked, 16-byte vector accesses
             _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
-                          offsets, None, grad_ptrs, lr, momentum, dampening, weight_decay,
-                          HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE,
-                          LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
+                          offsets, None, grad_ptrs, lr, momentum, one_minus_dampening,
+                          weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY,
+                          MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
         else:  # a param's last block, masked at its end
             _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr,
-                          offsets, local < size, grad_ptrs, lr, momentum, dampening,
+                          offsets, local < size, grad_ptrs, lr, momentum, one_minus_dampening,
                           weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV, HAS_WEIGHT_DECAY,
                           MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
     else:
         offsets, mask = flat_block(found_inf_ptr, n_elements, HAS_FOUND_INF, BLOCK_SIZE)
         _sgd_elements(param_ptr + offsets, momentum_buffer_ptr, master_ptr, lr_ptr,
                       grad_scale_ptr, offsets, mask, grad_ptr + offsets, lr, momentum,
-                      dampening, weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV,
+                      one_minus_dampening, weight_decay, HAS_MOMENTUM, FIRST_STEP, NESTEROV,
                       HAS_WEIGHT_DECAY, MAXIMIZE, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_MASTER)
 
 
 @triton.jit
 def _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scale_ptr, offsets,
-                  mask, grad_ptrs, lr, momentum, dampening, weight_decay,
+                  mask, grad_ptrs, lr, momentum, one_minus_dampening, weight_decay,
                   HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                   HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -110,7 +110,7 @@ def _sgd_elements(param_ptrs, momentum_buffer_ptr, master_ptr, lr_ptr, grad_scal
             buf = grad
         else:
             buf = tl.load(momentum_buffer_ptr + offsets, mask=mask).to(tl.float32)
-            buf = fma(grad, 1.0 - dampening, buf * momentum)
+            buf = fma(grad, one_minus_dampening, buf * momentum)
         tl.store(momentum_buffer_ptr + offsets,
                  to_storage(buf, momentum_buffer_ptr.dtype.element_ty), mask=mask)
         if NESTEROV:
@@ -156,10 +156,10 @@ def sgd_update(
             grad_scale if grad_scale is not None else param,
             found_inf if found_inf is not None else param,
             masters[i] if masters is not None else param,
-            0.0 if lr_on_device else float(lr),
-            float(momentum),
-            float(dampening),
-            float(weight_decay),
+            0.0 if lr_on_device else launch.fp32(lr),
+            launch.fp32(momentum),
+            launch.fp32(1.0 - float(dampening)),  # rounded from fp64, as torch's alpha is
+            launch.fp32(weight_decay),
             n,
             HAS_MOMENTUM=has_momentum,
             FIRST_STEP=is_first_step,

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -84,8 +85,11 @@ def pytest_unconfigure(config):
     if recording is not None:
         recording.__exit__(None, None, None)
     started = getattr(config, "_gpu_variants", None)
-    if started is not None and started[1].poll() is None:  # a run that stopped before the
-        started[1].kill()  # compile check (-x, -k, Ctrl-C) leaves no compiler behind
+    if started is not None:
+        if started[1].poll() is None:  # a run that stopped before the compile check (-x,
+            started[1].kill()  # -k, Ctrl-C) leaves no compiler behind
+            started[1].wait()
+        shutil.rmtree(os.path.dirname(started[0]), ignore_errors=True)  # nor its folder
 
 
 def pytest_collection_modifyitems(config, items):

@@ -212,3 +212,22 @@ def test_a_lone_param_of_rank_two(name, shape, in_place, backend):
     # param's shape, whichever route the step takes (found by the property test)
     compare_runs(name, BY_NAME[name].typical, [shape], steps=3, in_place=in_place,
                  backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_take_their_float_arguments_as_a_gpu_does(backend):
+    # Triton's interpreter hands a kernel its float arguments as Python floats: unrounded,
+    # Adamax's lerp took ``weight - 1`` in fp64 and drifted from torch's fp32 past tolerance
+    # within three steps (found by the property test). kernels/launch.fp32 rounds them first.
+    compare_runs("Adamax", dict(lr=0.5, betas=(0.34819547727153116, 0.0), eps=0.00390625,
+                                maximize=True), [(), (), (), (), (9,)], steps=3, seed=12638,
+                 backend=backend)
+
+
+def test_a_float_argument_is_rounded_to_fp32_as_the_gpu_takes_it():
+    from kernels import launch
+
+    assert launch.fp32(0.999) == float(torch.tensor(0.999, dtype=torch.float32))
+    assert launch.fp32(1.0 - 0.999) == float(torch.tensor(1.0 - 0.999, dtype=torch.float32))
+    assert launch.fp32(1e-50) == 0.0  # underflows as fp32 does
+    assert launch.fp32(-1e40) == float("-inf")  # past fp32's range

@@ -143,7 +143,7 @@ def count_adam_steps(table: torch.Tensor, runs: list | None, *, lr, beta1: float
             continue
         _adam_steps_kernel[launch.grid(n, STEPS_BLOCK)](
             rows, _betas(rows.device, float(beta1), float(beta2)),
-            lr if lr_on_device else rows, 0.0 if lr_on_device else float(lr), n,
+            lr if lr_on_device else rows, 0.0 if lr_on_device else launch.fp32(lr), n,
             rows.stride(0), LR_ON_DEVICE=lr_on_device, BLOCK_SIZE=STEPS_BLOCK, num_warps=1)
 
 

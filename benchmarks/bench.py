@@ -242,6 +242,18 @@ def time_interleaved(calls: dict, device, repeats: int) -> dict:
     return {v: statistics.median(t) for v, t in times.items()}
 
 
+def against_peer(labels: dict, seconds: dict, ours: str, peer: str, **extra) -> dict:
+    """One row of ``ours`` against ``peer`` from ``time_interleaved``'s seconds: ``labels``,
+    ``extra``, both times in ms and the peer's time over ours; printed as a markdown row
+    (the labels, the times, the ratio)."""
+    row = dict(labels, **extra, fastopt_ms=seconds[ours] * 1e3, peer=peer,
+               peer_ms=seconds[peer] * 1e3, ratio=seconds[peer] / seconds[ours])
+    cells = [*map(str, labels.values()), f"{row['fastopt_ms']:.2f}", peer,
+             f"{row['peer_ms']:.2f}", f"{row['ratio']:.2f}x"]
+    print("| " + " | ".join(cells) + " |", flush=True)
+    return row
+
+
 def _ratio(seconds: dict, variant: str, t: float):
     return seconds[variant] / t if variant in seconds else None
 

@@ -25,7 +25,7 @@ import json
 import torch
 
 import fastopt
-from benchmarks.bench import OPTIONS, time_interleaved
+from benchmarks.bench import OPTIONS, against_peer, time_interleaved
 
 PATTERNS = {
     "rotating": lambda step, i: (7 * i + step) % 10 == 3,
@@ -51,7 +51,8 @@ def stepper(cls, pattern, options: dict):
     return step
 
 
-def measure(name: str, pattern: str, repeats: int) -> dict:
+def measure(name: str, pattern: str, repeats: int) -> tuple:
+    """(seconds per step of each variant, the peer's name)."""
     options = dict(OPTIONS[name])
     calls = {"fastopt": stepper(getattr(fastopt, name), PATTERNS[pattern], options)}
     peer = "torch-fused"
@@ -65,9 +66,7 @@ def measure(name: str, pattern: str, repeats: int) -> dict:
         peer = "torch-foreach"
         calls[peer] = stepper(getattr(torch.optim, name), PATTERNS[pattern],
                               {**options, "foreach": True})
-    ms = {v: s * 1e3 for v, s in time_interleaved(calls, torch.device("cpu"), repeats).items()}
-    return dict(optimizer=name, pattern=pattern, fastopt_ms=ms["fastopt"], peer=peer,
-                peer_ms=ms[peer], ratio=ms[peer] / ms["fastopt"])
+    return time_interleaved(calls, torch.device("cpu"), repeats), peer
 
 
 def main(argv=None) -> list:
@@ -82,10 +81,9 @@ def main(argv=None) -> list:
     rows = []
     for name in args.optimizers:
         for pattern in PATTERNS:
-            row = measure(name, pattern, args.repeats)
-            rows.append(row)
-            print(f"| {name} | {pattern} | {row['fastopt_ms']:.2f} | {row['peer']} | "
-                  f"{row['peer_ms']:.2f} | {row['ratio']:.2f}x |", flush=True)
+            seconds, peer = measure(name, pattern, args.repeats)
+            rows.append(against_peer(dict(optimizer=name, pattern=pattern), seconds,
+                                     "fastopt", peer))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

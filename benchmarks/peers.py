@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from benchmarks.bench import measure
+from benchmarks.bench import against_peer, measure
 from fastopt.shapes import CASES
 
 # (what is compared, fastopt's variant, its peers); the peers' modules
@@ -67,13 +67,8 @@ def main(argv=None) -> list:
                 seconds, n, tensors = measure(case, "AdamW", mode, device, args.repeats,
                                               (ours, *peers))
                 for peer in peers:
-                    row = dict(state=group, mode=mode, case=case, numel=n, tensors=tensors,
-                               fastopt_ms=seconds[ours] * 1e3, peer=peer,
-                               peer_ms=seconds[peer] * 1e3,
-                               ratio=seconds[peer] / seconds[ours])
-                    rows.append(row)
-                    print(f"| {group} | {mode} | {case} | {row['fastopt_ms']:.2f} | {peer} | "
-                          f"{row['peer_ms']:.2f} | {row['ratio']:.2f}x |", flush=True)
+                    rows.append(against_peer(dict(state=group, mode=mode, case=case), seconds,
+                                             ours, peer, numel=n, tensors=tensors))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

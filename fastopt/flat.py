@@ -191,7 +191,6 @@ class Bucket:
     storage_keys: set = field(default_factory=set)
     real_views: dict = field(default_factory=dict)  # buffer name -> per-param real views
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
-    fresh_routes: dict = field(default_factory=dict)  # op -> do fresh grads gather? (plan.py)
 
     def chunk_end(self, hi: int) -> int:
         """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to

@@ -149,12 +149,9 @@ class FlatOptimizer(Optimizer):
     def precision_options(self, group: dict, bucket: Bucket, plan: StepPlan) -> dict:
         """The keywords an update function takes for masters and stochastic rounding
         (``masters``: fp32 masters, or int16/int8 remainders: see ``fastopt.precision``)."""
-        if not (group.get("master_weights") or group.get("stochastic_rounding")):
-            return {}
         options = {}
-        name = master_name(group)
-        if has_master(group, bucket.dtype) and name in bucket.state:
-            options["masters"] = plan.pieces(name)
+        if has_master(group, bucket.dtype) and master_name(group) in bucket.state:
+            options["masters"] = plan.pieces(master_name(group))
         if group.get("stochastic_rounding") and bucket.dtype == torch.bfloat16:
             options["rounding_seed"] = int(group.get("rounding_seed", 0))
             options["offsets"] = plan.starts  # computed only where rounding needs them

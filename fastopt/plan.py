@@ -294,14 +294,10 @@ def _gathers_runs(bucket: Bucket, op: str, participants: list, step_runs: list) 
 def gathers_fresh(bucket: Bucket, op: str) -> bool:
     """Does a torch-path step copy ``bucket``'s fresh grads, all of them present, into its
     flat grad buffer (``gather``) before one call over it? (``gather_pays``, for this bucket's
-    shapes: the same every step, so asked once per op.) The copy takes grads in any
-    strides."""
-    known = bucket.fresh_routes.get(op)
-    if known is None:
-        known = bucket.fresh_routes[op] = bucket.backend == "torch" and gather_pays(
-            op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
-            bucket.gapless_vectors)
-    return known
+    shapes: the same every step.) The copy takes grads in any strides."""
+    return bucket.backend == "torch" and gather_pays(
+        op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
+        bucket.gapless_vectors)
 
 
 def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:

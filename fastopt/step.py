@@ -148,14 +148,14 @@ def step_group(opt, index: int, bucket, params: list) -> None:
     group = opt.param_groups[index]
     opt.check_step(group)
     grad_mode = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
+    torch._C._set_grad_enabled(False)
     try:
         op = step_cost(opt, bucket)
         checked = _check(opt, bucket, index, group, op)
         if checked is not None:
             step_bucket(opt, group, bucket, checked, None, None, op, in_backward=True)
     finally:
-        torch.set_grad_enabled(grad_mode)
+        torch._C._set_grad_enabled(grad_mode)
         for q, grad in waiting:
             q.grad = grad
 

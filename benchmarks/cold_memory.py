@@ -1,7 +1,7 @@
 """Bytes per param from a cold start: the peak of params, grads, state and temporaries from
 building the model and the optimizer through the first iterations, on the CPU.
 
-    python benchmarks/cold_memory.py [--model mlp|gpt2-small] [--iterations 3] [--json out.json]
+    python benchmarks/cold_memory.py [--model mlp|deep|gpt2-small] [--iterations 3] [--json out.json]
 
 Measured with ``torch.profiler`` (``profile_memory=True``) around everything, the model's
 construction included: every allocation and free of the CPU allocator is recorded (a tensor
@@ -107,7 +107,13 @@ def gpt2_small(dtype=torch.bfloat16):
     return make_model, lambda model: model(tokens, labels=tokens).loss
 
 
-MODELS = {"mlp": mlp, "gpt2-small": gpt2_small}
+def deep(dtype=torch.bfloat16):
+    """14 Linear(2048, 2048) layers (58.7M params): a model whose largest grad is a small part
+    of it, as in a model of many layers."""
+    return mlp(dtype, width=2048, depth=14)
+
+
+MODELS = {"mlp": mlp, "deep": deep, "gpt2-small": gpt2_small}
 
 # The options measured: AdamW's default, and each of fastopt's memory options.
 CONFIGS = {

@@ -2,7 +2,7 @@
 
 - ``tensors``: one flat buffer per state name (``exp_avg``, ``square_avg``...), with the
   bucket's slots, or ``rows`` rows of them (a per-sample table, SAGA's), or one entry per block
-  of a param (``blockwise``: quantized state's scales, with ``block_table``/``block_starts``),
+  of a param (``blockwise``: quantized state's scales, with ``block_starts`` and the kernels' ``block_table``),
   or ``nibbles``: two elements to a byte (4-bit codes: param i's are bytes
   ``[start // 2, start // 2 + ceil(numel / 2))``, slots being even), or
   ``packed``: shapes of their own per param (Adafactor's ``row_var``), each piece in an aligned
@@ -42,7 +42,8 @@ class Buffers:
         self.packed: dict = {}  # name -> per param (start, end, shape), or None: keeps none
         self.blockwise: set = set()  # names with one entry per block (quantized state's scales)
         self.nibbles: set = set()  # names holding two elements to a byte (4-bit codes)
-        self.block_table: Tensor | None = None  # int64 [blocks, 2]: flat [start, end) of each
+        self.block: int | None = None  # quantized state's block, in elements (None: none)
+        self._block_table: Tensor | None = None  # see block_table
         self.block_starts: list = []  # param i's blocks: [block_starts[i], block_starts[i + 1])
         self.scalars: Tensor | None = None  # float32 [params, width] (see the module docstring)
         self.scalar_names: tuple = ()  # the kept columns
@@ -69,7 +70,7 @@ class Buffers:
                 size = self._pack(name, shapes)
             elif name in self.nibbles:
                 size = b.numel // 2
-            elif name.endswith("_absmax") and self.block_table is not None:
+            elif name.endswith("_absmax") and self.block is not None:
                 self.blockwise.add(name)
                 size = self.block_starts[-1]
             self.tensors[name] = torch.full((size,), fill, dtype=dtype or b.dtype,
@@ -151,17 +152,29 @@ class Buffers:
     def column(self, name: str) -> Tensor:
         return self.scalars[:, self.scalar_names.index(name)]
 
-    def add_block_table(self, block: int) -> None:
+    def add_blocks(self, block: int) -> None:
         """Blocks of ``block`` elements from each param's start (the last one of a param may be
-        shorter): their flat ranges, and which blocks each param owns."""
-        b = self.bucket
-        rows, starts = [], [0]
-        for s, e in zip(b.starts, b.ends):
-            block_starts = torch.arange(s, e, block, dtype=torch.int64)
-            rows.append(torch.stack([block_starts, (block_starts + block).clamp(max=e)], dim=1))
-            starts.append(starts[-1] + len(block_starts))
-        self.block_table = torch.cat(rows).to(b.device)
+        shorter): which blocks each param owns (``block_starts``)."""
+        self.block = block
+        starts = [0]
+        for s, e in zip(self.bucket.starts, self.bucket.ends):
+            starts.append(starts[-1] + -(-(e - s) // block))
         self.block_starts = starts
+
+    @property
+    def block_table(self) -> Tensor:
+        """int64 [blocks, 2]: each block's flat [start, end), the kernels' map from a block to
+        its elements; made when a kernel first asks (the torch path walks the params instead,
+        so a CPU bucket never holds it: 16 bytes a block)."""
+        if self._block_table is None:
+            b = self.bucket
+            rows = []
+            for s, e in zip(b.starts, b.ends):
+                block_starts = torch.arange(s, e, self.block, dtype=torch.int64)
+                rows.append(torch.stack([block_starts,
+                                         (block_starts + self.block).clamp(max=e)], dim=1))
+            self._block_table = torch.cat(rows).to(b.device)
+        return self._block_table
 
     def local_view(self, name: str, i: int) -> Tensor | None:
         """Param i's part of buffer ``name``: param-shaped, ``[rows, *shape]`` for a table, its

@@ -19,8 +19,8 @@ layout will hold for a given set of params, optimizer and options:
 - ``scratch_bytes``: what a step of the default loop (``zero_grad()`` between steps) adds:
   the flat grad buffer where fresh grads are gathered into one and it is kept (the Triton path
   of an optimizer whose kernels cannot read grads by address; many small fp32 tensors on a
-  CPU, ``fastopt.plan.gather_pays``), quantized state's block table (16 bytes per block) and,
-  on a CPU, its encoder's tables (``quantization.TABLE_BYTES`` per sign),
+  CPU, ``fastopt.plan.gather_pays``), quantized state's block table on a GPU (16 bytes per
+  block) or, on a CPU, its encoder's tables (``quantization.TABLE_BYTES`` per sign),
   and the largest bucket's temporaries on the CPU torch path (fp16/bf16 SGD, SAGA, widened
   slices for master weights / narrow or 8-bit state, measured per element: ``SLICE_SCRATCH``);
 - ``layout_bytes``: what building the optimizer holds twice, the largest bucket's params (they
@@ -60,11 +60,11 @@ ADAFACTOR_RUN_TEMPORARIES = 4  # g*g, the update, its squares, the per-element c
 CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk-sized temporaries
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
-# 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters, 18 rebuilding
-# them from remainders (26 beside narrow state); 38 with stochastic rounding's hashed noise;
-# 26 for quantized state's decoding and encoding, in slices of quantization.SLICE elements).
-SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 18, "remainder, narrow state": 26,
-                 "int8": 26, "int4": 26, "stochastic_rounding": 38}
+# 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters or rebuilding
+# them from remainders (21 beside narrow state); 20 with stochastic rounding's hashed noise;
+# 21 for quantized state's decoding and encoding, in slices of quantization.SLICE elements).
+SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 13, "remainder, narrow state": 21,
+                 "int8": 21, "int4": 21, "stochastic_rounding": 20}
 
 
 @dataclass
@@ -222,9 +222,10 @@ def _count_bucket(entry: DeviceMemory, rules, group_options: dict, bucket: dict,
     kept, step_scratch = _scratch_bytes(rules, group_options, bucket, where, dtype, variant)
     entry.scratch_bytes += kept
     if variant is not None:
-        entry.scratch_bytes += 16 * _blocks(bucket, variant)  # the int64 block table
         if torch.device(where).type == "cpu":  # the encoder's tables (built once per process)
             step_scratch += 2 * TABLE_BYTES
+        else:  # the kernels' int64 block table
+            entry.scratch_bytes += 16 * _blocks(bucket, variant)
     return step_scratch
 
 

@@ -48,47 +48,43 @@ HASH_MUL1, HASH_MUL2 = 0x7FEB352D, 0x846CA68B
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def mul32(x: Tensor, constant: int) -> Tensor:
-    """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow, in
-    place (one temporary)."""
-    high = x * (constant >> 16)
-    high &= 0xFFFF
-    high <<= 16
-    x *= constant & 0xFFFF
-    x += high
-    x &= MASK32
-    return x
+def signed32(word: int) -> int:
+    """The int32 with the bits of uint32 ``word``."""
+    word &= MASK32
+    return word - (1 << 32) if word >> 31 else word
 
 
 def rounding_noise(seed: int, step: Tensor, start: int, n: int, device) -> Tensor:
-    """16 random bits per element ``start .. start + n`` of a flat buffer, for step ``step``
-    (int64, computed in place: two int64 temporaries per element at most)."""
-    x = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    x &= MASK32
-    mul32(x, OFFSET_MIX)
-    step_word = step.to(torch.int64) & MASK32
-    x += mul32(step_word, STEP_MIX) + (seed * SEED_MIX & MASK32)
-    x &= MASK32
-    for shift, multiplier in ((16, HASH_MUL1), (15, HASH_MUL2)):
-        x ^= x >> shift
-        mul32(x, multiplier)
-    x ^= x >> 16
+    """16 random bits per element ``start .. start + n`` of a flat buffer, for step ``step``,
+    as int32 in [0, 2**16). The uint32 hash on int32 words: a product or sum wraps mod 2**32
+    in two's complement as the uint32 one does, and a right shift masked to the bits a
+    logical shift keeps is one. One int32 temporary per element besides the result."""
+    x = torch.arange(n, dtype=torch.int32, device=device)
+    x += signed32(start)
+    x *= signed32(OFFSET_MIX)
+    word = step.to(torch.int64) & MASK32
+    word = (word - ((word >> 31) << 32)).to(torch.int32)  # the count's low 32 bits, as int32
+    word *= signed32(STEP_MIX)
+    x += word + signed32(seed * SEED_MIX)
+    for shift, multiplier in ((16, HASH_MUL1), (15, HASH_MUL2), (16, None)):
+        shifted = x >> shift
+        shifted &= MASK32 >> shift
+        x ^= shifted
+        del shifted
+        if multiplier is not None:
+            x *= signed32(multiplier)
     x &= 0xFFFF
     return x
 
 
 def round_stochastic(value: Tensor, noise: Tensor) -> Tensor:
-    """fp32 ``value`` to bf16, rounding up or down with the given 16-bit noise: the top 16
-    bits of (value's bits + noise), a bf16's bits."""
-    bits = value.view(torch.int32).to(torch.int64)
-    bits &= MASK32
-    bits += noise
-    bits >>= 16
-    bits &= 0xFFFF  # the bf16's bits, as an unsigned 16-bit number
-    sign = bits >> 15
-    sign <<= 16
-    bits -= sign  # ... as a signed one
-    return bits.to(torch.int16).view(torch.bfloat16)
+    """fp32 ``value`` to bf16, rounding up or down with the given 16-bit noise (int32, which
+    this overwrites): the top 16 bits of (value's bits + noise), a bf16's bits (the sum wraps
+    as a uint32 one; the arithmetic shift leaves them as the signed 16-bit number ``int16``
+    holds)."""
+    noise += value.view(torch.int32)
+    noise >>= 16
+    return noise.to(torch.int16).view(torch.bfloat16)
 
 
 def store(target: Tensor, value: Tensor, *, seed=None, step=None, start: int = 0) -> None:
@@ -117,7 +113,9 @@ def rebuild_master(param: Tensor, remainder: Tensor) -> Tensor:
     bits = param.view(torch.int16).to(torch.int32)
     bits <<= 16
     if REMAINDER_SHIFT[remainder.dtype]:
-        bits += remainder.to(torch.int32) << REMAINDER_SHIFT[remainder.dtype]
+        offset = remainder.to(torch.int32)
+        offset <<= REMAINDER_SHIFT[remainder.dtype]
+        bits += offset
     else:
         bits += remainder
     return bits.view(torch.float32)
@@ -130,20 +128,18 @@ def split_master(value: Tensor, param: Tensor, remainder: Tensor) -> None:
     its last bit, under 2**-8 of the param's (int8). In int32, on the bits as signed numbers
     (the arithmetic shift keeps the sign bit where a bf16 has it)."""
     bits = value.view(torch.int32)
-    high = bits >> 16
-    up = bits >> 15
-    up &= 1
-    up.masked_fill_(value.isnan(), 0)  # a nan keeps its top bits (rounding could carry it out)
-    high += up
-    offset = high << 16
-    torch.sub(bits, offset, out=offset)  # the bits below the param's, signed
+    high = bits >> 15  # the param's bits and the first one below them: (high + 1) >> 1
+    high += value.isnan().logical_not_()  # rounds half away from zero (on the magnitude),
+    high >>= 1  # except that a nan keeps its top bits (rounding could carry it out)
+    param.view(torch.int16).copy_(high)
+    high <<= 16
+    offset = torch.sub(bits, high, out=high)  # the bits below the param's, signed
     shift = REMAINDER_SHIFT[remainder.dtype]
     if shift:
         offset += 1 << (shift - 1)
         offset >>= shift
     info = torch.iinfo(remainder.dtype)
     remainder.copy_(offset.clamp_(info.min, info.max))
-    param.copy_(high.to(torch.int16).view(torch.bfloat16))
 
 
 def load_master(master: Tensor, param: Tensor) -> Tensor:

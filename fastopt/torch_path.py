@@ -235,7 +235,9 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
     size), in slices of ``quantization.SLICE`` elements (whole blocks), decode the moments to
     fp32, run torch's fused step, encode them again. ``exp_avgs``/``exp_avg_sqs`` hold each
     chunk's codes (4-bit: two to a byte, from the chunk's start), ``exp_avg_sqs`` those of
-    sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host)."""
+    sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host).
+    ``block_tables`` (the kernels' map of blocks; None here) is not needed: the params are
+    walked one by one."""
     fmt = FORMATS["int8" if code_bits == 8 else "int4"]
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     for j, param in enumerate(params):
@@ -292,6 +294,7 @@ def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, roun
         rounding = {} if rounding_seed is None else dict(seed=rounding_seed, step=step,
                                                          start=start)
         precision.store(source, p32, **rounding)
+    del p32  # not held while the moments are encoded
     found_inf = options["found_inf"]
     for name, values, signed in (("m", m, True), ("v", v.sqrt_(), False)):
         new_codes, new_scales = quantize(values, signed, fmt, overwrite=True)

@@ -1,7 +1,6 @@
 """fastopt.memory: the estimate must equal what the optimizers really allocate."""
 
 import gc
-import os
 
 import psutil
 import pytest
@@ -172,6 +171,32 @@ def test_a_cpu_step_allocates_no_more_than_estimated(name, options):
     after = allocated_bytes()
     assert peak <= report.new_bytes + 64 * 1024, (peak, report.new_bytes)
     assert after - before >= (report.state_bytes - state_at_construction(opt)) * 0.9
+
+
+@pytest.mark.skipif(not allocated_bytes_supported(), reason="needs glibc's mallinfo2")
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+def test_quantized_state_on_a_cpu_holds_its_codes_scales_and_scalars_only(state_dtype):
+    """After construction and a step, a CPU optimizer with quantized state holds its state as
+    estimated (codes, a scale a block, the scalar table) and nothing more: no block table,
+    the kernels' map of blocks (16 bytes a block: a sixteenth of the 8-bit codes' bytes),
+    which the torch path does not use."""
+    from fastopt import quantization
+
+    n = 4 * 1024 * 1024
+    fmt = quantization.FORMATS[state_dtype]
+    warm = torch.nn.Parameter(torch.randn(2 * quantization.MIN_SIZE))  # what a process makes
+    fastopt.AdamW([warm], state_dtype=state_dtype)  # once (the encoder's tables) is not counted
+    p = torch.nn.Parameter(torch.randn(n))
+    gc.collect()
+    before = allocated_bytes()
+    opt = fastopt.AdamW([p], state_dtype=state_dtype)
+    p.grad = torch.randn(n)
+    opt.step()
+    p.grad = None
+    gc.collect()
+    held = allocated_bytes() - before
+    state = memory.estimate([p], fastopt.AdamW, state_dtype=state_dtype).state_bytes
+    assert state <= held <= state + 16 * fmt.num_blocks(n) // 4, (held, state)
 
 
 def state_at_construction(opt) -> int:

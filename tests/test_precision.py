@@ -153,6 +153,37 @@ def test_stochastic_rounding_of_every_optimizer_is_the_same_on_both_backends(nam
         assert mismatched <= a.numel() * 1e-3, (mismatched, a.numel())
 
 
+def _hash_noise(seed: int, step: int, offset: int) -> int:
+    """The documented hash (``fastopt.precision``), on Python ints masked to 32 bits."""
+    def mix(x):
+        return x & 0xFFFFFFFF
+    x = mix(mix(offset * 0x9E3779B1) + mix(step * 0x85EBCA77) + mix(seed * 0xC2B2AE3D))
+    x = mix((x ^ (x >> 16)) * 0x7FEB352D)
+    x = mix((x ^ (x >> 15)) * 0x846CA68B)
+    return (x ^ (x >> 16)) & 0xFFFF
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 3, 2**32 - 2, 3 * 2**33 + 5])
+@pytest.mark.parametrize("step", [1, 2**31 + 256, 2**32 - 256])
+def test_the_torch_paths_noise_is_the_documented_hash_at_every_offset_and_step(start, step):
+    """The torch path hashes in int32 words that wrap as the kernels' uint32 ones do: the
+    same 16 bits as the hash on plain integers, past 2**31 (the sign bit) and 2**32 (the
+    offset and the count wrap) included; and a bf16 gets the top 16 bits of its fp32 bits
+    plus the noise, carries into the sign and exponent included."""
+    from fastopt import precision
+
+    seed = 2**40 + 7
+    noise = precision.rounding_noise(seed, torch.tensor(float(step)), start, 6, "cpu")
+    assert noise.tolist() == [_hash_noise(seed, step, start + i) for i in range(6)]
+    bits = torch.tensor([0x3F80FFFF, 0x7F7FFFFF, -0x7F8001, -1, 0, 0x0000FFFF],
+                        dtype=torch.int64).to(torch.int32)
+    noise = torch.tensor([1, 0xFFFF, 0xFFFF, 1, 0xFFFF, 1], dtype=torch.int32)
+    expected = [((b & 0xFFFFFFFF) + n & 0xFFFFFFFF) >> 16 for b, n in
+                zip(bits.tolist(), noise.tolist())]
+    rounded = precision.round_stochastic(bits.view(torch.float32), noise)
+    assert [b & 0xFFFF for b in rounded.view(torch.int16).tolist()] == expected
+
+
 def test_stochastic_rounding_is_the_same_on_both_backends_and_keeps_small_updates():
     if "triton" not in BACKENDS:
         pytest.skip("needs the Triton interpreter")

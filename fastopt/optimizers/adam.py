@@ -119,7 +119,8 @@ def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
         codes["exp_avg_sq"],
         [state.tensors["exp_avg_sq_absmax"][b] for b in blocks],
         [state.views["step"][c.lo] for c in chunks],
-        block_tables=[state.block_table[b] for b in blocks],
+        block_tables=([state.block_table[b] for b in blocks] if bucket.backend == "triton"
+                      else None),
         bases=[c.start for c in chunks],
         spans=[[(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
                 for k in range(c.lo, c.hi)] for c in chunks],
@@ -253,7 +254,7 @@ class Adam(FlatOptimizer):
         fmt = QUANTIZED[bucket.variant]
         if bucket.device.type == "cpu":
             quantization.build_tables(fmt, bucket.device)
-        bucket.state.add_block_table(fmt.block)
+        bucket.state.add_blocks(fmt.block)
         if fmt.per_byte == 2:
             bucket.state.nibbles.update(("exp_avg", "exp_avg_sq"))
 

@@ -2,9 +2,11 @@
 (empty ones), complex params refused at the step as torch refuses them, and the device-tensor
 scalars the GPU path keeps (run here on CPU tensors)."""
 
+import io
+
 import pytest
 import torch
-from helpers import compare_runs, interpreter_ready, make_params
+from helpers import BACKENDS, compare_runs, interpreter_ready, make_params
 
 import fastopt
 from fastopt.optimizers import adafactor
@@ -30,6 +32,61 @@ def test_state_is_factored_for_matrices_and_packed():
                                                           "variance": 128}
     estimate = fastopt.memory.estimate(params, "adafactor")
     assert estimate["cpu"].state_bytes == 4 * 3 * 128 + 4 * 4  # buffers and the step column
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 9), (33, 70), (2, 129, 3)])
+def test_the_torch_path_steps_matrices_with_torch_optims_own_ops(shape):
+    """A matrix's row and column statistics and its norms as torch.optim computes them: on
+    the CPU the same ops give the same bits, so over several steps at a large lr (which
+    magnifies any difference in the last bit) params and state equal torch.optim's exactly."""
+    kwargs = dict(lr=0.5, beta2_decay=0.0, eps=(None, 0.0), maximize=True)
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(shape, generator=gen)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours = fastopt.Adafactor([a], backend="torch", **kwargs)
+    ref = torch.optim.Adafactor([b], foreach=False, **kwargs)
+    for _ in range(4):
+        grad = torch.randn(shape, generator=gen)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+        assert torch.equal(a, b)
+        for name in ("row_var", "col_var"):
+            assert torch.equal(ours.state[a][name], ref.state[b][name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_vectors_step_does_not_depend_on_the_params_it_is_stepped_with(backend):
+    """Which vectors share a run depends on their history (params that got their state at
+    different steps are stepped apart; loaded from a state_dict, params of equal step counts
+    together), so a vector's norms must be the same alone or in a run: trained, saved,
+    loaded and trained on, the run equals the one never stopped, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(n, generator=gen) for n in (0, 3, 129)]
+
+    def train(opt, params, steps, seed, skip=0):
+        grads = torch.Generator().manual_seed(seed)
+        for step in range(steps):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=grads)
+                p.grad = None if (skip >> ((step * 3 + i) % 12)) & 1 else g
+            opt.step()
+
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fastopt.Adafactor(params, lr=1e-3, backend=backend)
+    train(opt, params, 3, 1, skip=28)  # the 3- and 129-element params step apart at first
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = fastopt.Adafactor(copies, lr=1e-3, backend=backend)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    train(opt, params, 2, 2)
+    train(resumed, copies, 2, 2)
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+        for name in opt.state[p]:
+            assert torch.equal(opt.state[p][name], resumed.state[q][name])
 
 
 def test_empty_params_are_left_as_they_are():

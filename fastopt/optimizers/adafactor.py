@@ -25,11 +25,13 @@ rank one or zero: packed buffers per bucket (``fastopt.buffers``), so a matrix k
 
 The step: a run of vectors (biases, norms' weights) is updated with a handful of flat ops,
 in cache-sized runs, its per-param norms from norms of 64-element blocks (slots and their zero
-padding are 64-aligned); each matrix takes its row statistics as torch.optim computes them and
-its column statistics as summed squares (the same sums, several times faster than torch's norm
-over the second-last dimension on CPUs). On the CPU a matrix's scalars are Python floats, as
-torch.optim's; on the GPU no value is read back to the host (the scalars stay tensors). GradScaler unscales the grads itself (``_step_supports_amp_scaling`` is
-False, as torch's); ``max_grad_norm`` clips inside the step.
+padding are 64-aligned); each matrix takes its row and column statistics and its norms as
+torch.optim computes them. On the CPU, params of equal step counts share a run key after every
+step, as they do when loaded from a ``state_dict``: which vectors share a run (and so how their
+norms round) does not depend on the history, and a resumed run is the one never stopped. On
+the CPU a matrix's scalars are Python floats, as torch.optim's; on the GPU no value is read
+back to the host (the scalars stay tensors). GradScaler unscales the grads itself
+(``_step_supports_amp_scaling`` is False, as torch's); ``max_grad_norm`` clips inside the step.
 """
 
 from __future__ import annotations
@@ -81,6 +83,19 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
     else:
         _update_all(opt, group, bucket, plan, grad_scale, host, found_inf)
     opt.renumber(bucket, plan)
+    if host and not plan.whole:
+        _keys_by_step(opt, bucket)
+
+
+def _keys_by_step(opt, bucket) -> None:
+    """Params of equal step counts share a run key, as ``fastopt.state`` gives them when a
+    ``state_dict`` is loaded: the runs of vectors stepped together, whose norms come from
+    blocks (``_rms``), are then the same in a resumed run as in the one never stopped."""
+    steps = bucket.state.host_scalars()[:, 0].tolist()
+    keys: dict = {}
+    for i, stated in enumerate(bucket.state.has_state):
+        if stated:
+            bucket.state.ids[i] = keys.setdefault(steps[i], next(opt._ids))
 
 
 def _update_all(opt, group: dict, bucket, plan, grad_scale, host: bool, found_inf) -> None:
@@ -327,9 +342,7 @@ def _matrix_step(p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, alpha: 
     """One param of rank two or more: factored second moment (torch.optim's ops), update,
     its RMS clip."""
     row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1))
-    # the column sums as squares summed (torch's norm over dim -2, a strided reduction, takes
-    # several times longer on CPUs); in fp32 for half types, as the norm accumulates
-    col_mean = _wide(g, s.acc).square().sum(dim=-2, keepdim=True).div_(g.size(-2)).to(g.dtype)
+    col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2))
     rows, cols = _wide(row_var, p.dtype), _wide(col_var, p.dtype)  # see _vector_step
     rows.lerp_(row_mean, one_minus_beta2)
     cols.lerp_(col_mean, one_minus_beta2)

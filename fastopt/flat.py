@@ -25,6 +25,7 @@ Offsets are Python ints (int64): buffers over 2**31 elements are fine.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -225,6 +226,11 @@ class Bucket:
         return not self.external and not self.params[0].is_complex()
 
     @functools.cached_property
+    def flat_entries(self) -> int:
+        """``flat_entries`` of this bucket's params."""
+        return flat_entries(self.param_shapes)
+
+    @functools.cached_property
     def gapless_vectors(self) -> bool:
         """Are the params all 1-D and back to back, no padding between them (sizes that are
         multiples of SLOT_ALIGN)? Their grads then gather into the flat buffer with one
@@ -403,6 +409,18 @@ def bounded_runs(nbytes: list, cap: int) -> list:
     if lo < len(nbytes):
         parts.append((lo, len(nbytes)))
     return parts
+
+
+def flat_entries(shapes: list) -> int:
+    """Calls a step over the flat buffer makes when it takes params of rank two or more one by
+    one and runs of consecutive params of rank one or zero together (Adafactor): one per such
+    param, one per run (an empty param breaks a run and takes none)."""
+    entries, in_run = 0, False
+    for shape in shapes:
+        vector = len(shape) <= 1 and math.prod(shape) > 0
+        entries += (vector and not in_run) or (len(shape) > 1 and math.prod(shape) > 0)
+        in_run = vector
+    return entries
 
 
 def gapless(shapes: list) -> bool:

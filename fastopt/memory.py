@@ -48,8 +48,8 @@ import psutil
 import torch
 
 from fastopt import registry
-from fastopt.flat import gapless, is_movable, layout_parts, local, padded_size
-from fastopt.plan import gather_pays
+from fastopt.flat import flat_entries, gapless, is_movable, layout_parts, local, padded_size
+from fastopt.plan import gather_pays, gathered_entries
 from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
 from fastopt.quantization import CODES, FORMATS, TABLE_BYTES
 from fastopt.quantization import SLICE as QUANTIZED_SLICE
@@ -334,8 +334,10 @@ def _keeps_grad_buffer(rules, options: dict, bucket: dict, device: str, dtype) -
     if device.type != "cpu":
         return not rules.reads_by_address(options)
     fused_serves = dtype in (torch.float32, torch.float64) and not _widens(options, dtype)
-    return gather_pays(rules.declaration.cpu_cost(fused_serves), device, bucket["count"],
-                       bucket["elements"], dtype, gapless(bucket["shapes"]))
+    op = rules.declaration.cpu_cost(fused_serves)
+    return gather_pays(op, device, bucket["count"], bucket["elements"], dtype,
+                       gapless(bucket["shapes"]),
+                       gathered_entries(op, flat_entries(bucket["shapes"])))
 
 
 def _widens(options: dict, dtype: torch.dtype) -> bool:

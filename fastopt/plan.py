@@ -52,7 +52,8 @@ _CONTIGUOUS = Tensor.is_contiguous
 # 12 torch ops per entry (30 us is the order of such a chain's fixed cost on a small tensor), so
 # one call over the gathered bucket pays whenever a bucket has more than a few tensors.
 # "adafactor" is priced the same: a param alone is a dozen ops, a run of vectors in the
-# gathered buffer a dozen ops in all.
+# gathered buffer a dozen ops in all; a matrix is stepped alone either way ("matrices_apart":
+# the call over the gathered buffer has an entry per matrix and per run of vectors).
 CPU_COSTS = {
     "adam": {"per_tensor": 3.7e-6, "per_element": 0.97e-9, "flat_per_element": 0.88e-9},
     "elementwise": {"per_tensor": 30e-6, "per_element": 3.0e-9, "flat_per_element": 3.0e-9},
@@ -60,7 +61,7 @@ CPU_COSTS = {
     "copy": {"per_tensor": 1.1e-6, "per_element": 0.81e-9},
     "cat": {"per_tensor": 0.41e-6, "per_element": 0.82e-9},  # the gather of gapless vectors
 }
-CPU_COSTS["adafactor"] = CPU_COSTS["elementwise"]
+CPU_COSTS["adafactor"] = {**CPU_COSTS["elementwise"], "matrices_apart": True}
 
 
 @functools.lru_cache(maxsize=4096)  # pure, and asked every step
@@ -297,7 +298,13 @@ def gathers_fresh(bucket: Bucket, op: str) -> bool:
     shapes: the same every step.) The copy takes grads in any strides."""
     return bucket.backend == "torch" and gather_pays(
         op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
-        bucket.gapless_vectors)
+        bucket.gapless_vectors, gathered_entries(op, bucket.flat_entries))
+
+
+def gathered_entries(op: str, flat_entries: int) -> int:
+    """Entries of ``op``'s call over a whole gathered bucket: one, or ``flat_entries`` (see
+    ``fastopt.flat.flat_entries``) where its matrices are stepped apart."""
+    return flat_entries if CPU_COSTS.get(op, {}).get("matrices_apart") else 1
 
 
 def gather(bucket: Bucket, grads: list, slots: list | None = None) -> None:

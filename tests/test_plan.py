@@ -48,6 +48,26 @@ def test_the_cost_model_sends_many_small_tensors_through_a_gather_on_cpu_only():
     assert gather_pays("elementwise", cpu, 2, 2 * 64)  # two entries of a chain of torch ops
 
 
+def test_adafactor_gathers_only_where_its_vectors_would_then_step_together():
+    """Adafactor steps a matrix alone whether its grad was gathered or not; only runs of
+    consecutive vectors become one call: the demo's CNN (each bias between two weights) reads
+    its fresh grads where they lie, a run of vectors gathers them."""
+    from fastopt.flat import flat_entries
+
+    cnn = [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (64, 512), (64,), (10, 64), (10,)]
+    assert flat_entries(cnn) == 8
+    assert flat_entries([(4096,)] * 400) == 1
+    assert flat_entries([(3,), (0,), (4,), (2, 2), (), (5,)]) == 4  # runs 3 | 4 | () 5
+    for shapes, route in ((cnn, "tensors"), ([(64,)] * 50, "gather")):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = fastopt.Adafactor(params, backend="torch")
+        routes = record_routes(opt)
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+        assert routes == [route]
+
+
 @pytest.mark.parametrize("name", ["SGD", "AdamW", "Adagrad", "RMSprop"])
 def test_a_bucket_of_one_param_steps_on_its_fresh_grad_where_it_lies(name):
     params = [torch.nn.Parameter(torch.randn(5))]

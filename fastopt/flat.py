@@ -417,8 +417,9 @@ def flat_entries(shapes: list) -> int:
     param, one per run (an empty param breaks a run and takes none)."""
     entries, in_run = 0, False
     for shape in shapes:
-        vector = len(shape) <= 1 and math.prod(shape) > 0
-        entries += (vector and not in_run) or (len(shape) > 1 and math.prod(shape) > 0)
+        nonempty = math.prod(shape) > 0
+        vector = nonempty and len(shape) <= 1
+        entries += nonempty and not (vector and in_run)  # a matrix, or a run's first vector
         in_run = vector
     return entries
 

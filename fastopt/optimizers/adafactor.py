@@ -82,14 +82,15 @@ def _update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
                                                                     grad_scale, host, found_inf))
     else:
         _update_all(opt, group, bucket, plan, grad_scale, host, found_inf)
-    opt.renumber(bucket, plan)
     if host and not plan.whole:
         _keys_by_step(opt, bucket)
+    else:
+        opt.renumber(bucket, plan)
 
 
 def _keys_by_step(opt, bucket) -> None:
-    """Params of equal step counts share a run key, as ``fastopt.state`` gives them when a
-    ``state_dict`` is loaded: the runs of vectors stepped together, whose norms come from
+    """After a step, instead of ``renumber``: params of equal step counts share a run key, as
+    ``fastopt.state`` gives them when a ``state_dict`` is loaded: the runs of vectors stepped together, whose norms come from
     blocks (``_rms``), are then the same in a resumed run as in the one never stopped."""
     steps = bucket.state.host_scalars()[:, 0].tolist()
     keys: dict = {}

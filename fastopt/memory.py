@@ -47,10 +47,11 @@ from types import SimpleNamespace
 import psutil
 import torch
 
-from fastopt import registry
-from fastopt.flat import flat_entries, gapless, is_movable, layout_parts, local, padded_size
-from fastopt.plan import gather_pays, gathered_entries
-from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE
+from fastopt import compiled, registry
+from fastopt.flat import (aligned_offsets, flat_entries, gapless, is_movable, layout_parts,
+                          local, padded_size)
+from fastopt.plan import gather_pays, gathered_entries, merge_spans
+from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE, widens
 from fastopt.quantization import CODES, FORMATS, TABLE_BYTES
 from fastopt.quantization import SLICE as QUANTIZED_SLICE
 from fastopt.torch_path import CHUNK
@@ -301,14 +302,29 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype,
         # the torch twin's temporaries, a chunk at a time
         largest = bucket["largest"] // dtype.itemsize
         scratch += CHUNK_TEMPORARIES * min(CHUNK, largest) * max(dtype.itemsize, 4)
-    if on_cpu and _widens(options, dtype) and cost != "adafactor":
+    if on_cpu and widens(options, dtype) and cost != "adafactor":
         # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
         largest = bucket["largest"] // dtype.itemsize
         if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
             largest = min(CHUNK, largest)
+        if cost == "adam" and variant is None:
+            if not kept:  # fresh grads: small params stepped together
+                merged, largest = _merged_entries(bucket["sizes"])
+                scratch += merged * dtype.itemsize  # their grads, copied together
+            if compiled.takes(options, dtype, bucket["elements"], device):
+                return kept, scratch + compiled.scratch_bytes(options, largest)
         scratch += SLICE_SCRATCH[_slice_kind(options, dtype)] * min(
             QUANTIZED_SLICE if variant is not None else SLICE, largest)
     return kept, scratch
+
+
+def _merged_entries(sizes: list) -> tuple:
+    """(largest run of merged params, largest entry), in elements, of a widened Adam step
+    over params of ``sizes`` elements (``fastopt.plan.merge_spans``)."""
+    starts, ends, _ = aligned_offsets(sizes)
+    spans = [(hi - lo, ends[hi - 1] - starts[lo]) for lo, hi in merge_spans(starts, ends)]
+    return (max((n for count, n in spans if count > 1), default=0),
+            max((n for _, n in spans), default=0))
 
 
 def _slice_kind(options: dict, dtype) -> str:
@@ -333,19 +349,12 @@ def _keeps_grad_buffer(rules, options: dict, bucket: dict, device: str, dtype) -
     device = torch.device(device)
     if device.type != "cpu":
         return not rules.reads_by_address(options)
-    fused_serves = dtype in (torch.float32, torch.float64) and not _widens(options, dtype)
+    fused_serves = dtype in (torch.float32, torch.float64) and not widens(options, dtype)
     op = rules.declaration.cpu_cost(fused_serves)
     return gather_pays(op, device, bucket["count"], bucket["elements"], dtype,
                        gapless(bucket["shapes"]),
                        gathered_entries(op, flat_entries(bucket["shapes"])))
 
-
-def _widens(options: dict, dtype: torch.dtype) -> bool:
-    """Does the torch path work on widened copies (fastopt.precision.run_fp32, 8-bit state)?"""
-    state_dtype = options.get("state_dtype")
-    return (state_dtype is not None and state_dtype != dtype) \
-        or (bool(options.get("master_weights")) and dtype in HALF_DTYPES) \
-        or (bool(options.get("stochastic_rounding")) and dtype == torch.bfloat16)
 
 
 def free_bytes(device) -> int | None:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastopt import grad_table
-from fastopt.flat import Bucket, as_real, runs
+from fastopt.flat import SLOT_ALIGN, Bucket, as_real, runs
 from fastopt.validation import check_fused_param, check_grad
 
 _GRAD = operator.attrgetter("grad")
@@ -367,3 +367,73 @@ def _flat_chunk(bucket: Bucket, lo: int, hi: int, key) -> Chunk:
     if hi - lo == 1:
         return chunk._replace(grad=bucket.pieces("grad", [chunk])[0])
     return chunk._replace(grad=bucket.grads.buffer[chunk.start : chunk.end])
+
+
+# A widened torch-path step (fp32 math on copies of bf16/fp16 params: see fastopt.precision)
+# pays a dozen torch ops per entry: back-to-back params of at most WIDENED_SMALL elements step
+# as one entry of at most WIDENED_MERGE elements (their fresh grads copied together, the gaps
+# between slots filled with zeros, as the flat buffers' padding is), which also bounds the copy.
+WIDENED_SMALL = 1 << 16
+WIDENED_MERGE = 1 << 18
+
+
+def merge_spans(starts: list, ends: list) -> list:
+    """``(lo, hi)`` for each entry of a widened step over params with these slots: maximal
+    runs of params of at most ``WIDENED_SMALL`` elements spanning at most ``WIDENED_MERGE``
+    (from the first's start to the last's end), and each larger param alone."""
+    spans, lo = [], None
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        small = end - start <= WIDENED_SMALL
+        if lo is not None and small and end - starts[lo] <= WIDENED_MERGE:
+            continue
+        if lo is not None:
+            spans.append((lo, i))
+        lo = i if small else None
+        if not small:
+            spans.append((i, i + 1))
+    if lo is not None:
+        spans.append((lo, len(starts)))
+    return spans
+
+
+_GAPS: dict = {}  # (dtype, device) -> zeros longer than any gap between two slots
+
+
+def merge_widened(plan: StepPlan) -> StepPlan:
+    """``plan`` with runs of its one-param entries merged (``merge_spans``): back-to-back
+    params sharing a run key whose grads are held apart, exactly their size."""
+    bucket = plan.bucket
+    chunks = plan.chunks
+    alone = [c.hi - c.lo == 1 and c.grad is not None and c.grad.numel() == c.end - c.start
+             for c in chunks]
+    merged, k = [], 0
+    while k < len(chunks):
+        if not alone[k]:
+            merged.append(chunks[k])
+            k += 1
+            continue
+        j = k + 1
+        while j < len(chunks) and alone[j] and chunks[j].lo == chunks[j - 1].hi \
+                and chunks[j].key == chunks[k].key:
+            j += 1
+        for lo, hi in merge_spans([c.start for c in chunks[k:j]], [c.end for c in chunks[k:j]]):
+            merged.append(_joined(chunks[k + lo : k + hi]) if hi - lo > 1 else chunks[k + lo])
+        k = j
+    if len(merged) == len(chunks):
+        return plan
+    return StepPlan(bucket, plan.route, plan.step_runs, plan.key, merged)
+
+
+def _joined(chunks: list) -> Chunk:
+    """One chunk for back-to-back ``chunks``: their grads copied together, zeros between."""
+    grad = chunks[0].grad
+    key = (grad.dtype, grad.device)
+    if key not in _GAPS:
+        _GAPS[key] = torch.zeros(SLOT_ALIGN, dtype=grad.dtype, device=grad.device)
+    parts = []
+    for before, c in zip([None] + chunks[:-1], chunks):
+        if before is not None and c.start > before.end:
+            parts.append(_GAPS[key][: c.start - before.end])
+        parts.append(c.grad.reshape(-1))
+    first, last = chunks[0], chunks[-1]
+    return Chunk(first.lo, last.hi, first.start, last.end, torch.cat(parts), first.key)

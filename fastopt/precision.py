@@ -236,3 +236,11 @@ def master_name(group: dict) -> str:
     """The state holding ``group``'s masters: ``master_param`` (fp32) or ``master_remainder``."""
     return REMAINDER if group.get("master_weights") in REMAINDERS else MASTER
 
+
+def widens(options: dict, dtype: torch.dtype) -> bool:
+    """Do a group's ``options`` make the torch path work on widened copies of params of
+    ``dtype`` (``run_fp32``; quantized state likewise)?"""
+    state_dtype = options.get("state_dtype")
+    return (state_dtype is not None and state_dtype != dtype) \
+        or (bool(options.get("master_weights")) and dtype in HALF_DTYPES) \
+        or (bool(options.get("stochastic_rounding")) and dtype == torch.bfloat16)

@@ -13,7 +13,8 @@ The Triton launchers in ``fastopt.kernels`` have exactly these signatures. ``ste
 
 Mixed precision (``masters``: fp32 master copies; state stored in another dtype;
 ``rounding_seed``: stochastic rounding of bf16 params at flat ``offsets``) runs the same fused
-ops on widened copies of slices (``fastopt.precision.run_fp32``); quantized state has its own
+ops on widened copies of slices (``fastopt.precision.run_fp32``), or as one loop compiled by
+inductor on large CPU buckets (``fastopt.compiled``); quantized state has its own
 update (``adam_int8_update``), and SAGA's is ``saga_update``.
 """
 
@@ -23,7 +24,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from fastopt import precision
+from fastopt import compiled, precision
 from fastopt.quantization import FORMATS, SLICE, dequantize, quantize
 
 
@@ -71,6 +72,7 @@ def adam_update(
     masters: list | None = None,
     rounding_seed: int | None = None,
     offsets: list | None = None,
+    compile: bool = False,
 ) -> None:
     r"""Adam (Kingma & Ba, 2014) or, with ``decoupled``, AdamW (Loshchilov & Hutter, 2017).
 
@@ -83,13 +85,23 @@ def adam_update(
         \hat v &\leftarrow \max(\hat v, v) \text{ if amsgrad else } v \\
         \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
                  \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``compile`` (this path's own keyword; its caller asks ``fastopt.compiled.takes``): a
+    widened step runs as one loop compiled by inductor instead of eager slices.
     """
     if not params:
         return
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
     if precision.needs_fp32(params, states, masters, rounding_seed):
-        # fp32 masters, narrower state or stochastic rounding: fp32 math on widened copies
+        # fp32 masters, narrower state or stochastic rounding: fp32 math on widened copies,
+        # in one compiled loop where it serves, else in eager slices
+        if compile and grad_scale is None and found_inf is None and \
+                compiled.adam_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr,
+                                     beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                                     eps=eps, maximize=maximize, decoupled=decoupled,
+                                     masters=masters, seed=rounding_seed, offsets=offsets):
+            return
         precision.run_fp32(op, params, grads, states, steps, masters=masters, seed=rounding_seed,
                            offsets=offsets, lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,

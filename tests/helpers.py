@@ -329,33 +329,8 @@ def allocated_bytes_supported() -> bool:
 
 
 def allocated_bytes() -> int:
-    """The bytes malloc holds now (glibc's own count, see ``allocated_peak``)."""
+    """The bytes malloc holds now: glibc's own count of the bytes it has handed out
+    (``uordblks``, plus ``hblkhd`` for blocks it mapped), which unlike the resident set does
+    not depend on what earlier code freed and glibc kept."""
     m = _mallinfo()()
     return m.uordblks + m.hblkhd
-
-
-def allocated_peak(fn, *args, **kwargs) -> int:
-    """The most bytes malloc held above what it held before, while ``fn`` ran: read after
-    every torch op (a dispatch mode), from glibc's own count of the bytes it has handed out
-    (``uordblks``, plus ``hblkhd`` for blocks it mapped). Unlike the resident set, it does not
-    depend on what earlier code freed and glibc kept."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    info = _mallinfo()
-
-    def held() -> int:
-        m = info()
-        return m.uordblks + m.hblkhd
-
-    start = held()
-    peak = [start]
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            peak[0] = max(peak[0], held())
-            return out
-
-    with Watch():
-        fn(*args, **kwargs)
-    return peak[0] - start

@@ -13,12 +13,13 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fastopt import dispatch, quantization
+from fastopt import compiled, dispatch, quantization
 from fastopt.declaration import ELEMENTWISE, Buffer, Declaration, Scalar
 from fastopt.elementwise import _on
 from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
-from fastopt.plan import Chunk, StepPlan
+from fastopt.plan import Chunk, StepPlan, merge_widened
+from fastopt.precision import widens
 from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
@@ -38,6 +39,14 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     if bucket.variant in QUANTIZED:
         _update_int8(opt, group, bucket, plan, grad_scale, found_inf)
     else:
+        torch_cpu = bucket.backend == "torch" and bucket.device.type == "cpu"
+        if torch_cpu and not bucket.external and plan.route in ("tensors", "chunks") \
+                and widens(group, bucket.dtype):
+            plan = merge_widened(plan)  # small params' widened copies in one entry
+        options = opt.precision_options(group, bucket, plan)
+        if torch_cpu:
+            options["compile"] = compiled.takes(group, bucket.dtype, bucket.numel,
+                                                bucket.device)
         dispatch.update_fn("adam", bucket.backend)(
             plan.pieces("param"),
             plan.grads,
@@ -55,7 +64,7 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
             decoupled=group["decoupled_weight_decay"],
             grad_scale=_on(grad_scale, bucket.device),
             found_inf=found_inf,
-            **opt.precision_options(group, bucket, plan),
+            **options,
         )
     if found_inf is not None:
         for count in [rows] if runs is None else [rows[lo:hi] for lo, hi, _ in runs]:

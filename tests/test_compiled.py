@@ -1,0 +1,271 @@
+"""The widened Adam step compiled by inductor on the CPU (``fastopt.compiled``) and the merged
+entries of small params (``fastopt.plan.merge_widened``): the same contracts as the eager
+step (an fp32 torch.optim run for the master, bf16 state as fp32 math rounded once, the
+documented rounding hash, remainders equal to masters), no temporaries, and the eager step
+when no compiler works."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import TOLERANCES, make_params
+
+import fastopt
+from benchmarks.cold_memory import phase_peaks
+from fastopt import compiled, plan, precision
+
+FP32 = TOLERANCES[torch.float32]
+# Odd sizes, an empty and a 0-d param, and params small enough to step as one entry
+SHAPES = [(129,), (4, 5), (), (0,), (4097,), (3000,), (7, 11)]
+
+
+@pytest.fixture
+def compile_small(monkeypatch):
+    """Every widened Adam bucket on the CPU steps through the compiled loop."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
+
+
+def grads(params, gen, dtype):
+    return [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+
+
+def compiled_kinds() -> set:
+    return {key[0] for key in compiled._COMPILED}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name, options", [("AdamW", {}), ("Adam", dict(maximize=True))])
+def test_compiled_master_weights_follow_an_fp32_torch_run(compile_small, name, options, dtype):
+    """Half-precision params with fp32 masters, some params without grads some steps: the
+    master equals torch.optim's fp32 run fed the same grads, the param is the master rounded."""
+    init = [t.to(dtype) for t in make_params(SHAPES, seed=3)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    fp32 = [torch.nn.Parameter(t.float()) for t in init]
+    options = dict(lr=0.01, weight_decay=0.1, **options)
+    ours = getattr(fastopt, name)(params, master_weights=True, backend="torch", **options)
+    ref = getattr(torch.optim, name)(fp32, foreach=False, **options)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(8):
+        for i, (p, q, g) in enumerate(zip(params, fp32, grads(params, gen, dtype))):
+            p.grad, q.grad = (None, None) if (step + i) % 5 == 2 else (g, g.float())
+        ours.step()
+        ref.step()
+        for p, q in zip(params, fp32):
+            if p not in ours.state:  # no grad yet
+                assert torch.equal(p.detach(), q.detach().to(dtype))
+                continue
+            master = ours.state[p]["master_param"]
+            torch.testing.assert_close(master, q.detach(), **FP32)
+            assert torch.equal(p.detach(), master.to(dtype))
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(ours.state[p][key], ref.state[q][key], **FP32)
+    assert "master" in compiled_kinds()
+
+
+def test_compiled_bf16_state_is_fp32_math_rounded_once(compile_small):
+    """``state_dtype=bf16``: torch.optim's fp32 step with the state rounded to bf16 after every
+    step; a state value may land one bf16 step away where the fp32 results differ by an ulp
+    across a rounding boundary (torch's fused op takes an FMA in its lerp)."""
+    init = make_params(SHAPES, seed=4)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = fastopt.AdamW(params, lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16,
+                         backend="torch")
+    ref = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    mismatched = total = 0
+    for _ in range(6):
+        for p, q, g in zip(params, twins, grads(params, gen, torch.float32)):
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(params, twins):
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = ref.state[q][key]
+                value.copy_(value.to(torch.bfloat16))
+                assert ours.state[p][key].dtype == torch.bfloat16
+                mismatched += int((ours.state[p][key].float() != value).sum())
+                total += value.numel()
+                torch.testing.assert_close(ours.state[p][key].float(), value, rtol=2**-7, atol=0)
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert mismatched <= total * 1e-3, (mismatched, total)
+    assert "nearest" in compiled_kinds()
+
+
+def test_compiled_remainders_keep_the_master_of_a_master_weights_run(compile_small):
+    """``"remainder"``: the master rebuilt from param and remainder equals ``master_weights=
+    True``'s bit for bit, every step (the same compiled math, split as ``split_master``
+    splits); ``"remainder8"`` within 2**-15 of the largest master a step."""
+    init = [t.bfloat16() for t in make_params(SHAPES + [(70_000,)], seed=5)]
+    runs = {}
+    gen = torch.Generator().manual_seed(2)
+    steps = [grads(init, gen, torch.bfloat16) for _ in range(5)]
+    for form in (True, "remainder", "remainder8"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = fastopt.AdamW(params, lr=0.01, weight_decay=0.1, master_weights=form,
+                            backend="torch")
+        for step in steps:
+            for p, g in zip(params, step):
+                p.grad = g
+            opt.step()
+        saved = opt.state_dict()["state"]
+        runs[form] = (params, [saved[i]["master_param"] for i in range(len(params))])
+    (full, full_masters), (ours, ours_masters) = runs[True], runs["remainder"]
+    for p, q, a, b in zip(full, ours, full_masters, ours_masters):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert torch.equal(p, q)
+        split = torch.empty_like(q)
+        precision.split_master(b, split, torch.empty(b.shape, dtype=torch.int16))
+        assert torch.equal(q.detach(), split)
+    for a, b in zip(full_masters, runs["remainder8"][1]):
+        if a.numel():
+            assert (a - b).abs().max() <= 8 * 2**-15 * a.abs().max()
+    assert {"master", "remainder16", "remainder8"} <= compiled_kinds()
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 3, 2**32 - 2])
+@pytest.mark.parametrize("step", [1, 2**31 + 256, 2**32 - 256])
+def test_the_compiled_noise_is_the_torch_paths_hash(start, step):
+    """The compiled loop's rounding noise equals ``precision.rounding_noise`` (the documented
+    hash) at offsets and steps past 2**31 and 2**32."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    words = torch.tensor([precision.signed32(start),
+                          precision.signed32(step * precision.STEP_MIX + 7 * precision.SEED_MIX)],
+                         dtype=torch.int32)
+    noise = torch.compile(lambda out, w: out.copy_(compiled._hash_noise(out.numel(), w)),
+                          dynamic=True, fullgraph=True)(torch.empty(1000, dtype=torch.int32),
+                                                        words)
+    assert torch.equal(noise, precision.rounding_noise(7, torch.tensor(float(step)), start,
+                                                       1000, "cpu"))
+
+
+def stochastic_run(params, steps: int):
+    opt = fastopt.AdamW(params, lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16,
+                        stochastic_rounding=True, rounding_seed=3, backend="torch")
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        for p, g in zip(params, grads(params, gen, torch.bfloat16)):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+def test_compiled_stochastic_rounding_rounds_as_the_eager_step(monkeypatch):
+    """The same noise, the same fp32 math up to an ulp: the compiled run's bf16 params and
+    state equal the eager run's but where an ulp crossed a rounding boundary (a few in 10**5),
+    and there by one bf16 step."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    init = [t.bfloat16() for t in make_params(SHAPES + [(100_000,)], seed=6)]
+    runs = []
+    for smallest in (1 << 62, 1):  # eager, then compiled
+        monkeypatch.setattr(compiled, "MIN_ELEMENTS", smallest)
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = stochastic_run(params, 6)
+        runs.append([params] + [[opt.state[p][k] for p in params]
+                                for k in ("exp_avg", "exp_avg_sq")])
+    assert "stochastic" in compiled_kinds()
+    differ = total = 0
+    for eager, ours in zip(*runs):
+        for a, b in zip(eager, ours):
+            unequal = a != b
+            differ += int(unequal.sum())
+            total += a.numel()
+            torch.testing.assert_close(b.detach().float(), a.detach().float(), rtol=2**-7,
+                                       atol=FP32["atol"])
+    assert differ <= total * 1e-4, (differ, total)
+
+
+def test_a_compiled_step_allocates_no_temporaries(compile_small):
+    """A compiled step of a 4M-element bf16 param with bf16 state and stochastic rounding
+    allocates under 1 % of the param's bytes (torch.profiler; the eager step: 20 bytes per
+    element of a 256K-element slice), its int16 remainders' version a 256K-element int32
+    copy (``compiled.scratch_bytes``)."""
+    for options in (dict(state_dtype=torch.bfloat16, stochastic_rounding=True),
+                    dict(master_weights="remainder")):
+        param = torch.nn.Parameter(torch.randn(1 << 22).bfloat16())
+        opt = fastopt.AdamW([param], backend="torch", **options)
+        param.grad = torch.randn(param.shape).bfloat16()
+        opt.step()  # state and compile
+        peak = phase_peaks(lambda phase: opt.step())["peak"]
+        allowed = compiled.scratch_bytes(options, param.numel())
+        assert allowed <= peak < allowed + 0.01 * param.numel() * 2, (options, peak)
+
+
+def test_a_failed_compile_leaves_the_eager_step(monkeypatch):
+    """A compiler that fails: one warning, the eager step's result, and the eager step from
+    then on (nothing half written)."""
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_FAILED", [])
+    compiled.available.cache_clear()
+    monkeypatch.setattr(compiled, "available", lambda: True)
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    init = [t.bfloat16() for t in make_params(SHAPES, seed=7)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    with pytest.warns(RuntimeWarning, match="compiling the CPU step failed"):
+        stochastic_run(params, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stochastic_run(params, 2)
+    assert not compiled.takes(dict(stochastic_rounding=True), torch.bfloat16, 1 << 30, "cpu")
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1 << 62)
+    eager = [torch.nn.Parameter(t.clone()) for t in init]
+    stochastic_run(eager, 1)
+    stochastic_run(eager, 2)
+    for a, b in zip(params, eager):
+        assert torch.equal(a, b)
+
+
+def test_fastopt_compile_0_turns_the_compiled_step_off(monkeypatch):
+    monkeypatch.setenv("FASTOPT_COMPILE", "0")
+    compiled.available.cache_clear()
+    try:
+        assert not compiled.available()
+        assert not compiled.takes(dict(master_weights=True), torch.bfloat16, 1 << 30, "cpu")
+    finally:
+        compiled.available.cache_clear()
+
+
+def test_small_params_merge_into_entries_of_bounded_size():
+    """``merge_spans``: runs of small params up to ``WIDENED_MERGE`` elements, a large param
+    alone, every param in exactly one entry."""
+    sizes = [10, 5000, 1 << 17, 7, 7, (1 << 16), (1 << 16), (1 << 16), (1 << 16), 3, 0]
+    from fastopt.flat import aligned_offsets
+    starts, ends, _ = aligned_offsets(sizes)
+    spans = plan.merge_spans(starts, ends)
+    assert spans == [(0, 2), (2, 3), (3, 8), (8, 11)]
+    for lo, hi in spans:
+        assert hi - lo == 1 or ends[hi - 1] - starts[lo] <= plan.WIDENED_MERGE
+
+
+def test_merged_entries_carry_their_grads_with_zeros_between():
+    """A widened step's plan for fresh grads: back-to-back small params in one entry whose grad
+    is theirs in their slots and zeros in the padding between them; the step keeps the
+    flat buffers' padding zero."""
+    params = [torch.nn.Parameter(t.bfloat16()) for t in make_params([(5,), (3, 3), (70,)])]
+    opt = fastopt.AdamW(params, master_weights=True, backend="torch")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    bucket = opt._buckets[0][0]
+    chunks = [plan.Chunk(i, i + 1, s, e, p.grad, None)
+              for i, (s, e, p) in enumerate(zip(bucket.starts, bucket.ends, params))]
+    merged = plan.merge_widened(plan.StepPlan(bucket, "chunks", [[0, 3, None]], None, chunks))
+    (entry,) = merged.chunks
+    assert (entry.start, entry.end) == (bucket.starts[0], bucket.ends[2])
+    expected = torch.zeros(entry.end - entry.start, dtype=torch.bfloat16)
+    for s, e in zip(bucket.starts, bucket.ends):
+        expected[s - entry.start : e - entry.start] = 1
+    assert torch.equal(entry.grad, expected)

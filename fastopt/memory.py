@@ -305,22 +305,22 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype,
     if on_cpu and widens(options, dtype) and cost != "adafactor":
         # fp32 copies of a slice of params, grads and state (8-bit: plus codes being encoded)
         largest = bucket["largest"] // dtype.itemsize
+        if cost in ("adam", "elementwise") and variant is None and not kept:
+            merged, largest = _merged_entries(bucket["sizes"])  # fresh grads: small params
+            scratch += merged * dtype.itemsize  # stepped together, their grads copied
+        if cost == "adam" and variant is None \
+                and compiled.takes(options, dtype, bucket["elements"], device):
+            return kept, scratch + compiled.scratch_bytes(options, largest)
         if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
             largest = min(CHUNK, largest)
-        if cost == "adam" and variant is None:
-            if not kept:  # fresh grads: small params stepped together
-                merged, largest = _merged_entries(bucket["sizes"])
-                scratch += merged * dtype.itemsize  # their grads, copied together
-            if compiled.takes(options, dtype, bucket["elements"], device):
-                return kept, scratch + compiled.scratch_bytes(options, largest)
         scratch += SLICE_SCRATCH[_slice_kind(options, dtype)] * min(
             QUANTIZED_SLICE if variant is not None else SLICE, largest)
     return kept, scratch
 
 
 def _merged_entries(sizes: list) -> tuple:
-    """(largest run of merged params, largest entry), in elements, of a widened Adam step
-    over params of ``sizes`` elements (``fastopt.plan.merge_spans``)."""
+    """(largest run of merged params, largest entry), in elements, of a widened torch-path
+    step over params of ``sizes`` elements (``fastopt.plan.merge_spans``)."""
     starts, ends, _ = aligned_offsets(sizes)
     spans = [(hi - lo, ends[hi - 1] - starts[lo]) for lo, hi in merge_spans(starts, ends)]
     return (max((n for count, n in spans if count > 1), default=0),

@@ -20,7 +20,9 @@ into a :class:`StepPlan`, which the optimizer's ``update`` reads its tensors fro
   can share one call.
 
 A plan's tensors come in entries (one per chunk, or one per param): ``pieces(name)`` is each
-entry's part of buffer ``name``, ``grads`` their grads, ``rows`` their scalar rows.
+entry's part of buffer ``name``, ``grads`` their grads, ``rows`` their scalar rows. A widened
+CPU step (fp32 math on copies of narrower params or state) costs a dozen torch ops per entry:
+``merge_widened`` joins back-to-back small params into one entry first.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ def grads(params, gen, dtype):
 
 
 def compiled_kinds() -> set:
+    """The kinds of loop compiled so far (none failed)."""
+    assert not compiled._FAILED, compiled._FAILED
     return {key[0] for key in compiled._COMPILED}
 
 

@@ -23,8 +23,8 @@ remainder; the moments are stored rounded to nearest in their dtype.
 Used where it serves (``takes``): a CPU, a C++ compiler for inductor, a bucket of at least
 ``MIN_ELEMENTS`` (so that a run that steps a small model never waits for a compile: one
 compile, a few seconds, serves every shape), and the options this loop has (no amsgrad, no
-GradScaler tensors, no int16 remainders, no quantized state; every other case keeps the eager
-step). ``FASTOPT_COMPILE=0`` turns it off. A compile that fails turns it off for the process,
+GradScaler tensors, no quantized state, no torch dispatch mode; every other case keeps the
+eager step). ``FASTOPT_COMPILE=0`` turns it off. A compile that fails turns it off for the process,
 with a warning, and the eager step runs.
 """
 
@@ -85,14 +85,9 @@ def scratch_bytes(options: dict, largest: int) -> int:
 def _hash_noise(n: int, words: Tensor) -> Tensor:
     """``precision.rounding_noise`` as the compiled loop computes it: ``words`` holds the
     first element's flat offset and the step's and seed's share of the hash (int32)."""
-    x = torch.arange(n, dtype=torch.int32) + words[0]
-    x = x * precision.signed32(precision.OFFSET_MIX) + words[1]
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * precision.signed32(precision.HASH_MUL1)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * precision.signed32(precision.HASH_MUL2)
-    x = x ^ ((x >> 16) & 0xFFFF)
-    return x & 0xFFFF
+    x = (torch.arange(n, dtype=torch.int32) + words[0]) * precision.signed32(
+        precision.OFFSET_MIX) + words[1]
+    return precision.mix_hash(x)
 
 
 def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master,
@@ -202,7 +197,7 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
         n = flat[0].numel()
         if n == 0:
             continue
-        piece = precision.SLICE if kind == "remainder16" else max(n, 1)
+        piece = precision.SLICE if kind == "remainder16" else n
         try:
             for lo in range(0, n, piece):
                 parts = [t[lo : lo + piece] if t is not None else None for t in flat]

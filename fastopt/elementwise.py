@@ -29,7 +29,6 @@ from torch import Tensor
 from fastopt import dispatch
 from fastopt.declaration import Columns, FloatOps, TensorOps
 from fastopt.plan import merge_widened
-from fastopt.precision import widens
 
 
 def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
@@ -43,9 +42,7 @@ def update(opt, group: dict, bucket, plan, grad_scale, found_inf) -> None:
         group = dict(group, lr=float(group["lr"]))
     runs = plan.step_runs
     before = []
-    if not triton and bucket.device.type == "cpu" and not bucket.external \
-            and plan.route in ("tensors", "chunks") and widens(group, bucket.dtype):
-        plan = merge_widened(plan)  # small params' widened copies in one entry
+    plan = merge_widened(plan, group)  # small params' widened copies in one entry
     entries = plan.rows
     if table is None:
         rows = [None] * len(entries)

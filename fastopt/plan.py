@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fastopt import grad_table
 from fastopt.flat import SLOT_ALIGN, Bucket, as_real, runs
+from fastopt.precision import widens
 from fastopt.validation import check_fused_param, check_grad
 
 _GRAD = operator.attrgetter("grad")
@@ -401,10 +402,14 @@ def merge_spans(starts: list, ends: list) -> list:
 _GAPS: dict = {}  # (dtype, device) -> zeros longer than any gap between two slots
 
 
-def merge_widened(plan: StepPlan) -> StepPlan:
-    """``plan`` with runs of its one-param entries merged (``merge_spans``): back-to-back
-    params sharing a run key whose grads are held apart, exactly their size."""
+def merge_widened(plan: StepPlan, group: dict) -> StepPlan:
+    """``plan`` with runs of its one-param entries merged (``merge_spans``) where ``group``'s
+    options widen its CPU torch-path step (``precision.widens``): back-to-back params sharing
+    a run key whose grads are held apart, exactly their size."""
     bucket = plan.bucket
+    if bucket.backend != "torch" or bucket.device.type != "cpu" or bucket.external \
+            or plan.route not in ("tensors", "chunks") or not widens(group, bucket.dtype):
+        return plan
     chunks = plan.chunks
     alone = [c.hi - c.lo == 1 and c.grad is not None and c.grad.numel() == c.end - c.start
              for c in chunks]

@@ -66,6 +66,12 @@ def rounding_noise(seed: int, step: Tensor, start: int, n: int, device) -> Tenso
     word = (word - ((word >> 31) << 32)).to(torch.int32)  # the count's low 32 bits, as int32
     word *= signed32(STEP_MIX)
     x += word + signed32(seed * SEED_MIX)
+    return mix_hash(x)
+
+
+def mix_hash(x: Tensor) -> Tensor:
+    """The hash's rounds on int32 words ``x`` (offset, step and seed mixed in), in place: its
+    low 16 bits, the noise. One int32 temporary."""
     for shift, multiplier in ((16, HASH_MUL1), (15, HASH_MUL2), (16, None)):
         shifted = x >> shift
         shifted &= MASK32 >> shift

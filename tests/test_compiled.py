@@ -264,7 +264,8 @@ def test_merged_entries_carry_their_grads_with_zeros_between():
     bucket = opt._buckets[0][0]
     chunks = [plan.Chunk(i, i + 1, s, e, p.grad, None)
               for i, (s, e, p) in enumerate(zip(bucket.starts, bucket.ends, params))]
-    merged = plan.merge_widened(plan.StepPlan(bucket, "chunks", [[0, 3, None]], None, chunks))
+    merged = plan.merge_widened(plan.StepPlan(bucket, "chunks", [[0, 3, None]], None, chunks),
+                                opt.param_groups[0])
     (entry,) = merged.chunks
     assert (entry.start, entry.end) == (bucket.starts[0], bucket.ends[2])
     expected = torch.zeros(entry.end - entry.start, dtype=torch.bfloat16)

@@ -19,7 +19,6 @@ from fastopt.elementwise import _on
 from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
 from fastopt.plan import Chunk, StepPlan, merge_widened
-from fastopt.precision import widens
 from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
@@ -39,12 +38,9 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     if bucket.variant in QUANTIZED:
         _update_int8(opt, group, bucket, plan, grad_scale, found_inf)
     else:
-        torch_cpu = bucket.backend == "torch" and bucket.device.type == "cpu"
-        if torch_cpu and not bucket.external and plan.route in ("tensors", "chunks") \
-                and widens(group, bucket.dtype):
-            plan = merge_widened(plan)  # small params' widened copies in one entry
+        plan = merge_widened(plan, group)  # small params' widened copies in one entry
         options = opt.precision_options(group, bucket, plan)
-        if torch_cpu:
+        if bucket.backend == "torch":
             options["compile"] = compiled.takes(group, bucket.dtype, bucket.numel,
                                                 bucket.device)
         dispatch.update_fn("adam", bucket.backend)(

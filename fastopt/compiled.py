@@ -1,4 +1,4 @@
-"""Adam's widened CPU step as one loop compiled by inductor (``torch.compile``'s C++ code).
+"""Adam's widened CPU step as loops compiled by inductor (``torch.compile``'s C++ code).
 
 The eager widened step (``fastopt.precision.run_fp32``) makes fp32 copies of a slice of the
 param, its moments and its grad, runs torch's fused Adam on them and stores the results back
@@ -20,12 +20,19 @@ in fp32, as torch's fused op computes it; the param is stored rounded to nearest
 stochastically with the hash of ``fastopt.precision`` (the same bits), or split into its
 remainder; the moments are stored rounded to nearest in their dtype.
 
+Blockwise quantized moments (``fastopt.quantization``) take three loops a slice of whole
+blocks: decode the codes (a lookup in the code table times the block's scale), step and store
+the param, keeping the new fp32 moments (``_quantized_adam``); each block's largest magnitude,
+its new scale, and the moments divided by it (``_normalize``); the codes, by the encoder's
+table of cells (``_encode``). The fp32 moments of one slice are the only temporaries; a
+param's last partial block steps eagerly.
+
 Used where it serves (``takes``): a CPU, a C++ compiler for inductor, a bucket of at least
 ``MIN_ELEMENTS`` (so that a run that steps a small model never waits for a compile: one
-compile, a few seconds, serves every shape), and the options this loop has (no amsgrad, no
-GradScaler tensors, no quantized state, no torch dispatch mode; every other case keeps the
-eager step). ``FASTOPT_COMPILE=0`` turns it off. A compile that fails turns it off for the process,
-with a warning, and the eager step runs.
+compile, a few seconds, serves every shape), and the options these loops have (no amsgrad, no
+GradScaler tensors, no torch dispatch mode; every other case keeps the eager step).
+``FASTOPT_COMPILE=0`` turns it off. A compile that fails turns it off for the process, with a
+warning, and the eager step runs.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from fastopt import precision
+from fastopt import precision, quantization
 
 MIN_ELEMENTS = 1 << 20  # a bucket's elements below which the eager step runs
 _FAILED: list = []  # the first compile error, once one has happened
@@ -62,24 +69,26 @@ def available() -> bool:
 def takes(options: dict, dtype: torch.dtype, elements: int, device) -> bool:
     """Does a bucket of ``elements`` (its flat buffers' size) params of ``dtype`` on ``device``
     with a group's ``options`` step through the compiled loop? Widened Adam state on a CPU
-    (``precision.widens``: fp32 params with narrower state, or half-precision params) without
-    amsgrad or quantized state, at least ``MIN_ELEMENTS``, and a compiler. (A step with
+    (``precision.widens``: fp32 params with narrower or quantized state, or half-precision
+    params) without amsgrad, at least ``MIN_ELEMENTS``, and a compiler. (A step with
     GradScaler's tensors, or under a torch dispatch mode, takes the eager step.)"""
     if _FAILED or torch.device(device).type != "cpu" \
             or dtype not in (torch.float32, *precision.HALF_DTYPES):
         return False
-    if not precision.widens(options, dtype) or options.get("amsgrad") \
-            or isinstance(options.get("state_dtype"), str):
+    if not precision.widens(options, dtype) or options.get("amsgrad"):
         return False
     return elements >= MIN_ELEMENTS and available()
 
 
 def scratch_bytes(options: dict, largest: int) -> int:
     """The temporaries of a compiled step whose largest entry has ``largest`` elements: none,
-    but int16 remainders' int32 copy, ``precision.SLICE`` elements at a time."""
-    if precision.REMAINDERS.get(options.get("master_weights")) == torch.int16:
-        return 4 * min(precision.SLICE, largest)
-    return 0
+    but int16 remainders' int32 copy, ``precision.SLICE`` elements at a time; quantized
+    state: its fp32 moments (and that copy), ``QUANTIZED_SLICE`` elements at a time (a
+    param's last partial block steps eagerly: a few KiB)."""
+    remainder16 = precision.REMAINDERS.get(options.get("master_weights")) == torch.int16
+    if options.get("state_dtype") in quantization.FORMATS:
+        return (12 if remainder16 else 8) * min(QUANTIZED_SLICE, largest)
+    return 4 * min(precision.SLICE, largest) if remainder16 else 0
 
 
 def _hash_noise(n: int, words: Tensor) -> Tensor:
@@ -90,43 +99,29 @@ def _hash_noise(n: int, words: Tensor) -> Tensor:
     return precision.mix_hash(x)
 
 
-def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master,
-          offsets, scalars: Tensor, words: Tensor, decoupled: bool, maximize: bool,
-          kind: str) -> None:
-    """One entry's step, in place (the loop inductor compiles). ``kind``: how the param is
-    stored (``"nearest"``, ``"stochastic"``, fp32 ``"master"``, ``"remainder8"``, or
-    ``"remainder16"``, whose int16 remainder comes in as bf16 bits and goes out as int32
-    ``offsets``: inductor vectorizes no int16 code). ``scalars``: torch's fused op's
-    float64 values, each rounded to float32 as it rounds them: the weight decay factor
-    (AdamW: 1 - lr wd; Adam: wd), 1 - beta1, beta2, 1 - beta2, lr / bias correction 1, the
-    square root of bias correction 2, eps."""
-    decay, weight1, beta2, weight2, step_size, correction2_sqrt, eps = (
-        scalars[k].float() for k in range(7))
+def _load(kind: str, param: Tensor, master) -> Tensor:
+    """The fp32 value an entry's step starts from (``kind``: see ``_adam``): the param widened,
+    its fp32 master (the param's value where something outside changed it:
+    ``precision.follow_param``), or the param and its remainder rebuilt."""
     if kind == "master":
-        p = master
-    elif kind == "remainder8":  # the param's bits on top, the remainder's below them
-        p = (param.float().view(torch.int32) + (master.to(torch.int32) << 8)).view(torch.float32)
-    elif kind == "remainder16":
-        p = (param.float().view(torch.int32) + (master.float().view(torch.int32) >> 16)
-             ).view(torch.float32)
-    else:
-        p = param.float()
-    g = grad.float()
-    if maximize:
-        g = -g
-    if decoupled:
-        p = p * decay
-    else:
-        g = g + p * decay
-    m = exp_avg.float().lerp(g, weight1)
-    v = exp_avg_sq.float() * beta2 + weight2 * g * g
-    p = p - step_size * m / (v.sqrt() / correction2_sqrt + eps)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+        return torch.where(master.to(param.dtype) != param, param.float(), master)
+    if kind == "remainder8":  # the param's bits on top, the remainder's below them
+        return (param.float().view(torch.int32) + (master.to(torch.int32) << 8)
+                ).view(torch.float32)
+    if kind == "remainder16":
+        return (param.float().view(torch.int32) + (master.float().view(torch.int32) >> 16)
+                ).view(torch.float32)
+    return param.float()
+
+
+def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) -> None:
+    """Store the updated fp32 ``p``: the param rounded to nearest (and the fp32 master),
+    stochastically (the hash's noise, ``words``), or split into the param and its remainder
+    (``precision.split_master`` in int32 words; int16 ones go out as int32 ``offsets``)."""
     if kind == "master":
         master.copy_(p)
         param.copy_(p)
-    elif kind in ("remainder8", "remainder16"):  # precision.split_master, in int32 words
+    elif kind in ("remainder8", "remainder16"):
         bits = p.view(torch.int32)
         high = (((bits >> 15) + p.isnan().logical_not().to(torch.int32)) >> 1) << 16
         param.copy_(high.view(torch.float32))  # exact: its low 16 bits are zero
@@ -135,31 +130,126 @@ def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mast
         else:
             offsets.copy_((bits - high).clamp(-32768, 32767))
     elif kind == "stochastic":
-        bits = (p.view(torch.int32) + _hash_noise(p.numel(), words)) & -65536
+        noise = _hash_noise(p.numel(), words).view(p.shape)
+        bits = (p.view(torch.int32) + noise) & -65536
         param.copy_(bits.view(torch.float32))  # exact: its low 16 bits are zero
     else:
         param.copy_(p)
 
 
+def _adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, decoupled: bool,
+               maximize: bool) -> tuple:
+    """Adam's fp32 update of param ``p`` and moments ``m``, ``v`` by grad ``g`` (the module's
+    formula) -> the new (p, m, v). ``scalars``: see ``adam_scalars``."""
+    decay, weight1, beta2, weight2, step_size, correction2_sqrt, eps = (
+        scalars[k].float() for k in range(7))
+    if maximize:
+        g = -g
+    if decoupled:
+        p = p * decay
+    else:
+        g = g + p * decay
+    m = m.lerp(g, weight1)
+    v = weight2 * g * g + v * beta2  # this order: GCC fuses the products as in torch's op
+    return p - step_size * m / (v.sqrt() / correction2_sqrt + eps), m, v
+
+
+def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master,
+          offsets, scalars: Tensor, words: Tensor, decoupled: bool, maximize: bool,
+          kind: str) -> None:
+    """One entry's step, in place (the loop inductor compiles). ``kind``: how the param is
+    stored (``"nearest"``, ``"stochastic"``, fp32 ``"master"``, ``"remainder8"``, or
+    ``"remainder16"``, whose int16 remainder comes in as bf16 bits and goes out as int32
+    ``offsets``: inductor vectorizes no int16 code)."""
+    p, m, v = _adam_math(_load(kind, param, master), grad.float(), exp_avg.float(),
+                         exp_avg_sq.float(), scalars, decoupled, maximize)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    _store(kind, p, param, master, offsets, words)
+
+
+def _decode(codes: Tensor, scales: Tensor, values: Tensor) -> Tensor:
+    """fp32 moments of whole blocks: ``codes`` [blocks, bytes of a block] index the code
+    ``values`` (256, or 16 for 4-bit codes, the low nibble of a byte first), times each
+    block's scale."""
+    index = codes.to(torch.int32)
+    if values.numel() == 16:  # each byte read twice, its nibbles in element order
+        index = index.repeat_interleave(2, dim=1)
+        index = (index >> (torch.arange(index.shape[1], dtype=torch.int32) & 1) * 4) & 15
+    return values[index] * scales[:, None]
+
+
+def _quantized_adam(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tensor,
+                    v_codes: Tensor, v_scales: Tensor, master, offsets, m_values: Tensor,
+                    v_values: Tensor, scalars: Tensor, words: Tensor, m_out: Tensor,
+                    r_out: Tensor, decoupled: bool, maximize: bool, kind: str) -> None:
+    """Quantized state's step on whole blocks (every tensor [blocks, block]; codes [blocks,
+    bytes]): the moments decoded (``exp_avg_sq`` from its stored square root), the update,
+    the param stored as ``_adam`` stores it, the new ``exp_avg`` and ``sqrt(exp_avg_sq)``
+    into ``m_out`` and ``r_out`` for ``_normalize`` and ``_encode``."""
+    root = _decode(v_codes, v_scales, v_values)
+    p, m, v = _adam_math(_load(kind, param, master), grad.float(),
+                         _decode(m_codes, m_scales, m_values), root * root, scalars, decoupled,
+                         maximize)
+    _store(kind, p, param, master, offsets, words)
+    m_out.copy_(m)
+    r_out.copy_(v.sqrt())
+
+
+def _normalize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor) -> None:
+    """Each block's scale, its largest magnitude, and the block divided by it (by 1 where all
+    are zero), in place, as ``quantization.quantize`` does."""
+    for x, scales in ((m, m_scales), (r, v_scales)):
+        largest = x.abs().amax(dim=1)
+        scales.copy_(largest)
+        x.div_(torch.where(largest > 0, largest, 1.0)[:, None])
+
+
+def _encode(m: Tensor, r: Tensor, m_codes: Tensor, v_codes: Tensor, m_cells: Tensor,
+            v_cells: Tensor, bits: int) -> None:
+    """Normalized blocks -> their codes, as ``quantization.encode`` finds them (one lookup in
+    ``quantization.cell_table`` and one comparison); 4-bit ones two to a byte, low first."""
+    for x, codes, cells in ((m, m_codes, m_cells), (r, v_codes, v_cells)):
+        word = x.view(torch.int32)
+        entry = cells[(word >> 16) & 0xFFFF]
+        code = (entry & 255) + (quantization.low_key(word) > (entry >> 8)).to(torch.int32)
+        if bits == 4:
+            pairs = code.view(code.shape[0], -1, 2)
+            code = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+        codes.copy_(code)
+
+
 _COMPILED: dict = {}
 # torch's own CPU kernels are built with GCC's default contraction of a product and a sum into
-# one FMA; inductor turns it off unless asked: asked, the loop rounds as torch's fused op does
-_INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast"}
+# one FMA; inductor turns it off unless asked: asked, the loop rounds as torch's fused op does.
+# A cast to bf16 or fp16 inside the loop (a master compared with its param) rounds, as eager
+# ops round it, only where inductor is asked to emulate it.
+# Lookups index tables their codes cannot pass (uint8 codes, 16-bit cells): no bounds checks.
+_INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast", "emulate_precision_casts": True,
+             "assert_indirect_indexing": False}
 
 
-def _compiled(kind: str, decoupled: bool, maximize: bool, dtypes: tuple):
-    """The compiled loop for these options and tensor dtypes. Sizes are symbolic: one compile
-    serves every shape. Each key has a code object of its own, so that dynamo's cache (kept
-    per code object, at most ``recompile_limit`` entries) holds one entry per key."""
-    key = (kind, decoupled, maximize, dtypes)
+def _run(body, static: tuple, *tensors) -> None:
+    """Run ``body(*tensors, *static)`` compiled (``static``: its options, how the param is
+    stored). Sizes are symbolic: one compile serves every shape. Each key (the body, its
+    static arguments, the tensors' dtypes) has a code object of its own, so that dynamo's
+    cache (kept per code object, at most ``recompile_limit`` entries) holds one entry per
+    key."""
+    key = (body.__name__, *static, tuple(getattr(t, "dtype", None) for t in tensors))
     if key not in _COMPILED:
-        def step(param, grad, exp_avg, exp_avg_sq, master, offsets, scalars, words):
-            _adam(param, grad, exp_avg, exp_avg_sq, master, offsets, scalars, words, decoupled,
-                  maximize, kind)
-        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__,
-                                 step.__defaults__, step.__closure__)
+        def loop(*args):
+            body(*args, *static)
+        own = types.FunctionType(loop.__code__.replace(), loop.__globals__, loop.__name__,
+                                 loop.__defaults__, loop.__closure__)
         _COMPILED[key] = torch.compile(own, dynamic=True, fullgraph=True, options=_INDUCTOR)
-    return _COMPILED[key]
+    _COMPILED[key](*tensors)
+
+
+def _fail(error: Exception) -> None:
+    """A compile failed: the eager step from now on, said once."""
+    _FAILED.append(error)
+    warnings.warn(f"fastopt: compiling the CPU step failed ({error!r}); "
+                  "the eager step runs instead", RuntimeWarning, stacklevel=4)
 
 
 def _kind(param: Tensor, master, seed) -> str:
@@ -169,6 +259,26 @@ def _kind(param: Tensor, master, seed) -> str:
     if master.dtype == torch.int8:
         return "remainder8"
     return "remainder16" if master.dtype == torch.int16 else "master"
+
+
+def _scalars(lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+             step: float, decoupled: bool) -> Tensor:
+    """``_adam_math``'s scalars, as torch's fused op computes them in float64 (each rounded to
+    float32 where the loop reads it): the weight decay factor (AdamW: 1 - lr wd; Adam: wd),
+    1 - beta1, beta2, 1 - beta2, lr / bias correction 1, the square root of bias correction
+    2, eps."""
+    return torch.tensor([1 - lr * weight_decay if decoupled else weight_decay, 1 - beta1,
+                         beta2, 1 - beta2, lr / (1 - beta1 ** step),
+                         (1 - beta2 ** step) ** 0.5, eps], dtype=torch.float64)
+
+
+def _words(kind: str, seed, step: float, start: int) -> Tensor:
+    """The hash's words for stochastic rounding (``_hash_noise``) from flat offset ``start``."""
+    words = torch.zeros(2, dtype=torch.int32)
+    if kind == "stochastic":
+        words[0] = precision.signed32(start)
+        words[1] = precision.signed32(int(step) * precision.STEP_MIX + seed * precision.SEED_MIX)
+    return words
 
 
 def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, *,
@@ -185,13 +295,7 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
         step = float(steps[j])
         master = masters[j] if masters is not None else None
         kind = _kind(param, master, seed)
-        scalars = torch.tensor([1 - lr * weight_decay if decoupled else weight_decay,
-                                1 - beta1, beta2, 1 - beta2, lr / (1 - beta1 ** step),
-                                (1 - beta2 ** step) ** 0.5, eps], dtype=torch.float64)
-        words = torch.zeros(2, dtype=torch.int32)
-        if kind == "stochastic":
-            words[1] = precision.signed32(int(step) * precision.STEP_MIX
-                                          + seed * precision.SEED_MIX)
+        scalars = _scalars(lr, beta1, beta2, weight_decay, eps, step, decoupled)
         flat = [param.view(-1), grads[j].reshape(-1), exp_avgs[j].view(-1),
                 exp_avg_sqs[j].view(-1), master.view(-1) if master is not None else None]
         n = flat[0].numel()
@@ -205,19 +309,56 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
                 if kind == "remainder16":
                     offsets_out = torch.empty(parts[0].numel(), dtype=torch.int32)
                     parts[4] = parts[4].view(torch.bfloat16)
-                if kind == "stochastic":
-                    words[0] = precision.signed32(offsets[j] + lo)
-                dtypes = tuple(t.dtype if t is not None else None for t in parts)
-                _compiled(kind, decoupled, maximize, dtypes)(*parts, offsets_out, scalars,
-                                                             words)
+                words = _words(kind, seed, step, offsets[j] + lo if offsets else 0)
+                _run(_adam, (decoupled, maximize, kind), *parts, offsets_out, scalars, words)
                 written = True
                 if offsets_out is not None:
                     flat[4][lo : lo + piece].copy_(offsets_out)
         except Exception as error:  # no working compiler after all: the eager step, always
             if written:
                 raise
-            _FAILED.append(error)
-            warnings.warn(f"fastopt: compiling the CPU step failed ({error!r}); "
-                          "the eager step runs instead", RuntimeWarning, stacklevel=3)
+            _fail(error)
             return False
+    return True
+
+
+QUANTIZED_SLICE = 1 << 18  # elements of quantized state a call steps (whole blocks)
+
+
+def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: slice, step,
+                         seed, start: int, *, lr, beta1: float, beta2: float,
+                         weight_decay: float, eps: float, maximize: bool,
+                         decoupled: bool) -> bool:
+    """One slice of whole blocks of quantized state (``torch_path.adam_int8_update``'s
+    ``flat`` tensors and ``scales``, elements ``span``, blocks ``blocks``; ``start``: the
+    span's flat offset, for stochastic rounding) stepped by three compiled loops: decode,
+    update and store the param (``_quantized_adam``), block scales (``_normalize``), codes
+    (``_encode``). Their fp32 moments are the only temporaries (``scratch_bytes``). False,
+    with nothing written, where the first loop's compile failed."""
+    n = span.stop - span.start
+    shape = (n // fmt.block, fmt.block)
+    codes = slice(span.start // fmt.per_byte, (span.start + n) // fmt.per_byte)
+    master = flat["master"][span].view(shape) if flat["master"] is not None else None
+    param = flat["param"][span].view(shape)
+    kind = _kind(param, master, seed)
+    offsets_out = torch.empty(shape, dtype=torch.int32) if kind == "remainder16" else None
+    m_codes, v_codes = (flat[name][codes].view(shape[0], -1) for name in ("m", "v"))
+    m_out, r_out = torch.empty(shape), torch.empty(shape)
+    tables = [quantization.tables(signed, param.device, fmt)[0] for signed in (True, False)]
+    step = float(step)
+    try:
+        _run(_quantized_adam, (decoupled, maximize, kind), param,
+             flat["grad"][span].view(shape), m_codes, scales["m"][blocks], v_codes,
+             scales["v"][blocks], master.view(torch.bfloat16) if offsets_out is not None
+             else master, offsets_out, *tables,
+             _scalars(float(lr), beta1, beta2, weight_decay, eps, step, decoupled),
+             _words(kind, seed, step, start), m_out, r_out)
+    except Exception as error:  # nothing written: the eager step takes this slice
+        _fail(error)
+        return False
+    if offsets_out is not None:
+        master.copy_(offsets_out)
+    _run(_normalize, (), m_out, r_out, scales["m"][blocks], scales["v"][blocks])
+    _run(_encode, (fmt.bits,), m_out, r_out, m_codes, v_codes,
+         *(quantization.cell_table(signed, param.device, fmt) for signed in (True, False)))
     return True

@@ -308,8 +308,11 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype,
         if cost in ("adam", "elementwise") and variant is None and not kept:
             merged, largest = _merged_entries(bucket["sizes"])  # fresh grads: small params
             scratch += merged * dtype.itemsize  # stepped together, their grads copied
-        if cost == "adam" and variant is None \
-                and compiled.takes(options, dtype, bucket["elements"], device):
+        if variant is not None and not kept and bucket["count"] > 1:
+            merged = _merged_quantized(bucket["sizes"])  # likewise, as one grid of blocks
+            scratch += merged * dtype.itemsize
+            largest = max(largest, merged)
+        if cost == "adam" and compiled.takes(options, dtype, bucket["elements"], device):
             return kept, scratch + compiled.scratch_bytes(options, largest)
         if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
             largest = min(CHUNK, largest)
@@ -325,6 +328,15 @@ def _merged_entries(sizes: list) -> tuple:
     spans = [(hi - lo, ends[hi - 1] - starts[lo]) for lo, hi in merge_spans(starts, ends)]
     return (max((n for count, n in spans if count > 1), default=0),
             max((n for _, n in spans), default=0))
+
+
+def _merged_quantized(sizes: list) -> int:
+    """Elements of the largest run of small params whose quantized state steps as one chunk,
+    their fresh grads copied together (``fastopt.optimizers.adam.MERGE_LIMIT`` at most)."""
+    from fastopt.optimizers.adam import MERGE_LIMIT
+
+    small = [n for n in sizes if n <= MERGE_LIMIT]
+    return min(MERGE_LIMIT, sum(small)) if len(small) > 1 else 0
 
 
 def _slice_kind(options: dict, dtype) -> str:

@@ -36,7 +36,7 @@ does not round to zero (which would divide its ``exp_avg`` by ``eps`` alone).
 
 Codes are the count of midpoints between neighbouring entries that lie below the value
 (``torch.bucketize``: a value on a midpoint takes the lower entry), found by the value's top 16
-bits in a table of 65536 cells and one comparison (``encode``).
+bits in a table of 65536 cells and one comparison of its low 16 (``encode``, ``cell_table``).
 
 Tensors under ``MIN_SIZE`` elements keep fp32 state, as bitsandbytes does: their state costs
 little and they are often the sensitive ones (norms, biases).
@@ -120,13 +120,12 @@ def tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple:
     return values, (values[1:] + values[:-1]) / 2
 
 
-@functools.lru_cache(maxsize=32)
-def cell_tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple:
-    """The encoder's lookup tables, indexed by a float's top 16 bits (sign, exponent and 7
-    mantissa bits: 65536 cells): per cell, the code of its lowest value (uint8) and the first
-    midpoint at or above that value (+inf past the last). At most one midpoint lies in a cell
-    (checked here: the table's steps are wider than a cell), so a value's code is its cell's
-    code, plus one if it is above its cell's midpoint: ``torch.bucketize``'s code exactly."""
+def _cells(signed: bool, fmt: Format) -> tuple:
+    """Per float's top 16 bits (sign, exponent and 7 mantissa bits: 65536 cells): the code of
+    the cell's lowest value and the first midpoint at or above that value (+inf past the
+    last). At most one midpoint lies in a cell (checked here: the table's steps are wider than
+    a cell), so a value's code is its cell's code, plus one if it is above its cell's
+    midpoint: ``torch.bucketize``'s code exactly."""
     _, midpoints = tables(signed, torch.device("cpu"), fmt)
     keys = torch.arange(1 << 16, dtype=torch.int32) << 16
     ends = (keys | 0xFFFF).view(torch.float32)
@@ -136,7 +135,38 @@ def cell_tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple
     finite = highest.isfinite() & lowest.isfinite()
     assert int((torch.bucketize(highest, midpoints) - codes)[finite].max()) <= 1
     padded = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])
-    return codes.to(CODES).to(device), padded[codes].to(device)
+    return codes.to(torch.int32), padded[codes]
+
+
+def low_key(bits: Tensor) -> Tensor:
+    """A float's low 16 bits (``bits``: its int32 view) in the order of its value within its
+    cell: as they are for a positive float, reversed (``0xFFFF - low``) for a negative one,
+    whose magnitude grows with them."""
+    return (bits & 0xFFFF) ^ ((bits >> 31) & 0xFFFF)
+
+
+@functools.lru_cache(maxsize=32)
+def cell_table(signed: bool, device: torch.device, fmt: Format = INT8) -> Tensor:
+    """The encoder's lookup table: one int32 per cell of a float's top 16 bits, the code of
+    the cell's lowest value in its low 8 bits and above them a threshold ``t`` such that a
+    value of the cell lies above the cell's midpoint exactly when its ``low_key`` exceeds
+    ``t`` (the midpoint's own key; 0xFFFF, never, where no value of the cell is above it).
+    ``code = (entry & 255) + (low_key(bits) > entry >> 8)`` is ``torch.bucketize``'s code
+    for every finite value in [-1, 1] (checked here on each cell's threshold and the keys
+    either side of it) and for a nan (no value is above a midpoint)."""
+    codes, midpoints = _cells(signed, fmt)
+    cells = torch.arange(1 << 16, dtype=torch.int32)
+    mid_bits = midpoints.view(torch.int32)
+    inside = (((mid_bits >> 16) & 0xFFFF) == cells) & midpoints.isfinite()
+    threshold = torch.where(inside, low_key(mid_bits), 0xFFFF)
+    entry = codes | (threshold << 8)
+    for key in (threshold, (threshold + 1).clamp(max=0xFFFF), threshold.clamp(min=1) - 1):
+        x = ((cells << 16) | low_key(key | (cells << 16))).view(torch.float32)
+        checked = x.isfinite() & (x.abs() <= 1)
+        want = codes + (x > midpoints).to(torch.int32)
+        got = (entry & 255) + (key > (entry >> 8)).to(torch.int32)
+        assert torch.equal(got[checked], want[checked])
+    return entry.to(device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,33 +177,33 @@ def byte_pairs(signed: bool, device: torch.device) -> Tensor:
     return torch.stack([values[byte & 15], values[byte >> 4]], dim=1)
 
 
-TABLE_BYTES = (1 << 16) * 5  # one sign's cell_tables: a uint8 code and an fp32 midpoint a cell
+TABLE_BYTES = (1 << 16) * 4  # one sign's cell_table: an int32 a cell
 
 
 def build_tables(fmt: Format, device: torch.device) -> None:
     """Make ``fmt``'s encoder tables on ``device`` now (the CPU path builds them when a bucket
     is laid out, so that their build's temporaries never meet a step's)."""
     for signed in (True, False):
-        cell_tables(signed, device, fmt)
+        cell_table(signed, device, fmt)
         if fmt.bits == 4:
             byte_pairs(signed, device)
 
 
 def clear_tables() -> None:
     """Forget every table made (a cold start: ``benchmarks/cold_memory.py``)."""
-    for cached in (cell_tables, tables, byte_pairs):
+    for cached in (cell_table, tables, byte_pairs):
         cached.cache_clear()
 
 
 def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
     """uint8 codes of fp32 values in [-1, 1] (unsigned: [0, 1]): the nearest table entry's
-    index, a midpoint taking the lower one (``torch.bucketize``), by two lookups of the
-    value's cell (``cell_tables``) and one comparison."""
-    codes, midpoints = cell_tables(signed, normalized.device, fmt)
-    flat = normalized.reshape(-1)
-    cells = (flat.view(torch.int32) >> 16) & 0xFFFF
-    code = torch.index_select(codes, 0, cells)
-    return code.add_(flat > torch.index_select(midpoints, 0, cells)).view(normalized.shape)
+    index, a midpoint taking the lower one (``torch.bucketize``), by one lookup of the value's
+    cell (``cell_table``) and one comparison."""
+    table = cell_table(signed, normalized.device, fmt)
+    bits = normalized.reshape(-1).view(torch.int32)
+    entry = torch.index_select(table, 0, (bits >> 16) & 0xFFFF)
+    above = low_key(bits) > (entry >> 8)
+    return (entry & 255).to(CODES).add_(above).view(normalized.shape)
 
 
 def _blocks(flat: Tensor, fmt: Format) -> Tensor:

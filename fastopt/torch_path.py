@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastopt import compiled, precision
 from fastopt.quantization import FORMATS, SLICE, dequantize, quantize
@@ -241,7 +242,7 @@ def saga_update(params: list, grads: list, rows: list, means: list, *, lr: float
 def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales,
                      steps, *, block_tables, bases, spans, lr, beta1, beta2, weight_decay, eps,
                      maximize, decoupled, grad_scale=None, found_inf=None, masters=None,
-                     rounding_seed=None, offsets=None, code_bits=8) -> None:
+                     rounding_seed=None, offsets=None, code_bits=8, compile=False) -> None:
     """Adam / AdamW with blockwise quantized moments (``fastopt.quantization``, ``code_bits``
     8 or 4): for each param of each chunk (``spans``: each param's offset in the chunk and its
     size), in slices of ``quantization.SLICE`` elements (whole blocks), decode the moments to
@@ -249,9 +250,15 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
     chunk's codes (4-bit: two to a byte, from the chunk's start), ``exp_avg_sqs`` those of
     sqrt(v). A step with ``found_inf`` set writes nothing (without reading it on the host).
     ``block_tables`` (the kernels' map of blocks; None here) is not needed: the params are
-    walked one by one."""
+    walked one by one. ``compile`` (its caller asks ``fastopt.compiled.takes``): whole blocks
+    step through compiled loops instead (``compiled.quantized_adam_slice``), a param's last
+    partial block eagerly."""
     fmt = FORMATS["int8" if code_bits == 8 else "int4"]
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                 maximize=maximize)
+    compile = compile and grad_scale is None and found_inf is None \
+        and _get_current_dispatch_mode() is None  # dynamo traces under no dispatch mode
     for j, param in enumerate(params):
         flat = {"param": param.reshape(-1), "grad": grads[j].reshape(-1),
                 "m": exp_avgs[j].reshape(-1), "v": exp_avg_sqs[j].reshape(-1),
@@ -259,18 +266,28 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
         scales = {"m": exp_avg_scales[j], "v": exp_avg_sq_scales[j]}
         block = 0
         for element, size in _block_runs(spans[j], fmt.block):
-            for lo in range(0, size, SLICE):  # SLICE is a whole number of blocks
-                n = min(SLICE, size - lo)
+            whole = size - size % fmt.block if compile else 0
+            for lo, n in _pieces(whole, compiled.QUANTIZED_SLICE) + _pieces(size, SLICE, whole):
                 span = slice(element + lo, element + lo + n)
                 blocks = slice(block + lo // fmt.block, block + lo // fmt.block
                                + fmt.num_blocks(n))
+                start = offsets[j] + element + lo if offsets else 0
+                if lo < whole and compile:
+                    compile = compiled.quantized_adam_slice(
+                        fmt, flat, scales, span, blocks, steps[j], rounding_seed, start,
+                        decoupled=decoupled, **hyper)
+                    if compile:
+                        continue
                 _adam_int8_slice(op, fmt, flat, scales, span, blocks, steps[j],
-                                 masters is not None, rounding_seed,
-                                 offsets[j] + element + lo if offsets else 0,
-                                 dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                                      eps=eps, amsgrad=False, maximize=maximize,
-                                      grad_scale=grad_scale, found_inf=found_inf))
+                                 masters is not None, rounding_seed, start,
+                                 dict(amsgrad=False, grad_scale=grad_scale,
+                                      found_inf=found_inf, **hyper))
             block += fmt.num_blocks(size)
+
+
+def _pieces(end: int, piece: int, begin: int = 0) -> list:
+    """``(offset, length)`` of ``piece``-long pieces from ``begin`` to ``end``."""
+    return [(lo, min(piece, end - lo)) for lo in range(begin, end, piece)]
 
 
 def _block_runs(spans: list, block: int) -> list:

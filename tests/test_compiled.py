@@ -33,10 +33,10 @@ def grads(params, gen, dtype):
     return [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
 
 
-def compiled_kinds() -> set:
-    """The kinds of loop compiled so far (none failed)."""
+def compiled_kinds(body: str = "_adam") -> set:
+    """The kinds of ``body``'s loop compiled so far (none failed)."""
     assert not compiled._FAILED, compiled._FAILED
-    return {key[0] for key in compiled._COMPILED}
+    return {key[3] for key in compiled._COMPILED if key[0] == body}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -146,12 +146,14 @@ def test_the_compiled_noise_is_the_torch_paths_hash(start, step):
                                                        1000, "cpu"))
 
 
-def stochastic_run(params, steps: int):
-    opt = fastopt.AdamW(params, lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16,
-                        stochastic_rounding=True, rounding_seed=3, backend="torch")
+LEAN_SR = dict(state_dtype=torch.bfloat16, stochastic_rounding=True, rounding_seed=3)
+
+
+def stochastic_run(params, steps: int, options=LEAN_SR):
+    opt = fastopt.AdamW(params, lr=0.01, weight_decay=0.1, backend="torch", **options)
     gen = torch.Generator().manual_seed(4)
     for _ in range(steps):
-        for p, g in zip(params, grads(params, gen, torch.bfloat16)):
+        for p, g in zip(params, grads(params, gen, params[0].dtype)):
             p.grad = g
         opt.step()
     return opt
@@ -183,13 +185,102 @@ def test_compiled_stochastic_rounding_rounds_as_the_eager_step(monkeypatch):
     assert differ <= total * 1e-4, (differ, total)
 
 
+# Quantized params (4096 elements and more): whole blocks, a partial last block, a param that
+# shares a chunk with the ones before it; and small ones that keep fp32 state.
+QUANTIZED_SHAPES = [(4096,), (64, 100), (5000,), (3, 4099), (300,), (8192,), (129,)]
+QUANTIZED = [(torch.float32, "AdamW", dict(state_dtype="int8")),
+             (torch.float32, "Adam", dict(state_dtype="int4", maximize=True)),
+             (torch.bfloat16, "AdamW", dict(state_dtype="int8", stochastic_rounding=True)),
+             (torch.bfloat16, "AdamW", dict(state_dtype="int4", master_weights=True)),
+             (torch.float16, "Adam", dict(state_dtype="int8", master_weights=True)),
+             (torch.bfloat16, "AdamW", dict(state_dtype="int8", master_weights="remainder")),
+             (torch.bfloat16, "Adam", dict(state_dtype="int4", master_weights="remainder8"))]
+
+
+def quantized_run(name: str, dtype, options: dict, steps: int = 6):
+    """``steps`` steps of fresh grads (a param without one every few steps) -> params, opt."""
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype))
+              for s in QUANTIZED_SHAPES]
+    opt = getattr(fastopt, name)(params, lr=0.01, weight_decay=0.1, backend="torch", **options)
+    for step in range(steps):
+        for i, (p, g) in enumerate(zip(params, grads(params, gen, dtype))):
+            p.grad = None if (step + i) % 4 == 3 else g
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("dtype, name, options", QUANTIZED,
+                         ids=[f"{n}-{d}-{o}" for d, n, o in QUANTIZED])
+def test_compiled_quantized_state_steps_as_the_eager_step(monkeypatch, dtype, name, options):
+    """Quantized moments through the compiled loops (whole blocks; a last partial block
+    eagerly) against the eager step: the same decoding, fp32 math and encoding, up to the
+    FMAs a compiler forms. Codes and scales equal but where an fp32 ulp moved a value across a
+    code boundary (at most 1 in 500), params equal to fp32 (or their dtype's) tolerance but
+    where such a code moved a step (by less than lr, plus a last bit of a half param)."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    runs = []
+    for smallest in (1 << 62, 1):  # eager, then compiled
+        monkeypatch.setattr(compiled, "MIN_ELEMENTS", smallest)
+        runs.append(quantized_run(name, dtype, options))
+    assert compiled_kinds("_quantized_adam")
+    (eager, eager_opt), (ours, ours_opt) = runs
+    tolerance = FP32 if dtype == torch.float32 else TOLERANCES[dtype]
+    differ = total = 0
+    for p, q in zip(eager, ours):
+        state, mine = eager_opt.state[p], ours_opt.state[q]
+        assert state.keys() == mine.keys()
+        for key, value in state.items():
+            if value.dtype == torch.uint8:  # codes
+                differ += int((value != mine[key]).sum())
+                total += value.numel()
+            elif key.endswith("absmax"):
+                torch.testing.assert_close(mine[key], value, rtol=2**-6, atol=0)
+        far = ~torch.isclose(q.detach().float(), p.detach().float(), **tolerance)
+        assert int(far.sum()) <= max(2, p.numel() // 500), (p.shape, int(far.sum()))
+        ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 0  # a half param's last bit
+        torch.testing.assert_close(q.detach().float(), p.detach().float(), rtol=ulp, atol=0.01)
+    assert differ <= total // 500, (differ, total)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(state_dtype="int8")], ids=["fp32", "int8"])
+def test_compiled_masters_follow_a_param_changed_outside(monkeypatch, options):
+    """A bf16 param that something outside the optimizer changed (a clamp, a loaded value):
+    the compiled step starts from the param's value there, as the eager step does
+    (``precision.follow_param``), and from the fp32 master everywhere else."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    init = torch.randn(8192).bfloat16()
+    runs = []
+    for smallest in (1 << 62, 1):  # eager, then compiled
+        monkeypatch.setattr(compiled, "MIN_ELEMENTS", smallest)
+        param = torch.nn.Parameter(init.clone())
+        opt = fastopt.AdamW([param], lr=0.01, master_weights=True, backend="torch", **options)
+        gen = torch.Generator().manual_seed(9)
+        for step in range(3):
+            param.grad = torch.randn(param.shape, generator=gen).bfloat16()
+            opt.step()
+            if step == 0:
+                with torch.no_grad():
+                    param[:100] = 3.0
+        runs.append((param.detach().clone(), opt.state[param]["master_param"].clone()))
+    (eager, eager_master), (ours, ours_master) = runs
+    assert (ours_master[:100] - 3.0).abs().max() < 0.1  # stepped from 3, not the old master
+    torch.testing.assert_close(ours_master, eager_master, **FP32)
+    torch.testing.assert_close(ours, eager, **TOLERANCES[torch.bfloat16])
+
+
 def test_a_compiled_step_allocates_no_temporaries(compile_small):
     """A compiled step of a 4M-element bf16 param with bf16 state and stochastic rounding
     allocates under 1 % of the param's bytes (torch.profiler; the eager step: 20 bytes per
     element of a 256K-element slice), its int16 remainders' version a 256K-element int32
-    copy (``compiled.scratch_bytes``)."""
+    copy; quantized state's, the fp32 moments of a 256K-element slice between its loops
+    (``compiled.scratch_bytes``)."""
     for options in (dict(state_dtype=torch.bfloat16, stochastic_rounding=True),
-                    dict(master_weights="remainder")):
+                    dict(master_weights="remainder"),
+                    dict(state_dtype="int8", stochastic_rounding=True),
+                    dict(state_dtype="int4", master_weights="remainder")):
         param = torch.nn.Parameter(torch.randn(1 << 22).bfloat16())
         opt = fastopt.AdamW([param], backend="torch", **options)
         param.grad = torch.randn(param.shape).bfloat16()
@@ -199,7 +290,9 @@ def test_a_compiled_step_allocates_no_temporaries(compile_small):
         assert allowed <= peak < allowed + 0.01 * param.numel() * 2, (options, peak)
 
 
-def test_a_failed_compile_leaves_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("options", [LEAN_SR, dict(state_dtype="int8", stochastic_rounding=True,
+                                                    rounding_seed=3)], ids=["bf16", "int8"])
+def test_a_failed_compile_leaves_the_eager_step(monkeypatch, options):
     """A compiler that fails: one warning, the eager step's result, and the eager step from
     then on (nothing half written)."""
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
@@ -217,15 +310,15 @@ def test_a_failed_compile_leaves_the_eager_step(monkeypatch):
     init = [t.bfloat16() for t in make_params(SHAPES, seed=7)]
     params = [torch.nn.Parameter(t.clone()) for t in init]
     with pytest.warns(RuntimeWarning, match="compiling the CPU step failed"):
-        stochastic_run(params, 1)
+        stochastic_run(params, 1, options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stochastic_run(params, 2)
-    assert not compiled.takes(dict(stochastic_rounding=True), torch.bfloat16, 1 << 30, "cpu")
+        stochastic_run(params, 2, options)
+    assert not compiled.takes(options, torch.bfloat16, 1 << 30, "cpu")
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1 << 62)
     eager = [torch.nn.Parameter(t.clone()) for t in init]
-    stochastic_run(eager, 1)
-    stochastic_run(eager, 2)
+    stochastic_run(eager, 1, options)
+    stochastic_run(eager, 2, options)
     for a, b in zip(params, eager):
         assert torch.equal(a, b)
 

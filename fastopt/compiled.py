@@ -103,8 +103,9 @@ def _load(kind: str, param: Tensor, master) -> Tensor:
     """The fp32 value an entry's step starts from (``kind``: see ``_adam``): the param widened,
     its fp32 master (the param's value where something outside changed it:
     ``precision.follow_param``), or the param and its remainder rebuilt."""
-    if kind == "master":
-        return torch.where(master.to(param.dtype) != param, param.float(), master)
+    if kind == "master":  # compared as bits: inductor may keep a cast's value unrounded
+        changed = master.to(param.dtype).view(torch.int16) != param.view(torch.int16)
+        return torch.where(changed, param.float(), master)
     if kind == "remainder8":  # the param's bits on top, the remainder's below them
         return (param.float().view(torch.int32) + (master.to(torch.int32) << 8)
                 ).view(torch.float32)
@@ -205,28 +206,33 @@ def _normalize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor) -> None
         x.div_(torch.where(largest > 0, largest, 1.0)[:, None])
 
 
+def _codes(x: Tensor, cells: Tensor) -> Tensor:
+    """int32 codes of normalized values, as ``quantization.encode`` finds them: one lookup in
+    ``quantization.cell_table`` and one comparison."""
+    word = x.view(torch.int32)
+    entry = cells[(word >> 16) & 0xFFFF]
+    return (entry & 255) + (quantization.low_key(word) > (entry >> 8)).to(torch.int32)
+
+
 def _encode(m: Tensor, r: Tensor, m_codes: Tensor, v_codes: Tensor, m_cells: Tensor,
             v_cells: Tensor, bits: int) -> None:
-    """Normalized blocks -> their codes, as ``quantization.encode`` finds them (one lookup in
-    ``quantization.cell_table`` and one comparison); 4-bit ones two to a byte, low first."""
+    """Normalized blocks -> their codes; 4-bit ones two to a byte, the even element's low
+    (each byte made from its two elements at once: no code is held in between)."""
     for x, codes, cells in ((m, m_codes, m_cells), (r, v_codes, v_cells)):
-        word = x.view(torch.int32)
-        entry = cells[(word >> 16) & 0xFFFF]
-        code = (entry & 255) + (quantization.low_key(word) > (entry >> 8)).to(torch.int32)
         if bits == 4:
-            pairs = code.view(code.shape[0], -1, 2)
-            code = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
-        codes.copy_(code)
+            codes.copy_(_codes(x[:, 0::2], cells) | (_codes(x[:, 1::2], cells) << 4))
+        else:
+            codes.copy_(_codes(x, cells))
 
 
 _COMPILED: dict = {}
 # torch's own CPU kernels are built with GCC's default contraction of a product and a sum into
 # one FMA; inductor turns it off unless asked: asked, the loop rounds as torch's fused op does.
-# A cast to bf16 or fp16 inside the loop (a master compared with its param) rounds, as eager
-# ops round it, only where inductor is asked to emulate it.
 # Lookups index tables their codes cannot pass (uint8 codes, 16-bit cells): no bounds checks.
-_INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast", "emulate_precision_casts": True,
-             "assert_indirect_indexing": False}
+# A long expression is not stored to memory midway (torch before 2.13 stores one of more than
+# 30 ops, or read by more than 8 reductions: the encoder's codes, a slice's worth of int32).
+_INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast", "assert_indirect_indexing": False,
+             "realize_opcount_threshold": 1 << 30, "realize_acc_reads_threshold": 1 << 30}
 
 
 def _run(body, static: tuple, *tensors) -> None:

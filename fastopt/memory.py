@@ -309,8 +309,8 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype,
             merged, largest = _merged_entries(bucket["sizes"])  # fresh grads: small params
             scratch += merged * dtype.itemsize  # stepped together, their grads copied
         if variant is not None and not kept and bucket["count"] > 1:
-            merged = _merged_quantized(bucket["sizes"])  # likewise, as one grid of blocks
-            scratch += merged * dtype.itemsize
+            copied, merged = _merged_quantized(bucket["sizes"])  # likewise, grids of blocks
+            scratch += copied * dtype.itemsize
             largest = max(largest, merged)
         if cost == "adam" and compiled.takes(options, dtype, bucket["elements"], device):
             return kept, scratch + compiled.scratch_bytes(options, largest)
@@ -330,22 +330,30 @@ def _merged_entries(sizes: list) -> tuple:
             max((n for _, n in spans), default=0))
 
 
-def _merged_quantized(sizes: list) -> int:
-    """Elements of the largest run of small params whose quantized state steps as one chunk,
-    their fresh grads copied together (``fastopt.optimizers.adam.MERGE_LIMIT`` at most)."""
+def _merged_quantized(sizes: list) -> tuple:
+    """(elements copied, largest run) of the runs of back-to-back params (no padding between
+    their slots) whose quantized state steps as one chunk each, their fresh grads copied
+    together: runs of at most ``fastopt.optimizers.adam.MERGE_LIMIT`` elements, all copied
+    before the first steps (``adam._merge_small``)."""
     from fastopt.optimizers.adam import MERGE_LIMIT
 
-    small = [n for n in sizes if n <= MERGE_LIMIT]
-    return min(MERGE_LIMIT, sum(small)) if len(small) > 1 else 0
+    starts, ends, _ = aligned_offsets(sizes)
+    runs, first = [], None
+    for k in range(len(sizes)):
+        if first is None or starts[k] != ends[k - 1] or ends[k] - starts[first] > MERGE_LIMIT:
+            first = k
+            runs.append(0)
+        runs[-1] = ends[k] - starts[first] if k > first else 0
+    return sum(runs), max(runs, default=0)
 
 
 def _slice_kind(options: dict, dtype) -> str:
     """Which row of ``SLICE_SCRATCH`` a widened slice's temporaries take."""
     master, state_dtype = options.get("master_weights"), options.get("state_dtype")
+    if isinstance(state_dtype, str):  # quantized state (its slices' noise included)
+        return state_dtype
     if options.get("stochastic_rounding") and dtype == torch.bfloat16 and not master:
         return "stochastic_rounding"
-    if isinstance(state_dtype, str):  # quantized state
-        return state_dtype
     if master in REMAINDERS:
         narrow = state_dtype is not None and state_dtype.itemsize < 4
         return "remainder, narrow state" if narrow else "remainder"

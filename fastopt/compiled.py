@@ -331,8 +331,8 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
 QUANTIZED_SLICE = 1 << 18  # elements of quantized state a call steps (whole blocks)
 
 
-def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: slice, step,
-                         seed, start: int, *, lr, beta1: float, beta2: float,
+def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: slice,
+                         start: int, step, seed, *, lr, beta1: float, beta2: float,
                          weight_decay: float, eps: float, maximize: bool,
                          decoupled: bool) -> bool:
     """One slice of whole blocks of quantized state (``torch_path.adam_int8_update``'s

@@ -266,22 +266,26 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
         scales = {"m": exp_avg_scales[j], "v": exp_avg_sq_scales[j]}
         block = 0
         for element, size in _block_runs(spans[j], fmt.block):
+            def where(lo: int, n: int) -> tuple:  # elements, blocks, flat offset of a piece
+                first = block + lo // fmt.block
+                return (slice(element + lo, element + lo + n),
+                        slice(first, first + fmt.num_blocks(n)),
+                        offsets[j] + element + lo if offsets else 0)
+
             whole = size - size % fmt.block if compile else 0
-            for lo, n in _pieces(whole, compiled.QUANTIZED_SLICE) + _pieces(size, SLICE, whole):
-                span = slice(element + lo, element + lo + n)
-                blocks = slice(block + lo // fmt.block, block + lo // fmt.block
-                               + fmt.num_blocks(n))
-                start = offsets[j] + element + lo if offsets else 0
+            for lo, n in _pieces(whole, compiled.QUANTIZED_SLICE) + [(whole, size - whole)]:
                 if lo < whole and compile:
                     compile = compiled.quantized_adam_slice(
-                        fmt, flat, scales, span, blocks, steps[j], rounding_seed, start,
+                        fmt, flat, scales, *where(lo, n), steps[j], rounding_seed,
                         decoupled=decoupled, **hyper)
                     if compile:
                         continue
-                _adam_int8_slice(op, fmt, flat, scales, span, blocks, steps[j],
-                                 masters is not None, rounding_seed, start,
-                                 dict(amsgrad=False, grad_scale=grad_scale,
-                                      found_inf=found_inf, **hyper))
+                for first, count in _pieces(lo + n, SLICE, lo):  # eagerly, a slice at a time
+                    span, blocks, start = where(first, count)
+                    _adam_int8_slice(op, fmt, flat, scales, span, blocks, steps[j],
+                                     masters is not None, rounding_seed, start,
+                                     dict(amsgrad=False, grad_scale=grad_scale,
+                                          found_inf=found_inf, **hyper))
             block += fmt.num_blocks(size)
 
 

@@ -141,7 +141,7 @@ def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) 
 def _adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, decoupled: bool,
                maximize: bool) -> tuple:
     """Adam's fp32 update of param ``p`` and moments ``m``, ``v`` by grad ``g`` (the module's
-    formula) -> the new (p, m, v). ``scalars``: see ``adam_scalars``."""
+    formula) -> the new (p, m, v). ``scalars``: see ``_scalars``."""
     decay, weight1, beta2, weight2, step_size, correction2_sqrt, eps = (
         scalars[k].float() for k in range(7))
     if maximize:
@@ -340,7 +340,10 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     span's flat offset, for stochastic rounding) stepped by three compiled loops: decode,
     update and store the param (``_quantized_adam``), block scales (``_normalize``), codes
     (``_encode``). Their fp32 moments are the only temporaries (``scratch_bytes``). False,
-    with nothing written, where the first loop's compile failed."""
+    with nothing written, where the first loop's compile failed or a torch dispatch mode is
+    active (dynamo traces under none)."""
+    if _get_current_dispatch_mode() is not None:
+        return False
     n = span.stop - span.start
     shape = (n // fmt.block, fmt.block)
     codes = slice(span.start // fmt.per_byte, (span.start + n) // fmt.per_byte)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastopt import compiled, precision
 from fastopt.quantization import FORMATS, SLICE, dequantize, quantize
@@ -257,8 +256,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
     op = torch._fused_adamw_ if decoupled else torch._fused_adam_
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                  maximize=maximize)
-    compile = compile and grad_scale is None and found_inf is None \
-        and _get_current_dispatch_mode() is None  # dynamo traces under no dispatch mode
+    compile = compile and grad_scale is None and found_inf is None
     for j, param in enumerate(params):
         flat = {"param": param.reshape(-1), "grad": grads[j].reshape(-1),
                 "m": exp_avgs[j].reshape(-1), "v": exp_avg_sqs[j].reshape(-1),

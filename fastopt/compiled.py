@@ -208,10 +208,9 @@ def _normalize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor) -> None
 
 def _codes(x: Tensor, cells: Tensor) -> Tensor:
     """int32 codes of normalized values, as ``quantization.encode`` finds them: one lookup in
-    ``quantization.cell_table`` and one comparison."""
+    ``quantization.cell_table`` and one addition."""
     word = x.view(torch.int32)
-    entry = cells[(word >> 16) & 0xFFFF]
-    return (entry & 255) + (quantization.low_key(word) > (entry >> 8)).to(torch.int32)
+    return (cells[(word >> 16) + (1 << 15)] + quantization.low_key(word)) >> 16
 
 
 def _encode(m: Tensor, r: Tensor, m_codes: Tensor, v_codes: Tensor, m_cells: Tensor,

@@ -63,9 +63,10 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters or rebuilding
 # them from remainders (21 beside narrow state); 20 with stochastic rounding's hashed noise;
-# 21 for quantized state's decoding and encoding, in slices of quantization.SLICE elements).
+# 18 for quantized state's decoding and encoding, in slices of quantization.SLICE elements:
+# both moments in fp32, the encoder's int32 lookups a piece at a time and the new codes).
 SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 13, "remainder, narrow state": 21,
-                 "int8": 21, "int4": 21, "stochastic_rounding": 20}
+                 "int8": 18, "int4": 18, "stochastic_rounding": 20}
 
 
 @dataclass

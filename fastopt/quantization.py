@@ -36,7 +36,8 @@ does not round to zero (which would divide its ``exp_avg`` by ``eps`` alone).
 
 Codes are the count of midpoints between neighbouring entries that lie below the value
 (``torch.bucketize``: a value on a midpoint takes the lower entry), found by the value's top 16
-bits in a table of 65536 cells and one comparison of its low 16 (``encode``, ``cell_table``).
+bits in a table of 65536 cells and one addition of its low 16, which carries into the code
+exactly when the value is above its cell's midpoint (``encode``, ``cell_table``).
 
 Tensors under ``MIN_SIZE`` elements keep fp32 state, as bitsandbytes does: their state costs
 little and they are often the sensitive ones (norms, biases).
@@ -45,6 +46,7 @@ little and they are often the sensitive ones (norms, biases).
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -141,32 +143,53 @@ def _cells(signed: bool, fmt: Format) -> tuple:
 def low_key(bits: Tensor) -> Tensor:
     """A float's low 16 bits (``bits``: its int32 view) in the order of its value within its
     cell: as they are for a positive float, reversed (``0xFFFF - low``) for a negative one,
-    whose magnitude grows with them."""
-    return (bits & 0xFFFF) ^ ((bits >> 31) & 0xFFFF)
+    whose magnitude grows with them (``bits >> 31`` is all ones for a negative float)."""
+    key = bits >> 31
+    key ^= bits
+    key &= 0xFFFF
+    return key
 
 
-@functools.lru_cache(maxsize=32)
-def cell_table(signed: bool, device: torch.device, fmt: Format = INT8) -> Tensor:
-    """The encoder's lookup table: one int32 per cell of a float's top 16 bits, the code of
-    the cell's lowest value in its low 8 bits and above them a threshold ``t`` such that a
-    value of the cell lies above the cell's midpoint exactly when its ``low_key`` exceeds
-    ``t`` (the midpoint's own key; 0xFFFF, never, where no value of the cell is above it).
-    ``code = (entry & 255) + (low_key(bits) > entry >> 8)`` is ``torch.bucketize``'s code
-    for every finite value in [-1, 1] (checked here on each cell's threshold and the keys
-    either side of it) and for a nan (no value is above a midpoint)."""
+def _cell_entries(signed: bool, fmt: Format) -> Tensor:
+    """One sign's encoder table (CPU): one int32 per cell of a float's top 16 bits, the code of
+    the cell's lowest value in bits 16-23 and below them ``0xFFFF - t``, where ``t`` is such
+    that a value of the cell lies above the cell's midpoint exactly when its ``low_key``
+    exceeds ``t`` (the midpoint's own key; 0xFFFF, never, where no value of the cell is
+    above it). Adding the ``low_key`` carries one into the code exactly when it exceeds
+    ``t``: ``code = (entry + low_key(bits)) >> 16`` is ``torch.bucketize``'s code for every
+    finite value in [-1, 1] (checked here on each cell's threshold and the keys either side
+    of it) and for a nan (no value is above a midpoint)."""
     codes, midpoints = _cells(signed, fmt)
     cells = torch.arange(1 << 16, dtype=torch.int32)
     mid_bits = midpoints.view(torch.int32)
     inside = (((mid_bits >> 16) & 0xFFFF) == cells) & midpoints.isfinite()
     threshold = torch.where(inside, low_key(mid_bits), 0xFFFF)
-    entry = codes | (threshold << 8)
+    entry = (codes << 16) | (0xFFFF - threshold)
     for key in (threshold, (threshold + 1).clamp(max=0xFFFF), threshold.clamp(min=1) - 1):
         x = ((cells << 16) | low_key(key | (cells << 16))).view(torch.float32)
         checked = x.isfinite() & (x.abs() <= 1)
         want = codes + (x > midpoints).to(torch.int32)
-        got = (entry & 255) + (key > (entry >> 8)).to(torch.int32)
-        assert torch.equal(got[checked], want[checked])
-    return entry.to(device)
+        assert torch.equal(((entry + key) >> 16)[checked], want[checked])
+    return entry
+
+
+@functools.lru_cache(maxsize=8)
+def moment_cells(fmt: Format, device: torch.device) -> tuple:
+    """Both moments' encoder tables in one (``encode_moments``): the signed one, then the
+    unsigned one (``_cell_entries``), each turned by half its length so that a cell's place
+    is its top 16 bits read as a signed number plus its table's offset, 1 << 15
+    (``exp_avg``'s) or 3 << 15 (``sqrt(exp_avg_sq)``'s); and those offsets, int32 [2, 1]."""
+    cells = torch.cat([_cell_entries(signed, fmt).roll(1 << 15) for signed in (True, False)])
+    offsets = torch.tensor([[1 << 15], [3 << 15]], dtype=torch.int32)
+    return cells.to(device), offsets.to(device)
+
+
+def cell_table(signed: bool, device: torch.device, fmt: Format = INT8) -> Tensor:
+    """One sign's encoder table (a view into ``moment_cells``): its entry for a float is at
+    the float's top 16 bits read as a signed number plus 1 << 15."""
+    cells, _ = moment_cells(fmt, device)
+    half = 0 if signed else 1 << 16
+    return cells[half : half + (1 << 16)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -177,33 +200,65 @@ def byte_pairs(signed: bool, device: torch.device) -> Tensor:
     return torch.stack([values[byte & 15], values[byte >> 4]], dim=1)
 
 
-TABLE_BYTES = (1 << 16) * 4  # one sign's cell_table: an int32 a cell
+TABLE_BYTES = (1 << 16) * 4  # one sign's half of moment_cells: an int32 a cell
 
 
 def build_tables(fmt: Format, device: torch.device) -> None:
     """Make ``fmt``'s encoder tables on ``device`` now (the CPU path builds them when a bucket
     is laid out, so that their build's temporaries never meet a step's)."""
+    moment_cells(fmt, device)
     for signed in (True, False):
-        cell_table(signed, device, fmt)
         if fmt.bits == 4:
             byte_pairs(signed, device)
 
 
 def clear_tables() -> None:
     """Forget every table made (a cold start: ``benchmarks/cold_memory.py``)."""
-    for cached in (cell_table, tables, byte_pairs):
+    for cached in (moment_cells, tables, byte_pairs):
         cached.cache_clear()
 
 
 def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
     """uint8 codes of fp32 values in [-1, 1] (unsigned: [0, 1]): the nearest table entry's
     index, a midpoint taking the lower one (``torch.bucketize``), by one lookup of the value's
-    cell (``cell_table``) and one comparison."""
+    cell (``cell_table``) and one addition."""
     table = cell_table(signed, normalized.device, fmt)
     bits = normalized.reshape(-1).view(torch.int32)
-    entry = torch.index_select(table, 0, (bits >> 16) & 0xFFFF)
-    above = low_key(bits) > (entry >> 8)
-    return (entry & 255).to(CODES).add_(above).view(normalized.shape)
+    entry = torch.index_select(table, 0, (bits >> 16).add_(1 << 15))
+    entry += low_key(bits)
+    return (entry >> 16).to(CODES).view(normalized.shape)
+
+
+def encode_moments(normalized: Tensor, fmt: Format) -> Tensor:
+    """Both moments' codes at once: ``normalized`` is fp32 [2, n], ``exp_avg``'s values in
+    [-1, 1] then ``sqrt(exp_avg_sq)``'s in [0, 1] (n even); one lookup in ``moment_cells``
+    and one addition each, as ``encode`` finds them, ``ENCODE_PIECE`` columns at a time.
+    Returns uint8 [2, ``code_bytes(n)``] (4-bit codes two to a byte, as ``pack`` makes
+    them)."""
+    cells, offsets = moment_cells(fmt, normalized.device)
+    length = normalized.shape[1]
+    codes = torch.empty(2, fmt.code_bytes(length), dtype=CODES, device=normalized.device)
+    for lo in range(0, length, ENCODE_PIECE):
+        bits = normalized[:, lo : lo + ENCODE_PIECE].view(torch.int32)
+        index = (bits >> 16).add_(offsets)
+        entry = torch.index_select(cells, 0, index.view(-1)).view(index.shape)
+        del index
+        entry += low_key(bits)
+        if _LITTLE_ENDIAN:  # bits 16-23: the third byte of each int32
+            piece = entry.view(torch.uint8)[:, 2::4]
+        else:
+            piece = (entry >> 16).to(CODES)
+        if fmt.bits == 4:
+            piece = piece[:, 0::2] | (piece[:, 1::2] << 4)
+        codes[:, lo // fmt.per_byte : (lo + bits.shape[1]) // fmt.per_byte].copy_(piece)
+    return codes
+
+
+# Columns ``encode_moments`` encodes at a time: its int32 temporaries (16 bytes a column)
+# stay below the moments' own 8 (a CPU slice of ``SLICE`` columns), and a small slice is one
+# piece (the ops' fixed costs paid once).
+ENCODE_PIECE = 1 << 16
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _blocks(flat: Tensor, fmt: Format) -> Tensor:
@@ -265,6 +320,25 @@ def dequantize(codes: Tensor, scales: Tensor, signed: bool, fmt: Format = INT8,
     blocks = blocks.mul_(scales[:, None]) if blocks.data_ptr() == flat.data_ptr() \
         else blocks * scales[:, None]
     return blocks.view(-1)[:numel].view(shape)
+
+
+def decode_moments(m_codes: Tensor, v_codes: Tensor, scales: Tensor, fmt: Format,
+                   n: int) -> Tensor:
+    """Both moments of ``n`` elements at once: fp32 [2, blocks * block], ``exp_avg``'s values
+    then ``sqrt(exp_avg_sq)``'s (``scales``: [2, blocks], in that order) as ``dequantize``
+    decodes them, and zero past ``n`` (for ``encode_moments``)."""
+    device = m_codes.device
+    out = torch.empty(2, scales.shape[1] * fmt.block, device=device)
+    for row, codes, signed in ((out[0], m_codes, True), (out[1], v_codes, False)):
+        index = codes.reshape(-1).int()
+        if fmt.bits == 8:
+            torch.index_select(tables(signed, device, fmt)[0], 0, index, out=row[:n])
+        else:  # each byte's pair of values at once (an odd n decodes one past it)
+            torch.index_select(byte_pairs(signed, device), 0, index,
+                               out=row[: 2 * index.numel()].view(-1, 2))
+    out[:, n:].zero_()
+    out.view(2, -1, fmt.block).mul_(scales[:, :, None])
+    return out
 
 
 def saved_format(codes: Tensor, numel: int) -> Format | None:

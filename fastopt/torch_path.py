@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastopt import compiled, precision
-from fastopt.quantization import FORMATS, SLICE, dequantize, quantize
+from fastopt.quantization import FORMATS, SLICE, decode_moments, encode_moments
 
 
 def count_adam_steps(table: Tensor, runs: list | None, *, lr, beta1: float,
@@ -307,16 +307,20 @@ def _block_runs(spans: list, block: int) -> list:
 
 def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, rounding_seed,
                      start, options) -> None:
-    """One slice of whole blocks of one param: decode, step, encode. ``span`` starts at an
-    even element (a param's start, or a whole number of blocks past it)."""
+    """One slice of whole blocks of one param: decode, step, encode, both moments at once
+    (``quantization.decode_moments`` / ``encode_moments``: one op serves both, and a small
+    slice's step is mostly the ops' fixed costs). ``span`` starts at an even element (a
+    param's start, or a whole number of blocks past it)."""
     source = flat["master"][span] if has_master else flat["param"][span]
     n = source.numel()
     codes = slice(span.start // fmt.per_byte, span.start // fmt.per_byte + fmt.code_bytes(n))
     math = precision.math_dtype(source.dtype)
-    m = dequantize(flat["m"][codes], scales["m"][blocks], True, fmt, (n,)).to(math)
-    root = dequantize(flat["v"][codes], scales["v"][blocks], False, fmt, (n,))
-    v = (root * root).to(math)
-    del root
+    old_scales = torch.stack([scales["m"][blocks], scales["v"][blocks]])
+    moments = decode_moments(flat["m"][codes], flat["v"][codes], old_scales, fmt, n)
+    m, v = moments[0, :n], moments[1, :n]
+    v.mul_(v)  # exp_avg_sq is stored as its square root
+    if math != torch.float32:
+        m, v = m.to(math), v.to(math)
     p32 = precision.load_master(source, flat["param"][span]) if has_master else source.to(math)
     op([p32], [flat["grad"][span].to(math)], [m], [v], [], [step], **options)
     if has_master:
@@ -326,15 +330,26 @@ def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, roun
                                                          start=start)
         precision.store(source, p32, **rounding)
     del p32  # not held while the moments are encoded
+    v.sqrt_()
+    if math != torch.float32:
+        moments[0, :n].copy_(m)
+        moments[1, :n].copy_(v)
+    del m, v
+    blocked = moments.view(2, -1, fmt.block)  # each block's scale, its largest magnitude
+    new_scales = blocked.abs().amax(dim=2)
+    blocked.div_(torch.where(new_scales > 0, new_scales, 1.0)[:, :, None])
+    new_codes = encode_moments(moments, fmt)[:, : codes.stop - codes.start]
+    if fmt.per_byte == 2 and n % 2:  # an odd last element leaves a zero nibble
+        new_codes[:, -1] &= 15
     found_inf = options["found_inf"]
-    for name, values, signed in (("m", m, True), ("v", v.sqrt_(), False)):
-        new_codes, new_scales = quantize(values, signed, fmt, overwrite=True)
-        if found_inf is not None:  # keep the old encoding bit for bit
-            skip = found_inf.to(new_codes.device) != 0
-            new_codes = torch.where(skip, flat[name][codes], new_codes)
-            new_scales = torch.where(skip, scales[name][blocks], new_scales)
-        flat[name][codes].copy_(new_codes)
-        scales[name][blocks].copy_(new_scales)
+    if found_inf is not None:  # keep the old encoding bit for bit
+        skip = found_inf.to(new_codes.device) != 0
+        new_codes = torch.where(skip, torch.stack([flat["m"][codes], flat["v"][codes]]),
+                                new_codes)
+        new_scales = torch.where(skip, old_scales, new_scales)
+    for row, name in enumerate(("m", "v")):
+        flat[name][codes].copy_(new_codes[row])
+        scales[name][blocks].copy_(new_scales[row])
 
 
 # Elements per call of an optimizer's torch math: the temporaries of one chunk stay in a core's

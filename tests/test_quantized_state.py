@@ -216,6 +216,52 @@ def test_torch_encoder_on_every_boundary(name):
 
 
 @pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("piece", [1 << 16, 512], ids=["one-piece", "many-pieces"])
+def test_both_moments_encoder_and_decoder_on_every_boundary(name, piece, monkeypatch):
+    """The CPU slice's encoder of both moments at once (``encode_moments``, its int32 lookups
+    a piece at a time) gives torch.bucketize's codes for every midpoint, a float either side
+    of it, every table value, a sweep over nine decades, zeros of both signs, for exp_avg's
+    signed table and sqrt(exp_avg_sq)'s unsigned one side by side; 4-bit codes two to a byte
+    as ``pack`` makes them. ``decode_moments`` gives ``dequantize``'s values, zero past the
+    elements it was given (an odd count of 4-bit ones included)."""
+    monkeypatch.setattr(quantization, "ENCODE_PIECE", piece)
+    fmt = FORMATS[name]
+    rows, expected = [], []
+    for signed in (True, False):
+        values, midpoints = quantization.tables(signed, torch.device("cpu"), fmt)
+        sweep = torch.logspace(-9, 0, 3000, dtype=torch.float64).float()
+        x = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                       torch.nextafter(midpoints, torch.tensor(-2.0)), values, sweep,
+                       torch.tensor([0.0, -0.0, 1.0, 1e-30])])
+        x = torch.cat([x, -x]).clamp(-1, 1) if signed else x.clamp(0, 1)
+        rows.append(x)
+        expected.append(torch.bucketize(x, midpoints))
+    n = max(r.numel() for r in rows)
+    n += -n % fmt.block
+    normalized = torch.stack([torch.nn.functional.pad(r, (0, n - r.numel())) for r in rows])
+    codes = quantization.encode_moments(normalized.clone(), fmt)
+    assert codes.shape == (2, fmt.code_bytes(n)) and codes.dtype == quantization.CODES
+    for row, (x, want) in enumerate(zip(rows, expected)):
+        got = quantization.unpack(codes[row], n, fmt)[: x.numel()]
+        assert torch.equal(got, want.int()), (row, (got != want).nonzero()[:5].flatten())
+        assert torch.equal(codes[row], quantization.pack(quantization.encode(
+            normalized[row], row == 0, fmt), fmt))
+    scales = torch.rand(2, fmt.num_blocks(n)) + 0.5
+    for count in (n, n - fmt.block + 3):
+        count -= count % 2 if fmt.bits == 8 else 0
+        decoded = quantization.decode_moments(codes[0, : fmt.code_bytes(count)],
+                                              codes[1, : fmt.code_bytes(count)],
+                                              scales[:, : fmt.num_blocks(count)], fmt, count)
+        assert decoded.shape == (2, fmt.num_blocks(count) * fmt.block)
+        for row in range(2):
+            want = quantization.dequantize(codes[row, : fmt.code_bytes(count)],
+                                           scales[row, : fmt.num_blocks(count)], row == 0, fmt,
+                                           (count,))
+            assert torch.equal(decoded[row, :count], want)
+            assert not decoded[row, count:].any()
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_kernel_leaves_slot_padding_alone_after_a_resume(name):
     """A param's short last block followed by its slot's padding is not a whole block: the
     kernel must not update the padding (whose codes a resumed state leaves at 0, which decodes

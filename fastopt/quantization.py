@@ -254,9 +254,9 @@ def encode_moments(normalized: Tensor, fmt: Format) -> Tensor:
     return codes
 
 
-# Columns ``encode_moments`` encodes at a time: its int32 temporaries (16 bytes a column)
-# stay below the moments' own 8 (a CPU slice of ``SLICE`` columns), and a small slice is one
-# piece (the ops' fixed costs paid once).
+# Columns ``encode_moments`` encodes at a time: its int32 temporaries (16 bytes a column) are
+# then, on a CPU slice of ``SLICE`` columns, 8 bytes a column, as much as the fp32 moments
+# themselves; and a small slice is one piece (the ops' fixed costs paid once).
 ENCODE_PIECE = 1 << 16
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -287,17 +287,24 @@ def unpack(stored: Tensor, numel: int, fmt: Format) -> Tensor:
     return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel].int()
 
 
-def quantize(values: Tensor, signed: bool, fmt: Format = INT8, overwrite: bool = False) -> tuple:
+def normalize_blocks(values: Tensor, fmt: Format) -> Tensor:
+    """Each block's scale, its largest magnitude, of fp32 ``values`` [..., blocks * block]
+    (contiguous), and the values divided by it in place (by 1 where all are zero)."""
+    blocked = values.view(*values.shape[:-1], -1, fmt.block)
+    scales = blocked.abs().amax(dim=-1)
+    blocked.div_(torch.where(scales > 0, scales, 1.0).unsqueeze(-1))
+    return scales
+
+
+def quantize(values: Tensor, signed: bool, fmt: Format = INT8) -> tuple:
     """``values`` (one param, any shape) -> (codes, fp32 scales [blocks]). 8-bit codes have the
-    values' shape; 4-bit ones are flat, ``code_bytes(numel)`` bytes. ``overwrite``: fp32
-    ``values`` the caller no longer needs are normalized in place (no copy)."""
+    values' shape; 4-bit ones are flat, ``code_bytes(numel)`` bytes."""
     flat = values.reshape(-1).float()
-    padded = _blocks(flat, fmt)
-    scales = padded.abs().amax(dim=1)
-    divisor = torch.where(scales > 0, scales, 1.0)[:, None]
-    in_place = overwrite and padded.data_ptr() == values.data_ptr() and padded.is_contiguous()
-    normalized = padded.div_(divisor) if in_place else padded / divisor
-    codes = encode(normalized, signed, fmt).view(-1)[: flat.numel()]
+    padded = _blocks(flat, fmt).reshape(-1)
+    if padded.data_ptr() == values.data_ptr():  # a view of the caller's values: not changed
+        padded = padded.clone()
+    scales = normalize_blocks(padded, fmt)
+    codes = encode(padded, signed, fmt)[: flat.numel()]
     stored = pack(codes, fmt)
     return (stored.view(values.shape) if fmt.bits == 8 else stored), scales
 

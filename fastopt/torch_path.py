@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from fastopt import compiled, precision
-from fastopt.quantization import FORMATS, SLICE, decode_moments, encode_moments
+from fastopt.quantization import (FORMATS, SLICE, decode_moments, encode_moments,
+                                  normalize_blocks)
 
 
 def count_adam_steps(table: Tensor, runs: list | None, *, lr, beta1: float,
@@ -335,9 +336,7 @@ def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, roun
         moments[0, :n].copy_(m)
         moments[1, :n].copy_(v)
     del m, v
-    blocked = moments.view(2, -1, fmt.block)  # each block's scale, its largest magnitude
-    new_scales = blocked.abs().amax(dim=2)
-    blocked.div_(torch.where(new_scales > 0, new_scales, 1.0)[:, :, None])
+    new_scales = normalize_blocks(moments, fmt)
     new_codes = encode_moments(moments, fmt)[:, : codes.stop - codes.start]
     if fmt.per_byte == 2 and n % 2:  # an odd last element leaves a zero nibble
         new_codes[:, -1] &= 15

@@ -199,11 +199,9 @@ def _quantized_adam(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tens
 
 def _normalize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor) -> None:
     """Each block's scale, its largest magnitude, and the block divided by it (by 1 where all
-    are zero), in place, as ``quantization.normalize_blocks`` does."""
+    are zero), in place (``quantization.normalize_blocks``)."""
     for x, scales in ((m, m_scales), (r, v_scales)):
-        largest = x.abs().amax(dim=1)
-        scales.copy_(largest)
-        x.div_(torch.where(largest > 0, largest, 1.0)[:, None])
+        scales.copy_(quantization.normalize_blocks(x))
 
 
 def _codes(x: Tensor, cells: Tensor) -> Tensor:

@@ -222,11 +222,20 @@ def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
     """uint8 codes of fp32 values in [-1, 1] (unsigned: [0, 1]): the nearest table entry's
     index, a midpoint taking the lower one (``torch.bucketize``), by one lookup of the value's
     cell (``cell_table``) and one addition."""
-    table = cell_table(signed, normalized.device, fmt)
     bits = normalized.reshape(-1).view(torch.int32)
-    entry = torch.index_select(table, 0, (bits >> 16).add_(1 << 15))
-    entry += low_key(bits)
-    return (entry >> 16).to(CODES).view(normalized.shape)
+    words = _code_words(bits, cell_table(signed, normalized.device, fmt), 1 << 15)
+    return (words >> 16).to(CODES).view(normalized.shape)
+
+
+def _code_words(bits: Tensor, cells: Tensor, offsets) -> Tensor:
+    """int32 words holding in bits 16-23 the codes of floats ``bits`` (their int32 views): each
+    float's entry in ``cells``, at its top 16 bits read as a signed number plus ``offsets``
+    (``cell_table``, ``moment_cells``), plus its ``low_key``."""
+    index = (bits >> 16).add_(offsets)
+    words = torch.index_select(cells, 0, index.view(-1)).view(index.shape)
+    del index
+    words += low_key(bits)
+    return words
 
 
 def encode_moments(normalized: Tensor, fmt: Format) -> Tensor:
@@ -240,14 +249,11 @@ def encode_moments(normalized: Tensor, fmt: Format) -> Tensor:
     codes = torch.empty(2, fmt.code_bytes(length), dtype=CODES, device=normalized.device)
     for lo in range(0, length, ENCODE_PIECE):
         bits = normalized[:, lo : lo + ENCODE_PIECE].view(torch.int32)
-        index = (bits >> 16).add_(offsets)
-        entry = torch.index_select(cells, 0, index.view(-1)).view(index.shape)
-        del index
-        entry += low_key(bits)
+        words = _code_words(bits, cells, offsets)
         if _LITTLE_ENDIAN:  # bits 16-23: the third byte of each int32
-            piece = entry.view(torch.uint8)[:, 2::4]
+            piece = words.view(torch.uint8)[:, 2::4]
         else:
-            piece = (entry >> 16).to(CODES)
+            piece = (words >> 16).to(CODES)
         if fmt.bits == 4:
             piece = piece[:, 0::2] | (piece[:, 1::2] << 4)
         codes[:, lo // fmt.per_byte : (lo + bits.shape[1]) // fmt.per_byte].copy_(piece)
@@ -287,12 +293,11 @@ def unpack(stored: Tensor, numel: int, fmt: Format) -> Tensor:
     return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel].int()
 
 
-def normalize_blocks(values: Tensor, fmt: Format) -> Tensor:
-    """Each block's scale, its largest magnitude, of fp32 ``values`` [..., blocks * block]
-    (contiguous), and the values divided by it in place (by 1 where all are zero)."""
-    blocked = values.view(*values.shape[:-1], -1, fmt.block)
-    scales = blocked.abs().amax(dim=-1)
-    blocked.div_(torch.where(scales > 0, scales, 1.0).unsqueeze(-1))
+def normalize_blocks(blocks: Tensor) -> Tensor:
+    """Each block's scale, its largest magnitude, of fp32 ``blocks`` [..., block], and the
+    blocks divided by it in place (by 1 where all are zero)."""
+    scales = blocks.abs().amax(dim=-1)
+    blocks.div_(torch.where(scales > 0, scales, 1.0).unsqueeze(-1))
     return scales
 
 
@@ -300,33 +305,40 @@ def quantize(values: Tensor, signed: bool, fmt: Format = INT8) -> tuple:
     """``values`` (one param, any shape) -> (codes, fp32 scales [blocks]). 8-bit codes have the
     values' shape; 4-bit ones are flat, ``code_bytes(numel)`` bytes."""
     flat = values.reshape(-1).float()
-    padded = _blocks(flat, fmt).reshape(-1)
+    padded = _blocks(flat, fmt)
     if padded.data_ptr() == values.data_ptr():  # a view of the caller's values: not changed
         padded = padded.clone()
-    scales = normalize_blocks(padded, fmt)
-    codes = encode(padded, signed, fmt)[: flat.numel()]
+    scales = normalize_blocks(padded)
+    codes = encode(padded, signed, fmt).view(-1)[: flat.numel()]
     stored = pack(codes, fmt)
     return (stored.view(values.shape) if fmt.bits == 8 else stored), scales
+
+
+def _decode_into(out: Tensor, codes: Tensor, signed: bool, fmt: Format, n: int) -> None:
+    """The table values of ``n`` elements' codes (as stored) into the first ``n`` elements of
+    fp32 ``out`` (4-bit codes: each byte's pair of values at once, so an odd ``n`` writes one
+    element more)."""
+    index = codes.reshape(-1).int()
+    if fmt.bits == 8:
+        torch.index_select(tables(signed, out.device, fmt)[0], 0, index, out=out[:n])
+    else:
+        torch.index_select(byte_pairs(signed, out.device), 0, index,
+                           out=out[: 2 * index.numel()].view(-1, 2))
 
 
 def dequantize(codes: Tensor, scales: Tensor, signed: bool, fmt: Format = INT8,
                shape=None) -> Tensor:
     """codes (one param) and their block scales -> fp32 values of ``shape`` (default: the
-    codes' own shape, which is the param's for 8-bit codes)."""
+    codes' own shape, which is the param's for 8-bit codes): each code's table value times
+    its block's scale."""
     shape = codes.shape if shape is None else shape
     numel = 1
     for size in shape:
         numel *= size
-    code_values, _ = tables(signed, codes.device, fmt)
-    if fmt.bits == 8:
-        flat = torch.index_select(code_values, 0, unpack(codes, numel, fmt))
-    else:  # each byte's pair of values at once
-        flat = torch.index_select(byte_pairs(signed, codes.device), 0,
-                                  codes.reshape(-1).int()).view(-1)[:numel]
-    blocks = _blocks(flat, fmt)
-    blocks = blocks.mul_(scales[:, None]) if blocks.data_ptr() == flat.data_ptr() \
-        else blocks * scales[:, None]
-    return blocks.view(-1)[:numel].view(shape)
+    out = torch.empty(fmt.num_blocks(numel) * fmt.block, device=codes.device)
+    _decode_into(out, codes, signed, fmt, numel)
+    out.view(-1, fmt.block).mul_(scales[:, None])
+    return out[:numel].view(shape)
 
 
 def decode_moments(m_codes: Tensor, v_codes: Tensor, scales: Tensor, fmt: Format,
@@ -334,15 +346,9 @@ def decode_moments(m_codes: Tensor, v_codes: Tensor, scales: Tensor, fmt: Format
     """Both moments of ``n`` elements at once: fp32 [2, blocks * block], ``exp_avg``'s values
     then ``sqrt(exp_avg_sq)``'s (``scales``: [2, blocks], in that order) as ``dequantize``
     decodes them, and zero past ``n`` (for ``encode_moments``)."""
-    device = m_codes.device
-    out = torch.empty(2, scales.shape[1] * fmt.block, device=device)
-    for row, codes, signed in ((out[0], m_codes, True), (out[1], v_codes, False)):
-        index = codes.reshape(-1).int()
-        if fmt.bits == 8:
-            torch.index_select(tables(signed, device, fmt)[0], 0, index, out=row[:n])
-        else:  # each byte's pair of values at once (an odd n decodes one past it)
-            torch.index_select(byte_pairs(signed, device), 0, index,
-                               out=row[: 2 * index.numel()].view(-1, 2))
+    out = torch.empty(2, scales.shape[1] * fmt.block, device=m_codes.device)
+    _decode_into(out[0], m_codes, True, fmt, n)
+    _decode_into(out[1], v_codes, False, fmt, n)
     out[:, n:].zero_()
     out.view(2, -1, fmt.block).mul_(scales[:, :, None])
     return out

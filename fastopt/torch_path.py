@@ -336,7 +336,7 @@ def _adam_int8_slice(op, fmt, flat, scales, span, blocks, step, has_master, roun
         moments[0, :n].copy_(m)
         moments[1, :n].copy_(v)
     del m, v
-    new_scales = normalize_blocks(moments, fmt)
+    new_scales = normalize_blocks(moments.view(2, -1, fmt.block))
     new_codes = encode_moments(moments, fmt)[:, : codes.stop - codes.start]
     if fmt.per_byte == 2 and n % 2:  # an odd last element leaves a zero nibble
         new_codes[:, -1] &= 15

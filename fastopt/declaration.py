@@ -122,6 +122,9 @@ class Declaration:
     by_address: bool = True  # its kernels read fresh grads through an address table
     differentiable: bool = True  # differentiable=True runs ``reference``'s own algorithm
     whole_params: bool = False  # its math reduces over whole params: DTensor shards refused
+    # its math runs in the params' (or fp32 masters') dtype, whatever ``state_dtype`` says: a
+    # state_dtype wider than the params' is refused (it would only hold values rounded to them)
+    math_in_param_dtype: bool = False
     # the temporaries its own update allocates for one bucket, in bytes, for fastopt.memory:
     # (options, bucket: a dict of sizes, shapes, elements..., dtype, device type) -> bytes, or
     # None where fastopt's rules for its ``cost`` apply (Muon's AdamW groups)

@@ -253,6 +253,13 @@ def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:
         raise ValueError(
             f"state_dtype={state_dtype!r} applies to real params; complex params keep their "
             "state in their own dtype (put them in a param group without state_dtype)")
+    if declaration.math_in_param_dtype and isinstance(state_dtype, torch.dtype) \
+            and state_dtype.itemsize > bucket.dtype.itemsize and not bucket.dtype.is_complex \
+            and not group.get("master_weights"):
+        raise ValueError(
+            f"{name} computes in its params' dtype ({bucket.dtype}) without master_weights, so "
+            f"state_dtype={state_dtype} would only hold values rounded to it; use "
+            "master_weights=True for fp32 math, or a state_dtype no wider than the params'")
     if group.get("master_weights") in REMAINDERS and bucket.dtype == torch.float16:
         raise ValueError(
             f"master_weights={group['master_weights']!r} keeps the bits a bfloat16 param lacks "

@@ -335,3 +335,17 @@ def test_the_tiles_cover_every_element_once():
                     assert (param, offset) not in covered
                     covered.add((param, offset))
     assert len(covered) == 70 * 130 + 4097 + 8 * 18
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_wider_than_the_math_is_refused(dtype):
+    """Adafactor computes in its params' dtype (or fp32 masters'): fp32 state beside half
+    params without masters would only hold values rounded to them, so it is refused at
+    construction with what to use instead; masters, or state no wider, are taken."""
+    param = torch.nn.Parameter(torch.randn(4, 3).to(dtype))
+    with pytest.raises(ValueError, match=r"^Adafactor computes in its params' dtype "
+                                         r".*use master_weights=True for fp32 math"):
+        fastopt.Adafactor([param], state_dtype=torch.float32)
+    fastopt.Adafactor([param], state_dtype=torch.float32, master_weights=True)
+    fastopt.Adafactor([param], state_dtype=torch.bfloat16)
+    fastopt.Adafactor([torch.nn.Parameter(torch.randn(4, 3))], state_dtype=torch.float32)

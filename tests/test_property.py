@@ -161,9 +161,11 @@ def test_lean_options_refuse_clearly_or_train_and_resume_exactly(config, dtype, 
     run(resumed, copies, 3, 2, gen_b)
     # fp16 params without masters compute in fp16, as torch.optim does: eps=1e-8 rounds to
     # zero there and 0/0 makes a nan (torch.optim.NAdam's own fp16 run does the same), which
-    # the resumed run must then repeat bit for bit.
+    # the resumed run must then repeat bit for bit. Adafactor computes in its params' dtype
+    # whatever state_dtype (a narrower one only stores the state; a wider one is refused).
     own_math = dtype == torch.float16 and not kwargs.get("master_weights") \
-        and kwargs.get("state_dtype") in (None, torch.float16)
+        and (kwargs.get("state_dtype") in (None, torch.float16)
+             or cls.declaration.math_in_param_dtype)
     for p, q in zip(params, copies):
         if not own_math:
             assert torch.isfinite(torch.view_as_real(p) if p.is_complex() else p.float()).all()

@@ -503,6 +503,7 @@ DECLARATION = Declaration(
     cost="adafactor",
     by_address=True,  # fresh grads read where they lie (params in the flat buffer only)
     whole_params=True,
+    math_in_param_dtype=True,
     scratch=_scratch,
 )
 
@@ -515,7 +516,8 @@ class Adafactor(FlatOptimizer):
     a few flat passes per bucket, and no host sync on the GPU). fastopt's keyword options:
     ``master_weights`` (the math on fp32 copies of bf16/fp16 params, ``eps1`` defaulting to
     fp32's epsilon, as an fp32 run), ``state_dtype`` (state stored narrow, math in the params'
-    or masters' dtype), ``max_grad_norm``, ``in_backward``, ``backend``,
+    or masters' dtype; a state_dtype wider than half-precision params without masters is
+    refused), ``max_grad_norm``, ``in_backward``, ``backend``,
     ``flatten_params``.
     """
 

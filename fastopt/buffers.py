@@ -37,7 +37,8 @@ class Buffers:
     def __init__(self, bucket) -> None:
         self.bucket = bucket
         n = len(bucket.params)
-        self.tensors: dict = {}  # name -> flat buffer
+        self.tensors: dict = {}  # name -> flat buffer (changed only by ensure and drop)
+        self._dtypes: frozenset | None = None  # dtypes' cache: the dtypes of ``tensors``
         self.rows: dict = {}  # name -> rows, for table buffers (SAGA)
         self.packed: dict = {}  # name -> per param (start, end, shape), or None: keeps none
         self.blockwise: set = set()  # names with one entry per block (quantized state's scales)
@@ -75,12 +76,25 @@ class Buffers:
                 size = self.block_starts[-1]
             self.tensors[name] = torch.full((size,), fill, dtype=dtype or b.dtype,
                                             device=b.device)
+            self._dtypes = None
             if fill != 0.0 and rows is None and name not in self.blockwise \
                     and name not in self.packed:
                 _zero_padding(b, self.tensors[name])
             if rows is not None:
                 self.rows[name] = rows
         return self.tensors[name]
+
+    def drop(self, name: str) -> None:
+        """Forget state buffer ``name`` (a master replaced by its other form)."""
+        del self.tensors[name]
+        self._dtypes = None
+
+    @property
+    def dtypes(self) -> frozenset:
+        """The dtypes the state buffers are stored in (read every step: made once)."""
+        if self._dtypes is None:
+            self._dtypes = frozenset(t.dtype for t in self.tensors.values())
+        return self._dtypes
 
     def _pack(self, name: str, shapes: list) -> int:
         """Lay out packed buffer ``name``: a slot per param that keeps it; its size."""

@@ -66,18 +66,19 @@ def available() -> bool:
     return shutil.which(compiler or "g++") is not None
 
 
+_DTYPES = (torch.float32, *precision.HALF_DTYPES)  # the params' dtypes a compiled loop takes
+
+
 def takes(options: dict, dtype: torch.dtype, elements: int, device) -> bool:
     """Does a bucket of ``elements`` (its flat buffers' size) params of ``dtype`` on ``device``
     with a group's ``options`` step through the compiled loop? Widened Adam state on a CPU
     (``precision.widens``: fp32 params with narrower or quantized state, or half-precision
     params) without amsgrad, at least ``MIN_ELEMENTS``, and a compiler. (A step with
     GradScaler's tensors, or under a torch dispatch mode, takes the eager step.)"""
-    if _FAILED or torch.device(device).type != "cpu" \
-            or dtype not in (torch.float32, *precision.HALF_DTYPES):
+    if _FAILED or dtype not in _DTYPES or not precision.widens(options, dtype) \
+            or options.get("amsgrad") or elements < MIN_ELEMENTS:
         return False
-    if not precision.widens(options, dtype) or options.get("amsgrad"):
-        return False
-    return elements >= MIN_ELEMENTS and available()
+    return torch.device(device).type == "cpu" and available()
 
 
 def scratch_bytes(options: dict, largest: int) -> int:

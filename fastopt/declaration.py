@@ -137,8 +137,14 @@ class Declaration:
         return self.fused_cost if self.fused is not None and fused_serves else self.cost
 
     def buffer_names(self, group: dict) -> list:
-        """The names of the buffers a param of ``group`` keeps, in declared order."""
-        return [b.name for b in self.buffers if b.present(group)]
+        """The names of the buffers a param of ``group`` keeps, in declared order (asked on
+        every step: each buffer's condition read straight from ``_conditions``)."""
+        return [name for name, when in self._conditions if when is None or when(group)]
+
+    @functools.cached_property
+    def _conditions(self) -> tuple:
+        """(name, when) of each declared buffer."""
+        return tuple((b.name, b.when) for b in self.buffers)
 
     def buffer(self, name: str) -> Buffer | None:
         return next((b for b in self.buffers if b.name == name), None)

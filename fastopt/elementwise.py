@@ -101,12 +101,17 @@ def fused_serves(bucket) -> bool:
     params (so no masters or stochastic rounding, which only half-precision params take),
     state in their dtype?"""
     return bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64) \
-        and all(t.dtype == bucket.dtype for t in bucket.state.tensors.values())
+        and bucket.state.dtypes <= {bucket.dtype}
 
 
 def step_cost(opt, bucket) -> str:
-    """The row of ``fastopt.plan.CPU_COSTS`` that prices ``bucket``'s step."""
-    return opt.declaration.cpu_cost(fused_serves(bucket))
+    """The row of ``fastopt.plan.CPU_COSTS`` that prices ``bucket``'s step (decided once for
+    each set of dtypes its state is kept in)."""
+    key = ("cost", bucket.state.dtypes)
+    cost = bucket.decided.get(key)
+    if cost is None:
+        cost = bucket.decided[key] = opt.declaration.cpu_cost(fused_serves(bucket))
+    return cost
 
 
 def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> None:

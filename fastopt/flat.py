@@ -192,6 +192,9 @@ class Bucket:
     storage_keys: set = field(default_factory=set)
     real_views: dict = field(default_factory=dict)  # buffer name -> per-param real views
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
+    # Decisions that follow from the layout alone (``fastopt.plan.gathers_fresh``), made once:
+    # a bucket's layout never changes (a new layout is a new bucket).
+    decided: dict = field(default_factory=dict)
 
     def chunk_end(self, hi: int) -> int:
         """Where a chunk ending with param ``hi - 1`` may end: that param's end rounded up to

@@ -32,16 +32,17 @@ def run_hooked(opt, closure):
     optimizer's step pre-hooks (which may replace the arguments), the step, torch's
     ``_optimizer_step_code`` marker, then the post-hooks; inside a profiler range only while a
     profiler records (see ``profiled``)."""
+    if not (torch._C._autograd._profiler_enabled() or _global_optimizer_pre_hooks
+            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+            or _global_optimizer_post_hooks):  # most loops: a few us less a step
+        out = type(opt)._step_body(opt, closure)
+        opt._optimizer_step_code()
+        return out
     return profiled(f"Optimizer.step#{type(opt).__name__}.step", _hooked_body, opt, closure)
 
 
 def _hooked_body(opt, closure):
     args, kwargs = ((opt,) if closure is None else (opt, closure)), {}
-    if not (_global_optimizer_pre_hooks or opt._optimizer_step_pre_hooks
-            or opt._optimizer_step_post_hooks or _global_optimizer_post_hooks):
-        out = type(opt)._step_body(*args)  # no hooks (most loops): a few us less a step
-        opt._optimizer_step_code()
-        return out
     for pre_hook in chain(_global_optimizer_pre_hooks.values(),
                           opt._optimizer_step_pre_hooks.values()):
         result = pre_hook(opt, args, kwargs)

@@ -90,7 +90,8 @@ def ensure_layout(opt) -> None:
             build_group(opt, index)
         return
     for index, buckets in enumerate(opt._buckets):
-        stale = any(p.grad is not None for p in opt._outsiders[index])
+        outsiders = opt._outsiders[index]
+        stale = bool(outsiders) and any(p.grad is not None for p in outsiders)
         stale = stale or not all(b.is_intact() for b in buckets)
         stale = stale or opt._group_ids[index] != list(
             map(id, opt.param_groups[index]["params"]))  # params swapped in the group

@@ -255,32 +255,36 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     else:
         step_runs = runs(participants, keys)
 
-    def whole(route: str, grad) -> StepPlan:  # one entry: the whole bucket
-        chunk = Chunk(0, n, 0, bucket.numel, grad, key)
-        if n == 1 and route != "table":  # shaped as the param's piece (Bucket.pieces' rule)
-            chunk = chunk._replace(grad=bucket.pieces("grad", [chunk])[0])
-        return StepPlan(bucket, route, step_runs, key, [chunk])
-
     if keys is not None or len(participants) != n:
         copy = gather_runs and _gathers_runs(bucket, op, participants, step_runs)
         return StepPlan(bucket, "chunks", step_runs, key,
                         _chunks(bucket, participants, grads, in_place, keys, key, step_runs,
                                 copy))
     if in_place is True:
-        return whole("flat", bucket.grads.buffer)
+        return _whole(bucket, "flat", bucket.grads.buffer, step_runs, key)
     # Fresh grads: checked in bulk (in_place False), or grad by grad for an external bucket.
     fresh = in_place is False or (bucket.external and not any(in_place))
     if fresh and by_address:
         table = grad_table.attach(bucket, grads)  # one launch reads each grad where it lies
         if table is not None:
-            return whole("table", table)
+            return _whole(bucket, "table", table, step_runs, key)
     if in_place is False and (bucket.backend == "triton" or gathers_fresh(bucket, op)):
         gather(bucket, grads)
-        return whole("gather", bucket.grads.buffer)
+        return _whole(bucket, "gather", bucket.grads.buffer, step_runs, key)
     if in_place is False:
         return StepPlan(bucket, "tensors", step_runs, key, grads=grads)
     return StepPlan(bucket, "chunks", step_runs, key,
                     _chunks(bucket, participants, grads, in_place, keys, key, step_runs))
+
+
+def _whole(bucket: Bucket, route: str, grad, step_runs: list, key) -> StepPlan:
+    """A plan of one entry: the whole bucket, with ``grad`` (the flat grad buffer, or the
+    address table)."""
+    n = len(bucket.params)
+    chunk = Chunk(0, n, 0, bucket.numel, grad, key)
+    if n == 1 and route != "table":  # shaped as the param's piece (Bucket.pieces' rule)
+        chunk = chunk._replace(grad=bucket.pieces("grad", [chunk])[0])
+    return StepPlan(bucket, route, step_runs, key, [chunk])
 
 
 def _gathers_runs(bucket: Bucket, op: str, participants: list, step_runs: list) -> bool:
@@ -298,10 +302,14 @@ def _gathers_runs(bucket: Bucket, op: str, participants: list, step_runs: list) 
 def gathers_fresh(bucket: Bucket, op: str) -> bool:
     """Does a torch-path step copy ``bucket``'s fresh grads, all of them present, into its
     flat grad buffer (``gather``) before one call over it? (``gather_pays``, for this bucket's
-    shapes: the same every step.) The copy takes grads in any strides."""
-    return bucket.backend == "torch" and gather_pays(
-        op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
-        bucket.gapless_vectors, gathered_entries(op, bucket.flat_entries))
+    shapes: the same every step, so decided once per bucket.) The copy takes grads in any
+    strides."""
+    decided = bucket.decided.get(("gathers", op))
+    if decided is None:
+        decided = bucket.decided[("gathers", op)] = bucket.backend == "torch" and gather_pays(
+            op, bucket.device, len(bucket.params), bucket.numel, bucket.dtype,
+            bucket.gapless_vectors, gathered_entries(op, bucket.flat_entries))
+    return decided
 
 
 def gathered_entries(op: str, flat_entries: int) -> int:
@@ -407,8 +415,8 @@ def merge_widened(plan: StepPlan, group: dict) -> StepPlan:
     options widen its CPU torch-path step (``precision.widens``): back-to-back params sharing
     a run key whose grads are held apart, exactly their size."""
     bucket = plan.bucket
-    if bucket.backend != "torch" or bucket.device.type != "cpu" or bucket.external \
-            or plan.route not in ("tensors", "chunks") or not widens(group, bucket.dtype):
+    if plan.route not in ("tensors", "chunks") or not widens(group, bucket.dtype) \
+            or bucket.backend != "torch" or bucket.device.type != "cpu" or bucket.external:
         return plan
     chunks = plan.chunks
     alone = [c.hi - c.lo == 1 and c.grad is not None and c.grad.numel() == c.end - c.start

@@ -230,7 +230,10 @@ def needs_fp32(params: list, states: list, masters, seed) -> bool:
     dtype = params[0].dtype
     if masters is not None or (seed is not None and dtype == torch.bfloat16):
         return True
-    return any(state and state[0].dtype != dtype for state in states)
+    for state in states:  # a loop, not any(): this runs on every step
+        if state and state[0].dtype != dtype:
+            return True
+    return False
 
 
 def has_master(group: dict, dtype: torch.dtype) -> bool:

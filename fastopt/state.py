@@ -196,7 +196,7 @@ def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
             if replaced:
                 dict.pop(opt.state[p], other, None)
     if replaced:
-        del bucket.state.tensors[other]
+        bucket.state.drop(other)
         bucket.real_views.pop(other, None)
 
 

@@ -29,18 +29,18 @@ from fastopt.quantization import (FORMATS, SLICE, decode_moments, encode_moments
                                   normalize_blocks)
 
 
-def count_adam_steps(table: Tensor, runs: list | None, *, lr, beta1: float,
-                     beta2: float) -> None:
+def count_adam_steps(table, runs: list | None, *, lr, beta1: float, beta2: float) -> None:
     """Add one to the step count (column 0 of ``table``, rows ``(step, step_size,
     bias_correction2_sqrt)``; the torch path derives the rest itself) of every param in
-    ``runs`` (``[lo, hi, ...]`` each; None: every param). A CPU table is counted in a few
-    numpy ops over its memory however many runs there are: a torch op per run costs
-    microseconds, and params without grads in some steps split a bucket into hundreds."""
-    if table.device.type != "cpu":
+    ``runs`` (``[lo, hi, ...]`` each; None: every param). A CPU table comes as the numpy array
+    over its memory (``Buffers.host_scalars``) and is counted in a few numpy ops however many
+    runs there are: a torch op per run costs microseconds, and params without grads in some
+    steps split a bucket into hundreds."""
+    if isinstance(table, Tensor):
         for rows in [table] if runs is None else [table[r[0] : r[1]] for r in runs]:
             rows[:, 0].add_(1)
         return
-    counts = table.numpy()[:, 0]
+    counts = table[:, 0]
     if runs is None:
         counts += 1
         return

@@ -19,6 +19,7 @@ from fastopt.elementwise import _on
 from fastopt.flat import Bucket, is_dtensor, local
 from fastopt.optimizer import FlatOptimizer
 from fastopt.plan import Chunk, StepPlan, merge_widened
+from fastopt.precision import widens
 from fastopt.state import MASTER, MASTERS
 from fastopt.validation import check_adam, check_flags
 
@@ -33,16 +34,21 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     amsgrad = group["amsgrad"]
     beta1, beta2 = group["betas"]
     runs = None if plan.whole else plan.step_runs
+    lr = _on(group["lr"], bucket.device)
+    host = bucket.backend == "torch" and bucket.device.type == "cpu"
     dispatch.implementation("count_adam_steps", bucket.backend)(
-        rows, runs, lr=_on(group["lr"], bucket.device), beta1=float(beta1), beta2=float(beta2))
+        bucket.state.host_scalars() if host else rows, runs, lr=lr, beta1=float(beta1),
+        beta2=float(beta2))
     if bucket.variant in QUANTIZED:
         _update_int8(opt, group, bucket, plan, grad_scale, found_inf)
     else:
-        plan = merge_widened(plan, group)  # small params' widened copies in one entry
-        options = opt.precision_options(group, bucket, plan)
-        if bucket.backend == "torch":
-            options["compile"] = compiled.takes(group, bucket.dtype, bucket.numel,
-                                                bucket.device)
+        options = {}  # params, moments and masters all in the params' dtype: none
+        if widens(group, bucket.dtype):  # fp32 math on widened copies (fastopt.precision)
+            plan = merge_widened(plan, group)  # small params' widened copies in one entry
+            options = opt.precision_options(group, bucket, plan)
+            if bucket.backend == "torch":
+                options["compile"] = compiled.takes(group, bucket.dtype, bucket.numel,
+                                                    bucket.device)
         dispatch.update_fn("adam", bucket.backend)(
             plan.pieces("param"),
             plan.grads,
@@ -50,7 +56,7 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
             plan.pieces("exp_avg_sq"),
             plan.pieces("max_exp_avg_sq") if amsgrad else [],
             plan.scalar_views("step"),
-            lr=_on(group["lr"], bucket.device),
+            lr=lr,
             beta1=float(beta1),
             beta2=float(beta2),
             weight_decay=float(group["weight_decay"]),

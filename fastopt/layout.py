@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch.nn.parameter import is_lazy
 
 from fastopt import dispatch, grad_table
-from fastopt.flat import build_bucket, group_params, layout_parts, local, real_dtype
+from fastopt.flat import Bucket, build_bucket, group_params, layout_parts, local, real_dtype
 from fastopt.state import State, adopt_state, create_state
 
 
@@ -89,13 +89,11 @@ def ensure_layout(opt) -> None:
         for index in range(len(opt.param_groups)):
             build_group(opt, index)
         return
-    for index, buckets in enumerate(opt._buckets):
+    for index, (group, buckets) in enumerate(zip(opt.param_groups, opt._buckets)):
         outsiders = opt._outsiders[index]
-        stale = bool(outsiders) and any(p.grad is not None for p in outsiders)
-        stale = stale or not all(b.is_intact() for b in buckets)
-        stale = stale or opt._group_ids[index] != list(
-            map(id, opt.param_groups[index]["params"]))  # params swapped in the group
-        if stale:
+        if (outsiders and any(p.grad is not None for p in outsiders)) \
+                or opt._group_ids[index] != list(map(id, group["params"])) \
+                or not all(map(Bucket.is_intact, buckets)):  # grads, params swapped or moved
             check_unchanged(opt, index, buckets)
             own = set().union(*(b.storage_keys for b in buckets))
             build_group(opt, index, own)

@@ -280,8 +280,7 @@ class FlatOptimizer(Optimizer):
     # range unless it is marked ``hooked``; this one runs them itself (``fastopt.hooks``).
     step.hooked = True
 
-    def _step_body(self, closure=None):
-        return stepper.step_body(self, closure)
+    _step_body = stepper.step_body  # (self, closure=None): the step without its hooks
 
     def _init_group(self, *args, **kwargs):
         """torch.optim's ``_init_group``, which the reference class's ``step`` calls."""

@@ -210,7 +210,10 @@ def check_group_options(opt, group: dict) -> None:
 
 def max_grad_norm(opt):
     """The groups' ``max_grad_norm`` (one global norm: every group must agree)."""
-    values = {group.get("max_grad_norm") for group in opt.param_groups}
+    groups = opt.param_groups
+    if len(groups) == 1:  # most optimizers (asked on every step)
+        return groups[0].get("max_grad_norm")
+    values = {group.get("max_grad_norm") for group in groups}
     if len(values) > 1:
         raise ValueError(f"max_grad_norm clips the norm of all grads together, so every "
                          f"param group needs the same value, got {sorted(values, key=str)}")

@@ -39,6 +39,7 @@ bench: $(STAMP)
 	cat benchmarks/results/cpu-every-optimizer.txt
 	$(PY) -m benchmarks.muon_bench --repeats 21 --json benchmarks/results/cpu-muon.json \
 		| tee benchmarks/results/cpu-muon.txt
+	$(PY) -m benchmarks.step_floor
 	$(PY) -m benchmarks.lean_cpu --json benchmarks/results/cpu-lean.json \
 		| tee benchmarks/results/cpu-lean.md
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'

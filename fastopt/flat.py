@@ -192,8 +192,9 @@ class Bucket:
     storage_keys: set = field(default_factory=set)
     real_views: dict = field(default_factory=dict)  # buffer name -> per-param real views
     write_back: list = field(default_factory=list)  # (copy, param): non-contiguous external params
-    # Decisions that follow from the layout alone (``fastopt.plan.gathers_fresh``), made once:
-    # a bucket's layout never changes (a new layout is a new bucket).
+    # Decisions made once, read every step: those that follow from the layout alone
+    # (``fastopt.plan.gathers_fresh``; a new layout is a new bucket), and those that follow from
+    # it and the state's dtypes, keyed by them (``fastopt.elementwise.step_cost``).
     decided: dict = field(default_factory=dict)
 
     def chunk_end(self, hi: int) -> int:

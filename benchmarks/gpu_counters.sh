@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The hardware counters of the kernels the first H200 run found far below the static cost model
 # (docs/performance.md, "Measured on an H200"): AdamW's 8-bit state at 34 % of the copy
-# bandwidth (model 78 %), 4-bit at 30 % (70 %), and Adafactor's per-param pass. Nsight Compute
+# bandwidth (model 78 %), 4-bit at 30 % (70 %), and Adafactor's statistics pass (its per-param
+# pass was one program for a 50257 x 768 embedding on the H100: 455 us). Nsight Compute
 # (ncu, on the device machine's Firecracker runtime; --clock-control none leaves the clocks as
 # they are) profiles one launch of each after warm-up: speed of light, memory workload, warp
 # stall reasons, shared-memory bank conflicts, occupancy. About 2 minutes; nothing installed.
@@ -50,4 +51,4 @@ for _ in range(5):
     opt.step()
 torch.cuda.synchronize()
 EOF
-profile adafactor-factors "_factors_kernel" "$(cat /tmp/adafactor_step.py)"
+profile adafactor-statistics "_statistics_kernel" "$(cat /tmp/adafactor_step.py)"

@@ -60,7 +60,8 @@ KERNELS = {  # short name -> (module, kernel)
     "elementwise": ("fastopt.kernels.elementwise", "_elementwise_kernel"),
     # Adafactor's passes (fastopt.kernels.adafactor): the tiles' and the per-param ones
     "adafactor_stats": ("fastopt.kernels.adafactor", "_stats_kernel"),
-    "adafactor_factors": ("fastopt.kernels.adafactor", "_factors_kernel"),
+    "adafactor_statistics": ("fastopt.kernels.adafactor", "_statistics_kernel"),
+    "adafactor_means": ("fastopt.kernels.adafactor", "_means_kernel"),
     "adafactor_tiles": ("fastopt.kernels.adafactor", "_tiles_kernel"),
     "adafactor_coefficients": ("fastopt.kernels.adafactor", "_coefficients_kernel"),
 }
@@ -409,7 +410,7 @@ def gpu_variants() -> list:
 
 
 def adafactor_variants() -> list:
-    """Adafactor's four kernels in each storage a GPU run takes: fp32; bf16 state; bf16 and
+    """Adafactor's five kernels in each storage a GPU run takes: fp32; bf16 state; bf16 and
     fp16 params with fp32 masters, a clip's grad divisor and a weight decay."""
     out = []
     for param, state, master in (("fp32", "fp32", False), ("fp32", "bf16", False),
@@ -417,7 +418,8 @@ def adafactor_variants() -> list:
                                  ("bf16", "bf16", False), ("fp16", "fp16", False)):
         dtypes = {"param_ptr": "*" + param, "grad_ptr": "*" + param, "master_ptr": "*fp32",
                   "row_var_ptr": "*" + state, "col_var_ptr": "*" + state,
-                  "variance_ptr": "*" + state, "info_ptr": "*i64", "tile_ptr": "*i32"}
+                  "variance_ptr": "*" + state, "info_ptr": "*i64", "tile_ptr": "*i32",
+                  "chunk_ptr": "*i32", "matrix_ptr": "*i32"}
         # half params without masters: torch's math op by op in their type (HALF)
         half = 0 if master else {"bf16": 1, "fp16": 2}.get(param, 0)
         # fresh grads read where they lie (the default loop's); fp32 also from the flat buffer
@@ -427,7 +429,8 @@ def adafactor_variants() -> list:
             for apply in (False, True):
                 out.append(_variant("adafactor_tiles", dtypes, dict(
                     flags, HAS_DECAY=master, APPLY=apply), num_warps=8 if apply else 4))
-        out.append(_variant("adafactor_factors", dtypes, dict(HALF=half)))
+        out.append(_variant("adafactor_statistics", dtypes, dict(HALF=half)))
+        out.append(_variant("adafactor_means", dtypes, dict(HALF=half)))
         out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"},
                             dict(MAXIMIZE=False, HALF=half)))
     for spec in out:

@@ -1,4 +1,5 @@
-"""Adafactor's step (``torch.optim.Adafactor``) in five launches per entry, whatever its params.
+"""Adafactor's step (``torch.optim.Adafactor``) in four to six launches per entry, whatever its
+params.
 
 Every param is seen as ``B`` matrices of ``R x C`` (a param of rank two or more: its last two
 dimensions; a vector: rows of ``TILE_COLS`` elements, ``B = 1``) cut into tiles of
@@ -11,18 +12,24 @@ and :math:`\\rho_t` (the host's ``scalars``):
 
 1. ``_stats``: per tile, :math:`\\sum \\theta^2`; for a matrix, the row and column sums of
    :math:`G^2` over the tile.
-2. ``_factors`` (a program per param): :math:`\\alpha = \\max(\\epsilon_2,
-   \\operatorname{RMS}(\\theta))\\rho_t`; for each of its matrices
-   :math:`R \\leftarrow R + w(\\operatorname{mean}_{-1} G^2 - R)`, the same for :math:`C`, and
-   :math:`\\operatorname{mean}_{-2} R`. The updated statistics are stored in the state (in its
-   dtype) and in fp32 beside it, which the next passes read (as torch.optim's own math does).
-3. ``_tiles`` without ``APPLY``: per tile, :math:`\\sum U^2` of the update
+2. ``_statistics`` (matrices only; a program per ``LANES`` rows or columns of a matrix):
+   :math:`R \\leftarrow R + w(\\operatorname{mean}_{-1} G^2 - R)` from the rows' tile sums, the
+   same for :math:`C`, and the sum of those rows of :math:`R`. The updated statistics are
+   stored in the state (in its dtype) and in fp32 beside it, which the next passes read (as
+   torch.optim's own math does). A matrix of at most ``LANES`` rows has its
+   :math:`\\max(\\operatorname{mean}_{-2} R, \\epsilon_1)` here too.
+3. ``_means`` (a program per matrix of more rows): that mean, from its row sums.
+4. ``_tiles`` without ``APPLY``: per tile, :math:`\\sum U^2` of the update
    :math:`U = G/\\sqrt{\\max(\\hat V, \\epsilon_1^2)}`, :math:`\\hat V = RC/\\max(\\operatorname
    {mean}_{-2}R, \\epsilon_1)` (a vector: :math:`\\hat V = V + w(G^2 - V)`).
-4. ``_coefficients`` (a program per param): :math:`c = -\\alpha/\\max(1, \\operatorname{RMS}(U)
+5. ``_coefficients`` (a program per param): :math:`\\alpha = \\max(\\epsilon_2,
+   \\operatorname{RMS}(\\theta))\\rho_t` and :math:`c = -\\alpha/\\max(1, \\operatorname{RMS}(U)
    /d)` (positive for ``maximize``).
-5. ``_tiles`` with ``APPLY``: :math:`U` again, the same ops, then
+6. ``_tiles`` with ``APPLY``: :math:`U` again, the same ops, then
    :math:`\\theta \\leftarrow \\theta(1-\\gamma\\lambda) + cU` (a vector's :math:`V` stored).
+
+Every pass spreads its work over programs of bounded size (a tile, ``LANES`` statistics, a
+matrix, a param's sums): a large matrix's statistics are not one program's serial loop.
 
 bf16/fp16 params without fp32 masters take torch.optim's math op by op in their own type
 (``HALF``: every op's result rounded to it, as torch's for-loop rounds it), so that the kernels
@@ -38,7 +45,9 @@ slow path costs a stack frame). The grads are read from the flat grad buffer, or
 autograd left them (``GRAD_TABLE``: the default loop's fresh grads, one address a param).
 
 Kernels know pointers, sizes and scalars only: the host gives them a table per param (``INFO``
-int64 columns) and one per tile (its param, matrix, row and column tile).
+int64 columns), one per tile (its param, matrix, row and column tile), one per chunk of
+statistics (its param, matrix, rows or columns, first one) and one per matrix of more than
+``LANES`` rows (its param and matrix).
 """
 
 from __future__ import annotations
@@ -56,25 +65,30 @@ from .rounding import load_param, store_param, to_storage
 
 TILE_ROWS = tl.constexpr(64)
 TILE_COLS = tl.constexpr(64)
-REDUCE = tl.constexpr(256)  # elements a per-param program sums at once
-# A statistic's partial sums (one per tile along its row or column) loaded PARTS at a time:
-# that many loads in flight per lane instead of a chain of dependent ones (a wide matrix's
-# column has hundreds of tiles)
-PARTS = tl.constexpr(16)
+# A sum of many fp32 values (a param's tile sums, a matrix's row sums) is taken BLOCKS x REDUCE
+# at a time, in a fixed order: that many loads in flight instead of a chain of dependent ones.
+REDUCE = tl.constexpr(256)
+BLOCKS = tl.constexpr(16)
+# The statistics pass: LANES rows (columns) of a matrix a program, each statistic's partial sums
+# (one per tile along its row or column: hundreds for a long column) loaded PARTS at a time.
+LANES = tl.constexpr(64)
+PARTS = tl.constexpr(64)
 # No multiply-add is fused but those the math spells out (``kernels/ops.py``).
 LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
 # A thread takes 32 elements of a tile, 16 in the pass that updates the params (registers)
 APPLY_LAUNCH = dict(LAUNCH, num_warps=8)
 # The per-param table's int64 columns: the param's first element (from the entry's), its
 # elements, rows, columns and matrices (a vector: rows of TILE_COLS, one matrix), factored or
-# not, its packed state's offsets, its tiles, its statistics' offsets in the workspace, and
-# its index in the bucket (its row of a grad table).
+# not, its packed state's offsets, its tiles, its statistics' offsets in the workspace, its
+# index in the bucket (its row of a grad table) and the offset of its matrices' row sums (one
+# per LANES rows) in the workspace.
 COLUMNS = ("start", "numel", "rows", "cols", "batches", "factored", "row_var", "col_var",
            "variance", "first_tile", "tiles", "col_tiles", "wide_rows", "wide_cols", "means",
-           "index")
+           "index", "row_sums")
 START, NUMEL, ROWS, COLS, BATCHES, FACTORED, ROW_VAR, COL_VAR, VARIANCE, FIRST_TILE, TILES, \
-    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS, INDEX = (tl.constexpr(k) for k in range(len(COLUMNS)))
-INFO = tl.constexpr(16)
+    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS, INDEX, ROW_SUMS = \
+    (tl.constexpr(k) for k in range(len(COLUMNS)))
+INFO = tl.constexpr(len(COLUMNS))
 # The fp32 scalars the host computes once per step (``scalars``): 1 - beta2_t, rho_t, and the
 # weight decay's factor 1 - lr * weight_decay.
 ONE_MINUS_BETA2, RHO, DECAY = (tl.constexpr(k) for k in range(3))
@@ -208,83 +222,112 @@ def _stats(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, info, local, mask, r
 
 
 @triton.jit
-def _tile_sum(squares_ptr, info):
-    """The sum of a param's per-tile sums, REDUCE tiles at a time in tile order. (Its loops are
-    ``while`` loops: Triton 3.6's interpreter cannot take a loaded bound in ``range``.)"""
-    first_tile, tiles = tl.load(info + FIRST_TILE), tl.load(info + TILES)
-    lanes = tl.arange(0, REDUCE)
+def _sum(ptr, count):
+    """The sum of ``count`` fp32 values from ``ptr``, BLOCKS x REDUCE at a time in a fixed
+    order. (Its loop is a ``while`` loop: Triton 3.6's interpreter cannot take a loaded bound in
+    ``range``.)"""
+    at = tl.arange(0, BLOCKS)[:, None] * REDUCE + tl.arange(0, REDUCE)[None, :]
     total = tl.zeros([REDUCE], tl.float32)
-    k = tiles * 0
-    while k < tiles:
-        total += tl.load(squares_ptr + first_tile + k + lanes, mask=k + lanes < tiles, other=0.0)
-        k += REDUCE
+    k = count * 0
+    while k < count:
+        total += tl.sum(tl.load(ptr + k + at, mask=k + at < count, other=0.0), axis=0)
+        k += BLOCKS * REDUCE
     return tl.sum(total, axis=0)
 
 
 @triton.jit
-def _factors_kernel(info_ptr, row_part_ptr, col_part_ptr, squares_ptr, row_var_ptr,
-                    col_var_ptr, wide_rows_ptr, wide_cols_ptr, means_ptr, alpha_ptr,
-                    scalars_ptr, eps2, eps1, HALF: tl.constexpr):
-    """One param: its ``alpha``; for each of its matrices, the row and column statistics and
-    the rows' mean (see the module docstring, pass 2)."""
-    p = tl.program_id(0).to(tl.int64)
-    info = info_ptr + p * INFO
-    rms = tl.div_rn(_r(tl.sqrt_rn(_tile_sum(squares_ptr, info)), HALF),
-                    tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)))
-    tl.store(alpha_ptr + p, tl.maximum(rms, eps2) * tl.load(scalars_ptr + RHO))
-    if tl.load(info + FACTORED) != 0:
-        weight = tl.load(scalars_ptr + ONE_MINUS_BETA2)
-        n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
-        col_tiles = tl.load(info + COL_TILES)
-        row_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-        batch = n_rows * 0
-        while batch < tl.load(info + BATCHES):
-            tile0 = tl.load(info + FIRST_TILE) + batch * row_tiles * col_tiles
-            at = batch * n_rows
-            mean = _statistics(row_part_ptr, row_var_ptr + tl.load(info + ROW_VAR) + at,
-                               wide_rows_ptr + tl.load(info + WIDE_ROWS) + at, tile0, n_rows,
-                               n_cols, col_tiles, col_tiles, TILE_ROWS, weight, TILE_ROWS, HALF)
-            # the mean, at least eps1 (the divisor of the estimate)
-            tl.store(means_ptr + tl.load(info + MEANS) + batch, _r(tl.maximum(mean, eps1), HALF))
-            at = batch * n_cols
-            _statistics(col_part_ptr, col_var_ptr + tl.load(info + COL_VAR) + at,
-                        wide_cols_ptr + tl.load(info + WIDE_COLS) + at, tile0, n_cols, n_rows,
-                        1, row_tiles, col_tiles * TILE_COLS, weight, TILE_COLS, HALF)
-            batch += 1
+def _rms(squares_ptr, info, HALF: tl.constexpr):
+    """The root mean square of a param's elements from its tiles' sums of squares (a norm
+    rounded as torch's in the half type), without the division by ``sqrt(numel)``."""
+    return _r(tl.sqrt_rn(_sum(squares_ptr + tl.load(info + FIRST_TILE), tl.load(info + TILES))),
+              HALF)
 
 
 @triton.jit
-def _statistics(part_ptr, state_ptr, wide_ptr, tile0, count, length, tile_step, parts,
+def _statistics_kernel(chunk_ptr, info_ptr, row_part_ptr, col_part_ptr, row_var_ptr,
+                       col_var_ptr, wide_rows_ptr, wide_cols_ptr, row_sums_ptr, means_ptr,
+                       scalars_ptr, eps1, HALF: tl.constexpr):
+    """Pass 2: the program's chunk (its row of ``chunk``: param, matrix, 0 for rows or 1 for
+    columns, first one) of LANES row (column) statistics of a matrix, from the tiles' sums;
+    a chunk of rows leaves their sum, or (the matrix's only chunk) the matrix's mean."""
+    chunk = chunk_ptr + tl.program_id(0) * 4
+    p = tl.load(chunk).to(tl.int64)
+    batch = tl.load(chunk + 1).to(tl.int64)
+    first = tl.load(chunk + 3).to(tl.int64)
+    info = info_ptr + p * INFO
+    weight = tl.load(scalars_ptr + ONE_MINUS_BETA2)
+    n_rows, n_cols = tl.load(info + ROWS), tl.load(info + COLS)
+    col_tiles = tl.load(info + COL_TILES)
+    row_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
+    tile0 = tl.load(info + FIRST_TILE) + batch * row_tiles * col_tiles
+    if tl.load(chunk + 2) == 0:
+        at = batch * n_rows
+        total = _statistics(row_part_ptr, row_var_ptr + tl.load(info + ROW_VAR) + at,
+                            wide_rows_ptr + tl.load(info + WIDE_ROWS) + at, tile0, first,
+                            n_rows, n_cols, col_tiles, col_tiles, TILE_ROWS, weight, TILE_ROWS,
+                            HALF)
+        chunks = (n_rows + LANES - 1) // LANES
+        if chunks == 1:
+            _store_mean(means_ptr + tl.load(info + MEANS) + batch, total, n_rows, eps1, HALF)
+        else:
+            tl.store(row_sums_ptr + tl.load(info + ROW_SUMS) + batch * chunks + first // LANES,
+                     total)
+    else:
+        at = batch * n_cols
+        _statistics(col_part_ptr, col_var_ptr + tl.load(info + COL_VAR) + at,
+                    wide_cols_ptr + tl.load(info + WIDE_COLS) + at, tile0, first, n_cols,
+                    n_rows, 1, row_tiles, col_tiles * TILE_COLS, weight, TILE_COLS, HALF)
+
+
+@triton.jit
+def _statistics(part_ptr, state_ptr, wide_ptr, tile0, first, count, length, tile_step, parts,
                 part_stride, weight, TILE: tl.constexpr, HALF: tl.constexpr):
-    """A matrix's ``count`` row (column) statistics, each the mean of ``length`` squares,
-    from the sums its tiles left: its rows (columns) are ``TILE`` to a tile and ``tile_step``
-    tiles apart from the matrix's first tile ``tile0``, a tile's sums lie at ``part_ptr +
-    tile * TILE`` and each statistic has ``parts`` of them, ``part_stride`` apart. Each is
-    moved to its mean by ``weight`` (``_moment``); returns their mean."""
-    lanes = tl.arange(0, REDUCE)
+    """Statistics ``first`` to ``first + LANES`` of a matrix's ``count`` row (column) ones,
+    each the mean of ``length`` squares, from the sums its tiles left: its rows (columns) are
+    ``TILE`` to a tile and ``tile_step`` tiles apart from the matrix's first tile ``tile0``, a
+    tile's sums lie at ``part_ptr + tile * TILE`` and each statistic has ``parts`` of them,
+    ``part_stride`` apart. Each is moved to its mean by ``weight`` (``_moment``); returns their
+    sum."""
+    index = first + tl.arange(0, LANES)
+    inside = index < count
+    start = (tile0 + index // TILE * tile_step) * TILE + index % TILE
     block = tl.arange(0, PARTS)
-    kept = tl.zeros([REDUCE], tl.float32)
-    i = count * 0
-    while i < count:
-        index = i + lanes
-        inside = index < count
-        first = (tile0 + index // TILE * tile_step) * TILE + index % TILE
-        squares = tl.zeros([REDUCE], tl.float32)
-        j = parts * 0
-        while j < parts:  # PARTS partial sums of each lane at once, added in a fixed order
-            at = j + block
-            sums = tl.load(part_ptr + first[None, :] + at[:, None] * part_stride,
-                           mask=inside[None, :] & (at < parts)[:, None], other=0.0)
-            squares += tl.sum(sums, axis=0)
-            j += PARTS
-        if HALF != 0:  # torch's norm over the row (column) in the half type, squared, divided
-            norm = _r(tl.sqrt_rn(squares), HALF)
-            squares = _r(norm * norm, HALF)
-        value = _moment(state_ptr + index, wide_ptr + index, inside,
-                        _r(tl.div_rn(squares, length.to(tl.float32)), HALF), weight, HALF)
-        kept += tl.where(inside, value, 0.0)
-        i += REDUCE
-    return _r(tl.div_rn(tl.sum(kept, axis=0), count.to(tl.float32)), HALF)
+    squares = tl.zeros([LANES], tl.float32)
+    j = parts * 0
+    while j < parts:  # PARTS partial sums of each lane at once, added in a fixed order
+        at = j + block
+        sums = tl.load(part_ptr + start[None, :] + at[:, None] * part_stride,
+                       mask=inside[None, :] & (at < parts)[:, None], other=0.0)
+        squares += tl.sum(sums, axis=0)
+        j += PARTS
+    if HALF != 0:  # torch's norm over the row (column) in the half type, squared, divided
+        norm = _r(tl.sqrt_rn(squares), HALF)
+        squares = _r(norm * norm, HALF)
+    value = _moment(state_ptr + index, wide_ptr + index, inside,
+                    _r(tl.div_rn(squares, length.to(tl.float32)), HALF), weight, HALF)
+    return tl.sum(tl.where(inside, value, 0.0), axis=0)
+
+
+@triton.jit
+def _store_mean(mean_ptr, total, count, eps1, HALF: tl.constexpr):
+    """The mean of a matrix's ``count`` row statistics (their sum ``total``), at least eps1
+    (the divisor of the estimate)."""
+    mean = _r(tl.div_rn(total, count.to(tl.float32)), HALF)
+    tl.store(mean_ptr, _r(tl.maximum(mean, eps1), HALF))
+
+
+@triton.jit
+def _means_kernel(matrix_ptr, info_ptr, row_sums_ptr, means_ptr, eps1, HALF: tl.constexpr):
+    """Pass 3: the program's matrix (its row of ``matrix``: param and matrix, one of more than
+    LANES rows): the mean of its row statistics from their chunks' sums."""
+    matrix = matrix_ptr + tl.program_id(0) * 2
+    p = tl.load(matrix).to(tl.int64)
+    batch = tl.load(matrix + 1).to(tl.int64)
+    info = info_ptr + p * INFO
+    n_rows = tl.load(info + ROWS)
+    chunks = (n_rows + LANES - 1) // LANES
+    total = _sum(row_sums_ptr + tl.load(info + ROW_SUMS) + batch * chunks, chunks)
+    _store_mean(means_ptr + tl.load(info + MEANS) + batch, total, n_rows, eps1, HALF)
 
 
 @triton.jit
@@ -372,27 +415,35 @@ def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mas
 
 
 @triton.jit
-def _coefficients_kernel(info_ptr, squares_ptr, alpha_ptr, coef_ptr, d,
-                         MAXIMIZE: tl.constexpr, HALF: tl.constexpr):
-    """One param: :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 4)."""
+def _coefficients_kernel(info_ptr, param_squares_ptr, update_squares_ptr, coef_ptr, scalars_ptr,
+                         eps2, d, MAXIMIZE: tl.constexpr, HALF: tl.constexpr):
+    """One param: :math:`\\alpha = \\max(\\epsilon_2, \\operatorname{RMS}(\\theta))\\rho_t` and
+    :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 5)."""
     p = tl.program_id(0).to(tl.int64)
     info = info_ptr + p * INFO
-    rms = tl.div_rn(_r(tl.sqrt_rn(_tile_sum(squares_ptr, info)), HALF),
-                    tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32)) * d)
-    coef = tl.div_rn(tl.load(alpha_ptr + p), tl.maximum(rms, 1.0))
+    root = tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32))
+    alpha = tl.maximum(tl.div_rn(_rms(param_squares_ptr, info, HALF), root), eps2) \
+        * tl.load(scalars_ptr + RHO)
+    rms = tl.div_rn(_rms(update_squares_ptr, info, HALF), root * d)
+    coef = tl.div_rn(alpha, tl.maximum(rms, 1.0))
     tl.store(coef_ptr + p, coef if MAXIMIZE else -coef)
 
 
 class Tiles(NamedTuple):
     """An entry's tables (see the module docstring): ``info`` (int64 ``[params, INFO]``),
-    ``tile`` (int32 ``[tiles, 4]``: each tile's param, matrix, row and column tile) and the sizes of the fp32 workspace's
-    parts."""
+    ``tile`` (int32 ``[tiles, 4]``: each tile's param, matrix, row and column tile), ``chunk``
+    (int32 ``[chunks, 4]``: each chunk's param, matrix, 0 for rows or 1 for columns, first
+    one), ``matrix`` (int32 ``[matrices, 2]``: param and matrix of those of more than LANES
+    rows) and the sizes of the fp32 workspace's parts."""
 
     info: Tensor
     tile: Tensor
+    chunk: Tensor
+    matrix: Tensor
     wide_rows: int  # fp32 row statistics of every matrix
     wide_cols: int
     means: int  # one per matrix
+    row_sums: int  # one per chunk of rows
 
     @property
     def params(self) -> int:
@@ -404,11 +455,12 @@ class Tiles(NamedTuple):
 
 
 def workspace_elements(tiles: int, params: int, wide_rows: int, wide_cols: int,
-                       means: int) -> int:
+                       means: int, row_sums: int) -> int:
     """fp32 elements of one step's workspace: per tile its row and column sums and two sums
-    of squares, the fp32 statistics, and per param its alpha and coefficient."""
+    of squares, the fp32 statistics and their means, a sum per chunk of rows, and per param
+    its coefficient."""
     return tiles * (TILE_ROWS.value + TILE_COLS.value + 2) + wide_rows + wide_cols + means \
-        + 2 * params
+        + row_sums + params
 
 
 def tile_count(numel: int, shape: tuple) -> int:
@@ -421,12 +473,25 @@ def tile_count(numel: int, shape: tuple) -> int:
     return -(-numel // (TILE_ROWS.value * TILE_COLS.value))
 
 
+def chunk_counts(numel: int, shape: tuple) -> tuple:
+    """A nonempty param's chunks of rows and of columns in the statistics pass, and its
+    matrices of more than LANES rows (a program each in the means pass); a vector has none."""
+    if len(shape) < 2:
+        return 0, 0, 0
+    rows, cols = shape[-2], shape[-1]
+    batches = numel // (rows * cols)
+    row_chunks = -(-rows // LANES.value)
+    return batches * row_chunks, batches * -(-cols // LANES.value), \
+        batches if row_chunks > 1 else 0
+
+
 def make_tiles(params: list, device: torch.device) -> Tiles:
     """The tables of an entry's nonempty ``params``: each ``(index, start, numel, shape,
     row_var, col_var, variance)``, its index in the bucket, its offset from the entry's first
     element and its packed state's offsets (None where it keeps none)."""
-    info, owners = [], []
-    wide_rows = wide_cols = means = first = 0
+    info, owners, row_chunks, col_chunks, matrices = [], [], [], [], []
+    wide_rows = wide_cols = means = row_sums = first = 0
+    lanes = LANES.value
     for k, (index, start, numel, shape, row_var, col_var, variance) in enumerate(params):
         factored = len(shape) >= 2
         rows, cols = (shape[-2], shape[-1]) if factored else (-(-numel // TILE_COLS.value),
@@ -438,20 +503,30 @@ def make_tiles(params: list, device: torch.device) -> Tiles:
                    col_tiles=-(-cols // TILE_COLS.value))
         if factored:
             row.update(row_var=row_var, col_var=col_var, wide_rows=wide_rows,
-                       wide_cols=wide_cols, means=means)
+                       wide_cols=wide_cols, means=means, row_sums=row_sums)
             wide_rows += batches * rows
             wide_cols += batches * cols
             means += batches
+            row_sums += chunk_counts(numel, shape)[0]
+            row_chunks += [(k, b, 0, r) for b in range(batches) for r in range(0, rows, lanes)]
+            col_chunks += [(k, b, 1, c) for b in range(batches) for c in range(0, cols, lanes)]
+            if rows > lanes:
+                matrices += [(k, b) for b in range(batches)]
         else:
             row.update(variance=variance)
-        info.append([row.get(name, 0) for name in COLUMNS] + [0] * (INFO.value - len(COLUMNS)))
+        info.append([row.get(name, 0) for name in COLUMNS])
         row_tiles = -(-rows // TILE_ROWS.value)
         owners += [(k, b, r, c) for b in range(batches) for r in range(row_tiles)
                    for c in range(row["col_tiles"])]
         first += tiles
-    return Tiles(torch.tensor(info, dtype=torch.int64, device=device),
-                 torch.tensor(owners, dtype=torch.int32, device=device).view(-1, 4),
-                 wide_rows, wide_cols, means)
+
+    def table(rows: list, width: int) -> Tensor:
+        return torch.tensor(rows, dtype=torch.int32, device=device).view(-1, width)
+
+    # the columns' chunks first: theirs are the longer sums (a column's tiles: one per 64 rows)
+    return Tiles(torch.tensor(info, dtype=torch.int64, device=device), table(owners, 4),
+                 table(col_chunks + row_chunks, 4), table(matrices, 2), wide_rows, wide_cols,
+                 means, row_sums)
 
 
 def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor,
@@ -459,7 +534,7 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
                      eps2: float, d: float, maximize: bool, decay: bool, grad_scale=None,
                      grad_table: Tensor | None = None,
                      master: Tensor | None = None) -> None:
-    """One entry's step: the five launches of the module docstring. ``param``, ``grad`` (and
+    """One entry's step: the launches of the module docstring. ``param``, ``grad`` (and
     ``master``) are flat from the entry's first element; ``row_var``, ``col_var`` and
     ``variance`` the bucket's packed state buffers (any tensor where none is kept);
     ``scalars`` fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` on the device. With
@@ -469,10 +544,11 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
     if n_tiles == 0:
         return
     work = torch.empty(workspace_elements(n_tiles, n_params, tiles.wide_rows, tiles.wide_cols,
-                                          tiles.means), dtype=torch.float32, device=param.device)
+                                          tiles.means, tiles.row_sums),
+                       dtype=torch.float32, device=param.device)
     sizes = [n_tiles * TILE_ROWS.value, n_tiles * TILE_COLS.value, n_tiles, n_tiles,
-             tiles.wide_rows, tiles.wide_cols, tiles.means, n_params, n_params]
-    row_part, col_part, param_squares, update_squares, wide_rows, wide_cols, means, alpha, \
+             tiles.wide_rows, tiles.wide_cols, tiles.means, tiles.row_sums, n_params]
+    row_part, col_part, param_squares, update_squares, wide_rows, wide_cols, means, row_sums, \
         coef = work.split(sizes)
     master = master if master is not None else param
     grad_scale = grad_scale if grad_scale is not None else param
@@ -484,15 +560,19 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
     _stats_kernel[(n_tiles,)](param, master, grad, grad_table, grad_scale, tiles.tile,
                               tiles.info,
                               row_part, col_part, param_squares, **flags, **LAUNCH)
-    _factors_kernel[(n_params,)](tiles.info, row_part, col_part, param_squares, row_var,
-                                 col_var, wide_rows, wide_cols, means, alpha, scalars,
-                                 launch.fp32(eps2), launch.fp32(eps1), HALF=half, **LAUNCH)
+    if tiles.chunk.shape[0]:  # matrices
+        _statistics_kernel[(tiles.chunk.shape[0],)](
+            tiles.chunk, tiles.info, row_part, col_part, row_var, col_var, wide_rows, wide_cols,
+            row_sums, means, scalars, launch.fp32(eps1), HALF=half, **LAUNCH)
+    if tiles.matrix.shape[0]:
+        _means_kernel[(tiles.matrix.shape[0],)](tiles.matrix, tiles.info, row_sums, means,
+                                                launch.fp32(eps1), HALF=half, **LAUNCH)
     eps1_squared = launch.fp32(eps1 * eps1)  # 0 if it underflows
     for apply in (False, True):
         if apply:
-            _coefficients_kernel[(n_params,)](tiles.info, update_squares, alpha, coef,
-                                              launch.fp32(d), MAXIMIZE=maximize, HALF=half,
-                                              **LAUNCH)
+            _coefficients_kernel[(n_params,)](tiles.info, param_squares, update_squares, coef,
+                                              scalars, launch.fp32(eps2), launch.fp32(d),
+                                              MAXIMIZE=maximize, HALF=half, **LAUNCH)
         _tiles_kernel[(n_tiles,)](param, master, grad, grad_table, grad_scale, tiles.tile,
                                   tiles.info, variance, wide_rows, wide_cols, means,
                                   update_squares, coef, scalars, eps1_squared,

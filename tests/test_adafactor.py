@@ -191,10 +191,13 @@ def test_device_scalars_equal_the_host_path(options, monkeypatch):
 
 # The Triton kernels (fastopt.kernels.adafactor), run on CPU tensors under the interpreter:
 # matrices in whole tiles (64 x 128, a batch of two 64 x 64), in masked ones (70 x 130, a
-# conv's 3 x 3 matrices), vectors over several tiles, and a param on its own; a row and a column
-# statistic over more tiles than the factors pass sums at once (2 x 1100, 1100 x 3: 18 > PARTS).
+# conv's 3 x 3 matrices), vectors over several tiles, and a param on its own; a row statistic
+# over more tiles than the statistics pass sums at once (2 x 4200: 66 > PARTS), matrices of more
+# rows than a chunk (70 x 130, 1100 x 3: their means from 2 and 18 chunks' sums) and of no more
+# (the rest: the mean in the statistics pass). (A column over as many tiles is checked against
+# float64 below: torch's own fp32 norm over 4200 rows is up to 2.5e-6 off.)
 KERNEL_SHAPES = [(64, 128), (70,), (2, 64, 64), (70, 130), (8, 2, 3, 3), (4097,), (), (1, 17),
-                 (2, 1100), (1100, 3)]
+                 (2, 4200), (1100, 3)]
 needs_interpreter = pytest.mark.skipif(not interpreter_ready(),
                                        reason="the kernels need TRITON_INTERPRET=1 and Triton")
 
@@ -223,7 +226,7 @@ def kernel_calls(monkeypatch):
 def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton")
     # one call a step, every tile, the fresh grads read where they lie
-    tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1 + 18 + 18  # KERNEL_SHAPES in 64 x 64 tiles
+    tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1 + 66 + 18  # KERNEL_SHAPES in 64 x 64 tiles
     assert kernel_calls == [(tiles, True)] * 6
     kernel_calls.clear()
     # params without grads: entries of the others, their grads gathered into the flat buffer
@@ -233,6 +236,25 @@ def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
     kernel_calls.clear()
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=4, backend="triton", in_place=True)
     assert kernel_calls[1:] == [(tiles, False)] * 3  # grads kept in the flat buffer
+
+
+@needs_interpreter
+def test_long_statistics_are_the_float64_means_of_squares():
+    """A column over 66 tiles and a row over 66 (more than the statistics pass loads at once),
+    in matrices of 66 chunks of rows and of one: after a first step from zeros (beta2_t = 0 at
+    step 1, so the statistics are the means themselves), each is the float64 mean of the grad's
+    squares within a few fp32 roundings."""
+    params = [torch.nn.Parameter(t) for t in make_params([(4200, 3), (3, 4200)], seed=4)]
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for p in params]
+    opt = fastopt.Adafactor(params, lr=0.01, backend="triton")
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(params, grads):
+        squares = g.double().square()
+        for name, dim in (("row_var", -1), ("col_var", -2)):
+            expected = squares.mean(dim=dim, keepdim=True)
+            torch.testing.assert_close(opt.state[p][name].double(), expected, rtol=5e-7, atol=0)
 
 
 @needs_interpreter
@@ -335,6 +357,17 @@ def test_the_tiles_cover_every_element_once():
                     assert (param, offset) not in covered
                     covered.add((param, offset))
     assert len(covered) == 70 * 130 + 4097 + 8 * 18
+    # the statistics pass: every row and column statistic of every matrix in one chunk, the
+    # matrices of more rows than a chunk (70 x 130) in the means pass, each row chunk a sum
+    statistics = []
+    for param, batch, kind, first in tiles.chunk.tolist():
+        count = info[param].tolist()[kernel.ROWS if kind == 0 else kernel.COLS]
+        statistics += [(param, batch, kind, i) for i in range(first, min(first + 64, count))]
+    assert sorted(statistics) == sorted(set(statistics))
+    assert len(statistics) == 70 + 130 + 8 * 2 * (3 + 3)
+    assert tiles.matrix.tolist() == [[0, 0]] and tiles.row_sums == 2 + 8 * 2
+    assert [kernel.chunk_counts(numel, shape) for _, _, numel, shape, *_ in params] == \
+        [(2, 3, 1), (0, 0, 0), (16, 16, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

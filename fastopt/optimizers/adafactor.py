@@ -134,9 +134,9 @@ def _update_all(opt, group: dict, bucket, plan, grad_scale, host: bool, found_in
 
 def _kernel_entry(bucket, chunk, s: _Settings, scalars: Tensor,
                   masters: Tensor | None) -> None:
-    """Params ``chunk.lo:chunk.hi`` in five launches (``fastopt.kernels.adafactor``), their
-    grads in the flat grad buffer or read where they lie (a ``GradTable``), ``scalars`` their
-    step's (``_device_scalars``, ``_host_scalars``) on the device."""
+    """Params ``chunk.lo:chunk.hi`` in four to six launches (``fastopt.kernels.adafactor``),
+    their grads in the flat grad buffer or read where they lie (a ``GradTable``), ``scalars``
+    their step's (``_device_scalars``, ``_host_scalars``) on the device."""
     from fastopt.kernels import adafactor as kernel
     from fastopt.kernels.table import GradTable
 
@@ -478,11 +478,14 @@ def _scratch(options: dict, bucket: dict, dtype: torch.dtype, device_type: str) 
 def _kernel_bytes(kernel, shapes: list) -> int:
     """The workspace, tables and scalars of one entry of params of ``shapes`` (nonempty)."""
     tiles = sum(kernel.tile_count(math.prod(s), s) for s in shapes)
+    chunks = [kernel.chunk_counts(math.prod(s), s) for s in shapes]
+    row_chunks, col_chunks, long_matrices = (sum(c[k] for c in chunks) for k in range(3))
     matrices = [(math.prod(s[:-2]), s[-2], s[-1]) for s in shapes if len(s) >= 2]
     workspace = kernel.workspace_elements(tiles, len(shapes), sum(b * r for b, r, _ in matrices),
                                           sum(b * c for b, _, c in matrices),
-                                          sum(b for b, _, _ in matrices))
-    tables = len(shapes) * kernel.INFO.value * 8 + tiles * 4 * 4
+                                          sum(b for b, _, _ in matrices), row_chunks)
+    tables = len(shapes) * kernel.INFO.value * 8 + (tiles + row_chunks + col_chunks) * 4 * 4 \
+        + long_matrices * 2 * 4
     return 4 * workspace + tables + SCALAR_TEMPORARIES * 512
 
 

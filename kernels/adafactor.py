@@ -41,8 +41,12 @@ Ops round as torch.optim's do (``kernels/ops.py``): ``lerp`` on either side, ``a
 as one fma, ``1/sqrt`` as the GPU's reciprocal square root (as torch's CUDA ``rsqrt``); in
 fp32 the estimate :math:`RC/m` multiplies the rows by :math:`1/m` first, and a clip's grad
 divisor is taken as its reciprocal (each within 2 ulp: no IEEE division an element, whose
-slow path costs a stack frame). The grads are read from the flat grad buffer, or where
-autograd left them (``GRAD_TABLE``: the default loop's fresh grads, one address a param).
+slow path costs a stack frame). A row (column) statistic is torch's norm rounded, squared and
+divided, as torch.optim computes it; the step's coefficient is computed in double from the two
+norms, as torch.optim computes it from ``norm().item()`` (``rho_t`` as two fp32 words, the
+options as int64 bits), and rounded once to fp32. What is left between the kernels and torch
+is the order of the sums. The grads are read from the flat grad buffer, or where autograd left
+them (``GRAD_TABLE``: the default loop's fresh grads, one address a param).
 
 Kernels know pointers, sizes and scalars only: the host gives them a table per param (``INFO``
 int64 columns), one per tile (its param, matrix, row and column tile), one per chunk of
@@ -52,6 +56,7 @@ statistics (its param, matrix, rows or columns, first one) and one per matrix of
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 import torch
@@ -82,18 +87,20 @@ APPLY_LAUNCH = dict(LAUNCH, num_warps=8)
 # The per-param table's int64 columns: the param's first element (from the entry's), its
 # elements, rows, columns and matrices (a vector: rows of TILE_COLS, one matrix), factored or
 # not, its packed state's offsets, its tiles, its statistics' offsets in the workspace, its
-# index in the bucket (its row of a grad table) and the offset of its matrices' row sums (one
-# per LANES rows) in the workspace.
+# index in the bucket (its row of a grad table), the offset of its matrices' row sums (one
+# per LANES rows) in the workspace, and the bits of ``numel ** 0.5`` as Python's float has it
+# (torch.optim divides by it in double; a correctly rounded sqrt differs for some sizes).
 COLUMNS = ("start", "numel", "rows", "cols", "batches", "factored", "row_var", "col_var",
            "variance", "first_tile", "tiles", "col_tiles", "wide_rows", "wide_cols", "means",
-           "index", "row_sums")
+           "index", "row_sums", "root")
 START, NUMEL, ROWS, COLS, BATCHES, FACTORED, ROW_VAR, COL_VAR, VARIANCE, FIRST_TILE, TILES, \
-    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS, INDEX, ROW_SUMS = \
+    COL_TILES, WIDE_ROWS, WIDE_COLS, MEANS, INDEX, ROW_SUMS, ROOT = \
     (tl.constexpr(k) for k in range(len(COLUMNS)))
 INFO = tl.constexpr(len(COLUMNS))
-# The fp32 scalars the host computes once per step (``scalars``): 1 - beta2_t, rho_t, and the
-# weight decay's factor 1 - lr * weight_decay.
-ONE_MINUS_BETA2, RHO, DECAY = (tl.constexpr(k) for k in range(3))
+# The fp32 scalars the host computes once per step (``scalars``): 1 - beta2_t, rho_t, the
+# weight decay's factor 1 - lr * weight_decay, and rho_t's remainder (rho_t - fp32(rho_t), in
+# fp32: the two sum to torch.optim's double rho_t within 2**-48 of it).
+ONE_MINUS_BETA2, RHO, DECAY, RHO_LOW = (tl.constexpr(k) for k in range(4))
 
 
 @triton.jit
@@ -302,9 +309,10 @@ def _statistics(part_ptr, state_ptr, wide_ptr, tile0, first, count, length, tile
                        mask=inside[None, :] & (at < parts)[:, None], other=0.0)
         squares += tl.sum(sums, axis=0)
         j += PARTS
-    if HALF != 0:  # torch's norm over the row (column) in the half type, squared, divided
-        norm = _r(tl.sqrt_rn(squares), HALF)
-        squares = _r(norm * norm, HALF)
+    # torch's norm over the row (column), rounded (to the half type, if HALF), squared, divided:
+    # the squares' sum itself would round once less than torch.optim's statistics
+    norm = _r(tl.sqrt_rn(squares), HALF)
+    squares = _r(norm * norm, HALF)
     value = _moment(state_ptr + index, wide_ptr + index, inside,
                     _r(tl.div_rn(squares, length.to(tl.float32)), HALF), weight, HALF)
     return tl.sum(tl.where(inside, value, 0.0), axis=0)
@@ -418,16 +426,21 @@ def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mas
 
 @triton.jit
 def _coefficients_kernel(info_ptr, param_squares_ptr, update_squares_ptr, coef_ptr, scalars_ptr,
-                         eps2, d, MAXIMIZE: tl.constexpr, HALF: tl.constexpr):
+                         eps2_bits, d_bits, MAXIMIZE: tl.constexpr, HALF: tl.constexpr):
     """One param: :math:`\\alpha = \\max(\\epsilon_2, \\operatorname{RMS}(\\theta))\\rho_t` and
-    :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 5)."""
+    :math:`-\\alpha/\\max(1, \\operatorname{RMS}(U)/d)` (pass 5), from the two norms (fp32, or
+    the half type's) in double, as torch.optim computes them from ``norm().item()``, rounded
+    once to fp32 (``eps2_bits`` and ``d_bits``: the options' doubles as int64 bits)."""
     p = tl.program_id(0).to(tl.int64)
     info = info_ptr + p * INFO
-    root = tl.sqrt_rn(tl.load(info + NUMEL).to(tl.float32))
-    alpha = tl.maximum(tl.div_rn(_rms(param_squares_ptr, info, HALF), root), eps2) \
-        * tl.load(scalars_ptr + RHO)
-    rms = tl.div_rn(_rms(update_squares_ptr, info, HALF), root * d)
-    coef = tl.div_rn(alpha, tl.maximum(rms, 1.0))
+    root = tl.load(info + ROOT).to(tl.float64, bitcast=True)
+    rho = tl.load(scalars_ptr + RHO).to(tl.float64) \
+        + tl.load(scalars_ptr + RHO_LOW).to(tl.float64)
+    eps2 = eps2_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    d = d_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    alpha = tl.maximum(eps2, _rms(param_squares_ptr, info, HALF).to(tl.float64) / root) * rho
+    denom = tl.maximum(_rms(update_squares_ptr, info, HALF).to(tl.float64) / (root * d), 1.0)
+    coef = (alpha / denom).to(tl.float32)
     tl.store(coef_ptr + p, coef if MAXIMIZE else -coef)
 
 
@@ -487,6 +500,12 @@ def chunk_counts(numel: int, shape: tuple) -> tuple:
         batches if row_chunks > 1 else 0
 
 
+def float_bits(value: float) -> int:
+    """A Python float's 64 bits as a signed integer (a double for a kernel: an int64 argument
+    or table entry, bitcast back there)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
 def make_tiles(params: list, device: torch.device) -> Tiles:
     """The tables of an entry's nonempty ``params``: each ``(index, start, numel, shape,
     row_var, col_var, variance)``, its index in the bucket, its offset from the entry's first
@@ -502,7 +521,7 @@ def make_tiles(params: list, device: torch.device) -> Tiles:
         tiles = tile_count(numel, shape)
         row = dict(index=index, start=start, numel=numel, rows=rows, cols=cols, batches=batches,
                    factored=int(factored), first_tile=first, tiles=tiles,
-                   col_tiles=-(-cols // TILE_COLS.value))
+                   col_tiles=-(-cols // TILE_COLS.value), root=float_bits(numel ** 0.5))
         if factored:
             row.update(row_var=row_var, col_var=col_var, wide_rows=wide_rows,
                        wide_cols=wide_cols, means=means, row_sums=row_sums)
@@ -539,7 +558,8 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
     """One entry's step: the launches of the module docstring. ``param``, ``grad`` (and
     ``master``) are flat from the entry's first element; ``row_var``, ``col_var`` and
     ``variance`` the bucket's packed state buffers (any tensor where none is kept);
-    ``scalars`` fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` on the device. With
+    ``scalars`` fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay, rho_t's remainder]`` on the
+    device. With
     ``grad_table`` (int64: the address of each param's grad, by its index in the bucket) the
     grads are read where they lie and ``grad`` only gives their dtype."""
     n_tiles, n_params = tiles.tiles, tiles.params
@@ -573,7 +593,7 @@ def adafactor_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tens
     for apply in (False, True):
         if apply:
             _coefficients_kernel[(n_params,)](tiles.info, param_squares, update_squares, coef,
-                                              scalars, launch.fp32(eps2), launch.fp32(d),
+                                              scalars, float_bits(eps2), float_bits(d),
                                               MAXIMIZE=maximize, HALF=half, **LAUNCH)
         _tiles_kernel[(n_tiles,)](param, master, grad, grad_table, grad_scale, tiles.tile,
                                   tiles.info, variance, wide_rows, wide_cols, means,

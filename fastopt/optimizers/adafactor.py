@@ -40,6 +40,7 @@ __all__ = ["Adafactor"]
 
 import functools
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -167,22 +168,26 @@ def _kernel_entry(bucket, chunk, s: _Settings, scalars: Tensor,
 
 
 def _device_scalars(step: Tensor, s: _Settings) -> Tensor:
-    """fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay]`` from the 0-d ``step`` on the
-    device, computed in double as torch.optim computes them from Python floats (no sync)."""
+    """fp32 ``[1 - beta2_t, rho_t, 1 - lr * weight_decay, rho_t - fp32(rho_t)]`` from the 0-d
+    ``step`` on the device, computed in double as torch.optim computes them from Python floats
+    (no sync); the last is what rho_t's fp32 lacks of the double (the kernels' coefficient is
+    computed in double, as torch.optim's)."""
     t = step.double()
     lr = s.lr.to(t.device, torch.float64) if isinstance(s.lr, Tensor) else s.lr
     rho = torch.minimum(lr, t.rsqrt()) if isinstance(lr, Tensor) else t.rsqrt().clamp_(max=lr)
     decay = 1 - lr * s.weight_decay
     if not isinstance(decay, Tensor):  # filled on the device (no copy from the host: a CUDA
         decay = torch.full_like(t, decay)  # graph can capture it)
-    return torch.stack([t ** s.beta2_decay, rho, decay]).float()
+    return torch.stack([t ** s.beta2_decay, rho, decay, rho - rho.float().double()]).float()
 
 
 def _host_scalars(step: float, s: _Settings, device: torch.device) -> Tensor:
     """``_device_scalars`` from a step count the host knows, as torch.optim computes them
     from Python floats, copied to ``device`` without a sync (from pinned memory)."""
-    values = torch.tensor([step ** s.beta2_decay, min(s.lr, 1 / step ** 0.5),
-                           1 - s.lr * s.weight_decay], dtype=torch.float32)
+    rho = min(s.lr, 1 / step ** 0.5)
+    values = torch.tensor([step ** s.beta2_decay, rho, 1 - s.lr * s.weight_decay,
+                           rho - struct.unpack("f", struct.pack("f", rho))[0]],
+                          dtype=torch.float32)
     if device.type != "cuda":
         return values
     return values.pin_memory().to(device, non_blocking=True)
@@ -489,7 +494,7 @@ def _kernel_bytes(kernel, shapes: list) -> int:
     return 4 * workspace + tables + SCALAR_TEMPORARIES * 512
 
 
-SCALAR_TEMPORARIES = 8  # _device_scalars' small tensors (a 512-byte block each on a GPU)
+SCALAR_TEMPORARIES = 10  # _device_scalars' small tensors (a 512-byte block each on a GPU)
 
 
 DECLARATION = Declaration(

@@ -9,7 +9,9 @@ each sample as it comes and a table of the medians over samples and their ratio 
 this checkout: above 1 is faster), and writes ``OUT/gpu-ab.json``.
 
 Usage:  python3 benchmarks/gpu_ab.py --baseline DIR [--optimizers Adafactor ...] [--samples 2]
-(DIR: the baseline's source tree, e.g. ``git archive HEAD | tar -x -C DIR``).
+(DIR: the baseline's source tree, e.g. ``git archive HEAD | tar -x -C DIR``, in a folder that
+``.git/info/exclude`` ignores: the device tool's ``run`` must then name it in ``carry``).
+``OUT/gpu-ab.json`` is rewritten after every sample, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def sample(tree: str, optimizers: list) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def summary(samples: dict) -> list:
+    """Per case: the medians over each checkout's samples so far and their ratio."""
+    rows = []
+    done = [name for name in samples if samples[name]]
+    if len(done) < 2:
+        return rows
+    for key in samples["this"][0]:
+        before = statistics.median(s[key] for s in samples["baseline"])
+        after = statistics.median(s[key] for s in samples["this"])
+        rows.append({"case": key, "baseline_ms": before, "this_ms": after,
+                     "speedup": before / after})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True)
@@ -58,26 +74,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     trees = {"baseline": os.path.abspath(args.baseline), "this": ROOT}
+    for tree in trees.values():
+        if not all(os.path.isdir(os.path.join(tree, part)) for part in ("fastopt", "kernels")):
+            raise SystemExit(f"{tree}: no fastopt/ and kernels/ there (was the baseline "
+                             f"carried to this machine?)")
+    import torch
+
+    os.makedirs(args.out, exist_ok=True)
+    header = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__}
     samples = {name: [] for name in trees}
     for k in range(args.samples):
         for name, tree in trees.items():
             samples[name].append(sample(tree, args.optimizers))
             print(f"sample {k} {name}: " + ", ".join(
                 f"{key} {ms:.3f} ms" for key, ms in samples[name][-1].items()), flush=True)
-    import torch
-
-    rows = []
-    for key in samples["this"][0]:
-        before = statistics.median(s[key] for s in samples["baseline"])
-        after = statistics.median(s[key] for s in samples["this"])
-        rows.append({"case": key, "baseline_ms": before, "this_ms": after,
-                     "speedup": before / after})
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu-ab.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_properties(0).name,
-                   "torch": torch.__version__, "samples": samples, "rows": rows}, f, indent=1)
+            with open(os.path.join(args.out, "gpu-ab.json"), "w") as f:
+                json.dump({**header, "samples": samples, "rows": summary(samples)}, f, indent=1)
     print(f"{'case':<24} {'baseline ms':>12} {'this ms':>10} {'speedup':>8}")
-    for row in rows:
+    for row in summary(samples):
         print(f"{row['case']:<24} {row['baseline_ms']:12.3f} {row['this_ms']:10.3f} "
               f"{row['speedup']:7.2f}x")
 

@@ -434,9 +434,10 @@ def adafactor_variants() -> list:
                     flags, HAS_DECAY=master, APPLY=apply), num_warps=8 if apply else 4))
         out.append(_variant("adafactor_statistics", dtypes, dict(HALF=half)))
         out.append(_variant("adafactor_means", dtypes, dict(HALF=half)))
-        out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"},
-                            dict(MAXIMIZE=False, HALF=half),
-                            {"eps2_bits": "i64", "d_bits": "i64"}))
+        for bits in ("i64", "i32"):  # an option's bits: i32 where they fit (eps2 = 0.0)
+            out.append(_variant("adafactor_coefficients", {"info_ptr": "*i64"},
+                                dict(MAXIMIZE=False, HALF=half),
+                                {"eps2_bits": bits, "d_bits": "i64"}))
     for spec in out:
         spec["enable_fp_fusion"] = False
     return out

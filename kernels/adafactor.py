@@ -323,7 +323,8 @@ def _store_mean(mean_ptr, total, count, eps1, HALF: tl.constexpr):
     """The mean of a matrix's ``count`` row statistics (their sum ``total``), at least eps1
     (the divisor of the estimate)."""
     mean = _r(tl.div_rn(total, count.to(tl.float32)), HALF)
-    tl.store(mean_ptr, _r(tl.maximum(mean, eps1), HALF))
+    # clamp_(min=eps1), as torch's: a NaN stays NaN (the GPU's max would drop it)
+    tl.store(mean_ptr, _r(tl.maximum(mean, eps1, propagate_nan=tl.PropagateNan.ALL), HALF))
 
 
 @triton.jit
@@ -409,7 +410,7 @@ def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mas
                      mask=mask)
     # 1/sqrt as the GPU's reciprocal square root, within 2 ulp, as torch's CUDA rsqrt (the
     # interpreter's is correctly rounded, as torch's CPU one)
-    estimate = _r(tl.maximum(estimate, eps1_squared), HALF)
+    estimate = _r(tl.maximum(estimate, eps1_squared, propagate_nan=tl.PropagateNan.ALL), HALF)
     update = _r(_r(tl.math.rsqrt(estimate), HALF) * grad, HALF)
     if APPLY:
         param = load_param(param_ptr + local, master_ptr + local, mask, HAS_MASTER)
@@ -424,7 +425,7 @@ def _update(param_ptr, master_ptr, grad_ptr, grad_scale_ptr, p, info, local, mas
         tl.store(squares_ptr + tl.program_id(0), _total(update * update))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps2_bits", "d_bits"])  # bits of value 1 are not a constexpr
 def _coefficients_kernel(info_ptr, param_squares_ptr, update_squares_ptr, coef_ptr, scalars_ptr,
                          eps2_bits, d_bits, MAXIMIZE: tl.constexpr, HALF: tl.constexpr):
     """One param: :math:`\\alpha = \\max(\\epsilon_2, \\operatorname{RMS}(\\theta))\\rho_t` and
@@ -438,8 +439,11 @@ def _coefficients_kernel(info_ptr, param_squares_ptr, update_squares_ptr, coef_p
         + tl.load(scalars_ptr + RHO_LOW).to(tl.float64)
     eps2 = eps2_bits.to(tl.int64).to(tl.float64, bitcast=True)
     d = d_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    alpha = tl.maximum(eps2, _rms(param_squares_ptr, info, HALF).to(tl.float64) / root) * rho
-    denom = tl.maximum(_rms(update_squares_ptr, info, HALF).to(tl.float64) / (root * d), 1.0)
+    # Python's max(a, x): a unless x > a (a NaN norm gives a, on every backend)
+    rms = _rms(param_squares_ptr, info, HALF).to(tl.float64) / root
+    alpha = tl.where(rms > eps2, rms, eps2) * rho
+    ratio = _rms(update_squares_ptr, info, HALF).to(tl.float64) / (root * d)
+    denom = tl.where(ratio > 1.0, ratio, 1.0)
     coef = (alpha / denom).to(tl.float32)
     tl.store(coef_ptr + p, coef if MAXIMIZE else -coef)
 

@@ -239,6 +239,31 @@ def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
 
 
 @needs_interpreter
+def test_a_nan_grad_spreads_as_in_torch():
+    """A NaN in a matrix's grad makes its statistics NaN; torch's clamps keep NaN, so the
+    whole matrix becomes NaN (the kernels' clamps propagate it: a GPU's max would drop it and
+    step with eps1 instead), a vector only where its grad is NaN, the others untouched."""
+    init = make_params([(70, 130), (20,), (3, 5)], seed=6)
+    runs = []
+    for make in (lambda ps: fastopt.Adafactor(ps, lr=0.01, backend="triton"),
+                 lambda ps: torch.optim.Adafactor(ps, lr=0.01, foreach=False)):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make(params)
+        gen = torch.Generator().manual_seed(7)
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if step == 1:
+                params[0].grad[5, 7] = params[1].grad[3] = float("nan")
+            opt.step()
+        runs.append(params)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-7, equal_nan=True)
+    assert runs[0][0].isnan().all() and runs[0][1].isnan().sum() == 1
+    assert not runs[0][2].isnan().any()
+
+
+@needs_interpreter
 def test_long_statistics_are_the_float64_means_of_squares():
     """A column over 66 tiles and a row over 66 (more than the statistics pass loads at once),
     in matrices of 66 chunks of rows and of one: after a first step from zeros (beta2_t = 0 at

@@ -42,7 +42,8 @@ as one fma, ``1/sqrt`` as the GPU's reciprocal square root (as torch's CUDA ``rs
 fp32 the estimate :math:`RC/m` multiplies the rows by :math:`1/m` first, and a clip's grad
 divisor is taken as its reciprocal (each within 2 ulp: no IEEE division an element, whose
 slow path costs a stack frame). A row (column) statistic is torch's norm rounded, squared and
-divided, as torch.optim computes it; the step's coefficient is computed in double from the two
+divided, as torch.optim computes it on the CPU (torch's CUDA ``div_`` by a number multiplies by
+its fp32 reciprocal: 1 ulp apart at most); the step's coefficient is computed in double from the two
 norms, as torch.optim computes it from ``norm().item()`` (``rho_t`` as two fp32 words, the
 options as int64 bits), and rounded once to fp32. What is left between the kernels and torch
 is the order of the sums. The grads are read from the flat grad buffer, or where autograd left

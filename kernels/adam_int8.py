@@ -29,12 +29,12 @@ Tables and layout: ``fastopt.quantization``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .adam import adam_arguments, adam_flags, adam_moments, adam_step, step_row
 from .rounding import load_param, seed_word, store_param
 
@@ -303,8 +303,7 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
 
     fmt = FORMATS["int8" if code_bits == 8 else "int4"]
     stochastic = rounding_seed is not None and masters is None
-    rows = rows_per_program(fmt, masters[0].dtype if masters else None,
-                            os.environ.get("TRITON_INTERPRET") == "1")
+    rows = rows_per_program(fmt, masters[0].dtype if masters else None, launch.INTERPRETED)
     for i, param in enumerate(params):
         n_blocks = block_tables[i].shape[0]
         if n_blocks == 0:

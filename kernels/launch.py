@@ -20,10 +20,11 @@ NUM_WARPS = 4
 INTERPRETER_BLOCK_SIZE = 65536
 
 
-# Triton decides at import whether its kernels are interpreted (TRITON_INTERPRET, read when
-# the kernel modules are decorated), so the block size is decided once with them: reading the
-# environment at every launch cost about 1 us a call, several calls a bucket and step.
-_BLOCK_SIZE = INTERPRETER_BLOCK_SIZE if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_SIZE
+# Whether the kernels run under Triton's CPU interpreter: Triton decides it when the kernel
+# modules are decorated (TRITON_INTERPRET, read at import), so it is read once here with them
+# (at every launch it cost about 1 us a call, several calls a bucket and step).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_BLOCK_SIZE = INTERPRETER_BLOCK_SIZE if INTERPRETED else BLOCK_SIZE
 
 
 def block_size() -> int:

@@ -18,13 +18,13 @@ The same hash as ``fastopt.precision``, in 32-bit unsigned integers (products wr
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from . import launch
+
 SEED_MIX = 0xC2B2AE3D
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+INTERPRETED = tl.constexpr(launch.INTERPRETED)
 
 
 def seed_word(seed: int) -> int:

@@ -40,7 +40,6 @@ __all__ = ["Adafactor"]
 
 import functools
 import math
-import struct
 from typing import NamedTuple
 
 import torch
@@ -184,10 +183,11 @@ def _device_scalars(step: Tensor, s: _Settings) -> Tensor:
 def _host_scalars(step: float, s: _Settings, device: torch.device) -> Tensor:
     """``_device_scalars`` from a step count the host knows, as torch.optim computes them
     from Python floats, copied to ``device`` without a sync (from pinned memory)."""
+    from fastopt.kernels.launch import fp32
+
     rho = min(s.lr, 1 / step ** 0.5)
     values = torch.tensor([step ** s.beta2_decay, rho, 1 - s.lr * s.weight_decay,
-                           rho - struct.unpack("f", struct.pack("f", rho))[0]],
-                          dtype=torch.float32)
+                           rho - fp32(rho)], dtype=torch.float32)
     if device.type != "cuda":
         return values
     return values.pin_memory().to(device, non_blocking=True)

@@ -20,12 +20,13 @@ in fp32, as torch's fused op computes it; the param is stored rounded to nearest
 stochastically with the hash of ``fastopt.precision`` (the same bits), or split into its
 remainder; the moments are stored rounded to nearest in their dtype.
 
-Blockwise quantized moments (``fastopt.quantization``) take three loops a slice of whole
-blocks: decode the codes (a lookup in the code table times the block's scale), step and store
-the param, keeping the new fp32 moments (``_quantized_adam``); each block's largest magnitude,
-its new scale, and the moments divided by it (``_normalize``); the codes, by the encoder's
-table of cells (``_encode``). The fp32 moments of one slice are the only temporaries; a
-param's last partial block steps eagerly.
+Blockwise quantized moments (``fastopt.quantization``) take one compiled call a slice of whole
+blocks (``_quantized_adam``): decode the codes (a lookup in the code table times the block's
+scale), step and store the param, then for each new moment each block's largest magnitude,
+its new scale, and the codes of the block divided by it, by the encoder's table of cells
+(``_requantize``). Where the param is stored twice (``SPLIT_KINDS``), the re-encoding is a
+call of its own. The fp32 moments of one slice are the only temporaries; a param's last
+partial block steps eagerly.
 
 Used where it serves (``takes``): a CPU, a C++ compiler for inductor, a bucket of at least
 ``MIN_ELEMENTS`` (so that a run that steps a small model never waits for a compile: one
@@ -183,26 +184,42 @@ def _decode(codes: Tensor, scales: Tensor, values: Tensor) -> Tensor:
 
 def _quantized_adam(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tensor,
                     v_codes: Tensor, v_scales: Tensor, master, offsets, m_values: Tensor,
-                    v_values: Tensor, scalars: Tensor, words: Tensor, m_out: Tensor,
-                    r_out: Tensor, decoupled: bool, maximize: bool, kind: str) -> None:
+                    v_values: Tensor, scalars: Tensor, words: Tensor, m_out, r_out,
+                    m_cells: Tensor, v_cells: Tensor, decoupled: bool, maximize: bool,
+                    kind: str, bits: int) -> None:
     """Quantized state's step on whole blocks (every tensor [blocks, block]; codes [blocks,
     bytes]): the moments decoded (``exp_avg_sq`` from its stored square root), the update,
-    the param stored as ``_adam`` stores it, the new ``exp_avg`` and ``sqrt(exp_avg_sq)``
-    into ``m_out`` and ``r_out`` for ``_normalize`` and ``_encode``."""
+    the param stored as ``_adam`` stores it; the new ``exp_avg`` and ``sqrt(exp_avg_sq)``
+    encoded again (``_requantize``) in the same call, or, given ``m_out`` and ``r_out``, into
+    them for a ``_requantize`` call of their own (``SPLIT_KINDS``)."""
     root = _decode(v_codes, v_scales, v_values)
     p, m, v = _adam_math(_load(kind, param, master), grad.float(),
                          _decode(m_codes, m_scales, m_values), root * root, scalars, decoupled,
                          maximize)
     _store(kind, p, param, master, offsets, words)
-    m_out.copy_(m)
-    r_out.copy_(v.sqrt())
+    if m_out is None:
+        _requantize(m, v.sqrt(), m_scales, v_scales, m_codes, v_codes, m_cells, v_cells, bits)
+    else:
+        m_out.copy_(m)
+        r_out.copy_(v.sqrt())
 
 
-def _normalize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor) -> None:
-    """Each block's scale, its largest magnitude, and the block divided by it (by 1 where all
-    are zero), in place (``quantization.normalize_blocks``)."""
-    for x, scales in ((m, m_scales), (r, v_scales)):
-        scales.copy_(quantization.normalize_blocks(x))
+def _requantize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor, m_codes: Tensor,
+                v_codes: Tensor, m_cells: Tensor, v_cells: Tensor, bits: int) -> None:
+    """New moments' blocks (``m``; ``r``, the root of ``exp_avg_sq``) -> each block's scale,
+    its largest magnitude, and the codes of the block divided by it (by 1 where all are
+    zero: ``quantization.normalize_blocks``), found by the encoder's table of cells
+    (``_codes``); 4-bit ones two to a byte, the even element's low (each byte made from its
+    two elements at once: no code is held in between)."""
+    for x, scales, codes, cells in ((m, m_scales, m_codes, m_cells),
+                                    (r, v_scales, v_codes, v_cells)):
+        scale = x.abs().amax(dim=-1)
+        scales.copy_(scale)
+        x = x / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+        if bits == 4:
+            codes.copy_(_codes(x[:, 0::2], cells) | (_codes(x[:, 1::2], cells) << 4))
+        else:
+            codes.copy_(_codes(x, cells))
 
 
 def _codes(x: Tensor, cells: Tensor) -> Tensor:
@@ -210,17 +227,6 @@ def _codes(x: Tensor, cells: Tensor) -> Tensor:
     ``quantization.cell_table`` and one addition."""
     word = x.view(torch.int32)
     return (cells[(word >> 16) + (1 << 15)] + quantization.low_key(word)) >> 16
-
-
-def _encode(m: Tensor, r: Tensor, m_codes: Tensor, v_codes: Tensor, m_cells: Tensor,
-            v_cells: Tensor, bits: int) -> None:
-    """Normalized blocks -> their codes; 4-bit ones two to a byte, the even element's low
-    (each byte made from its two elements at once: no code is held in between)."""
-    for x, codes, cells in ((m, m_codes, m_cells), (r, v_codes, v_cells)):
-        if bits == 4:
-            codes.copy_(_codes(x[:, 0::2], cells) | (_codes(x[:, 1::2], cells) << 4))
-        else:
-            codes.copy_(_codes(x, cells))
 
 
 _COMPILED: dict = {}
@@ -327,6 +333,10 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
 
 
 QUANTIZED_SLICE = 1 << 18  # elements of quantized state a call steps (whole blocks)
+# How params are stored whose quantized step takes two calls, the new moments kept in between:
+# in one, inductor would also keep the param's fp32 value (stored twice: the master and the
+# param, or the param and its remainder), a third temporary.
+SPLIT_KINDS = ("master", "remainder8", "remainder16")
 
 
 def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: slice,
@@ -335,11 +345,11 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
                          decoupled: bool) -> bool:
     """One slice of whole blocks of quantized state (``torch_path.adam_int8_update``'s
     ``flat`` tensors and ``scales``, elements ``span``, blocks ``blocks``; ``start``: the
-    span's flat offset, for stochastic rounding) stepped by three compiled loops: decode,
-    update and store the param (``_quantized_adam``), block scales (``_normalize``), codes
-    (``_encode``). Their fp32 moments are the only temporaries (``scratch_bytes``). False,
-    with nothing written, where the first loop's compile failed or a torch dispatch mode is
-    active (dynamo traces under none)."""
+    span's flat offset, for stochastic rounding) stepped by one compiled call (two for
+    ``SPLIT_KINDS``): decode, update and store the param (``_quantized_adam``), block scales
+    and codes (``_requantize``). Their fp32 moments are the only temporaries
+    (``scratch_bytes``). False, with nothing written, where the first call's compile failed
+    or a torch dispatch mode is active (dynamo traces under none)."""
     if _get_current_dispatch_mode() is not None:
         return False
     n = span.stop - span.start
@@ -350,22 +360,23 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     kind = _kind(param, master, seed)
     offsets_out = torch.empty(shape, dtype=torch.int32) if kind == "remainder16" else None
     m_codes, v_codes = (flat[name][codes].view(shape[0], -1) for name in ("m", "v"))
-    m_out, r_out = torch.empty(shape), torch.empty(shape)
+    outs = [torch.empty(shape), torch.empty(shape)] if kind in SPLIT_KINDS else [None, None]
     tables = [quantization.tables(signed, param.device, fmt)[0] for signed in (True, False)]
+    cells = [quantization.cell_table(signed, param.device, fmt) for signed in (True, False)]
     step = float(step)
     try:
-        _run(_quantized_adam, (decoupled, maximize, kind), param,
+        _run(_quantized_adam, (decoupled, maximize, kind, fmt.bits), param,
              flat["grad"][span].view(shape), m_codes, scales["m"][blocks], v_codes,
              scales["v"][blocks], master.view(torch.bfloat16) if offsets_out is not None
              else master, offsets_out, *tables,
              _scalars(float(lr), beta1, beta2, weight_decay, eps, step, decoupled),
-             _words(kind, seed, step, start), m_out, r_out)
+             _words(kind, seed, step, start), *outs, *cells)
     except Exception as error:  # nothing written: the eager step takes this slice
         _fail(error)
         return False
     if offsets_out is not None:
         master.copy_(offsets_out)
-    _run(_normalize, (), m_out, r_out, scales["m"][blocks], scales["v"][blocks])
-    _run(_encode, (fmt.bits,), m_out, r_out, m_codes, v_codes,
-         *(quantization.cell_table(signed, param.device, fmt) for signed in (True, False)))
+    if outs[0] is not None:
+        _run(_requantize, (fmt.bits,), *outs, scales["m"][blocks], scales["v"][blocks],
+             m_codes, v_codes, *cells)
     return True

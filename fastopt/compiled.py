@@ -210,12 +210,13 @@ def _requantize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor, m_code
     its largest magnitude, and the codes of the block divided by it (by 1 where all are
     zero: ``quantization.normalize_blocks``), found by the encoder's table of cells
     (``_codes``); 4-bit ones two to a byte, the even element's low (each byte made from its
-    two elements at once: no code is held in between)."""
+    two elements at once: no code is held in between). The eager step's ``normalize_blocks``
+    and ``encode_moments`` compute the same."""
     for x, scales, codes, cells in ((m, m_scales, m_codes, m_cells),
                                     (r, v_scales, v_codes, v_cells)):
-        scale = x.abs().amax(dim=-1)
+        scale, divisor = quantization.block_scales(x)
         scales.copy_(scale)
-        x = x / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+        x = x / divisor
         if bits == 4:
             codes.copy_(_codes(x[:, 0::2], cells) | (_codes(x[:, 1::2], cells) << 4))
         else:
@@ -348,9 +349,11 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     span's flat offset, for stochastic rounding) stepped by one compiled call (two for
     ``SPLIT_KINDS``): decode, update and store the param (``_quantized_adam``), block scales
     and codes (``_requantize``). Their fp32 moments are the only temporaries
-    (``scratch_bytes``). False, with nothing written, where the first call's compile failed
-    or a torch dispatch mode is active (dynamo traces under none)."""
-    if _get_current_dispatch_mode() is not None:
+    (``scratch_bytes``). False, with nothing written, where a compile has failed (this
+    slice's first call, or before) or a torch dispatch mode is active (dynamo traces under
+    none); a second call that fails to compile, after the param is written, makes this
+    slice's codes eagerly from the same moments."""
+    if _FAILED or _get_current_dispatch_mode() is not None:
         return False
     n = span.stop - span.start
     shape = (n // fmt.block, fmt.block)
@@ -377,6 +380,10 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     if offsets_out is not None:
         master.copy_(offsets_out)
     if outs[0] is not None:
-        _run(_requantize, (fmt.bits,), *outs, scales["m"][blocks], scales["v"][blocks],
-             m_codes, v_codes, *cells)
+        moments = (*outs, scales["m"][blocks], scales["v"][blocks], m_codes, v_codes, *cells)
+        try:
+            _run(_requantize, (fmt.bits,), *moments)
+        except Exception as error:  # the param is written: this slice's codes eagerly
+            _fail(error)
+            _requantize(*moments, fmt.bits)
     return True

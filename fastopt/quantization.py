@@ -293,11 +293,17 @@ def unpack(stored: Tensor, numel: int, fmt: Format) -> Tensor:
     return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)[:numel].int()
 
 
-def normalize_blocks(blocks: Tensor) -> Tensor:
-    """Each block's scale, its largest magnitude, of fp32 ``blocks`` [..., block], and the
-    blocks divided by it in place (by 1 where all are zero)."""
+def block_scales(blocks: Tensor) -> tuple:
+    """Each block's scale, its largest magnitude, of fp32 ``blocks`` [..., block], and what
+    the block is divided by: its scale, or 1 where all are zero ([..., 1])."""
     scales = blocks.abs().amax(dim=-1)
-    blocks.div_(torch.where(scales > 0, scales, 1.0).unsqueeze(-1))
+    return scales, torch.where(scales > 0, scales, 1.0).unsqueeze(-1)
+
+
+def normalize_blocks(blocks: Tensor) -> Tensor:
+    """Each block's scale (``block_scales``), and the blocks divided by it in place."""
+    scales, divisors = block_scales(blocks)
+    blocks.div_(divisors)
     return scales
 
 

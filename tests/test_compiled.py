@@ -275,7 +275,8 @@ def test_a_compiled_step_allocates_no_temporaries(compile_small):
     """A compiled step of a 4M-element bf16 param with bf16 state and stochastic rounding
     allocates under 1 % of the param's bytes (torch.profiler; the eager step: 20 bytes per
     element of a 256K-element slice), its int16 remainders' version a 256K-element int32
-    copy; quantized state's, the fp32 moments of a 256K-element slice between its loops
+    copy; quantized state's, the fp32 moments of a 256K-element slice (inside its one compiled
+    call, or between its two where the param is stored twice)
     (``compiled.scratch_bytes``)."""
     for options in (dict(state_dtype=torch.bfloat16, stochastic_rounding=True),
                     dict(master_weights="remainder"),
@@ -321,6 +322,46 @@ def test_a_failed_compile_leaves_the_eager_step(monkeypatch, options):
     stochastic_run(eager, 2, options)
     for a, b in zip(params, eager):
         assert torch.equal(a, b)
+
+
+def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
+    """Where the param is stored twice, a quantized slice takes two compiled calls: when the
+    second one (the codes) fails to compile after the first wrote the param, the slice's codes
+    are made eagerly from the same moments (one warning), so the step is the compiled one
+    bit for bit; later slices step eagerly."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
+    init = torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)).bfloat16()
+    grad = torch.randn(init.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+
+    def one_step():  # one slice of 32 whole blocks
+        param = torch.nn.Parameter(init.clone())
+        opt = fastopt.AdamW([param], lr=0.01, weight_decay=0.1, backend="torch",
+                            state_dtype="int8", master_weights="remainder")
+        param.grad = grad.clone()
+        opt.step()
+        return param, opt.state[param]
+
+    whole, whole_state = one_step()
+    assert not compiled._FAILED
+    monkeypatch.setattr(compiled, "_FAILED", [])
+    run = compiled._run
+
+    def failing(body, static, *tensors):
+        if body is compiled._requantize:
+            raise RuntimeError("no compiler")
+        return run(body, static, *tensors)
+
+    monkeypatch.setattr(compiled, "_run", failing)
+    with pytest.warns(RuntimeWarning, match="compiling the CPU step failed"):
+        param, state = one_step()
+    assert len(compiled._FAILED) == 1
+    assert torch.equal(param, whole)
+    assert state.keys() == whole_state.keys()
+    for key, value in state.items():
+        assert torch.equal(value, whole_state[key]), key
+    assert not compiled.takes(dict(state_dtype="int8"), torch.bfloat16, 1 << 30, "cpu")
 
 
 def test_fastopt_compile_0_turns_the_compiled_step_off(monkeypatch):

@@ -208,7 +208,7 @@ def _requantize(m: Tensor, r: Tensor, m_scales: Tensor, v_scales: Tensor, m_code
                 v_codes: Tensor, m_cells: Tensor, v_cells: Tensor, bits: int) -> None:
     """New moments' blocks (``m``; ``r``, the root of ``exp_avg_sq``) -> each block's scale,
     its largest magnitude, and the codes of the block divided by it (by 1 where all are
-    zero: ``quantization.normalize_blocks``), found by the encoder's table of cells
+    zero: ``quantization.block_scales``), found by the encoder's table of cells
     (``_codes``); 4-bit ones two to a byte, the even element's low (each byte made from its
     two elements at once: no code is held in between). The eager step's ``normalize_blocks``
     and ``encode_moments`` compute the same."""

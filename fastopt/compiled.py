@@ -227,7 +227,7 @@ def _codes(x: Tensor, cells: Tensor) -> Tensor:
     """int32 codes of normalized values, as ``quantization.encode`` finds them: one lookup in
     ``quantization.cell_table`` and one addition."""
     word = x.view(torch.int32)
-    return (cells[(word >> 16) + (1 << 15)] + quantization.low_key(word)) >> 16
+    return (cells[(word >> 16) + (1 << 15)] + quantization.folded(word)) >> 16
 
 
 _COMPILED: dict = {}

@@ -36,8 +36,9 @@ does not round to zero (which would divide its ``exp_avg`` by ``eps`` alone).
 
 Codes are the count of midpoints between neighbouring entries that lie below the value
 (``torch.bucketize``: a value on a midpoint takes the lower entry), found by the value's top 16
-bits in a table of 65536 cells and one addition of its low 16, which carries into the code
-exactly when the value is above its cell's midpoint (``encode``, ``cell_table``).
+bits in a table of 65536 cells and one addition of its bits (all but the sign flipped when it
+is negative: ``folded``), which carries into the code exactly when the value is above its
+cell's midpoint (``encode``, ``cell_table``).
 
 Tensors under ``MIN_SIZE`` elements keep fp32 state, as bitsandbytes does: their state costs
 little and they are often the sensitive ones (norms, biases).
@@ -140,36 +141,38 @@ def _cells(signed: bool, fmt: Format) -> tuple:
     return codes.to(torch.int32), padded[codes]
 
 
-def low_key(bits: Tensor) -> Tensor:
-    """A float's low 16 bits (``bits``: its int32 view) in the order of its value within its
-    cell: as they are for a positive float, reversed (``0xFFFF - low``) for a negative one,
-    whose magnitude grows with them (``bits >> 31`` is all ones for a negative float)."""
-    key = bits >> 31
-    key ^= bits
-    key &= 0xFFFF
-    return key
+def folded(bits: Tensor) -> Tensor:
+    """A float's int32 view (``bits``) with every bit but the sign flipped when the float is
+    negative (``bits >> 31`` is all ones then): its low 16 bits order the floats of a cell by
+    value (as they are for a positive float, reversed for a negative one, whose magnitude
+    grows with them), and its top bits depend on the cell alone (``_cell_entries`` takes
+    them off)."""
+    return (bits >> 31) ^ bits
 
 
 def _cell_entries(signed: bool, fmt: Format) -> Tensor:
-    """One sign's encoder table (CPU): one int32 per cell of a float's top 16 bits, the code of
-    the cell's lowest value in bits 16-23 and below them ``0xFFFF - t``, where ``t`` is such
-    that a value of the cell lies above the cell's midpoint exactly when its ``low_key``
-    exceeds ``t`` (the midpoint's own key; 0xFFFF, never, where no value of the cell is
-    above it). Adding the ``low_key`` carries one into the code exactly when it exceeds
-    ``t``: ``code = (entry + low_key(bits)) >> 16`` is ``torch.bucketize``'s code for every
-    finite value in [-1, 1] (checked here on each cell's threshold and the keys either side
-    of it) and for a nan (no value is above a midpoint)."""
+    """One sign's encoder table (CPU): one int32 per cell of a float's top 16 bits, such that
+    ``code = (entry + folded(bits)) >> 16`` is ``torch.bucketize``'s code for every finite
+    value in [-1, 1] (checked here on each cell's threshold and the keys either side of it)
+    and for a nan (no value is above a midpoint). The entry is the code of the cell's lowest
+    value in bits 16-23 and below them ``0xFFFF - t``, where ``t`` is such that a value of
+    the cell lies above the cell's midpoint exactly when the low 16 bits of its ``folded``
+    bits exceed ``t`` (the midpoint's own; 0xFFFF, never, where no value of the cell is above
+    it), so that adding them carries one into the code exactly then; less the top bits of
+    the cell's ``folded`` bits, which the addition brings back (no int32 overflow: the sum
+    is the code word itself)."""
     codes, midpoints = _cells(signed, fmt)
     cells = torch.arange(1 << 16, dtype=torch.int32)
     mid_bits = midpoints.view(torch.int32)
     inside = (((mid_bits >> 16) & 0xFFFF) == cells) & midpoints.isfinite()
-    threshold = torch.where(inside, low_key(mid_bits), 0xFFFF)
-    entry = (codes << 16) | (0xFFFF - threshold)
+    threshold = torch.where(inside, folded(mid_bits) & 0xFFFF, 0xFFFF)
+    entry = ((codes << 16) | (0xFFFF - threshold)) - ((folded(cells << 16) >> 16) << 16)
     for key in (threshold, (threshold + 1).clamp(max=0xFFFF), threshold.clamp(min=1) - 1):
-        x = ((cells << 16) | low_key(key | (cells << 16))).view(torch.float32)
+        bits = (cells << 16) | (folded((cells << 16) | key) & 0xFFFF)  # low bits: ``key``
+        x = bits.view(torch.float32)
         checked = x.isfinite() & (x.abs() <= 1)
         want = codes + (x > midpoints).to(torch.int32)
-        assert torch.equal(((entry + key) >> 16)[checked], want[checked])
+        assert torch.equal(((entry + folded(bits)) >> 16)[checked], want[checked])
     return entry
 
 
@@ -230,11 +233,11 @@ def encode(normalized: Tensor, signed: bool, fmt: Format = INT8) -> Tensor:
 def _code_words(bits: Tensor, cells: Tensor, offsets) -> Tensor:
     """int32 words holding in bits 16-23 the codes of floats ``bits`` (their int32 views): each
     float's entry in ``cells``, at its top 16 bits read as a signed number plus ``offsets``
-    (``cell_table``, ``moment_cells``), plus its ``low_key``."""
+    (``cell_table``, ``moment_cells``), plus its ``folded`` bits."""
     index = (bits >> 16).add_(offsets)
     words = torch.index_select(cells, 0, index.view(-1)).view(index.shape)
     del index
-    words += low_key(bits)
+    words += folded(bits)
     return words
 
 

@@ -57,6 +57,15 @@ def group_bounds(sizes: list) -> list:
     return bounded_runs(sizes, STEP_GROUP_BYTES)
 
 
+def attach(opt) -> StepGroups:
+    """The step groups of ``opt`` (built with ``in_backward=True``, or unpickled), with a hook
+    on every param of its groups."""
+    groups = StepGroups(opt)
+    for group in opt.param_groups:
+        groups.hook_params(group["params"])
+    return groups
+
+
 class StepGroups:
     """The hooks and step groups of one optimizer with ``in_backward=True``."""
 

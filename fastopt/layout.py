@@ -44,6 +44,21 @@ def build_group(opt, index: int, own: set | None = None) -> None:
     opt._group_ids[index] = [id(p) for p in group["params"]]
 
 
+def add_group(opt) -> None:
+    """Lay out the group ``add_param_group`` just added (checked), unless the optimizer lays
+    out at its next step anyway. Called from ``torch.optim.Optimizer.__init__``, with its
+    empty state: the state becomes fastopt's and the layout made here is kept (no second one
+    at the first step), so ``in_backward=True`` steps from the first backward."""
+    if type(opt.state) is not State and not opt.state:
+        opt.state = State()
+        opt.state.changed = False
+    if opt._buckets is not None:
+        opt._buckets.append(None)
+        opt._outsiders.append(None)
+        opt._group_ids.append(None)
+        build_group(opt, len(opt.param_groups) - 1)
+
+
 def split_for_layout(params: list) -> list:
     """The buckets params of one device and dtype are laid out in (``flat.layout_parts``):
     one after another, so that each one's originals are freed before the next is allocated."""

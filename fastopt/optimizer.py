@@ -34,16 +34,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastopt import elementwise, hooks, layout
+from fastopt import elementwise, hooks, layout, pickling
 from fastopt import step as stepper
 from fastopt import in_backward as backward_steps
 from fastopt.checkpoint import check_loadable, tensor_steps
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
-from fastopt.flat import Bucket, is_movable, mark_laid_out
+from fastopt.flat import Bucket
 from fastopt.plan import StepPlan
 from fastopt.precision import REMAINDER, REMAINDERS, has_master, master_name
-from fastopt.state import (MASTER, Entry, State, keep_saved_dtypes, make_reference_state,
-                           saved_masters)
+from fastopt.state import MASTER, Entry, keep_saved_dtypes, make_reference_state, saved_masters
 from fastopt.validation import check_bucket_options, check_group_params, check_options
 
 class FlatOptimizer(Optimizer):
@@ -93,9 +92,7 @@ class FlatOptimizer(Optimizer):
             make_reference_state(self)
         backward_steps.check_in_backward(in_backward, self.param_groups, defaults)
         if in_backward:
-            self._step_groups = backward_steps.StepGroups(self)
-            for group in self.param_groups:
-                self._step_groups.hook_params(group["params"])
+            self._step_groups = backward_steps.attach(self)
 
     # ------------------------------------------------------------------ from the declaration
     def buffer_names(self, group: dict, bucket: Bucket) -> list:
@@ -243,18 +240,8 @@ class FlatOptimizer(Optimizer):
             raise
         if self._step_groups is not None:
             self._step_groups.hook_params(group["params"])
-        if self._reference:
-            return
-        if type(self.state) is not State and not self.state:
-            # torch.optim.Optimizer.__init__'s empty state: the layout made here is kept (no
-            # second one at the first step), so in_backward=True steps from the first backward.
-            self.state = State()
-            self.state.changed = False
-        if self._buckets is not None:
-            self._buckets.append(None)
-            self._outsiders.append(None)
-            self._group_ids.append(None)
-            layout.build_group(self, len(self.param_groups) - 1)
+        if not self._reference:
+            layout.add_group(self)
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -335,37 +322,11 @@ class FlatOptimizer(Optimizer):
         layout.ensure_layout(self)
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["backend"] = self.backend
-        state["flatten_params"] = self.flatten_params
-        state["in_backward"] = self._step_groups is not None
-        # Which params live in fastopt buffers: their copies (views of one copied buffer after
-        # pickling) may be laid out again, unlike views of someone else's buffer.
-        state["laid_out"] = [p for group in self.param_groups for p in group["params"]
-                             if is_movable(p)]
-        return state
+        return pickling.getstate(self, super().__getstate__())
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        mark_laid_out(state.pop("laid_out", []))
-        super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
-        self.__dict__.setdefault("flatten_params", True)
-        for group in self.param_groups:  # options an older checkpoint lacks: the defaults
-            for key, value in self._option_defaults().items():
-                group.setdefault(key, value)
-        self._step_groups = None
-        if self.__dict__.pop("in_backward", False):  # hooks on the new params
-            self._step_groups = backward_steps.StepGroups(self)
-            for group in self.param_groups:
-                self._step_groups.hook_params(group["params"])
-        self.__dict__.setdefault("_reference", bool(self.defaults.get("differentiable")))
-        self.__dict__.setdefault("_ids", itertools.count())
-        self._step_supports_amp_scaling = self.declaration.grad_scaling
-        if "_buckets" not in state:
-            self._buckets = None  # unpickled or deep-copied: lay out again at the next step
-            self._outsiders = []
-            self._group_ids = []
+        super().__setstate__(pickling.restore_layout_marks(state))
+        pickling.setstate(self, state)
 
     @classmethod
     def _option_defaults(cls) -> dict:

@@ -126,7 +126,7 @@ def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) 
         param.copy_(p)
     elif kind in ("remainder8", "remainder16"):
         bits = p.view(torch.int32)
-        high = (((bits >> 15) + p.isnan().logical_not().to(torch.int32)) >> 1) << 16
+        high = (((bits >> 15) + (p == p).to(torch.int32)) >> 1) << 16
         param.copy_(high.view(torch.float32))  # exact: its low 16 bits are zero
         if kind == "remainder8":
             master.copy_((((bits - high) + 128) >> 8).clamp(-128, 127).to(torch.int8))

@@ -146,6 +146,43 @@ def test_the_compiled_noise_is_the_torch_paths_hash(start, step):
                                                        1000, "cpu"))
 
 
+@pytest.mark.parametrize("kind", ["remainder8", "remainder16"])
+def test_the_compiled_split_is_the_eager_split_bit_for_bit(kind):
+    """The compiled loop splits an updated fp32 master into the bf16 param and its remainder
+    as ``precision.split_master`` does, on every kind of float: random bit patterns, nans of
+    both signs and any payload, infinities, zeros, subnormals, every tie (the low 16 bits
+    0x8000) and their neighbours. (Where the eager param is a nan, the loop's is a nan with the
+    payload its fp32-to-bf16 store gives; the remainder is the eager one everywhere.)"""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    gen = torch.Generator().manual_seed(5)
+    bits = torch.randint(-2**31, 2**31, (1 << 14,), generator=gen, dtype=torch.int64)
+    ties = (bits[:4096] & ~0xFFFF) | 0x8000
+    special = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -0x00400000, -1, 0x7F800000,
+                            -0x00800000, 0, -2**31, 1, 0x007FFFFF, 0x7F7F8000, -0x00808000],
+                           dtype=torch.int64)
+    words = torch.cat([bits, ties, ties + 1, ties - 1, special])
+    value = words.to(torch.int32).view(torch.float32)
+    remainder_dtype = torch.int16 if kind == "remainder16" else torch.int8
+    param = torch.empty(value.shape, dtype=torch.bfloat16)
+    remainder = torch.empty(value.shape, dtype=remainder_dtype)
+    precision.split_master(value.clone(), param, remainder)
+
+    def split(p, param_out, master_out, offsets_out):
+        compiled._store(kind, p, param_out, master_out, offsets_out, None)
+
+    param_out = torch.empty_like(param)
+    master_out = torch.empty_like(remainder) if kind == "remainder8" else None
+    offsets_out = torch.empty(value.shape, dtype=torch.int32) if kind == "remainder16" else None
+    torch.compile(split, options=compiled._INDUCTOR, dynamic=False, fullgraph=True)(
+        value, param_out, master_out, offsets_out)
+    nan = param.isnan()  # (a nan master whose payload is all below the param's bits: inf)
+    assert nan.any() and param_out[nan].isnan().all()
+    assert torch.equal(param_out.view(torch.int16)[~nan], param.view(torch.int16)[~nan])
+    got = master_out if kind == "remainder8" else offsets_out.to(torch.int16)
+    assert torch.equal(got, remainder)
+
+
 LEAN_SR = dict(state_dtype=torch.bfloat16, stochastic_rounding=True, rounding_seed=3)
 
 

@@ -106,7 +106,12 @@ def _load(kind: str, param: Tensor, master) -> Tensor:
     its fp32 master (the param's value where something outside changed it:
     ``precision.follow_param``), or the param and its remainder rebuilt."""
     if kind == "master":  # compared as bits: inductor may keep a cast's value unrounded
-        changed = master.to(param.dtype).view(torch.int16) != param.view(torch.int16)
+        if param.dtype == torch.bfloat16:  # in int32, which inductor vectorizes (not int16);
+            # a nan master counts as changed: the param's nan is taken
+            changed = (_bf16_bits(master) != param.float().view(torch.int32) >> 16) | (
+                master != master)
+        else:
+            changed = master.to(param.dtype).view(torch.int16) != param.view(torch.int16)
         return torch.where(changed, param.float(), master)
     if kind == "remainder8":  # the param's bits on top, the remainder's below them
         return (param.float().view(torch.int32) + (master.to(torch.int32) << 8)
@@ -115,6 +120,13 @@ def _load(kind: str, param: Tensor, master) -> Tensor:
         return (param.float().view(torch.int32) + (master.float().view(torch.int32) >> 16)
                 ).view(torch.float32)
     return param.float()
+
+
+def _bf16_bits(x: Tensor) -> Tensor:
+    """The bits of fp32 ``x`` rounded to bf16 (to nearest, ties to even, as torch converts a
+    number; a nan's are not), as a signed int32: the bits' top 16, sign-extended."""
+    bits = x.view(torch.int32)
+    return (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
 
 
 def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) -> None:

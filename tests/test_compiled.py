@@ -183,6 +183,32 @@ def test_the_compiled_split_is_the_eager_split_bit_for_bit(kind):
     assert torch.equal(got, remainder)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_compiled_loop_follows_a_changed_param_bit_for_bit(dtype):
+    """The compiled loop starts from the fp32 master where the param is its master rounded
+    (compared as bits), else from the param, on every kind of float: random bit patterns
+    (nans, infinities, zeros, subnormals), every bf16 tie and its neighbours, params changed
+    outside. (A nan master is a nan either way: the loop takes the param's nan, where
+    comparing its conversion's bits might take the master's, whose bits differ by CPU.)"""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    gen = torch.Generator().manual_seed(6)
+    bits = torch.randint(-2**31, 2**31, (1 << 14,), generator=gen, dtype=torch.int64)
+    ties = (bits[:4096] & ~0xFFFF) | 0x8000
+    master = torch.cat([bits, ties, ties + 1, ties - 1]).to(torch.int32).view(torch.float32)
+    param = master.to(dtype)
+    param[::5] = torch.randn(param[::5].shape, generator=gen).to(dtype)  # changed outside
+    param[::7] = -param[::7]
+    want = torch.where(master.to(dtype).view(torch.int16) != param.view(torch.int16),
+                       param.float(), master)
+    got = torch.empty_like(master)
+    torch.compile(lambda m, p, out: out.copy_(compiled._load("master", p, m)),
+                  options=compiled._INDUCTOR, dynamic=False, fullgraph=True)(master, param, got)
+    both_nan = got.isnan() & want.isnan()
+    assert both_nan.any()
+    assert ((got.view(torch.int32) == want.view(torch.int32)) | both_nan).all()
+
+
 LEAN_SR = dict(state_dtype=torch.bfloat16, stochastic_rounding=True, rounding_seed=3)
 
 

@@ -146,8 +146,10 @@ def folded(bits: Tensor) -> Tensor:
     negative (``bits >> 31`` is all ones then): its low 16 bits order the floats of a cell by
     value (as they are for a positive float, reversed for a negative one, whose magnitude
     grows with them), and its top bits depend on the cell alone (``_cell_entries`` takes
-    them off)."""
-    return (bits >> 31) ^ bits
+    them off). One int32 temporary (the result)."""
+    key = bits >> 31
+    key ^= bits
+    return key
 
 
 def _cell_entries(signed: bool, fmt: Format) -> Tensor:

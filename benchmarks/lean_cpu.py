@@ -1,7 +1,8 @@
 """fastopt's lean options on the CPU against torch's fused fp32 AdamW, in one run: each lean
 AdamW (bf16 params with bf16 state and stochastic rounding, remainder masters, 8-bit or 4-bit
-moments; fp32 params with 8-bit or 4-bit moments) and ``torch.optim.AdamW(fused=True)`` on
-fp32 params of the same shapes, the default loop's step (fresh grads), in interleaved rounds.
+moments; fp32 params with 8-bit or 4-bit moments; and, for reference, bf16 params with fp32
+masters) and ``torch.optim.AdamW(fused=True)`` on fp32 params of the same shapes, the default
+loop's step (fresh grads), in interleaved rounds.
 
     python -m benchmarks.lean_cpu [--cases 400x4K 1x4M-odd] [--repeats 7] [--json out.json]
 
@@ -34,6 +35,8 @@ LEAN = {
                                                         stochastic_rounding=True)),
     "fp32 params, int8": (torch.float32, dict(state_dtype="int8")),
     "fp32 params, int4": (torch.float32, dict(state_dtype="int4")),
+    # not lean (an fp32 master beside each bf16 param): the mixed-precision step they replace
+    "bf16 params, fp32 masters": (torch.bfloat16, dict(master_weights=True)),
 }
 OPTIONS = dict(lr=1e-3, weight_decay=1e-2)
 

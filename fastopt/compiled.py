@@ -70,20 +70,24 @@ def available() -> bool:
 _DTYPES = (torch.float32, *precision.HALF_DTYPES)  # the params' dtypes a compiled loop takes
 
 
-def takes(options: dict, dtype: torch.dtype, elements: int, device) -> bool:
+def takes(options: dict, dtype: torch.dtype, elements: int, device,
+          quantized: bool = False) -> bool:
     """Does a bucket of ``elements`` (its flat buffers' size) params of ``dtype`` on ``device``
-    with a group's ``options`` step through the compiled loop? Widened Adam state on a CPU
-    (``precision.widens``: fp32 params with narrower or quantized state, or half-precision
+    with a group's ``options`` (``quantized``: the bucket keeps quantized state; a group's
+    params too small for it do not) step through the compiled loop? Widened Adam state on a
+    CPU (``precision.widens``: fp32 params with narrower or quantized state, or half-precision
     params) without amsgrad, at least ``MIN_ELEMENTS``, and a compiler. (A step with
     GradScaler's tensors, or under a torch dispatch mode, takes the eager step. So do fp16
-    params with fp32 masters and unquantized state: whether a param is still its master
-    rounded is int16 code there, which inductor leaves scalar, and the eager step is faster;
-    with quantized state the compiled loops are still the faster.)"""
+    params with fp32 masters and fp32 state: whether a param is still its master rounded is
+    int16 code there, which inductor leaves scalar, and the eager step is faster; with
+    quantized state the compiled loops are still the faster.)"""
     if _FAILED or dtype not in _DTYPES or not precision.widens(options, dtype) \
             or options.get("amsgrad") or elements < MIN_ELEMENTS:
         return False
-    if dtype == torch.float16 and options.get("master_weights") is True \
-            and options.get("state_dtype") not in quantization.FORMATS:
+    state_dtype = options.get("state_dtype")
+    narrow = isinstance(state_dtype, torch.dtype) and state_dtype != torch.float32
+    if dtype == torch.float16 and options.get("master_weights") is True and not quantized \
+            and not narrow:  # fp32 state (a quantized group's small params keep it too)
         return False
     return torch.device(device).type == "cpu" and available()
 

@@ -62,10 +62,12 @@ CHUNK_TEMPORARIES = 6  # an optimizer's torch math holds at most this many chunk
 # Temporaries per element of a widened slice on the CPU torch path, in slices of
 # fastopt.precision.SLICE elements (measured with torch.profiler by tests/test_cold_memory.py:
 # 16 bytes for fp32 copies of params, grads and state, 13 beside fp32 masters or rebuilding
-# them from remainders (21 beside narrow state); 20 with stochastic rounding's hashed noise;
+# them from remainders (21 beside narrow state, either way); 20 with stochastic rounding's
+# hashed noise;
 # 18 for quantized state's decoding and encoding, in slices of quantization.SLICE elements:
 # both moments in fp32, the encoder's int32 lookups a piece at a time and the new codes).
-SLICE_SCRATCH = {"widened": 16, "master": 13, "remainder": 13, "remainder, narrow state": 21,
+SLICE_SCRATCH = {"widened": 16, "master": 13, "master, narrow state": 21, "remainder": 13,
+                 "remainder, narrow state": 21,
                  "int8": 18, "int4": 18, "stochastic_rounding": 20}
 
 
@@ -313,7 +315,8 @@ def _scratch_bytes(rules, options: dict, bucket: dict, device: str, dtype,
             copied, merged = _merged_quantized(bucket["sizes"])  # likewise, grids of blocks
             scratch += copied * dtype.itemsize
             largest = max(largest, merged)
-        if cost == "adam" and compiled.takes(options, dtype, bucket["elements"], device):
+        if cost == "adam" and compiled.takes(options, dtype, bucket["elements"], device,
+                                             quantized=variant is not None):
             return kept, scratch + compiled.scratch_bytes(options, largest)
         if cost == "elementwise":  # widened a chunk at a time (fastopt.torch_path)
             largest = min(CHUNK, largest)
@@ -355,10 +358,12 @@ def _slice_kind(options: dict, dtype) -> str:
         return state_dtype
     if options.get("stochastic_rounding") and dtype == torch.bfloat16 and not master:
         return "stochastic_rounding"
+    narrow = state_dtype is not None and state_dtype.itemsize < 4
     if master in REMAINDERS:
-        narrow = state_dtype is not None and state_dtype.itemsize < 4
         return "remainder, narrow state" if narrow else "remainder"
-    return "master" if master else "widened"
+    if master:
+        return "master, narrow state" if narrow else "master"
+    return "widened"
 
 
 def _keeps_grad_buffer(rules, options: dict, bucket: dict, device: str, dtype) -> bool:

@@ -36,8 +36,8 @@ does not round to zero (which would divide its ``exp_avg`` by ``eps`` alone).
 
 Codes are the count of midpoints between neighbouring entries that lie below the value
 (``torch.bucketize``: a value on a midpoint takes the lower entry), found by the value's top 16
-bits in a table of 65536 cells and one addition of its bits (all but the sign flipped when it
-is negative: ``folded``), which carries into the code exactly when the value is above its
+bits in a table of 65536 cells and one addition of its bits (all of them flipped when it is
+negative: ``folded``), which carries into the code exactly when the value is above its
 cell's midpoint (``encode``, ``cell_table``).
 
 Tensors under ``MIN_SIZE`` elements keep fp32 state, as bitsandbytes does: their state costs
@@ -142,11 +142,11 @@ def _cells(signed: bool, fmt: Format) -> tuple:
 
 
 def folded(bits: Tensor) -> Tensor:
-    """A float's int32 view (``bits``) with every bit but the sign flipped when the float is
-    negative (``bits >> 31`` is all ones then): its low 16 bits order the floats of a cell by
-    value (as they are for a positive float, reversed for a negative one, whose magnitude
-    grows with them), and its top bits depend on the cell alone (``_cell_entries`` takes
-    them off). One int32 temporary (the result)."""
+    """A float's int32 view (``bits``) with every bit flipped when the float is negative
+    (``bits >> 31`` is all ones then; the result is never negative): its low 16 bits order
+    the floats of a cell by value (as they are for a positive float, reversed for a negative
+    one, whose magnitude grows with them), and its top bits depend on the cell alone
+    (``_cell_entries`` takes them off). One int32 temporary (the result)."""
     key = bits >> 31
     key ^= bits
     return key

@@ -41,7 +41,8 @@ def compiled_kinds(body: str = "_adam") -> set:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name, options", [("AdamW", {}), ("Adam", dict(maximize=True))])
-def test_compiled_master_weights_follow_an_fp32_torch_run(compile_small, name, options, dtype):
+def test_compiled_master_weights_follow_an_fp32_torch_run(compile_small, monkeypatch, name,
+                                                          options, dtype):
     """Half-precision params with fp32 masters, some params without grads some steps: the
     master equals torch.optim's fp32 run fed the same grads, the param is the master rounded
     (bf16 through the compiled loop, fp16 through the eager step, which is faster there)."""
@@ -51,6 +52,10 @@ def test_compiled_master_weights_follow_an_fp32_torch_run(compile_small, name, o
     options = dict(lr=0.01, weight_decay=0.1, **options)
     ours = getattr(fastopt, name)(params, master_weights=True, backend="torch", **options)
     ref = getattr(torch.optim, name)(fp32, foreach=False, **options)
+    loops = []  # the compiled loops this run calls: (body, its static arguments, dtypes)
+    run = compiled._run
+    monkeypatch.setattr(compiled, "_run", lambda body, static, *tensors: (
+        loops.append((body.__name__, *static, tensors[0].dtype)), run(body, static, *tensors)))
     gen = torch.Generator().manual_seed(0)
     for step in range(8):
         for i, (p, q, g) in enumerate(zip(params, fp32, grads(params, gen, dtype))):
@@ -67,9 +72,9 @@ def test_compiled_master_weights_follow_an_fp32_torch_run(compile_small, name, o
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(ours.state[p][key], ref.state[q][key], **FP32)
     # fp16: the eager step (faster than the loop's int16 check of the param)
-    compiled_for = {key[4][0] for key in compiled._COMPILED if key[0] == "_adam"
-                    and key[3] == "master"}
-    assert (dtype in compiled_for) == (dtype == torch.bfloat16)
+    assert not compiled._FAILED, compiled._FAILED
+    assert bool(loops) == (dtype == torch.bfloat16)
+    assert all(loop[0] == "_adam" and loop[3] == "master" for loop in loops)
 
 
 def test_compiled_bf16_state_is_fp32_math_rounded_once(compile_small):
@@ -431,14 +436,18 @@ def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
     assert not compiled.takes(dict(state_dtype="int8"), torch.bfloat16, 1 << 30, "cpu")
 
 
-def test_fp16_masters_take_the_compiled_loop_only_with_quantized_state():
+def test_fp16_masters_with_fp32_state_take_the_eager_step():
     """The loop's check of an fp16 param against its master is int16 code (scalar, slower
-    than the eager step); with quantized state the loops are still the faster."""
+    than the eager step with fp32 state); with quantized state the loops are still the
+    faster, but not for a quantized group's params too small to be quantized."""
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
-    big = 1 << 30
+    big, int8 = 1 << 30, dict(master_weights=True, state_dtype="int8")
     assert not compiled.takes(dict(master_weights=True), torch.float16, big, "cpu")
-    assert compiled.takes(dict(master_weights=True, state_dtype="int8"), torch.float16, big, "cpu")
+    assert compiled.takes(int8, torch.float16, big, "cpu", quantized=True)
+    assert not compiled.takes(int8, torch.float16, big, "cpu", quantized=False)
+    assert compiled.takes(dict(master_weights=True, state_dtype=torch.bfloat16), torch.float16,
+                          big, "cpu")
     assert compiled.takes(dict(master_weights=True), torch.bfloat16, big, "cpu")
 
 

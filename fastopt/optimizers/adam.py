@@ -147,7 +147,8 @@ def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
         found_inf=found_inf,
         code_bits=fmt.bits,
         **opt.precision_options(group, bucket, plan),
-        **({"compile": compiled.takes(group, bucket.dtype, bucket.numel, bucket.device)}
+        **({"compile": compiled.takes(group, bucket.dtype, bucket.numel, bucket.device,
+                                      quantized=True)}
            if bucket.backend == "torch" else {}),
     )
 

@@ -155,6 +155,19 @@ def test_the_compiled_noise_is_the_torch_paths_hash(start, step):
                                                        1000, "cpu"))
 
 
+def every_kind_of_float(gen) -> torch.Tensor:
+    """fp32 values of random bit patterns (nans of both signs and any payload, infinities,
+    zeros, subnormals), every bf16 tie (the low 16 bits 0x8000) of some of them and its
+    neighbours, and a few chosen ones."""
+    bits = torch.randint(-2**31, 2**31, (1 << 14,), generator=gen, dtype=torch.int64)
+    ties = (bits[:4096] & ~0xFFFF) | 0x8000
+    special = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -0x00400000, -1, 0x7F800000,
+                            -0x00800000, 0, -2**31, 1, 0x007FFFFF, 0x7F7F8000, -0x00808000],
+                           dtype=torch.int64)
+    words = torch.cat([bits, ties, ties + 1, ties - 1, special])
+    return words.to(torch.int32).view(torch.float32)
+
+
 @pytest.mark.parametrize("kind", ["remainder8", "remainder16"])
 def test_the_compiled_split_is_the_eager_split_bit_for_bit(kind):
     """The compiled loop splits an updated fp32 master into the bf16 param and its remainder
@@ -164,14 +177,7 @@ def test_the_compiled_split_is_the_eager_split_bit_for_bit(kind):
     payload its fp32-to-bf16 store gives; the remainder is the eager one everywhere.)"""
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
-    gen = torch.Generator().manual_seed(5)
-    bits = torch.randint(-2**31, 2**31, (1 << 14,), generator=gen, dtype=torch.int64)
-    ties = (bits[:4096] & ~0xFFFF) | 0x8000
-    special = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -0x00400000, -1, 0x7F800000,
-                            -0x00800000, 0, -2**31, 1, 0x007FFFFF, 0x7F7F8000, -0x00808000],
-                           dtype=torch.int64)
-    words = torch.cat([bits, ties, ties + 1, ties - 1, special])
-    value = words.to(torch.int32).view(torch.float32)
+    value = every_kind_of_float(torch.Generator().manual_seed(5))
     remainder_dtype = torch.int16 if kind == "remainder16" else torch.int8
     param = torch.empty(value.shape, dtype=torch.bfloat16)
     remainder = torch.empty(value.shape, dtype=remainder_dtype)
@@ -202,9 +208,7 @@ def test_the_compiled_loop_follows_a_changed_param_bit_for_bit(dtype):
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
     gen = torch.Generator().manual_seed(6)
-    bits = torch.randint(-2**31, 2**31, (1 << 14,), generator=gen, dtype=torch.int64)
-    ties = (bits[:4096] & ~0xFFFF) | 0x8000
-    master = torch.cat([bits, ties, ties + 1, ties - 1]).to(torch.int32).view(torch.float32)
+    master = every_kind_of_float(gen)
     param = master.to(dtype)
     param[::5] = torch.randn(param[::5].shape, generator=gen).to(dtype)  # changed outside
     param[::7] = -param[::7]

@@ -111,9 +111,10 @@ def _update_all(opt, group: dict, bucket, plan, grad_scale, host: bool, found_in
         for lo, hi, _ in plan.step_runs:
             mirror[lo:hi, 0] += 1
         bucket.state.upload_mirror(mirror)
-    else:
+    else:  # the CPU's counts through the table's numpy view (a torch op costs microseconds)
+        counts = bucket.state.host_scalars() if host else table
         for lo, hi, _ in plan.step_runs:
-            table[lo:hi, 0] += 1
+            counts[lo:hi, 0] += 1
     steps = bucket.state.host_scalars()[:, 0] if host else table[:, 0]
     masters = bucket.state.tensors.get(MASTER)
     settings = _Settings(group, bucket.dtype if masters is None else masters.dtype, grad_scale,
@@ -236,11 +237,16 @@ def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> 
         one_minus_beta2 = step ** s.beta2_decay
         rho = min(s.lr, 1 / step ** 0.5)
     plan = _entry_plan(bucket, chunk)
-    grads = chunk.grad.reshape(-1)
-    if masters is not None:
-        grads = grads.to(masters.dtype)
-    if s.grad_scale is not None:
-        grads = grads / s.grad_scale.to(grads.device)
+    own = chunk.grad  # one param's grad of its shape, as the math takes it: no flat copy
+    if not (chunk.hi - chunk.lo == 1 and masters is None and s.grad_scale is None
+            and own.dim() and own.shape == bucket.param_shapes[chunk.lo]
+            and own.is_contiguous()):
+        own = None
+        grads = chunk.grad.reshape(-1)
+        if masters is not None:
+            grads = grads.to(masters.dtype)
+        if s.grad_scale is not None:
+            grads = grads / s.grad_scale.to(grads.device)
     decay = 1 - s.lr * s.weight_decay if s.weight_decay != 0 else None
     state = bucket.state
     host = not isinstance(step, Tensor)
@@ -249,17 +255,17 @@ def _update_entry(bucket, chunk, s: _Settings, step, masters: Tensor | None) -> 
         alpha = _alpha(_rms(p, unit, s.acc, host), rho, s)
         if decay is not None:
             p.mul_(decay)
-        variance = state.tensors["variance"][unit.state : unit.state + p.numel()]
+        variance = plan.variance(state, unit, p.numel())
         padding = plan.padding(bucket, unit) if s.masks_padding else None
-        _vector_step(p, grads[unit.start : unit.end], variance, unit, alpha, one_minus_beta2,
-                     s, padding)
+        _vector_step(p, own if own is not None else grads[unit.start : unit.end], variance,
+                     unit, alpha, one_minus_beta2, s, padding)
     for unit in plan.matrices:
         p = _param(bucket, chunk, unit, masters)
         alpha = _alpha(_rms(p, unit, s.acc, host), rho, s)
         if decay is not None:
             p.mul_(decay)
-        _matrix_step(p, grads[unit.start : unit.end].view(unit.shape),
-                     *plan.factors(state, unit), alpha, one_minus_beta2, s)
+        g = own if own is not None else grads[unit.start : unit.end].view(unit.shape)
+        _matrix_step(p, g, *plan.factors(state, unit), alpha, one_minus_beta2, s)
 
 
 def _param(bucket, chunk, unit, masters: Tensor | None) -> Tensor:
@@ -268,6 +274,8 @@ def _param(bucket, chunk, unit, masters: Tensor | None) -> Tensor:
     if bucket.external and masters is None:
         p = bucket.pieces("param", [chunk._replace(lo=unit.index, hi=unit.index + 1)])[0]
         return p.reshape(-1) if unit.shape is None else p
+    if not unit.several and len(bucket.param_shapes[unit.index]) > 0:  # one param: its
+        return bucket.param_pieces("param" if masters is None else MASTER)[unit.index]  # view
     flat = bucket.flat if masters is None else masters
     piece = flat[chunk.start + unit.start : chunk.start + unit.end]
     return piece if unit.shape is None else piece.view(unit.shape)
@@ -406,6 +414,7 @@ class _EntryPlan:
                 self.matrices.append(_Unit(starts[i] - base, ends[i] - base, i, shape))
         self._padding: dict = {}
         self._factors: dict = {}
+        self._variances: dict = {}
 
     @staticmethod
     def _run(bucket, run: list, base: int) -> _Unit:
@@ -431,6 +440,14 @@ class _EntryPlan:
             views = self._factors[unit.index] = (state.local_view("row_var", unit.index),
                                                  state.local_view("col_var", unit.index))
         return views
+
+    def variance(self, state, unit: _Unit, size: int) -> Tensor:
+        """A run's slice of the packed ``variance`` (``size`` elements; made once)."""
+        buffer = state.tensors["variance"]
+        view = self._variances.get(unit.start)
+        if view is None or view._base is not buffer:
+            view = self._variances[unit.start] = buffer[unit.state : unit.state + size]
+        return view
 
     def padding(self, bucket, unit: _Unit) -> Tensor | None:
         """A run's padding between its params and after the last, as a mask (None if it has

@@ -298,24 +298,28 @@ def _kind(param: Tensor, master, seed) -> str:
     return "remainder16" if master.dtype == torch.int16 else "master"
 
 
+@functools.lru_cache(maxsize=64)
 def _scalars(lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
              step: float, decoupled: bool) -> Tensor:
     """``_adam_math``'s scalars, as torch's fused op computes them in float64 (each rounded to
     float32 where the loop reads it): the weight decay factor (AdamW: 1 - lr wd; Adam: wd),
     1 - beta1, beta2, 1 - beta2, lr / bias correction 1, the square root of bias correction
-    2, eps."""
+    2, eps. Made once for each set of values (every slice of a step shares them; the loops
+    only read them)."""
     return torch.tensor([1 - lr * weight_decay if decoupled else weight_decay, 1 - beta1,
                          beta2, 1 - beta2, lr / (1 - beta1 ** step),
                          (1 - beta2 ** step) ** 0.5, eps], dtype=torch.float64)
 
 
+_NO_WORDS = torch.zeros(2, dtype=torch.int32)  # a step without stochastic rounding (only read)
+
+
 def _words(kind: str, seed, step: float, start: int) -> Tensor:
     """The hash's words for stochastic rounding (``_hash_noise``) from flat offset ``start``."""
-    words = torch.zeros(2, dtype=torch.int32)
-    if kind == "stochastic":
-        words[0] = precision.signed32(start)
-        words[1] = precision.signed32(int(step) * precision.STEP_MIX + seed * precision.SEED_MIX)
-    return words
+    if kind != "stochastic":
+        return _NO_WORDS
+    return torch.tensor([precision.signed32(start), precision.signed32(
+        int(step) * precision.STEP_MIX + seed * precision.SEED_MIX)], dtype=torch.int32)
 
 
 def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, *,
@@ -390,8 +394,7 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     offsets_out = torch.empty(shape, dtype=torch.int32) if kind == "remainder16" else None
     m_codes, v_codes = (flat[name][codes].view(shape[0], -1) for name in ("m", "v"))
     outs = [torch.empty(shape), torch.empty(shape)] if kind in SPLIT_KINDS else [None, None]
-    tables = [quantization.tables(signed, param.device, fmt)[0] for signed in (True, False)]
-    cells = [quantization.cell_table(signed, param.device, fmt) for signed in (True, False)]
+    tables, cells = quantization.code_and_cell_tables(fmt, param.device)
     step = float(step)
     try:
         _run(_quantized_adam, (decoupled, maximize, kind, fmt.bits), param,

@@ -205,6 +205,15 @@ def byte_pairs(signed: bool, device: torch.device) -> Tensor:
     return torch.stack([values[byte & 15], values[byte >> 4]], dim=1)
 
 
+@functools.lru_cache(maxsize=8)
+def code_and_cell_tables(fmt: Format, device: torch.device) -> tuple:
+    """([code values], [encoder cells]) of ``fmt`` on ``device``, signed (``exp_avg``'s) then
+    unsigned (``sqrt(exp_avg_sq)``'s): ``tables`` and ``cell_table``, fetched once (a compiled
+    CPU step takes all four on every slice)."""
+    return ([tables(signed, device, fmt)[0] for signed in (True, False)],
+            [cell_table(signed, device, fmt) for signed in (True, False)])
+
+
 TABLE_BYTES = (1 << 16) * 4  # one sign's half of moment_cells: an int32 a cell
 
 
@@ -219,7 +228,7 @@ def build_tables(fmt: Format, device: torch.device) -> None:
 
 def clear_tables() -> None:
     """Forget every table made (a cold start: ``benchmarks/cold_memory.py``)."""
-    for cached in (moment_cells, tables, byte_pairs):
+    for cached in (moment_cells, tables, byte_pairs, code_and_cell_tables):
         cached.cache_clear()
 
 

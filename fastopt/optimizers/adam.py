@@ -83,30 +83,65 @@ MERGE_LIMIT = 1 << 18
 def _merge_small(bucket: Bucket, chunks: list, block: int) -> list:
     """Runs of back-to-back chunks with equal run keys (so equal steps), each param a whole
     number of blocks but a run's last, together at most ``MERGE_LIMIT`` elements, as one chunk
-    each (their grads concatenated): its params are one grid of blocks."""
+    each (their grads concatenated by one C++ call, ``flatten_dense_tensors``: a Python
+    ``reshape`` a grad cost as much as the copy): its params are one grid of blocks."""
     out, run = [], []
+    partial = _partial_blocks(bucket, block)
 
     def close() -> None:
         if len(run) > 1:
-            grad = torch.cat([c.grad.reshape(-1) for c in run])
+            grad = torch._C._nn.flatten_dense_tensors([c.grad for c in run])
             out.append(Chunk(run[0].lo, run[-1].hi, run[0].start, run[-1].end, grad, run[0].key))
         else:
             out.extend(run)
         run.clear()
 
+    end = first = key = None  # the run's end, first element and run key
     for c in chunks:
-        exact = c.grad.numel() == c.end - c.start
-        if not (run and exact and run[-1].end == c.start and run[-1].key == c.key
-                and c.end - run[0].start <= MERGE_LIMIT):
+        lo, hi, start, _, grad, _ = c
+        exact = grad.numel() == c.end - start
+        if run and not (exact and end == start and key == c.key
+                        and c.end - first <= MERGE_LIMIT):
             close()
-        if exact and c.end - c.start <= MERGE_LIMIT:
+        if exact and c.end - start <= MERGE_LIMIT:
+            if not run:
+                first, key = start, c.key
             run.append(c)
+            end = c.end
         else:
             out.append(c)
-        if any((bucket.ends[k] - bucket.starts[k]) % block for k in range(c.lo, c.hi)):
+        if True in partial[lo:hi]:
             close()  # a short last block ends the grid
     close()
     return out
+
+
+def _partial_blocks(bucket: Bucket, block: int) -> list:
+    """Per param of ``bucket``: does it end in a short block of ``block`` elements? (Made
+    once: the layout is fixed.)"""
+    key = ("partial blocks", block)
+    partial = bucket.decided.get(key)
+    if partial is None:
+        partial = bucket.decided[key] = [(e - s) % block != 0
+                                         for s, e in zip(bucket.starts, bucket.ends)]
+    return partial
+
+
+def _spans(bucket: Bucket, c: Chunk, block: int) -> list:
+    """(offset in chunk ``c``, size) of each of its params; one span for them all where they
+    are one grid of blocks (back to back, each a whole number of blocks but the last), which
+    is what ``torch_path``'s ``_block_runs`` would make of them."""
+    lo, hi = c.lo, c.hi
+    if hi - lo > 1:
+        gaps = bucket.decided.get("gaps")
+        if gaps is None:  # param k's slot ends with padding before param k + 1's
+            gaps = bucket.decided["gaps"] = [s != e for s, e in zip(bucket.starts[1:],
+                                                                   bucket.ends)]
+        partial = _partial_blocks(bucket, block)
+        if True not in gaps[lo : hi - 1] and True not in partial[lo : hi - 1]:
+            return [(bucket.starts[lo] - c.start, bucket.ends[hi - 1] - bucket.starts[lo])]
+    return [(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
+            for k in range(lo, hi)]
 
 
 def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
@@ -134,8 +169,7 @@ def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
         block_tables=([state.block_table[b] for b in blocks] if bucket.backend == "triton"
                       else None),
         bases=[c.start for c in chunks],
-        spans=[[(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
-                for k in range(c.lo, c.hi)] for c in chunks],
+        spans=[_spans(bucket, c, fmt.block) for c in chunks],
         lr=_on(group["lr"], bucket.device),
         beta1=float(beta1),
         beta2=float(beta2),

@@ -443,15 +443,20 @@ def merge_widened(plan: StepPlan, group: dict) -> StepPlan:
 
 
 def _joined(chunks: list) -> Chunk:
-    """One chunk for back-to-back ``chunks``: their grads copied together, zeros between."""
+    """One chunk for back-to-back ``chunks``: their grads copied together, zeros between (by
+    one C++ call, ``flatten_dense_tensors``: a Python ``reshape`` a grad cost as much as the
+    copy)."""
     grad = chunks[0].grad
     key = (grad.dtype, grad.device)
     if key not in _GAPS:
         _GAPS[key] = torch.zeros(SLOT_ALIGN, dtype=grad.dtype, device=grad.device)
     parts = []
-    for before, c in zip([None] + chunks[:-1], chunks):
-        if before is not None and c.start > before.end:
-            parts.append(_GAPS[key][: c.start - before.end])
-        parts.append(c.grad.reshape(-1))
+    end = None
+    for c in chunks:
+        if end is not None and c.start > end:
+            parts.append(_GAPS[key][: c.start - end])
+        parts.append(c.grad)
+        end = c.end
     first, last = chunks[0], chunks[-1]
-    return Chunk(first.lo, last.hi, first.start, last.end, torch.cat(parts), first.key)
+    return Chunk(first.lo, last.hi, first.start, last.end,
+                 torch._C._nn.flatten_dense_tensors(parts), first.key)

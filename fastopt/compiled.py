@@ -308,10 +308,11 @@ def _scalars(lr: float, beta1: float, beta2: float, weight_decay: float, eps: fl
     only read them)."""
     return torch.tensor([1 - lr * weight_decay if decoupled else weight_decay, 1 - beta1,
                          beta2, 1 - beta2, lr / (1 - beta1 ** step),
-                         (1 - beta2 ** step) ** 0.5, eps], dtype=torch.float64)
+                         (1 - beta2 ** step) ** 0.5, eps], dtype=torch.float64, device="cpu")
 
 
-_NO_WORDS = torch.zeros(2, dtype=torch.int32)  # a step without stochastic rounding (only read)
+# a step without stochastic rounding (only read)
+_NO_WORDS = torch.zeros(2, dtype=torch.int32, device="cpu")
 
 
 def _words(kind: str, seed, step: float, start: int) -> Tensor:
@@ -319,7 +320,8 @@ def _words(kind: str, seed, step: float, start: int) -> Tensor:
     if kind != "stochastic":
         return _NO_WORDS
     return torch.tensor([precision.signed32(start), precision.signed32(
-        int(step) * precision.STEP_MIX + seed * precision.SEED_MIX)], dtype=torch.int32)
+        int(step) * precision.STEP_MIX + seed * precision.SEED_MIX)], dtype=torch.int32,
+        device="cpu")
 
 
 def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, *,
@@ -348,7 +350,8 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
                 parts = [t[lo : lo + piece] if t is not None else None for t in flat]
                 offsets_out = None
                 if kind == "remainder16":
-                    offsets_out = torch.empty(parts[0].numel(), dtype=torch.int32)
+                    offsets_out = torch.empty(parts[0].numel(), dtype=torch.int32,
+                                              device=parts[0].device)
                     parts[4] = parts[4].view(torch.bfloat16)
                 words = _words(kind, seed, step, offsets[j] + lo if offsets else 0)
                 _run(_adam, (decoupled, maximize, kind), *parts, offsets_out, scalars, words)
@@ -391,9 +394,11 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     master = flat["master"][span].view(shape) if flat["master"] is not None else None
     param = flat["param"][span].view(shape)
     kind = _kind(param, master, seed)
-    offsets_out = torch.empty(shape, dtype=torch.int32) if kind == "remainder16" else None
+    offsets_out = torch.empty(shape, dtype=torch.int32, device=param.device) \
+        if kind == "remainder16" else None
     m_codes, v_codes = (flat[name][codes].view(shape[0], -1) for name in ("m", "v"))
-    outs = [torch.empty(shape), torch.empty(shape)] if kind in SPLIT_KINDS else [None, None]
+    outs = [torch.empty(shape, device=param.device) for _ in range(2)] if kind in SPLIT_KINDS \
+        else [None, None]
     tables, cells = quantization.code_and_cell_tables(fmt, param.device)
     step = float(step)
     try:

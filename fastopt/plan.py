@@ -198,8 +198,9 @@ class StepPlan:
     def chunks(self) -> list:
         if self._chunks is None:
             b = self.bucket
-            n = len(b.params)  # tuples made by tuple.__new__ (a NamedTuple's own __new__ is
-            # Python: 400 params' chunks took 129 us a step, these 50)
+            # made by tuple.__new__: a NamedTuple's own __new__ is Python (400 params' chunks
+            # took 129 us a step, these 50)
+            n = len(b.params)
             self._chunks = list(map(tuple.__new__, itertools.repeat(Chunk), zip(
                 range(n), range(1, n + 1), b.starts, b.ends, self._grads,
                 itertools.repeat(self.key))))

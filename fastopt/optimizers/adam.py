@@ -96,18 +96,18 @@ def _merge_small(bucket: Bucket, chunks: list, block: int) -> list:
             out.extend(run)
         run.clear()
 
-    end = first = key = None  # the run's end, first element and run key
+    run_first = run_end = run_key = None  # the open run's first element, end and run key
     for c in chunks:
-        lo, hi, start, _, grad, _ = c
-        exact = grad.numel() == c.end - start
-        if run and not (exact and end == start and key == c.key
-                        and c.end - first <= MERGE_LIMIT):
+        lo, hi, start, end, grad, key = c
+        exact = grad.numel() == end - start
+        if run and not (exact and run_end == start and run_key == key
+                        and end - run_first <= MERGE_LIMIT):
             close()
-        if exact and c.end - start <= MERGE_LIMIT:
+        if exact and end - start <= MERGE_LIMIT:
             if not run:
-                first, key = start, c.key
+                run_first, run_key = start, key
             run.append(c)
-            end = c.end
+            run_end = end
         else:
             out.append(c)
         if True in partial[lo:hi]:

@@ -127,23 +127,6 @@ def _partial_blocks(bucket: Bucket, block: int) -> list:
     return partial
 
 
-def _spans(bucket: Bucket, c: Chunk, block: int) -> list:
-    """(offset in chunk ``c``, size) of each of its params; one span for them all where they
-    are one grid of blocks (back to back, each a whole number of blocks but the last), which
-    is what ``torch_path``'s ``_block_runs`` would make of them."""
-    lo, hi = c.lo, c.hi
-    if hi - lo > 1:
-        gaps = bucket.decided.get("gaps")
-        if gaps is None:  # param k's slot ends with padding before param k + 1's
-            gaps = bucket.decided["gaps"] = [s != e for s, e in zip(bucket.starts[1:],
-                                                                   bucket.ends)]
-        partial = _partial_blocks(bucket, block)
-        if True not in gaps[lo : hi - 1] and True not in partial[lo : hi - 1]:
-            return [(bucket.starts[lo] - c.start, bucket.ends[hi - 1] - bucket.starts[lo])]
-    return [(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
-            for k in range(lo, hi)]
-
-
 def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     """Blockwise quantized moments (``fastopt.quantization``): the chunks' codes, block scales
     and block tables, in their format (on the torch path, small chunks merged)."""
@@ -169,7 +152,8 @@ def _update_int8(opt, group, bucket, plan, grad_scale, found_inf) -> None:
         block_tables=([state.block_table[b] for b in blocks] if bucket.backend == "triton"
                       else None),
         bases=[c.start for c in chunks],
-        spans=[_spans(bucket, c, fmt.block) for c in chunks],
+        spans=[[(bucket.starts[k] - c.start, bucket.ends[k] - bucket.starts[k])
+                for k in range(c.lo, c.hi)] for c in chunks],
         lr=_on(group["lr"], bucket.device),
         beta1=float(beta1),
         beta2=float(beta2),

@@ -97,14 +97,17 @@ def takes(options: dict, dtype: torch.dtype, elements: int, device,
 
 
 def scratch_bytes(options: dict, largest: int) -> int:
-    """The temporaries of a compiled step whose largest entry has ``largest`` elements: none,
-    but int16 remainders' int32 copy, ``REMAINDER_SLICE`` elements at a time; quantized
-    state: its fp32 moments (and that copy), ``QUANTIZED_SLICE`` elements at a time (a
-    param's last partial block steps eagerly: a few KiB)."""
+    """The temporaries of a compiled step whose largest entry has ``largest`` elements: none
+    (an odd last element's 4 bytes), but int16 remainders' int32 copy beside narrow moments,
+    ``REMAINDER_SLICE`` elements at a time; quantized state: its fp32 moments (and that
+    copy), ``QUANTIZED_SLICE`` elements at a time (a param's last partial block steps
+    eagerly: a few KiB)."""
     remainder16 = precision.REMAINDERS.get(options.get("master_weights")) == torch.int16
-    if options.get("state_dtype") in quantization.FORMATS:
+    state_dtype = options.get("state_dtype")
+    if state_dtype in quantization.FORMATS:
         return (12 if remainder16 else 8) * min(QUANTIZED_SLICE, largest)
-    return 4 * min(REMAINDER_SLICE, largest) if remainder16 else 0
+    narrow = isinstance(state_dtype, torch.dtype) and state_dtype != torch.float32
+    return 4 * min(REMAINDER_SLICE, largest) if remainder16 and narrow else 0
 
 
 def _hash_noise(n: int, words: Tensor) -> Tensor:
@@ -143,6 +146,14 @@ def _bf16_bits(x: Tensor) -> Tensor:
     return (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
 
 
+def _split(p: Tensor) -> tuple:
+    """fp32 ``p`` as int32 words: its bf16 value rounded to nearest (``precision.split_master``;
+    low 16 bits zero) and what is left, ``p``'s bits less those (unclamped)."""
+    bits = p.view(torch.int32)
+    high = (((bits >> 15) + (p == p).to(torch.int32)) >> 1) << 16
+    return high, bits - high
+
+
 def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) -> None:
     """Store the updated fp32 ``p``: the param rounded to nearest (and the fp32 master),
     stochastically (the hash's noise, ``words``), or split into the param and its remainder
@@ -151,13 +162,12 @@ def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) 
         master.copy_(p)
         param.copy_(p)
     elif kind in ("remainder8", "remainder16"):
-        bits = p.view(torch.int32)
-        high = (((bits >> 15) + (p == p).to(torch.int32)) >> 1) << 16
+        high, low = _split(p)
         param.copy_(high.view(torch.float32))  # exact: its low 16 bits are zero
         if kind == "remainder8":
-            master.copy_((((bits - high) + 128) >> 8).clamp(-128, 127).to(torch.int8))
+            master.copy_(((low + 128) >> 8).clamp(-128, 127).to(torch.int8))
         else:
-            offsets.copy_((bits - high).clamp(-32768, 32767))
+            offsets.copy_(low.clamp(-32768, 32767))
     elif kind == "stochastic":
         noise = _hash_noise(p.numel(), words).view(p.shape)
         bits = (p.view(torch.int32) + noise) & -65536
@@ -167,20 +177,33 @@ def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) 
 
 
 def _adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, decoupled: bool,
-               maximize: bool) -> tuple:
+               maximize: bool, unfused: bool = False) -> tuple:
     """Adam's fp32 update of param ``p`` and moments ``m``, ``v`` by grad ``g`` (the module's
-    formula) -> the new (p, m, v). ``scalars``: see ``_scalars``."""
+    formula) -> the new (p, m, v). ``scalars``: see ``_scalars``. ``unfused``: AdamW's decayed
+    param rounded through ``_unfused`` (where GCC would fuse it: ``_adam_pairs``; elsewhere
+    it does not, and the barrier costs a round trip through memory of two vectors of bf16
+    state's loop: 3.8 to 7 ms on one 4M-element param with stochastic rounding)."""
     decay, weight1, beta2, weight2, step_size, correction2_sqrt, eps = (
         scalars[k].float() for k in range(7))
     if maximize:
         g = -g
-    if decoupled:
-        p = p * decay
+    if decoupled:  # rounded before the update is taken off, as torch's op rounds it
+        p = _unfused(p * decay, decay) if unfused else p * decay
     else:
         g = g + p * decay
     m = m.lerp(g, weight1)
     v = weight2 * g * g + v * beta2  # this order: GCC fuses the products as in torch's op
     return p - step_size * m / (v.sqrt() / correction2_sqrt + eps), m, v
+
+
+def _unfused(x: Tensor, scalar: Tensor) -> Tensor:
+    """``x`` itself, through an integer OR with zero (one when ``scalar`` is nan: ``x`` is a
+    nan then too), so that the compiler cannot fuse the product ``x`` into the sum that
+    takes it, where torch's op rounds it. GCC fuses products where its heuristics allow,
+    which differ between copies of the same code: in the second of two elements of a word
+    (``_adam_pairs``) it fused AdamW's decayed param into the update, which the first
+    element's code and torch's op round (a last bit in a quarter of the elements)."""
+    return (x.view(torch.int32) | (scalar != scalar).to(torch.int32)).view(torch.float32)
 
 
 def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master,
@@ -195,6 +218,58 @@ def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mast
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     _store(kind, p, param, master, offsets, words)
+
+
+def _adam_pairs(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                remainder: Tensor, scalars: Tensor, decoupled: bool, maximize: bool) -> None:
+    """``_adam``'s ``"remainder16"`` step on words of two elements, the first in the low half:
+    int32 words of the bf16 param, its bf16 grad and its int16 remainder, int64 words of the
+    fp32 moments. Every store is a whole int32 or int64 word, which inductor vectorizes (an
+    int16 store it does not): no int32 copy of the remainders, no temporaries."""
+    words = [0, 0, 0, 0]  # the param's, the remainder's, exp_avg's, exp_avg_sq's
+    for j in (0, 1):
+        top = 16 * j
+        p = ((((param >> top) & 0xFFFF) << 16) + ((remainder << (16 - top)) >> 16)
+             ).view(torch.float32)  # the param's bits on top, the sign-extended remainder's
+        p, m, v = _adam_math(p, (((grad >> top) & 0xFFFF) << 16).view(torch.float32),
+                             _fp32_half(exp_avg, j), _fp32_half(exp_avg_sq, j), scalars,
+                             decoupled, maximize, unfused=True)
+        high, low = _split(p)
+        low = low.clamp(-32768, 32767)
+        halves = ((high >> 16) & 0xFFFF, low & 0xFFFF) if j == 0 else (high, low << 16)
+        words[0] = words[0] | halves[0]
+        words[1] = words[1] | halves[1]
+        for k, x in ((2, m), (3, v)):
+            word = x.view(torch.int32).to(torch.int64)
+            words[k] = words[k] | (word & 0xFFFFFFFF if j == 0 else word << 32)
+    for tensor, word in zip((param, remainder, exp_avg, exp_avg_sq), words):
+        tensor.copy_(word)
+
+
+# Elements of an entry's head that ``_adam_pairs`` steps: a multiple of 32, so that its loop
+# has no vectorized tail (16 int32 words a vector), whose code GCC compiles on its own (fusing
+# other products); the elements after it take ``_adam``'s loop, whose tail then starts where
+# a master's does: the same code for each element as a ``master_weights=True`` run's.
+PAIRED = 32
+
+
+def _fp32_half(words: Tensor, j: int) -> Tensor:
+    """The fp32 value in half ``j`` (0: the low) of int64 ``words``."""
+    return (words >> (32 * j)).to(torch.int32).view(torch.float32)
+
+
+def _as_pairs(parts: list):
+    """An entry's (param, grad, exp_avg, exp_avg_sq, int16 remainder) as ``_adam_pairs``'
+    words, or None where they are not bf16, bf16, fp32, fp32 and int16 at offsets that make
+    whole words (their size is even)."""
+    dtypes = (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.int16)
+    if any(t.dtype != d for t, d in zip(parts, dtypes)):
+        return None
+    try:
+        return [t.view(torch.int64 if t.dtype == torch.float32 else torch.int32)
+                for t in parts]
+    except RuntimeError:  # an odd offset
+        return None
 
 
 def _decode(codes: Tensor, scales: Tensor, values: Tensor) -> Tensor:
@@ -329,7 +404,9 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
                 maximize: bool, decoupled: bool, masters=None, seed=None, offsets=None) -> bool:
     """The widened Adam step of ``precision.run_fp32``'s entries through the compiled loop
     (``takes`` said it may); False (nothing written) where the compile failed. Int16
-    remainders go through an int32 copy, ``REMAINDER_SLICE`` elements at a time."""
+    remainders beside fp32 moments step as words of two elements (``_adam_pairs``, all but
+    the last ``n % PAIRED``); beside narrower ones (or at an odd offset, and those last
+    elements) they go through an int32 copy, ``REMAINDER_SLICE`` elements at a time."""
     if _get_current_dispatch_mode() is not None:
         return False  # dynamo traces under no user dispatch mode: the eager step
     lr = float(lr)
@@ -345,8 +422,14 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
         if n == 0:
             continue
         piece = REMAINDER_SLICE if kind == "remainder16" else n
+        start = 0
         try:
-            for lo in range(0, n, piece):
+            head = n - n % PAIRED if kind == "remainder16" else 0
+            pairs = _as_pairs([t[:head] for t in flat]) if head else None
+            if pairs is not None:  # whole vectors of words; the last elements below
+                _run(_adam_pairs, (decoupled, maximize), *pairs, scalars)
+                written, start = True, head
+            for lo in range(start, n, piece):
                 parts = [t[lo : lo + piece] if t is not None else None for t in flat]
                 offsets_out = None
                 if kind == "remainder16":

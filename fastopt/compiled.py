@@ -28,6 +28,13 @@ its new scale, and the codes of the block divided by it, by the encoder's table 
 call of its own. The fp32 moments of one slice are the only temporaries; a param's last
 partial block steps eagerly.
 
+Inductor vectorizes no int16 store. Int16 remainders are therefore stepped on words of
+several elements: beside fp32 moments two to a word (``_adam_pairs``: int32 words of the
+param, grad and remainder, int64 ones of the moments), beside 8-bit moments four to a word
+(``_quantized_quads``, after ``_new_scales`` has found the new moments' block scales: two
+calls, the moments made in each, no temporaries but the scales). Elsewhere they go through
+an int32 copy.
+
 Used where it serves (``takes``): a CPU, a C++ compiler for inductor, a bucket of at least
 ``MIN_ELEMENTS`` (so that a run that steps a small model never waits for a compile: one
 compile, a few seconds, serves every shape), and the options these loops have (no amsgrad, no
@@ -98,13 +105,17 @@ def takes(options: dict, dtype: torch.dtype, elements: int, device,
 
 def scratch_bytes(options: dict, largest: int) -> int:
     """The temporaries of a compiled step whose largest entry has ``largest`` elements: none
-    (an odd last element's 4 bytes), but int16 remainders' int32 copy beside narrow moments,
-    ``REMAINDER_SLICE`` elements at a time; quantized state: its fp32 moments (and that
-    copy), ``QUANTIZED_SLICE`` elements at a time (a param's last partial block steps
-    eagerly: a few KiB)."""
+    (a few last elements' 4 bytes each), but int16 remainders' int32 copy beside narrow
+    moments, ``REMAINDER_SLICE`` elements at a time; quantized state: its fp32 moments (and
+    that copy), ``QUANTIZED_SLICE`` elements at a time, or beside int16 remainders and 8-bit
+    moments only the slice's new scales (a param's last partial block steps eagerly: a few
+    KiB)."""
     remainder16 = precision.REMAINDERS.get(options.get("master_weights")) == torch.int16
     state_dtype = options.get("state_dtype")
     if state_dtype in quantization.FORMATS:
+        fmt = quantization.FORMATS[state_dtype]
+        if remainder16 and fmt.bits == 8:  # _quantized_quads
+            return 8 * (min(QUANTIZED_SLICE, largest) // fmt.block)
         return (12 if remainder16 else 8) * min(QUANTIZED_SLICE, largest)
     narrow = isinstance(state_dtype, torch.dtype) and state_dtype != torch.float32
     return 4 * min(REMAINDER_SLICE, largest) if remainder16 and narrow else 0
@@ -331,6 +342,82 @@ def _codes(x: Tensor, cells: Tensor) -> Tensor:
     return (cells[(word >> 16) + (1 << 15)] + quantization.folded(word)) >> 16
 
 
+def _new_scales(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tensor,
+                v_codes: Tensor, v_scales: Tensor, remainder: Tensor, m_values: Tensor,
+                v_values: Tensor, scalars: Tensor, out: Tensor, decoupled: bool,
+                maximize: bool) -> None:
+    """The scales ``_quantized_adam`` would give a slice's new moments (``out`` [2, blocks]:
+    ``exp_avg``'s, then ``sqrt(exp_avg_sq)``'s), for ``_quantized_quads`` to encode them
+    with, the moments made again there: nothing of the slice is written here, so the
+    moments are kept nowhere in between. The tensors are ``_quantized_quads``' words (a
+    reduction over bf16 tensors took twice as long: inductor vectorizes it 32 elements wide,
+    and the lookups with it)."""
+    largest = [None, None]
+    for j in range(4):
+        _, m, v = _adam_math(*_quad_lane(j, param, grad, remainder, m_codes, m_scales, v_codes,
+                                         v_scales, m_values, v_values), scalars, decoupled,
+                             maximize, unfused=True)
+        for k, x in enumerate((m.abs(), v.sqrt())):
+            largest[k] = x if j == 0 else torch.maximum(largest[k], x)
+    for k in range(2):
+        out[k].copy_(largest[k].amax(dim=-1))
+
+
+def _quad_lane(j: int, param: Tensor, grad: Tensor, remainder: Tensor, m_codes: Tensor,
+               m_scales: Tensor, v_codes: Tensor, v_scales: Tensor, m_values: Tensor,
+               v_values: Tensor) -> tuple:
+    """Element ``j`` of each word of ``_quantized_quads``' tensors, in fp32: the param rebuilt
+    from its bf16 bits and its sign-extended remainder, the grad, ``exp_avg`` and
+    ``exp_avg_sq`` decoded (the latter from its stored square root)."""
+    half, byte = 16 * j, 8 * j
+    p = ((((param >> half) & 0xFFFF).to(torch.int32) << 16)
+         + ((((remainder >> half) & 0xFFFF).to(torch.int32) << 16) >> 16))
+    g = (((grad >> half) & 0xFFFF).to(torch.int32) << 16).view(torch.float32)
+    root = v_values[(v_codes >> byte) & 0xFF] * v_scales[:, None]
+    return (p.view(torch.float32), g, m_values[(m_codes >> byte) & 0xFF] * m_scales[:, None],
+            root * root)
+
+
+def _quantized_quads(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tensor,
+                     v_codes: Tensor, v_scales: Tensor, remainder: Tensor, m_values: Tensor,
+                     v_values: Tensor, scalars: Tensor, scales: Tensor, m_cells: Tensor,
+                     v_cells: Tensor, decoupled: bool, maximize: bool) -> None:
+    """``_quantized_adam``'s step of bf16 params with int16 remainders and 8-bit moments, on
+    words of four elements, the first in the low bits (every tensor [blocks, block / 4]):
+    int64 words of the param, its bf16 grad and its remainder, int32 words of each moment's
+    codes (``_quad_lane``); the new moments encoded with ``scales`` (``_new_scales``). Every
+    store is a whole word, which inductor vectorizes (an int16 store it does not): no int32
+    copy of the remainders, no fp32 moments kept between two calls."""
+    divisors = [torch.where(s > 0, s, 1.0)[:, None] for s in (scales[0], scales[1])]
+    words = [0, 0, 0, 0]  # the param's, the remainder's, exp_avg's codes, exp_avg_sq's
+    for j in range(4):
+        p, m, v = _adam_math(*_quad_lane(j, param, grad, remainder, m_codes, m_scales,
+                                         v_codes, v_scales, m_values, v_values), scalars,
+                             decoupled, maximize, unfused=True)
+        high, low = _split(p)
+        half, byte = 16 * j, 8 * j
+        words[0] = words[0] | (((high >> 16) & 0xFFFF).to(torch.int64) << half)
+        words[1] = words[1] | ((low.clamp(-32768, 32767) & 0xFFFF).to(torch.int64) << half)
+        words[2] = words[2] | (_codes(m / divisors[0], m_cells) << byte)
+        words[3] = words[3] | (_codes(v.sqrt() / divisors[1], v_cells) << byte)
+    for tensor, word in zip((param, remainder, m_codes, v_codes), words):
+        tensor.copy_(word)
+
+
+def _as_quads(parts: list):
+    """A slice's (param, grad, int16 remainder, exp_avg's codes, exp_avg_sq's codes), each
+    [blocks, block], as ``_quantized_quads``' words (int64, int64, int64, int32, int32), or
+    None where they are not bf16, bf16, int16, uint8 and uint8 at offsets that make whole
+    words."""
+    dtypes = (torch.bfloat16, torch.bfloat16, torch.int16, torch.uint8, torch.uint8)
+    if any(t.dtype != d for t, d in zip(parts, dtypes)):
+        return None
+    try:
+        return [t.view(torch.int64 if t.element_size() == 2 else torch.int32) for t in parts]
+    except RuntimeError:  # an offset that is not a whole word's
+        return None
+
+
 _COMPILED: dict = {}
 # torch's own CPU kernels are built with GCC's default contraction of a product and a sum into
 # one FMA; inductor turns it off unless asked: asked, the loop rounds as torch's fused op does.
@@ -339,6 +426,11 @@ _COMPILED: dict = {}
 # 30 ops, or read by more than 8 reductions: the encoder's codes, a slice's worth of int32).
 _INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast", "assert_indirect_indexing": False,
              "realize_opcount_threshold": 1 << 30, "realize_acc_reads_threshold": 1 << 30}
+# A loop of words: one loop that stores nothing midway. Inductor stores a value read by two
+# ops that reads more than 4 tensors (each new moment of ``_quantized_quads``: 8 bytes a slice
+# element); in one loop the two ops' code shares it anyway.
+_ONE_LOOP = {**_INDUCTOR, "realize_reads_threshold": 1 << 30}
+_WORDS = (_adam_pairs, _new_scales, _quantized_quads)  # the loops of words
 
 
 def _run(body, static: tuple, *tensors) -> None:
@@ -353,7 +445,8 @@ def _run(body, static: tuple, *tensors) -> None:
             body(*args, *static)
         own = types.FunctionType(loop.__code__.replace(), loop.__globals__, loop.__name__,
                                  loop.__defaults__, loop.__closure__)
-        _COMPILED[key] = torch.compile(own, dynamic=True, fullgraph=True, options=_INDUCTOR)
+        _COMPILED[key] = torch.compile(own, dynamic=True, fullgraph=True, options=_ONE_LOOP
+                                       if body in _WORDS else _INDUCTOR)
     _COMPILED[key](*tensors)
 
 
@@ -477,20 +570,35 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     master = flat["master"][span].view(shape) if flat["master"] is not None else None
     param = flat["param"][span].view(shape)
     kind = _kind(param, master, seed)
-    offsets_out = torch.empty(shape, dtype=torch.int32, device=param.device) \
-        if kind == "remainder16" else None
     m_codes, v_codes = (flat[name][codes].view(shape[0], -1) for name in ("m", "v"))
-    outs = [torch.empty(shape, device=param.device) for _ in range(2)] if kind in SPLIT_KINDS \
-        else [None, None]
     tables, cells = quantization.code_and_cell_tables(fmt, param.device)
     step = float(step)
+    scalars = _scalars(float(lr), beta1, beta2, weight_decay, eps, step, decoupled)
+    quads = _as_quads([param, flat["grad"][span].view(shape), master, m_codes, v_codes]) \
+        if kind == "remainder16" and fmt.bits == 8 else None
+    if quads is not None:  # two calls, no temporaries but the new scales
+        new = torch.empty(2, shape[0], device=param.device)
+        try:
+            for body, extra in ((_new_scales, ()), (_quantized_quads, cells)):
+                _run(body, (decoupled, maximize), quads[0], quads[1], quads[3],
+                     scales["m"][blocks], quads[4], scales["v"][blocks], quads[2], *tables,
+                     scalars, new, *extra)
+        except Exception as error:  # nothing written: the eager step takes this slice
+            _fail(error)
+            return False
+        scales["m"][blocks].copy_(new[0])
+        scales["v"][blocks].copy_(new[1])
+        return True
+    offsets_out = torch.empty(shape, dtype=torch.int32, device=param.device) \
+        if kind == "remainder16" else None
+    outs = [torch.empty(shape, device=param.device) for _ in range(2)] if kind in SPLIT_KINDS \
+        else [None, None]
     try:
         _run(_quantized_adam, (decoupled, maximize, kind, fmt.bits), param,
              flat["grad"][span].view(shape), m_codes, scales["m"][blocks], v_codes,
              scales["v"][blocks], master.view(torch.bfloat16) if offsets_out is not None
-             else master, offsets_out, *tables,
-             _scalars(float(lr), beta1, beta2, weight_decay, eps, step, decoupled),
-             _words(kind, seed, step, start), *outs, *cells)
+             else master, offsets_out, *tables, scalars, _words(kind, seed, step, start),
+             *outs, *cells)
     except Exception as error:  # nothing written: the eager step takes this slice
         _fail(error)
         return False

@@ -312,10 +312,17 @@ def test_compiled_quantized_state_steps_as_the_eager_step(monkeypatch, dtype, na
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
     runs = []
+    bodies = set()  # the compiled loops the compiled run calls
+    run = compiled._run
+    monkeypatch.setattr(compiled, "_run", lambda body, static, *tensors: (
+        bodies.add(body.__name__), run(body, static, *tensors)))
     for smallest in (1 << 62, 1):  # eager, then compiled
         monkeypatch.setattr(compiled, "MIN_ELEMENTS", smallest)
         runs.append(quantized_run(name, dtype, options))
-    assert compiled_kinds("_quantized_adam")
+    quads = options.get("master_weights") == "remainder" and options["state_dtype"] == "int8"
+    quantized = {"_new_scales", "_quantized_quads"} if quads else {"_quantized_adam"} | (
+        {"_requantize"} if options.get("master_weights") else set())  # the param stored twice
+    assert bodies - {"_adam", "_adam_pairs"} == quantized, bodies  # (small params: fp32 state)
     (eager, eager_opt), (ours, ours_opt) = runs
     tolerance = FP32 if dtype == torch.float32 else TOLERANCES[dtype]
     differ = total = 0
@@ -368,12 +375,13 @@ def test_a_compiled_step_allocates_no_temporaries(compile_small):
     element of a 256K-element slice), and so does its int16 remainders' version beside fp32
     moments (two elements a word); beside bf16 moments a 1M-element int32 copy of them;
     quantized state's, the fp32 moments of a 256K-element slice (inside its one compiled
-    call, or between its two where the param is stored twice)
-    (``compiled.scratch_bytes``)."""
+    call, or between its two where the param is stored twice), but beside int16 remainders
+    and 8-bit moments only the slice's new scales (``compiled.scratch_bytes``)."""
     for options in (dict(state_dtype=torch.bfloat16, stochastic_rounding=True),
                     dict(master_weights="remainder"),
                     dict(master_weights="remainder", state_dtype=torch.bfloat16),
                     dict(state_dtype="int8", stochastic_rounding=True),
+                    dict(state_dtype="int8", master_weights="remainder"),
                     dict(state_dtype="int4", master_weights="remainder")):
         param = torch.nn.Parameter(torch.randn(1 << 22).bfloat16())
         opt = fastopt.AdamW([param], backend="torch", **options)
@@ -418,10 +426,10 @@ def test_a_failed_compile_leaves_the_eager_step(monkeypatch, options):
 
 
 def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
-    """Where the param is stored twice, a quantized slice takes two compiled calls: when the
-    second one (the codes) fails to compile after the first wrote the param, the slice's codes
-    are made eagerly from the same moments (one warning), so the step is the compiled one
-    bit for bit; later slices step eagerly."""
+    """Where the param is stored twice (here with its fp32 master), a quantized slice takes
+    two compiled calls: when the second one (the codes) fails to compile after the first
+    wrote the param, the slice's codes are made eagerly from the same moments (one warning),
+    so the step is the compiled one bit for bit; later slices step eagerly."""
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
@@ -431,7 +439,7 @@ def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
     def one_step():  # one slice of 32 whole blocks
         param = torch.nn.Parameter(init.clone())
         opt = fastopt.AdamW([param], lr=0.01, weight_decay=0.1, backend="torch",
-                            state_dtype="int8", master_weights="remainder")
+                            state_dtype="int8", master_weights=True)
         param.grad = grad.clone()
         opt.step()
         return param, opt.state[param]
@@ -455,6 +463,43 @@ def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
     for key, value in state.items():
         assert torch.equal(value, whole_state[key]), key
     assert not compiled.takes(dict(state_dtype="int8"), torch.bfloat16, 1 << 30, "cpu")
+
+
+def test_a_failed_quads_call_leaves_its_slice_to_the_eager_step(monkeypatch):
+    """Int16 remainders with 8-bit moments take two compiled calls, the first writing only
+    the new scales (``_new_scales``): when the second (``_quantized_quads``) fails to
+    compile, nothing of the slice is written and the eager step takes it: the step is the
+    eager one bit for bit (one warning)."""
+    if not compiled.available():
+        pytest.skip("no C++ compiler for inductor")
+    init = torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)).bfloat16()
+    grad = torch.randn(init.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+
+    def one_step():  # one slice of 32 whole blocks
+        param = torch.nn.Parameter(init.clone())
+        opt = fastopt.AdamW([param], lr=0.01, weight_decay=0.1, backend="torch",
+                            state_dtype="int8", master_weights="remainder")
+        param.grad = grad.clone()
+        opt.step()
+        return param, opt.state[param]
+
+    eager, eager_state = one_step()  # MIN_ELEMENTS: a bucket this small steps eagerly
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(compiled, "_FAILED", [])
+    run = compiled._run
+
+    def failing(body, static, *tensors):
+        if body is compiled._quantized_quads:
+            raise RuntimeError("no compiler")
+        return run(body, static, *tensors)
+
+    monkeypatch.setattr(compiled, "_run", failing)
+    with pytest.warns(RuntimeWarning, match="compiling the CPU step failed"):
+        param, state = one_step()
+    assert len(compiled._FAILED) == 1
+    assert torch.equal(param, eager)
+    for key, value in state.items():
+        assert torch.equal(value, eager_state[key]), key
 
 
 def test_fp16_masters_with_fp32_state_take_the_eager_step():

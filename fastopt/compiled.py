@@ -385,9 +385,10 @@ def _quantized_quads(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Ten
     """``_quantized_adam``'s step of bf16 params with int16 remainders and 8-bit moments, on
     words of four elements, the first in the low bits (every tensor [blocks, block / 4]):
     int64 words of the param, its bf16 grad and its remainder, int32 words of each moment's
-    codes (``_quad_lane``); the new moments encoded with ``scales`` (``_new_scales``). Every
-    store is a whole word, which inductor vectorizes (an int16 store it does not): no int32
-    copy of the remainders, no fp32 moments kept between two calls."""
+    codes (``_quad_lane``); the new moments encoded with ``scales`` (``_new_scales``), which
+    then replace the old ones. Every store is a whole word, which inductor vectorizes (an
+    int16 store it does not): no int32 copy of the remainders, no fp32 moments kept between
+    two calls."""
     divisors = [torch.where(s > 0, s, 1.0)[:, None] for s in (scales[0], scales[1])]
     words = [0, 0, 0, 0]  # the param's, the remainder's, exp_avg's codes, exp_avg_sq's
     for j in range(4):
@@ -402,6 +403,8 @@ def _quantized_quads(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Ten
         words[3] = words[3] | (_codes(v.sqrt() / divisors[1], v_cells) << byte)
     for tensor, word in zip((param, remainder, m_codes, v_codes), words):
         tensor.copy_(word)
+    m_scales.copy_(scales[0])  # after every read of the old ones (inductor orders them)
+    v_scales.copy_(scales[1])
 
 
 def _as_quads(parts: list):
@@ -586,8 +589,6 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
         except Exception as error:  # nothing written: the eager step takes this slice
             _fail(error)
             return False
-        scales["m"][blocks].copy_(new[0])
-        scales["v"][blocks].copy_(new[1])
         return True
     offsets_out = torch.empty(shape, dtype=torch.int32, device=param.device) \
         if kind == "remainder16" else None

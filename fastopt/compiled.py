@@ -188,21 +188,33 @@ def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) 
 
 
 def _adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, decoupled: bool,
-               maximize: bool, unfused: bool = False) -> tuple:
+               maximize: bool, words: bool = False, lerp_op: bool = False) -> tuple:
     """Adam's fp32 update of param ``p`` and moments ``m``, ``v`` by grad ``g`` (the module's
-    formula) -> the new (p, m, v). ``scalars``: see ``_scalars``. ``unfused``: AdamW's decayed
-    param rounded through ``_unfused`` (where GCC would fuse it: ``_adam_pairs``; elsewhere
-    it does not, and the barrier costs a round trip through memory of two vectors of bf16
-    state's loop: 3.8 to 7 ms on one 4M-element param with stochastic rounding)."""
+    formula) -> the new (p, m, v). ``scalars``: see ``_scalars``.
+
+    GCC fuses products into sums where its heuristics allow, and they differ between copies
+    of the same code (the elements of a word, a loop's tail, inductor 2.11's code and
+    2.13's). ``lerp`` is written out: GCC then fuses each branch into one FMA, as torch's
+    kernel computes it, in every copy (inductor 2.11's own ``lerp`` it fused in the second
+    element of a pair, not in the first nor in a loop of single elements: 30 % of the first
+    moments an ulp off torch's). ``lerp_op``: torch's ``lerp`` instead (``_quantized_adam``:
+    5 % faster there, its moments tested to a tolerance). ``words``: a loop of words of several
+    elements, AdamW's decayed param rounded through ``_unfused`` (elsewhere GCC leaves it
+    rounded, and the barrier costs a round trip through memory of two vectors in bf16 state's
+    loop: 3.8 to 7 ms on one 4M-element param with stochastic rounding)."""
     decay, weight1, beta2, weight2, step_size, correction2_sqrt, eps = (
         scalars[k].float() for k in range(7))
     if maximize:
         g = -g
     if decoupled:  # rounded before the update is taken off, as torch's op rounds it
-        p = _unfused(p * decay, decay) if unfused else p * decay
+        p = _unfused(p * decay, decay) if words else p * decay
     else:
         g = g + p * decay
-    m = m.lerp(g, weight1)
+    if lerp_op:
+        m = m.lerp(g, weight1)
+    else:  # each branch fused into one FMA, as torch's kernel computes it
+        diff = g - m
+        m = torch.where(weight1.abs() < 0.5, m + weight1 * diff, g - diff * (1 - weight1))
     v = weight2 * g * g + v * beta2  # this order: GCC fuses the products as in torch's op
     return p - step_size * m / (v.sqrt() / correction2_sqrt + eps), m, v
 
@@ -244,7 +256,7 @@ def _adam_pairs(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
              ).view(torch.float32)  # the param's bits on top, the sign-extended remainder's
         p, m, v = _adam_math(p, (((grad >> top) & 0xFFFF) << 16).view(torch.float32),
                              _fp32_half(exp_avg, j), _fp32_half(exp_avg_sq, j), scalars,
-                             decoupled, maximize, unfused=True)
+                             decoupled, maximize, words=True)
         high, low = _split(p)
         low = low.clamp(-32768, 32767)
         halves = ((high >> 16) & 0xFFFF, low & 0xFFFF) if j == 0 else (high, low << 16)
@@ -307,7 +319,7 @@ def _quantized_adam(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tens
     root = _decode(v_codes, v_scales, v_values)
     p, m, v = _adam_math(_load(kind, param, master), grad.float(),
                          _decode(m_codes, m_scales, m_values), root * root, scalars, decoupled,
-                         maximize)
+                         maximize, lerp_op=True)
     _store(kind, p, param, master, offsets, words)
     if m_out is None:
         _requantize(m, v.sqrt(), m_scales, v_scales, m_codes, v_codes, m_cells, v_cells, bits)
@@ -356,7 +368,7 @@ def _new_scales(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tensor,
     for j in range(4):
         _, m, v = _adam_math(*_quad_lane(j, param, grad, remainder, m_codes, m_scales, v_codes,
                                          v_scales, m_values, v_values), scalars, decoupled,
-                             maximize, unfused=True)
+                             maximize, words=True)
         for k, x in enumerate((m.abs(), v.sqrt())):
             largest[k] = x if j == 0 else torch.maximum(largest[k], x)
     for k in range(2):
@@ -394,7 +406,7 @@ def _quantized_quads(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Ten
     for j in range(4):
         p, m, v = _adam_math(*_quad_lane(j, param, grad, remainder, m_codes, m_scales,
                                          v_codes, v_scales, m_values, v_values), scalars,
-                             decoupled, maximize, unfused=True)
+                             decoupled, maximize, words=True)
         high, low = _split(p)
         half, byte = 16 * j, 8 * j
         words[0] = words[0] | (((high >> 16) & 0xFFFF).to(torch.int64) << half)

@@ -573,10 +573,13 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     span's flat offset, for stochastic rounding) stepped by one compiled call (two for
     ``SPLIT_KINDS``): decode, update and store the param (``_quantized_adam``), block scales
     and codes (``_requantize``). Their fp32 moments are the only temporaries
-    (``scratch_bytes``). False, with nothing written, where a compile has failed (this
-    slice's first call, or before) or a torch dispatch mode is active (dynamo traces under
-    none); a second call that fails to compile, after the param is written, makes this
-    slice's codes eagerly from the same moments."""
+    (``scratch_bytes``). Int16 remainders with 8-bit codes take words of four elements
+    instead: the new scales (``_new_scales``), then everything else (``_quantized_quads``),
+    the new scales the only temporaries. False, with nothing written, where a compile has
+    failed (this slice's first call, or before; either of the two calls of words) or a torch
+    dispatch mode is active (dynamo traces under none); a second ``_requantize`` call that
+    fails to compile, after the param is written, makes this slice's codes eagerly from the
+    same moments."""
     if _FAILED or _get_current_dispatch_mode() is not None:
         return False
     n = span.stop - span.start

@@ -188,26 +188,28 @@ def _store(kind: str, p: Tensor, param: Tensor, master, offsets, words: Tensor) 
 
 
 def _adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, decoupled: bool,
-               maximize: bool, words: bool = False, lerp_op: bool = False) -> tuple:
+               maximize: bool, lerp_op: bool = False, round_decay: bool = True) -> tuple:
     """Adam's fp32 update of param ``p`` and moments ``m``, ``v`` by grad ``g`` (the module's
     formula) -> the new (p, m, v). ``scalars``: see ``_scalars``.
 
     GCC fuses products into sums where its heuristics allow, and they differ between copies
     of the same code (the elements of a word, a loop's tail, inductor 2.11's code and
-    2.13's). ``lerp`` is written out: GCC then fuses each branch into one FMA, as torch's
+    2.13's). So AdamW's decayed param, which torch's op rounds, is rounded explicitly
+    (``_unfused``; GCC had fused it into the update in the second element of a pair, and in
+    the quantized loop: a fifth of the masters an ulp off the eager step's after one step).
+    ``round_decay=False``: not (``_adam``, whose loop of single elements GCC leaves unfused,
+    as the tests check bit for bit against a loop of pairs; the select costs its bf16 loop
+    4 %). And ``lerp`` is written out: GCC then fuses each branch into one FMA, as torch's
     kernel computes it, in every copy (inductor 2.11's own ``lerp`` it fused in the second
     element of a pair, not in the first nor in a loop of single elements: 30 % of the first
     moments an ulp off torch's). ``lerp_op``: torch's ``lerp`` instead (``_quantized_adam``:
-    5 % faster there, its moments tested to a tolerance). ``words``: a loop of words of several
-    elements, AdamW's decayed param rounded through ``_unfused`` (elsewhere GCC leaves it
-    rounded, and the barrier costs a round trip through memory of two vectors in bf16 state's
-    loop: 3.8 to 7 ms on one 4M-element param with stochastic rounding)."""
+    5 % faster there)."""
     decay, weight1, beta2, weight2, step_size, correction2_sqrt, eps = (
         scalars[k].float() for k in range(7))
     if maximize:
         g = -g
     if decoupled:  # rounded before the update is taken off, as torch's op rounds it
-        p = _unfused(p * decay, decay) if words else p * decay
+        p = _unfused(p * decay, decay) if round_decay else p * decay
     else:
         g = g + p * decay
     if lerp_op:
@@ -220,13 +222,11 @@ def _adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, deco
 
 
 def _unfused(x: Tensor, scalar: Tensor) -> Tensor:
-    """``x`` itself, through an integer OR with zero (one when ``scalar`` is nan: ``x`` is a
-    nan then too), so that the compiler cannot fuse the product ``x`` into the sum that
-    takes it, where torch's op rounds it. GCC fuses products where its heuristics allow,
-    which differ between copies of the same code: in the second of two elements of a word
-    (``_adam_pairs``) it fused AdamW's decayed param into the update, which the first
-    element's code and torch's op round (a last bit in a quarter of the elements)."""
-    return (x.view(torch.int32) | (scalar != scalar).to(torch.int32)).view(torch.float32)
+    """``x`` itself, through a select on ``scalar`` being nan (``x`` is a nan then too), so
+    that the compiler cannot fuse the product ``x`` into the sum that takes it, where torch's
+    op rounds it (a round trip through integer bits instead cost a vector's store and load
+    in bf16 state's loop: 3.8 -> 7 ms on one 4M-element step)."""
+    return torch.where(scalar != scalar, scalar, x)
 
 
 def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master,
@@ -237,7 +237,7 @@ def _adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mast
     ``"remainder16"``, whose int16 remainder comes in as bf16 bits and goes out as int32
     ``offsets``: inductor vectorizes no int16 code)."""
     p, m, v = _adam_math(_load(kind, param, master), grad.float(), exp_avg.float(),
-                         exp_avg_sq.float(), scalars, decoupled, maximize)
+                         exp_avg_sq.float(), scalars, decoupled, maximize, round_decay=False)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     _store(kind, p, param, master, offsets, words)
@@ -256,7 +256,7 @@ def _adam_pairs(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
              ).view(torch.float32)  # the param's bits on top, the sign-extended remainder's
         p, m, v = _adam_math(p, (((grad >> top) & 0xFFFF) << 16).view(torch.float32),
                              _fp32_half(exp_avg, j), _fp32_half(exp_avg_sq, j), scalars,
-                             decoupled, maximize, words=True)
+                             decoupled, maximize)
         high, low = _split(p)
         low = low.clamp(-32768, 32767)
         halves = ((high >> 16) & 0xFFFF, low & 0xFFFF) if j == 0 else (high, low << 16)
@@ -368,7 +368,7 @@ def _new_scales(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Tensor,
     for j in range(4):
         _, m, v = _adam_math(*_quad_lane(j, param, grad, remainder, m_codes, m_scales, v_codes,
                                          v_scales, m_values, v_values), scalars, decoupled,
-                             maximize, words=True)
+                             maximize)
         for k, x in enumerate((m.abs(), v.sqrt())):
             largest[k] = x if j == 0 else torch.maximum(largest[k], x)
     for k in range(2):
@@ -406,7 +406,7 @@ def _quantized_quads(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Ten
     for j in range(4):
         p, m, v = _adam_math(*_quad_lane(j, param, grad, remainder, m_codes, m_scales,
                                          v_codes, v_scales, m_values, v_values), scalars,
-                             decoupled, maximize, words=True)
+                             decoupled, maximize)
         high, low = _split(p)
         half, byte = 16 * j, 8 * j
         words[0] = words[0] | (((high >> 16) & 0xFFFF).to(torch.int64) << half)

@@ -274,6 +274,10 @@ def _adam_pairs(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
 # other products); the elements after it take ``_adam``'s loop, whose tail then starts where
 # a master's does: the same code for each element as a ``master_weights=True`` run's.
 PAIRED = 32
+# ``_adam_pairs``' tensors: param, grad, exp_avg, exp_avg_sq, remainder; ``_quantized_quads``':
+# param, grad, remainder, exp_avg's codes, exp_avg_sq's codes
+PAIR_DTYPES = (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.int16)
+QUAD_DTYPES = (torch.bfloat16, torch.bfloat16, torch.int16, torch.uint8, torch.uint8)
 
 
 def _fp32_half(words: Tensor, j: int) -> Tensor:
@@ -281,17 +285,15 @@ def _fp32_half(words: Tensor, j: int) -> Tensor:
     return (words >> (32 * j)).to(torch.int32).view(torch.float32)
 
 
-def _as_pairs(parts: list):
-    """An entry's (param, grad, exp_avg, exp_avg_sq, int16 remainder) as ``_adam_pairs``'
-    words, or None where they are not bf16, bf16, fp32, fp32 and int16 at offsets that make
-    whole words (their size is even)."""
-    dtypes = (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.int16)
+def _as_words(parts: list, dtypes: tuple, elements: int):
+    """``parts`` as words of ``elements`` elements each (int32 or int64 by the dtype's size),
+    or None where their dtypes are not ``dtypes`` or an offset does not start a word."""
     if any(t.dtype != d for t, d in zip(parts, dtypes)):
         return None
     try:
-        return [t.view(torch.int64 if t.dtype == torch.float32 else torch.int32)
+        return [t.view({4: torch.int32, 8: torch.int64}[t.element_size() * elements])
                 for t in parts]
-    except RuntimeError:  # an odd offset
+    except RuntimeError:  # an offset that is not a whole word's
         return None
 
 
@@ -419,20 +421,6 @@ def _quantized_quads(param: Tensor, grad: Tensor, m_codes: Tensor, m_scales: Ten
     v_scales.copy_(scales[1])
 
 
-def _as_quads(parts: list):
-    """A slice's (param, grad, int16 remainder, exp_avg's codes, exp_avg_sq's codes), each
-    [blocks, block], as ``_quantized_quads``' words (int64, int64, int64, int32, int32), or
-    None where they are not bf16, bf16, int16, uint8 and uint8 at offsets that make whole
-    words."""
-    dtypes = (torch.bfloat16, torch.bfloat16, torch.int16, torch.uint8, torch.uint8)
-    if any(t.dtype != d for t, d in zip(parts, dtypes)):
-        return None
-    try:
-        return [t.view(torch.int64 if t.element_size() == 2 else torch.int32) for t in parts]
-    except RuntimeError:  # an offset that is not a whole word's
-        return None
-
-
 _COMPILED: dict = {}
 # torch's own CPU kernels are built with GCC's default contraction of a product and a sum into
 # one FMA; inductor turns it off unless asked: asked, the loop rounds as torch's fused op does.
@@ -533,7 +521,7 @@ def adam_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, st
         start = 0
         try:
             head = n - n % PAIRED if kind == "remainder16" else 0
-            pairs = _as_pairs([t[:head] for t in flat]) if head else None
+            pairs = _as_words([t[:head] for t in flat], PAIR_DTYPES, 2) if head else None
             if pairs is not None:  # whole vectors of words; the last elements below
                 _run(_adam_pairs, (decoupled, maximize), *pairs, scalars)
                 written, start = True, head
@@ -592,8 +580,8 @@ def quantized_adam_slice(fmt, flat: dict, scales: dict, span: slice, blocks: sli
     tables, cells = quantization.code_and_cell_tables(fmt, param.device)
     step = float(step)
     scalars = _scalars(float(lr), beta1, beta2, weight_decay, eps, step, decoupled)
-    quads = _as_quads([param, flat["grad"][span].view(shape), master, m_codes, v_codes]) \
-        if kind == "remainder16" and fmt.bits == 8 else None
+    quads = _as_words([param, flat["grad"][span].view(shape), master, m_codes, v_codes],
+                      QUAD_DTYPES, 4) if kind == "remainder16" and fmt.bits == 8 else None
     if quads is not None:  # two calls, no temporaries but the new scales
         new = torch.empty(2, shape[0], device=param.device)
         try:

@@ -425,6 +425,31 @@ def test_a_failed_compile_leaves_the_eager_step(monkeypatch, options):
         assert torch.equal(a, b)
 
 
+def int8_step(master_weights) -> tuple:
+    """One AdamW step of a bf16 param of 2 x 4096 elements (one slice of 32 whole blocks)
+    with int8 state -> (param, its state)."""
+    init = torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)).bfloat16()
+    param = torch.nn.Parameter(init)
+    opt = fastopt.AdamW([param], lr=0.01, weight_decay=0.1, backend="torch",
+                        state_dtype="int8", master_weights=master_weights)
+    param.grad = torch.randn(init.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+    opt.step()
+    return param, opt.state[param]
+
+
+def fail_to_compile(monkeypatch, failing_body) -> None:
+    """From now on, compiling ``failing_body`` fails (as without a working compiler)."""
+    monkeypatch.setattr(compiled, "_FAILED", [])
+    run = compiled._run
+
+    def failing(body, static, *tensors):
+        if body is failing_body:
+            raise RuntimeError("no compiler")
+        return run(body, static, *tensors)
+
+    monkeypatch.setattr(compiled, "_run", failing)
+
+
 def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
     """Where the param is stored twice (here with its fp32 master), a quantized slice takes
     two compiled calls: when the second one (the codes) fails to compile after the first
@@ -433,30 +458,11 @@ def test_a_failed_second_call_finishes_its_slice_eagerly(monkeypatch):
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
-    init = torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)).bfloat16()
-    grad = torch.randn(init.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
-
-    def one_step():  # one slice of 32 whole blocks
-        param = torch.nn.Parameter(init.clone())
-        opt = fastopt.AdamW([param], lr=0.01, weight_decay=0.1, backend="torch",
-                            state_dtype="int8", master_weights=True)
-        param.grad = grad.clone()
-        opt.step()
-        return param, opt.state[param]
-
-    whole, whole_state = one_step()
+    whole, whole_state = int8_step(True)
     assert not compiled._FAILED
-    monkeypatch.setattr(compiled, "_FAILED", [])
-    run = compiled._run
-
-    def failing(body, static, *tensors):
-        if body is compiled._requantize:
-            raise RuntimeError("no compiler")
-        return run(body, static, *tensors)
-
-    monkeypatch.setattr(compiled, "_run", failing)
+    fail_to_compile(monkeypatch, compiled._requantize)
     with pytest.warns(RuntimeWarning, match="compiling the CPU step failed"):
-        param, state = one_step()
+        param, state = int8_step(True)
     assert len(compiled._FAILED) == 1
     assert torch.equal(param, whole)
     assert state.keys() == whole_state.keys()
@@ -472,32 +478,14 @@ def test_a_failed_quads_call_leaves_its_slice_to_the_eager_step(monkeypatch):
     eager one bit for bit (one warning)."""
     if not compiled.available():
         pytest.skip("no C++ compiler for inductor")
-    init = torch.randn(2, 4096, generator=torch.Generator().manual_seed(3)).bfloat16()
-    grad = torch.randn(init.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
-
-    def one_step():  # one slice of 32 whole blocks
-        param = torch.nn.Parameter(init.clone())
-        opt = fastopt.AdamW([param], lr=0.01, weight_decay=0.1, backend="torch",
-                            state_dtype="int8", master_weights="remainder")
-        param.grad = grad.clone()
-        opt.step()
-        return param, opt.state[param]
-
-    eager, eager_state = one_step()  # MIN_ELEMENTS: a bucket this small steps eagerly
+    eager, eager_state = int8_step("remainder")  # MIN_ELEMENTS: this small a bucket is eager
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
-    monkeypatch.setattr(compiled, "_FAILED", [])
-    run = compiled._run
-
-    def failing(body, static, *tensors):
-        if body is compiled._quantized_quads:
-            raise RuntimeError("no compiler")
-        return run(body, static, *tensors)
-
-    monkeypatch.setattr(compiled, "_run", failing)
+    fail_to_compile(monkeypatch, compiled._quantized_quads)
     with pytest.warns(RuntimeWarning, match="compiling the CPU step failed"):
-        param, state = one_step()
+        param, state = int8_step("remainder")
     assert len(compiled._FAILED) == 1
     assert torch.equal(param, eager)
+    assert state.keys() == eager_state.keys()
     for key, value in state.items():
         assert torch.equal(value, eager_state[key]), key
 

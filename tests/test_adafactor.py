@@ -198,6 +198,7 @@ def test_device_scalars_equal_the_host_path(options, monkeypatch):
 # float64 below: torch's own fp32 norm over 4200 rows is up to 2.5e-6 off.)
 KERNEL_SHAPES = [(64, 128), (70,), (2, 64, 64), (70, 130), (8, 2, 3, 3), (4097,), (), (1, 17),
                  (2, 4200), (1100, 3)]
+KERNEL_TILES = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1 + 66 + 18  # KERNEL_SHAPES in 64 x 64 tiles
 needs_interpreter = pytest.mark.skipif(not interpreter_ready(),
                                        reason="the kernels need TRITON_INTERPRET=1 and Triton")
 
@@ -226,16 +227,22 @@ def kernel_calls(monkeypatch):
 def test_kernels_equal_torch_on_whole_and_masked_tiles(kwargs, kernel_calls):
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton")
     # one call a step, every tile, the fresh grads read where they lie
-    tiles = 2 + 1 + 2 + 2 * 3 + 8 * 2 + 2 + 1 + 1 + 66 + 18  # KERNEL_SHAPES in 64 x 64 tiles
-    assert kernel_calls == [(tiles, True)] * 6
-    kernel_calls.clear()
+    assert kernel_calls == [(KERNEL_TILES, True)] * 6
+
+
+@needs_interpreter
+def test_kernels_equal_torch_whichever_way_the_grads_come(kernel_calls):
+    """The other ways a step's grads come, with decay and maximize (the test above varies the
+    per-element math on the default loop's route): params without grads in some steps, their
+    grads gathered; grads kept in the flat buffer."""
+    kwargs = dict(lr=0.02, weight_decay=0.1, maximize=True)
     # params without grads: entries of the others, their grads gathered into the flat buffer
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=6, backend="triton",
                  skip=lambda step, i: (step + i) % 3 == 0)
     assert len(kernel_calls) > 6 and not any(table for _, table in kernel_calls)
     kernel_calls.clear()
     compare_runs("Adafactor", kwargs, KERNEL_SHAPES, steps=4, backend="triton", in_place=True)
-    assert kernel_calls[1:] == [(tiles, False)] * 3  # grads kept in the flat buffer
+    assert kernel_calls[1:] == [(KERNEL_TILES, False)] * 3  # grads kept in the flat buffer
 
 
 @needs_interpreter

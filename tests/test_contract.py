@@ -330,26 +330,36 @@ def test_a_users_buffer_on_a_freed_fastopt_address_is_never_taken():
     fastopt knows its own buffers by a weak reference to their storage, not by address, so
     the user's buffer keeps its params for every size tried."""
     moved = []
-    for n in range(3, 33):
-        model = torch.nn.Linear(n, n)
-        opt = fastopt.SGD(model.parameters(), lr=0.1)
-        model(torch.ones(1, n)).sum().backward()
-        opt.step()
-        del opt
-        gc.collect()
-        for p in model.parameters():
-            p.data = p.data.clone()  # the fastopt buffer is freed here
-        buffer = torch.empty(n * n + n)  # the user's own flat buffer
-        buffer[: n * n].copy_(model.weight.detach().flatten())
-        buffer[n * n:].copy_(model.bias.detach())
-        model.weight.data = buffer[: n * n].view(n, n)
-        model.bias.data = buffer[n * n:]
-        opt = fastopt.SGD(model.parameters(), lr=0.1)
-        model.zero_grad()
-        model(torch.ones(1, n)).sum().backward()
-        opt.step()
-        moved.append(model.weight.data_ptr() != buffer.data_ptr())
+    gc.freeze()  # the suite's objects: each collection below then scans only this test's
+    try:
+        for n in range(3, 33):
+            moved.append(_moved_out_of_the_users_buffer(n))
+    finally:
+        gc.unfreeze()
     assert not any(moved)
+
+
+def _moved_out_of_the_users_buffer(n: int) -> bool:
+    """One size of the test above: after a fastopt buffer of this size was freed, does a new
+    optimizer move params that are views of the user's new buffer?"""
+    model = torch.nn.Linear(n, n)
+    opt = fastopt.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, n)).sum().backward()
+    opt.step()
+    del opt
+    gc.collect()
+    for p in model.parameters():
+        p.data = p.data.clone()  # the fastopt buffer is freed here
+    buffer = torch.empty(n * n + n)  # the user's own flat buffer
+    buffer[: n * n].copy_(model.weight.detach().flatten())
+    buffer[n * n:].copy_(model.bias.detach())
+    model.weight.data = buffer[: n * n].view(n, n)
+    model.bias.data = buffer[n * n:]
+    opt = fastopt.SGD(model.parameters(), lr=0.1)
+    model.zero_grad()
+    model(torch.ones(1, n)).sum().backward()
+    opt.step()
+    return model.weight.data_ptr() != buffer.data_ptr()
 
 
 # ------------------------------------------------------------------ checkpoints that do not fit

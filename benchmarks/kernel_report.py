@@ -400,9 +400,7 @@ def gpu_variants() -> list:
                 "param_ptr": "*" + param, "grad_ptr": "*" + param, "m_codes_ptr": "*u8",
                 "master_ptr": "*" + master_type(master),
                 "v_codes_ptr": "*u8", "block_table_ptr": "*i64",
-                # (4-bit has no guess table: its midpoints stand in)
-                "signed_guesses_ptr": "*u8" if fmt.bits == 8 else "*fp32",
-                "unsigned_guesses_ptr": "*u8" if fmt.bits == 8 else "*fp32"}, dict(
+                "signed_guesses_ptr": "*u8", "unsigned_guesses_ptr": "*u8"}, dict(
                     HAS_WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=False, LR_ON_DEVICE=False,
                     HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=bool(master),
                     STOCHASTIC_ROUNDING=rounding,

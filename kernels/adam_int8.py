@@ -11,12 +11,18 @@ fp32:
     v_scale = max sqrt(v); v_code = nearest(unsigned_table, sqrt(v) / v_scale)
 
 ``nearest`` counts the midpoints between table entries that lie below the value. 8-bit: the
-table's formula gives the index within one, two of the 255 midpoints settle it; 4-bit: the 15
-midpoints by a binary search of four steps. The code tables are loaded once per
-program and read with ``tl.gather`` (shared memory): no global load depends on an element's
-value. 4-bit codes are two to a byte (element ``2j`` in the low nibble of byte ``j``): a
-program loads its bytes and interleaves their nibbles, and splits its codes into pairs to
-store them; a param's odd last element leaves its byte's high nibble zero.
+table's formula gives the index within one, two of the 255 midpoints settle it; 4-bit: a table
+by the value's top 12 bits gives the count below them, one midpoint settles it. The code
+tables are loaded once per program and read with ``tl.gather`` (shared memory): no global
+load depends on an element's value. 4-bit codes are two to a byte (element ``2j`` in the low
+nibble of byte ``j``): a program loads its bytes and interleaves their nibbles, and splits its
+codes into pairs to store them; a param's odd last element leaves its byte's high nibble zero.
+
+The update divides as torch does but for two quotients whose rounding the codes absorb: the
+moments over their block's scale use Triton's fp32 division (within 2 ulp, no IEEE slow path),
+and sqrt(v) / sqrt(1 - beta2^t) is a product with the step's reciprocal (within an ulp). A
+value an ulp from a midpoint may then take the neighbouring code, as the kernel's parity
+tests allow (0.1 % of the codes); the update's own quotient stays IEEE.
 
 When a program's blocks are all whole and back to back in the flat buffers (no param's short
 last block, no slot padding among them), its elements are one contiguous, 64-element-aligned
@@ -35,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .adam import adam_arguments, adam_flags, adam_moments, adam_step, step_row
+from .adam import adam_arguments, adam_flags, adam_moments, step_row
 from .rounding import load_param, seed_word, store_param
 
 ROWS = 8  # 8-bit blocks per program: 2048 elements, 8 per thread of 8 warps (see rows_per_program)
@@ -43,6 +49,7 @@ NUM_WARPS = 8
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
 GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 1 by their top 15 bits
 GUESS_BASE = tl.constexpr((127 - 24) << 7)  # the top 15 bits of 2**-24: entry 0
+CELLS16 = tl.constexpr(4096)  # cell_table16 entries: a float's top 12 bits
 
 
 @triton.jit
@@ -90,14 +97,15 @@ def _load(pointers, mask, other):
 
 
 @triton.jit
-def _nearest16(x, midpoints):
+def _nearest16(x, midpoints, cells):
     """Index of the 16-entry table's entry nearest to x: how many of its 15 ``midpoints``
-    (padded with +inf to 16) are below x, by binary search (ties go to the lower entry, as
-    ``torch.bucketize`` does)."""
-    code = tl.where(x > tl.gather(midpoints, tl.full(x.shape, 7, tl.int32), 0), 8, 0)
-    code = tl.where(x > tl.gather(midpoints, code + 3, 0), code + 4, code)
-    code = tl.where(x > tl.gather(midpoints, code + 1, 0), code + 2, code)
-    return tl.where(x > tl.gather(midpoints, code, 0), code + 1, code)
+    (padded with +inf to 16) are below x (ties go to the lower entry, as ``torch.bucketize``
+    does). ``cells`` (``cell_table16``) counts, by x's top 12 bits (sign, exponent and 3
+    mantissa bits), the midpoints below every float with those bits; at most one more lies
+    among those floats, the next one, and one comparison settles it."""
+    cell = (x.to(tl.uint32, bitcast=True) >> 20).to(tl.int32)
+    below = tl.gather(cells, cell, 0).to(tl.int32)
+    return below + (x > tl.gather(midpoints, below, 0)).to(tl.int32)
 
 
 @triton.jit
@@ -137,8 +145,8 @@ def _adam_int8_kernel(
     signed_midpoints_ptr,  # fp32 [256]: the 255 midpoints, then +inf
     unsigned_values_ptr,  # fp32 [256] code table of sqrt(exp_avg_sq)
     unsigned_midpoints_ptr,  # fp32 [256]
-    signed_guesses_ptr,  # uint8 [4096] guess_table(True)
-    unsigned_guesses_ptr,  # uint8 [4096] guess_table(False)
+    signed_guesses_ptr,  # uint8 [4096] guess_table(True) (4-bit: [4096] cell_table16(True))
+    unsigned_guesses_ptr,  # uint8 [4096] guess_table(False) (4-bit: cell_table16(False))
     step_ptr,  # fp32 row (t, step_size, bias_correction2_sqrt), see kernels/adam.py
     lr_ptr,
     grad_scale_ptr,
@@ -252,24 +260,36 @@ def _adam_int8_elements(
     m_scale = _per_element(_load(m_scales_ptr + rows, rows_ok, 0.0), ROWS_PER_PROGRAM, QBLOCK)
     v_scale = _per_element(_load(v_scales_ptr + rows, rows_ok, 0.0), ROWS_PER_PROGRAM, QBLOCK)
     exp_avg = tl.gather(signed_values, m_code, 0) * m_scale
-    root = tl.gather(unsigned_values, v_code, 0) * v_scale
-    exp_avg_sq = root * root
+    decoded_root = tl.gather(unsigned_values, v_code, 0) * v_scale
+    exp_avg_sq = decoded_root * decoded_root
 
     param, exp_avg, exp_avg_sq = adam_moments(
         param, grad, exp_avg, exp_avg_sq, grad_scale_ptr, lr, decay, one_minus_beta1,
         beta2, one_minus_beta2, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY,
         DECOUPLED, LR_ON_DEVICE)
-    param = adam_step(param, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt, eps)
+    # adam_step's update, sqrt(v) / sqrt(1 - beta2^t) taken as a product with the step's
+    # reciprocal (an ulp from torch's quotient at most, as the moments' codes allow); the root
+    # is the one encoded below
+    root = tl.sqrt_rn(exp_avg_sq)
+    denom = root * tl.div_rn(1.0, bias_correction2_sqrt) + eps
+    param = param + tl.div_rn(-step_size * exp_avg, denom)
     store_param(param_ptr + offsets, master_ptr + offsets, mask, param, base + offsets, step,
                 seed_word, HAS_MASTER, STOCHASTIC_ROUNDING)
 
-    # exp_avg's codes, then exp_avg_sq's: one moment's encoding live at a time
-    _encode(exp_avg, m_codes_ptr, m_scales_ptr, signed_midpoints_ptr, signed_guesses_ptr,
-            code_offsets, code_mask, mask, rows, rows_ok, True, CODE_BITS, ROWS_PER_PROGRAM,
-            QBLOCK)
-    _encode(tl.sqrt_rn(exp_avg_sq), v_codes_ptr, v_scales_ptr, unsigned_midpoints_ptr,
+    # One moment's encoding live at a time: exp_avg's codes first, but beside stochastic
+    # rounding sqrt(exp_avg_sq)'s (in those orders every variant's masked path fits sm_90's
+    # registers with Triton 3.9; the other orders spill a word)
+    if not STOCHASTIC_ROUNDING:
+        _encode(exp_avg, m_codes_ptr, m_scales_ptr, signed_midpoints_ptr, signed_guesses_ptr,
+                code_offsets, code_mask, mask, rows, rows_ok, True, CODE_BITS,
+                ROWS_PER_PROGRAM, QBLOCK)
+    _encode(root, v_codes_ptr, v_scales_ptr, unsigned_midpoints_ptr,
             unsigned_guesses_ptr, code_offsets, code_mask, mask, rows, rows_ok, False,
             CODE_BITS, ROWS_PER_PROGRAM, QBLOCK)
+    if STOCHASTIC_ROUNDING:
+        _encode(exp_avg, m_codes_ptr, m_scales_ptr, signed_midpoints_ptr, signed_guesses_ptr,
+                code_offsets, code_mask, mask, rows, rows_ok, True, CODE_BITS,
+                ROWS_PER_PROGRAM, QBLOCK)
 
 
 @triton.jit
@@ -282,13 +302,15 @@ def _encode(values, codes_ptr, scales_ptr, midpoints_ptr, guesses_ptr, code_offs
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
     row_scale, scale = _block_max(magnitude, ROWS_PER_PROGRAM, QBLOCK)
-    normalized = tl.div_rn(values, tl.where(scale > 0, scale, 1.0))
+    # Triton's fp32 division (div.full: within 2 ulp over the whole range, subnormal scales
+    # included, without IEEE division's slow path; see the module docstring)
+    normalized = values / tl.where(scale > 0, scale, 1.0)
     midpoints = tl.load(midpoints_ptr + tl.arange(0, 1 << CODE_BITS))
     if CODE_BITS == 8:
         code = _nearest(normalized, midpoints, tl.load(guesses_ptr + tl.arange(0, GUESSES)),
                         SIGNED)
     else:
-        code = _nearest16(normalized, midpoints)
+        code = _nearest16(normalized, midpoints, tl.load(guesses_ptr + tl.arange(0, CELLS16)))
     _store_codes(codes_ptr, code_offsets, code_mask, code, mask, CODE_BITS,
                  ROWS_PER_PROGRAM * QBLOCK)
     tl.store(scales_ptr + rows, row_scale, mask=rows_ok)
@@ -330,7 +352,8 @@ def adam_int8_update(params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_a
 
 def rows_per_program(fmt, master, interpreter: bool = False) -> int:
     """Blocks per program: 2048 elements in either format; 1024 for 4-bit beside a remainder
-    master (int16/int8 ``master``), where 2048 spill registers on sm_90."""
+    master (int16/int8 ``master``): at 2048 that kernel takes about 150 registers a thread on
+    sm_90 (one program an SM), at 1024 80-96 (three)."""
     rows = INTERPRETER_ROWS if interpreter else ROWS
     if fmt.bits == 4 and master in ("i16", "i8", torch.int16, torch.int8):
         return rows
@@ -339,14 +362,14 @@ def rows_per_program(fmt, master, interpreter: bool = False) -> int:
 
 @functools.lru_cache(maxsize=16)
 def kernel_tables(signed: bool, device, fmt=None) -> tuple:
-    """(code values, midpoints padded with +inf to as many entries, guess_table: 8-bit only)
-    on ``device``."""
+    """(code values, midpoints padded with +inf to as many entries, ``guess_table`` (8-bit)
+    or ``cell_table16`` (4-bit)) on ``device``."""
     from fastopt.quantization import INT8, tables
 
     fmt = fmt or INT8
     values, midpoints = tables(signed, device, fmt)
     padded = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])
-    guesses = guess_table(signed).to(device) if fmt.bits == 8 else padded
+    guesses = (guess_table if fmt.bits == 8 else cell_table16)(signed).to(device)
     return values, padded, guesses
 
 
@@ -365,3 +388,22 @@ def guess_table(signed: bool) -> torch.Tensor:
     assert int((codes[1:] - codes[:-1]).max()) <= 1
     first_positive = 129 if signed else 1
     return (codes - first_positive).clamp(min=0).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=2)
+def cell_table16(signed: bool) -> torch.Tensor:
+    """uint8 [CELLS16]: entry ``i`` counts the 4-bit table's midpoints below every float whose
+    top 12 bits are ``i`` (sign, exponent, 3 mantissa bits). Among those floats lies at most
+    one more midpoint (checked here, for every finite range), so ``_nearest16`` settles a code
+    with one comparison."""
+    from fastopt.quantization import INT4, tables
+
+    _, midpoints = tables(signed, torch.device("cpu"), INT4)
+    top_bits = torch.arange(CELLS16.value, dtype=torch.int32) << 20
+    ends = (top_bits | 0xFFFFF).view(torch.float32)
+    lowest = torch.minimum(top_bits.view(torch.float32), ends)
+    highest = torch.maximum(top_bits.view(torch.float32), ends)
+    below = torch.bucketize(lowest, midpoints)
+    finite = lowest.isfinite() & highest.isfinite()
+    assert int((torch.bucketize(highest, midpoints) - below)[finite].max()) <= 1
+    return below.to(torch.uint8)

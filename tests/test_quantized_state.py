@@ -154,7 +154,8 @@ try:  # the kernel's encoders on their own (the interpreter reads this module's 
             guesses = tl.load(guesses_ptr + tl.arange(0, 4096))
             code = _nearest(x, midpoints, guesses, SIGNED)
         else:
-            code = _nearest16(x, tl.load(midpoints_ptr + tl.arange(0, 16)))
+            code = _nearest16(x, tl.load(midpoints_ptr + tl.arange(0, 16)),
+                              tl.load(guesses_ptr + tl.arange(0, 4096)))
         tl.store(out_ptr + offsets, code, mask=offsets < n)
 except ImportError:
     _encode = None
@@ -164,7 +165,7 @@ except ImportError:
 @pytest.mark.parametrize("signed", [True, False])
 def test_kernel_encoder_equals_bucketize_on_every_boundary(signed, name):
     """The kernel's encoder (8-bit: a guess from the table's formula, settled by two midpoints;
-    4-bit: the midpoints counted) gives torch.bucketize's code for every midpoint, the floats
+    4-bit: a count from the value's range, settled by one) gives torch.bucketize's code for every midpoint, the floats
     either side of it, every table value and a sweep over nine decades, both signs."""
     if "triton" not in BACKENDS:
         pytest.skip("needs the Triton interpreter")

@@ -10,9 +10,9 @@ fp32:
     m_scale = max |m|;  m_code = nearest(signed_table, m / m_scale)
     v_scale = max sqrt(v); v_code = nearest(unsigned_table, sqrt(v) / v_scale)
 
-``nearest`` counts the midpoints between table entries that lie below the value. 8-bit: the
-table's formula gives the index within one, two of the 255 midpoints settle it; 4-bit: a table
-by the value's top 12 bits gives the count below them, one midpoint settles it. The code
+``nearest`` counts the midpoints between table entries that lie below the value: a table by the
+value's top bits (8-bit: 15 of |x|'s, 4-bit: 12) gives the count below every float with those
+bits, and one midpoint settles it. The code
 tables are loaded once per program and read with ``tl.gather`` (shared memory): no global
 load depends on an element's value. 4-bit codes are two to a byte (element ``2j`` in the low
 nibble of byte ``j``): a program loads its bytes and interleaves their nibbles, and splits its
@@ -47,30 +47,31 @@ from .rounding import load_param, seed_word, store_param
 ROWS = 8  # 8-bit blocks per program: 2048 elements, 8 per thread of 8 warps (see rows_per_program)
 NUM_WARPS = 8
 INTERPRETER_ROWS = 32  # Triton's CPU interpreter pays per program: fewer, bigger ones there
-GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 1 by their top 15 bits
+GUESSES = tl.constexpr(4096)  # guess_table entries: 2**-24 to 2**8 by their top 15 bits
 GUESS_BASE = tl.constexpr((127 - 24) << 7)  # the top 15 bits of 2**-24: entry 0
 CELLS16 = tl.constexpr(4096)  # cell_table16 entries: a float's top 12 bits
 
 
 @triton.jit
-def _nearest(x, midpoints, guesses, SIGNED: tl.constexpr):
+def _nearest(x, midpoints, counts, SIGNED: tl.constexpr):
     """Index of the table entry nearest to x (|x| <= 1): how many of the 255 ``midpoints``
-    are below x. ``guesses`` (``guess_table``) gives, by the top 15 bits of |x|'s fp32 (its
-    exponent and 7 mantissa bits), the rank among the positive entries of the one nearest to
-    the lowest float with those bits; within that range of floats there is at most one
-    midpoint, so two midpoints settle the index exactly (ties go to the lower entry, as
-    ``torch.bucketize`` does)."""
-    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    are below x (ties go to the lower entry, as ``torch.bucketize`` does). ``counts``
+    (``guess_table``) gives, by the top 15 bits of |x|'s fp32 (its exponent and 7 mantissa
+    bits), how many of the positive midpoints lie below every float with those bits; at most
+    one more lies among those floats, the next one, and one comparison settles it. The signed
+    table's midpoints below zero mirror its positive ones (checked there), so a negative x
+    counts the positive midpoints at or above |x|."""
+    magnitude = tl.abs(x)
+    bits = magnitude.to(tl.int32, bitcast=True)
     index = tl.minimum(tl.maximum((bits >> 16) - GUESS_BASE, 0), GUESSES - 1)
-    rank = tl.gather(guesses, index, 0).to(tl.int32)
-    if SIGNED:  # [-1 .. -1e-6] 0 0 [1e-6 .. 1]: entries 0-126, 127-128, 129-255
-        guess = tl.where(x > 0, 129 + rank, tl.where(x < 0, 126 - rank, 127))
-    else:  # 0 [1e-7 .. 1]
-        guess = 1 + rank
-    guess = tl.minimum(tl.maximum(guess, 1), 254)
-    below = tl.gather(midpoints, guess - 1, 0)
-    above = tl.gather(midpoints, guess, 0)
-    return tl.where(x <= below, guess - 1, tl.where(x > above, guess + 1, guess))
+    below = tl.gather(counts, index, 0).to(tl.int32)
+    if SIGNED:  # entries [-1 .. -1e-6] 0 0 [1e-6 .. 1]; midpoints 0-126 < 0, 127 = 0, 128-254
+        threshold = tl.gather(midpoints, 128 + below, 0)
+        up = 128 + below + (magnitude > threshold).to(tl.int32)
+        down = 127 - below - (magnitude >= threshold).to(tl.int32)
+        return tl.where(x > 0, up, down)
+    else:  # 0 [1e-7 .. 1]: every midpoint positive
+        return below + (magnitude > tl.gather(midpoints, below, 0)).to(tl.int32)
 
 
 @triton.jit
@@ -375,19 +376,25 @@ def kernel_tables(signed: bool, device, fmt=None) -> tuple:
 
 @functools.lru_cache(maxsize=2)
 def guess_table(signed: bool) -> torch.Tensor:
-    """uint8 [GUESSES]: entry ``i`` is the rank among the table's positive entries (ascending)
-    of the entry nearest to the float whose top 15 bits are ``GUESS_BASE + i`` (the lowest float
-    with them). Between two such floats there is at most one midpoint (checked here), so the
-    nearest entry of any float in that range is the guess or the one after it."""
+    """uint8 [GUESSES]: entry ``i`` counts the table's positive midpoints below every float
+    whose top 15 bits are ``GUESS_BASE + i`` (entry 0: also those under 2**-24). Among those
+    floats lies at most one more midpoint (checked here), so ``_nearest`` settles a code with
+    one comparison; the signed table's midpoints below zero mirror its positive ones, and the
+    one between its two zeros is zero (checked too)."""
     from fastopt.quantization import tables
 
     _, midpoints = tables(signed, torch.device("cpu"))
+    positive = midpoints[128:] if signed else midpoints
+    assert bool((positive > 0).all())
+    if signed:
+        assert torch.equal(midpoints[:127], -positive.flip(0)) and float(midpoints[127]) == 0.0
     top_bits = torch.arange(GUESSES.value, dtype=torch.int32) + GUESS_BASE.value
-    lowest = (top_bits << 16).view(torch.float32).clamp(max=1.0)
-    codes = torch.bucketize(lowest, midpoints)
-    assert int((codes[1:] - codes[:-1]).max()) <= 1
-    first_positive = 129 if signed else 1
-    return (codes - first_positive).clamp(min=0).to(torch.uint8)
+    lowest = (top_bits << 16).view(torch.float32)
+    highest = ((top_bits << 16) | 0xFFFF).view(torch.float32)
+    below = torch.bucketize(lowest, positive)
+    below[0] = 0
+    assert int((torch.bucketize(highest, positive) - below).max()) <= 1
+    return below.to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,9 +12,8 @@ fp32:
 
 ``nearest`` counts the midpoints between table entries that lie below the value: a table by the
 value's top bits (8-bit: 15 of |x|'s, 4-bit: 12) gives the count below every float with those
-bits, and one midpoint settles it. The code
-tables are loaded once per program and read with ``tl.gather`` (shared memory): no global
-load depends on an element's value. 4-bit codes are two to a byte (element ``2j`` in the low
+bits, and one midpoint settles it. The code tables are loaded once per program and read with
+``tl.gather`` (shared memory): no global load depends on an element's value. 4-bit codes are two to a byte (element ``2j`` in the low
 nibble of byte ``j``): a program loads its bytes and interleaves their nibbles, and splits its
 codes into pairs to store them; a param's odd last element leaves its byte's high nibble zero.
 

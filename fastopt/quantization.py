@@ -123,15 +123,17 @@ def tables(signed: bool, device: torch.device, fmt: Format = INT8) -> tuple:
     return values, (values[1:] + values[:-1]) / 2
 
 
-def _cells(signed: bool, fmt: Format) -> tuple:
-    """Per float's top 16 bits (sign, exponent and 7 mantissa bits: 65536 cells): the code of
-    the cell's lowest value and the first midpoint at or above that value (+inf past the
-    last). At most one midpoint lies in a cell (checked here: the table's steps are wider than
-    a cell), so a value's code is its cell's code, plus one if it is above its cell's
-    midpoint: ``torch.bucketize``'s code exactly."""
+def cell_codes(signed: bool, fmt: Format, top_bits: int = 16) -> tuple:
+    """Per float's top ``top_bits`` bits (16: sign, exponent and 7 mantissa bits, 65536 cells;
+    the 4-bit kernel's encoder takes 12): the code of the cell's lowest value and the first
+    midpoint at or above that value (+inf past the last). At most one midpoint lies in a
+    finite cell (checked here: the table's steps are wider than a cell), so a value's code is
+    its cell's code, plus one if it is above its cell's midpoint: ``torch.bucketize``'s code
+    exactly."""
     _, midpoints = tables(signed, torch.device("cpu"), fmt)
-    keys = torch.arange(1 << 16, dtype=torch.int32) << 16
-    ends = (keys | 0xFFFF).view(torch.float32)
+    low_bits = 32 - top_bits
+    keys = torch.arange(1 << top_bits, dtype=torch.int32) << low_bits
+    ends = (keys | ((1 << low_bits) - 1)).view(torch.float32)
     lowest = torch.minimum(keys.view(torch.float32), ends)
     highest = torch.maximum(keys.view(torch.float32), ends)
     codes = torch.bucketize(lowest, midpoints)
@@ -163,7 +165,7 @@ def _cell_entries(signed: bool, fmt: Format) -> Tensor:
     it), so that adding them carries one into the code exactly then; less the top bits of
     the cell's ``folded`` bits, which the addition brings back (no int32 overflow: the sum
     is the code word itself)."""
-    codes, midpoints = _cells(signed, fmt)
+    codes, midpoints = cell_codes(signed, fmt)
     cells = torch.arange(1 << 16, dtype=torch.int32)
     mid_bits = midpoints.view(torch.int32)
     inside = (((mid_bits >> 16) & 0xFFFF) == cells) & midpoints.isfinite()

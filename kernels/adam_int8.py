@@ -402,14 +402,6 @@ def cell_table16(signed: bool) -> torch.Tensor:
     top 12 bits are ``i`` (sign, exponent, 3 mantissa bits). Among those floats lies at most
     one more midpoint (checked here, for every finite range), so ``_nearest16`` settles a code
     with one comparison."""
-    from fastopt.quantization import INT4, tables
+    from fastopt.quantization import INT4, cell_codes
 
-    _, midpoints = tables(signed, torch.device("cpu"), INT4)
-    top_bits = torch.arange(CELLS16.value, dtype=torch.int32) << 20
-    ends = (top_bits | 0xFFFFF).view(torch.float32)
-    lowest = torch.minimum(top_bits.view(torch.float32), ends)
-    highest = torch.maximum(top_bits.view(torch.float32), ends)
-    below = torch.bucketize(lowest, midpoints)
-    finite = lowest.isfinite() & highest.isfinite()
-    assert int((torch.bucketize(highest, midpoints) - below)[finite].max()) <= 1
-    return below.to(torch.uint8)
+    return cell_codes(signed, INT4, top_bits=12)[0].to(torch.uint8)

@@ -59,6 +59,22 @@ def add_group(opt) -> None:
         build_group(opt, len(opt.param_groups) - 1)
 
 
+def drop_last_group(opt) -> None:
+    """Forget what ``add_group`` made of the last param group before it was refused: its
+    buckets, and the state made for its params (an optimizer that makes state eagerly), so
+    that the groups before it step as if it had never been added. Its params keep their
+    values (a bucket laid out before the refusal holds them)."""
+    index = len(opt.param_groups) - 1
+    if opt._buckets is None or len(opt._buckets) <= index:
+        return
+    others = {id(p) for group in opt.param_groups[:index] for p in group["params"]}
+    for p in opt.param_groups[index]["params"]:
+        if id(p) not in others and p in opt.state:
+            dict.__delitem__(opt.state, p)  # made here, not from outside: no relayout
+    for kept in (opt._buckets, opt._outsiders, opt._group_ids):
+        del kept[index:]
+
+
 def split_for_layout(params: list) -> list:
     """The buckets params of one device and dtype are laid out in (``flat.layout_parts``):
     one after another, so that each one's originals are freed before the next is allocated."""

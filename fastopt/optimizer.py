@@ -238,10 +238,15 @@ class FlatOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if not self._reference:
+            try:  # what only its layout refuses (check_bucket_options): as if never added
+                layout.add_group(self)
+            except Exception:
+                layout.drop_last_group(self)
+                self.param_groups.pop()
+                raise
         if self._step_groups is not None:
             self._step_groups.hook_params(group["params"])
-        if not self._reference:
-            layout.add_group(self)
 
     def step(self, closure=None):
         """Perform a single optimization step.

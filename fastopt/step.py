@@ -29,7 +29,7 @@ from fastopt.elementwise import step_cost
 from fastopt.flat import as_real
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state
-from fastopt.validation import check_precision, fused_devices
+from fastopt.validation import check_group_values, check_precision, fused_devices
 
 _EAGER_STEP = None
 MIXED = object()  # ``uniform_key``'s answer when a bucket's params do not share one run key
@@ -80,6 +80,7 @@ def _update_all(opt, closure, loss):
     """``fused_step`` after the closure, with autograd off."""
     for group in opt.param_groups:  # options may have been changed since (a scheduler)
         check_group_options(opt, group)
+        check_group_values(opt, group)
         opt.check_step(group)
     layout.ensure_layout(opt)
     grad_scale = getattr(opt, "grad_scale", None)
@@ -146,6 +147,7 @@ def step_group(opt, index: int, bucket, params: list) -> None:
     for q, _ in waiting:
         q.grad = None
     group = opt.param_groups[index]
+    check_group_values(opt, group)
     opt.check_step(group)
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)

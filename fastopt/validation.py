@@ -22,10 +22,12 @@ from fastopt.precision import REMAINDERS
 from fastopt.quantization import FORMATS
 
 
-def check_lr(lr) -> None:
+def check_lr(lr, nan_ok: bool = False) -> None:
+    """torch.optim's learning-rate check; ``nan_ok``: SGD's form, ``lr < 0.0``, which lets a
+    nan through (the others' ``not 0.0 <= lr`` refuses it)."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
+    if (lr < 0.0) if nan_ok else not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
@@ -59,7 +61,7 @@ def check_adam(lr, betas, eps, weight_decay, foreach=None, capturable=False) -> 
 
 
 def check_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
-    check_lr(lr)
+    check_lr(lr, nan_ok=True)
     if momentum < 0.0:
         raise ValueError(f"Invalid momentum value: {momentum}")
     if weight_decay < 0.0:
@@ -130,6 +132,48 @@ def check_sample_index(index, num_samples: int) -> int:
     if not 0 <= index < num_samples:
         raise IndexError(f"index {index} is out of range for num_samples={num_samples}")
     return index
+
+
+@functools.cache
+def _step_keys(cls) -> tuple:
+    """(key, default) for each hyperparameter ``cls``'s step reads from a group (its
+    declaration's ``group_keys``, and ``maximize``): None is a value where the default has
+    it (Adafactor's ``eps``: ``(None, 1e-3)``)."""
+    defaults = cls._option_defaults()
+    keys = cls.declaration.group_keys + (("maximize",) if "maximize" in defaults else ())
+    return tuple((key, defaults.get(key, 0.0)) for key in keys)
+
+
+def check_group_values(opt, group: dict) -> None:
+    """The hyperparameters a step reads from ``group``, checked in every group before any is
+    updated, so that one set to something unusable since construction (deleted, None, a
+    tensor of several elements, a pair that is not two) fails the step before anything is
+    written: a missing key raises KeyError, as torch.optim's step does; any other the error
+    of reading it as the update does. Tensors are checked by size only (reading one on a GPU
+    would sync)."""
+    for key, default in _step_keys(type(opt)):
+        value = group[key]
+        kind = type(value)
+        if kind is float or kind is bool:  # the common cases, read as they are
+            continue
+        if isinstance(value, (tuple, list)):  # betas, etas, step_sizes, Adafactor's eps
+            first, second = value
+            if type(first) is float and type(second) is float:
+                continue
+            pair = default if isinstance(default, tuple) else (0.0, 0.0)
+            _check_number(first, pair[0])
+            _check_number(second, pair[1])
+        else:
+            _check_number(value, default)
+
+
+def _check_number(value, default) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise RuntimeError(f"a Tensor with {value.numel()} elements cannot be converted "
+                               "to Scalar")
+    elif value is not None or default is not None:
+        float(value)
 
 
 def check_flags(foreach, fused, differentiable) -> None:

@@ -357,3 +357,29 @@ def test_group_options_are_checked_when_added_and_when_changed():
     with pytest.raises(ValueError, match="amsgrad"):
         int8.step()
     assert torch.equal(params[0].detach(), torch.ones(5000)) and not int8.state
+
+
+@pytest.mark.parametrize("name, options", [
+    ("AdamW", {"stochastic_rounding": True}),
+    ("AdamW", {"master_weights": "remainder"}),
+    ("Adagrad", {"stochastic_rounding": True}),  # makes state as each bucket is laid out
+])
+def test_a_group_refused_when_laid_out_leaves_the_optimizer_as_it_was(name, options):
+    """Options only a bucket's layout refuses (fp16 params here): the group is not kept, nor
+    state made for its fp32 param laid out before the refusal, and the next steps match
+    torch.optim's as if it had never been added."""
+    init = make_params([(4,), (5,), (3,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours = getattr(fastopt, name)([ours_params[0]], lr=0.1)
+    ref = getattr(torch.optim, name)([ref_params[0]], lr=0.1, foreach=False)
+    step_both(ours, ref, ours_params[:1], ref_params[:1])
+    half = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float16"):
+        ours.add_param_group({"params": [ours_params[1], half], **options})
+    assert len(ours.param_groups) == 1 and ours_params[1] not in ours.state
+    assert torch.equal(ours_params[1].detach(), init[1])
+    ours.add_param_group({"params": [ours_params[1], ours_params[2]]})
+    ref.add_param_group({"params": [ref_params[1], ref_params[2]]})
+    for _ in range(3):
+        step_both(ours, ref, ours_params, ref_params)
+    assert len(ours.state_dict()["state"]) == 3

@@ -46,6 +46,21 @@ def test_bad_hyperparameters(name, kwargs, exc, message):
         assert re.search(message, str(ref_error.value))
 
 
+@pytest.mark.parametrize("name", [n for n in PAIRS if n != "Lion"])
+def test_a_nan_learning_rate_is_taken_or_refused_as_torch_does(name):
+    """SGD checks ``lr < 0.0`` (a nan passes), the others ``not 0.0 <= lr`` (refused)."""
+    ours_cls, reference = PAIRS[name]
+    for lr in (float("nan"), torch.tensor(float("nan"))):
+        outcomes = []
+        for cls in (reference, ours_cls):
+            try:
+                cls(one_param(), lr=lr)
+                outcomes.append("taken")
+            except ValueError as error:
+                outcomes.append(str(error))
+        assert outcomes[0] == outcomes[1]
+
+
 def test_hyperparameters_are_checked_before_params():
     """torch's error inputs pass ``params=None``: the hyperparameter error comes first."""
     for info in OPTIM_DB:
@@ -133,6 +148,33 @@ def test_adagrad_refuses_sparse_grads_with_weight_decay_as_torch():
             opt.step()
         errors.append(str(error.value))
     assert errors[0] == errors[1] == "weight_decay option is not compatible with sparse gradients"
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_a_group_hyperparameter_spoiled_after_construction_fails_the_step_whole(name):
+    """The last group's lr set to None, to a tensor of two elements, or deleted (as a user or
+    a broken scheduler might): the step fails before the first group is updated."""
+    ours_cls, _ = PAIRS[name]
+    params = clone_params(make_params([(4,), (5,)]))
+    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **BY_NAME[name].typical)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = snapshot(opt, params)
+    group = opt.param_groups[1]
+    lr = group["lr"]
+    for bad, error in ((None, TypeError), (torch.tensor([lr, lr]), RuntimeError)):
+        group["lr"] = bad
+        with pytest.raises(error):
+            opt.step()
+        assert_unchanged(opt, params, before)
+    del group["lr"]
+    with pytest.raises(KeyError, match="lr"):
+        opt.step()
+    assert_unchanged(opt, params, before)
+    group["lr"] = lr
+    opt.step()
+    assert not torch.equal(params[0].detach(), before[0][0])
 
 
 @pytest.mark.parametrize("name", list(PAIRS))

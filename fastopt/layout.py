@@ -17,6 +17,7 @@ from torch.nn.parameter import is_lazy
 from fastopt import dispatch, grad_table
 from fastopt.flat import Bucket, build_bucket, group_params, layout_parts, local, real_dtype
 from fastopt.state import State, adopt_state, create_state
+from fastopt.validation import check_param
 
 
 def build_group(opt, index: int, own: set | None = None) -> None:
@@ -31,6 +32,7 @@ def build_group(opt, index: int, own: set | None = None) -> None:
         if is_lazy(p):  # an nn.Lazy* module's param before its first forward
             outsiders.append(p)
         elif p.requires_grad or p.grad is not None or opt.state.get(p):
+            check_param(p)  # a frozen integer or sparse param given a grad since: refused
             members.append(p)
         else:
             outsiders.append(p)

@@ -215,7 +215,11 @@ def check_fused_param(param: Tensor, devices: list) -> None:
 
 
 def check_param(param: Tensor) -> None:
-    """Params a flat buffer can hold: strided floating or complex tensors."""
+    """Params a flat buffer can hold: strided floating or complex tensors. Any other is taken,
+    as torch.optim takes it, while nothing can step it (no ``requires_grad``, no grad: a frozen
+    integer weight of a quantized model); laid out it never is (``fastopt.layout``)."""
+    if not param.requires_grad and param.grad is None:
+        return
     if param.layout != torch.strided:
         raise ValueError(f"fastopt supports only strided (dense) parameters, got {param.layout}")
     if not (param.is_floating_point() or param.is_complex()):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastopt
-from helpers import PAIRS, assert_unchanged, clone_params, make_params, snapshot
+from helpers import PAIRS, assert_unchanged, clone_params, make_params, snapshot, step_both
 from optim_db import BY_NAME, NAMES, OPTIM_DB
 
 
@@ -80,9 +80,36 @@ def test_empty_parameter_list_and_bare_tensor(name):
         assert str(ours_error.value) == str(ref_error.value)
 
 
-def test_non_floating_params_are_refused():
+# torch's Adagrad makes state for every param at construction: a frozen sparse tensor fails
+# there, a frozen integer one gets integer state
+@pytest.mark.parametrize("name", [n for n in PAIRS if n != "Adagrad"])
+def test_frozen_integer_and_sparse_params_are_taken_as_torch_takes_them(name):
+    """A quantized model's frozen integer weights (and a frozen sparse tensor) in the params:
+    taken as torch.optim takes them, never laid out, and the float params step as torch's."""
+    ours_cls, ref_cls = PAIRS[name]
+    init = make_params([(4,), (5,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    frozen = [torch.nn.Parameter(torch.arange(3, dtype=torch.int8), requires_grad=False),
+              torch.zeros(3).to_sparse()]
+    kwargs = BY_NAME[name].typical
+    ours = ours_cls([ours_params[0], *frozen, ours_params[1]], **kwargs)
+    ref = ref_cls([ref_params[0], *frozen, ref_params[1]], **kwargs)
+    for _ in range(3):
+        step_both(ours, ref, ours_params, ref_params)
+    assert torch.equal(frozen[0], torch.arange(3, dtype=torch.int8))
+    assert sorted(ours.state_dict()["state"]) == sorted(ref.state_dict()["state"]) == [0, 3]
+
+
+def test_params_nothing_can_step_are_refused_once_they_could_be():
+    with pytest.raises(ValueError, match="only strided"):
+        fastopt.SGD([torch.zeros(3).to_sparse().requires_grad_()])
+    weights = [torch.nn.Parameter(torch.ones(2)), torch.zeros(3, dtype=torch.int64)]
+    opt = fastopt.SGD(weights, lr=0.1)
+    weights[0].grad = torch.ones(2)
+    weights[1].grad = torch.ones(3, dtype=torch.int64)  # given a grad after construction
     with pytest.raises(ValueError, match="floating-point or complex"):
-        fastopt.SGD([torch.zeros(3, dtype=torch.int64)])
+        opt.step()
+    assert torch.equal(weights[0].detach(), torch.ones(2))
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):

@@ -346,7 +346,7 @@ def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key
     apart are first copied into the flat buffer on the Triton path (its kernels take runs)
     and where ``copy`` says so; every grad is then there, and the chunks are ``step_runs``
     (the participants' maximal runs by key)."""
-    checked_fresh = in_place is False  # checked in bulk: dense, contiguous, real if plain
+    checked_fresh = in_place is False  # checked in bulk: dense, real if plain
     if in_place is True:
         in_place = [True] * len(grads)
     elif in_place is False:
@@ -359,6 +359,10 @@ def _chunks(bucket: Bucket, participants: list, grads: list, in_place, keys, key
         todo = [j for j, ok in enumerate(in_place) if not ok]  # the kernels see whole runs
         gather(bucket, [grads[j] for j in todo], [participants[j] for j in todo])
         return [_flat_chunk(bucket, lo, hi, k) for lo, hi, k in step_runs]
+    if checked_fresh and not all(map(_CONTIGUOUS, grads)):
+        # checked in bulk for a bucket that gathers (``check_grads``' ``any_strides``), but
+        # stepped entry by entry here: the fused calls read a grad's memory in order
+        grads = [as_real(g) for g in grads]
     starts, ends = bucket.starts, bucket.ends
     if not any(in_place):  # every grad held apart: one chunk each
         return [Chunk(i, i + 1, starts[i], ends[i], g, k)

@@ -180,19 +180,28 @@ def test_a_bucket_reading_grads_where_they_lie_frees_its_grad_buffer():
     assert opt._buckets[0][0].grads.buffer is None
 
 
-@pytest.mark.parametrize("shapes", [MANY_SMALL, FEW_LARGE], ids=["many-small", "few-large"])
-def test_fresh_grads_that_are_not_contiguous_are_read_correctly(shapes):
+@pytest.mark.parametrize("late", [False, True], ids=["together", "one-param-later"])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Adagrad"])
+@pytest.mark.parametrize("shapes", [MANY_SMALL, FEW_LARGE, [(3, 4), (6, 5)]],
+                         ids=["many-small", "few-large", "two-small"])
+def test_fresh_grads_that_are_not_contiguous_are_read_correctly(shapes, name, late):
     """torch's CPU fused kernels read a non-contiguous grad as if it were contiguous (wrong
     numbers). Many small params gather their grads into the flat grad buffer, a copy that takes
     any strides; few large ones, whose grads the fused kernels would read where they lie, take
-    the checked path, which makes them contiguous first."""
+    the checked path, which makes them contiguous first. ``late``: one param gets its first
+    grad a step after the others, so its step count differs and the bucket steps in runs,
+    each param's grad an entry of its own (made contiguous there too)."""
     shapes = [s for s in shapes if len(s) == 2]
     ours_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
-    ours = fastopt.Adam(ours_params, lr=0.1)
-    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
-    for _ in range(3):
-        for p, q in zip(ours_params, ref_params):
+    kwargs = BY_NAME[name].typical
+    ours = getattr(fastopt, name)(ours_params, **kwargs)
+    ref = getattr(torch.optim, name)(ref_params, foreach=False, **kwargs)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
+            if late and step == 0 and i == 0:
+                p.grad = q.grad = None
+                continue
             g = torch.randn(tuple(reversed(p.shape))).t()
             assert not g.is_contiguous()
             p.grad, q.grad = g, g.clone()

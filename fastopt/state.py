@@ -165,7 +165,17 @@ def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
     if not names and not scalars:
         return  # SGD without momentum keeps no state at all, as torch's does
     for name in names:
+        made = name not in bucket.state
         ensure_buffer(opt, group, bucket, name)
+        declared = opt.declaration.buffer(name)
+        if not made and declared is not None and isinstance(declared.init, str):
+            # a group option's value (Rprop's step_size starts at lr) as it is now, not as it
+            # was when the buffer was made for the params stepped before
+            value = declared.initial(group)
+            for i in fresh:
+                view = bucket.state.local_view(name, i)
+                if view is not None:
+                    view.fill_(value)
         if name == MASTER:  # the fp32 copy starts as the param (a remainder as zero)
             for i in fresh:
                 bucket.state.local_view(name, i).copy_(local_value(bucket.params[i].detach(),

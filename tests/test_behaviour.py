@@ -236,6 +236,22 @@ def test_add_param_group_after_steps():
     assert ours.state[ours_params[1]]["step"].item() == 4.0
 
 
+def test_state_that_starts_at_a_group_option_starts_at_its_value_when_first_stepped():
+    """Rprop's step_size starts at lr: for a param first stepped after lr changed (a
+    scheduler, a layer that gets grads later), at the new lr, as torch.optim's."""
+    init = make_params([(4,), (5,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    ours = fastopt.Rprop(ours_params, lr=0.05)
+    ref = torch.optim.Rprop(ref_params, lr=0.05, foreach=False)
+    step_both(ours, ref, ours_params[:1], ref_params[:1])  # the second param has no grad yet
+    for opt in (ours, ref):
+        opt.param_groups[0]["lr"] = 0.01
+    for _ in range(3):
+        step_both(ours, ref, ours_params, ref_params)
+    torch.testing.assert_close(ours.state[ours_params[1]]["step_size"],
+                               ref.state[ref_params[1]]["step_size"])
+
+
 def test_shared_params_rejected_and_duplicates_warned_as_torch_does():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):

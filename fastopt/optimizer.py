@@ -16,7 +16,12 @@ optimizer; from the declaration it
   ``load_state_dict`` copies into the flat buffers;
 - ``zero_grad(set_to_none=False)`` zeroes a bucket's flat grad buffer in one call.
 
-Grads: ``step()`` never writes into or replaces a grad. A grad that is a view of the bucket's
+Grads: ``step()`` replaces no grad, and writes into one only as torch's own steps do: after
+``scaler.step(optimizer)`` (GradScaler) a torch-path step leaves every grad unscaled in place,
+as torch.optim's do (the Triton kernels divide as they read and leave the grads scaled); with
+``max_grad_norm`` the clip joins the update's grad divisor, which torch's fused CPU kernels
+also write back into the grads they step in place (fp64 grads are clipped in place, as
+``clip_grad_norm_`` does). A grad that is a view of the bucket's
 flat grad buffer is used in place; ``zero_grad(set_to_none=False)`` re-points plain grads into
 that buffer (the same tensor objects, via ``Tensor.set_``), so loops that keep their grads run
 flat. Other grads (fresh tensors from autograd after ``zero_grad()``, DDP's bucket views) are

@@ -92,6 +92,9 @@ def _update_all(opt, closure, loss):
             grads = _check(opt, bucket, index, group, op)
             if grads is not None:
                 checked.append((group, bucket, grads, op))
+    if grad_scale is not None and checked and all(b.backend == "torch" for _, b, _, _ in checked):
+        unscale([g for _, _, bucket_grads, _ in checked for g in bucket_grads.grads], grad_scale)
+        grad_scale = None
     max_norm = max_grad_norm(opt)
     clip = None
     if max_norm is not None:
@@ -110,6 +113,18 @@ def _update_all(opt, closure, loss):
     if max_norm is not None and closure is None:
         return opt.grad_norm
     return loss
+
+
+def unscale(grads: list, grad_scale: Tensor) -> None:
+    """GradScaler's unscale, as torch.optim's steps leave the grads after ``scaler.step``:
+    each grad divided by the scale in place (a power of two: exact) before a torch-path update,
+    which then divides by nothing. (The kernels divide as they read, and write no grad.)"""
+    dense = [g for g in grads if g.layout == torch.strided]
+    if dense:
+        torch._foreach_div_(dense, grad_scale.to(dense[0].device))
+    for g in grads:
+        if g.layout != torch.strided:  # sparse grads (SGD, Adagrad)
+            g.div_(grad_scale.to(g.device))
 
 
 @functools.cache

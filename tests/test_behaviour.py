@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastopt
+from optim_db import BY_NAME
 from helpers import (BACKENDS, PAIRS, check_grad_scaler_with_injected_inf, clone_params,
                      compare_runs, lives_in, make_params, owns_storage, snapshot, step_both)
 
@@ -268,6 +269,26 @@ def test_shared_params_rejected_and_duplicates_warned_as_torch_does():
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_grad_scaler_inf_step_changes_nothing_then_matches_torch(name, backend):
     check_grad_scaler_with_injected_inf(name, backend, "cpu")
+
+
+@pytest.mark.parametrize("shapes", [[(5,)], [(300,), (5,)], [(64,)] * 50, [(3, 4), (40, 50)]],
+                         ids=["one", "two", "many-small-gathered", "matrices"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "NAdam"])
+def test_grads_after_a_grad_scaler_step_are_unscaled_as_torch_leaves_them(name, shapes):
+    """``scaler.step(optimizer)``: torch.optim's steps (for-loop and fused) leave every grad
+    unscaled in place; fastopt's too, whichever route its step takes."""
+    init = make_params(shapes)
+    grads = {}
+    for lib in (torch.optim, fastopt):
+        params = clone_params(init)
+        opt = getattr(lib, name)(params, **BY_NAME[name].typical)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(sum((p * p).sum() for p in params)).backward()
+        scaler.step(opt)
+        scaler.update()
+        grads[lib] = [p.grad.clone() for p in params]
+    for ours, ref, p in zip(grads[fastopt], grads[torch.optim], init):
+        assert torch.equal(ours, ref) and torch.equal(ours, 2 * p)  # unscaled: exactly
 
 
 def test_foreach_fused_capturable_are_accepted_and_recorded():

@@ -408,7 +408,11 @@ def test_a_group_refused_when_laid_out_leaves_the_optimizer_as_it_was(name, opti
     init = make_params([(4,), (5,), (3,)])
     ours_params, ref_params = clone_params(init), clone_params(init)
     ours = getattr(fastopt, name)([ours_params[0]], lr=0.1)
-    ref = getattr(torch.optim, name)([ref_params[0]], lr=0.1, foreach=False)
+    # the reference holds the second group from the start (torch 2.11's Adagrad makes no state
+    # for a group added later); its params get no grad before it is added to ours
+    ref = getattr(torch.optim, name)([{"params": [ref_params[0]]},
+                                      {"params": [ref_params[1], ref_params[2]]}],
+                                     lr=0.1, foreach=False)
     step_both(ours, ref, ours_params[:1], ref_params[:1])
     half = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
     with pytest.raises(ValueError, match="float16"):
@@ -416,7 +420,6 @@ def test_a_group_refused_when_laid_out_leaves_the_optimizer_as_it_was(name, opti
     assert len(ours.param_groups) == 1 and ours_params[1] not in ours.state
     assert torch.equal(ours_params[1].detach(), init[1])
     ours.add_param_group({"params": [ours_params[1], ours_params[2]]})
-    ref.add_param_group({"params": [ref_params[1], ref_params[2]]})
     for _ in range(3):
         step_both(ours, ref, ours_params, ref_params)
     assert len(ours.state_dict()["state"]) == 3

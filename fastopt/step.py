@@ -121,10 +121,10 @@ def unscale(grads: list, grad_scale: Tensor) -> None:
     which then divides by nothing. (The kernels divide as they read, and write no grad.)"""
     dense = [g for g in grads if g.layout == torch.strided]
     if dense:
-        torch._foreach_div_(dense, grad_scale.to(dense[0].device))
+        torch._foreach_div_(dense, grad_scale.to(dense[0].device).reshape(()))
     for g in grads:
         if g.layout != torch.strided:  # sparse grads (SGD, Adagrad)
-            g.div_(grad_scale.to(g.device))
+            g.div_(grad_scale.to(g.device).reshape(()))
 
 
 @functools.cache

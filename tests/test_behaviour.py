@@ -291,6 +291,27 @@ def test_grads_after_a_grad_scaler_step_are_unscaled_as_torch_leaves_them(name, 
         assert torch.equal(ours, ref) and torch.equal(ours, 2 * p)  # unscaled: exactly
 
 
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Adagrad"])
+def test_a_grad_scale_of_shape_one_as_torchs_fused_tests_set_it(name):
+    """``optimizer.grad_scale`` as torch's own tests set it (shape (1,), fp64 too) with
+    ``found_inf`` set: nothing steps; with it clear, the grads are unscaled and the params
+    stepped."""
+    for scale_dtype in (torch.float32, torch.float64):
+        for inf in (1.0, 0.0):
+            params = clone_params(make_params([(3,), (4, 5)]))
+            for p in params:
+                p.grad = torch.full_like(p, 8.0)
+            opt = getattr(fastopt, name)(params, **BY_NAME[name].typical)
+            opt.grad_scale = torch.full((1,), 4.0, dtype=scale_dtype)
+            opt.found_inf = torch.tensor(inf)
+            before = [p.detach().clone() for p in params]
+            opt.step()
+            moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before)]
+            assert moved == [inf == 0.0] * 2
+            if inf == 0.0:
+                assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in params)
+
+
 def test_foreach_fused_capturable_are_accepted_and_recorded():
     params = clone_params(make_params([(3,)]))
     opt = fastopt.Adam(params, foreach=False, fused=None, capturable=True)

@@ -127,17 +127,25 @@ def test_environment_variable_overrides_and_is_checked(monkeypatch):
         fastopt.AdamW(one_param())
 
 
+def stepped_two_groups(name):
+    """``name``'s optimizer over two params in two groups, stepped once (state exists), and
+    its params."""
+    params = clone_params(make_params([(4,), (5,)]))
+    opt = PAIRS[name][0]([{"params": [params[0]]}, {"params": [params[1]]}],
+                         **BY_NAME[name].typical)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt, params
+
+
 REFUSE_SPARSE = [n for n in NAMES if BY_NAME[n].declaration.sparse_error is not None]
 
 
 @pytest.mark.parametrize("name", REFUSE_SPARSE)
 def test_sparse_grads_refused_like_torch_and_nothing_changes(name):
-    ours_cls, reference = PAIRS[name]
-    params = clone_params(make_params([(4,), (5,)]))
-    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **BY_NAME[name].typical)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
+    reference = PAIRS[name][1]
+    opt, params = stepped_two_groups(name)
     before = snapshot(opt, params)
     params[0].grad = torch.ones_like(params[0])
     params[1].grad = torch.ones(5).to_sparse()
@@ -181,12 +189,7 @@ def test_adagrad_refuses_sparse_grads_with_weight_decay_as_torch():
 def test_a_group_hyperparameter_spoiled_after_construction_fails_the_step_whole(name):
     """The last group's lr set to None, to a tensor of two elements, or deleted (as a user or
     a broken scheduler might): the step fails before the first group is updated."""
-    ours_cls, _ = PAIRS[name]
-    params = clone_params(make_params([(4,), (5,)]))
-    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **BY_NAME[name].typical)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
+    opt, params = stepped_two_groups(name)
     before = snapshot(opt, params)
     group = opt.param_groups[1]
     lr = group["lr"]
@@ -206,12 +209,7 @@ def test_a_group_hyperparameter_spoiled_after_construction_fails_the_step_whole(
 
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_grad_of_the_wrong_shape_or_dtype_fails_and_changes_nothing(name):
-    ours_cls, _ = PAIRS[name]
-    params = clone_params(make_params([(4,), (5,)]))
-    opt = ours_cls([{"params": [params[0]]}, {"params": [params[1]]}], **BY_NAME[name].typical)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
+    opt, params = stepped_two_groups(name)
     before = snapshot(opt, params)
     params[0].grad = torch.full_like(params[0], 3.0)
     params[1].grad.data = torch.ones(6)  # .data sidesteps autograd's own size check

@@ -12,6 +12,7 @@ were swapped in the group, and all groups when ``optimizer.state`` was changed f
 
 from __future__ import annotations
 
+import torch
 from torch.nn.parameter import is_lazy
 
 from fastopt import dispatch, grad_table
@@ -31,7 +32,8 @@ def build_group(opt, index: int, own: set | None = None) -> None:
         seen.add(id(p))
         if is_lazy(p):  # an nn.Lazy* module's param before its first forward
             outsiders.append(p)
-        elif p.requires_grad or p.grad is not None or opt.state.get(p):
+        elif p.requires_grad or p.grad is not None or opt.state.get(p) \
+                or (opt.declaration.eager_state and _can_hold(p)):  # torch's Adagrad: state for all
             check_param(p)  # a frozen integer or sparse param given a grad since: refused
             members.append(p)
         else:
@@ -44,6 +46,11 @@ def build_group(opt, index: int, own: set | None = None) -> None:
     opt._buckets[index] = buckets
     opt._outsiders[index] = outsiders
     opt._group_ids[index] = [id(p) for p in group["params"]]
+
+
+def _can_hold(p) -> bool:
+    """Could a flat buffer hold frozen ``p``: strided, floating or complex (``check_param``)."""
+    return p.layout == torch.strided and (p.is_floating_point() or p.is_complex())
 
 
 def add_group(opt) -> None:

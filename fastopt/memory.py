@@ -171,9 +171,11 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             entry = _device_entry(report, where)
             size = local(p).numel() * p.element_size()
             entry.param_bytes += size
-            if not p.requires_grad and p.grad is None:
-                continue  # frozen: no grad, no state (fastopt leaves it out of its buffers)
-            entry.grad_bytes += size
+            frozen = not p.requires_grad and p.grad is None
+            if frozen and not (cls.declaration.eager_state and p.layout == torch.strided
+                               and (p.is_floating_point() or p.is_complex())):
+                continue  # no grad, no state (fastopt leaves it out of its buffers)
+            entry.grad_bytes += 0 if frozen else size  # frozen, Adagrad's: state, no grad
             entry.num_elements += local(p).numel()
             variant = rules.bucket_variant(group_options, p)
             movable = group_options.get("flatten_params", True) and (p.device.type == "meta"
@@ -182,7 +184,8 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             key = (str(where), p.dtype.to_real() if p.is_complex() else p.dtype, variant,
                    p.is_complex(), movable)
             real_elements = local(p).numel() * (2 if p.is_complex() else 1)
-            buckets.setdefault(key, []).append((real_elements, tuple(local(p).shape), size))
+            buckets.setdefault(key, []).append((real_elements, tuple(local(p).shape), size,
+                                                0 if frozen else size))
         for (where, dtype, variant, *_, movable), items in buckets.items():
             for bucket in _laid_out(items, movable):
                 entry = report.devices[where]
@@ -193,7 +196,7 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
                                              dtype, variant)
                 transient[where] = max(transient.get(where, 0), step_scratch)
                 if group_options.get("in_backward"):
-                    entry.grad_bytes -= bucket["bytes"]
+                    entry.grad_bytes -= bucket["grad_bytes"]
                     held[where] = max(held.get(where, 0),
                                       _largest_step_group(bucket["sizes"], dtype.itemsize))
     for where, nbytes in held.items():
@@ -207,11 +210,12 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
 
 def _laid_out(items: list, movable: bool) -> list:
     """The buckets fastopt lays params of one key out in (``flat.layout_parts``; external
-    params stay in one), from each param's (real elements, local shape, bytes)."""
-    parts = layout_parts([size for *_, size in items]) if movable else [(0, len(items))]
-    return [dict(sizes=[n for n, *_ in items[lo:hi]], shapes=[s for _, s, _ in items[lo:hi]],
-                 bytes=sum(b for *_, b in items[lo:hi]), count=hi - lo,
-                 largest=max(b for *_, b in items[lo:hi]),
+    params stay in one), from each param's (real elements, local shape, bytes, grad bytes)."""
+    parts = layout_parts([size for *_, size, _ in items]) if movable else [(0, len(items))]
+    return [dict(sizes=[n for n, *_ in items[lo:hi]], shapes=[s for _, s, *_ in items[lo:hi]],
+                 bytes=sum(b for *_, b, _ in items[lo:hi]), count=hi - lo,
+                 grad_bytes=sum(g for *_, g in items[lo:hi]),
+                 largest=max(b for *_, b, _ in items[lo:hi]),
                  movable=movable,
                  elements=padded_size([n for n, *_ in items[lo:hi]]))  # slots and padding
             for lo, hi in parts]

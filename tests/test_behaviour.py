@@ -10,8 +10,8 @@ import torch
 
 import fastopt
 from optim_db import BY_NAME
-from helpers import (BACKENDS, PAIRS, check_grad_scaler_with_injected_inf, clone_params,
-                     compare_runs, lives_in, make_params, owns_storage, snapshot, step_both)
+from helpers import (BACKENDS, PAIRS, assert_state_close, check_grad_scaler_with_injected_inf,
+                     clone_params, compare_runs, lives_in, make_params, owns_storage, snapshot, step_both)
 
 
 def test_params_become_views_of_one_buffer_keeping_identity_and_values():
@@ -145,6 +145,35 @@ def test_frozen_params_stay_out_until_they_get_a_grad():
         for p, q in zip(ours_params, ref_params):
             torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     assert ours._buckets[0][0].ends == [4, 69, 134]  # laid out again with the thawed param
+
+
+def test_adagrad_keeps_state_for_frozen_params_as_torch_makes_it_at_construction():
+    """torch's Adagrad makes every param's state in its constructor, frozen ones included (a
+    fine-tuned model's frozen base): the same state, the same state_dict, the same steps once
+    a frozen param is thawed."""
+    init = make_params([(4,), (5,), (6,)])
+    ours_params, ref_params = clone_params(init), clone_params(init)
+    for params in (ours_params, ref_params):
+        params[1].requires_grad_(False)
+    kwargs = dict(lr=0.1, initial_accumulator_value=0.25)
+    ours = fastopt.Adagrad(ours_params, **kwargs)
+    ref = torch.optim.Adagrad(ref_params, foreach=False, **kwargs)
+    tol = dict(rtol=2e-6, atol=2e-7)
+    assert_state_close(ours, ref, ours_params, ref_params, tol)
+    assert sorted(ours.state_dict()["state"]) == [0, 1, 2]
+    for step in range(5):
+        if step == 2:
+            for params in (ours_params, ref_params):
+                params[1].requires_grad_(True)
+        for p, q in zip(ours_params, ref_params):
+            if p.requires_grad:
+                g = torch.randn_like(p)
+                p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p, q, **tol)
+        assert_state_close(ours, ref, ours_params, ref_params, tol)
 
 
 def test_hooks_fire():

@@ -68,7 +68,7 @@ def first_step(opt, params):
 @pytest.mark.parametrize("name,cls,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_state_bytes_equal_what_exists_after_the_first_step(name, cls, kwargs, dtype):
     params = [torch.nn.Parameter(t) for t in make_params(SHAPES, dtype=dtype)]
-    params[3].requires_grad_(False)  # frozen: no grad, no state
+    params[3].requires_grad_(False)  # frozen: no grad, no state (Adagrad: state, as torch)
     params[0].requires_grad_(False)
     params[0].grad = torch.ones_like(params[0])  # not requiring grad, but handed one: state
     report = memory.estimate(params, cls, **kwargs)

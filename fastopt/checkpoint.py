@@ -9,14 +9,31 @@ keys).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+
+@functools.cache
+def loaded_defaults(reference: type | None) -> dict:
+    """The options ``reference``'s (a torch.optim class's) ``__setstate__`` gives a param group
+    that lacks them: what a group of an older checkpoint takes for them (SGD's ``fused``:
+    False, where its signature says None). Read off that ``__setstate__`` run on a bare
+    group."""
+    if reference is None or "__setstate__" not in vars(reference):
+        return {}
+    probe = reference.__new__(reference)
+    reference.__setstate__(probe, {"state": {}, "param_groups": [{"params": []}],
+                                   "defaults": {}})
+    return {k: v for k, v in probe.param_groups[0].items() if k != "params"}
 
 
 def check_loadable(optimizer, state_dict: dict) -> None:
     """Refuse, before anything changes, a state_dict that does not fit ``optimizer`` (a
     FlatOptimizer, whose class says what its checkpoints hold): a param group without one of
-    its declaration's ``group_keys`` (another optimizer's checkpoint), or a param state that
+    its declaration's ``group_keys`` (another optimizer's checkpoint; an older one may lack
+    those ``loaded_defaults`` gives), or a param state that
     ``check_param_state`` refuses. Group and param counts are left to torch's own checks."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
@@ -25,7 +42,9 @@ def check_loadable(optimizer, state_dict: dict) -> None:
     for index, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
         if len(group["params"]) != len(saved["params"]):
             return
-        missing = [k for k in optimizer.declaration.group_keys if k not in saved]
+        older = loaded_defaults(optimizer.declaration.reference)
+        missing = [k for k in optimizer.declaration.group_keys
+                   if k not in saved and k not in older]
         if missing:
             raise ValueError(
                 f"loaded state dict's param group {index} has no {', '.join(map(repr, missing))}"

@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 from fastopt import elementwise, hooks, layout, pickling
 from fastopt import step as stepper
 from fastopt import in_backward as backward_steps
-from fastopt.checkpoint import check_loadable, tensor_steps
+from fastopt.checkpoint import check_loadable, loaded_defaults, tensor_steps
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket
 from fastopt.plan import StepPlan
@@ -321,10 +321,12 @@ class FlatOptimizer(Optimizer):
         check_loadable(self, state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
-            # Options a checkpoint does not know (an older fastopt, torch.optim) keep the values
-            # this optimizer was built with: a master_weights=True run stays one.
+            # Options a checkpoint does not know keep the values this optimizer was built with
+            # (a master_weights=True run stays one), but for torch's own options an older
+            # checkpoint lacks: those take what torch's __setstate__ gives them.
+            older = loaded_defaults(self.declaration.reference)
             state_dict = dict(state_dict, param_groups=[
-                {**{k: v for k, v in group.items() if k != "params"}, **saved}
+                {**{k: v for k, v in group.items() if k != "params"}, **older, **saved}
                 for group, saved in zip(self.param_groups, saved_groups)])
         super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 from fastopt import in_backward
+from fastopt.checkpoint import loaded_defaults
 from fastopt.flat import is_movable, mark_laid_out
 
 
@@ -38,12 +39,15 @@ def restore_layout_marks(state: dict) -> dict:
 
 def setstate(opt, state: dict) -> None:
     """After torch.optim's ``__setstate__``: fastopt's options (their defaults where ``state``
-    lacks them, in ``opt`` and in each group), the ``in_backward`` hooks, and no layout until
+    lacks them, in ``opt`` and in each group; torch's options as the reference's
+    ``__setstate__`` gives them, ``checkpoint.loaded_defaults``), the ``in_backward`` hooks,
+    and no layout until
     the next step."""
     opt.__dict__.setdefault("backend", "auto")
     opt.__dict__.setdefault("flatten_params", True)
+    defaults = {**opt._option_defaults(), **loaded_defaults(opt.declaration.reference)}
     for group in opt.param_groups:
-        for key, value in opt._option_defaults().items():
+        for key, value in defaults.items():
             group.setdefault(key, value)
     opt._step_groups = in_backward.attach(opt) if opt.__dict__.pop("in_backward", False) \
         else None

@@ -182,6 +182,39 @@ def test_old_checkpoints_missing_keys_and_python_float_steps():
     assert ours.state[params[0]]["max_exp_avg_sq"].shape == params[0].shape
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "Lion"])
+def test_options_an_older_checkpoint_lacks_take_what_torch_gives_them(name):
+    """An option torch's ``__setstate__`` fills in for a group that lacks it (an older
+    checkpoint's: SGD's fused is False, RMSprop's momentum 0) is filled in alike, whatever
+    the optimizer loading it was built with."""
+    ours_cls, ref_cls = PAIRS[name]
+    params = make_params([(3,)])
+    built = dict(BY_NAME[name].typical)
+    for key, default in ref_cls(clone_params(params)).defaults.items():
+        if key in ("lr", "differentiable", "fused", "capturable", "foreach") \
+                or key not in inspect.signature(ref_cls).parameters:
+            kwargs = built
+        elif isinstance(default, bool):
+            kwargs = {**built, key: not default}  # built otherwise: the filled-in value wins
+        elif isinstance(default, (int, float)) and key == "momentum":
+            kwargs = {**built, key: 0.5}
+        else:
+            kwargs = built
+        loaded = []
+        for cls in (ref_cls, ours_cls):
+            saved = cls(clone_params(params), **built).state_dict()
+            saved["param_groups"][0].pop(key)
+            opt = cls(clone_params(params), **kwargs)
+            try:
+                opt.load_state_dict(saved)
+            except ValueError:  # fastopt requires the options torch leaves missing
+                loaded.append("refused")
+                continue
+            loaded.append(opt.param_groups[0].get(key, "missing"))
+        if loaded[0] != "missing":
+            assert loaded[1] == loaded[0], (key, loaded)
+
+
 def test_sgd_momentum_buffer_none_loads_as_no_buffer():
     init = make_params([(5,)])
     ours_params, ref_params = clone_params(init), clone_params(init)

@@ -253,7 +253,7 @@ class FlatOptimizer(Optimizer):
         if self._step_groups is not None:
             self._step_groups.hook_params(group["params"])
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
         """Perform a single optimization step.
 
         Args:
@@ -267,15 +267,17 @@ class FlatOptimizer(Optimizer):
             backward_steps.refuse_grad_scaler(self)
         try:
             if type(self).step is FlatOptimizer.step:  # not wrapped by torch (fastopt.hooks)
-                return hooks.run_hooked(self, closure)
-            return self._step_body(closure)
+                return hooks.run_hooked(self, args, kwargs)
+            return self._step_body(*args, **kwargs)
         finally:
             if self._step_groups is not None:
                 self._step_groups.reset()
 
     # torch.optim wraps an optimizer class's ``step`` to run the step hooks inside a profiler
-    # range unless it is marked ``hooked``; this one runs them itself (``fastopt.hooks``).
+    # range unless it is marked ``hooked``; this one runs them itself (``fastopt.hooks``),
+    # handing them the arguments as they came (``closure`` by position or by keyword).
     step.hooked = True
+    step.__signature__ = hooks.STEP_SIGNATURE
 
     _step_body = stepper.step_body  # (self, closure=None): the step without its hooks
 
@@ -305,10 +307,15 @@ class FlatOptimizer(Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's format; per-param entries are plain dicts of (views of) the state.
         Entries whose key is not a param (written by hooks) pass through as torch keeps them."""
-        state_dict = super().state_dict()
+        with hooks.held_back(self, "state_dict_post") as post_hooks:
+            state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) if isinstance(v, Entry) else v
                                for k, v in state_dict["state"].items()}
         saved_masters(self, state_dict)
+        for post_hook in post_hooks.values():  # as torch runs them: each may replace it
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -318,6 +325,7 @@ class FlatOptimizer(Optimizer):
             super().load_state_dict(state_dict)
             tensor_steps(self.state)
             return
+        state_dict = hooks.run_load_pre_hooks(self, state_dict)  # they may mend it: first
         check_loadable(self, state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
@@ -328,10 +336,14 @@ class FlatOptimizer(Optimizer):
             state_dict = dict(state_dict, param_groups=[
                 {**{k: v for k, v in group.items() if k != "params"}, **older, **saved}
                 for group, saved in zip(self.param_groups, saved_groups)])
-        super().load_state_dict(state_dict)
+        with hooks.held_back(self, "load_state_dict_pre"), \
+                hooks.held_back(self, "load_state_dict_post") as post_hooks:
+            super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)
         self._buckets = None
         layout.ensure_layout(self)
+        for post_hook in post_hooks.values():  # last: what they change is what steps
+            post_hook(self)
 
     def __getstate__(self) -> dict:
         return pickling.getstate(self, super().__getstate__())

@@ -239,6 +239,66 @@ def test_step_hooks_run_as_torch_runs_them():
         bad.step()
 
 
+def test_step_hooks_see_the_closure_where_the_caller_put_it():
+    """``step(closure=c)`` (Lightning's call) shows hooks ``kwargs={"closure": c}``,
+    ``step(c)`` shows ``args=(opt, c)``, as torch's wrapper shows them."""
+    def seen(opt, params, *args, **kwargs):
+        calls = []
+        opt.register_step_pre_hook(lambda o, a, k: calls.append((a[1:], dict(k))))
+        opt.register_step_post_hook(lambda o, a, k: calls.append((a[1:], dict(k))))
+        params[0].grad = torch.ones(3)
+        opt.step(*args, **kwargs)
+        return calls
+
+    def closure():
+        return torch.tensor(1.0)
+
+    for args, kwargs in (((), {}), ((closure,), {}), ((), {"closure": closure}),
+                         ((), {"closure": None})):
+        ours_params, ref_params = [torch.nn.Parameter(torch.ones(3))], [
+            torch.nn.Parameter(torch.ones(3))]
+        ours = seen(fastopt.Adam(ours_params), ours_params, *args, **kwargs)
+        assert ours == seen(torch.optim.Adam(ref_params), ref_params, *args, **kwargs)
+
+
+def test_state_dict_hooks_see_and_may_replace_what_torch_hooks_do():
+    """A state_dict post-hook that returns a new object gives the caller that object; a load
+    pre-hook may mend a state_dict before it is checked (a renamed moment, a missing option);
+    what a load post-hook writes into the state is what the next step uses (fp64 params,
+    whose saved state fastopt keeps in its own dtypes, included)."""
+    for dtype in (torch.float32, torch.float64):
+        results = []
+        for cls in (torch.optim.Adam, fastopt.Adam):
+            params = [torch.nn.Parameter(torch.arange(1.0, 4.0, dtype=dtype))]
+            opt = cls(params, lr=0.1)
+            for _ in range(2):
+                params[0].grad = torch.ones_like(params[0])
+                opt.step()
+            opt.register_state_dict_post_hook(lambda o, sd: {"version": 2, "optimizer": sd})
+            wrapped = opt.state_dict()
+            assert sorted(wrapped) == ["optimizer", "version"]
+            saved = copy.deepcopy(wrapped["optimizer"])
+            saved["state"][0]["m"] = saved["state"][0].pop("exp_avg")  # another library's name
+            del saved["param_groups"][0]["betas"]
+
+            def mend(o, sd):
+                sd["state"][0]["exp_avg"] = sd["state"][0].pop("m")
+                sd["param_groups"][0]["betas"] = (0.9, 0.999)
+
+            opt.register_load_state_dict_pre_hook(mend)
+
+            def restart(o):
+                o.state[o.param_groups[0]["params"][0]]["step"] = torch.tensor(0.0)
+
+            opt.register_load_state_dict_post_hook(restart)
+            opt.load_state_dict(saved)
+            params[0].grad = torch.ones_like(params[0])
+            opt.step()
+            results.append((params[0].detach().clone(), opt.state[params[0]]["step"].item()))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-6, atol=0)
+        assert results[1][1] == results[0][1] == 1.0
+
+
 def test_steps_and_zero_grads_show_in_the_profiler_under_torchs_names():
     """torch.optim names a profiler range per step and per zero_grad; fastopt opens the same
     ranges while a profiler records (and skips their cost otherwise)."""

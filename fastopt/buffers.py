@@ -52,6 +52,7 @@ class Buffers:
         self._host = None  # host_scalars' cache: (array, the table it covers)
         self._mirror = None  # host_mirror's (array, the table's version it matches)
         self.ids: list = [None] * n  # host-side: equal ids => equal kept scalars
+        self.seen_version = None  # the table's version counter when fastopt last wrote it
         self.has_state: list = [False] * n
         self.stepped: list = [False] * n  # updated at least once (torch's fused checks before)
 
@@ -115,7 +116,20 @@ class Buffers:
             if self.bucket.backend == "triton":
                 self._mirror = (numpy.zeros(tuple(self.scalars.shape), dtype=numpy.float32),
                                 self.scalars._version)
+            self.note_written()
         return self.scalars
+
+    def note_written(self) -> None:
+        """fastopt has written the scalar table (torch ops count in its version counter; the
+        host's numpy writes and the kernels' do not): what it holds is what ``ids`` say."""
+        if self.scalars is not None:
+            self.seen_version = self.scalars._version
+
+    def written_elsewhere(self) -> bool:
+        """Has anyone but fastopt written the table since it last did: a kept scalar edited
+        in place through ``optimizer.state`` (``state[p]["step"].zero_()``), which ``ids``
+        do not know of?"""
+        return self.scalars is not None and self.scalars._version != self.seen_version
 
     def host_scalars(self):
         """The CPU scalar table as a numpy array over the same memory (made once: reading and
@@ -138,6 +152,7 @@ class Buffers:
         while it is valid, on its host mirror."""
         mirror = self.host_mirror()
         self.scalars[index, : rows.shape[1]] = rows.to(self.scalars.device)
+        self.note_written()
         if mirror is not None:
             mirror[index, : rows.shape[1]] = rows.numpy()
             self._mirror = (mirror, self.scalars._version)
@@ -150,6 +165,7 @@ class Buffers:
         if self.scalars.device.type == "cuda":
             host = host.pin_memory()
         self.scalars.copy_(host, non_blocking=True)
+        self.note_written()
         self._mirror = (mirror, self.scalars._version)
 
     def __getstate__(self) -> dict:
@@ -162,6 +178,7 @@ class Buffers:
         mirror = state.pop("_mirror", None)
         self.__dict__.update(state)
         self._mirror = None if mirror is None else (mirror, self.scalars._version)
+        self.note_written()  # a copy's version counter starts anew
 
     def column(self, name: str) -> Tensor:
         return self.scalars[:, self.scalar_names.index(name)]

@@ -158,6 +158,19 @@ def _scalar(value, default: float) -> float:
     return float(value.item() if isinstance(value, Tensor) else value)
 
 
+def refresh_ids(opt, bucket: Bucket) -> None:
+    """The run keys of ``bucket``'s params with state, from the kept scalars' values (read
+    from the table: on a GPU a sync, paid only after someone edited the table in place,
+    ``Buffers.written_elsewhere``): params whose scalars now differ step apart."""
+    state = bucket.state
+    rows = state.scalars[:, : len(state.scalar_names)].tolist()
+    ids: dict = {}
+    for i, row in enumerate(rows):
+        if state.has_state[i]:
+            state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
+    state.note_written()
+
+
 def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
     """Initial state (and masters copied from the params) for params ``fresh`` of ``bucket``."""
     names = opt.buffer_names(group, bucket)

@@ -28,7 +28,7 @@ from fastopt import clipping, layout
 from fastopt.elementwise import step_cost
 from fastopt.flat import as_real
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
-from fastopt.state import State, add_state_buffer, create_state
+from fastopt.state import State, add_state_buffer, create_state, refresh_ids
 from fastopt.validation import check_group_values, check_precision, fused_devices
 
 _EAGER_STEP = None
@@ -188,6 +188,8 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
             if name not in bucket.state:
                 add_state_buffer(opt, group, bucket, name)  # switched on mid-run (amsgrad)
     participants = checked.participants
+    if bucket.state.written_elsewhere():  # a kept scalar edited in place since the last step
+        refresh_ids(opt, bucket)
     key = opt.uniform_key(bucket)  # run keys before this step's state is made
     keys = None if key is not MIXED else [opt.run_key(bucket, i) for i in participants]
     stepped = bucket.state.stepped
@@ -207,6 +209,7 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
                 and bucket.variant is None and not bucket.params[0].is_complex()
             plan = make_plan(bucket, checked, keys, key, op, by_address)
             opt.update(group, bucket, plan, grad_scale, found_inf)
+    bucket.state.note_written()  # torch's fused ops count steps in the table in place
     bucket.finish()
 
 

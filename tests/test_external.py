@@ -146,6 +146,76 @@ def test_state_changed_from_outside_is_used_by_the_next_step(how):
         assert lives_in(ours.state[p]["exp_avg"], flat)
 
 
+SCALAR_KEEPERS = [name for name in OPTIONS
+                  if fastopt.registry.get(name).declaration.scalars and name != "Adafactor"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edited", [0, 1])
+@pytest.mark.parametrize("name", SCALAR_KEEPERS)
+def test_a_kept_scalar_edited_in_place_is_used_by_the_next_step(name, edited, backend):
+    """``opt.state[p]["step"].zero_()`` (and NAdam's ``mu_product``, ASGD's ``eta``...
+    written in place): the edited param steps from its new values, the others from theirs,
+    as torch's steps do."""
+    ours_cls, ref_cls = PAIRS[name]
+    shapes = [(5,), (3, 4), (6,)]
+    if not steppable(name, shapes):
+        pytest.skip("takes matrices only")
+    init = make_params(shapes)
+    ours_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = ours_cls(ours_params, backend=backend, **OPTIONS[name])
+    ref = ref_cls(ref_params, **OPTIONS[name])
+    gen = torch.Generator().manual_seed(4)
+    for step in range(5):
+        if step == 3:
+            for opt, p in ((ours, ours_params[edited]), (ref, ref_params[edited])):
+                for key in fastopt.registry.get(name).declaration.scalar_names:
+                    if key in opt.state[p]:
+                        opt.state[p][key].mul_(0.5) if key != "step" else \
+                            opt.state[p][key].zero_()
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        reference_step(ref, backend)
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])
+        assert_state_close(ours, ref, ours_params, ref_params, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("name", SCALAR_KEEPERS)
+def test_no_step_of_its_own_reads_the_scalar_table_back(name, monkeypatch):
+    """fastopt's own writes of the table (steps, GradScaler's skipped steps, a load, a copy)
+    never look like an edit from outside: reading the run keys back from a GPU table would
+    sync."""
+    import copy
+
+    import fastopt.step
+
+    refreshed = []
+    monkeypatch.setattr(fastopt.step, "refresh_ids", lambda *args: refreshed.append(args))
+    ours_cls, _ = PAIRS[name]
+    shapes = [(5,), (3, 4), (6,)]
+    if not steppable(name, shapes):
+        pytest.skip("takes matrices only")
+    params = [torch.nn.Parameter(t) for t in make_params(shapes)]
+    opt = ours_cls(params, **OPTIONS[name])
+    for step in range(6):
+        for i, p in enumerate(params):
+            p.grad = None if (step == 1 and i == 1) else torch.randn_like(p)
+        if step == 2:
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+        opt.step()
+        opt.grad_scale = opt.found_inf = None
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+        if step == 4:
+            opt = copy.deepcopy(opt)
+            params = opt.param_groups[0]["params"]
+    assert not refreshed
+
+
 def test_state_dict_entries_are_plain_dicts():
     params = [torch.nn.Parameter(torch.randn(3))]
     opt = fastopt.Adam(params)

@@ -44,6 +44,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 STEP_GROUP_BYTES = 1 << 20  # params per step group, about: the grads held at once, beside the
 # largest param's (a group of its own); each group is one update call (tens of microseconds)
@@ -85,8 +86,8 @@ class StepGroups:
         if not self.handles:
             weakref.finalize(self, _remove, self.handles)
         ref = weakref.ref(self)
-        for p in params:
-            if p.requires_grad and id(p) not in self.hooked:
+        for p in params:  # a lazy module's param is hooked once laid out (materialized)
+            if p.requires_grad and id(p) not in self.hooked and not is_lazy(p):
                 self.hooked.add(id(p))
                 self.handles.append(p.register_post_accumulate_grad_hook(
                     lambda param, ref=ref: _call(ref, param)))

@@ -46,6 +46,8 @@ def build_group(opt, index: int, own: set | None = None) -> None:
     opt._buckets[index] = buckets
     opt._outsiders[index] = outsiders
     opt._group_ids[index] = [id(p) for p in group["params"]]
+    if getattr(opt, "_step_groups", None) is not None:  # in_backward: params that came in
+        opt._step_groups.hook_params(members)  # (a lazy module's, now materialized)
 
 
 def _can_hold(p) -> bool:

@@ -49,8 +49,10 @@ def setstate(opt, state: dict) -> None:
     for group in opt.param_groups:
         for key, value in defaults.items():
             group.setdefault(key, value)
-    opt._step_groups = in_backward.attach(opt) if opt.__dict__.pop("in_backward", False) \
-        else None
+    if "in_backward" in opt.__dict__ or "_step_groups" not in opt.__dict__:  # a copy
+        opt._step_groups = in_backward.attach(opt) if opt.__dict__.pop("in_backward", False) \
+            else None
+    # else load_state_dict's __setstate__ on a live optimizer: its in_backward hooks stay
     opt.__dict__.setdefault("_reference", bool(opt.defaults.get("differentiable")))
     opt.__dict__.setdefault("_ids", itertools.count())
     opt._step_supports_amp_scaling = opt.declaration.grad_scaling

@@ -101,9 +101,14 @@ def test_in_backward_equals_the_default_loop(name, backend):
     assert len(groups) >= 4  # the updates did run in step groups
 
 
-def test_grads_are_released_during_backward_and_step_finishes_the_rest():
+@pytest.mark.parametrize("loaded", [False, True], ids=["", "after-load_state_dict"])
+def test_grads_are_released_during_backward_and_step_finishes_the_rest(loaded):
+    """... and still after ``load_state_dict`` (a resume; accelerate's ``prepare`` loads the
+    optimizer's own state_dict into it)."""
     model, opt = make(fastopt.AdamW, dict(lr=0.01), "torch", True)
     train(model, opt, steps=1)  # the first step lays the params out
+    if loaded:
+        opt.load_state_dict(opt.state_dict())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(4, 7)).backward()
     updated = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -114,6 +119,29 @@ def test_grads_are_released_during_backward_and_step_finishes_the_rest():
     opt.step()
     assert not torch.equal(model.first.bias, before["first.bias"])
     assert torch.equal(model.unused.weight, before["unused.weight"])
+
+
+def test_a_lazy_module_is_updated_in_the_backward_once_materialized():
+    """An ``nn.LazyLinear`` not yet run when the optimizer is built: its params are hooked
+    once the first step lays them out, then updated inside later backwards, as the default
+    loop updates them."""
+    models, opts = [], []
+    for in_backward_on in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.LazyLinear(6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        models.append(model)
+        opts.append(fastopt.AdamW(model.parameters(), lr=0.01, in_backward=in_backward_on))
+    for step in range(4):
+        x = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
+        for model, opt in zip(models, opts):
+            torch.manual_seed(1)  # the lazy layer's initial values, drawn at its first run
+            model(x).sum().backward()
+            if step > 0 and opt is opts[0]:
+                assert models[0][0].weight.grad is None  # updated and released in the backward
+            opt.step()
+            opt.zero_grad()
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

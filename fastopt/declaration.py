@@ -108,7 +108,8 @@ class Declaration:
     # torch.optim's error for a sparse grad ({name}: the optimizer's), or None: sparse grads are
     # densified (SGD, Adagrad take them)
     sparse_error: str | None = "{name} does not support sparse gradients"
-    sparse_weight_decay: bool = True  # sparse grads with a weight decay (Adagrad refuses them)
+    # torch.optim's error for a sparse grad in a group with a weight decay, or None: taken
+    sparse_weight_decay_error: str | None = None
     eager_state: bool = False  # state made for every param at construction (torch's Adagrad)
     complex: bool = True  # complex params (their real views); else refused with a clear error
     error_name: str = ""  # how torch.optim's messages name it (Adam for AdamW); "" = class name

@@ -148,9 +148,9 @@ def _check(opt, bucket, index: int, group: dict, op: str) -> CheckedGrads | None
         raise RuntimeError(f"{name} does not support complex parameters")  # at the step, as torch
     # A sparse grad got past check_grads only where it is taken, and never in bulk (dense).
     if refusal is None and isinstance(checked.in_place, list) \
-            and not declared.sparse_weight_decay and group.get("weight_decay", 0) != 0 \
+            and declared.sparse_weight_decay_error and group.get("weight_decay", 0) != 0 \
             and any(g.is_sparse for g in checked.grads):
-        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        raise RuntimeError(declared.sparse_weight_decay_error)
     return checked
 
 

@@ -173,16 +173,22 @@ def test_sparse_grads_taken_where_torch_takes_them(name):
         torch.testing.assert_close(a[0], b[0])
 
 
-def test_adagrad_refuses_sparse_grads_with_weight_decay_as_torch():
+@pytest.mark.parametrize("name,momentum", [("Adagrad", None), ("SGD", 0.0), ("SGD", 0.9)])
+def test_sparse_grads_with_weight_decay_are_refused_as_torch_refuses_them(name, momentum):
+    """Adagrad's own error; SGD's from adding the decay to a sparse grad. Nothing written."""
     errors = []
-    for cls in (fastopt.Adagrad, torch.optim.Adagrad):
-        p = torch.nn.Parameter(torch.ones(4))
-        opt = cls([p], lr=0.1, weight_decay=0.1)
-        p.grad = torch.ones(4).to_sparse()
+    for cls in PAIRS[name]:
+        params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))]
+        kwargs = {} if momentum is None else dict(momentum=momentum)
+        opt = cls(params, lr=0.1, weight_decay=0.1, **kwargs)
+        params[0].grad, params[1].grad = torch.ones(4), torch.ones(3).to_sparse()
+        before = snapshot(opt, params) if cls is PAIRS[name][0] else None
         with pytest.raises(RuntimeError) as error:
             opt.step()
         errors.append(str(error.value))
-    assert errors[0] == errors[1] == "weight_decay option is not compatible with sparse gradients"
+        if before is not None:
+            assert_unchanged(opt, params, before)
+    assert errors[0] == errors[1]
 
 
 @pytest.mark.parametrize("name", list(PAIRS))

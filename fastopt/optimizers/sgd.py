@@ -52,6 +52,9 @@ SGD_DECLARATION = Declaration(
     update=_update,
     options=frozenset({"master_weights", "state_dtype", "max_grad_norm", "in_backward"}),
     sparse_error=None,  # densified
+    # torch's SGD adds the decay to the grad (grad.add(param)), which a sparse grad refuses
+    sparse_weight_decay_error="add(sparse, dense) is not supported. Use add(dense, sparse) "
+                              "instead.",
     reference=torch.optim.SGD,
     group_keys=("lr", "momentum", "dampening", "weight_decay"),
     cost="sgd",

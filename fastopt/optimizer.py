@@ -293,7 +293,11 @@ class FlatOptimizer(Optimizer):
         return self._step_groups.accumulating()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole."""
+        """Reset the grads, as torch.optim does; ``set_to_none=False`` zeroes flat buffers whole.
+        Inside a function compiled with ``torch.compile`` it runs eagerly, as torch.optim's
+        (``torch._disable_dynamo``): one graph break, nothing traced."""
+        if torch.compiler.is_compiling():
+            return stepper.eager_zero_grad(self, set_to_none)
         if self._step_groups is not None:
             self._step_groups.reset()
         if set_to_none:

@@ -32,6 +32,7 @@ from fastopt.state import State, add_state_buffer, create_state, refresh_ids
 from fastopt.validation import check_group_values, check_precision, fused_devices
 
 _EAGER_STEP = None
+_EAGER_ZERO_GRAD = None
 MIXED = object()  # ``uniform_key``'s answer when a bucket's params do not share one run key
 
 
@@ -55,11 +56,22 @@ def make_eager_step() -> None:
     gets a clean graph break and runs the eager fused step, instead of inductor tracing torch's fused ops on
     views of flat buffers (which it refuses). Made at the first construction, outside any
     compiled region (importing dynamo takes a second; torch.optim's own step imports it too)."""
-    global _EAGER_STEP
+    global _EAGER_STEP, _EAGER_ZERO_GRAD
     if _EAGER_STEP is None:
         import torch._dynamo
 
         _EAGER_STEP = torch._dynamo.disable(fused_step)
+        _EAGER_ZERO_GRAD = torch._dynamo.disable(_zero_grad)
+
+
+def _zero_grad(opt, set_to_none: bool) -> None:
+    opt.zero_grad(set_to_none)  # run eagerly: dynamo is not tracing it
+
+
+def eager_zero_grad(opt, set_to_none: bool) -> None:
+    """``zero_grad`` for a call dynamo traces: one graph break and the eager zero_grad, as
+    torch.optim's (``torch._disable_dynamo``), instead of tracing its flat-buffer work."""
+    _EAGER_ZERO_GRAD(opt, set_to_none)
 
 
 def fused_step(opt, closure=None):

@@ -434,6 +434,36 @@ def test_compiled_optimizer_step_matches_torch(fresh_dynamo, name):
         assert_params_close(model, twin, **FP32)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_compiled_training_function_zeroes_grads_as_torch_eagerly(fresh_dynamo, set_to_none):
+    """``zero_grad`` inside a compiled function runs eagerly, as torch.optim's: dynamo does not
+    trace its flat-buffer work (no warnings about what it cannot trace), and the steps
+    equal torch's."""
+    import warnings
+
+    model, twin = mlp(), mlp()
+    opt = fastopt.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    ref = torch.optim.SGD(twin.parameters(), lr=1e-2, momentum=0.9, foreach=False)
+
+    def train(net, optimizer, x):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        net(x).pow(2).mean().backward()
+
+    compiled = torch.compile(train)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            x = torch.randn(32, 8, generator=gen)
+            compiled(model, opt, x)
+            opt.step()
+            train(twin, ref, x)
+            ref.step()
+            assert_params_close(model, twin, **FP32)
+    assert not [w for w in caught if "dynamo" in str(w.message).lower()
+                or "trace" in str(w.message).lower()]
+
+
 def test_compiled_model_trained_with_fastopt_matches_torch(fresh_dynamo):
     """``torch.compile(model)`` (inductor) trained for 5 steps with fastopt.AdamW equals the same
     compiled model trained with torch.optim.AdamW(foreach=False), step by step."""

@@ -249,7 +249,7 @@ class State(defaultdict):
     changed = False
 
     def __init__(self, items=()) -> None:
-        super().__init__(None)
+        super().__init__(dict)  # torch's default_factory (``__missing__`` makes the entries)
         for key, value in dict(items).items():
             dict.__setitem__(self, key, Entry(self, value) if is_param_entry(key, value)
                              else value)
@@ -290,6 +290,30 @@ class State(defaultdict):
         if key not in self:
             self.changed = True
         return super().setdefault(key, default)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def copy(self) -> defaultdict:
+        """A shallow copy, as torch.optim's ``state.copy()`` gives: a plain defaultdict of the
+        same entries."""
+        return defaultdict(dict, self)
+
+    __copy__ = copy
+
+    def __or__(self, other) -> defaultdict:
+        merged = self.copy()
+        merged.update(other)
+        return merged
+
+    def __ror__(self, other) -> defaultdict:
+        merged = defaultdict(dict, other)
+        merged.update(self)
+        return merged
+
+    def __repr__(self) -> str:
+        return f"defaultdict({dict!r}, {dict.__repr__(self)})"
 
     def __reduce__(self):  # pickles (and deep-copies) as the plain defaultdict torch.optim has
         return (plain_state, (dict(self),))

@@ -150,7 +150,8 @@ def check_group_values(opt, group: dict) -> None:
     tensor of several elements, a pair that is not two) fails the step before anything is
     written: a missing key raises KeyError, as torch.optim's step does; any other the error
     of reading it as the update does. Tensors are checked by size only (reading one on a GPU
-    would sync)."""
+    would sync). A number of another kind, which torch's for-loop reads as a number (numpy's
+    0-d array), is stored back as a Python float, which fused ops take."""
     for key, default in _step_keys(type(opt)):
         value = group[key]
         kind = type(value)
@@ -161,19 +162,27 @@ def check_group_values(opt, group: dict) -> None:
             if type(first) is float and type(second) is float:
                 continue
             pair = default if isinstance(default, tuple) else (0.0, 0.0)
-            _check_number(first, pair[0])
-            _check_number(second, pair[1])
+            numbers = (_number(first, pair[0]), _number(second, pair[1]))
+            if numbers[0] is not first or numbers[1] is not second:
+                group[key] = type(value)(numbers)
         else:
-            _check_number(value, default)
+            number = _number(value, default)
+            if number is not value:
+                group[key] = number
 
 
-def _check_number(value, default) -> None:
+def _number(value, default):
+    """``value`` as a step reads it: a tensor of one element, an int or float, or None where
+    the default is None, as it is; another number as a Python float; else the error of
+    reading it as a number."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise RuntimeError(f"a Tensor with {value.numel()} elements cannot be converted "
                                "to Scalar")
-    elif value is not None or default is not None:
-        float(value)
+        return value
+    if isinstance(value, (int, float)) or (value is None and default is None):
+        return value
+    return float(value)
 
 
 def check_flags(foreach, fused, differentiable) -> None:

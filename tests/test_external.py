@@ -216,6 +216,29 @@ def test_no_step_of_its_own_reads_the_scalar_table_back(name, monkeypatch):
     assert not refreshed
 
 
+def test_the_state_copies_merges_and_prints_as_torchs_defaultdict():
+    """``opt.state.copy()``, ``copy.copy``, ``|`` give what torch's give (a defaultdict of the
+    same entries); ``|=`` is a change the next step sees; the repr is torch's."""
+    import copy
+
+    results = []
+    for cls in (torch.optim.Adam, fastopt.Adam):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p], lr=0.1)
+        p.grad = torch.ones(3)
+        opt.step()
+        for copied in (opt.state.copy(), copy.copy(opt.state), opt.state | {}, {} | opt.state):
+            assert type(copied) is type(torch.optim.Adam([p]).state)
+            assert copied[p] is opt.state[p] and copied.default_factory is dict
+        assert opt.state.default_factory is dict
+        assert repr(opt.state).startswith("defaultdict(<class 'dict'>, {Parameter containing")
+        opt.state |= {p: {k: v.clone() * 2 for k, v in opt.state[p].items()}}
+        p.grad = torch.ones(3)
+        opt.step()
+        results.append((p.detach().clone(), opt.state[p]["exp_avg"].clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=2e-6, atol=2e-7)
+
+
 def test_state_dict_entries_are_plain_dicts():
     params = [torch.nn.Parameter(torch.randn(3))]
     opt = fastopt.Adam(params)

@@ -226,3 +226,34 @@ def test_grad_of_the_wrong_shape_or_dtype_fails_and_changes_nothing(name):
     with pytest.raises(RuntimeError, match="dtype torch.float64 but the parameter has dtype"):
         opt.step()
     assert_unchanged(opt, params, before)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_hyperparameters_that_are_numpy_numbers_step_as_torchs_for_loop_reads_them(name):
+    """An lr (and a beta) set to a numpy 0-d array, as a schedule computed with numpy sets it:
+    torch's for-loop reads it as a number; fastopt's fused step takes it too, in every group
+    (the second group's is the one that would fail after the first was written)."""
+    import numpy
+
+    results = []
+    ours_cls, ref_cls = PAIRS[name]
+    for cls in (ref_cls, ours_cls):
+        params = clone_params(make_params([(4,), (2, 3)]))
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}], **BY_NAME[name].typical)
+        group = opt.param_groups[1]
+        group["lr"] = numpy.array(group["lr"])
+        for key in ("betas", "etas"):
+            if key in group:
+                group[key] = (numpy.array(group[key][0]), group[key][1])
+        try:
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.ones_like(p)
+                opt.step()
+        except TypeError:
+            if cls is ours_cls:
+                raise
+            pytest.skip(f"torch's {name} does not take it")
+        results.append([p.detach().clone() for p in params])
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-7)

@@ -200,7 +200,12 @@ def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
             bucket.state.write_scalars(fresh, torch.tensor([initial] * len(fresh),
                                                            dtype=torch.float32))
     for i in fresh:
-        set_state(opt, bucket.params[i], state_views(opt, bucket, i, names))
+        p = bucket.params[i]
+        views = state_views(opt, bucket, i, names)
+        notes = opt.state.get(p)  # written before the first step (a per-param note): kept
+        if notes:
+            views = {**{k: v for k, v in notes.items() if k not in views}, **views}
+        set_state(opt, p, views)
         bucket.state.has_state[i] = True
 
 

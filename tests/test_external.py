@@ -283,6 +283,24 @@ def test_extra_state_written_by_other_code_is_kept_as_torch_keeps_it():
     assert set(ours.state_dict()["state"][0]) >= {"counter", "stats", "note", "slow"}
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])  # the others (torch's) refuse a note there
+def test_a_note_written_before_the_first_step_is_kept_beside_the_state_it_makes(name):
+    """A non-tensor entry (a per-param note) written into a param's state before its first
+    step stays beside the state the step makes, as torch's SGD keeps it."""
+    ours_cls, ref_cls = PAIRS[name]
+    kwargs = dict(BY_NAME[name].typical)
+    keys = []
+    for cls in (ours_cls, ref_cls):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p], **kwargs)
+        opt.state[p]["lr_scale"] = 0.5
+        p.grad = torch.ones(3)
+        opt.step()
+        assert opt.state[p]["lr_scale"] == 0.5
+        keys.append((sorted(opt.state[p]), sorted(opt.state_dict()["state"][0])))
+    assert keys[0] == keys[1]
+
+
 def test_a_group_pointed_at_other_params_of_the_same_count_updates_them():
     old = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
     new = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]

@@ -322,8 +322,10 @@ class Bucket:
         self.real_views.pop(("grad", "whole"), None)
 
 
-def build_bucket(params: list, backend: str, external: bool = False, variant=None) -> Bucket:
-    """Move ``params`` (same device and real dtype) into one new contiguous buffer; an external
+def build_bucket(params: list, backend: str, external: bool = False, variant=None,
+                 flat: Tensor | None = None) -> Bucket:
+    """Move ``params`` (same device and real dtype) into one new contiguous buffer, or keep
+    them in ``flat``, the buffer of a bucket of the same params being replaced; an external
     bucket leaves them where they are and only lays out their state."""
     from fastopt.buffers import Buffers
     from fastopt.grads import Grads
@@ -332,16 +334,19 @@ def build_bucket(params: list, backend: str, external: bool = False, variant=Non
     device, dtype = first.device, real_dtype(first)
     starts, ends, size = aligned_offsets([local(p).numel() * (2 if p.is_complex() else 1)
                                           for p in params])
-    flat = None if external else torch.zeros(size, dtype=dtype, device=device)
+    kept = flat is not None
+    if not kept and not external:
+        flat = torch.zeros(size, dtype=dtype, device=device)
     bucket = Bucket(params=list(params), device=device, dtype=dtype, starts=starts, ends=ends,
                     numel=size, flat=flat, backend=backend, external=external, variant=variant)
-    if flat is not None:
+    if flat is not None and not kept:
         with torch.no_grad():
             for i, p in enumerate(params):
                 view = bucket.view(flat, i, own=True)
                 view.copy_(p.data)
                 p.data = view
         mark_laid_out(params)
+    if flat is not None:
         bucket.storage_keys = {p.untyped_storage()._cdata for p in params}
     bucket.data_ptrs = [local(p).data_ptr() for p in params]
     bucket.param_dtypes = [p.dtype for p in params]

@@ -12,6 +12,8 @@ were swapped in the group, and all groups when ``optimizer.state`` was changed f
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.nn.parameter import is_lazy
 
@@ -21,9 +23,11 @@ from fastopt.state import State, adopt_state, create_state
 from fastopt.validation import check_param
 
 
-def build_group(opt, index: int, own: set | None = None) -> None:
+def build_group(opt, index: int, own: set | None = None, previous: tuple = ()) -> None:
     """(Re)lay out group ``index``: copy its params and their state into new flat buffers
-    (``own``: the storages of the layout being replaced, see ``flat.is_movable``)."""
+    (``own``: the storages of the layout being replaced, see ``flat.is_movable``; a bucket of
+    ``previous``, the buckets being replaced, that holds the same params keeps their buffer:
+    ``kept_flat``)."""
     group = opt.param_groups[index]
     members, outsiders, seen = [], [], set()
     for p in group["params"]:
@@ -42,7 +46,7 @@ def build_group(opt, index: int, own: set | None = None) -> None:
     for external, params in group_params(members, lambda p: opt.bucket_variant(group, p),
                                          own, opt.flatten_params):
         for part in ([params] if external else split_for_layout(params)):
-            buckets.append(_build_bucket(opt, group, part, external))
+            buckets.append(_build_bucket(opt, group, part, external, previous))
     opt._buckets[index] = buckets
     opt._outsiders[index] = outsiders
     opt._group_ids[index] = [id(p) for p in group["params"]]
@@ -93,9 +97,24 @@ def split_for_layout(params: list) -> list:
     return [params[lo:hi] for lo, hi in layout_parts(nbytes)]
 
 
-def _build_bucket(opt, group: dict, params: list, external: bool):
-    """One bucket of ``params``: built, its options checked, its state adopted (and made
-    now for an optimizer that makes state eagerly)."""
+def kept_flat(previous, params: list):
+    """The flat buffer of a bucket of ``previous`` that holds exactly ``params``, each still in
+    its slot with its shape, or None. A layout made again for new state (a loaded
+    state_dict, state replaced through ``optimizer.state``) keeps it: the params do not move,
+    as torch.optim never moves them (a tensor aliasing one keeps following it)."""
+    for old in previous:
+        if old.flat is not None and not old.external and len(old.params) == len(params) \
+                and all(map(operator.is_, old.params, params)) and old.is_intact() \
+                and old.param_shapes == [tuple(local(p).shape) for p in params] \
+                and old.param_dtypes == [p.dtype for p in params]:
+            return old.flat
+    return None
+
+
+def _build_bucket(opt, group: dict, params: list, external: bool, previous: tuple = ()):
+    """One bucket of ``params`` (in the flat buffer ``kept_flat`` finds in ``previous``, or
+    moved into a new one): built, its options checked, its state adopted (and made now for an
+    optimizer that makes state eagerly)."""
     # Params left where they are take the kernels only if they can be updated by
     # address in one launch (grad_table.py); else torch's multi-tensor ops.
     by_address = external and opt.reads_by_address(group, external=True) \
@@ -103,7 +122,8 @@ def _build_bucket(opt, group: dict, params: list, external: bool):
         and grad_table.addressable(params, real_dtype(params[0]))
     backend = dispatch.resolve(opt.backend, params[0].device, real_dtype(params[0]),
                                external=external and not by_address)
-    bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]))
+    bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]),
+                          flat=None if external else kept_flat(previous, params))
     opt.prepare_bucket(group, bucket)
     adopt_state(opt, group, bucket)
     if opt.declaration.eager_state:  # state for every param now, as torch's Adagrad makes
@@ -113,23 +133,26 @@ def _build_bucket(opt, group: dict, params: list, external: bool):
     return bucket
 
 
-def ensure_layout(opt) -> None:
+def ensure_layout(opt, previous: list | None = None) -> None:
     """Rebuild any group whose params left their buffers or which gained a new grad; rebuild
-    all when ``opt.state`` was changed from outside (its values are then copied in)."""
+    all when ``opt.state`` was changed from outside (its values are then copied in). A
+    rebuild keeps the flat buffers of the buckets it replaces (``previous``, or the current
+    ones) that hold the same params (``kept_flat``)."""
     if not isinstance(opt.state, State):
         opt.state = State(opt.state)
-        opt._buckets = None
+        previous, opt._buckets = previous or opt._buckets, None
     elif opt.state.changed:
         for index, buckets in enumerate(opt._buckets or []):
             check_unchanged(opt, index, buckets or [])
-        opt._buckets = None
+        previous, opt._buckets = previous or opt._buckets, None
     if opt._buckets is None or len(opt._buckets) != len(opt.param_groups):
+        kept = tuple(b for buckets in (previous or opt._buckets or []) for b in buckets or [])
         opt.state.changed = False
         opt._buckets = [None] * len(opt.param_groups)
         opt._outsiders = [None] * len(opt.param_groups)
         opt._group_ids = [None] * len(opt.param_groups)
         for index in range(len(opt.param_groups)):
-            build_group(opt, index)
+            build_group(opt, index, previous=kept)
         return
     for index, (group, buckets) in enumerate(zip(opt.param_groups, opt._buckets)):
         outsiders = opt._outsiders[index]
@@ -138,7 +161,7 @@ def ensure_layout(opt) -> None:
                 or not all(map(Bucket.is_intact, buckets)):  # grads, params swapped or moved
             check_unchanged(opt, index, buckets)
             own = set().union(*(b.storage_keys for b in buckets))
-            build_group(opt, index, own)
+            build_group(opt, index, own, tuple(buckets))
 
 def check_unchanged(opt, index: int, buckets: list) -> None:
     """Refuse a param whose dtype or shape changed after it got state (``model.half()``,

@@ -340,12 +340,13 @@ class FlatOptimizer(Optimizer):
             state_dict = dict(state_dict, param_groups=[
                 {**{k: v for k, v in group.items() if k != "params"}, **older, **saved}
                 for group, saved in zip(self.param_groups, saved_groups)])
+        previous = self._buckets  # their params stay where they are (layout.kept_flat)
         with hooks.held_back(self, "load_state_dict_pre"), \
                 hooks.held_back(self, "load_state_dict_post") as post_hooks:
             super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)
         self._buckets = None
-        layout.ensure_layout(self)
+        layout.ensure_layout(self, previous)
         for post_hook in post_hooks.values():  # last: what they change is what steps
             post_hook(self)
 

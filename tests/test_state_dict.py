@@ -274,6 +274,33 @@ def test_loading_copies_into_flat_buffers():
     assert lives_in(exp_avg, flat) and owns_storage(exp_avg)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "state replaced", "entry deleted"])
+def test_new_state_leaves_the_params_where_they_are(how):
+    """Loading a state_dict or replacing state through ``optimizer.state`` lays the state out
+    again but leaves the params in their slots, as torch.optim never moves a param: a tensor
+    aliasing one (``p.detach()``, a model state_dict's values) keeps following it."""
+    params = clone_params(make_params([(4,), (3, 2), (5,)]))
+    opt = fastopt.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    aliases = [p.detach() for p in params]
+    pointers = [p.data_ptr() for p in params]
+    if how == "load_state_dict":
+        opt.load_state_dict(saved)
+    elif how == "state replaced":
+        opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    else:
+        del opt.state[params[1]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [p.data_ptr() for p in params] == pointers
+    for p, alias in zip(params, aliases):
+        assert torch.equal(alias, p)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_deepcopy_and_pickle_continue_identically(name):
     ours_cls, _ = PAIRS[name]

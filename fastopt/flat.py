@@ -80,7 +80,8 @@ def is_movable(p: Tensor, own: set | None = None) -> bool:
     """May fastopt move ``p``'s storage into a flat buffer? Only when it is a fastopt buffer or
     ``p`` alone holds it: never a DTensor, a view into another owner's buffer, or a tensor that
     someone else also references (ZeroRedundancyOptimizer's bucket for a rank with one param):
-    they would keep reading the old storage. With ``own`` (the storage addresses of the
+    they would keep reading the old storage (a param made as a part of a laid-out one is
+    such a view). With ``own`` (the storage addresses of the
     caller's own buffers), a param in another fastopt optimizer's buffer stays there: two
     optimizers sharing a param would otherwise take it from each other at every step."""
     if is_dtensor(p) or p.device.type == "meta":
@@ -88,9 +89,9 @@ def is_movable(p: Tensor, own: set | None = None) -> bool:
     storage = p.untyped_storage()
     if p.device.type == "cpu" and storage.is_shared():
         return False  # shared with other processes (Hogwild): the copy would train alone
-    if _is_own(storage):
-        return own is None or storage._cdata in own
     whole = p.storage_offset() == 0 and storage.nbytes() == p.numel() * p.element_size()
+    if _is_own(storage):  # laid out: a slot of its own (a part of one is a view, external)
+        return whole and (own is None or storage._cdata in own)
     return whole and _holders(storage) <= 2  # p's own tensor and ``storage`` above
 
 

@@ -68,6 +68,33 @@ def test_views_of_a_foreign_buffer_stay_in_place_and_match_torch(name, transpose
         torch.testing.assert_close(buffer, flat, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("how", ["add_param_group", "second optimizer"])
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "Adagrad", "Rprop"])
+def test_a_param_made_as_part_of_a_laid_out_one_stays_a_view_of_it(name, how):
+    """``b = Parameter(a.detach()[2:6])`` made after ``a`` was laid out, then stepped (added
+    to the optimizer, or by a second one): b stays a view of a's elements, as with torch, and
+    both step as torch's do."""
+    ours_cls, ref_cls = PAIRS[name]
+    results = []
+    for cls in (ref_cls, ours_cls):
+        a = torch.nn.Parameter(make_params([(10,)])[0])
+        opt = cls([a], **BY_NAME[name].typical)
+        b = torch.nn.Parameter(a.detach()[2:6])
+        if how == "add_param_group":
+            opt.add_param_group({"params": [b]})
+            opts = [opt]
+        else:
+            opts = [opt, cls([b], **BY_NAME[name].typical)]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            a.grad, b.grad = torch.randn(10, generator=gen), torch.randn(4, generator=gen)
+            for o in opts:
+                o.step()
+        assert b.data_ptr() == a.data_ptr() + 2 * a.element_size()
+        results.append((a.detach().clone(), b.detach().clone()))
+    torch.testing.assert_close(results[1], results[0], **TOLERANCES[torch.float32])
+
+
 def test_owned_params_still_move_and_a_second_optimizer_takes_them_over():
     params = [torch.nn.Parameter(t) for t in make_params([(3, 4), (5,)])]
     first = fastopt.AdamW(params)

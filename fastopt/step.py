@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastopt import clipping, layout
 from fastopt.elementwise import step_cost
-from fastopt.flat import as_real
+from fastopt.flat import as_real, local
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state, refresh_ids
 from fastopt.validation import check_group_values, check_precision, fused_devices
@@ -158,12 +158,26 @@ def _check(opt, bucket, index: int, group: dict, op: str) -> CheckedGrads | None
         return None
     if not declared.complex and bucket.params[0].is_complex():
         raise RuntimeError(f"{name} does not support complex parameters")  # at the step, as torch
+    if bucket.external and _overlapping(bucket):  # before any state is written, unlike torch
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers to a "
+            "single memory location. Please clone() the tensor before performing the operation.")
     # A sparse grad got past check_grads only where it is taken, and never in bulk (dense).
     if refusal is None and isinstance(checked.in_place, list) \
             and declared.sparse_weight_decay_error and group.get("weight_decay", 0) != 0 \
             and any(g.is_sparse for g in checked.grads):
         raise RuntimeError(declared.sparse_weight_decay_error)
     return checked
+
+
+def _overlapping(bucket) -> bool:
+    """Does a param of external ``bucket`` have elements that share memory (an expanded
+    tensor), which no update can write? Asked once per layout."""
+    overlapping = bucket.decided.get("overlapping")
+    if overlapping is None:
+        overlapping = bucket.decided["overlapping"] = any(
+            torch._debug_has_internal_overlap(local(p)) == 1 for p in bucket.params)
+    return overlapping
 
 
 def step_group(opt, index: int, bucket, params: list) -> None:

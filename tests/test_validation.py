@@ -257,3 +257,24 @@ def test_hyperparameters_that_are_numpy_numbers_step_as_torchs_for_loop_reads_th
         results.append([p.detach().clone() for p in params])
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Rprop", "ASGD"])
+def test_a_param_whose_elements_share_memory_fails_its_step_with_nothing_written(name):
+    """An expanded param (``torch.ones(1, 4).expand(3, 4)``) cannot be written: torch's error,
+    raised before any state is made."""
+    errors = []
+    for cls in PAIRS[name]:
+        params = [torch.nn.Parameter(torch.ones(3)),
+                  torch.nn.Parameter(torch.ones(1, 4).expand(3, 4))]
+        opt = cls(params, **BY_NAME[name].typical)
+        for p in params:
+            p.grad = torch.full(p.shape, 0.5)
+        before = snapshot(opt, params) if cls is PAIRS[name][0] else None
+        with pytest.raises(RuntimeError) as error:
+            opt.step()
+        errors.append(str(error.value))
+        if before is not None:
+            assert_unchanged(opt, params, before)
+            assert not opt.state.get(params[1])
+    assert errors[0] == errors[1]

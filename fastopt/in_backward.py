@@ -155,6 +155,14 @@ class StepGroups:
             self.done.add(id(q))
 
 
+def check_clipping(group: dict) -> None:
+    """in_backward=True: no ``max_grad_norm`` (checked when a group is added, loaded, or
+    changed before a step)."""
+    if group.get("max_grad_norm") is not None:
+        raise ValueError("max_grad_norm needs every grad before any update, which "
+                         "in_backward=True does not wait for; clip with in_backward=False")
+
+
 def _call(ref, param) -> None:
     groups = ref()
     if groups is not None:
@@ -194,9 +202,7 @@ def check_in_backward(in_backward, param_groups: list, defaults: dict) -> None:
 
 
 def check_group(group: dict) -> None:
-    if group.get("max_grad_norm") is not None:
-        raise ValueError("max_grad_norm needs every grad before any update, which "
-                         "in_backward=True does not wait for; clip with in_backward=False")
+    check_clipping(group)
     for p in group["params"]:
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
             raise ValueError("in_backward=True on DTensor params (FSDP2, tensor parallel) is "

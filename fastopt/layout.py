@@ -20,7 +20,7 @@ from torch.nn.parameter import is_lazy
 from fastopt import dispatch, grad_table
 from fastopt.flat import Bucket, build_bucket, group_params, layout_parts, local, real_dtype
 from fastopt.state import State, adopt_state, create_state
-from fastopt.validation import check_param
+from fastopt.validation import check_param, layout_options
 
 
 def build_group(opt, index: int, own: set | None = None, previous: tuple = ()) -> None:
@@ -125,6 +125,7 @@ def _build_bucket(opt, group: dict, params: list, external: bool, previous: tupl
     bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]),
                           flat=None if external else kept_flat(previous, params))
     opt.prepare_bucket(group, bucket)
+    bucket.options = layout_options(group)
     adopt_state(opt, group, bucket)
     if opt.declaration.eager_state:  # state for every param now, as torch's Adagrad makes
         fresh = [i for i, made in enumerate(bucket.state.has_state) if not made]

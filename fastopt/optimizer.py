@@ -340,13 +340,23 @@ class FlatOptimizer(Optimizer):
             state_dict = dict(state_dict, param_groups=[
                 {**{k: v for k, v in group.items() if k != "params"}, **older, **saved}
                 for group, saved in zip(self.param_groups, saved_groups)])
-        previous = self._buckets  # their params stay where they are (layout.kept_flat)
-        with hooks.held_back(self, "load_state_dict_pre"), \
-                hooks.held_back(self, "load_state_dict_post") as post_hooks:
-            super().load_state_dict(state_dict)
-        keep_saved_dtypes(self, state_dict)
-        self._buckets = None
-        layout.ensure_layout(self, previous)
+            for group in state_dict["param_groups"]:  # the options it brings, as if built so
+                stepper.check_group_options(self, group)
+        # What only the layout refuses (fp16 params and a remainder checkpoint) is refused
+        # with the optimizer as it was: it is put back whole.
+        before = (self.param_groups, self.state, self._buckets, self._outsiders,
+                  self._group_ids)
+        try:
+            with hooks.held_back(self, "load_state_dict_pre"), \
+                    hooks.held_back(self, "load_state_dict_post") as post_hooks:
+                super().load_state_dict(state_dict)
+            keep_saved_dtypes(self, state_dict)
+            self._buckets = None
+            layout.ensure_layout(self, before[2])  # params stay where they are (kept_flat)
+        except Exception:
+            (self.param_groups, self.state, self._buckets, self._outsiders,
+             self._group_ids) = before
+            raise
         for post_hook in post_hooks.values():  # last: what they change is what steps
             post_hook(self)
 

@@ -29,7 +29,9 @@ from fastopt.elementwise import step_cost
 from fastopt.flat import as_real, local
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state, refresh_ids
-from fastopt.validation import check_group_values, check_precision, fused_devices
+from fastopt.in_backward import check_clipping
+from fastopt.validation import (check_group_values, check_option_names, check_precision,
+                                fused_devices, layout_options)
 
 _EAGER_STEP = None
 _EAGER_ZERO_GRAD = None
@@ -90,8 +92,8 @@ def fused_step(opt, closure=None):
 
 def _update_all(opt, closure, loss):
     """``fused_step`` after the closure, with autograd off."""
-    for group in opt.param_groups:  # options may have been changed since (a scheduler)
-        check_group_options(opt, group)
+    for index, group in enumerate(opt.param_groups):  # changed since? (a scheduler, a user)
+        check_group_options(opt, group, index)
         check_group_values(opt, group)
         opt.check_step(group)
     layout.ensure_layout(opt)
@@ -243,15 +245,26 @@ _OWN_OPTIONS = frozenset(("master_weights", "state_dtype", "stochastic_rounding"
                           "max_grad_norm"))
 
 
-def check_group_options(opt, group: dict) -> None:
+def check_group_options(opt, group: dict, index: int | None = None) -> None:
     """fastopt's own group options (``fastopt.precision``), checked at construction and at
-    every step (a scheduler or a user may change them)."""
+    every step (a scheduler or a user may change them) as the constructor checks them: what
+    this optimizer takes, what ``in_backward`` allows. Group ``index`` (already laid out),
+    whose ``validation.LAYOUT_OPTIONS`` changed since, is laid out again before the step
+    (its state converted; what only a layout refuses, ``check_bucket_options``, refused
+    then, before anything is written)."""
     if _OWN_OPTIONS.isdisjoint(group):
         return
     check_precision(group.get("master_weights", False), group.get("state_dtype"),
                     group.get("stochastic_rounding", False), group.get("rounding_seed", 0),
                     group.get("max_grad_norm"), quantized_ok="int8" in opt.declaration.options,
                     amsgrad=group.get("amsgrad", False))
+    check_option_names(type(opt).__name__, group, opt._takes)
+    if getattr(opt, "_step_groups", None) is not None:
+        check_clipping(group)
+    buckets = opt._buckets[index] if index is not None and opt._buckets \
+        and index < len(opt._buckets) else None
+    if buckets and buckets[0].options != layout_options(group):
+        opt._group_ids[index] = None  # ensure_layout lays the group out again
 
 
 def max_grad_norm(opt):

@@ -381,8 +381,8 @@ def elementwise_update(math, params: list, grads: list, buffers: list, rows: lis
     def prepared(grad):  # a chunk of a grad as the math takes it: unscaled, negated
         if scale is None and not maximize:
             return grad
-        if scale is not None:
-            grad = grad / scale
+        if scale is not None:  # a 0-d half grad over a 0-d fp32 scale would come out fp32:
+            grad = grad / scale if grad.dim() else (grad / scale).to(grad.dtype)  # kept a half
         return -grad if maximize else grad
 
     buffers = list(buffers) + [None] * (4 - len(buffers))

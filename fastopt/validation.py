@@ -291,9 +291,24 @@ def check_group_params(name: str, group: dict, takes) -> None:
     the fastopt options it takes (``takes(option)``)."""
     for p in group["params"]:
         check_param(p)
+    check_option_names(name, group, takes)
+
+
+def check_option_names(name: str, group: dict, takes) -> None:
+    """Only the fastopt options optimizer ``name`` takes (``takes(option)``) in ``group``."""
     unsupported = sorted(k for k in set(group) & set(PRECISION_OPTIONS) if not takes(k))
     if unsupported:
         raise ValueError(f"{name} does not take {', '.join(unsupported)} (param group options)")
+
+
+# The options that decide how a group's state is laid out (its buffers' dtypes and forms):
+# a group whose values changed since it was laid out is laid out again (``fastopt.step``).
+LAYOUT_OPTIONS = ("master_weights", "state_dtype", "stochastic_rounding")
+
+
+def layout_options(group: dict) -> tuple:
+    """``group``'s values of ``LAYOUT_OPTIONS``."""
+    return tuple(group.get(k, PRECISION_OPTIONS[k]) for k in LAYOUT_OPTIONS)
 
 
 def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:

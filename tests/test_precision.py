@@ -344,6 +344,92 @@ def test_bad_combinations_get_clear_errors():
     assert not opt.state
 
 
+@pytest.mark.parametrize("change", [
+    ("AdamW", torch.float16, {"master_weights": "remainder"}, "for float16 params use"),
+    ("AdamW", torch.float16, {"stochastic_rounding": True}, "supports bfloat16 params"),
+    ("SGD", torch.bfloat16, {"stochastic_rounding": True}, "SGD does not take"),
+    ("Lion", torch.bfloat16, {"stochastic_rounding": True}, "Lion does not take"),
+    ("Adafactor", torch.bfloat16, {"master_weights": "remainder"}, "whole fp32 masters"),
+    ("Adafactor", torch.bfloat16, {"state_dtype": torch.float32}, "computes in its params"),
+    ("AdamW", torch.bfloat16, {"max_grad_norm": 1.0}, "in_backward=True does not wait"),
+], ids=lambda c: f"{c[0]}-{c[1]}-{'-'.join(c[2])}")
+def test_an_option_set_on_a_group_later_is_refused_as_the_constructor_refuses_it(change):
+    """A group option set after steps gets the constructor's error at the next step, with
+    nothing written (the update used to run, ignoring it or corrupting the params)."""
+    from helpers import assert_unchanged, snapshot
+
+    name, dtype, option, message = change
+    params = [torch.nn.Parameter(t.to(dtype)) for t in make_params([(6,), (3, 4)])]
+    extra = {"in_backward": True} if "max_grad_norm" in option else {}
+    opt = PAIRS[name][0](params, **BY_NAME[name].typical, **extra)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    opt.param_groups[0].update(option)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_unchanged(opt, params, before)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", torch.bfloat16])
+def test_a_state_dtype_set_on_a_group_later_converts_its_state(state_dtype):
+    """``state_dtype`` set after steps: the group is laid out again with its state converted,
+    as a checkpoint of it would load (resume is bit-identical)."""
+    import copy
+
+    params = [torch.nn.Parameter(t) for t in make_params([(5000,), (7,)])]
+    opt = fastopt.AdamW(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(opt, params, steps):
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    run(opt, params, 2)
+    opt.param_groups[0]["state_dtype"] = state_dtype
+    run(opt, params, 2)
+    stored = torch.uint8 if state_dtype == "int8" else state_dtype
+    assert opt.state[params[0]]["exp_avg"].dtype == stored
+    saved = copy.deepcopy(opt.state_dict())
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = fastopt.AdamW(twins, lr=1e-2, state_dtype=state_dtype)
+    resumed.load_state_dict(saved)
+    gen_state = gen.get_state()
+    run(opt, params, 3)
+    gen.set_state(gen_state)
+    run(resumed, twins, 3)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "AdamW", "SGD"])
+def test_max_grad_norm_on_0d_half_params_equals_clip_grad_norm_then_step(name):
+    """A 0-d bf16 param (a learned scale) clipped by ``max_grad_norm``: its grad stays bf16
+    after the division by the clip (a 0-d fp32 divisor would make it fp32, which the
+    optimizers' lerp refuses), as torch's clip_grad_norm_ leaves it."""
+    ours_cls, ref_cls = PAIRS[name]
+    init = [t.to(torch.bfloat16) for t in make_params([(), (5,)])]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    twins = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = ours_cls(params, max_grad_norm=0.5, **BY_NAME[name].typical)
+    ref = ref_cls(twins, **BY_NAME[name].typical)
+    for step in range(3):
+        for p, q in zip(params, twins):
+            g = torch.full(p.shape, 3.0, dtype=torch.bfloat16)
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(twins, 0.5)
+        ref.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.bfloat16])
+
+
 # ---------------------------------------------------------------------- convergence
 def test_lean_variants_train_as_well_as_fp32():
     """The demo CNN on digits and a tiny transformer learning to reverse sequences

@@ -259,6 +259,40 @@ def test_mismatched_dict_raises_and_changes_nothing():
     assert after["param_groups"] == before["param_groups"]
 
 
+@pytest.mark.parametrize("saved_with,loaded_by,message", [
+    (dict(master_weights="remainder"), dict(), "for float16 params use"),
+    (dict(stochastic_rounding=True), dict(), "supports bfloat16 params"),
+    (dict(max_grad_norm=1.0), dict(in_backward=True), "in_backward=True does not wait"),
+    (dict(master_weights="remainder"), dict(stochastic_rounding=True), "one or the other"),
+])
+def test_a_checkpoint_whose_options_do_not_fit_is_refused_changing_nothing(saved_with, loaded_by,
+                                                                            message):
+    """Options a checkpoint brings that this optimizer's params or options refuse (as its
+    constructor would): ValueError at load_state_dict, the optimizer as it was, and the next
+    step runs."""
+    from helpers import assert_unchanged, snapshot
+
+    dtype = torch.bfloat16 if loaded_by else torch.float16  # fp16: refused by its layout
+    saved_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in make_params([(6,)])]
+    source = fastopt.AdamW(saved_params, lr=1e-2, **saved_with)
+    saved_params[0].grad = torch.ones_like(saved_params[0])
+    source.step()
+    params = [torch.nn.Parameter(t.to(dtype)) for t in make_params([(6,)])]
+    opt = fastopt.AdamW(params, lr=1e-2, **loaded_by)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                            for g in opt.param_groups])
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(source.state_dict())
+    assert_unchanged(opt, params, before)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert opt.state[params[0]]["step"].item() == 2.0
+
+
 def test_loading_copies_into_flat_buffers():
     params = clone_params(make_params([(4,), (3,)]))
     ours = fastopt.Adam(params, lr=1e-2)

@@ -172,6 +172,21 @@ def _check(opt, bucket, index: int, group: dict, op: str) -> CheckedGrads | None
     return checked
 
 
+def _by_value(bucket, participants, keys: list) -> list:
+    """CPU run keys that stand for the kept scalars they share (read once per key from the
+    table), not for the history that made them equal: two runs whose counts have come to
+    agree step as one, as they do after a resume (whose keys follow the values), so that a
+    resumed run splits its entries, and rounds (torch's fused CPU ops round an element in
+    their vector loop and in their scalar tail differently), as the run never stopped."""
+    rows = bucket.state.host_scalars()
+    kept = len(bucket.state.scalar_names)
+    values: dict = {None: None}  # a param without state yet keeps its own key
+    for i, key in zip(participants, keys):
+        if key not in values:
+            values[key] = tuple(rows[i, :kept].tolist())
+    return [values[key] for key in keys]
+
+
 def _overlapping(bucket) -> bool:
     """Does a param of external ``bucket`` have elements that share memory (an expanded
     tensor), which no update can write? Asked once per layout."""
@@ -220,6 +235,8 @@ def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,
         refresh_ids(opt, bucket)
     key = opt.uniform_key(bucket)  # run keys before this step's state is made
     keys = None if key is not MIXED else [opt.run_key(bucket, i) for i in participants]
+    if keys is not None and bucket.backend == "torch" and bucket.state.scalars is not None:
+        keys = _by_value(bucket, participants, keys)
     stepped = bucket.state.stepped
     if not (all(has_state) and all(stepped)):
         fresh = [i for i in participants if not has_state[i]]

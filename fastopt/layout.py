@@ -148,12 +148,16 @@ def ensure_layout(opt, previous: list | None = None) -> None:
         previous, opt._buckets = previous or opt._buckets, None
     if opt._buckets is None or len(opt._buckets) != len(opt.param_groups):
         kept = tuple(b for buckets in (previous or opt._buckets or []) for b in buckets or [])
-        opt.state.changed = False
         opt._buckets = [None] * len(opt.param_groups)
         opt._outsiders = [None] * len(opt.param_groups)
         opt._group_ids = [None] * len(opt.param_groups)
-        for index in range(len(opt.param_groups)):
-            build_group(opt, index, previous=kept)
+        try:
+            for index in range(len(opt.param_groups)):
+                build_group(opt, index, previous=kept)
+        except Exception:  # state that does not fit (a wrong shape set from outside): the
+            opt._buckets = None  # next step tries again, and fails again, as torch's does
+            raise
+        opt.state.changed = False
         return
     for index, (group, buckets) in enumerate(zip(opt.param_groups, opt._buckets)):
         outsiders = opt._outsiders[index]

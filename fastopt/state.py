@@ -48,11 +48,17 @@ def ensure_scalars(opt, group: dict, bucket: Bucket) -> Tensor | None:
     return bucket.state.ensure_scalars(names, width, opt.scalar_device(bucket))
 
 
-def live_state(opt, p) -> bool:
-    """Does ``p`` have state worth keeping? (SGD's ``momentum_buffer=None`` is none.)"""
+def live_state(opt, group: dict, p) -> bool:
+    """Does ``p`` have state worth keeping: a tensor under one of the names its optimizer
+    keeps (``saved_state_names``), or a master? SGD's ``momentum_buffer=None`` is none, and
+    so is a note written before its first step, even a tensor one: it stays beside the state
+    that step makes (``create_state``)."""
     state = opt.state.get(p)
-    return bool(state) and any(isinstance(v, Tensor) for k, v in state.items()
-                               if k not in opt.declaration.scalar_names)
+    if not state:
+        return False
+    required, known = opt.saved_state_names(group, p, state)
+    names = {*required, *known, *MASTERS}
+    return any(isinstance(v, Tensor) for k, v in state.items() if k in names)
 
 
 def flat_extra(bucket: Bucket, i: int, value) -> bool:
@@ -81,16 +87,18 @@ def set_state(opt, p: Tensor, views: dict) -> None:
 
 def adopt_state(opt, group: dict, bucket: Bucket) -> None:
     """Copy whatever state the bucket's params have (loaded, or from an older layout) in."""
-    stated = [i for i, p in enumerate(bucket.params) if live_state(opt, p)]
+    stated = [i for i, p in enumerate(bucket.params) if live_state(opt, group, p)]
     if not stated:
         return
     scalars = opt.declaration.scalars_in(group)
-    names = list(opt.buffer_names(group, bucket))
-    for i in stated:
-        for key, value in opt.state[bucket.params[i]].items():
-            if key not in names and key not in opt.declaration.scalar_names \
-                    and key not in MASTERS and flat_extra(bucket, i, value):
-                names.append(key)  # e.g. max_exp_avg_sq kept from an amsgrad run
+    declared = list(opt.buffer_names(group, bucket))
+    names = list(declared)
+    own_extras = {}  # param -> the extra entries it keeps flat (e.g. max_exp_avg_sq kept
+    for i in stated:  # from an amsgrad run): its own, not given to the bucket's other params
+        own_extras[i] = [key for key, value in opt.state[bucket.params[i]].items()
+                         if key not in declared and key not in opt.declaration.scalar_names
+                         and key not in MASTERS and flat_extra(bucket, i, value)]
+        names += [key for key in own_extras[i] if key not in names]
     for name in names:
         ensure_buffer(opt, group, bucket, name)
     with torch.no_grad():
@@ -104,7 +112,8 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
                 bucket.state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
         for i in stated:
             state = opt.state[bucket.params[i]]
-            for name in names:
+            mine = declared + own_extras[i]
+            for name in mine:
                 value = state.get(name)
                 if bucket.state.local_view(name, i) is None:
                     continue  # a packed state this param does not keep
@@ -113,9 +122,9 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
                 elif name in MASTERS:  # the master in its other form, or none: from the param
                     _adopt_master(bucket, i, name, state)
             extras = {k: v for k, v in state.items()
-                      if k not in names and k not in opt.declaration.scalar_names
-                      and not (k in MASTERS and any(m in names for m in MASTERS))}
-            set_state(opt, bucket.params[i], {**state_views(opt, bucket, i, names), **extras})
+                      if k not in mine and k not in opt.declaration.scalar_names
+                      and not (k in MASTERS and any(m in mine for m in MASTERS))}
+            set_state(opt, bucket.params[i], {**state_views(opt, bucket, i, mine), **extras})
             bucket.state.has_state[i] = True
 
 

@@ -92,10 +92,24 @@ def fused_step(opt, closure=None):
 
 def _update_all(opt, closure, loss):
     """``fused_step`` after the closure, with autograd off."""
+    converted = None  # (group, its values before check_group_values made numbers of them)
     for index, group in enumerate(opt.param_groups):  # changed since? (a scheduler, a user)
         check_group_options(opt, group, index)
-        check_group_values(opt, group)
+        originals = check_group_values(opt, group)
+        if originals:
+            converted = [*(converted or ()), (group, originals)]
         opt.check_step(group)
+    if converted is None:
+        return _update_checked(opt, closure, loss)
+    try:
+        return _update_checked(opt, closure, loss)
+    finally:  # the group keeps what the user set (a numpy lr), as torch's does
+        for group, originals in converted:
+            group.update(originals)
+
+
+def _update_checked(opt, closure, loss):
+    """``_update_all`` once every group's options and values are checked."""
     layout.ensure_layout(opt)
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
@@ -205,7 +219,7 @@ def step_group(opt, index: int, bucket, params: list) -> None:
     for q, _ in waiting:
         q.grad = None
     group = opt.param_groups[index]
-    check_group_values(opt, group)
+    originals = check_group_values(opt, group)
     opt.check_step(group)
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
@@ -216,6 +230,8 @@ def step_group(opt, index: int, bucket, params: list) -> None:
             step_bucket(opt, group, bucket, checked, None, None, op, in_backward=True)
     finally:
         torch._C._set_grad_enabled(grad_mode)
+        if originals:
+            group.update(originals)
         for q, grad in waiting:
             q.grad = grad
 

@@ -144,14 +144,16 @@ def _step_keys(cls) -> tuple:
     return tuple((key, defaults.get(key, 0.0)) for key in keys)
 
 
-def check_group_values(opt, group: dict) -> None:
+def check_group_values(opt, group: dict) -> dict | None:
     """The hyperparameters a step reads from ``group``, checked in every group before any is
     updated, so that one set to something unusable since construction (deleted, None, a
     tensor of several elements, a pair that is not two) fails the step before anything is
     written: a missing key raises KeyError, as torch.optim's step does; any other the error
     of reading it as the update does. Tensors are checked by size only (reading one on a GPU
     would sync). A number of another kind, which torch's for-loop reads as a number (numpy's
-    0-d array), is stored back as a Python float, which fused ops take."""
+    0-d array), is set as a Python float, which fused ops take, for the step: the values it
+    replaced are returned (None if none), for the step to put back when it is done."""
+    originals = None
     for key, default in _step_keys(type(opt)):
         value = group[key]
         kind = type(value)
@@ -164,11 +166,14 @@ def check_group_values(opt, group: dict) -> None:
             pair = default if isinstance(default, tuple) else (0.0, 0.0)
             numbers = (_number(first, pair[0]), _number(second, pair[1]))
             if numbers[0] is not first or numbers[1] is not second:
+                originals = {**(originals or {}), key: value}
                 group[key] = type(value)(numbers)
         else:
             number = _number(value, default)
             if number is not value:
+                originals = {**(originals or {}), key: value}
                 group[key] = number
+    return originals
 
 
 def _number(value, default):

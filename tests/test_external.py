@@ -310,22 +310,66 @@ def test_extra_state_written_by_other_code_is_kept_as_torch_keeps_it():
     assert set(ours.state_dict()["state"][0]) >= {"counter", "stats", "note", "slow"}
 
 
+@pytest.mark.parametrize("note", [0.5, "tensor"])
 @pytest.mark.parametrize("name", ["SGD", "Adagrad"])  # the others (torch's) refuse a note there
-def test_a_note_written_before_the_first_step_is_kept_beside_the_state_it_makes(name):
-    """A non-tensor entry (a per-param note) written into a param's state before its first
-    step stays beside the state the step makes, as torch's SGD keeps it."""
+def test_a_note_written_before_the_first_step_is_kept_beside_the_state_it_makes(name, note):
+    """An entry (a per-param note, a number or a tensor) written into a param's state before
+    its first step stays beside the state the step makes, as torch's SGD keeps it, and is not
+    taken for state (SGD's first step with dampening starts its buffer at the grad)."""
     ours_cls, ref_cls = PAIRS[name]
-    kwargs = dict(BY_NAME[name].typical)
-    keys = []
+    kwargs = dict(BY_NAME[name].typical, **({"dampening": 0.3} if name == "SGD" else {}))
+    results = []
     for cls in (ours_cls, ref_cls):
         p = torch.nn.Parameter(torch.ones(3))
         opt = cls([p], **kwargs)
-        opt.state[p]["lr_scale"] = 0.5
-        p.grad = torch.ones(3)
+        opt.state[p]["lr_scale"] = torch.tensor(3) if note == "tensor" else note
+        for _ in range(2):
+            p.grad = torch.full((3,), 2.0)
+            opt.step()
+        results.append((sorted(opt.state[p]), sorted(opt.state_dict()["state"][0]),
+                        p.detach().clone()))
+    assert results[0][:2] == results[1][:2]
+    torch.testing.assert_close(results[0][2], results[1][2], **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_an_entry_one_param_keeps_stays_its_own_when_the_state_is_laid_out_again(name):
+    """``opt.state[p0]["ema"] = t`` (param-shaped), then the state laid out again (a load):
+    p0 keeps it, the bucket's other params get none, as with torch."""
+    ours_cls, ref_cls = PAIRS[name]
+    keys = []
+    for cls in (ours_cls, ref_cls):
+        params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+        opt = cls(params, **BY_NAME[name].typical)
+        for p in params:
+            p.grad = torch.ones(4)
         opt.step()
-        assert opt.state[p]["lr_scale"] == 0.5
-        keys.append((sorted(opt.state[p]), sorted(opt.state_dict()["state"][0])))
+        opt.state[params[0]]["ema"] = torch.full((4,), 7.0)
+        opt.load_state_dict(opt.state_dict())
+        for p in params:
+            p.grad = torch.ones(4)
+        opt.step()
+        assert torch.equal(opt.state[params[0]]["ema"], torch.full((4,), 7.0))
+        keys.append([sorted(opt.state[p]) for p in params])
     assert keys[0] == keys[1]
+
+
+def test_state_of_the_wrong_shape_fails_every_step_as_torch_does():
+    """An entry set from outside with a shape that does not fit: each step raises, the
+    optimizer still usable (state_dict, zero_grad) rather than broken."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = fastopt.Adam(params, lr=0.1)
+    params[0].grad = torch.ones(3)
+    opt.step()
+    opt.state[params[0]]["exp_avg"] = torch.zeros(5)
+    for _ in range(2):
+        params[0].grad = torch.ones(3)
+        with pytest.raises(RuntimeError, match="must match the size"):
+            opt.step()
+    opt.state_dict()
+    opt.state[params[0]]["exp_avg"] = torch.zeros(3)
+    opt.step()
+    assert opt.state[params[0]]["step"].item() == 2
 
 
 def test_a_group_pointed_at_other_params_of_the_same_count_updates_them():

@@ -254,6 +254,7 @@ def test_hyperparameters_that_are_numpy_numbers_step_as_torchs_for_loop_reads_th
             if cls is ours_cls:
                 raise
             pytest.skip(f"torch's {name} does not take it")
+        assert isinstance(group["lr"], numpy.ndarray)  # left as set, as torch leaves it
         results.append([p.detach().clone() for p in params])
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-7)

@@ -78,13 +78,19 @@ def test_a_param_made_as_part_of_a_laid_out_one_stays_a_view_of_it(name, how):
     results = []
     for cls in (ref_cls, ours_cls):
         a = torch.nn.Parameter(make_params([(10,)])[0])
-        opt = cls([a], **BY_NAME[name].typical)
-        b = torch.nn.Parameter(a.detach()[2:6])
-        if how == "add_param_group":
-            opt.add_param_group({"params": [b]})
-            opts = [opt]
+        if cls is ref_cls and how == "add_param_group":
+            # torch moves nothing, so its b may come first (torch 2.11's Adagrad makes no
+            # state for a group added later)
+            b = torch.nn.Parameter(a.detach()[2:6])
+            opts = [cls([{"params": [a]}, {"params": [b]}], **BY_NAME[name].typical)]
         else:
-            opts = [opt, cls([b], **BY_NAME[name].typical)]
+            opt = cls([a], **BY_NAME[name].typical)
+            b = torch.nn.Parameter(a.detach()[2:6])
+            if how == "add_param_group":
+                opt.add_param_group({"params": [b]})
+                opts = [opt]
+            else:
+                opts = [opt, cls([b], **BY_NAME[name].typical)]
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
             a.grad, b.grad = torch.randn(10, generator=gen), torch.randn(4, generator=gen)

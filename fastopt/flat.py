@@ -183,7 +183,7 @@ class Bucket:
     backend: str
     external: bool = False
     variant: object = None  # what set this bucket apart (e.g. "int8": 8-bit Adam state)
-    options: tuple = ()  # its group's ``validation.layout_options`` when it was laid out
+    options: tuple = ()  # its group's ``validation.checked_options``, laid out and checked
     grads: object = None  # fastopt.grads.Grads
     state: object = None  # fastopt.buffers.Buffers
     # What each param was when laid out: (dtype, local shape, data pointer); and the params'

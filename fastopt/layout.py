@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch.nn.parameter import is_lazy
 
 from fastopt import dispatch, grad_table
 from fastopt.flat import Bucket, build_bucket, group_params, layout_parts, local, real_dtype
 from fastopt.state import State, adopt_state, create_state
-from fastopt.validation import check_param, layout_options
+from fastopt.validation import check_param, checked_options, kept_while_frozen
 
 
 def build_group(opt, index: int, own: set | None = None, previous: tuple = ()) -> None:
@@ -37,7 +36,7 @@ def build_group(opt, index: int, own: set | None = None, previous: tuple = ()) -
         if is_lazy(p):  # an nn.Lazy* module's param before its first forward
             outsiders.append(p)
         elif p.requires_grad or p.grad is not None or opt.state.get(p) \
-                or (opt.declaration.eager_state and _can_hold(p)):  # torch's Adagrad: state for all
+                or kept_while_frozen(opt.declaration, p):
             check_param(p)  # a frozen integer or sparse param given a grad since: refused
             members.append(p)
         else:
@@ -52,11 +51,6 @@ def build_group(opt, index: int, own: set | None = None, previous: tuple = ()) -
     opt._group_ids[index] = [id(p) for p in group["params"]]
     if getattr(opt, "_step_groups", None) is not None:  # in_backward: params that came in
         opt._step_groups.hook_params(members)  # (a lazy module's, now materialized)
-
-
-def _can_hold(p) -> bool:
-    """Could a flat buffer hold frozen ``p``: strided, floating or complex (``check_param``)."""
-    return p.layout == torch.strided and (p.is_floating_point() or p.is_complex())
 
 
 def add_group(opt) -> None:
@@ -125,7 +119,7 @@ def _build_bucket(opt, group: dict, params: list, external: bool, previous: tupl
     bucket = build_bucket(params, backend, external, opt.bucket_variant(group, params[0]),
                           flat=None if external else kept_flat(previous, params))
     opt.prepare_bucket(group, bucket)
-    bucket.options = layout_options(group)
+    bucket.options = checked_options(group)
     adopt_state(opt, group, bucket)
     if opt.declaration.eager_state:  # state for every param now, as torch's Adagrad makes
         fresh = [i for i, made in enumerate(bucket.state.has_state) if not made]

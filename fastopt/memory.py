@@ -55,6 +55,7 @@ from fastopt.precision import HALF_DTYPES, REMAINDERS, SLICE, widens
 from fastopt.quantization import CODES, FORMATS, TABLE_BYTES
 from fastopt.quantization import SLICE as QUANTIZED_SLICE
 from fastopt.torch_path import CHUNK
+from fastopt.validation import kept_while_frozen
 
 STEP_BYTES = 12  # per param: Adam's float32 step count and the two bias corrections derived from it
 ADAFACTOR_RUN_TEMPORARIES = 4  # g*g, the update, its squares, the per-element coefficient
@@ -172,8 +173,7 @@ def estimate(params_or_model, optimizer, *, device=None, **options) -> MemoryRep
             size = local(p).numel() * p.element_size()
             entry.param_bytes += size
             frozen = not p.requires_grad and p.grad is None
-            if frozen and not (cls.declaration.eager_state and p.layout == torch.strided
-                               and (p.is_floating_point() or p.is_complex())):
+            if frozen and not kept_while_frozen(cls.declaration, p):
                 continue  # no grad, no state (fastopt leaves it out of its buffers)
             entry.grad_bytes += 0 if frozen else size  # frozen, Adagrad's: state, no grad
             entry.num_elements += local(p).numel()

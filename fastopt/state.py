@@ -107,9 +107,7 @@ def adopt_state(opt, group: dict, bucket: Bucket) -> None:
             rows = [[_scalar(opt.state[bucket.params[i]].get(s.name), s.initial(group))
                      for s in scalars] for i in stated]
             bucket.state.write_scalars(stated, torch.tensor(rows, dtype=torch.float32))
-            ids = {}
-            for i, row in zip(stated, rows):
-                bucket.state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
+            _number_by_value(opt, bucket.state, stated, rows)
         for i in stated:
             state = opt.state[bucket.params[i]]
             mine = declared + own_extras[i]
@@ -173,11 +171,17 @@ def refresh_ids(opt, bucket: Bucket) -> None:
     ``Buffers.written_elsewhere``): params whose scalars now differ step apart."""
     state = bucket.state
     rows = state.scalars[:, : len(state.scalar_names)].tolist()
-    ids: dict = {}
-    for i, row in enumerate(rows):
-        if state.has_state[i]:
-            state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
+    held = [i for i, made in enumerate(state.has_state) if made]
+    _number_by_value(opt, state, held, [rows[i] for i in held])
     state.note_written()
+
+
+def _number_by_value(opt, state, indices: list, rows: list) -> None:
+    """Run keys for params ``indices`` from their kept scalars ``rows``: one key for equal
+    scalars, a new one for each set."""
+    ids: dict = {}
+    for i, row in zip(indices, rows):
+        state.ids[i] = ids.setdefault(tuple(row), next(opt._ids))
 
 
 def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:

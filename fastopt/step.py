@@ -30,8 +30,8 @@ from fastopt.flat import as_real, local
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state, refresh_ids
 from fastopt.in_backward import check_clipping
-from fastopt.validation import (check_group_values, check_option_names, check_precision,
-                                fused_devices, layout_options)
+from fastopt.validation import (LAYOUT_OPTIONS, check_group_values, check_option_names,
+                                check_precision, checked_options, fused_devices)
 
 _EAGER_STEP = None
 _EAGER_ZERO_GRAD = None
@@ -281,12 +281,18 @@ _OWN_OPTIONS = frozenset(("master_weights", "state_dtype", "stochastic_rounding"
 def check_group_options(opt, group: dict, index: int | None = None) -> None:
     """fastopt's own group options (``fastopt.precision``), checked at construction and at
     every step (a scheduler or a user may change them) as the constructor checks them: what
-    this optimizer takes, what ``in_backward`` allows. Group ``index`` (already laid out),
-    whose ``validation.LAYOUT_OPTIONS`` changed since, is laid out again before the step
+    this optimizer takes, what ``in_backward`` allows. Group ``index`` (already laid out) is
+    checked only where its values changed since (``validation.checked_options``: one tuple
+    compared a step); where its ``LAYOUT_OPTIONS`` did, it is laid out again before the step
     (its state converted; what only a layout refuses, ``check_bucket_options``, refused
     then, before anything is written)."""
     if _OWN_OPTIONS.isdisjoint(group):
         return
+    buckets = opt._buckets[index] if index is not None and opt._buckets \
+        and index < len(opt._buckets) else None
+    values = checked_options(group)
+    if buckets and buckets[0].options == values:
+        return  # as when it was laid out, or last checked
     check_precision(group.get("master_weights", False), group.get("state_dtype"),
                     group.get("stochastic_rounding", False), group.get("rounding_seed", 0),
                     group.get("max_grad_norm"), quantized_ok="int8" in opt.declaration.options,
@@ -294,10 +300,14 @@ def check_group_options(opt, group: dict, index: int | None = None) -> None:
     check_option_names(type(opt).__name__, group, opt._takes)
     if getattr(opt, "_step_groups", None) is not None:
         check_clipping(group)
-    buckets = opt._buckets[index] if index is not None and opt._buckets \
-        and index < len(opt._buckets) else None
-    if buckets and buckets[0].options != layout_options(group):
+    if not buckets:
+        return
+    laid_out = len(LAYOUT_OPTIONS)
+    if buckets[0].options[:laid_out] != values[:laid_out]:
         opt._group_ids[index] = None  # ensure_layout lays the group out again
+    else:
+        for bucket in buckets:
+            bucket.options = values
 
 
 def max_grad_norm(opt):

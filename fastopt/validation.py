@@ -228,6 +228,14 @@ def check_fused_param(param: Tensor, devices: list) -> None:
         )
 
 
+def kept_while_frozen(declaration, param: Tensor) -> bool:
+    """Is frozen ``param`` (no ``requires_grad``, no grad) laid out with state all the same:
+    where the optimizer makes every param's state at construction (torch's Adagrad) and a flat
+    buffer can hold it (strided, floating or complex)?"""
+    return declaration.eager_state and param.layout == torch.strided \
+        and (param.is_floating_point() or param.is_complex())
+
+
 def check_param(param: Tensor) -> None:
     """Params a flat buffer can hold: strided floating or complex tensors. Any other is taken,
     as torch.optim takes it, while nothing can step it (no ``requires_grad``, no grad: a frozen
@@ -307,13 +315,16 @@ def check_option_names(name: str, group: dict, takes) -> None:
 
 
 # The options that decide how a group's state is laid out (its buffers' dtypes and forms):
-# a group whose values changed since it was laid out is laid out again (``fastopt.step``).
+# a group whose values changed since it was laid out is laid out again (``fastopt.step``);
+# then the rest of what ``check_precision`` reads.
 LAYOUT_OPTIONS = ("master_weights", "state_dtype", "stochastic_rounding")
+CHECKED_OPTIONS = LAYOUT_OPTIONS + ("rounding_seed", "max_grad_norm", "amsgrad")
 
 
-def layout_options(group: dict) -> tuple:
-    """``group``'s values of ``LAYOUT_OPTIONS``."""
-    return tuple(group.get(k, PRECISION_OPTIONS[k]) for k in LAYOUT_OPTIONS)
+def checked_options(group: dict) -> tuple:
+    """``group``'s values of ``CHECKED_OPTIONS`` (None where absent): what its buckets were
+    laid out, and its options last checked, with."""
+    return tuple(map(group.get, CHECKED_OPTIONS))
 
 
 def check_bucket_options(name: str, declaration, group: dict, bucket) -> None:

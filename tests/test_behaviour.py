@@ -123,17 +123,24 @@ def test_params_moved_out_of_the_buffer_are_laid_out_again():
     assert lives_in(ours_params[1], ours._buckets[0][0].flat)
 
 
-def test_frozen_params_stay_out_until_they_get_a_grad():
-    init = make_params([(4,), (5,), (6,)])
+FP32 = dict(rtol=2e-6, atol=2e-7)
+
+
+def one_frozen(shapes):
+    """Two copies of params of ``shapes``, the second of each frozen (no requires_grad)."""
+    init = make_params(shapes)
     ours_params, ref_params = clone_params(init), clone_params(init)
     for params in (ours_params, ref_params):
         params[1].requires_grad_(False)
-    ours = fastopt.AdamW(ours_params, lr=0.1)
-    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
-    bucket = ours._buckets[0][0]  # no state will be kept for the frozen one
-    assert bucket.params == [ours_params[0], ours_params[2]] and bucket.ends == [4, 70]
-    for step in range(6):
-        if step == 3:
+    return ours_params, ref_params
+
+
+def step_thawing(ours, ref, ours_params, ref_params, steps: int, thaw_at: int,
+                 state: bool = False) -> None:
+    """``steps`` steps of both on the same grads of the params that require one, the frozen
+    param thawed at step ``thaw_at``; params (and ``state``) compared after each."""
+    for step in range(steps):
+        if step == thaw_at:
             for params in (ours_params, ref_params):
                 params[1].requires_grad_(True)
         for p, q in zip(ours_params, ref_params):
@@ -143,7 +150,18 @@ def test_frozen_params_stay_out_until_they_get_a_grad():
         ours.step()
         ref.step()
         for p, q in zip(ours_params, ref_params):
-            torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+            torch.testing.assert_close(p, q, **FP32)
+        if state:
+            assert_state_close(ours, ref, ours_params, ref_params, FP32)
+
+
+def test_frozen_params_stay_out_until_they_get_a_grad():
+    ours_params, ref_params = one_frozen([(4,), (5,), (6,)])
+    ours = fastopt.AdamW(ours_params, lr=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
+    bucket = ours._buckets[0][0]  # no state will be kept for the frozen one
+    assert bucket.params == [ours_params[0], ours_params[2]] and bucket.ends == [4, 70]
+    step_thawing(ours, ref, ours_params, ref_params, steps=6, thaw_at=3)
     assert ours._buckets[0][0].ends == [4, 69, 134]  # laid out again with the thawed param
 
 
@@ -151,29 +169,13 @@ def test_adagrad_keeps_state_for_frozen_params_as_torch_makes_it_at_construction
     """torch's Adagrad makes every param's state in its constructor, frozen ones included (a
     fine-tuned model's frozen base): the same state, the same state_dict, the same steps once
     a frozen param is thawed."""
-    init = make_params([(4,), (5,), (6,)])
-    ours_params, ref_params = clone_params(init), clone_params(init)
-    for params in (ours_params, ref_params):
-        params[1].requires_grad_(False)
+    ours_params, ref_params = one_frozen([(4,), (5,), (6,)])
     kwargs = dict(lr=0.1, initial_accumulator_value=0.25)
     ours = fastopt.Adagrad(ours_params, **kwargs)
     ref = torch.optim.Adagrad(ref_params, foreach=False, **kwargs)
-    tol = dict(rtol=2e-6, atol=2e-7)
-    assert_state_close(ours, ref, ours_params, ref_params, tol)
+    assert_state_close(ours, ref, ours_params, ref_params, FP32)
     assert sorted(ours.state_dict()["state"]) == [0, 1, 2]
-    for step in range(5):
-        if step == 2:
-            for params in (ours_params, ref_params):
-                params[1].requires_grad_(True)
-        for p, q in zip(ours_params, ref_params):
-            if p.requires_grad:
-                g = torch.randn_like(p)
-                p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-        for p, q in zip(ours_params, ref_params):
-            torch.testing.assert_close(p, q, **tol)
-        assert_state_close(ours, ref, ours_params, ref_params, tol)
+    step_thawing(ours, ref, ours_params, ref_params, steps=5, thaw_at=2, state=True)
 
 
 def test_hooks_fire():

@@ -173,22 +173,35 @@ def test_sparse_grads_taken_where_torch_takes_them(name):
         torch.testing.assert_close(a[0], b[0])
 
 
-@pytest.mark.parametrize("name,momentum", [("Adagrad", None), ("SGD", 0.0), ("SGD", 0.9)])
-def test_sparse_grads_with_weight_decay_are_refused_as_torch_refuses_them(name, momentum):
-    """Adagrad's own error; SGD's from adding the decay to a sparse grad. Nothing written."""
+def refused_alike(name: str, make_params, kwargs: dict, grads) -> tuple:
+    """Build fastopt's and torch's ``name`` over ``make_params()``, hand them ``grads(params)``
+    and step: both raise RuntimeError with the same message, and fastopt's step writes
+    nothing. Returns fastopt's optimizer and params."""
     errors = []
     for cls in PAIRS[name]:
-        params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))]
-        kwargs = {} if momentum is None else dict(momentum=momentum)
-        opt = cls(params, lr=0.1, weight_decay=0.1, **kwargs)
-        params[0].grad, params[1].grad = torch.ones(4), torch.ones(3).to_sparse()
+        params = make_params()
+        opt = cls(params, **kwargs)
+        for p, g in zip(params, grads(params)):
+            p.grad = g
         before = snapshot(opt, params) if cls is PAIRS[name][0] else None
         with pytest.raises(RuntimeError) as error:
             opt.step()
         errors.append(str(error.value))
         if before is not None:
             assert_unchanged(opt, params, before)
+            ours = opt, params
     assert errors[0] == errors[1]
+    return ours
+
+
+@pytest.mark.parametrize("name,momentum", [("Adagrad", None), ("SGD", 0.0), ("SGD", 0.9)])
+def test_sparse_grads_with_weight_decay_are_refused_as_torch_refuses_them(name, momentum):
+    """Adagrad's own error; SGD's from adding the decay to a sparse grad. Nothing written."""
+    refused_alike(name, lambda: [torch.nn.Parameter(torch.ones(4)),
+                                 torch.nn.Parameter(torch.ones(3))],
+                  dict(lr=0.1, weight_decay=0.1, **({} if momentum is None else
+                                                    dict(momentum=momentum))),
+                  lambda params: [torch.ones(4), torch.ones(3).to_sparse()])
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
@@ -264,18 +277,8 @@ def test_hyperparameters_that_are_numpy_numbers_step_as_torchs_for_loop_reads_th
 def test_a_param_whose_elements_share_memory_fails_its_step_with_nothing_written(name):
     """An expanded param (``torch.ones(1, 4).expand(3, 4)``) cannot be written: torch's error,
     raised before any state is made."""
-    errors = []
-    for cls in PAIRS[name]:
-        params = [torch.nn.Parameter(torch.ones(3)),
-                  torch.nn.Parameter(torch.ones(1, 4).expand(3, 4))]
-        opt = cls(params, **BY_NAME[name].typical)
-        for p in params:
-            p.grad = torch.full(p.shape, 0.5)
-        before = snapshot(opt, params) if cls is PAIRS[name][0] else None
-        with pytest.raises(RuntimeError) as error:
-            opt.step()
-        errors.append(str(error.value))
-        if before is not None:
-            assert_unchanged(opt, params, before)
-            assert not opt.state.get(params[1])
-    assert errors[0] == errors[1]
+    opt, params = refused_alike(
+        name, lambda: [torch.nn.Parameter(torch.ones(3)),
+                       torch.nn.Parameter(torch.ones(1, 4).expand(3, 4))],
+        BY_NAME[name].typical, lambda params: [torch.full(p.shape, 0.5) for p in params])
+    assert not opt.state.get(params[1])

@@ -1,10 +1,16 @@
-"""Checkpoints coming in: what a state_dict must hold to be loaded into a fastopt optimizer.
+"""Checkpoints: ``state_dict`` out and ``load_state_dict`` in, in torch.optim's per-param format.
 
-torch.optim's ``load_state_dict`` checks group and param counts and state shapes; a state_dict
-of another optimizer, or one with a moment missing or replaced by a non-tensor, loads and fails
-later (or silently starts from zero moments). fastopt refuses those at ``load_state_dict``, with
-``ValueError`` and nothing changed, and keeps what torch keeps (counters, notes under other
-keys).
+Out (``save``): torch's own dict, each param's entry a plain dict of (views of) its state, the
+fp32 master or remainder as a plain fp32 ``master_param`` where the group asks
+(``fastopt.state.saved_masters``); post-hooks run on it as torch runs them.
+
+In (``load``): torch.optim's ``load_state_dict`` checks group and param counts and state
+shapes; a state_dict of another optimizer, or one with a moment missing or replaced by a
+non-tensor, loads and fails later (or silently starts from zero moments). fastopt refuses
+those, with ``ValueError`` and nothing changed (``check_loadable``), and keeps what torch
+keeps (counters, notes under other keys). Pre-hooks run first (they may mend the dict),
+post-hooks last (what they change is what steps); a dict only the layout refuses leaves the
+optimizer as it was.
 """
 
 from __future__ import annotations
@@ -13,6 +19,11 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+from fastopt import hooks, layout
+from fastopt.state import Entry, keep_saved_dtypes, saved_masters
+from fastopt.step import check_group_options
 
 
 @functools.cache
@@ -107,3 +118,55 @@ def tensor_steps(state) -> None:
     for entry in state.values():
         if isinstance(entry, dict) and "step" in entry and not isinstance(entry["step"], Tensor):
             entry["step"] = torch.tensor(float(entry["step"]), dtype=_get_scalar_dtype())
+
+
+def save(optimizer) -> dict:
+    """``optimizer.state_dict()`` (see the module docstring)."""
+    with hooks.held_back(optimizer, "state_dict_post") as post_hooks:
+        state_dict = Optimizer.state_dict(optimizer)
+    state_dict["state"] = {k: dict(v) if isinstance(v, Entry) else v
+                           for k, v in state_dict["state"].items()}
+    saved_masters(optimizer, state_dict)
+    for post_hook in post_hooks.values():  # as torch runs them: each may replace it
+        result = post_hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def load(optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict(state_dict)`` (see the module docstring)."""
+    if optimizer._reference:
+        Optimizer.load_state_dict(optimizer, state_dict)
+        tensor_steps(optimizer.state)
+        return
+    state_dict = hooks.run_load_pre_hooks(optimizer, state_dict)  # they may mend it: first
+    check_loadable(optimizer, state_dict)
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) == len(optimizer.param_groups):
+        # Options a checkpoint does not know keep the values this optimizer was built with
+        # (a master_weights=True run stays one), but for torch's own options an older
+        # checkpoint lacks: those take what torch's __setstate__ gives them.
+        older = loaded_defaults(optimizer.declaration.reference)
+        state_dict = dict(state_dict, param_groups=[
+            {**{k: v for k, v in group.items() if k != "params"}, **older, **saved}
+            for group, saved in zip(optimizer.param_groups, saved_groups)])
+        for group in state_dict["param_groups"]:  # the options it brings, as if built so
+            check_group_options(optimizer, group)
+    # What only the layout refuses (fp16 params and a remainder checkpoint) is refused with
+    # the optimizer as it was: it is put back whole.
+    before = (optimizer.param_groups, optimizer.state, optimizer._buckets,
+              optimizer._outsiders, optimizer._group_ids)
+    try:
+        with hooks.held_back(optimizer, "load_state_dict_pre"), \
+                hooks.held_back(optimizer, "load_state_dict_post") as post_hooks:
+            Optimizer.load_state_dict(optimizer, state_dict)
+        keep_saved_dtypes(optimizer, state_dict)
+        optimizer._buckets = None
+        layout.ensure_layout(optimizer, before[2])  # params stay where they are (kept_flat)
+    except Exception:
+        (optimizer.param_groups, optimizer.state, optimizer._buckets, optimizer._outsiders,
+         optimizer._group_ids) = before
+        raise
+    for post_hook in post_hooks.values():  # last: what they change is what steps
+        post_hook(optimizer)

@@ -39,15 +39,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastopt import elementwise, hooks, layout, pickling
+from fastopt import checkpoint, elementwise, hooks, layout, pickling
 from fastopt import step as stepper
 from fastopt import in_backward as backward_steps
-from fastopt.checkpoint import check_loadable, loaded_defaults, tensor_steps
 from fastopt.declaration import BACKEND_OPTIONS, PRECISION_OPTIONS, Declaration
 from fastopt.flat import Bucket
 from fastopt.plan import StepPlan
 from fastopt.precision import REMAINDER, REMAINDERS, has_master, master_name
-from fastopt.state import MASTER, Entry, keep_saved_dtypes, make_reference_state, saved_masters
+from fastopt.state import MASTER, make_reference_state
 from fastopt.validation import check_bucket_options, check_group_params, check_options
 
 class FlatOptimizer(Optimizer):
@@ -311,54 +310,12 @@ class FlatOptimizer(Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's format; per-param entries are plain dicts of (views of) the state.
         Entries whose key is not a param (written by hooks) pass through as torch keeps them."""
-        with hooks.held_back(self, "state_dict_post") as post_hooks:
-            state_dict = super().state_dict()
-        state_dict["state"] = {k: dict(v) if isinstance(v, Entry) else v
-                               for k, v in state_dict["state"].items()}
-        saved_masters(self, state_dict)
-        for post_hook in post_hooks.values():  # as torch runs them: each may replace it
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch.optim's per-param format (from any torch variant or fastopt) into the flat
         buffers. A dict that does not fit raises ``ValueError`` and changes nothing."""
-        if self._reference:
-            super().load_state_dict(state_dict)
-            tensor_steps(self.state)
-            return
-        state_dict = hooks.run_load_pre_hooks(self, state_dict)  # they may mend it: first
-        check_loadable(self, state_dict)
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) == len(self.param_groups):
-            # Options a checkpoint does not know keep the values this optimizer was built with
-            # (a master_weights=True run stays one), but for torch's own options an older
-            # checkpoint lacks: those take what torch's __setstate__ gives them.
-            older = loaded_defaults(self.declaration.reference)
-            state_dict = dict(state_dict, param_groups=[
-                {**{k: v for k, v in group.items() if k != "params"}, **older, **saved}
-                for group, saved in zip(self.param_groups, saved_groups)])
-            for group in state_dict["param_groups"]:  # the options it brings, as if built so
-                stepper.check_group_options(self, group)
-        # What only the layout refuses (fp16 params and a remainder checkpoint) is refused
-        # with the optimizer as it was: it is put back whole.
-        before = (self.param_groups, self.state, self._buckets, self._outsiders,
-                  self._group_ids)
-        try:
-            with hooks.held_back(self, "load_state_dict_pre"), \
-                    hooks.held_back(self, "load_state_dict_post") as post_hooks:
-                super().load_state_dict(state_dict)
-            keep_saved_dtypes(self, state_dict)
-            self._buckets = None
-            layout.ensure_layout(self, before[2])  # params stay where they are (kept_flat)
-        except Exception:
-            (self.param_groups, self.state, self._buckets, self._outsiders,
-             self._group_ids) = before
-            raise
-        for post_hook in post_hooks.values():  # last: what they change is what steps
-            post_hook(self)
+        checkpoint.load(self, state_dict)
 
     def __getstate__(self) -> dict:
         return pickling.getstate(self, super().__getstate__())

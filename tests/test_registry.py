@@ -4,7 +4,9 @@ same arguments, and the flag bits mean the same on both sides."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import pathlib
 
 import pytest
 import torch
@@ -39,6 +41,30 @@ def test_the_base_class_names_no_optimizer():
                          if not line.strip().startswith("#"))
         for name in names:
             assert f"{name}(" not in code and f"{name}." not in code, (module.__name__, name)
+
+
+LIBRARY = pathlib.Path(fastopt.__file__).parent
+SOURCES = sorted([*LIBRARY.rglob("*.py"), *(LIBRARY.parent / "kernels").rglob("*.py")])
+
+
+def test_no_class_over_300_lines():
+    """The house rule (issue 18): a class that grows past 300 lines is split by what it owns."""
+    long = [(path.name, node.name, node.end_lineno - node.lineno + 1)
+            for path in SOURCES for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300]
+    assert SOURCES and not long, long
+
+
+def test_the_library_imports_no_program():
+    """Demos, benchmarks and tests use the library; it never imports them."""
+    programs = {"examples", "benchmarks", "tests", "optim_db", "helpers"}
+    found = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [(path.name, n) for n in names if n.split(".")[0] in programs]
+    assert not found, found
 
 
 ELEMENTWISE = [cls for cls in registry.classes().values()

@@ -124,12 +124,18 @@ def _advance_columns(declared, group: dict, table: Tensor, lo: int, hi: int) -> 
     for k, name in enumerate(names):
         value = getattr(columns, name)
         if value is not table[lo:hi, k]:
-            table[lo:hi, k] = value
+            table[lo:hi, k] = value  # (torch's setitem takes a [1, rows] value too)
     derived = [getattr(columns, name) for name in declared.derived]
     if derived:
         table[lo:hi, len(names):] = torch.stack(
-            [torch.as_tensor(d, dtype=torch.float64, device=table.device).expand(hi - lo)
-             for d in derived], dim=1).to(torch.float32)
+            [_column(d, hi - lo, table.device) for d in derived], dim=1).to(torch.float32)
+
+
+def _column(value, rows: int, device: torch.device) -> Tensor:
+    """A derived value for ``rows`` rows of the table (float64): a number, or a tensor of one
+    value or one per row, whatever its shape (a tensor lr may be any 1-element shape, such as
+    ``[1, 1]``, which the columns broadcast to ``[1, rows]``)."""
+    return torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1).expand(rows)
 
 
 def host_mirror(declared, group: dict, bucket, found_inf):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastopt import clipping, layout
 from fastopt.elementwise import step_cost
-from fastopt.flat import as_real, local
+from fastopt.flat import local
 from fastopt.plan import CheckedGrads, check_grads, gathers_fresh, make_plan
 from fastopt.state import State, add_state_buffer, create_state, refresh_ids
 from fastopt.in_backward import check_clipping
@@ -134,7 +134,7 @@ def _update_checked(opt, closure, loss):
             step_bucket(opt, group, bucket, grads, grad_scale, found_inf, op)
         elif bucket.dtype == torch.float64:  # fp64: scale the grads themselves, in fp64
             factor = clip.factor.to(bucket.device, torch.float64)
-            torch._foreach_mul_([as_real(g) for g in grads.grads], factor)
+            torch._foreach_mul_([_in_place(g) for g in grads.grads], factor)
             step_bucket(opt, group, bucket, grads, grad_scale, clip.found_inf, op)
         else:
             step_bucket(opt, group, bucket, grads, clip.divisor, clip.found_inf, op)
@@ -234,6 +234,13 @@ def step_group(opt, index: int, bucket, params: list) -> None:
             group.update(originals)
         for q, grad in waiting:
             q.grad = grad
+
+
+def _in_place(grad: Tensor) -> Tensor:
+    """``grad`` itself, to scale in place (its local piece; complex as real), in whatever
+    strides it has: a contiguous copy would be scaled instead of the grad the step reads."""
+    grad = local(grad)
+    return torch.view_as_real(grad) if grad.is_complex() else grad
 
 
 def step_bucket(opt, group: dict, bucket, checked: CheckedGrads, grad_scale,

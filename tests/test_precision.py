@@ -474,22 +474,26 @@ def test_fp64_params_keep_fp64_math_with_narrow_state():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_max_grad_norm_on_fp64_and_mixed_dtype_params(backend):
-    init = [torch.randn(50, dtype=torch.float64), torch.randn(9)]
+@pytest.mark.parametrize("stride", [1, 2], ids=["contiguous", "strided"])
+def test_max_grad_norm_on_fp64_and_mixed_dtype_params(backend, stride):
+    """fp64 grads are clipped in place (a strided grad too, not a contiguous copy of it)."""
+    init = [torch.randn(50, dtype=torch.float64), torch.randn(9),
+            torch.randn(4, dtype=torch.complex128)]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     ref = [torch.nn.Parameter(t.clone()) for t in init]
     ours_opt = fastopt.SGD(ours, lr=0.1, momentum=0.9, max_grad_norm=1.0, backend=backend)
     ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=False)
     for _ in range(3):
         for p, q in zip(ours, ref):
-            g = torch.randn(p.shape, dtype=p.dtype) * 5
-            p.grad, q.grad = g.clone(), g.clone()
+            g = torch.randn(p.shape[0] * stride, dtype=p.dtype) * 5
+            p.grad, q.grad = g.clone()[::stride], g.clone()[::stride]
         norm = ours_opt.step()
         expected = torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=False)
         ref_opt.step()
         torch.testing.assert_close(norm, expected, **TOLERANCES[torch.float64])
         torch.testing.assert_close(ours[0].detach(), ref[0].detach(), **TOLERANCES[torch.float64])
         torch.testing.assert_close(ours[1].detach(), ref[1].detach(), **FP32)
+        torch.testing.assert_close(ours[2].detach(), ref[2].detach(), **TOLERANCES[torch.float64])
 
 
 def test_narrow_state_on_complex_params_is_refused():

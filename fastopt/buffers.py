@@ -55,6 +55,9 @@ class Buffers:
         self.seen_version = None  # the table's version counter when fastopt last wrote it
         self.has_state: list = [False] * n
         self.stepped: list = [False] * n  # updated at least once (torch's fused checks before)
+        # buffer name -> params given it after they had other state (SGD's momentum switched on
+        # mid-run beside a master): their first step with it is still to come
+        self.added_late: dict = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -228,12 +228,14 @@ def add_state_buffer(opt, group: dict, bucket: Bucket, name: str) -> None:
     ensure_buffer(opt, group, bucket, name)
     other = REMAINDER if name == MASTER else MASTER if name == REMAINDER else None
     replaced = other is not None and other in bucket.state  # master_weights changed its form
+    late = bucket.state.added_late.setdefault(name, set())
     for i, p in enumerate(bucket.params):
         view = bucket.state.state_view(name, i)
         if bucket.state.has_state[i] and view is not None:
             if name in MASTERS:
                 _adopt_master(bucket, i, name, opt.state[p])
             dict.__setitem__(opt.state[p], name, view)
+            late.add(i)
             if replaced:
                 dict.pop(opt.state[p], other, None)
     if replaced:

@@ -421,6 +421,33 @@ def test_sgd_without_momentum_keeps_no_state_like_torch(backend):
                                    rtol=2e-6, atol=2e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sgd_momentum_switched_on_beside_masters_starts_as_the_grad(backend, dtype):
+    """Half params with fp32 masters have state before any momentum buffer: a buffer that
+    joins it mid-run (momentum switched on) still starts as the grad itself, as torch's,
+    not as ``(1 - dampening) * grad``; a param without a grad that step starts it later."""
+    init = make_params([(40,), (3,)])
+    ours_params = [torch.nn.Parameter(t.detach().to(dtype)) for t in init]
+    ref_params = [torch.nn.Parameter(t.detach().to(dtype).float()) for t in init]
+    ours = fastopt.SGD(ours_params, lr=0.1, dampening=0.3, master_weights=True, backend=backend)
+    ref = torch.optim.SGD(ref_params, lr=0.1, dampening=0.3, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        if step == 2:
+            ours.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = 0.9
+        for j, (p, q) in enumerate(zip(ours_params, ref_params)):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad = (None, None) if (step == 2 and j == 1) else (g, g.float())
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_params, ref_params):
+        torch.testing.assert_close(ours.state[p]["master_param"], q.detach(), rtol=2e-6,
+                                   atol=2e-7)
+        torch.testing.assert_close(ours.state[p]["momentum_buffer"].float(),
+                                   ref.state[q]["momentum_buffer"], rtol=2e-6, atol=2e-7)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_default_training_loop_resumes_bit_identically(name):
     """zero_grad() (set_to_none=True) + backward + step, saved and loaded into a fresh model

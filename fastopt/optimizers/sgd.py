@@ -15,6 +15,7 @@ from fastopt.declaration import Buffer, Declaration
 from fastopt.elementwise import _on
 from fastopt.optimizer import FlatOptimizer
 from fastopt.state import MASTER
+from fastopt.step import MIXED
 from fastopt.validation import check_flags, check_sgd
 
 
@@ -45,6 +46,9 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
             found_inf=_on(found_inf, bucket.device),
             **opt.precision_options(group, bucket, todo),
         )
+    late = bucket.state.added_late.get("momentum_buffer")
+    if late and momentum != 0:  # their buffers have started
+        late.difference_update(i for lo, hi, _ in plan.step_runs for i in range(lo, hi))
 
 
 SGD_DECLARATION = Declaration(
@@ -113,6 +117,19 @@ class SGD(FlatOptimizer):
             "fused": fused,
         }
         super().__init__(params, defaults, **options)
+
+    def run_key(self, bucket, i: int) -> bool:
+        """Whether param i had its momentum buffer before this step (torch starts one as the
+        grad itself): it has state, and that state is not only a master that the buffer
+        joined this step (momentum switched on mid-run)."""
+        late = bucket.state.added_late.get("momentum_buffer")
+        return bucket.state.has_state[i] and not (late and i in late)
+
+    def uniform_key(self, bucket):
+        if not bucket.state.added_late.get("momentum_buffer"):
+            return super().uniform_key(bucket)
+        keys = [self.run_key(bucket, i) for i in range(len(bucket.params))]
+        return keys[0] if keys.count(keys[0]) == len(keys) else MIXED
 
     def saved_state_names(self, group: dict, p: Tensor, entry=None) -> tuple:
         return [], ["momentum_buffer", MASTER]  # momentum_buffer may be None (torch)

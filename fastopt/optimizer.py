@@ -209,8 +209,11 @@ class FlatOptimizer(Optimizer):
         return elementwise.update(self, group, bucket, plan, grad_scale, found_inf)
 
     def adopt_value(self, bucket: Bucket, i: int, name: str, value: Tensor) -> None:
-        """Copy a saved state tensor of param i into the bucket's buffer ``name``."""
+        """Copy a saved state tensor of param i into the bucket's buffer ``name`` (a sparse one,
+        torch SGD's momentum buffer after sparse grads, densified as fastopt keeps it)."""
         view = bucket.state.local_view(name, i)
+        if value.layout != torch.strided:
+            value = value.to_dense()
         view.copy_(value.to(device=view.device, dtype=view.dtype))
 
     def saved_state_names(self, group: dict, p: Tensor, entry=None) -> tuple:

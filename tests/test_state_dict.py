@@ -448,6 +448,38 @@ def test_sgd_momentum_switched_on_beside_masters_starts_as_the_grad(backend, dty
                                    ref.state[q]["momentum_buffer"], rtol=2e-6, atol=2e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_sgds_sparse_momentum_buffer_loads(backend):
+    """After sparse grads torch's SGD keeps a sparse momentum buffer; fastopt loads it
+    (densified, as it keeps it) and both go on equal."""
+    init = torch.randn(6, 3)
+    ours_p, ref_p = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ref = torch.optim.SGD([ref_p], lr=0.1, momentum=0.9, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def sparse_grad():
+        g = torch.zeros(6, 3)
+        g[torch.randint(0, 6, (2,), generator=gen)] = torch.randn(2, 3, generator=gen)
+        return g.to_sparse()
+
+    ref_p.grad = sparse_grad()
+    ref.step()
+    assert ref.state[ref_p]["momentum_buffer"].layout == torch.sparse_coo
+    with torch.no_grad():
+        ours_p.copy_(ref_p)
+    ours = fastopt.SGD([ours_p], lr=0.1, momentum=0.9, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    for _ in range(2):
+        g = sparse_grad()
+        ours_p.grad, ref_p.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(ours_p.detach(), ref_p.detach(), rtol=2e-6, atol=2e-7)
+    torch.testing.assert_close(ours.state[ours_p]["momentum_buffer"],
+                               ref.state[ref_p]["momentum_buffer"].to_dense(), rtol=2e-6,
+                               atol=2e-7)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_default_training_loop_resumes_bit_identically(name):
     """zero_grad() (set_to_none=True) + backward + step, saved and loaded into a fresh model

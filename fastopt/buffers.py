@@ -150,6 +150,11 @@ class Buffers:
             return None
         return self._mirror[0]
 
+    def forget_mirror(self) -> None:
+        """The table was written where its version counter does not see (the kernels' CPU
+        table through ``host_scalars``): the host mirror no longer knows it."""
+        self._mirror = None
+
     def write_scalars(self, index: list, rows: Tensor) -> None:
         """Rows ``index`` of the kept columns set to ``rows`` (CPU float32), on the table and,
         while it is valid, on its host mirror."""

@@ -414,3 +414,26 @@ def test_state_wider_than_the_math_is_refused(dtype):
     fastopt.Adafactor([param], state_dtype=torch.float32, master_weights=True)
     fastopt.Adafactor([param], state_dtype=torch.bfloat16)
     fastopt.Adafactor([torch.nn.Parameter(torch.randn(4, 3))], state_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_changed_from_a_tensor_to_a_number_keeps_counting(backend):
+    """A group's lr set from a tensor to a float mid-run (a scheduler, user code): the step
+    count goes on from where it was (the kernels' host mirror of the counts must not come
+    back stale), as torch's does."""
+    init = torch.randn(16)
+    ours_p, ref_p = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours = fastopt.Adafactor([ours_p], lr=torch.tensor(0.05), backend=backend)
+    ref = torch.optim.Adafactor([ref_p], lr=torch.tensor(0.05), foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        if step == 3:
+            ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.05
+        g = torch.randn(16, generator=gen)
+        ours_p.grad, ref_p.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert float(ours.state[ours_p]["step"]) == float(ref.state[ref_p]["step"]) == 5
+    torch.testing.assert_close(ours.state[ours_p]["variance"], ref.state[ref_p]["variance"],
+                               rtol=2e-6, atol=2e-7)
+    torch.testing.assert_close(ours_p.detach(), ref_p.detach(), rtol=2e-6, atol=2e-7)

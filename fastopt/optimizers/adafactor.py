@@ -115,6 +115,8 @@ def _update_all(opt, group: dict, bucket, plan, grad_scale, host: bool, found_in
         counts = bucket.state.host_scalars() if host else table
         for lo, hi, _ in plan.step_runs:
             counts[lo:hi, 0] += 1
+        if kernel and host:  # numpy writes leave the version counter: the mirror is stale
+            bucket.state.forget_mirror()
     steps = bucket.state.host_scalars()[:, 0] if host else table[:, 0]
     masters = bucket.state.tensors.get(MASTER)
     settings = _Settings(group, bucket.dtype if masters is None else masters.dtype, grad_scale,

@@ -437,3 +437,25 @@ def test_lr_changed_from_a_tensor_to_a_number_keeps_counting(backend):
     torch.testing.assert_close(ours.state[ours_p]["variance"], ref.state[ref_p]["variance"],
                                rtol=2e-6, atol=2e-7)
     torch.testing.assert_close(ours_p.detach(), ref_p.detach(), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps1_none_takes_the_first_stepped_params_dtype_for_the_group(backend):
+    """``eps=(None, ...)``: torch's for-loop sets eps1 from the first param with a grad (here
+    bf16's 2**-7) and keeps it for the group's fp32 vector too; so does fastopt. A step where
+    that param has no grad takes the next one's (fp32's)."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(3, 4, generator=gen).bfloat16(), torch.randn(7, generator=gen)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ours_opt = fastopt.Adafactor(ours, lr=0.01, eps=(None, 1e-3), backend=backend)
+    ref_opt = torch.optim.Adafactor(ref, lr=0.01, eps=(None, 1e-3), foreach=False)
+    for step in range(3):
+        gm = torch.randn(3, 4, generator=gen).bfloat16()
+        gv = torch.randn(7, generator=gen)
+        gv[0] = 1e-4  # where eps1 decides the step
+        ours[0].grad, ref[0].grad = (None, None) if step == 1 else (gm.clone(), gm.clone())
+        ours[1].grad, ref[1].grad = gv.clone(), gv.clone()
+        ours_opt.step()
+        ref_opt.step()
+        torch.testing.assert_close(ours[1].detach(), ref[1].detach(), rtol=2e-6, atol=2e-7)

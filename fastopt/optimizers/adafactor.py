@@ -50,7 +50,7 @@ from fastopt.declaration import Buffer, Declaration, Scalar
 from fastopt.dispatch import requested_backend
 from fastopt.elementwise import host_mirror
 from fastopt.optimizer import FlatOptimizer
-from fastopt.precision import REMAINDERS
+from fastopt.precision import REMAINDERS, has_master
 from fastopt.state import MASTER
 from fastopt.validation import check_with
 
@@ -120,7 +120,7 @@ def _update_all(opt, group: dict, bucket, plan, grad_scale, host: bool, found_in
     steps = bucket.state.host_scalars()[:, 0] if host else table[:, 0]
     masters = bucket.state.tensors.get(MASTER)
     settings = _Settings(group, bucket.dtype if masters is None else masters.dtype, grad_scale,
-                         host)
+                         host, _first_dtype(group))
     for chunk in plan.chunks:
         if kernel:  # the step count read on the device, also under the interpreter
             scalars = _device_scalars(table[chunk.lo, 0], settings) if mirror is None \
@@ -201,15 +201,30 @@ def _on_host(bucket) -> bool:
     return bucket.device.type == "cpu"
 
 
+def _first_dtype(group: dict) -> torch.dtype | None:
+    """The dtype of the math of the group's first param with a grad (fp32 for a half param
+    with a fp32 master): torch's for-loop sets ``eps=(None, ...)``'s eps1 from it and keeps
+    it for every param of the group."""
+    if group["eps"][0] is not None:
+        return None
+    for p in group["params"]:
+        if p.grad is not None:
+            return torch.float32 if has_master(group, p.dtype) else p.dtype
+    return None
+
+
 class _Settings:
     """A group's options as the step reads them (``acc``: the dtype of per-param norms)."""
 
-    def __init__(self, group: dict, dtype: torch.dtype, grad_scale, host: bool) -> None:
+    def __init__(self, group: dict, dtype: torch.dtype, grad_scale, host: bool,
+                 first_dtype: torch.dtype | None = None) -> None:
         eps1, eps2 = group["eps"]
+        if eps1 is None:  # torch's for-loop takes the first stepped param's, for the group
+            eps1 = torch.finfo(first_dtype or dtype).eps
         lr = group["lr"]
         self.lr = float(lr) if host and isinstance(lr, Tensor) else lr  # torch's _to_scalar
         self.beta2_decay = group["beta2_decay"]
-        self.eps1 = torch.finfo(dtype).eps if eps1 is None else eps1
+        self.eps1 = eps1
         self.eps2 = eps2
         self.d = group["d"]
         self.weight_decay = group["weight_decay"]

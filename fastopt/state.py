@@ -200,8 +200,8 @@ def create_state(opt, group: dict, bucket: Bucket, fresh: list) -> None:
             value = declared.initial(group)
             for i in fresh:
                 view = bucket.state.local_view(name, i)
-                if view is not None:
-                    view.fill_(value)
+                if view is not None:  # a complex param's both parts (torch: complex(lr, lr))
+                    (torch.view_as_real(view) if view.is_complex() else view).fill_(value)
         if name == MASTER:  # the fp32 copy starts as the param (a remainder as zero)
             for i in fresh:
                 bucket.state.local_view(name, i).copy_(local_value(bucket.params[i].detach(),

@@ -112,6 +112,15 @@ def test_complex_params(name, backend):
                  steps=8, backend=backend)
 
 
+@pytest.mark.parametrize("name", COMPLEX)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_params_stepped_later_than_others(name, backend):
+    """A complex param's first step after its bucket's others: its state starts as torch's
+    (Rprop's step size at complex(lr, lr): both parts)."""
+    compare_runs(name, BY_NAME[name].configs[-1][0], [(3, 4), (5,), ()], dtype=torch.complex64,
+                 steps=5, skip=lambda step, i: step < 2 and i == 1, backend=backend)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_groups_with_different_hyperparameters(name, backend):

@@ -53,9 +53,14 @@ def _patch_language_once_per_launch() -> None:
             launch["depth"] -= 1
             launch["patched"] = patched
 
+    modules_of = {}  # id of a module's globals: the ids of the language modules it imported
+
     def patch_once(fn):
-        langs = {id(v) for v in fn.__globals__.values()
-                 if inspect.ismodule(v) and v in (tl, tl.core)}
+        langs = modules_of.get(id(fn.__globals__))
+        if langs is None:
+            langs = modules_of[id(fn.__globals__)] = {
+                id(v) for v in fn.__globals__.values()
+                if inspect.ismodule(v) and v in (tl, tl.core)}
         if launch["depth"] and langs <= launch["patched"]:
             return None  # a device function inside a launch: its modules are patched
         if launch["depth"]:
@@ -67,11 +72,38 @@ def _patch_language_once_per_launch() -> None:
     interpreter._patch_lang = patch_once
 
 
+def _cache_numpy_dtypes() -> None:
+    """Triton's interpreter maps a Triton dtype to its numpy dtype by building a dict of
+    eighteen entries on every call (hundreds of thousands of calls in a test of the Adafactor
+    kernels, 6 % of its time): keep each answer (dtypes compare by value and hash)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    find = getattr(interpreter, "_get_np_dtype", None)
+    if find is None or getattr(find, "cached", False):
+        return
+    known = {}
+
+    def cached(tt_dtype):
+        try:
+            return known[tt_dtype]
+        except KeyError:
+            answer = known[tt_dtype] = find(tt_dtype)
+            return answer
+        except TypeError:  # unhashable: as it was
+            return find(tt_dtype)
+
+    cached.cached = True
+    interpreter._get_np_dtype = cached
+
+
 def pytest_configure(config):
     """Under the interpreter, record the GPU specialization of every kernel launch the suite
     makes (benchmarks/kernel_report.py); tests/test_kernels_compile.py compiles them all."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         _patch_language_once_per_launch()
+        _cache_numpy_dtypes()
         try:
             from benchmarks import kernel_report
         except ImportError:  # triton missing: the kernels are not tested either

@@ -70,19 +70,26 @@ class NoStep:
             p.grad = None
 
 
+@pytest.fixture(scope="module")
+def bf16_mlp():
+    """The bf16 model of the estimate's tests and its loop's own cold peak without an
+    optimizer (``NoStep``): measured once for every configuration."""
+    make_model, loss_fn = mlp(torch.bfloat16, width=512, depth=6)
+    return make_model, loss_fn, cold_run(make_model, NoStep, loss_fn)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_the_estimate_holds_to_the_cold_peak(name):
+def test_the_estimate_holds_to_the_cold_peak(name, bf16_mlp):
     """``memory.estimate(...).peak_bytes`` against the profiler's cold peak (the model, the
     optimizer's construction and three iterations) of a bf16 model, for AdamW's default and
     each memory option: at least the measured peak less the model's own temporaries (which
     the estimate does not count: measured in the same loop without an optimizer), to 1 %
     (in_backward's next grad arriving beside a step group's), and at most 5 % over the
     measured peak (the widened slices' temporaries are counted at their largest)."""
-    make_model, loss_fn = mlp(torch.bfloat16, width=512, depth=6)
+    make_model, loss_fn, bare = bf16_mlp
     options = CONFIGS[name]
     peaks = cold_run(make_model, lambda m: fastopt.AdamW(m.parameters(), lr=1e-3, **options),
                      loss_fn)
-    bare = cold_run(make_model, NoStep, loss_fn)
     params = sum(p.numel() * p.element_size() for p in make_model().parameters())
     own = bare["cold"] - 2 * params  # beyond the params and their grads
     assert 0 <= own < 0.1 * params

@@ -5,7 +5,8 @@
 
 Every variant is built on the same shapes and timed in interleaved rounds (fastopt, for-loop,
 foreach, fused, fastopt, ...) so that a noisy neighbour slows them all alike, each sample a
-run of calls at least 2 ms long (a small model's step alone is within the timer's noise); the
+run of calls at least 20 ms long (``MIN_SAMPLE_SECONDS``: a small model's step alone is within
+the timer's noise, and a sample's first call runs on caches another variant left); the
 table shows medians. ``step`` times ``optimizer.step()`` with grads kept in place (a loop calling
 ``zero_grad(set_to_none=False)``, which lays fastopt's grads out in its flat grad buffer);
 ``fresh-step`` hands every step grads that are tensors of their own, as autograd does after
@@ -193,8 +194,13 @@ class Setup:
 
 
 # A sample times calls back to back for at least this long: a single call of a small model's
-# step (tens of microseconds) is within the timer's and the scheduler's noise.
-MIN_SAMPLE_SECONDS = 2e-3
+# step (tens of microseconds) is within the timer's and the scheduler's noise, and a sample's
+# first call runs on the caches the variant timed before it left (the others' params, state and
+# Python objects). With 2 ms samples a 1-2 ms step was one or two calls, a 5 ms one always
+# one: mostly first calls, the share set by one timed call, so that the same code read 1.2 to
+# 3 ms between runs (fastopt AdamW, 1000 params of 64); 20 ms makes the first call a small
+# share of every sample but the slowest variants'.
+MIN_SAMPLE_SECONDS = 2e-2
 WARMUP_CALLS = 3
 
 

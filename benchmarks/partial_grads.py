@@ -10,8 +10,9 @@
 - ``behind``: a block of 100 params missed the first step only (an unused layer once: from
   then on their step counts trail the others' by one).
 
-Each step is timed in interleaved rounds, each sample at least ``benchmarks.bench.MIN_SAMPLE_SECONDS``
-of back-to-back steps (``benchmarks.bench.time_interleaved``); the table shows medians and torch's time over
+Each step is timed in interleaved rounds, each sample at least
+``benchmarks.bench.MIN_SAMPLE_SECONDS`` of back-to-back steps
+(``benchmarks.bench.time_interleaved``); the table shows medians and torch's time over
 fastopt's. The peer is torch's fused step, or its foreach step where the fused one raises
 (torch 2.13's fused SGD with momentum, when a param without a grad so far has no momentum
 buffer: ``expected Tensor as element ... but got NoneType``).

@@ -245,3 +245,25 @@ def test_a_float_argument_is_rounded_to_fp32_as_the_gpu_takes_it():
     assert launch.fp32(1.0 - 0.999) == float(torch.tensor(1.0 - 0.999, dtype=torch.float32))
     assert launch.fp32(1e-50) == 0.0  # underflows as fp32 does
     assert launch.fp32(-1e40) == float("-inf")  # past fp32's range
+
+
+# The CPU route of these optimizers equals torch.optim's for-loop bit for bit, over enough steps
+# for a state near 2 to cancel towards zero, where a one-ulp difference would exceed atol: their
+# update is torch.optim's own op sequence, or (SGD) torch's fused op with every element in its
+# vector loop (fastopt/whole_vectors.py). Sizes with and without elements past their last
+# 16-element vector, one large enough to be stepped apart, params without grads in some steps
+# (entries of one param), fresh and kept grads. (Adam, AdamW and Adagrad call torch's fused
+# CPU ops, whose vector loops round differently from their for-loops: within the tolerance.)
+BIT_EXACT = ["SGD", "NAdam", "RAdam", "Adamax", "RMSprop", "Adadelta", "ASGD", "Rprop", "Lion"]
+EXACT_CONFIGS = [(name, kwargs, desc) for name, kwargs, desc in CONFIGS if name in BIT_EXACT]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh-grads", "flat-grads"])
+@pytest.mark.parametrize("name,kwargs,desc", EXACT_CONFIGS,
+                         ids=[f"{name}-{desc}" for name, _, desc in EXACT_CONFIGS])
+def test_cpu_route_equals_torch_bit_for_bit(name, kwargs, desc, in_place, dtype):
+    shapes = [(1,), (10,), (37, 3), (16,), (129,), (20003,), (4, 5, 7), ()]
+    compare_runs(name, kwargs, shapes, steps=30, dtype=dtype,
+                 skip=lambda step, i: (step * 5 + i) % 4 == 0, in_place=in_place,
+                 backend="torch", tol=dict(rtol=0, atol=0))

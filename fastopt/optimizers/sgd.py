@@ -10,7 +10,7 @@ __all__ = ["SGD"]
 import torch
 from torch import Tensor
 
-from fastopt import dispatch
+from fastopt import dispatch, whole_vectors
 from fastopt.declaration import Buffer, Declaration
 from fastopt.elementwise import _on
 from fastopt.optimizer import FlatOptimizer
@@ -24,6 +24,8 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
     params whose momentum buffer starts this step (it becomes the grad) and once for the rest."""
     momentum = group["momentum"]
     update = dispatch.update_fn("sgd", bucket.backend)
+    states = ("momentum_buffer",) if momentum else ()
+    exact = grad_scale is None and found_inf is None and whole_vectors.applies(bucket, states)
     for first in (True, False):
         if momentum == 0:
             todo = None if first else plan
@@ -31,10 +33,16 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
             todo = plan.with_key(not first)  # key: the param had a buffer before this step
         if todo is None:
             continue
+        params, grads = todo.pieces("param"), todo.grads
+        buffers = todo.pieces("momentum_buffer") if momentum else []
+        if exact:  # every element in torch's vector loop, as torch.optim.SGD rounds it
+            params, grads, cut = whole_vectors.split(bucket, todo.rows, params, grads,
+                                                     {name: buffers for name in states})
+            buffers = cut.get("momentum_buffer", [])
         update(
-            todo.pieces("param"),
-            todo.grads,
-            todo.pieces("momentum_buffer") if momentum else [],
+            params,
+            grads,
+            buffers,
             lr=_on(group["lr"], bucket.device),
             momentum=float(momentum),
             dampening=float(group["dampening"]),

@@ -61,12 +61,15 @@ def applies(bucket: Bucket, names: tuple) -> bool:
     return decided
 
 
-def split(bucket: Bucket, rows, params: list, grads: list, states: dict) -> tuple:
+def split(bucket: Bucket, plan, params: list, grads: list, states: dict) -> tuple:
     """``params``, ``grads`` and the lists of ``states`` (name -> list): the entries of one
-    fused call over ``bucket``, entry j starting at param ``rows[j]``, with every entry whose
-    length is not a multiple of ``VECTOR`` (a single param: runs of several end in padding) cut
-    into its whole vectors and its padded last vector (see the module docstring)."""
-    if isinstance(rows, range):  # an entry per param, each a cached piece: the cut is cached
+    fused call over ``bucket`` that ``plan`` (a ``fastopt.plan.StepPlan``) makes, with every
+    entry whose length is not a multiple of ``VECTOR`` (a single param: runs of several end in
+    padding) cut into its whole vectors and its padded last vector (see the module
+    docstring)."""
+    if plan.route not in ("tensors", "chunks") and len(bucket.params) > 1:
+        return params, grads, states  # one entry over the whole bucket: it ends in padding
+    if plan.route == "tensors":  # an entry per param, each a cached piece: the cut is cached
         return _split_all(bucket, grads, states)
     odd = [j for j, n in enumerate(map(Tensor.numel, params)) if n % VECTOR]
     if not odd:
@@ -74,6 +77,7 @@ def split(bucket: Bucket, rows, params: list, grads: list, states: dict) -> tupl
     names = tuple(states)
     params, grads = list(params), list(grads)
     states = {name: list(entries) for name, entries in states.items()}
+    rows = plan.rows
     for j in odd:
         tail = _tail(bucket, rows[j], names)
         _cut_grad(tail, grads, j)

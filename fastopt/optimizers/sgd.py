@@ -36,7 +36,7 @@ def _update(opt, group, bucket, plan, grad_scale, found_inf) -> None:
         params, grads = todo.pieces("param"), todo.grads
         buffers = todo.pieces("momentum_buffer") if momentum else []
         if exact:  # every element in torch's vector loop, as torch.optim.SGD rounds it
-            params, grads, cut = whole_vectors.split(bucket, todo.rows, params, grads,
+            params, grads, cut = whole_vectors.split(bucket, todo, params, grads,
                                                      {name: buffers for name in states})
             buffers = cut.get("momentum_buffer", [])
         update(

@@ -3,11 +3,11 @@ for-loop bit for bit.
 
 torch's fused CPU kernels step an entry of ``n`` elements in SIMD vectors (16 fp32 or 8 fp64
 lanes with AVX-512, half as many with AVX2) and its last ``n mod width`` elements in a scalar
-loop, which the compiler contracts into fused multiply-adds: there ``_fused_sgd_`` computes
-``b <- fma(b, mu, (1 - tau) g)`` and ``theta <- fma(-g, gamma, theta)``, rounding once where its
-vector loop, and torch.optim.SGD's for-loop ops on every element, round the product and the sum
-apart. So an element of that tail is an ulp off now and then; a momentum buffer near 2 (an ulp
-there is 2.4e-7) that later cancels towards zero carries the ulp past the fp32 atol of 2e-7.
+loop. ``_fused_sgd_``'s scalar loop writes ``b * mu + g * (1 - tau)`` and ``theta - g * gamma``,
+which the compiler may contract into fused multiply-adds that round once, where its vector loop
+and torch.optim.SGD's for-loop ops round every product and sum: measured, an element of that
+tail is an ulp off now and then, the others never. A momentum buffer near 2 (an ulp there is
+2.4e-7) that later cancels towards zero carries such an ulp past the fp32 atol of 2e-7.
 
 A call over a whole bucket ends in padding (the buffers' sizes are multiples of ``SLOT_ALIGN``),
 but an entry of one param (a fresh grad held apart from the flat buffer, a chunk of one param)
@@ -15,9 +15,9 @@ ends inside it. ``split`` cuts such an entry at its last whole ``VECTOR`` of ele
 the rest as an entry of ``VECTOR`` elements: the param's and the state's slices run on into their
 slots' zero padding (which stays zero: a zero param with a zero grad and a zero buffer steps to
 zero), and the grad's last elements are copied into a zeroed scratch as long. Every element then
-goes through the vector loop. Only SGD needs this: Adam's, AdamW's and Adagrad's fused vector
-loops differ from their for-loops themselves (a square root, the order of a division), so a
-tail changes nothing there.
+goes through the vector loop. Only SGD needs this: Adam's, AdamW's and Adagrad's fused ops
+differ from their for-loops by an ulp now and then on sizes of whole vectors too (measured), so
+cutting their tails would not make them equal.
 """
 
 from __future__ import annotations

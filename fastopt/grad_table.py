@@ -29,6 +29,9 @@ never written again: later eager steps with other grads get a new one.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 
 from fastopt.flat import Bucket, local
@@ -142,25 +145,36 @@ def addressable(tensors: list, dtype: torch.dtype) -> bool:
     return True
 
 
-def attach(bucket: Bucket, grads: list):
-    """A ``GradTable`` through which the kernels read ``grads`` (one per param of ``bucket``,
-    of the params' shapes and device), and the params too for an external bucket; or None when
-    they cannot be read in place (then the plan gathers them, or updates params one by one)."""
+@functools.cache
+def _kernel_side() -> tuple:
+    """``launch.block_size`` and ``GradTable``, imported at the first ``attach`` (they need
+    Triton; an import statement in ``attach`` itself cost about 1.5 us a bucket and step)."""
     from fastopt.kernels import launch
     from fastopt.kernels.table import GradTable
 
+    return launch.block_size, GradTable
+
+
+def attach(bucket: Bucket, grads: list, addresses: list | None = None):
+    """A ``GradTable`` through which the kernels read ``grads`` (one per param of ``bucket``,
+    of the params' shapes and device), and the params too for an external bucket; or None when
+    they cannot be read in place (then the plan gathers them, or updates params one by one).
+    ``addresses``: the grads' data pointers, where ``fastopt.plan.check_grads`` has read them
+    already (a bucket that is not external)."""
+    current_block_size, GradTable = _kernel_side()
     if bucket.external:
         if not addressable(grads, bucket.dtype) or not addressable(bucket.params, bucket.dtype) \
                 or [local(g).numel() for g in grads] != [local(p).numel() for p in bucket.params]:
             return None
         addresses = [local(g).data_ptr() for g in grads]
     else:  # checked in bulk already: dense, contiguous, the params' dtype
-        addresses = list(map(torch.Tensor.data_ptr, grads))
-        if any(a % GRAD_ALIGN for a in addresses):
+        if addresses is None:
+            addresses = list(map(torch.Tensor.data_ptr, grads))
+        if functools.reduce(operator.or_, addresses, 0) % GRAD_ALIGN:  # one is misaligned
             return None
     if 0 in addresses and any(a == 0 and g.numel() for a, g in zip(addresses, grads)):
         return None  # a tensor without a plain address (a DTensor grad): the checked path
-    block_size = launch.block_size()
+    block_size = current_block_size()
     tables = bucket.grads.tables
     if tables is None or tables.block_size != block_size:
         if _capturing(bucket.device):

@@ -107,11 +107,13 @@ class Chunk(NamedTuple):
 class CheckedGrads(NamedTuple):
     """A bucket's grads, checked: the params that have one (``participants``), their grads,
     and which live in the flat grad buffer (``in_place``: a list of bools, or True for all,
-    False for none)."""
+    False for none); for fresh grads checked in bulk, their data pointers (``ptrs``, read
+    for the check: the address table's, ``fastopt.grad_table.attach``)."""
 
     participants: list
     grads: list
     in_place: object
+    ptrs: list | None = None
 
 
 def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
@@ -156,7 +158,7 @@ def check_grads(bucket: Bucket, index: int, name: str, sparse_error: str | None,
             and set(map(_DTYPE, grads)) == {bucket.dtype} \
             and set(map(_DEVICE_INDEX, grads)) == {bucket.device_index} \
             and ((any_strides and everyone) or all(map(_CONTIGUOUS, grads))):
-        return CheckedGrads(participants, grads, False)  # fresh grads, every one fine
+        return CheckedGrads(participants, grads, False, grad_ptrs)  # fresh, every one fine
     if held_apart:
         in_place = [False] * len(grads)
     else:
@@ -251,7 +253,7 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     address table (``fastopt.grad_table``); ``gather_runs``: a torch-path step of some params
     may copy their fresh grads into the flat grad buffer, where it pays (``_gathers_runs``),
     and update runs of them (not inside a backward: ``in_backward`` holds no such buffer)."""
-    participants, grads, in_place = checked
+    participants, grads, in_place, ptrs = checked
     n = len(bucket.params)
     if keys is None:
         step_runs = [[0, n, key]] if len(participants) == n else runs(participants,
@@ -269,7 +271,7 @@ def make_plan(bucket: Bucket, checked: CheckedGrads, keys: list | None, key, op:
     # Fresh grads: checked in bulk (in_place False), or grad by grad for an external bucket.
     fresh = in_place is False or (bucket.external and not any(in_place))
     if fresh and by_address:
-        table = grad_table.attach(bucket, grads)  # one launch reads each grad where it lies
+        table = grad_table.attach(bucket, grads, ptrs)  # one launch reads each grad in place
         if table is not None:
             return _whole(bucket, "table", table, step_runs, key)
     if in_place is False and (bucket.backend == "triton" or gathers_fresh(bucket, op)):

@@ -8,7 +8,7 @@ import torch
 
 import fastopt
 from fastopt.plan import gather_pays
-from helpers import BACKENDS, compare_runs
+from helpers import BACKENDS, TOLERANCES, compare_runs
 from optim_db import BY_NAME, NAMES
 from test_parity import CONFIGS, IDS
 
@@ -370,6 +370,42 @@ def test_a_table_a_cuda_graph_reads_is_never_written_again(monkeypatch):
     assert later.addresses is not captured.addresses
     assert later.addresses.tolist() == [g.data_ptr() for g in other]
     assert captured.addresses.tolist() == [g.data_ptr() for g in static]  # the graph's, intact
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+@pytest.mark.parametrize("offset, route", [(1, "gather"), (2, "gather"), (3, "gather"),
+                                           (4, "table")])
+def test_a_fresh_grad_off_a_16_byte_boundary_is_gathered_and_matches_torch(offset, route):
+    """The kernels read a grad where it lies only on 16-byte boundaries (whole vectors): a
+    grad that is a view ``offset`` fp32 elements into a larger tensor (4, 8, 12 bytes past
+    an aligned address) sends the bucket through the gather; 16 bytes past one, through the
+    address table. Either way the numbers are torch.optim's."""
+    from fastopt import grad_table
+
+    shapes = [(40,), (3, 5), (33,)]
+    init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in
+            enumerate(shapes)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt = fastopt.SGD(ours, backend="triton", **kwargs)
+    ref_opt = torch.optim.SGD(ref, foreach=False, **kwargs)
+    routes = record_routes(opt)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        values = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(ours, ref, values):
+            p.grad, q.grad = g.clone(), g.clone()
+        held = torch.empty(values[1].numel() + offset)
+        ours[1].grad = held[offset:].view(shapes[1]).copy_(values[1])
+        assert ours[1].grad.data_ptr() % 16 == 4 * offset % 16
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
+    assert routes == [route] * 4
+    table = grad_table.attach(opt._buckets[0][0], [p.grad for p in ours])
+    assert (table is None) == (route == "gather")
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "Adafactor"])
